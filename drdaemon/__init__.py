@@ -1,0 +1,3 @@
+"""drdaemon: backup and disaster-recovery orchestrator."""
+
+__version__ = "0.1.0"

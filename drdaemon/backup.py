@@ -1,0 +1,157 @@
+"""The snapshot service: one source through the pipeline into every region.
+
+Ordering is the commit protocol (docs/format.md): the data object is
+completed in every region first, the manifest is written last and is what
+makes the snapshot exist there. A source that fails commits nothing anywhere;
+a region that fails leaves nothing that lists as a snapshot and the snapshot
+is committed, degraded, in the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from . import __version__, manifest
+from .config import SourceConfig
+from .errors import DrError
+from .keys import fingerprint
+from .manifest import Manifest
+from .pipeline import encrypt_and_upload
+from .runtime import Runtime
+from .sources import directory, postgres
+from .sources.base import Dump
+from .storage import StorageError, Upload
+
+
+@dataclass
+class BackupResult:
+    """The outcome of one source's snapshot."""
+
+    source: str
+    snapshot_id: str | None = None
+    regions: list[str] = field(default_factory=list)
+    failed_regions: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    manifest: Manifest | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.regions)
+
+    @property
+    def degraded(self) -> bool:
+        return self.ok and bool(self.failed_regions)
+
+    def to_dict(self) -> dict[str, object]:
+        m = self.manifest
+        return {
+            "source": self.source, "ok": self.ok, "degraded": self.degraded,
+            "snapshot_id": self.snapshot_id, "regions": self.regions,
+            "failed_regions": self.failed_regions, "error": self.error,
+            "size": m.size if m else None, "plaintext_size": m.plaintext_size if m else None,
+            "sha256": m.sha256 if m else None,
+        }
+
+
+@contextmanager
+def open_dump(source: SourceConfig) -> Iterator[Dump]:
+    """Start the dump of a source of any kind."""
+    if source.kind == "postgres":
+        assert source.dsn is not None
+        with postgres.dump(source.dsn) as d:
+            yield d
+    else:
+        assert source.path is not None
+        with directory.dump(source.path) as d:
+            yield d
+
+
+def snapshot(rt: Runtime, source: SourceConfig,
+             on_progress: Callable[[int], None] | None = None) -> BackupResult:
+    """Take one snapshot of `source` into every region. Never raises DrError."""
+    result = BackupResult(source.name)
+    try:
+        _snapshot(rt, source, result, on_progress)
+    except DrError as exc:
+        result.error = str(exc)
+    event = "snapshot.committed" if result.ok else "snapshot.failed"
+    rt.record_event(event, **result.to_dict())
+    return result
+
+
+def _snapshot(rt: Runtime, source: SourceConfig, result: BackupResult,
+              on_progress: Callable[[int], None] | None) -> None:
+    cfg = rt.config
+    started = rt.clock()
+    snap_id = manifest.new_snapshot_id(started)
+    result.snapshot_id = snap_id
+    data_name = manifest.data_object_name(source.name, snap_id, source.kind)
+    uploads: dict[str, Upload] = {}
+    for store in rt.stores:
+        try:
+            uploads[store.name] = store.begin_upload(data_name)
+        except StorageError as exc:
+            result.failed_regions[store.name] = str(exc)
+    if not uploads:
+        raise StorageError("no region can be written: " + "; ".join(
+            result.failed_regions.values()))
+    try:
+        with open_dump(source) as dump:
+            stored = encrypt_and_upload(
+                dump.stream, uploads, cfg.keys.recipients, level=cfg.pipeline.zstd_level,
+                threads=cfg.pipeline.zstd_threads, part_size=cfg.pipeline.part_size,
+                on_progress=on_progress)
+            facts = dump.finish()
+    except BaseException:
+        for up in uploads.values():
+            up.abort()
+        raise
+    result.failed_regions.update(stored.failed)
+    committed = []
+    for name, up in uploads.items():
+        if name in stored.failed:
+            continue
+        try:
+            up.commit()
+            committed.append(name)
+        except StorageError as exc:
+            up.abort()
+            result.failed_regions[name] = str(exc)
+    snap = Manifest(
+        id=snap_id, source=source.name, tenant=source.tenant, tier=source.tier,
+        kind=source.kind, consistency_time=dump.consistency_time, started_at=started,
+        finished_at=rt.clock(), data_name=data_name, sha256=stored.sha256, size=stored.size,
+        compressed_size=stored.compressed_size, plaintext_size=stored.plaintext_size,
+        zstd_level=cfg.pipeline.zstd_level,
+        recipients=tuple(fingerprint(r) for r in cfg.keys.recipients),
+        facts=facts, drdaemon_version=__version__)
+    blob = manifest.serialize(snap, rt.manifest_key)
+    manifest_name = manifest.manifest_object_name(source.name, snap_id)
+    for name in committed:
+        store = rt.store(name)
+        try:
+            store.put_bytes(manifest_name, blob)
+            result.regions.append(name)
+        except StorageError as exc:
+            result.failed_regions[name] = str(exc)
+            # Without its manifest the data object is an orphan: remove it now
+            # if the region lets us; the replica repair copies it later.
+            with contextlib.suppress(DrError):
+                store.delete(data_name)
+    if not result.regions:
+        raise StorageError("no region committed the snapshot: " + "; ".join(
+            f"{k}: {v}" for k, v in result.failed_regions.items()))
+    result.manifest = snap
+
+
+def backup(rt: Runtime, sources: list[SourceConfig],
+           on_progress: Callable[[str, int], None] | None = None) -> list[BackupResult]:
+    """Snapshot each source in turn; one failing source never stops the others."""
+    results = []
+    for src in sources:
+        progress = (lambda n, s=src.name: on_progress(s, n)) if on_progress else None
+        results.append(snapshot(rt, src, progress))
+    return results

@@ -1,0 +1,84 @@
+"""Command-line entry points; thin shells over the services."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from ..config import Config
+from ..errors import DrError, UsageError
+from ..runtime import Runtime, load_config, open_runtime
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+config_option = click.option(
+    "--config", "config_path", metavar="PATH", envvar="DRDAEMON_CONFIG",
+    help="Config file (default: $DRDAEMON_CONFIG, else the embedded demo config).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def emit_json(data: Any) -> None:
+    """JSON output is the stable interface for scripts."""
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def handle_errors(prog: str) -> Callable[[F], F]:
+    """Map our errors to one stderr line and exit codes: 2 usage/config, 1 failure."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except UsageError as exc:
+                click.echo(f"{prog}: error: {exc}", err=True)
+                sys.exit(2)
+            except DrError as exc:
+                click.echo(f"{prog}: error: {exc}", err=True)
+                sys.exit(1)
+            except KeyboardInterrupt:
+                click.echo(f"{prog}: interrupted", err=True)
+                sys.exit(130)
+            except Exception as exc:
+                if os.environ.get("DRDAEMON_DEBUG"):
+                    raise
+                click.echo(f"{prog}: internal error: {exc.__class__.__name__}: {exc} "
+                           "(set DRDAEMON_DEBUG=1 for a traceback)", err=True)
+                sys.exit(1)
+
+        return run  # type: ignore[return-value]
+
+    return wrap
+
+
+def get_config(ctx: click.Context) -> Config:
+    """Load (once per invocation) and validate the config; print its warnings."""
+    obj = ctx.ensure_object(dict)
+    if "config" not in obj:
+        cfg = load_config(obj.get("config_path"))
+        for warning in cfg.warnings:
+            click.echo(warning, err=True)
+        obj["config"] = cfg
+    config: Config = obj["config"]
+    return config
+
+
+def get_runtime(ctx: click.Context) -> Runtime:
+    """The opened runtime (stores, manifest key) for this invocation."""
+    obj = ctx.ensure_object(dict)
+    if "runtime" not in obj:
+        obj["runtime"] = open_runtime(get_config(ctx))
+    runtime: Runtime = obj["runtime"]
+    return runtime
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a UsageError unless `condition` holds."""
+    if not condition:
+        raise UsageError(message)

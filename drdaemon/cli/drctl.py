@@ -1,0 +1,241 @@
+"""drctl: the operator's command line. Each command maps options to a service call."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .. import backup as backup_service
+from .. import catalog
+from .. import restore as restore_service
+from ..errors import UsageError
+from ..keys import generate_identity, generate_manifest_key, load_identities
+from ..progress import ProgressLine
+from ..units import format_bytes, format_duration
+from . import config_option, emit_json, get_config, get_runtime, handle_errors, json_option
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
+@click.version_option(package_name="drdaemon")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """Operate drdaemon: back up, list, restore and check snapshots."""
+    ctx.ensure_object(dict)["config_path"] = config_path
+
+
+# -- config -----------------------------------------------------------------
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("check")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def config_check(ctx: click.Context, as_json: bool) -> None:
+    """Validate the config file; exit 2 with one line naming the problem."""
+    cfg = get_config(ctx)
+    summary = {
+        "config": cfg.path, "ok": True, "warnings": list(cfg.warnings),
+        "sources": [s.name for s in cfg.sources], "regions": [r.name for r in cfg.regions],
+        "tiers": {t.name: {"rpo_seconds": t.rpo.total_seconds(),
+                           "rto_seconds": t.rto.total_seconds()} for t in cfg.tiers.values()},
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    click.echo(f"{cfg.path}: OK — {len(cfg.sources)} source(s), {len(cfg.regions)} region(s) "
+               f"({', '.join(f'{r.name} [{r.continent}]' for r in cfg.regions)})")
+
+
+# -- keys -------------------------------------------------------------------
+
+@cli.group("keys")
+def keys_group() -> None:
+    """Make key material."""
+
+
+@keys_group.command("generate")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the new identity (created 0600, never overwritten).")
+@handle_errors("drctl")
+def keys_generate(out: str) -> None:
+    """Write a new age identity and print its public recipient for [keys] recipients."""
+    click.echo(generate_identity(Path(out)))
+
+
+@keys_group.command("manifest-key")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the manifest key (created 0600, never overwritten).")
+@handle_errors("drctl")
+def keys_manifest_key(out: str) -> None:
+    """Write a new manifest authentication key and print its key id."""
+    click.echo(generate_manifest_key(Path(out)).key_id)
+
+
+# -- backup -----------------------------------------------------------------
+
+@cli.command("backup")
+@click.option("--source", "sources", multiple=True, metavar="NAME",
+              help="Source to snapshot (repeatable; default: all).")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def backup_cmd(ctx: click.Context, sources: tuple[str, ...], as_json: bool) -> None:
+    """Take a snapshot now. Exit 1 if any source failed or is degraded."""
+    rt = get_runtime(ctx)
+    chosen = [rt.config.source(n) for n in sources] if sources else list(rt.config.sources)
+    if not chosen:
+        raise UsageError(f"{rt.config.path} configures no sources")
+    results = []
+    for src in chosen:
+        line = ProgressLine(f"backup {src.name}")
+        results.append(backup_service.snapshot(rt, src, line.update))
+        line.close()
+    if as_json:
+        emit_json([r.to_dict() for r in results])
+    else:
+        for r in results:
+            if r.ok and r.manifest is not None:
+                state = "DEGRADED" if r.degraded else "ok"
+                click.echo(f"{r.source}: {state} snapshot {r.snapshot_id} "
+                           f"({format_bytes(r.manifest.plaintext_size)} -> "
+                           f"{format_bytes(r.manifest.size)}) in {', '.join(r.regions)}")
+            else:
+                click.echo(f"{r.source}: FAILED: {r.error}")
+            for region, why in r.failed_regions.items():
+                click.echo(f"  region {region} failed: {why}")
+    if not all(r.ok and not r.degraded for r in results):
+        sys.exit(1)
+
+
+# -- snapshots --------------------------------------------------------------
+
+@cli.group("snapshots")
+def snapshots_group() -> None:
+    """List and inspect snapshots."""
+
+
+@snapshots_group.command("list")
+@click.option("--source", metavar="NAME", help="Only this source.")
+@click.option("--region", metavar="NAME", help="Only this region.")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def snapshots_list(ctx: click.Context, source: str | None, region: str | None,
+                   as_json: bool) -> None:
+    """List committed snapshots and the regions that hold each."""
+    rt = get_runtime(ctx)
+    listing = catalog.list_snapshots(rt, source, region)
+    regions = [region] if region else [r.name for r in rt.config.regions]
+    if as_json:
+        emit_json({"snapshots": [e.to_dict(regions) for e in listing.snapshots],
+                   "region_errors": listing.region_errors})
+    else:
+        click.echo(f"{'SOURCE':<20} {'ID':<26} {'CONSISTENT AT (UTC)':<20} {'SIZE':>10}  REGIONS")
+        for e in listing.snapshots:
+            m = e.manifest
+            when = m.consistency_time.strftime("%Y-%m-%d %H:%M:%S") if m else "?"
+            size = format_bytes(m.size) if m else "?"
+            missing = [r for r in regions if r not in e.regions]
+            where = ", ".join(e.regions) + (f"  (missing: {', '.join(missing)})"
+                                            if missing else "")
+            click.echo(f"{e.source:<20} {e.id:<26} {when:<20} {size:>10}  {where}")
+            for r, why in e.problems.items():
+                click.echo(f"  ! {r}: {why}")
+        for r, why in listing.region_errors.items():
+            click.echo(f"! region {r} could not be listed: {why}", err=True)
+    if listing.region_errors:
+        sys.exit(1)
+
+
+@snapshots_group.command("show")
+@click.argument("snapshot_id")
+@click.option("--source", metavar="NAME", help="Source of the snapshot (default: search all).")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def snapshots_show(ctx: click.Context, snapshot_id: str, source: str | None,
+                   as_json: bool) -> None:
+    """Show one snapshot's manifest (SNAPSHOT_ID may be 'latest' with --source)."""
+    rt = get_runtime(ctx)
+    if snapshot_id == "latest" and not source:
+        raise UsageError("'latest' needs --source")
+    names = [source] if source else [s.name for s in rt.config.sources]
+    entry = None
+    for name in names:
+        try:
+            entry = catalog.resolve(rt, name, snapshot_id)
+            break
+        except UsageError:
+            if len(names) == 1:
+                raise
+    if entry is None or entry.manifest is None:
+        raise UsageError(f"no snapshot {snapshot_id} of any source in any region")
+    regions = [r.name for r in rt.config.regions]
+    body = entry.manifest.body()
+    body["regions"] = entry.regions
+    body["missing_regions"] = [r for r in regions if r not in entry.regions]
+    if as_json:
+        emit_json(body)
+        return
+    m = entry.manifest
+    click.echo(f"snapshot   {m.id}\nsource     {m.source} ({m.kind}, tenant {m.tenant}, "
+               f"tier {m.tier})\nconsistent {m.consistency_time.isoformat()}\n"
+               f"took       {format_duration(m.finished_at - m.started_at)}\n"
+               f"sizes      {format_bytes(m.plaintext_size)} plain, "
+               f"{format_bytes(m.compressed_size)} zstd-{m.zstd_level}, "
+               f"{format_bytes(m.size)} stored\nsha256     {m.sha256}\n"
+               f"object     {m.data_name}\nrecipients {', '.join(m.recipients)}\n"
+               f"regions    {', '.join(entry.regions)}"
+               + (f" (missing: {', '.join(body['missing_regions'])})"
+                  if body["missing_regions"] else ""))
+
+
+# -- restore ----------------------------------------------------------------
+
+@cli.command("restore")
+@click.argument("snapshot", metavar="ID|latest")
+@click.option("--source", required=True, metavar="NAME", help="Source the snapshot belongs to.")
+@click.option("--to", "target", required=True, metavar="TARGET",
+              help="postgres: a new database name on the source's server, or a DSN; "
+                   "directory: a new or empty folder.")
+@click.option("--region", metavar="NAME", help="Region to read from first.")
+@click.option("--force", is_flag=True, help="Replace a non-empty existing database.")
+@click.option("--identity", "identity_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="age identity file (default: [keys] identity_file).")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def restore_cmd(ctx: click.Context, snapshot: str, source: str, target: str,
+                region: str | None, force: bool, identity_file: str | None,
+                as_json: bool) -> None:
+    """Restore a snapshot, verified end to end, falling back to other regions."""
+    rt = get_runtime(ctx)
+    path = Path(identity_file) if identity_file else rt.config.keys.identity_file
+    if path is None:
+        raise UsageError("no identity: pass --identity FILE or set [keys] identity_file")
+    identities = load_identities(path)
+    line = ProgressLine(f"restore {source}")
+    try:
+        result = restore_service.restore(rt, identities, source, snapshot, target,
+                                         region=region, force=force, on_progress=line.update)
+    finally:
+        line.close()
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    for r, why in result.failed_regions.items():
+        click.echo(f"region {r} skipped: {why}", err=True)
+    click.echo(f"restored {result.snapshot_id} of {result.source} from region {result.region} "
+               f"to {result.target} ({format_bytes(result.bytes)} in {result.seconds:.1f}s)")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(obj={})

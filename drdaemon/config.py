@@ -1,0 +1,420 @@
+"""Loading and validation of drdaemon's TOML configuration.
+
+Everything is checked up front so that a daemon never discovers a typo at
+3 a.m.: unknown keys, wrong types, bad durations and cron expressions, unknown
+tiers, duplicate names, missing files and too few regions are each reported as
+one line naming the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import zoneinfo
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from importlib import resources
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar, cast
+from urllib.parse import urlparse
+
+from .errors import ConfigError
+from .units import parse_duration, parse_size
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_HINT = "a name of 1-63 characters: lowercase letters, digits, '.', '_' or '-'"
+DEFAULT_TIERS = {
+    "paid": (timedelta(hours=24), timedelta(hours=24)),
+    "free": (timedelta(hours=24), timedelta(hours=48)),
+}
+ENV_CONFIG = "DRDAEMON_CONFIG"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path
+    metrics_address: str
+    timezone: str
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    recipients: tuple[str, ...]
+    identity_file: Path | None
+    manifest_key_file: Path
+    # Only the embedded demo config sets this: make an identity and a manifest
+    # key on first run instead of failing on their absence.
+    generate: bool
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    zstd_level: int
+    zstd_threads: int
+    part_size: int
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    name: str
+    rpo: timedelta
+    rto: timedelta
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    name: str
+    kind: str
+    continent: str
+    bucket: str | None = None
+    region: str | None = None
+    endpoint_url: str | None = None
+    prefix: str = ""
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    kind: str
+    tenant: str
+    tier: str
+    schedule: str
+    dsn: str | None = None
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    daemon: DaemonConfig
+    keys: KeysConfig
+    pipeline: PipelineConfig
+    tiers: dict[str, TierConfig]
+    regions: tuple[RegionConfig, ...]
+    sources: tuple[SourceConfig, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+    def source(self, name: str) -> SourceConfig:
+        """The source called `name`, or a UsageError listing the known ones."""
+        for src in self.sources:
+            if src.name == name:
+                return src
+        known = ", ".join(s.name for s in self.sources) or "none"
+        raise ConfigError(f"no source named {name!r} in {self.path} (known: {known})")
+
+    def region(self, name: str) -> RegionConfig:
+        """The region called `name`, or a UsageError listing the known ones."""
+        for reg in self.regions:
+            if reg.name == name:
+                return reg
+        known = ", ".join(r.name for r in self.regions)
+        raise ConfigError(f"no region named {name!r} in {self.path} (known: {known})")
+
+
+def default_config_path() -> Path:
+    """The embedded demo configuration shipped inside the package."""
+    return Path(str(resources.files("drdaemon") / "defaults" / "drdaemon.toml"))
+
+
+def resolve_config_path(explicit: str | None) -> Path:
+    """--config, else $DRDAEMON_CONFIG, else the embedded default."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(ENV_CONFIG)
+    return Path(env) if env else default_config_path()
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a configuration file; raise ConfigError on any problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return _Parser(path).config(raw)
+
+
+class _Table:
+    """A TOML table being consumed key by key, so leftovers can be reported."""
+
+    def __init__(self, parser: _Parser, where: str, data: Any) -> None:
+        self.parser = parser
+        self.where = where
+        if not isinstance(data, dict):
+            parser.fail(where, "a table", data)
+        self.data: dict[str, Any] = dict(data)
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def take(self, name: str, kind: type[T], default: Any = ..., *, what: str = "") -> T:
+        if name not in self.data:
+            if default is ...:
+                self.parser.fail(self.key(name), what or _type_name(kind),
+                                 _Said("nothing (required)"))
+            return cast(T, default)
+        value = self.data.pop(name)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not ok:
+            self.parser.fail(self.key(name), what or _type_name(kind), value)
+        return cast(T, value)
+
+    def convert(self, name: str, fn: Callable[[Any], T], default: Any = ..., *, what: str,
+                echo: bool = True) -> T:
+        raw: Any = self.take(name, object, default, what=what)
+        if raw is default and default is not ...:
+            return cast(T, default)
+        try:
+            return fn(raw)
+        except (ValueError, TypeError, KeyError) as exc:
+            # A DSN may hold a password: such values are described, never echoed.
+            shown = raw if echo else _Said("a value not shown here (it may hold a secret)")
+            self.parser.fail(self.key(name), what, shown, detail=str(exc))
+
+    def done(self) -> None:
+        for name in self.data:
+            self.parser.fail(self.key(name), "no such key (unknown)", self.data[name])
+
+
+class _Said(str):
+    """Text to show as-is in an error instead of the repr of a value."""
+
+
+def _type_name(kind: type) -> str:
+    return {str: "a string", int: "an integer", bool: "true or false", list: "a list",
+            dict: "a table", float: "a number"}.get(kind, kind.__name__)
+
+
+class _Parser:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = path.resolve().parent
+        self.warnings: list[str] = []
+
+    def fail(self, key: str, expected: str, got: Any, detail: str = "") -> NoReturn:
+        """Raise the one-line error; `got` is shown with repr unless it is a _Said."""
+        shown = got if isinstance(got, _Said) else "a table" if isinstance(got, dict) else repr(got)
+        msg = f"{self.path}: {key}: expected {expected}, got {shown}"
+        if expected.startswith("no such key"):
+            msg = f"{self.path}: {key}: unknown key"
+        if detail and detail not in msg:
+            msg += f" ({detail})"
+        raise ConfigError(msg)
+
+    def resolve(self, value: str) -> Path:
+        """Paths are relative to the config file's folder; `~` is expanded."""
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else self.base / p
+
+    def config(self, raw: dict[str, Any]) -> Config:
+        top = _Table(self, "", raw)
+        daemon = self.daemon(_Table(self, "daemon", top.take("daemon", dict, {})))
+        keys = self.keys(_Table(self, "keys", top.take("keys", dict, what="a [keys] table")))
+        pipeline = self.pipeline(_Table(self, "pipeline", top.take("pipeline", dict, {})))
+        tiers = self.tiers(_Table(self, "tiers", top.take("tiers", dict, {})))
+        regions = self.regions(top.take("regions", list, what="a [[regions]] list"))
+        sources = self.sources(top.take("sources", list, []), tiers, daemon.timezone)
+        top.done()
+        return Config(str(self.path), daemon, keys, pipeline, tiers, regions, sources,
+                      tuple(self.warnings))
+
+    def daemon(self, t: _Table) -> DaemonConfig:
+        state_dir = self.resolve(t.take("state_dir", str, "~/.local/state/drdaemon"))
+        metrics = t.take("metrics_address", str, "127.0.0.1:9467")
+        if not re.match(r"^[^\s:]*:\d{1,5}$", metrics):
+            self.fail(t.key("metrics_address"), "host:port", metrics)
+        tz = t.convert("timezone", _zone, "UTC", what="an IANA time zone like Europe/Berlin")
+        t.done()
+        return DaemonConfig(state_dir, metrics, tz)
+
+    def keys(self, t: _Table) -> KeysConfig:
+        generate = t.take("generate", bool, False)
+        recipients = t.take("recipients", list, [])
+        for i, rec in enumerate(recipients):
+            if not isinstance(rec, str) or not _valid_recipient(rec):
+                self.fail(f"keys.recipients[{i}]", "an age X25519 recipient (age1...)", rec)
+        if not recipients and not generate:
+            self.fail("keys.recipients", "at least one age recipient", "an empty list")
+        identity = t.take("identity_file", str, None)
+        identity_path = self.resolve(identity) if identity else None
+        mkey = self.resolve(t.take("manifest_key_file", str, what="a path to the manifest key"))
+        if not generate:
+            if identity_path is not None and not identity_path.exists():
+                self.fail("keys.identity_file", "an existing file", str(identity_path))
+            if not mkey.exists():
+                self.fail("keys.manifest_key_file", "an existing file "
+                          "(make one with: drctl keys manifest-key --out FILE)", str(mkey))
+        t.done()
+        return KeysConfig(tuple(recipients), identity_path, mkey, generate)
+
+    def pipeline(self, t: _Table) -> PipelineConfig:
+        level = t.take("zstd_level", int, 3)
+        if not 1 <= level <= 19:
+            self.fail(t.key("zstd_level"), "an integer from 1 to 19", level)
+        threads = t.take("zstd_threads", int, 2)
+        if not 0 <= threads <= 64:
+            self.fail(t.key("zstd_threads"), "an integer from 0 to 64", threads)
+        part = t.convert("part_size", parse_size, 16 << 20, what="a size like 16MiB")
+        if not (5 << 20) <= part <= (1 << 30):
+            self.fail(t.key("part_size"), "a size from 5MiB to 1GiB (S3's part limits)", part)
+        t.done()
+        return PipelineConfig(level, threads, part)
+
+    def tiers(self, t: _Table) -> dict[str, TierConfig]:
+        tiers = {name: TierConfig(name, rpo, rto) for name, (rpo, rto) in DEFAULT_TIERS.items()}
+        for name in list(t.data):
+            sub = _Table(self, f"tiers.{name}", t.take(name, dict))
+            if not NAME_RE.match(name):
+                self.fail(f"tiers.{name}", NAME_HINT, name)
+            rpo_d, rto_d = DEFAULT_TIERS.get(name, (None, None))
+            what = "a duration like 90m, 24h or 14d"
+            rpo = sub.convert("rpo", parse_duration, rpo_d if rpo_d else ..., what=what)
+            rto = sub.convert("rto", parse_duration, rto_d if rto_d else ..., what=what)
+            sub.done()
+            tiers[name] = TierConfig(name, rpo, rto)
+        return tiers
+
+    def regions(self, items: list[Any]) -> tuple[RegionConfig, ...]:
+        regions = []
+        for i, item in enumerate(items):
+            t = _Table(self, f"regions[{i}]", item)
+            name = self.name(t)
+            kind = t.take("kind", str)
+            continent = t.take("continent", str)
+            if kind == "s3":
+                endpoint = t.take("endpoint_url", str, None)
+                if endpoint is not None:
+                    self.check_endpoint(t.key("endpoint_url"), endpoint)
+                reg = RegionConfig(name, kind, continent, bucket=t.take("bucket", str),
+                                   region=t.take("region", str, None), endpoint_url=endpoint,
+                                   prefix=self.prefix(t))
+            elif kind == "local":
+                reg = RegionConfig(name, kind, continent, path=self.resolve(t.take("path", str)),
+                                   prefix=self.prefix(t))
+            else:
+                self.fail(t.key("kind"), "'s3' or 'local'", kind)
+            t.done()
+            regions.append(reg)
+        self.unique("regions", [r.name for r in regions])
+        if len(regions) < 2:
+            self.fail("regions", "at least two [[regions]] (copies on two continents)",
+                      f"{len(regions)} region(s)")
+        if len({r.continent.strip().lower() for r in regions}) < 2:
+            self.warnings.append(
+                f"{self.path}: WARNING: every region is on continent "
+                f"{regions[0].continent!r}; the policy promises copies on two continents")
+        return tuple(regions)
+
+    def sources(self, items: list[Any], tiers: dict[str, TierConfig],
+                tz: str) -> tuple[SourceConfig, ...]:
+        sources = []
+        for i, item in enumerate(items):
+            t = _Table(self, f"sources[{i}]", item)
+            name = self.name(t)
+            kind = t.take("kind", str)
+            tenant = t.take("tenant", str)
+            if not NAME_RE.match(tenant):
+                self.fail(t.key("tenant"), NAME_HINT, tenant)
+            tier = t.take("tier", str)
+            if tier not in tiers:
+                self.fail(t.key("tier"), f"one of the tiers {sorted(tiers)}", tier)
+            schedule = t.convert("schedule", lambda s: _cron(s, tz), "0 2 * * *",
+                                 what="a cron expression like '0 2 * * *'")
+            if kind == "postgres":
+                dsn = t.convert("dsn", _dsn_without_password,
+                                what="a libpq DSN without a password (use PGPASSFILE "
+                                     "or a service file)", echo=False)
+                src = SourceConfig(name, kind, tenant, tier, schedule, dsn=dsn)
+            elif kind == "directory":
+                path = self.resolve(t.take("path", str))
+                if not path.is_dir():
+                    self.fail(t.key("path"), "an existing directory", str(path))
+                src = SourceConfig(name, kind, tenant, tier, schedule, path=path)
+            else:
+                self.fail(t.key("kind"), "'postgres' or 'directory'", kind)
+            t.done()
+            sources.append(src)
+        self.unique("sources", [s.name for s in sources])
+        return tuple(sources)
+
+    def name(self, t: _Table) -> str:
+        name = t.take("name", str)
+        if not NAME_RE.match(name):
+            self.fail(t.key("name"), NAME_HINT, name)
+        return name
+
+    def prefix(self, t: _Table) -> str:
+        prefix = t.take("prefix", str, "").strip("/")
+        if prefix and any(p in ("", ".", "..") for p in prefix.split("/")):
+            self.fail(t.key("prefix"), "a key prefix without empty, '.' or '..' parts", prefix)
+        return prefix
+
+    def check_endpoint(self, key: str, url: str) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            self.fail(key, "an http(s) URL", url)
+        host = parsed.hostname or ""
+        loopback = host in ("localhost", "::1") or host.startswith("127.")
+        if parsed.scheme == "http" and not loopback:
+            self.warnings.append(f"{self.path}: WARNING: {key} uses plain http; the policy "
+                                 "requires TLS in transit")
+
+    def unique(self, where: str, names: list[str]) -> None:
+        seen: set[str] = set()
+        for i, name in enumerate(names):
+            if name in seen:
+                self.fail(f"{where}[{i}].name", "a unique name", f"duplicate {name!r}")
+            seen.add(name)
+
+
+def _zone(value: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError("unknown time zone") from None
+    return value
+
+
+def _cron(value: Any, tz: str) -> str:
+    from apscheduler.triggers.cron import CronTrigger
+
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    CronTrigger.from_crontab(value, timezone=zoneinfo.ZoneInfo(tz))
+    return value
+
+
+def _dsn_without_password(value: Any) -> str:
+    from psycopg.conninfo import conninfo_to_dict
+
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError("not a string")
+    try:
+        params = conninfo_to_dict(value)
+    except Exception:
+        # psycopg's message may echo the DSN, and with it a password: say less.
+        raise ValueError("not a valid DSN") from None
+    if "password" in params:
+        raise ValueError("a password must not be written in the config") from None
+    return value
+
+
+def _valid_recipient(text: str) -> bool:
+    from pyrage import x25519
+
+    try:
+        x25519.Recipient.from_str(text)
+    except Exception:
+        return False
+    return True

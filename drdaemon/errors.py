@@ -1,0 +1,27 @@
+"""Error types shared across drdaemon.
+
+The CLI maps these to exit codes: `UsageError` (bad config or input) is 2,
+every other `DrError` is 1. Messages are one line and never contain secrets.
+"""
+
+from __future__ import annotations
+
+
+class DrError(Exception):
+    """An operational failure that is reported to the operator as one line."""
+
+
+class UsageError(DrError):
+    """Bad configuration or bad input from the operator (exit code 2)."""
+
+
+class ConfigError(UsageError):
+    """The configuration file is invalid; the message names the file and key."""
+
+
+class IntegrityError(DrError):
+    """Stored data does not match what its manifest promises."""
+
+
+class SourceError(DrError):
+    """A source (database, directory) could not be dumped or restored."""

@@ -1,0 +1,140 @@
+"""Key material: age identities and recipients, and the manifest MAC key.
+
+Backups need only public recipients. The identity (private key) is needed for
+restores and drills, and the manifest key authenticates manifests so that a
+valid-looking age file planted in a bucket is not trusted. Both secret files
+must be private to their owner (mode 0600); we refuse them otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import stat
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pyrage import x25519
+
+from .config import Config
+from .errors import UsageError
+
+MANIFEST_KEY_BYTES = 32
+
+
+@dataclass(frozen=True)
+class ManifestKey:
+    """The HMAC key that authenticates manifests, with a public id for it."""
+
+    secret: bytes
+
+    @property
+    def key_id(self) -> str:
+        # A hash of a 256-bit random key reveals nothing useful and lets a
+        # manifest say which key signed it.
+        return hashlib.sha256(b"drdaemon-manifest-key\0" + self.secret).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"ManifestKey(key_id={self.key_id!r})"
+
+
+def fingerprint(recipient: str) -> str:
+    """A short, stable fingerprint of a public recipient, as stored in manifests."""
+    return "sha256:" + hashlib.sha256(recipient.encode()).hexdigest()[:16]
+
+
+def write_private_file(path: Path, content: str) -> None:
+    """Create `path` with mode 0600, refusing to overwrite an existing file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} already exists; refusing to overwrite a key") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(content)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def generate_identity(path: Path) -> str:
+    """Write a new age identity to `path` (0600) and return its recipient."""
+    ident = x25519.Identity.generate()
+    recipient = str(ident.to_public())
+    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    write_private_file(path, f"# created: {created}\n# public key: {recipient}\n{ident}\n")
+    return recipient
+
+
+def generate_manifest_key(path: Path) -> ManifestKey:
+    """Write a new random manifest key to `path` (0600)."""
+    key = secrets.token_bytes(MANIFEST_KEY_BYTES)
+    write_private_file(path, "# drdaemon manifest key: keep it off the buckets, "
+                             "and a copy with the escrow identity\n" + key.hex() + "\n")
+    return ManifestKey(key)
+
+
+def _read_private(path: Path, what: str) -> list[str]:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise UsageError(f"{what} {path} is readable by group or others "
+                         f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.__class__.__name__}") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def load_identities(path: Path) -> list[x25519.Identity]:
+    """Load the age identities from a private identity file."""
+    lines = _read_private(path, "identity file")
+    identities = []
+    for n, line in enumerate(lines, 1):
+        try:
+            identities.append(x25519.Identity.from_str(line))
+        except Exception:
+            # Never echo the line: it is a private key.
+            raise UsageError(f"identity file {path}: entry {n} is not an age identity") from None
+    if not identities:
+        raise UsageError(f"identity file {path} holds no identity")
+    return identities
+
+
+def load_manifest_key(path: Path) -> ManifestKey:
+    """Load the manifest MAC key from a private key file."""
+    lines = _read_private(path, "manifest key file")
+    try:
+        secret = bytes.fromhex(lines[0]) if lines else b""
+    except ValueError:
+        secret = b""
+    if len(secret) != MANIFEST_KEY_BYTES:
+        raise UsageError(f"manifest key file {path} does not hold a {MANIFEST_KEY_BYTES}-byte "
+                         "hex key")
+    return ManifestKey(secret)
+
+
+def ensure_generated_keys(config: Config) -> Config:
+    """For configs with `[keys] generate = true`, make missing keys on first run.
+
+    Returns the config with the generated identity's recipient added.
+    """
+    keys = config.keys
+    if not keys.generate:
+        return config
+    recipients = list(keys.recipients)
+    if keys.identity_file is None:
+        raise UsageError(f"{config.path}: keys.generate needs keys.identity_file")
+    if not keys.identity_file.exists():
+        generate_identity(keys.identity_file)
+    if not keys.manifest_key_file.exists():
+        generate_manifest_key(keys.manifest_key_file)
+    for ident in load_identities(keys.identity_file):
+        rec = str(ident.to_public())
+        if rec not in recipients:
+            recipients.append(rec)
+    return replace(config, keys=replace(keys, recipients=tuple(recipients)))

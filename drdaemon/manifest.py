@@ -1,0 +1,234 @@
+"""Snapshot manifests: the record that commits a snapshot, and its layout on storage.
+
+Pure functions only. A manifest is canonical JSON authenticated with an
+HMAC-SHA256 over its body, keyed by a secret that never goes to the buckets:
+anyone holding a public recipient can write a valid age file, so neither the
+data object nor an unauthenticated manifest is trusted on restore.
+See docs/format.md for the schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .errors import IntegrityError
+from .keys import ManifestKey
+
+FORMAT = "drdaemon.manifest"
+VERSION = 1
+MAX_MANIFEST_BYTES = 1 << 20
+ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
+KINDS = {"postgres": "pgdump", "directory": "tar"}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def new_snapshot_id(at: datetime) -> str:
+    """A time-sortable id: UTC second of `at`, then 32 random bits."""
+    return at.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
+
+
+def id_time(snapshot_id: str) -> datetime:
+    """The creation second encoded in a snapshot id."""
+    return datetime.strptime(snapshot_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+
+
+def source_prefix(source: str) -> str:
+    """Object-name prefix under which one source's snapshots live."""
+    return f"sources/{source}/"
+
+
+def data_object_name(source: str, snapshot_id: str, kind: str) -> str:
+    """Name of the data object: a plain age file of a zstd stream of a dump or tar."""
+    return f"{source_prefix(source)}data/{snapshot_id}.{KINDS[kind]}.zst.age"
+
+
+def manifest_object_name(source: str, snapshot_id: str) -> str:
+    """Name of the manifest object, written last: its presence commits the snapshot."""
+    return f"{manifests_prefix(source)}{snapshot_id}.json"
+
+
+def manifests_prefix(source: str) -> str:
+    """Prefix to list to find a source's committed snapshots."""
+    return f"{source_prefix(source)}manifests/"
+
+
+def snapshot_id_from_manifest_name(name: str) -> str | None:
+    """The snapshot id of a listed manifest object, or None for a stray object."""
+    base = name.rsplit("/", 1)[-1]
+    if not base.endswith(".json"):
+        return None
+    snap_id = base[: -len(".json")]
+    return snap_id if ID_RE.match(snap_id) else None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One committed snapshot. Times are aware UTC datetimes."""
+
+    id: str
+    source: str
+    tenant: str
+    tier: str
+    kind: str
+    consistency_time: datetime
+    started_at: datetime
+    finished_at: datetime
+    data_name: str  # object name below the region's prefix, the same in every region
+    sha256: str
+    size: int  # bytes of the stored (encrypted) object
+    compressed_size: int
+    plaintext_size: int
+    zstd_level: int
+    recipients: tuple[str, ...]  # fingerprints, see keys.fingerprint
+    facts: dict[str, Any] = field(default_factory=dict)
+    drdaemon_version: str = ""
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body (without the MAC)."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "id": self.id,
+            "source": self.source,
+            "tenant": self.tenant,
+            "tier": self.tier,
+            "kind": self.kind,
+            "consistency_time": _ts(self.consistency_time),
+            "started_at": _ts(self.started_at),
+            "finished_at": _ts(self.finished_at),
+            "data": {
+                "name": self.data_name,
+                "sha256": self.sha256,
+                "size": self.size,
+                "compressed_size": self.compressed_size,
+                "plaintext_size": self.plaintext_size,
+                "compression": {"algorithm": "zstd", "level": self.zstd_level},
+                "encryption": {"algorithm": "age-x25519", "recipients": list(self.recipients)},
+            },
+            "facts": self.facts,
+            "drdaemon_version": self.drdaemon_version,
+        }
+
+
+def _ts(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _mac(body: dict[str, Any], key: ManifestKey) -> str:
+    return hmac.new(key.secret, _canonical(body), hashlib.sha256).hexdigest()
+
+
+def serialize(manifest: Manifest, key: ManifestKey) -> bytes:
+    """Canonical JSON of the manifest with its MAC, ready to store."""
+    body = manifest.body()
+    doc = dict(body, mac={"algorithm": "hmac-sha256", "key_id": key.key_id,
+                          "value": _mac(body, key)})
+    return json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False).encode() + b"\n"
+
+
+def parse(raw: bytes, key: ManifestKey, *, source: str | None = None,
+          snapshot_id: str | None = None) -> Manifest:
+    """Parse and authenticate an untrusted manifest.
+
+    Raises IntegrityError if it is too large, malformed, not signed by `key`,
+    or names another source or id than where it was found (a swapped manifest).
+    """
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise IntegrityError(f"manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise IntegrityError("manifest is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise IntegrityError("manifest is not a JSON object")
+    mac = doc.pop("mac", None)
+    if not isinstance(mac, dict) or mac.get("algorithm") != "hmac-sha256":
+        raise IntegrityError("manifest carries no hmac-sha256 authentication")
+    if mac.get("key_id") != key.key_id:
+        raise IntegrityError(f"manifest was signed with another manifest key "
+                             f"(key id {str(mac.get('key_id'))[:16]!r}, ours {key.key_id!r})")
+    value = mac.get("value")
+    if not isinstance(value, str) or not hmac.compare_digest(value, _mac(doc, key)):
+        raise IntegrityError("manifest authentication failed: it was altered or forged")
+    manifest = _from_body(doc)
+    if source is not None and manifest.source != source:
+        raise IntegrityError(f"manifest belongs to source {manifest.source!r}, "
+                             f"found under {source!r}")
+    if snapshot_id is not None and manifest.id != snapshot_id:
+        raise IntegrityError(f"manifest is for snapshot {manifest.id!r}, "
+                             f"found as {snapshot_id!r}")
+    return manifest
+
+
+def _from_body(doc: dict[str, Any]) -> Manifest:
+    if doc.get("format") != FORMAT:
+        raise IntegrityError("not a drdaemon manifest")
+    if doc.get("version") != VERSION:
+        raise IntegrityError(f"manifest version {doc.get('version')!r} is not supported "
+                             f"(this drdaemon reads version {VERSION})")
+    try:
+        data = _get(doc, "data", dict)
+        kind = _get(doc, "kind", str)
+        if kind not in KINDS:
+            raise IntegrityError(f"unknown snapshot kind {kind!r}")
+        snap_id = _get(doc, "id", str)
+        if not ID_RE.match(snap_id):
+            raise IntegrityError("malformed snapshot id in manifest")
+        sha = _get(data, "sha256", str)
+        if not _HEX64.match(sha):
+            raise IntegrityError("malformed sha256 in manifest")
+        enc = _get(data, "encryption", dict)
+        recipients = _get(enc, "recipients", list)
+        return Manifest(
+            id=snap_id,
+            source=_get(doc, "source", str),
+            tenant=_get(doc, "tenant", str),
+            tier=_get(doc, "tier", str),
+            kind=kind,
+            consistency_time=_time(_get(doc, "consistency_time", str)),
+            started_at=_time(_get(doc, "started_at", str)),
+            finished_at=_time(_get(doc, "finished_at", str)),
+            data_name=_get(data, "name", str),
+            sha256=sha,
+            size=_count(data, "size"),
+            compressed_size=_count(data, "compressed_size"),
+            plaintext_size=_count(data, "plaintext_size"),
+            zstd_level=_get(_get(data, "compression", dict), "level", int),
+            recipients=tuple(str(r) for r in recipients),
+            facts=_get(doc, "facts", dict),
+            drdaemon_version=_get(doc, "drdaemon_version", str),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"malformed manifest: {exc}") from None
+
+
+def _get(doc: dict[str, Any], key: str, kind: type) -> Any:
+    value = doc[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{key} should be {kind.__name__}")
+    return value
+
+
+def _count(doc: dict[str, Any], key: str) -> int:
+    value = _get(doc, key, int)
+    if value < 0:
+        raise ValueError(f"{key} is negative")
+    return int(value)
+
+
+def _time(text: str) -> datetime:
+    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if t.tzinfo is None:
+        raise ValueError("time without zone")
+    return t.astimezone(UTC)

@@ -1,0 +1,135 @@
+"""The restore service: stream a snapshot back, verified, into a staged target.
+
+download -> sha256/size check -> age decrypt -> zstd decompress (bounded by the
+manifest's plaintext size) -> pg_restore or tar extraction into a staging
+place -> verification -> commit (rename into place). If a region is
+unreachable or its copy is corrupt, the next region is tried.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, cast
+
+import pyrage
+import zstandard
+from pyrage import x25519
+
+from .catalog import SnapshotEntry, read_manifest, resolve
+from .config import SourceConfig
+from .errors import DrError, UsageError
+from .manifest import Manifest
+from .runtime import Runtime
+from .sources.base import Sink
+from .sources.directory import DirectorySink
+from .sources.postgres import PostgresSink
+from .storage import ObjectStore
+from .streams import LimitWriter, VerifyingReader, first_error
+
+Progress = Callable[[int, int], None]  # (bytes just read, total bytes)
+
+
+@dataclass
+class RestoreResult:
+    source: str
+    snapshot_id: str
+    region: str
+    target: str
+    bytes: int
+    seconds: float
+    failed_regions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def open_sink(source: SourceConfig, m: Manifest, target: str, force: bool) -> Sink:
+    """A staged restore target for the snapshot's kind."""
+    if m.kind != source.kind:
+        raise UsageError(f"snapshot {m.id} is a {m.kind} snapshot, source {source.name} "
+                         f"is {source.kind}")
+    if source.kind == "postgres":
+        assert source.dsn is not None
+        return PostgresSink(source.dsn, target, force)
+    return DirectorySink(Path(target), m.id, m.facts)
+
+
+def stream_into(store: ObjectStore, m: Manifest, identities: Sequence[x25519.Identity],
+                sink: Sink, on_progress: Progress | None = None) -> None:
+    """Stream one region's copy of snapshot `m` into `sink` and verify it completely.
+
+    Raises IntegrityError (corrupt/replaced object), StorageError (region
+    problem), SourceError (the target refused it) or UsageError (no identity fits).
+    """
+    what = f"snapshot {m.id} in region {store.name}"
+    progress = (lambda n: on_progress(n, m.size)) if on_progress else None
+    with store.open_read(m.data_name) as raw:
+        reader = VerifyingReader(raw, m.size, m.sha256, what, on_read=progress)
+        limit = LimitWriter(sink.writer, m.plaintext_size, what)
+        plain = zstandard.ZstdDecompressor().stream_writer(cast(BinaryIO, limit),
+                                                           write_size=1 << 20)
+        try:
+            pyrage.decrypt_io(reader, plain, list(identities))
+            plain.flush()
+        except pyrage.DecryptError as exc:
+            if "no matching keys" in str(exc).lower():
+                raise UsageError(f"no identity given can decrypt {what}; it is encrypted to "
+                                 f"{', '.join(m.recipients)}") from None
+            cause = first_error(reader, limit)
+            if isinstance(cause, BrokenPipeError | OSError) and not isinstance(cause, DrError):
+                sink.complete()  # the consumer died: its own error says why
+            raise cause or DrError(f"{what} cannot be decrypted: {exc}") from None
+        except zstandard.ZstdError as exc:
+            raise DrError(f"{what} cannot be decompressed: {exc}") from None
+    if not reader.verified:
+        reader.check()
+    if limit.count != m.plaintext_size:
+        raise DrError(f"{what} decompressed to {limit.count} bytes, manifest says "
+                      f"{m.plaintext_size}")
+    sink.complete()
+
+
+def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str, ref: str,
+            target: str, *, region: str | None = None, force: bool = False,
+            on_progress: Progress | None = None) -> RestoreResult:
+    """Restore snapshot `ref` of a source to `target`, falling back across regions."""
+    source = rt.config.source(source_name)
+    entry: SnapshotEntry = resolve(rt, source.name, ref)
+    failed: dict[str, str] = {}
+    for store in rt.ordered_stores(region):
+        if store.name not in entry.regions:
+            failed[store.name] = entry.problems.get(store.name, "does not hold this snapshot")
+            continue
+        started = time.monotonic()
+        try:
+            m = read_manifest(rt, store, source.name, entry.id)
+            sink = open_sink(source, m, target, force)
+        except UsageError:
+            raise
+        except DrError as exc:
+            failed[store.name] = str(exc)
+            continue
+        try:
+            stream_into(store, m, identities, sink, on_progress)
+            where = sink.commit()
+        except UsageError:
+            sink.discard()
+            raise
+        except (DrError, OSError) as exc:
+            sink.discard()
+            failed[store.name] = str(exc) or exc.__class__.__name__
+            continue
+        result = RestoreResult(source.name, m.id, store.name, where, m.size,
+                               time.monotonic() - started, failed)
+        rt.record_event("restore", user=getpass.getuser(), host=socket.gethostname(),
+                        **result.to_dict())
+        return result
+    rt.record_event("restore.failed", source=source.name, snapshot_id=entry.id, target=target,
+                    failed_regions=failed)
+    raise DrError(f"restore of {entry.id} failed in every region: " + "; ".join(
+        f"{k}: {v}" for k, v in failed.items()))

@@ -1,0 +1,70 @@
+"""The storage protocol every region backend implements.
+
+Deliberately small (after restic's backend and borgstore): streamed uploads
+that are invisible until committed, streamed reads, stat, list and delete.
+Object names are relative to the region's prefix and validated here, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from ..errors import DrError, UsageError
+
+
+class StorageError(DrError):
+    """A region could not complete an operation (unreachable, denied, ...)."""
+
+
+class NotFound(StorageError):
+    """The named object does not exist in this region."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    name: str
+    size: int
+
+
+def check_name(name: str) -> str:
+    """Validate an object name: relative, no empty, '.' or '..' parts."""
+    if not name or name.startswith("/") or "\\" in name or "\0" in name:
+        raise UsageError(f"invalid object name {name!r}")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise UsageError(f"invalid object name {name!r}")
+    return name
+
+
+class Upload(Protocol):
+    """A streamed upload: parts in order, then commit or abort. Nothing is
+    visible under the name before `commit` returns."""
+
+    def write_part(self, data: bytes) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class ObjectStore(Protocol):
+    """One region's object storage."""
+
+    name: str
+
+    def begin_upload(self, name: str) -> Upload: ...
+
+    def put_bytes(self, name: str, data: bytes) -> None: ...
+
+    def open_read(self, name: str) -> BinaryIO: ...
+
+    def get_bytes(self, name: str, max_size: int) -> bytes: ...
+
+    def stat(self, name: str) -> ObjectInfo: ...
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
+
+    def delete(self, name: str) -> None: ...
+
+    def describe(self) -> str: ...

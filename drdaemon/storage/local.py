@@ -1,0 +1,112 @@
+"""A region on a local (or mounted) filesystem: temp file, fsync, rename."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .base import NotFound, ObjectInfo, StorageError, check_name
+
+_TMP_MARK = ".drdaemon-tmp-"
+
+
+class LocalUpload:
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.tmp = final.with_name(f"{_TMP_MARK}{final.name}.{secrets.token_hex(4)}")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.fh: BinaryIO | None = open(self.tmp, "xb")  # noqa: SIM115 - closed in commit/abort
+
+    def write_part(self, data: bytes) -> None:
+        assert self.fh is not None, "upload already finished"
+        self.fh.write(data)
+
+    def commit(self) -> None:
+        assert self.fh is not None, "upload already finished"
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        self.fh = None
+        os.replace(self.tmp, self.final)
+        _fsync_dir(self.final.parent)
+
+    def abort(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+        self.tmp.unlink(missing_ok=True)
+
+
+class LocalStore:
+    """Objects as files under `root/prefix`; uploads are atomic renames."""
+
+    def __init__(self, name: str, root: Path, prefix: str = "") -> None:
+        self.name = name
+        self.root = root / prefix if prefix else root
+
+    def describe(self) -> str:
+        return f"local:{self.root}"
+
+    def _path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def begin_upload(self, name: str) -> LocalUpload:
+        try:
+            return LocalUpload(self._path(name))
+        except OSError as exc:
+            raise StorageError(f"region {self.name}: cannot write {name}: {exc.strerror}") from None
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        up = self.begin_upload(name)
+        try:
+            up.write_part(data)
+            up.commit()
+        except OSError as exc:
+            up.abort()
+            raise StorageError(f"region {self.name}: cannot write {name}: {exc.strerror}") from None
+
+    def open_read(self, name: str) -> BinaryIO:
+        try:
+            return open(self._path(name), "rb")
+        except FileNotFoundError:
+            raise NotFound(f"region {self.name}: {name} not found") from None
+        except OSError as exc:
+            raise StorageError(f"region {self.name}: cannot read {name}: {exc.strerror}") from None
+
+    def get_bytes(self, name: str, max_size: int) -> bytes:
+        with self.open_read(name) as fh:
+            data = fh.read(max_size + 1)
+        if len(data) > max_size:
+            raise StorageError(f"region {self.name}: {name} is larger than {max_size} bytes")
+        return data
+
+    def stat(self, name: str) -> ObjectInfo:
+        try:
+            return ObjectInfo(name, self._path(name).stat().st_size)
+        except FileNotFoundError:
+            raise NotFound(f"region {self.name}: {name} not found") from None
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        base = self.root / prefix.rstrip("/") if prefix else self.root
+        if not base.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            for fname in sorted(files):
+                if fname.startswith(_TMP_MARK):
+                    continue
+                full = Path(dirpath) / fname
+                yield ObjectInfo(full.relative_to(self.root).as_posix(), full.stat().st_size)
+
+    def delete(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,202 @@
+"""Small stream adapters shared by the backup and restore paths.
+
+Everything streams: these wrap file-like objects to count, hash, bound, or
+bridge a push-style producer (tarfile writing) to a pull-style consumer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import subprocess
+import threading
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+from .errors import IntegrityError
+
+
+class Remembering:
+    """Keeps the first exception raised through it.
+
+    pyrage turns exceptions raised by our readers and writers into a bare
+    EncryptError/DecryptError string; the adapters remember the original so
+    the caller can report the real cause (see `first_error`).
+    """
+
+    error: BaseException | None = None
+
+    def remember(self, exc: BaseException) -> BaseException:
+        if self.error is None:
+            self.error = exc
+        return exc
+
+
+def first_error(*parts: Remembering) -> BaseException | None:
+    """The first remembered exception among stream adapters, if any."""
+    return next((p.error for p in parts if p.error is not None), None)
+
+
+class CountingReader(io.RawIOBase, Remembering):
+    """Reads through `inner`, counting bytes and optionally hashing them."""
+
+    def __init__(self, inner: Any, *, hash_it: bool = False,
+                 on_read: Callable[[int], None] | None = None) -> None:
+        self.inner = inner
+        self.count = 0
+        self.sha = hashlib.sha256() if hash_it else None
+        self.on_read = on_read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        try:
+            return self._readinto(buf)
+        except BaseException as exc:
+            raise self.remember(exc)  # noqa: B904 - re-raising the same exception
+
+    def _readinto(self, buf: Any) -> int:
+        data = self.inner.read(len(buf))
+        n = len(data)
+        buf[:n] = data
+        self.count += n
+        if self.sha is not None:
+            self.sha.update(data)
+        if self.on_read is not None and n:
+            self.on_read(n)
+        return n
+
+
+class VerifyingReader(CountingReader):
+    """A reader of an untrusted stored object, checked against its manifest.
+
+    Refuses to read past the expected size (a planted huge object cannot make
+    us stream forever) and, at the end of the stream, raises IntegrityError
+    instead of EOF if size or sha256 differ. Raising before EOF matters: age
+    releases the last chunk only after seeing EOF, so a mismatching object
+    never completes the consumer's stream.
+    """
+
+    def __init__(self, inner: Any, size: int, sha256: str, what: str,
+                 on_read: Callable[[int], None] | None = None) -> None:
+        super().__init__(inner, hash_it=True, on_read=on_read)
+        self.expected_size = size
+        self.expected_sha = sha256
+        self.what = what
+        self.verified = False
+
+    def _readinto(self, buf: Any) -> int:
+        n = super()._readinto(buf)
+        if self.count > self.expected_size:
+            raise IntegrityError(f"{self.what} is larger than its manifest says "
+                                 f"({self.expected_size} bytes)")
+        if n == 0:
+            self.check()
+        return n
+
+    def check(self) -> None:
+        """Raise IntegrityError unless everything was read and matches."""
+        if self.count != self.expected_size:
+            raise IntegrityError(f"{self.what} is truncated: {self.count} of "
+                                 f"{self.expected_size} bytes")
+        assert self.sha is not None
+        if self.sha.hexdigest() != self.expected_sha:
+            raise IntegrityError(f"{self.what} does not match its manifest's sha256 "
+                                 "(corrupt or replaced)")
+        self.verified = True
+
+
+class LimitWriter(io.RawIOBase, Remembering):
+    """Writes through to `inner`, refusing more than `limit` bytes in total.
+
+    Bounds decompression: the authenticated manifest says how large the
+    plaintext is, so a decompression bomb stops at that size.
+    """
+
+    def __init__(self, inner: Any, limit: int, what: str) -> None:
+        self.inner = inner
+        self.limit = limit
+        self.what = what
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        n = len(data)
+        self.count += n
+        try:
+            if self.count > self.limit:
+                raise IntegrityError(f"{self.what} decompresses to more than the "
+                                     f"{self.limit} bytes its manifest records")
+            self.inner.write(data)
+        except BaseException as exc:
+            raise self.remember(exc)  # noqa: B904 - re-raising the same exception
+        return n
+
+
+class ThreadPipe:
+    """Runs `work(writer)` or `work(reader)` in a thread, joined through an OS pipe.
+
+    The pipe's kernel buffer bounds memory. Whichever side stops first closes
+    its end, so the other gets EOF or BrokenPipeError instead of blocking.
+    """
+
+    def __init__(self, work: Callable[[BinaryIO], Any], *, thread_writes: bool,
+                 name: str) -> None:
+        r, w = os.pipe()
+        self.reader: BinaryIO = os.fdopen(r, "rb", buffering=1 << 16)
+        self.writer: BinaryIO = os.fdopen(w, "wb", buffering=1 << 16)
+        self.error: BaseException | None = None
+        self.result: Any = None
+        self._work = work
+        self._mine = self.writer if thread_writes else self.reader
+        self.theirs = self.reader if thread_writes else self.writer
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self._work(self._mine)
+        except BaseException as exc:  # reported to the joining thread
+            self.error = exc
+        finally:
+            try:
+                self._mine.close()
+            except OSError as exc:  # e.g. BrokenPipe on the final flush
+                if self.error is None:
+                    self.error = exc
+
+    def join(self) -> Any:
+        """Close our end, wait for the thread, re-raise its error, return its result."""
+        with contextlib.suppress(OSError):
+            self.theirs.close()
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class StderrTail:
+    """Collects the last few KiB of a child's stderr in a thread, for error messages."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], limit: int = 4096) -> None:
+        self.limit = limit
+        self.buf = b""
+        assert proc.stderr is not None
+        self._stream = proc.stderr
+        self._thread = threading.Thread(target=self._run, daemon=True, name="stderr")
+        self._thread.start()
+
+    def _run(self) -> None:
+        for chunk in iter(lambda: self._stream.read(4096), b""):
+            self.buf = (self.buf + chunk)[-self.limit:]
+
+    def text(self) -> str:
+        """The tail, joined to one line."""
+        self._thread.join(timeout=5)
+        lines = self.buf.decode("utf-8", "replace").strip().splitlines()
+        return " | ".join(ln.strip() for ln in lines[-3:])
