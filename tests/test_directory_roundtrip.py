@@ -1,0 +1,245 @@
+"""Directory snapshots end to end: two moto S3 regions, restore, break-glass, failures."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import S3Region
+from support import Setup, directory_source, make_setup
+
+from drdaemon.sources.directory import scan, summarize
+
+
+def make_tree(root: Path) -> Path:
+    (root / "courses" / "bio" / "week-1").mkdir(parents=True)
+    (root / "courses" / "bio" / "week-1" / "notes.md").write_text("# Cells\n" * 500)
+    (root / "courses" / "bio" / "empty.txt").write_bytes(b"")
+    (root / "uploads" / "ünïcødé — 学生").mkdir(parents=True)
+    (root / "uploads" / "ünïcødé — 学生" / "essay é.txt").write_text("Ça va? 你好\n")
+    (root / "uploads" / "blob.bin").write_bytes(os.urandom(300_000))
+    (root / "empty-dir").mkdir()
+    os.symlink("courses/bio/week-1/notes.md", root / "latest-notes")
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    return make_tree(tmp_path / "tree")
+
+
+@pytest.fixture
+def setup(tmp_path: Path, tree: Path, s3_regions: list[S3Region]) -> Setup:
+    return make_setup(tmp_path, [r.toml() for r in s3_regions],
+                      [directory_source("lms-files", tree)])
+
+
+def assert_same_tree(a: Path, b: Path) -> None:
+    assert summarize(scan(a)) == summarize(scan(b))
+    cmp = filecmp.dircmp(a, b)
+    assert not cmp.left_only and not cmp.right_only and not cmp.diff_files
+    assert os.readlink(b / "latest-notes") == "courses/bio/week-1/notes.md"
+
+
+def data_object(region: S3Region, snap: dict) -> str:
+    objs = region.client().list_objects_v2(Bucket=region.bucket)["Contents"]
+    return next(o["Key"] for o in objs if o["Key"].endswith(".tar.zst.age")
+                and snap["snapshot_id"] in o["Key"])
+
+
+def test_backup_lists_and_restores_from_each_region(setup: Setup, tree: Path, tmp_path: Path,
+                                                     s3_regions: list[S3Region]) -> None:
+    [snap] = setup.drctl_json("backup")
+    assert snap["ok"] and not snap["degraded"]
+    assert snap["regions"] == ["eu-frankfurt", "us-virginia"]
+
+    listed = setup.drctl_json("snapshots", "list")["snapshots"]
+    assert [s["id"] for s in listed] == [snap["snapshot_id"]]
+    assert listed[0]["missing_regions"] == []
+
+    shown = setup.drctl_json("snapshots", "show", snap["snapshot_id"])
+    assert shown["facts"]["files"] == 4 and shown["facts"]["symlinks"] == 1
+    assert shown["data"]["sha256"] == snap["sha256"]
+    # The same ciphertext went to both regions.
+    for region in s3_regions:
+        head = region.client().head_object(Bucket=region.bucket, Key=data_object(region, snap))
+        assert head["ContentLength"] == snap["size"]
+
+    for region in s3_regions:
+        target = tmp_path / f"restored-{region.name}"
+        out = setup.drctl_json("restore", "latest", "--source", "lms-files", "--to", str(target),
+                               "--region", region.name)
+        assert out["region"] == region.name
+        assert_same_tree(tree, target)
+    # No staging folders are left beside the targets.
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_break_glass_with_stock_age_zstd_tar(setup: Setup, tree: Path, tmp_path: Path,
+                                             s3_regions: list[S3Region]) -> None:
+    [snap] = setup.drctl_json("backup")
+    region = s3_regions[1]
+    obj = tmp_path / "object.age"
+    region.client().download_file(region.bucket, data_object(region, snap), str(obj))
+    out = tmp_path / "glass"
+    out.mkdir()
+    subprocess.run(f"age -d -i {setup.identity} {obj} | zstd -d | tar -x -C {out}",
+                   shell=True, check=True)
+    assert_same_tree(tree, out)
+
+
+def test_restore_refuses_non_empty_target(setup: Setup, tmp_path: Path) -> None:
+    setup.drctl_json("backup")
+    target = tmp_path / "busy"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    result = setup.drctl("restore", "latest", "--source", "lms-files", "--to", str(target))
+    assert result.exit_code == 2
+    assert "not an empty folder" in result.stderr
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+
+def test_restore_of_missing_or_malformed_id(setup: Setup, tmp_path: Path) -> None:
+    setup.drctl_json("backup")
+    for ref, message in (("20200101T000000Z-00000000", "no snapshot 20200101T000000Z"),
+                         ("../../etc", "invalid snapshot id")):
+        result = setup.drctl("restore", ref, "--source", "lms-files", "--to",
+                             str(tmp_path / "x"))
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr
+        assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_restore_with_wrong_identity_is_refused(setup: Setup, tmp_path: Path) -> None:
+    from drdaemon.keys import generate_identity
+
+    setup.drctl_json("backup")
+    other = tmp_path / "other-identity.txt"
+    generate_identity(other)
+    target = tmp_path / "out"
+    result = setup.drctl("restore", "latest", "--source", "lms-files", "--to", str(target),
+                         "--identity", str(other))
+    assert result.exit_code == 2
+    assert "no identity given can decrypt" in result.stderr
+    assert not target.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_identity_readable_by_others_is_refused(setup: Setup, tmp_path: Path) -> None:
+    setup.drctl_json("backup")
+    setup.identity.chmod(0o644)
+    result = setup.drctl("restore", "latest", "--source", "lms-files", "--to",
+                         str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "readable by group or others" in result.stderr
+
+
+def test_corrupt_object_falls_back_to_other_region(setup: Setup, tree: Path, tmp_path: Path,
+                                                   s3_regions: list[S3Region]) -> None:
+    [snap] = setup.drctl_json("backup")
+    first = s3_regions[0]
+    key = data_object(first, snap)
+    body = bytearray(first.client().get_object(Bucket=first.bucket, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0x01
+    first.client().put_object(Bucket=first.bucket, Key=key, Body=bytes(body))
+
+    target = tmp_path / "out"
+    result = setup.drctl("restore", "latest", "--source", "lms-files", "--to", str(target))
+    assert result.exit_code == 0, result.stderr
+    assert "region eu-frankfurt skipped" in result.stderr
+    assert "from region us-virginia" in result.stdout
+    assert_same_tree(tree, target)
+
+
+def test_corrupt_everywhere_fails_and_leaves_nothing(setup: Setup, tmp_path: Path,
+                                                     s3_regions: list[S3Region]) -> None:
+    [snap] = setup.drctl_json("backup")
+    for region in s3_regions:
+        key = data_object(region, snap)
+        body = region.client().get_object(Bucket=region.bucket, Key=key)["Body"].read()
+        region.client().put_object(Bucket=region.bucket, Key=key, Body=body[:-100])
+    target = tmp_path / "out"
+    result = setup.drctl("restore", "latest", "--source", "lms-files", "--to", str(target))
+    assert result.exit_code == 1
+    assert "failed in every region" in result.stderr
+    assert not target.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_replaced_object_with_valid_age_file_is_detected(setup: Setup, tmp_path: Path,
+                                                          s3_regions: list[S3Region]) -> None:
+    """Anyone with the recipient can write a valid age file: the manifest's sha256 catches it."""
+    [snap] = setup.drctl_json("backup")
+    evil_tree = make_tree(tmp_path / "evil")
+    (evil_tree / "courses" / "bio" / "empty.txt").write_text("planted")
+    evil = subprocess.run(f"tar -C {evil_tree} -c . | zstd -q | age -r {setup.recipient}",
+                          shell=True, check=True, capture_output=True).stdout
+    for region in s3_regions:
+        region.client().put_object(Bucket=region.bucket, Key=data_object(region, snap),
+                                   Body=evil)
+    target = tmp_path / "out"
+    result = setup.drctl("restore", "latest", "--source", "lms-files", "--to", str(target))
+    assert result.exit_code == 1
+    assert "sha256" in result.stderr or "larger than its manifest" in result.stderr \
+        or "truncated" in result.stderr
+    assert not target.exists()
+
+
+def test_region_down_during_backup_commits_degraded(tmp_path: Path, tree: Path,
+                                                    moto_region_factory) -> None:
+    eu = moto_region_factory("eu-frankfurt", "eu-central-1", "europe")
+    us = moto_region_factory("us-virginia", "us-east-1", "north-america")
+    setup = make_setup(tmp_path, [eu.toml(), us.toml()], [directory_source("lms-files", tree)])
+    us.server.stop()
+    result = setup.drctl("backup", "--json")
+    assert result.exit_code == 1
+    import json
+
+    [snap] = json.loads(result.stdout)
+    assert snap["ok"] and snap["degraded"]
+    assert snap["regions"] == ["eu-frankfurt"]
+    assert "us-virginia" in snap["failed_regions"]
+    us.server.start()
+    listed = setup.drctl_json("snapshots", "list")["snapshots"]
+    assert listed[0]["regions"] == ["eu-frankfurt"]
+    assert listed[0]["missing_regions"] == ["us-virginia"]
+    # Nothing half-written is left in the region that failed.
+    assert us.client().list_objects_v2(Bucket=us.bucket).get("KeyCount", 0) == 0
+    assert not us.client().list_multipart_uploads(Bucket=us.bucket).get("Uploads")
+
+
+def test_unreadable_source_commits_nothing(tmp_path: Path, s3_regions: list[S3Region]) -> None:
+    tree = make_tree(tmp_path / "tree")
+    setup = make_setup(tmp_path, [r.toml() for r in s3_regions],
+                       [directory_source("lms-files", tree)])
+    secret = tree / "courses" / "bio" / "week-1"
+    secret.chmod(0o000)
+    try:
+        if os.access(secret, os.R_OK):
+            pytest.skip("running with privileges that ignore file modes")
+        result = setup.drctl("backup", "--json")
+    finally:
+        secret.chmod(0o755)
+    assert result.exit_code == 1
+    assert "Permission denied" in result.stdout
+    for region in s3_regions:
+        assert region.client().list_objects_v2(Bucket=region.bucket).get("KeyCount", 0) == 0
+        assert not region.client().list_multipart_uploads(Bucket=region.bucket).get("Uploads")
+
+
+def test_vanished_source_commits_nothing(tmp_path: Path, s3_regions: list[S3Region]) -> None:
+    import shutil
+
+    tree = make_tree(tmp_path / "tree")
+    setup = make_setup(tmp_path, [r.toml() for r in s3_regions],
+                       [directory_source("lms-files", tree)])
+    shutil.rmtree(tree)
+    result = setup.drctl("backup", "--json")
+    assert result.exit_code == 1
+    assert "does not exist" in result.stdout
+    for region in s3_regions:
+        assert region.client().list_objects_v2(Bucket=region.bucket).get("KeyCount", 0) == 0
