@@ -337,7 +337,10 @@ class _Parser:
             elif kind == "directory":
                 path = self.resolve(t.take("path", str))
                 if not path.is_dir():
-                    self.fail(t.key("path"), "an existing directory", str(path))
+                    # Not fatal: one unmounted tree must not stop every other
+                    # source; its snapshots fail, loudly, with this reason.
+                    self.warnings.append(f"{self.path}: WARNING: {t.key('path')}: "
+                                         f"{path} is not a directory (yet)")
                 src = SourceConfig(name, kind, tenant, tier, schedule, path=path)
             else:
                 self.fail(t.key("kind"), "'postgres' or 'directory'", kind)
