@@ -1,0 +1,159 @@
+"""Configuration validation: every mistake is one clear line and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import drctl, local_region, make_setup, run_cli
+
+from drdaemon import config
+from drdaemon.errors import ConfigError
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    (tmp_path / "tree").mkdir()
+    setup = make_setup(
+        tmp_path,
+        [local_region("eu", tmp_path / "r-eu", "europe"),
+         local_region("us", tmp_path / "r-us", "north-america")],
+        ['[[sources]]\nname = "files"\nkind = "directory"\ntenant = "uni-a"\ntier = "paid"\n'
+         f'path = "{tmp_path / "tree"}"\nschedule = "30 1 * * *"\n'])
+    return setup.config
+
+
+def test_valid_config_loads(base: Path) -> None:
+    cfg = config.load(base)
+    assert [r.name for r in cfg.regions] == ["eu", "us"]
+    assert cfg.tiers["paid"].rto.total_seconds() == 24 * 3600
+    assert cfg.tiers["free"].rto.total_seconds() == 48 * 3600
+    assert cfg.sources[0].schedule == "30 1 * * *"
+    assert cfg.warnings == ()
+    result = drctl(["--config", str(base), "config", "check"])
+    assert result.exit_code == 0 and "OK" in result.stdout
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+BAD = [
+    # (old, new, words the one-line message must contain)
+    ('tier = "paid"', 'tier = "gold"', ["sources[0].tier", "one of the tiers", "'gold'"]),
+    ('tier = "paid"', "tier = 3", ["sources[0].tier", "a string", "3"]),
+    ('schedule = "30 1 * * *"', 'schedule = "every day"', ["sources[0].schedule", "cron"]),
+    ('schedule = "30 1 * * *"', 'schedule = "61 1 * * *"', ["sources[0].schedule", "cron"]),
+    ('kind = "directory"', 'kind = "mysql"', ["sources[0].kind", "'postgres' or 'directory'"]),
+    ('name = "files"', 'name = "Files/../x"', ["sources[0].name", "lowercase"]),
+    ('tenant = "uni-a"', 'tenant = "uni-a"\ncolour = "blue"', ["sources[0].colour",
+                                                               "unknown key"]),
+    ('[daemon]', '[daemon]\ntimezone = "Mars/Olympus"', ["daemon.timezone", "time zone"]),
+    ('[daemon]', '[daemon]\nmetrics_address = "nowhere"', ["daemon.metrics_address",
+                                                           "host:port"]),
+    ('[pipeline]', '[tiers.paid]\nrpo = "1 day"\n[pipeline]', ["tiers.paid.rpo", "duration"]),
+    ('[pipeline]', '[tiers.paid]\nrpo = 24\n[pipeline]', ["tiers.paid.rpo", "duration"]),
+    ('[pipeline]', '[tiers.gold]\nrpo = "1h"\n[pipeline]', ["tiers.gold.rto", "required"]),
+    ("zstd_level = 3", "zstd_level = 30", ["pipeline.zstd_level", "1 to 19"]),
+    ('part_size = "5MiB"', 'part_size = "1MiB"', ["pipeline.part_size", "5MiB"]),
+    ('name = "us"', 'name = "eu"', ["regions[1].name", "duplicate 'eu'"]),
+    ('kind = "local"', 'kind = "ftp"', ["regions[0].kind", "'s3' or 'local'"]),
+    ('recipients = ["', 'recipients = ["age1nope", "', ["keys.recipients[0]", "age"]),
+    ('recipients = [', 'recipients = [] #', ["keys.recipients", "at least one"]),
+    ('manifest_key_file = "', 'manifest_key_file = "/nonexistent', ["keys.manifest_key_file",
+                                                                    "existing file"]),
+    ('identity_file = "', 'identity_file = "/nonexistent', ["keys.identity_file",
+                                                            "existing file"]),
+    ('[[sources]]', 'oops = [\n[[sources]]', ["not valid TOML"]),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "words"), BAD, ids=[b[2][0] for b in BAD])
+def test_bad_config_is_one_clear_line(base: Path, old: str, new: str, words: list[str]) -> None:
+    edit(base, old, new)
+    with pytest.raises(ConfigError):
+        config.load(base)
+    result = drctl(["--config", str(base), "config", "check"])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert str(base) in result.stderr
+    for word in words:
+        assert word in result.stderr, (word, result.stderr)
+
+
+def test_fewer_than_two_regions(base: Path) -> None:
+    text = base.read_text()
+    start = text.index("[[regions]]", text.index("[[regions]]") + 1)
+    base.write_text(text[:start] + text[text.index("[[sources]]"):])
+    result = drctl(["--config", str(base), "config", "check"])
+    assert result.exit_code == 2
+    assert "at least two [[regions]]" in result.stderr
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = drctl(["--config", str(tmp_path / "nope.toml"), "config", "check"])
+    assert result.exit_code == 2
+    assert "config file not found" in result.stderr
+
+
+def test_one_continent_is_a_loud_warning(base: Path) -> None:
+    edit(base, 'continent = "north-america"', 'continent = "europe"')
+    result = drctl(["--config", str(base), "config", "check"])
+    assert result.exit_code == 0
+    assert "WARNING" in result.stderr and "two continents" in result.stderr
+
+
+def test_password_in_dsn_is_refused_and_never_echoed(base: Path) -> None:
+    edit(base, "[[sources]]", '[[sources]]\nname = "db"\nkind = "postgres"\ntenant = "t"\n'
+         'tier = "free"\ndsn = "postgresql://app:hunter2@db.example/lms"\n\n[[sources]]')
+    result = drctl(["--config", str(base), "config", "check"])
+    assert result.exit_code == 2
+    assert "password" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_env_var_names_the_config(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRDAEMON_CONFIG", str(base))
+    result = drctl(["config", "check", "--json"])
+    assert result.exit_code == 0
+    assert '"config": "' + str(base) in result.stdout
+
+
+def test_real_process_exit_code_and_no_traceback(base: Path) -> None:
+    edit(base, 'tier = "paid"', 'tier = "gold"')
+    for cmd in (["drctl", "--config", str(base), "config", "check"],
+                ["drctl", "--config", str(base), "backup"],
+                ["drdaemon", "--config", str(base), "run", "--once"]):
+        proc = run_cli(*cmd)
+        assert proc.returncode == 2, proc
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.startswith(cmd[0] + ": error: ")
+
+
+toml_scalars = st.one_of(st.text(max_size=20), st.integers(), st.booleans(),
+                         st.lists(st.text(max_size=5), max_size=3))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["state_dir", "metrics_address", "timezone", "zstd_level",
+                            "part_size", "rpo", "name", "kind", "tier", "schedule", "path",
+                            "continent", "recipients"]),
+       value=toml_scalars)
+def test_fuzzed_values_fail_cleanly(base: Path, key: str, value: object) -> None:
+    """Whatever value lands on a key, loading either succeeds or raises ConfigError."""
+    import json
+
+    text = base.read_text()
+    line = f"{key} = {json.dumps(value, ensure_ascii=False)}\n"
+    fuzzed = base.with_name("fuzzed.toml")
+    # Put the key in each table that may own it; duplicates give a TOML error, also fine.
+    for anchor in ("[daemon]\n", "[pipeline]\n", "[[regions]]\n", "[[sources]]\n"):
+        fuzzed.write_text(text.replace(anchor, anchor + line, 1))
+        try:
+            config.load(fuzzed)
+        except ConfigError as exc:
+            assert "\n" not in str(exc)
