@@ -138,7 +138,8 @@ toml_scalars = st.one_of(st.text(max_size=20), st.integers(), st.booleans(),
                          st.lists(st.text(max_size=5), max_size=3))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(["state_dir", "metrics_address", "timezone", "zstd_level",
                             "part_size", "rpo", "name", "kind", "tier", "schedule", "path",
                             "continent", "recipients"]),
