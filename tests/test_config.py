@@ -158,3 +158,26 @@ def test_fuzzed_values_fail_cleanly(base: Path, key: str, value: object) -> None
             config.load(fuzzed)
         except ConfigError as exc:
             assert "\n" not in str(exc)
+
+
+def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
+    """config/example.toml stays true to the code (key files pointed at real ones)."""
+    from drdaemon.keys import generate_identity, generate_manifest_key
+
+    example = Path(__file__).parent.parent / "config" / "example.toml"
+    generate_identity(tmp_path / "identity.txt")
+    generate_manifest_key(tmp_path / "manifest.key")
+    copy = tmp_path / "example.toml"
+    copy.write_text(example.read_text().replace("/etc/drdaemon/", f"{tmp_path}/"))
+    cfg = config.load(copy)
+    assert {r.continent for r in cfg.regions} == {"europe", "north-america"}
+    assert {s.tier for s in cfg.sources} == {"paid", "free"}
+    # Only the directory that does not exist on a test machine is warned about.
+    assert len(cfg.warnings) == 1 and "moodledata" in cfg.warnings[0]
+
+
+def test_embedded_default_config_is_valid() -> None:
+    cfg = config.load(config.default_config_path())
+    assert cfg.keys.generate and len(cfg.regions) == 2 and cfg.warnings == ()
+    assert (Path(__file__).parent.parent / "config" / "drdaemon.toml").resolve() == \
+        config.default_config_path().resolve()
