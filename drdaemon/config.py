@@ -13,7 +13,7 @@ import re
 import tomllib
 import zoneinfo
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from importlib import resources
 from pathlib import Path
@@ -39,6 +39,25 @@ class DaemonConfig:
     state_dir: Path
     metrics_address: str
     timezone: str
+    max_concurrent_snapshots: int = 2
+    jitter: timedelta = timedelta(minutes=5)  # random delay spreading sources on one cron
+    shutdown_grace: timedelta = timedelta(seconds=30)
+    prune_schedule: str = "30 4 * * *"
+    replicate_schedule: str = "0 */6 * * *"
+    verify_schedule: str = "0 5 * * 0"
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """Retention policy and its safety net; `[retention]` with per-source overrides."""
+
+    daily: int = 7
+    weekly: int = 4
+    monthly: int = 3
+    min_age: timedelta = timedelta(hours=1)
+    max_delete_fraction: float = 0.5  # a run never deletes more without --force
+    trash_days: int = 7  # pruned snapshots stay undoable this long
+    min_retention: timedelta = timedelta(days=90)  # S3 Object Lock retain-until horizon
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,7 @@ class SourceConfig:
     schedule: str
     dsn: str | None = None
     path: Path | None = None
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,7 @@ class Config:
     regions: tuple[RegionConfig, ...]
     sources: tuple[SourceConfig, ...]
     warnings: tuple[str, ...] = field(default=())
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def source(self, name: str) -> SourceConfig:
         """The source called `name`, or a UsageError listing the known ones."""
@@ -221,11 +242,13 @@ class _Parser:
         keys = self.keys(_Table(self, "keys", top.take("keys", dict, what="a [keys] table")))
         pipeline = self.pipeline(_Table(self, "pipeline", top.take("pipeline", dict, {})))
         tiers = self.tiers(_Table(self, "tiers", top.take("tiers", dict, {})))
+        retention = self.retention(_Table(self, "retention", top.take("retention", dict, {})),
+                                   RetentionConfig())
         regions = self.regions(top.take("regions", list, what="a [[regions]] list"))
-        sources = self.sources(top.take("sources", list, []), tiers, daemon.timezone)
+        sources = self.sources(top.take("sources", list, []), tiers, daemon.timezone, retention)
         top.done()
         return Config(str(self.path), daemon, keys, pipeline, tiers, regions, sources,
-                      tuple(self.warnings))
+                      tuple(self.warnings), retention)
 
     def daemon(self, t: _Table) -> DaemonConfig:
         state_dir = self.resolve(t.take("state_dir", str, "~/.local/state/drdaemon"))
@@ -233,8 +256,41 @@ class _Parser:
         if not re.match(r"^[^\s:]*:\d{1,5}$", metrics):
             self.fail(t.key("metrics_address"), "host:port", metrics)
         tz = t.convert("timezone", _zone, "UTC", what="an IANA time zone like Europe/Berlin")
+        d = DaemonConfig(state_dir, metrics, tz)
+        concurrent = t.take("max_concurrent_snapshots", int, d.max_concurrent_snapshots)
+        if not 1 <= concurrent <= 64:
+            self.fail(t.key("max_concurrent_snapshots"), "an integer from 1 to 64", concurrent)
+        what = "a duration like 90m, 24h or 14d"
+        jitter = t.convert("jitter", parse_duration, d.jitter, what=what)
+        grace = t.convert("shutdown_grace", parse_duration, d.shutdown_grace, what=what)
+        cron_what = "a cron expression like '0 2 * * *'"
+        def cron(name: str) -> str:
+            return t.convert(name, lambda v: _cron(v, tz), getattr(d, name), what=cron_what)
+
+        d = replace(d, max_concurrent_snapshots=concurrent, jitter=jitter, shutdown_grace=grace,
+                    prune_schedule=cron("prune_schedule"),
+                    replicate_schedule=cron("replicate_schedule"),
+                    verify_schedule=cron("verify_schedule"))
         t.done()
-        return DaemonConfig(state_dir, metrics, tz)
+        return d
+
+    def retention(self, t: _Table, base: RetentionConfig) -> RetentionConfig:
+        counts = {}
+        for name in ("daily", "weekly", "monthly", "trash_days"):
+            counts[name] = t.take(name, int, getattr(base, name))
+            if not 0 <= counts[name] <= 10000:
+                self.fail(t.key(name), "an integer from 0 to 10000", counts[name])
+        if counts["daily"] + counts["weekly"] + counts["monthly"] == 0:
+            self.fail(t.key("daily"), "at least one of daily, weekly, monthly above 0", 0)
+        what = "a duration like 90m, 24h or 14d"
+        min_age = t.convert("min_age", parse_duration, base.min_age, what=what)
+        min_retention = t.convert("min_retention", parse_duration, base.min_retention,
+                                  what=what)
+        fraction = t.convert("max_delete_fraction", _fraction, base.max_delete_fraction,
+                             what="a number from 0 to 1")
+        t.done()
+        return RetentionConfig(counts["daily"], counts["weekly"], counts["monthly"], min_age,
+                               fraction, counts["trash_days"], min_retention)
 
     def keys(self, t: _Table) -> KeysConfig:
         generate = t.take("generate", bool, False)
@@ -315,7 +371,7 @@ class _Parser:
         return tuple(regions)
 
     def sources(self, items: list[Any], tiers: dict[str, TierConfig],
-                tz: str) -> tuple[SourceConfig, ...]:
+                tz: str, retention: RetentionConfig) -> tuple[SourceConfig, ...]:
         sources = []
         for i, item in enumerate(items):
             t = _Table(self, f"sources[{i}]", item)
@@ -329,11 +385,13 @@ class _Parser:
                 self.fail(t.key("tier"), f"one of the tiers {sorted(tiers)}", tier)
             schedule = t.convert("schedule", lambda s: _cron(s, tz), "0 2 * * *",
                                  what="a cron expression like '0 2 * * *'")
+            own = self.retention(_Table(self, t.key("retention"), t.take("retention", dict, {})),
+                                 retention)
             if kind == "postgres":
                 dsn = t.convert("dsn", _dsn_without_password,
                                 what="a libpq DSN without a password (use PGPASSFILE "
                                      "or a service file)", echo=False)
-                src = SourceConfig(name, kind, tenant, tier, schedule, dsn=dsn)
+                src = SourceConfig(name, kind, tenant, tier, schedule, dsn=dsn, retention=own)
             elif kind == "directory":
                 path = self.resolve(t.take("path", str))
                 if not path.is_dir():
@@ -341,7 +399,7 @@ class _Parser:
                     # source; its snapshots fail, loudly, with this reason.
                     self.warnings.append(f"{self.path}: WARNING: {t.key('path')}: "
                                          f"{path} is not a directory (yet)")
-                src = SourceConfig(name, kind, tenant, tier, schedule, path=path)
+                src = SourceConfig(name, kind, tenant, tier, schedule, path=path, retention=own)
             else:
                 self.fail(t.key("kind"), "'postgres' or 'directory'", kind)
             t.done()
@@ -387,6 +445,12 @@ def _zone(value: str) -> str:
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise ValueError("unknown time zone") from None
     return value
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError("out of range")
+    return float(value)
 
 
 def _cron(value: Any, tz: str) -> str:

@@ -181,3 +181,27 @@ def test_embedded_default_config_is_valid() -> None:
     assert cfg.keys.generate and len(cfg.regions) == 2 and cfg.warnings == ()
     assert (Path(__file__).parent.parent / "config" / "drdaemon.toml").resolve() == \
         config.default_config_path().resolve()
+
+
+def test_retention_defaults_and_per_source_override(base: Path) -> None:
+    edit(base, "[pipeline]", "[retention]\ndaily = 10\nmin_age = \"2h\"\n\n[pipeline]")
+    edit(base, 'tenant = "uni-a"', 'tenant = "uni-a"\nretention = { monthly = 6 }')
+    cfg = config.load(base)
+    assert cfg.retention.daily == 10
+    own = cfg.sources[0].retention
+    assert (own.daily, own.weekly, own.monthly, own.min_age.total_seconds()) == (10, 4, 6, 7200)
+
+
+@pytest.mark.parametrize(("table", "line", "key"), [
+    ("[retention]", "max_delete_fraction = 1.5", "retention.max_delete_fraction"),
+    ("[retention]", "daily = -1", "retention.daily"),
+    ("[retention]", "daily = 0\nweekly = 0\nmonthly = 0", "retention.daily"),
+    ("[daemon]", 'prune_schedule = "whenever"', "daemon.prune_schedule"),
+    ("[daemon]", "max_concurrent_snapshots = 0", "daemon.max_concurrent_snapshots"),
+])
+def test_bad_retention_and_schedules(base: Path, table: str, line: str, key: str) -> None:
+    anchor = "[daemon]" if table == "[daemon]" else "[pipeline]"
+    edit(base, anchor, f"{table}\n{line}\n\n{anchor}" if table != "[daemon]"
+         else f"[daemon]\n{line}")
+    result = drctl(["--config", str(base), "config", "check"])
+    assert result.exit_code == 2 and key in result.stderr, result.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import BinaryIO, Protocol
 
 from ..errors import DrError, UsageError
@@ -66,5 +67,9 @@ class ObjectStore(Protocol):
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
 
     def delete(self, name: str) -> None: ...
+
+    def cleanup_incomplete(self, older_than: datetime) -> int:
+        """Abort uploads begun before `older_than` (left by a crash); return how many."""
+        ...
 
     def describe(self) -> str: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -102,6 +103,17 @@ class LocalStore:
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
+
+    def cleanup_incomplete(self, older_than: datetime) -> int:
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        cutoff = older_than.timestamp()
+        for tmp in self.root.rglob(f"{_TMP_MARK}*"):
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any, BinaryIO
 
 import boto3
@@ -160,6 +161,20 @@ class S3Store:
                     yield ObjectInfo(obj["Key"][len(self.prefix):], int(obj["Size"]))
         except (BotoCoreError, ClientError) as exc:
             raise self.error("list", prefix or "/", exc) from None
+
+    def cleanup_incomplete(self, older_than: datetime) -> int:
+        aborted = 0
+        try:
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for up in page.get("Uploads", []):
+                    if up["Initiated"] < older_than:
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                        aborted += 1
+        except (BotoCoreError, ClientError) as exc:
+            raise self.error("clean incomplete uploads in", self.prefix or "/", exc) from None
+        return aborted
 
     def delete(self, name: str) -> None:
         try:
