@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 from .errors import ConfigError
 from .units import parse_duration, parse_size
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 NAME_HINT = "a name of 1-63 characters: lowercase letters, digits, '.', '_' or '-'"
 DEFAULT_TIERS = {
     "paid": (timedelta(hours=24), timedelta(hours=24)),
@@ -42,6 +42,7 @@ class DaemonConfig:
     max_concurrent_snapshots: int = 2
     jitter: timedelta = timedelta(minutes=5)  # random delay spreading sources on one cron
     shutdown_grace: timedelta = timedelta(seconds=30)
+    retry_backoff: timedelta = timedelta(minutes=5)  # first retry; doubles, capped at 1h
     prune_schedule: str = "30 4 * * *"
     replicate_schedule: str = "0 */6 * * *"
     verify_schedule: str = "0 5 * * 0"
@@ -263,11 +264,13 @@ class _Parser:
         what = "a duration like 90m, 24h or 14d"
         jitter = t.convert("jitter", parse_duration, d.jitter, what=what)
         grace = t.convert("shutdown_grace", parse_duration, d.shutdown_grace, what=what)
+        backoff = t.convert("retry_backoff", parse_duration, d.retry_backoff, what=what)
         cron_what = "a cron expression like '0 2 * * *'"
         def cron(name: str) -> str:
             return t.convert(name, lambda v: _cron(v, tz), getattr(d, name), what=cron_what)
 
         d = replace(d, max_concurrent_snapshots=concurrent, jitter=jitter, shutdown_grace=grace,
+                    retry_backoff=backoff,
                     prune_schedule=cron("prune_schedule"),
                     replicate_schedule=cron("replicate_schedule"),
                     verify_schedule=cron("verify_schedule"))

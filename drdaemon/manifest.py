@@ -24,9 +24,9 @@ from .keys import ManifestKey
 FORMAT = "drdaemon.manifest"
 VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 20
-ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
+ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}\Z")
 KINDS = {"postgres": "pgdump", "directory": "tar"}
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def new_snapshot_id(at: datetime) -> str:
@@ -148,7 +148,7 @@ def parse(raw: bytes, key: ManifestKey, *, source: str | None = None,
         raise IntegrityError(f"manifest is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise IntegrityError("manifest is not valid JSON") from None
     if not isinstance(doc, dict):
         raise IntegrityError("manifest is not a JSON object")
@@ -159,7 +159,13 @@ def parse(raw: bytes, key: ManifestKey, *, source: str | None = None,
         raise IntegrityError(f"manifest was signed with another manifest key "
                              f"(key id {str(mac.get('key_id'))[:16]!r}, ours {key.key_id!r})")
     value = mac.get("value")
-    if not isinstance(value, str) or not hmac.compare_digest(value, _mac(doc, key)):
+    try:
+        expected = _mac(doc, key)
+    except (UnicodeEncodeError, RecursionError):
+        # Lone surrogates or absurd nesting: nothing we wrote, so not authentic.
+        raise IntegrityError("manifest authentication failed: it was altered or forged") from None
+    if not isinstance(value, str) or not _HEX64.match(value) or \
+            not hmac.compare_digest(value, expected):
         raise IntegrityError("manifest authentication failed: it was altered or forged")
     manifest = _from_body(doc)
     if source is not None and manifest.source != source:
@@ -209,7 +215,7 @@ def _from_body(doc: dict[str, Any]) -> Manifest:
             facts=_get(doc, "facts", dict),
             drdaemon_version=_get(doc, "drdaemon_version", str),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise IntegrityError(f"malformed manifest: {exc}") from None
 
 
