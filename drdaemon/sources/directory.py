@@ -150,13 +150,18 @@ def _write_tar(root: Path, out: BinaryIO) -> dict[str, Any]:
 
 
 @contextmanager
-def dump(path: Path) -> Iterator[Any]:
-    """Stream a POSIX tar of the tree at `path` (see sources.base.Dump)."""
+def dump(path: Path, now: datetime | None = None) -> Iterator[Any]:
+    """Stream a POSIX tar of the tree at `path` (see sources.base.Dump).
+
+    `now` is the consistency time to record (the caller's clock, so that
+    snapshot ids and consistency times follow one injected clock); default:
+    the wall clock.
+    """
     from .base import Dump
 
     if not path.is_dir():
         raise SourceError(f"directory {path} does not exist")
-    started = datetime.now(UTC)
+    started = now if now is not None else datetime.now(UTC)
     pipe = ThreadPipe(lambda out: _write_tar(path, out), thread_writes=True, name="tar")
 
     def finish() -> dict[str, Any]:

@@ -54,9 +54,13 @@ class ObjectStore(Protocol):
 
     name: str
 
-    def begin_upload(self, name: str) -> Upload: ...
+    # `retain_until`: where the region supports it (S3 Object Lock), the object
+    # is stored in COMPLIANCE mode until then, so that nobody - not even this
+    # daemon with its own credentials - can delete it earlier. Stores without
+    # such a lock ignore it.
+    def begin_upload(self, name: str, retain_until: datetime | None = None) -> Upload: ...
 
-    def put_bytes(self, name: str, data: bytes) -> None: ...
+    def put_bytes(self, name: str, data: bytes, retain_until: datetime | None = None) -> None: ...
 
     def open_read(self, name: str) -> BinaryIO: ...
 
@@ -67,6 +71,13 @@ class ObjectStore(Protocol):
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
 
     def delete(self, name: str) -> None: ...
+
+    def retained_until(self, name: str) -> datetime | None:
+        """The object's lock retain-until date (aware, UTC).
+
+        None if the object has no lock, does not exist, or the store has no locks.
+        """
+        ...
 
     def cleanup_incomplete(self, older_than: datetime) -> int:
         """Abort uploads begun before `older_than` (left by a crash); return how many."""

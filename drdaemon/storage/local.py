@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -54,13 +55,14 @@ class LocalStore:
     def _path(self, name: str) -> Path:
         return self.root / check_name(name)
 
-    def begin_upload(self, name: str) -> LocalUpload:
+    def begin_upload(self, name: str, retain_until: datetime | None = None) -> LocalUpload:
+        # A filesystem has no retention lock: `retain_until` is ignored.
         try:
             return LocalUpload(self._path(name))
         except OSError as exc:
             raise StorageError(f"region {self.name}: cannot write {name}: {exc.strerror}") from None
 
-    def put_bytes(self, name: str, data: bytes) -> None:
+    def put_bytes(self, name: str, data: bytes, retain_until: datetime | None = None) -> None:
         up = self.begin_upload(name)
         try:
             up.write_part(data)
@@ -69,9 +71,21 @@ class LocalStore:
             up.abort()
             raise StorageError(f"region {self.name}: cannot write {name}: {exc.strerror}") from None
 
-    def open_read(self, name: str) -> BinaryIO:
+    def _object(self, name: str) -> Path:
+        """The file behind an object; a folder or a path through a file is not one."""
+        path = self._path(name)
         try:
-            return open(self._path(name), "rb")
+            is_file = path.is_file()
+        except OSError:
+            is_file = False
+        if not is_file:
+            raise NotFound(f"region {self.name}: {name} not found")
+        return path
+
+    def open_read(self, name: str) -> BinaryIO:
+        path = self._object(name)
+        try:
+            return open(path, "rb")
         except FileNotFoundError:
             raise NotFound(f"region {self.name}: {name} not found") from None
         except OSError as exc:
@@ -86,7 +100,7 @@ class LocalStore:
 
     def stat(self, name: str) -> ObjectInfo:
         try:
-            return ObjectInfo(name, self._path(name).stat().st_size)
+            return ObjectInfo(name, self._object(name).stat().st_size)
         except FileNotFoundError:
             raise NotFound(f"region {self.name}: {name} not found") from None
 
@@ -102,7 +116,13 @@ class LocalStore:
                 yield ObjectInfo(full.relative_to(self.root).as_posix(), full.stat().st_size)
 
     def delete(self, name: str) -> None:
-        self._path(name).unlink(missing_ok=True)
+        # Deleting what is not there is not an error, as on S3.
+        with contextlib.suppress(NotFound):
+            self._object(name).unlink(missing_ok=True)
+
+    def retained_until(self, name: str) -> datetime | None:
+        check_name(name)
+        return None  # a filesystem has no retention lock
 
     def cleanup_incomplete(self, older_than: datetime) -> int:
         if not self.root.is_dir():

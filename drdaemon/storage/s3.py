@@ -4,14 +4,20 @@ Uploads are multipart: parts stream in as they are produced and the object
 appears only on CompleteMultipartUpload; an abort leaves nothing behind.
 Credentials come from boto3's own chain; botocore's standard retry mode
 absorbs throttling and transient 5xx per request.
+
+Object Lock: where the bucket was created with Object Lock, objects written
+with a `retain_until` are stored in COMPLIANCE mode until that date. S3 wants
+a Content-MD5 or checksum on such writes; botocore's default (CRC32) checksums
+satisfy it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
 import boto3
@@ -21,6 +27,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 from .base import NotFound, ObjectInfo, StorageError, check_name
 
 _MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
+LOCK_MODE = "COMPLIANCE"  # GOVERNANCE could be bypassed by whoever holds our credentials
+_LOCK_RECHECK = 60.0  # seconds before a bucket that could not be asked is asked again
+
+
+def _lock_date(until: datetime) -> datetime:
+    """Whole seconds, rounded up: headers may drop the fraction, the lock must not shrink."""
+    until = until.astimezone(UTC)
+    whole = until.replace(microsecond=0)
+    return whole + timedelta(seconds=1) if whole < until else whole
 
 
 def _describe(exc: Exception) -> str:
@@ -31,9 +46,10 @@ def _describe(exc: Exception) -> str:
 
 
 class S3Upload:
-    def __init__(self, store: S3Store, key: str) -> None:
+    def __init__(self, store: S3Store, key: str, retain_until: datetime | None = None) -> None:
         self.store = store
         self.key = key
+        self.retain_until = retain_until
         self.upload_id: str | None = None
         self.parts: list[dict[str, Any]] = []
 
@@ -41,7 +57,11 @@ class S3Upload:
         s3 = self.store
         try:
             if self.upload_id is None:
-                resp = s3.client.create_multipart_upload(Bucket=s3.bucket, Key=self.key)
+                # The lock is asked for here, not in begin_upload, so that an
+                # unreachable region fails once, on its first request.
+                lock = s3.lock_args(self.retain_until)
+                resp = s3.client.create_multipart_upload(Bucket=s3.bucket, Key=self.key,
+                                                         **lock)
                 self.upload_id = resp["UploadId"]
             number = len(self.parts) + 1
             resp = s3.client.upload_part(Bucket=s3.bucket, Key=self.key, PartNumber=number,
@@ -54,14 +74,16 @@ class S3Upload:
         s3 = self.store
         try:
             if self.upload_id is None:
-                s3.client.put_object(Bucket=s3.bucket, Key=self.key, Body=b"")
+                s3.client.put_object(Bucket=s3.bucket, Key=self.key, Body=b"",
+                                     **s3.lock_args(self.retain_until))
                 return
             s3.client.complete_multipart_upload(
                 Bucket=s3.bucket, Key=self.key, UploadId=self.upload_id,
                 MultipartUpload={"Parts": self.parts})
+            self.upload_id = None
+            s3.ensure_retention(self.key, self.retain_until)
         except (BotoCoreError, ClientError) as exc:
             raise s3.error("complete upload of", self.key, exc) from None
-        self.upload_id = None
 
     def abort(self) -> None:
         if self.upload_id is None:
@@ -105,6 +127,8 @@ class S3Store:
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
         self.endpoint_url = endpoint_url
+        self._object_lock: bool | None = None  # asked once, see object_lock_enabled
+        self._lock_unknown_until = 0.0
         self.client = client or boto3.session.Session().client(
             "s3", region_name=region, endpoint_url=endpoint_url,
             config=BotoConfig(retries={"mode": "standard", "max_attempts": 5},
@@ -123,12 +147,78 @@ class S3Store:
     def _key(self, name: str) -> str:
         return self.prefix + check_name(name)
 
-    def begin_upload(self, name: str) -> S3Upload:
-        return S3Upload(self, self._key(name))
+    def object_lock_enabled(self) -> bool:
+        """Whether the bucket has Object Lock; asked once and remembered.
 
-    def put_bytes(self, name: str, data: bytes) -> None:
+        An answer from the server is final: "no configuration", but also a
+        refusal or an S3-compatible store that lacks the call, means no lock.
+        An unreachable endpoint raises StorageError and is asked again later
+        (after _LOCK_RECHECK seconds), so that a region that was down when the
+        daemon started still gets locked objects once it is back.
+        """
+        if self._object_lock is not None:
+            return self._object_lock
+        if time.monotonic() < self._lock_unknown_until:
+            raise StorageError(f"region {self.name}: cannot tell whether {self.bucket} has "
+                               "Object Lock (endpoint unreachable a moment ago)")
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+            resp = self.client.get_object_lock_configuration(Bucket=self.bucket)
+        except ClientError:
+            self._object_lock = False
+            return False
+        except BotoCoreError as exc:
+            self._lock_unknown_until = time.monotonic() + _LOCK_RECHECK
+            raise self.error("read the Object Lock configuration of", self.bucket, exc) from None
+        conf = resp.get("ObjectLockConfiguration", {})
+        self._object_lock = conf.get("ObjectLockEnabled") == "Enabled"
+        return self._object_lock
+
+    def lock_args(self, retain_until: datetime | None) -> dict[str, Any]:
+        """PutObject / CreateMultipartUpload arguments that lock until `retain_until`."""
+        if retain_until is None or not self.object_lock_enabled():
+            return {}
+        return {"ObjectLockMode": LOCK_MODE,
+                "ObjectLockRetainUntilDate": _lock_date(retain_until)}
+
+    def ensure_retention(self, key: str, retain_until: datetime | None) -> None:
+        """Check a completed upload carries its lock; set it where the server dropped it.
+
+        Some S3-compatible servers (moto among them) ignore the lock headers of
+        CreateMultipartUpload; PutObjectRetention then sets it on the object.
+        Raises ClientError/BotoCoreError to the caller.
+        """
+        if retain_until is None or not self.object_lock_enabled():
+            return
+        until = _lock_date(retain_until)
+        head = self.client.head_object(Bucket=self.bucket, Key=key)
+        have = head.get("ObjectLockRetainUntilDate")
+        if have is not None and have.astimezone(UTC) >= until:
+            return
+        self.client.put_object_retention(
+            Bucket=self.bucket, Key=key,
+            Retention={"Mode": LOCK_MODE, "RetainUntilDate": until})
+
+    def retained_until(self, name: str) -> datetime | None:
+        key = self._key(name)
+        if not self.object_lock_enabled():
+            return None
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            err = self.error("stat", name, exc)
+            if isinstance(err, NotFound):
+                return None
+            raise err from None
+        until = head.get("ObjectLockRetainUntilDate")
+        return until.astimezone(UTC) if until is not None else None
+
+    def begin_upload(self, name: str, retain_until: datetime | None = None) -> S3Upload:
+        return S3Upload(self, self._key(name), retain_until)
+
+    def put_bytes(self, name: str, data: bytes, retain_until: datetime | None = None) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data,
+                                   **self.lock_args(retain_until))
         except (BotoCoreError, ClientError) as exc:
             raise self.error("write", name, exc) from None
 
