@@ -13,8 +13,9 @@ import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
-from . import __version__, manifest
+from . import __version__, manifest, state
 from .config import SourceConfig
 from .errors import DrError
 from .keys import fingerprint
@@ -57,15 +58,15 @@ class BackupResult:
 
 
 @contextmanager
-def open_dump(source: SourceConfig) -> Iterator[Dump]:
-    """Start the dump of a source of any kind."""
+def open_dump(source: SourceConfig, now: datetime | None = None) -> Iterator[Dump]:
+    """Start the dump of a source of any kind (`now`: the runtime's clock)."""
     if source.kind == "postgres":
         assert source.dsn is not None
         with postgres.dump(source.dsn) as d:
             yield d
     else:
         assert source.path is not None
-        with directory.dump(source.path) as d:
+        with directory.dump(source.path, now) as d:
             yield d
 
 
@@ -79,6 +80,9 @@ def snapshot(rt: Runtime, source: SourceConfig,
         result.error = str(exc)
     event = "snapshot.committed" if result.ok else "snapshot.failed"
     rt.record_event(event, **result.to_dict())
+    state.record_outcome(rt.config.daemon.state_dir, result.source, rt.clock(), result.ok,
+                         result.error or "; ".join(f"{k}: {v}" for k, v in
+                                                   result.failed_regions.items()))
     return result
 
 
@@ -89,21 +93,25 @@ def _snapshot(rt: Runtime, source: SourceConfig, result: BackupResult,
     snap_id = manifest.new_snapshot_id(started)
     result.snapshot_id = snap_id
     data_name = manifest.data_object_name(source.name, snap_id, source.kind)
+    # Where a bucket has Object Lock, the snapshot cannot be removed before the
+    # retention horizon, whatever happens to this daemon (docs/format.md).
+    min_retention = source.retention.min_retention
+    retain_until = started + min_retention if min_retention > timedelta(0) else None
     uploads: dict[str, Upload] = {}
     for store in rt.stores:
         try:
-            uploads[store.name] = store.begin_upload(data_name)
+            uploads[store.name] = store.begin_upload(data_name, retain_until=retain_until)
         except StorageError as exc:
             result.failed_regions[store.name] = str(exc)
     if not uploads:
         raise StorageError("no region can be written: " + "; ".join(
             result.failed_regions.values()))
     try:
-        with open_dump(source) as dump:
+        with open_dump(source, rt.clock()) as dump:
             stored = encrypt_and_upload(
                 dump.stream, uploads, cfg.keys.recipients, level=cfg.pipeline.zstd_level,
                 threads=cfg.pipeline.zstd_threads, part_size=cfg.pipeline.part_size,
-                on_progress=on_progress)
+                on_progress=on_progress, cancel=rt.stopping)
             facts = dump.finish()
     except BaseException:
         for up in uploads.values():
@@ -133,7 +141,7 @@ def _snapshot(rt: Runtime, source: SourceConfig, result: BackupResult,
     for name in committed:
         store = rt.store(name)
         try:
-            store.put_bytes(manifest_name, blob)
+            store.put_bytes(manifest_name, blob, retain_until=retain_until)
             result.regions.append(name)
         except StorageError as exc:
             result.failed_regions[name] = str(exc)

@@ -21,6 +21,7 @@ import pyrage
 import zstandard
 from pyrage import x25519
 
+from .errors import DrError
 from .storage import StorageError, Upload
 from .streams import CountingReader, Remembering, first_error
 
@@ -33,6 +34,10 @@ MAX_PART = 5 << 30
 
 class AllRegionsFailed(StorageError):
     """No region can take the stream any more."""
+
+
+class Cancelled(DrError):
+    """The daemon is shutting down: the stream was stopped and every upload aborted."""
 
 
 class _RegionWriter:
@@ -68,7 +73,9 @@ class _RegionWriter:
 class FanOut(io.RawIOBase, Remembering):
     """A writable sink that hashes, counts and splits ciphertext into parts for every region."""
 
-    def __init__(self, uploads: dict[str, Upload], part_size: int) -> None:
+    def __init__(self, uploads: dict[str, Upload], part_size: int,
+                 cancel: threading.Event | None = None) -> None:
+        self.cancel = cancel
         self.writers = [_RegionWriter(name, up) for name, up in uploads.items()]
         self.base_part = part_size
         self.parts = 0
@@ -99,6 +106,10 @@ class FanOut(io.RawIOBase, Remembering):
             raise self.remember(exc)  # noqa: B904 - re-raising the same exception
 
     def _write(self, data: Any) -> int:
+        # Checked only while streaming: once the stream is complete, commit
+        # goes ahead (a snapshot that close to done is worth finishing).
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("stopped by shutdown before the upload completed")
         n = len(data)
         self.sha.update(data)
         self.size += n
@@ -146,7 +157,8 @@ def parse_recipients(recipients: Sequence[str]) -> list[x25519.Recipient]:
 
 def encrypt_and_upload(plain: BinaryIO, uploads: dict[str, Upload], recipients: Sequence[str],
                        *, level: int, threads: int, part_size: int,
-                       on_progress: Callable[[int], None] | None = None) -> Stored:
+                       on_progress: Callable[[int], None] | None = None,
+                       cancel: threading.Event | None = None) -> Stored:
     """Compress, encrypt and stream `plain` into every upload. Uploads are not committed.
 
     On any error every upload is aborted and the error re-raised; regions that
@@ -155,7 +167,7 @@ def encrypt_and_upload(plain: BinaryIO, uploads: dict[str, Upload], recipients: 
     source = CountingReader(plain, on_read=on_progress)
     cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
     compressed = CountingReader(cctx.stream_reader(cast(BinaryIO, source), read_size=1 << 20))
-    fan = FanOut(uploads, part_size)
+    fan = FanOut(uploads, part_size, cancel)
     try:
         try:
             pyrage.encrypt_io(compressed, fan, parse_recipients(recipients))

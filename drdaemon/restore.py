@@ -116,7 +116,6 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
             continue
         try:
             stream_into(store, m, identities, sink, on_progress)
-            where = sink.commit()
         except UsageError:
             sink.discard()
             raise
@@ -124,6 +123,13 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
             sink.discard()
             failed[store.name] = str(exc) or exc.__class__.__name__
             continue
+        try:
+            # The copy is verified; a failure to move it into place is about the
+            # target (e.g. clients still connected), so no other region would help.
+            where = sink.commit()
+        except BaseException:
+            sink.discard()
+            raise
         result = RestoreResult(source.name, m.id, store.name, where, m.size,
                                time.monotonic() - started, failed)
         rt.record_event("restore", user=getpass.getuser(), host=socket.gethostname(),

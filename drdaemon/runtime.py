@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +32,8 @@ class Runtime:
     stores: list[ObjectStore]
     manifest_key: ManifestKey
     clock: Callable[[], datetime] = field(default=utcnow)
+    # Set when the daemon is asked to stop: streams in flight abort cleanly.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def store(self, region: str) -> ObjectStore:
         """The store of one configured region (validated by name)."""

@@ -1,14 +1,25 @@
-"""The daemon's schedule: each source's snapshot on its cron, overdue ones at once."""
+"""The daemon: every source snapshotted on its cron, overdue ones at once, retried on failure.
+
+APScheduler is only the timer. The decisions (which source is overdue, how
+long to back off) are small pure functions; the Daemon class wires them to
+the scheduler, the services and the signals.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import signal
+import threading
 import zoneinfo
-from datetime import datetime
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from types import FrameType
+from typing import Any
 
-from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from . import catalog
@@ -19,6 +30,10 @@ from .logs import setup_logging
 from .runtime import Runtime
 
 log = logging.getLogger("drdaemon")
+
+WATCHDOG_INTERVAL = timedelta(minutes=15)
+MAX_BACKOFF = timedelta(hours=1)
+STALE_UPLOAD_AGE = timedelta(days=1)
 
 
 def newest_consistency(rt: Runtime) -> dict[str, datetime]:
@@ -32,55 +47,244 @@ def newest_consistency(rt: Runtime) -> dict[str, datetime]:
     return newest
 
 
+def overdue(sources: list[SourceConfig], newest: dict[str, datetime],
+            rpo: Callable[[SourceConfig], timedelta], now: datetime) -> list[SourceConfig]:
+    """Pure: sources with no snapshot within their RPO; they must not wait for cron."""
+    return [s for s in sources if s.name not in newest or now - newest[s.name] >= rpo(s)]
+
+
+def retry_delay(attempt: int, base: timedelta) -> timedelta:
+    """Pure: exponential backoff, `base` doubling per attempt, capped at an hour."""
+    return min(base * (2 ** min(attempt, 16)), MAX_BACKOFF)
+
+
+def cron_trigger(expr: str, tz: zoneinfo.ZoneInfo, jitter: timedelta) -> CronTrigger:
+    """A crontab expression as a trigger with jitter (from_crontab takes no jitter)."""
+    minute, hour, day, month, dow = expr.split()
+    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=dow,
+                       timezone=tz, jitter=int(jitter.total_seconds()) or None)
+
+
 def due_sources(rt: Runtime, now: datetime) -> list[SourceConfig]:
-    """Sources with no snapshot newer than their tier's RPO: they must not wait for cron."""
-    newest = newest_consistency(rt)
-    return [s for s in rt.config.sources
-            if s.name not in newest or now - newest[s.name] >= rt.config.tiers[s.tier].rpo]
+    """Configured sources that are outside their tier's RPO now."""
+    return overdue(list(rt.config.sources), newest_consistency(rt),
+                   lambda s: rt.config.tiers[s.tier].rpo, now)
 
 
-def snapshot_job(rt: Runtime, source: SourceConfig) -> BackupResult:
-    """Run one snapshot and log its outcome as one line; never raises."""
-    result = snapshot(rt, source)
-    fields = {k: v for k, v in result.to_dict().items() if v not in (None, {}, [])}
-    if result.ok:
-        log.info("snapshot %s of %s%s", result.snapshot_id, source.name,
-                 " (degraded)" if result.degraded else "", extra={"job": "snapshot", **fields})
-    else:
-        log.error("snapshot of %s failed: %s", source.name, result.error,
-                  extra={"job": "snapshot", **fields})
-    return result
+class SingleInstance:
+    """An exclusive lock in the state folder: two daemons on one config never both run jobs."""
+
+    def __init__(self, state_dir: Any) -> None:
+        path = state_dir / "locks" / "daemon.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise DrError(f"another drdaemon is already running with state folder "
+                          f"{state_dir}") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+class Daemon:
+    """Schedules snapshots and maintenance jobs for one runtime."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        cfg = rt.config.daemon
+        self.tz = zoneinfo.ZoneInfo(cfg.timezone)
+        self.scheduler = BackgroundScheduler(
+            timezone=self.tz,
+            executors={"snapshots": ThreadPoolExecutor(cfg.max_concurrent_snapshots),
+                       "default": ThreadPoolExecutor(2)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600})
+        self._busy: set[str] = set()
+        self._busy_lock = threading.Lock()
+        self._idle = threading.Condition(self._busy_lock)
+        self.attempts: dict[str, int] = {}
+
+    # -- jobs ---------------------------------------------------------------
+
+    def snapshot_job(self, source: SourceConfig) -> BackupResult | None:
+        """Snapshot one source unless it is already running; log one line; never raises."""
+        with self._busy_lock:
+            if source.name in self._busy or self.rt.stopping.is_set():
+                log.info("snapshot of %s skipped: %s", source.name, "already running"
+                         if source.name in self._busy else "stopping",
+                         extra={"job": "snapshot", "source": source.name, "skipped": True})
+                return None
+            self._busy.add(source.name)
+        try:
+            result = snapshot(self.rt, source)
+        except Exception as exc:  # a bug must not kill the daemon
+            log.exception("snapshot of %s crashed", source.name)
+            result = BackupResult(source.name, error=f"internal error: {exc}")
+        finally:
+            with self._busy_lock:
+                self._busy.discard(source.name)
+                self._idle.notify_all()
+        fields = {k: v for k, v in result.to_dict().items() if v not in (None, {}, [])}
+        if result.ok:
+            self.attempts.pop(source.name, None)
+            log.info("snapshot %s of %s%s", result.snapshot_id, source.name,
+                     " (degraded)" if result.degraded else "", extra={"job": "snapshot", **fields})
+        else:
+            log.error("snapshot of %s failed: %s", source.name, result.error,
+                      extra={"job": "snapshot", **fields})
+            self._schedule_retry(source)
+        return result
+
+    def _schedule_retry(self, source: SourceConfig) -> None:
+        if self.rt.stopping.is_set():
+            return
+        attempt = self.attempts.get(source.name, 0)
+        delay = retry_delay(attempt, self.rt.config.daemon.retry_backoff)
+        now = datetime.now(self.tz)
+        cron = self.scheduler.get_job(f"snapshot:{source.name}")
+        # Retry until the next cron run would come first: then that run is the retry.
+        if cron and cron.next_run_time and now + delay >= cron.next_run_time:
+            log.info("no retry of %s before its next run", source.name)
+            return
+        self.attempts[source.name] = attempt + 1
+        self.run_soon(source, now + delay, f"retry:{source.name}")
+        log.info("retrying %s in %ss (attempt %d)", source.name, int(delay.total_seconds()),
+                 attempt + 1, extra={"job": "snapshot", "source": source.name,
+                                     "retry_in_seconds": delay.total_seconds()})
+
+    def run_soon(self, source: SourceConfig, when: datetime, job_id: str) -> None:
+        """A one-off snapshot of `source` at `when`."""
+        self.scheduler.add_job(self.snapshot_job, "date", run_date=when, args=(source,),
+                               id=job_id, replace_existing=True, executor="snapshots",
+                               name=f"snapshot {source.name} (one-off)")
+
+    def catch_up(self) -> list[str]:
+        """Snapshot at once every source outside its RPO (at start and by the watchdog)."""
+        try:
+            due = due_sources(self.rt, self.rt.clock())
+        except DrError as exc:
+            log.warning("cannot tell which sources are overdue, snapshotting all: %s", exc)
+            due = list(self.rt.config.sources)
+        with self._busy_lock:
+            due = [s for s in due if s.name not in self._busy]
+        now = datetime.now(self.tz)
+        for src in due:
+            if not self.scheduler.get_job(f"retry:{src.name}"):
+                self.run_soon(src, now, f"catchup:{src.name}")
+        if due:
+            log.info("catching up %d overdue source(s): %s", len(due),
+                     ", ".join(s.name for s in due), extra={"job": "catchup"})
+        return [s.name for s in due]
+
+    def maintenance_job(self, name: str, fn: Callable[[], Any]) -> None:
+        """Run prune/replicate/verify; log one line with its outcome; never raises."""
+        try:
+            report = fn()
+            ok = bool(getattr(report, "ok", True))
+            log.log(logging.INFO if ok else logging.ERROR, "%s %s", name,
+                    "ok" if ok else "found problems", extra={"job": name, "ok": ok,
+                    "report": report.to_dict() if hasattr(report, "to_dict") else None})
+        except DrError as exc:
+            log.error("%s failed: %s", name, exc, extra={"job": name, "ok": False})
+        except Exception:
+            log.exception("%s crashed", name, extra={"job": name, "ok": False})
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def clean_stale_uploads(self) -> None:
+        """Abort multipart uploads and temp files a crash left behind (older than a day)."""
+        cutoff = self.rt.clock() - STALE_UPLOAD_AGE
+        for store in self.rt.stores:
+            try:
+                n = store.cleanup_incomplete(cutoff)
+            except DrError as exc:
+                log.warning("cannot clean stale uploads in %s: %s", store.name, exc)
+                continue
+            if n:
+                log.info("aborted %d stale incomplete upload(s) in %s", n, store.name,
+                         extra={"job": "cleanup", "region": store.name, "aborted": n})
+
+    def start(self) -> None:
+        """Schedule every job and start the timer (returns at once)."""
+        cfg = self.rt.config.daemon
+        self.clean_stale_uploads()
+        for src in self.rt.config.sources:
+            self.scheduler.add_job(self.snapshot_job, cron_trigger(src.schedule, self.tz,
+                                                                   cfg.jitter),
+                                   args=(src,), id=f"snapshot:{src.name}",
+                                   name=f"snapshot {src.name}", executor="snapshots")
+        for name, expr, fn in self._maintenance():
+            self.scheduler.add_job(self.maintenance_job, cron_trigger(expr, self.tz, cfg.jitter),
+                                   args=(name, fn), id=name, name=name)
+        self.scheduler.add_job(self.catch_up, "interval",
+                               seconds=WATCHDOG_INTERVAL.total_seconds(), id="watchdog",
+                               name="rpo watchdog")
+        self.scheduler.start()
+        self.catch_up()
+
+    def _maintenance(self) -> list[tuple[str, str, Callable[[], Any]]]:
+        from .prune import run_prune
+        from .replicate import run_replicate
+        from .verify import run_verify
+
+        cfg = self.rt.config.daemon
+        rt = self.rt
+        return [("prune", cfg.prune_schedule, lambda: run_prune(rt)),
+                ("replicate", cfg.replicate_schedule, lambda: run_replicate(rt, repair=True)),
+                ("verify", cfg.verify_schedule, lambda: run_verify(rt))]
+
+    def stop(self) -> bool:
+        """Start no new job, abort streams in flight, wait up to the grace period.
+
+        Returns True if every running job ended within the grace period.
+        """
+        self.rt.stopping.set()
+        self.scheduler.shutdown(wait=False)
+        grace = self.rt.config.daemon.shutdown_grace.total_seconds()
+        with self._busy_lock:
+            return self._idle.wait_for(lambda: not self._busy, timeout=grace)
 
 
 def run_daemon(rt: Runtime, *, once: bool = False) -> None:
-    """Run forever (or, with once, take the overdue snapshots and return)."""
+    """Run until SIGTERM/SIGINT (or, with once, take the overdue snapshots and return)."""
     setup_logging()
-    tz = zoneinfo.ZoneInfo(rt.config.daemon.timezone)
+    lock = SingleInstance(rt.config.daemon.state_dir)
     try:
-        due = due_sources(rt, rt.clock())
-    except DrError as exc:
-        log.warning("cannot tell which sources are overdue, snapshotting all: %s", exc)
-        due = list(rt.config.sources)
-    if once:
-        results = [snapshot_job(rt, s) for s in due]
-        if not all(r.ok for r in results):
-            raise DrError("some snapshots failed (see the log above)")
-        return
-    scheduler = BlockingScheduler(timezone=tz, job_defaults={
-        "coalesce": True, "max_instances": 1, "misfire_grace_time": 3600})
-    for src in rt.config.sources:
-        kwargs = {"next_run_time": datetime.now(tz)} if src in due else {}
-        scheduler.add_job(snapshot_job, CronTrigger.from_crontab(src.schedule, timezone=tz),
-                          args=(rt, src), id=f"snapshot:{src.name}", name=f"snapshot {src.name}",
-                          **kwargs)
+        if once:
+            daemon = Daemon(rt)
+            results = [daemon.snapshot_job(s) for s in due_sources(rt, rt.clock())]
+            if not all(r is not None and r.ok for r in results):
+                raise DrError("some snapshots failed (see the log above)")
+            return
+        _run_forever(rt)
+    finally:
+        lock.release()
 
-    def stop(signum: int, _frame: FrameType | None) -> None:
+
+def _run_forever(rt: Runtime) -> None:
+    daemon = Daemon(rt)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
-        scheduler.shutdown(wait=False)
+        stop.set()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    log.info("drdaemon started: %d source(s), %d region(s), %d overdue", len(rt.config.sources),
-             len(rt.config.regions), len(due))
-    scheduler.start()
-    log.info("drdaemon stopped")
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.start()
+    log.info("drdaemon started: %d source(s), %d region(s)", len(rt.config.sources),
+             len(rt.config.regions), extra={"pid": os.getpid()})
+    stop.wait()
+    if daemon.stop():
+        log.info("drdaemon stopped")
+    else:
+        # Streams were told to abort; anything still busy is cut off here. Its
+        # upload stays incomplete and invisible, and is cleaned at next start.
+        log.warning("jobs still running after the grace period; exiting anyway")
+        logging.shutdown()
+        os._exit(0)

@@ -51,7 +51,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           env=env, timeout=300, check=False)
 
 
-def make_setup(tmp: Path, regions: list[str], sources: list[str], extra: str = "") -> Setup:
+def make_setup(tmp: Path, regions: list[str], sources: list[str], extra: str = "",
+               daemon: str = "") -> Setup:
     """Write a config with a fresh identity and manifest key under `tmp`."""
     keys = tmp / "keys"
     identity = keys / "identity.txt"
@@ -60,7 +61,7 @@ def make_setup(tmp: Path, regions: list[str], sources: list[str], extra: str = "
     generate_manifest_key(mkey)
     state = tmp / "state"
     text = (
-        f'[daemon]\nstate_dir = "{state}"\n\n'
+        f'[daemon]\nstate_dir = "{state}"\n{daemon}\n'
         f'[keys]\nrecipients = ["{recipient}"]\nidentity_file = "{identity}"\n'
         f'manifest_key_file = "{mkey}"\n\n'
         '[pipeline]\nzstd_level = 3\nzstd_threads = 0\npart_size = "5MiB"\n\n'

@@ -236,6 +236,21 @@ def restore_cmd(ctx: click.Context, snapshot: str, source: str, target: str,
                f"to {result.target} ({format_bytes(result.bytes)} in {result.seconds:.1f}s)")
 
 
+from .status import status_cmd  # noqa: E402 - registered after the group exists
+
+cli.add_command(status_cmd)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(obj={})
+
+
+from .replicate import replicate_cmd, verify_cmd  # noqa: E402 - registered after the group exists
+
+cli.add_command(replicate_cmd)
+cli.add_command(verify_cmd)
+
+from .prune import prune_cmd  # noqa: E402 - registered after the group exists
+
+cli.add_command(prune_cmd)

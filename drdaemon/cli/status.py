@@ -1,0 +1,45 @@
+"""drctl status: every source against its RPO, for people and for cron/scripts."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..status import source_statuses
+from ..units import format_duration
+from . import emit_json, get_runtime, handle_errors, json_option
+
+
+@click.command("status")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def status_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Per source: newest snapshot and its age against the RPO, regions, retention.
+
+    Exit 1 when any source is outside its RPO or missing a region.
+    """
+    rt = get_runtime(ctx)
+    statuses, region_errors = source_statuses(rt)
+    if as_json:
+        emit_json({"sources": [s.to_dict() for s in statuses], "region_errors": region_errors,
+                   "ok": all(s.ok for s in statuses) and not region_errors})
+    else:
+        for s in statuses:
+            mark = "OK  " if s.ok else "FAIL"
+            age = format_duration(s.age) if s.age is not None else "never"
+            span = format_duration(s.span) if s.span is not None else "-"
+            click.echo(f"{mark} {s.source} (tenant {s.tenant}, tier {s.tier}): newest "
+                       f"{s.newest_id or '-'} age {age} / RPO {format_duration(s.rpo)}; "
+                       f"in {', '.join(s.regions) or 'no region'}; {s.retained} retained "
+                       f"over {span}; next run "
+                       f"{s.next_run.isoformat() if s.next_run else '-'}")
+            for p in s.problems:
+                click.echo(f"     ! {p}")
+            if s.last_failure:
+                click.echo(f"     last failure {s.last_failure}: {s.last_error}")
+        for r, why in region_errors.items():
+            click.echo(f"! region {r} could not be listed: {why}")
+    if region_errors or not all(s.ok for s in statuses):
+        sys.exit(1)

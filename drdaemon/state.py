@@ -1,0 +1,64 @@
+"""Small local state the daemon keeps between runs: each source's last outcome.
+
+Written atomically (temp file, fsync, rename), one JSON file per source, so a
+crash never leaves a half-written record and `drctl status` can tell the last
+failure without scanning logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The last attempt of a source, and the last failure if there was one."""
+
+    last_attempt: str | None = None
+    last_success: str | None = None
+    last_failure: str | None = None
+    last_error: str | None = None
+
+
+def _path(state_dir: Path, source: str) -> Path:
+    return state_dir / "sources" / f"{source}.json"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so readers see the old or the new file, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_outcome(state_dir: Path, source: str) -> Outcome:
+    """The recorded outcome of `source` (empty if none or unreadable)."""
+    try:
+        doc: dict[str, Any] = json.loads(_path(state_dir, source).read_text())
+        return Outcome(**{k: doc.get(k) for k in Outcome.__dataclass_fields__})
+    except (OSError, ValueError, TypeError):
+        return Outcome()
+
+
+def record_outcome(state_dir: Path, source: str, at: datetime, ok: bool, error: str) -> None:
+    """Record one snapshot attempt of `source`."""
+    old = read_outcome(state_dir, source)
+    stamp = at.isoformat()
+    new = Outcome(stamp, stamp if ok else old.last_success,
+                  old.last_failure if ok else stamp,
+                  (error or None) if not ok else old.last_error)
+    write_atomic(_path(state_dir, source), json.dumps(asdict(new), indent=1).encode())

@@ -1,0 +1,102 @@
+"""Is every source inside its RPO, in every region? Pure evaluation plus a thin reader."""
+
+from __future__ import annotations
+
+import zoneinfo
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from apscheduler.triggers.cron import CronTrigger
+
+from . import catalog, state
+from .config import Config, SourceConfig
+from .manifest import Manifest
+from .runtime import Runtime
+from .units import format_duration
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    """What `drctl status` says about one source."""
+
+    source: str
+    tenant: str
+    tier: str
+    rpo: timedelta
+    newest_id: str | None
+    newest_consistency: datetime | None
+    age: timedelta | None
+    regions: tuple[str, ...]  # regions holding the newest snapshot
+    missing_regions: tuple[str, ...]
+    retained: int
+    span: timedelta | None  # newest minus oldest consistency time
+    last_failure: str | None
+    last_error: str | None
+    next_run: datetime | None
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "source": self.source, "tenant": self.tenant, "tier": self.tier, "ok": self.ok,
+            "rpo_seconds": self.rpo.total_seconds(), "newest_id": self.newest_id,
+            "newest_consistency_time": _iso(self.newest_consistency),
+            "age_seconds": self.age.total_seconds() if self.age is not None else None,
+            "regions": list(self.regions), "missing_regions": list(self.missing_regions),
+            "retained": self.retained,
+            "span_seconds": self.span.total_seconds() if self.span is not None else None,
+            "last_failure": self.last_failure, "last_error": self.last_error,
+            "next_run": _iso(self.next_run), "problems": list(self.problems),
+        }
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t is not None else None
+
+
+def next_run(source: SourceConfig, tz: str, now: datetime) -> datetime | None:
+    """When the source's cron fires next after `now`."""
+    trigger = CronTrigger.from_crontab(source.schedule, timezone=zoneinfo.ZoneInfo(tz))
+    fire: datetime | None = trigger.get_next_fire_time(None, now)
+    return fire
+
+
+def evaluate(config: Config, source: SourceConfig, snapshots: list[tuple[Manifest, list[str]]],
+             outcome: state.Outcome, now: datetime) -> SourceStatus:
+    """Pure: the status of one source from its committed snapshots (manifest, regions)."""
+    rpo = config.tiers[source.tier].rpo
+    all_regions = [r.name for r in config.regions]
+    ordered = sorted(snapshots, key=lambda s: (s[0].consistency_time, s[0].id))
+    problems = []
+    newest, regions = ordered[-1] if ordered else (None, [])
+    missing = tuple(r for r in all_regions if r not in regions) if newest else ()
+    age = now - newest.consistency_time if newest else None
+    if newest is None:
+        problems.append("no snapshot yet")
+    elif age is not None and age > rpo:
+        problems.append(f"newest snapshot is {format_duration(age)} old, over the "
+                        f"{format_duration(rpo)} RPO")
+    if missing:
+        problems.append(f"newest snapshot missing in {', '.join(missing)}")
+    span = ordered[-1][0].consistency_time - ordered[0][0].consistency_time if ordered else None
+    return SourceStatus(
+        source.name, source.tenant, source.tier, rpo, newest.id if newest else None,
+        newest.consistency_time if newest else None, age, tuple(regions), missing,
+        len(ordered), span, outcome.last_failure, outcome.last_error,
+        next_run(source, config.daemon.timezone, now), tuple(problems))
+
+
+def source_statuses(rt: Runtime) -> tuple[list[SourceStatus], dict[str, str]]:
+    """Every configured source's status, and the regions that could not be listed."""
+    listing = catalog.list_snapshots(rt)
+    now = rt.clock()
+    result = []
+    for src in rt.config.sources:
+        snaps = [(e.manifest, e.regions) for e in listing.snapshots
+                 if e.source == src.name and e.manifest is not None]
+        outcome = state.read_outcome(rt.config.daemon.state_dir, src.name)
+        result.append(evaluate(rt.config, src, snaps, outcome, now))
+    return result, listing.region_errors

@@ -1,0 +1,210 @@
+"""The daemon's schedule: catch-up, no overlap, retry, clean shutdown, restart, one instance."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import S3Region
+from hypothesis import given
+from hypothesis import strategies as st
+from support import directory_source, local_region, make_setup
+
+from drdaemon import config as config_mod
+from drdaemon.backup import snapshot
+from drdaemon.errors import DrError
+from drdaemon.runtime import open_runtime
+from drdaemon.scheduler import Daemon, SingleInstance, overdue, retry_delay
+
+
+class Clock:
+    """A controllable clock for the runtime: decisions use it, never the wall clock."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def wait_for(cond, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "tree"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "f.txt").write_text("x" * 1000)
+    return root
+
+
+def local_setup(tmp_path: Path, tree: Path, daemon: str = ""):
+    return make_setup(tmp_path, [local_region("eu", tmp_path / "r-eu", "europe"),
+                                 local_region("us", tmp_path / "r-us", "north-america")],
+                      [directory_source("files", tree, tier="paid")], daemon=daemon)
+
+
+def manifests(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "r-us").glob("sources/files/manifests/*.json"))
+
+
+# -- pure decisions -------------------------------------------------------------
+
+@given(attempt=st.integers(0, 100), base_s=st.integers(1, 3600))
+def test_retry_delay_grows_and_is_capped(attempt: int, base_s: int) -> None:
+    base = timedelta(seconds=base_s)
+    d = retry_delay(attempt, base)
+    assert min(base, timedelta(hours=1)) <= d <= timedelta(hours=1)
+    assert retry_delay(attempt + 1, base) >= d
+
+
+def test_overdue_is_exactly_the_sources_outside_rpo(tmp_path: Path, tree: Path) -> None:
+    cfg = config_mod.load(local_setup(tmp_path, tree).config)
+    src = cfg.sources[0]
+    now = datetime(2026, 11, 23, 12, tzinfo=UTC)
+    rpo = lambda s: timedelta(hours=24)  # noqa: E731
+    assert overdue([src], {}, rpo, now) == [src]
+    assert overdue([src], {"files": now - timedelta(hours=23)}, rpo, now) == []
+    assert overdue([src], {"files": now - timedelta(hours=24)}, rpo, now) == [src]
+
+
+# -- the daemon with a controllable clock -------------------------------------------
+
+def test_catch_up_at_start_only_when_outside_rpo(tmp_path: Path, tree: Path) -> None:
+    setup = local_setup(tmp_path, tree)
+    clock = Clock(datetime.now(UTC) - timedelta(days=3))
+    rt = open_runtime(config_mod.load(setup.config), clock=clock)
+    assert snapshot(rt, rt.config.sources[0]).ok
+
+    clock.now += timedelta(hours=2)
+    daemon = Daemon(rt)
+    daemon.start()
+    try:
+        assert daemon.catch_up() == []
+        clock.now += timedelta(hours=23)  # 25 h after the snapshot: outside the paid RPO
+        assert daemon.catch_up() == ["files"]
+        wait_for(lambda: len(manifests(tmp_path)) == 2)
+    finally:
+        assert daemon.stop()
+
+
+def test_no_overlap_for_one_source(tmp_path: Path) -> None:
+    tree = tmp_path / "big"
+    tree.mkdir()
+    (tree / "blob").write_bytes(os.urandom(60 << 20))
+    setup = local_setup(tmp_path, tree)
+    rt = open_runtime(config_mod.load(setup.config))
+    daemon = Daemon(rt)
+    src = rt.config.sources[0]
+    results: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def go() -> None:
+        barrier.wait()
+        results.append(daemon.snapshot_job(src))
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r is None for r in results) == [False, True]
+    assert len(manifests(tmp_path)) == 1
+
+
+def test_failed_snapshot_is_retried_with_backoff(tmp_path: Path) -> None:
+    tree = tmp_path / "not-yet"
+    setup = local_setup(tmp_path, tree, daemon='retry_backoff = "1s"')
+    rt = open_runtime(config_mod.load(setup.config))
+    daemon = Daemon(rt)
+    daemon.start()
+    try:
+        wait_for(lambda: daemon.attempts.get("files", 0) >= 1)
+        assert daemon.scheduler.get_job("retry:files") is not None
+        (tree / "d").mkdir(parents=True)  # the source comes back
+        wait_for(lambda: len(manifests(tmp_path)) == 1)
+        wait_for(lambda: "files" not in daemon.attempts)
+    finally:
+        assert daemon.stop()
+    outcome = json.loads((setup.state / "sources" / "files.json").read_text())
+    assert outcome["last_failure"] and "does not exist" in outcome["last_error"]
+    assert outcome["last_success"] > outcome["last_failure"]
+
+
+def test_second_daemon_on_same_state_is_refused(tmp_path: Path, tree: Path) -> None:
+    setup = local_setup(tmp_path, tree)
+    lock = SingleInstance(setup.state)
+    try:
+        with pytest.raises(DrError, match="already running"):
+            SingleInstance(setup.state)
+        proc = subprocess.run([str(Path(sys.executable).parent / "drdaemon"), "--config",
+                               str(setup.config), "run", "--once"],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 1
+        assert "already running" in proc.stderr
+        assert manifests(tmp_path) == []
+    finally:
+        lock.release()
+
+
+def test_stale_incomplete_uploads_are_cleaned_at_start(tmp_path: Path, tree: Path,
+                                                       s3_regions: list[S3Region]) -> None:
+    setup = make_setup(tmp_path, [r.toml() for r in s3_regions],
+                       [directory_source("files", tree)])
+    region = s3_regions[0]
+    region.client().create_multipart_upload(Bucket=region.bucket, Key="sources/files/data/x")
+    (tmp_path / "unused").mkdir()
+    clock = Clock(datetime.now(UTC) + timedelta(days=2))
+    rt = open_runtime(config_mod.load(setup.config), clock=clock)
+    Daemon(rt).clean_stale_uploads()
+    assert not region.client().list_multipart_uploads(Bucket=region.bucket).get("Uploads")
+
+
+# -- a real daemon process, stopped mid-upload -----------------------------------
+
+def test_sigterm_mid_upload_leaves_nothing_then_restart_resumes(
+        tmp_path: Path, s3_regions: list[S3Region]) -> None:
+    tree = tmp_path / "big"
+    tree.mkdir()
+    (tree / "blob").write_bytes(os.urandom(150 << 20))
+    setup = make_setup(tmp_path, [r.toml() for r in s3_regions],
+                       [directory_source("files", tree)])
+    exe = str(Path(sys.executable).parent / "drdaemon")
+    eu = s3_regions[0].client()
+    bucket = s3_regions[0].bucket
+
+    proc = subprocess.Popen([exe, "--config", str(setup.config), "run"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: eu.list_multipart_uploads(Bucket=bucket).get("Uploads"), 60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped by shutdown" in err
+    for region in s3_regions:
+        c = region.client()
+        assert c.list_objects_v2(Bucket=region.bucket).get("KeyCount", 0) == 0
+        assert not c.list_multipart_uploads(Bucket=region.bucket).get("Uploads")
+
+    proc = subprocess.Popen([exe, "--config", str(setup.config), "run"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(o["Key"].endswith(".json") for o in
+                             eu.list_objects_v2(Bucket=bucket).get("Contents", [])), 120)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
