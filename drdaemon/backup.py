@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from . import __version__, manifest, state
 from .config import SourceConfig
@@ -95,8 +95,7 @@ def _snapshot(rt: Runtime, source: SourceConfig, result: BackupResult,
     data_name = manifest.data_object_name(source.name, snap_id, source.kind)
     # Where a bucket has Object Lock, the snapshot cannot be removed before the
     # retention horizon, whatever happens to this daemon (docs/format.md).
-    min_retention = source.retention.min_retention
-    retain_until = started + min_retention if min_retention > timedelta(0) else None
+    retain_until = source.retention.lock_until(started)
     uploads: dict[str, Upload] = {}
     for store in rt.stores:
         try:

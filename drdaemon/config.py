@@ -14,7 +14,7 @@ import tomllib
 import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
@@ -59,6 +59,10 @@ class RetentionConfig:
     max_delete_fraction: float = 0.5  # a run never deletes more without --force
     trash_days: int = 7  # pruned snapshots stay undoable this long
     min_retention: timedelta = timedelta(days=90)  # S3 Object Lock retain-until horizon
+
+    def lock_until(self, started: datetime) -> datetime | None:
+        """The Object Lock retain-until date of a snapshot begun at `started` (none if 0)."""
+        return started + self.min_retention if self.min_retention > timedelta(0) else None
 
 
 @dataclass(frozen=True)

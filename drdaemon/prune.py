@@ -33,17 +33,16 @@ consistency time means "the source as it was then".
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import re
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from . import catalog, manifest, retention
+from . import catalog, locks, manifest, retention
 from .config import RetentionConfig, SourceConfig
 from .errors import DrError, IntegrityError, UsageError
 from .manifest import Manifest
@@ -294,27 +293,9 @@ class UndoReport:
 
 # -- imperative shell --------------------------------------------------------
 
-@contextlib.contextmanager
-def prune_lock(state_dir: Path) -> Iterator[None]:
-    """Exclusive, non-blocking lock on `<state_dir>/locks/prune.lock` for one run.
-
-    flock is released by the kernel when the process dies, so a crashed prune
-    never leaves a stale lock behind.
-    """
-    path = state_dir / "locks" / "prune.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DrError(f"another prune is running (it holds {path}); "
-                          "try again when it has finished") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for an operator
-        yield
-    finally:
-        os.close(fd)
+def prune_lock(state_dir: Path) -> AbstractContextManager[Path]:
+    """The deletions lock: one prune or repair at a time on a state folder."""
+    return locks.hold(state_dir, "deletions")
 
 
 def _chosen(rt: Runtime, names: list[str] | None) -> list[SourceConfig]:
@@ -450,7 +431,8 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
     """
     chosen = _chosen(rt, sources)
     tz = ZoneInfo(rt.config.daemon.timezone)  # day/week/month as the operator's calendar
-    lock = contextlib.nullcontext() if dry_run else prune_lock(rt.config.daemon.state_dir)
+    lock: AbstractContextManager[object] = (
+        contextlib.nullcontext() if dry_run else prune_lock(rt.config.daemon.state_dir))
     with lock:
         now = rt.clock()
         inputs: list[RegionInput] = []

@@ -28,7 +28,7 @@ import dataclasses
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from . import catalog, manifest, prune
 from .catalog import SnapshotEntry
@@ -254,9 +254,8 @@ def retain_until(rt: Runtime, m: Manifest) -> datetime | None:
     A repaired copy must be as undeletable as the copies the backup wrote; a
     horizon already past needs no lock (and S3 refuses one in the past).
     """
-    horizon = rt.config.source(m.source).retention.min_retention
-    until = m.started_at + horizon
-    return until if horizon > timedelta(0) and until > rt.clock() else None
+    until = rt.config.source(m.source).retention.lock_until(m.started_at)
+    return until if until is not None and until > rt.clock() else None
 
 
 def copy_data(src: ObjectStore, target: ObjectStore, m: Manifest, part_size: int,

@@ -7,7 +7,6 @@ the scheduler, the services and the signals.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -22,7 +21,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from . import catalog
+from . import catalog, locks
 from .backup import BackupResult, snapshot
 from .config import SourceConfig
 from .errors import DrError
@@ -69,27 +68,6 @@ def due_sources(rt: Runtime, now: datetime) -> list[SourceConfig]:
     """Configured sources that are outside their tier's RPO now."""
     return overdue(list(rt.config.sources), newest_consistency(rt),
                    lambda s: rt.config.tiers[s.tier].rpo, now)
-
-
-class SingleInstance:
-    """An exclusive lock in the state folder: two daemons on one config never both run jobs."""
-
-    def __init__(self, state_dir: Any) -> None:
-        path = state_dir / "locks" / "daemon.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise DrError(f"another drdaemon is already running with state folder "
-                          f"{state_dir}") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
-
-    def release(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
 
 
 class Daemon:
@@ -253,8 +231,7 @@ class Daemon:
 def run_daemon(rt: Runtime, *, once: bool = False) -> None:
     """Run until SIGTERM/SIGINT (or, with once, take the overdue snapshots and return)."""
     setup_logging()
-    lock = SingleInstance(rt.config.daemon.state_dir)
-    try:
+    with locks.hold(rt.config.daemon.state_dir, "daemon"):
         if once:
             daemon = Daemon(rt)
             results = [daemon.snapshot_job(s) for s in due_sources(rt, rt.clock())]
@@ -262,8 +239,6 @@ def run_daemon(rt: Runtime, *, once: bool = False) -> None:
                 raise DrError("some snapshots failed (see the log above)")
             return
         _run_forever(rt)
-    finally:
-        lock.release()
 
 
 def _run_forever(rt: Runtime) -> None:

@@ -457,7 +457,7 @@ def test_a_concurrent_prune_gets_the_lock_error(local6: World,
     for args in (["prune"], ["prune", "--undo"]):
         result = w.drctl(*args)
         assert result.exit_code == 1
-        assert result.stderr.startswith("drctl: error: another prune is running")
+        assert result.stderr.startswith("drctl: error: a prune or a replica repair is running")
     assert w.drctl("prune", "--dry-run").exit_code == 0  # reading needs no lock
     assert w.listed() == w.ids
     assert lock_holder.stdin is not None

@@ -393,5 +393,5 @@ def test_repair_waits_for_no_prune(setup: Setup, s3_regions: list[S3Region]) -> 
     setup.drctl_json("backup")
     with prune.prune_lock(setup.state):
         result = setup.drctl("replicate", "--repair")
-        assert result.exit_code == 1 and "another prune is running" in result.stderr
+        assert result.exit_code == 1 and "a prune or a replica repair is running" in result.stderr
         assert setup.drctl("replicate").exit_code == 0  # planning only reads

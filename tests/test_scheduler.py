@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 from support import directory_source, local_region, make_setup
 
 from drdaemon import config as config_mod
+from drdaemon import locks
 from drdaemon.backup import snapshot
 from drdaemon.errors import DrError
 from drdaemon.runtime import open_runtime
-from drdaemon.scheduler import Daemon, SingleInstance, overdue, retry_delay
+from drdaemon.scheduler import Daemon, overdue, retry_delay
 
 
 class Clock:
@@ -145,18 +146,15 @@ def test_failed_snapshot_is_retried_with_backoff(tmp_path: Path) -> None:
 
 def test_second_daemon_on_same_state_is_refused(tmp_path: Path, tree: Path) -> None:
     setup = local_setup(tmp_path, tree)
-    lock = SingleInstance(setup.state)
-    try:
-        with pytest.raises(DrError, match="already running"):
-            SingleInstance(setup.state)
+    with locks.hold(setup.state, "daemon"):
+        with pytest.raises(DrError, match="already running"), locks.hold(setup.state, "daemon"):
+            pass
         proc = subprocess.run([str(Path(sys.executable).parent / "drdaemon"), "--config",
                                str(setup.config), "run", "--once"],
                               capture_output=True, text=True, timeout=60, check=False)
         assert proc.returncode == 1
         assert "already running" in proc.stderr
         assert manifests(tmp_path) == []
-    finally:
-        lock.release()
 
 
 def test_stale_incomplete_uploads_are_cleaned_at_start(tmp_path: Path, tree: Path,
@@ -208,3 +206,25 @@ def test_sigterm_mid_upload_leaves_nothing_then_restart_resumes(
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+
+
+def test_daemon_repairs_a_lost_region_copy(tmp_path: Path, tree: Path,
+                                           moto_region_factory) -> None:
+    eu = moto_region_factory("eu-frankfurt", "eu-central-1", "europe")
+    us = moto_region_factory("us-virginia", "us-east-1", "north-america")
+    setup = make_setup(tmp_path, [eu.toml(), us.toml()], [directory_source("files", tree)])
+    us.server.stop()
+    assert setup.drctl("backup").exit_code == 1  # degraded
+    us.server.start()
+    rt = open_runtime(config_mod.load(setup.config))
+    daemon = Daemon(rt)
+    daemon.start()
+    try:
+        # Run the scheduled replicate job now instead of waiting for its cron.
+        daemon.scheduler.modify_job("replicate", next_run_time=datetime.now(UTC))
+        wait_for(lambda: any(o["Key"].endswith(".json") for o in us.client().list_objects_v2(
+            Bucket=us.bucket).get("Contents", [])))
+    finally:
+        assert daemon.stop()
+    listed = setup.drctl_json("snapshots", "list")["snapshots"]
+    assert listed[0]["regions"] == ["eu-frankfurt", "us-virginia"]

@@ -1,0 +1,47 @@
+"""Typed, exclusive locks in the state folder (after Barman's lockfile).
+
+Each kind of work that must not run twice at once on one state folder has its
+own lock file: the daemon itself, and deletions (prune, and replica repair,
+which must not race a prune). flock is released by the kernel when the process
+dies, so a crash never leaves a stale lock behind; the file holds the pid of
+its holder for an operator to read.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import DrError
+
+# lock name -> what holds it, for the message a second taker sees
+LOCKS = {
+    "daemon": "another drdaemon is already running",
+    "deletions": "a prune or a replica repair is running",
+}
+
+
+class Locked(DrError):
+    """The lock is held by another process."""
+
+
+@contextmanager
+def hold(state_dir: Path, name: str) -> Iterator[Path]:
+    """Hold the exclusive lock `name` for the duration of the block, or raise Locked."""
+    path = state_dir / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Locked(f"{LOCKS[name]} with state folder {state_dir} (it holds {path}); "
+                         "try again when it has finished") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        os.close(fd)
