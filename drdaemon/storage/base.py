@@ -38,6 +38,15 @@ def check_name(name: str) -> str:
     return name
 
 
+def read_bounded(store: ObjectStore, name: str, max_size: int) -> bytes:
+    """A whole small object, refusing one larger than `max_size` (untrusted storage)."""
+    with store.open_read(name) as fh:
+        data = fh.read(max_size + 1)
+    if len(data) > max_size:
+        raise StorageError(f"region {store.name}: {name} is larger than {max_size} bytes")
+    return data
+
+
 class Upload(Protocol):
     """A streamed upload: parts in order, then commit or abort. Nothing is
     visible under the name before `commit` returns."""

@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from .base import NotFound, ObjectInfo, StorageError, check_name
+from .base import NotFound, ObjectInfo, StorageError, check_name, read_bounded
 
 _TMP_MARK = ".drdaemon-tmp-"
 
@@ -92,11 +92,7 @@ class LocalStore:
             raise StorageError(f"region {self.name}: cannot read {name}: {exc.strerror}") from None
 
     def get_bytes(self, name: str, max_size: int) -> bytes:
-        with self.open_read(name) as fh:
-            data = fh.read(max_size + 1)
-        if len(data) > max_size:
-            raise StorageError(f"region {self.name}: {name} is larger than {max_size} bytes")
-        return data
+        return read_bounded(self, name, max_size)
 
     def stat(self, name: str) -> ObjectInfo:
         try:

@@ -24,7 +24,7 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .base import NotFound, ObjectInfo, StorageError, check_name
+from .base import NotFound, ObjectInfo, StorageError, check_name, read_bounded
 
 _MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
 LOCK_MODE = "COMPLIANCE"  # GOVERNANCE could be bypassed by whoever holds our credentials
@@ -230,11 +230,7 @@ class S3Store:
         return io.BufferedReader(_Body(self, name, resp["Body"]), buffer_size=1 << 20)
 
     def get_bytes(self, name: str, max_size: int) -> bytes:
-        with self.open_read(name) as fh:
-            data = fh.read(max_size + 1)
-        if len(data) > max_size:
-            raise StorageError(f"region {self.name}: {name} is larger than {max_size} bytes")
-        return data
+        return read_bounded(self, name, max_size)
 
     def stat(self, name: str) -> ObjectInfo:
         try:
