@@ -43,6 +43,7 @@ class RestoreResult:
     bytes: int
     seconds: float
     failed_regions: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -131,7 +132,7 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
             sink.discard()
             raise
         result = RestoreResult(source.name, m.id, store.name, where, m.size,
-                               time.monotonic() - started, failed)
+                               time.monotonic() - started, failed, list(sink.notes))
         rt.record_event("restore", user=getpass.getuser(), host=socket.gethostname(),
                         **result.to_dict())
         return result

@@ -232,6 +232,8 @@ def restore_cmd(ctx: click.Context, snapshot: str, source: str, target: str,
         return
     for r, why in result.failed_regions.items():
         click.echo(f"region {r} skipped: {why}", err=True)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"restored {result.snapshot_id} of {result.source} from region {result.region} "
                f"to {result.target} ({format_bytes(result.bytes)} in {result.seconds:.1f}s)")
 

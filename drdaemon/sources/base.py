@@ -30,6 +30,7 @@ class Sink(Protocol):
     """
 
     writer: BinaryIO
+    notes: list[str]  # what was neutralised on the way in, for the operator
 
     def complete(self) -> None:
         """Close the writer and wait for the consumer; raise if it failed."""

@@ -179,17 +179,25 @@ def dump(path: Path, now: datetime | None = None) -> Iterator[Any]:
         pipe.reader.close()
 
 
-def _safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+def _safe_member(member: tarfile.TarInfo, dest: str,
+                 notes: list[str]) -> tarfile.TarInfo | None:
     """Extraction filter for untrusted tars.
 
-    Python's "data" filter refuses absolute names, '..', device nodes, links
-    out of the target and strips setuid bits; symbolic links themselves are
-    kept even when they point elsewhere (they were backed up as links), while
-    tar's filter still refuses any entry that would be written through one.
+    drdaemon never writes absolute names, so one is refused outright (Python's
+    filters would only strip the '/'). Python's "data" filter refuses '..',
+    device nodes and links out of the target, and strips setuid bits (noted,
+    so the operator hears of it); symbolic links themselves are kept even when
+    they point elsewhere (they were backed up as links), while tar's filter
+    still refuses any entry that would be written through one.
     """
-    if member.issym():
-        return tarfile.tar_filter(member, dest)
-    return tarfile.data_filter(member, dest)
+    if member.name.startswith("/") or member.name.startswith("\\"):
+        raise tarfile.AbsolutePathError(member)
+    safe = tarfile.tar_filter(member, dest) if member.issym() else \
+        tarfile.data_filter(member, dest)
+    if safe is not None and safe.mode is not None and member.mode & 0o7000 and \
+            len(notes) < MAX_REPORTED:
+        notes.append(f"{member.name}: setuid/setgid/sticky bits removed")
+    return safe
 
 
 class DirectorySink:
@@ -209,13 +217,15 @@ class DirectorySink:
         except OSError as exc:
             raise UsageError(f"cannot create restore target next to {self.target}: "
                              f"{exc.strerror}") from None
+        self.notes: list[str] = []
         self._pipe = ThreadPipe(self._extract, thread_writes=False, name="untar")
         self.writer = self._pipe.writer
 
     def _extract(self, stream: BinaryIO) -> None:
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
-                tar.extractall(self.staging, filter=_safe_member)
+                tar.extractall(self.staging,
+                               filter=lambda m, d: _safe_member(m, d, self.notes))
             # Drain any trailing padding so the writer never sees a broken pipe.
             while stream.read(_READ):
                 pass
