@@ -97,6 +97,7 @@ class NullSink:
 
     def __init__(self) -> None:
         self.writer = cast(BinaryIO, _Discard())
+        self.notes: list[str] = []
 
     def complete(self) -> None:
         pass
