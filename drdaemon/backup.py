@@ -93,6 +93,14 @@ def _snapshot(rt: Runtime, source: SourceConfig, result: BackupResult,
     snap_id = manifest.new_snapshot_id(started)
     result.snapshot_id = snap_id
     data_name = manifest.data_object_name(source.name, snap_id, source.kind)
+    with state.inflight(cfg.daemon.state_dir, snap_id):
+        _upload_and_commit(rt, source, result, snap_id, started, data_name, on_progress)
+
+
+def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, snap_id: str,
+                       started: datetime, data_name: str,
+                       on_progress: Callable[[int], None] | None) -> None:
+    cfg = rt.config
     # Where a bucket has Object Lock, the snapshot cannot be removed before the
     # retention horizon, whatever happens to this daemon (docs/format.md).
     retain_until = source.retention.lock_until(started)

@@ -21,7 +21,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from . import catalog, locks
+from . import catalog, locks, metrics, state
 from .backup import BackupResult, snapshot
 from .config import SourceConfig
 from .errors import DrError
@@ -86,6 +86,8 @@ class Daemon:
         self._busy_lock = threading.Lock()
         self._idle = threading.Condition(self._busy_lock)
         self.attempts: dict[str, int] = {}
+        self.metrics = metrics.MetricsState.from_config(rt.config)
+        self._metrics_server: metrics.WSGIServer | None = None
 
     # -- jobs ---------------------------------------------------------------
 
@@ -99,7 +101,8 @@ class Daemon:
                 return None
             self._busy.add(source.name)
         try:
-            result = snapshot(self.rt, source)
+            with self.metrics.job("snapshot", self.rt.clock):
+                result = snapshot(self.rt, source)
         except Exception as exc:  # a bug must not kill the daemon
             log.exception("snapshot of %s crashed", source.name)
             result = BackupResult(source.name, error=f"internal error: {exc}")
@@ -116,6 +119,9 @@ class Daemon:
             log.error("snapshot of %s failed: %s", source.name, result.error,
                       extra={"job": "snapshot", **fields})
             self._schedule_retry(source)
+        self.metrics.record_snapshot(result)
+        if self.scheduler.running and not self.rt.stopping.is_set():
+            self.refresh_metrics(source.name)  # that source only: one prefix per region
         return result
 
     def _schedule_retry(self, source: SourceConfig) -> None:
@@ -162,7 +168,9 @@ class Daemon:
     def maintenance_job(self, name: str, fn: Callable[[], Any]) -> None:
         """Run prune/replicate/verify; log one line with its outcome; never raises."""
         try:
-            report = fn()
+            with self.metrics.job(name, self.rt.clock):
+                report = fn()
+            self.metrics.record_report(report)
             ok = bool(getattr(report, "ok", True))
             log.log(logging.INFO if ok else logging.ERROR, "%s %s", name,
                     "ok" if ok else "found problems", extra={"job": name, "ok": ok,
@@ -171,21 +179,59 @@ class Daemon:
             log.error("%s failed: %s", name, exc, extra={"job": name, "ok": False})
         except Exception:
             log.exception("%s crashed", name, extra={"job": name, "ok": False})
+        if not self.rt.stopping.is_set():
+            self.refresh_metrics()  # prune, repair and drills change what every source holds
+
+    def refresh_metrics(self, source: str | None = None) -> None:
+        """Re-read storage (one source, or all) into the cache scrapes render; never raises."""
+        try:
+            metrics.refresh(self.rt, self.metrics, source)
+            self.metrics.set_schedule((j.id, j.next_run_time) for j in self.scheduler.get_jobs())
+        except Exception:  # stale metrics are better than a dead job thread
+            log.exception("cannot refresh metrics", extra={"job": "metrics"})
+
+    def _serve_metrics(self) -> None:
+        address = self.rt.config.daemon.metrics_address
+        try:
+            self._metrics_server = metrics.serve(
+                address, metrics.build_registry(self.metrics, self.rt.clock))
+        except OSError as exc:
+            # Backups matter more than their metrics: carry on, loudly; the
+            # DrdaemonDown/DrdaemonAbsent alerts tell on-call nobody can scrape us.
+            log.error("cannot serve metrics on %s: %s", address, exc, extra={"job": "metrics"})
+            return
+        log.info("serving metrics on http://%s/metrics", address, extra={"job": "metrics"})
 
     # -- lifecycle ------------------------------------------------------------
 
     def clean_stale_uploads(self) -> None:
-        """Abort multipart uploads and temp files a crash left behind (older than a day)."""
+        """Abort uploads a crash left behind in every region.
+
+        Uploads of snapshots whose process died (an in-flight marker naming a
+        dead pid) go at once; any other incomplete upload only once it is a day
+        old, because it may belong to a live process on another host.
+        """
+        state_dir = self.rt.config.daemon.state_dir
+        abandoned = state.abandoned_snapshots(state_dir)
         cutoff = self.rt.clock() - STALE_UPLOAD_AGE
+
+        def should_abort(name: str, begun: datetime) -> bool:
+            snap_id = name.rsplit("/", 1)[-1].split(".", 1)[0]
+            return snap_id in abandoned or begun < cutoff
+
+        clean = True
         for store in self.rt.stores:
             try:
-                n = store.cleanup_incomplete(cutoff)
+                n = store.cleanup_incomplete(should_abort)
             except DrError as exc:
+                clean = False
                 log.warning("cannot clean stale uploads in %s: %s", store.name, exc)
                 continue
             if n:
                 log.info("aborted %d stale incomplete upload(s) in %s", n, store.name,
                          extra={"job": "cleanup", "region": store.name, "aborted": n})
+        if clean:
+            state.forget_abandoned(state_dir, abandoned)
 
     def start(self) -> None:
         """Schedule every job and start the timer (returns at once)."""
@@ -202,6 +248,10 @@ class Daemon:
         self.scheduler.add_job(self.catch_up, "interval",
                                seconds=WATCHDOG_INTERVAL.total_seconds(), id="watchdog",
                                name="rpo watchdog")
+        self.scheduler.add_job(self.refresh_metrics, "interval",
+                               seconds=metrics.REFRESH_INTERVAL.total_seconds(), id="metrics",
+                               name="metrics refresh", next_run_time=datetime.now(self.tz))
+        self._serve_metrics()
         self.scheduler.start()
         self.catch_up()
 
@@ -223,6 +273,9 @@ class Daemon:
         """
         self.rt.stopping.set()
         self.scheduler.shutdown(wait=False)
+        if self._metrics_server is not None:
+            metrics.shutdown(self._metrics_server)
+            self._metrics_server = None
         grace = self.rt.config.daemon.shutdown_grace.total_seconds()
         with self._busy_lock:
             return self._idle.wait_for(lambda: not self._busy, timeout=grace)
@@ -234,6 +287,7 @@ def run_daemon(rt: Runtime, *, once: bool = False) -> None:
     with locks.hold(rt.config.daemon.state_dir, "daemon"):
         if once:
             daemon = Daemon(rt)
+            daemon.clean_stale_uploads()
             results = [daemon.snapshot_job(s) for s in due_sources(rt, rt.clock())]
             if not all(r is not None and r.ok for r in results):
                 raise DrError("some snapshots failed (see the log above)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -62,3 +64,53 @@ def record_outcome(state_dir: Path, source: str, at: datetime, ok: bool, error: 
                   old.last_failure if ok else stamp,
                   (error or None) if not ok else old.last_error)
     write_atomic(_path(state_dir, source), json.dumps(asdict(new), indent=1).encode())
+
+
+def _inflight_dir(state_dir: Path) -> Path:
+    return state_dir / "inflight"
+
+
+@contextmanager
+def inflight(state_dir: Path, snapshot_id: str) -> Iterator[None]:
+    """Mark a snapshot's uploads as in flight by this process for the duration.
+
+    If the process is killed (even with SIGKILL) the marker stays and names a
+    dead pid: the next start then knows those uploads are abandoned and aborts
+    them at once, instead of waiting for them to age out.
+    """
+    marker = _inflight_dir(state_dir) / snapshot_id
+    write_atomic(marker, f"{os.getpid()}\n".encode())
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def abandoned_snapshots(state_dir: Path) -> set[str]:
+    """Ids of snapshots whose uploading process died; their markers are removed."""
+    found = set()
+    folder = _inflight_dir(state_dir)
+    for marker in folder.glob("*") if folder.is_dir() else ():
+        try:
+            pid = int(marker.read_text().strip())
+        except (OSError, ValueError):
+            pid = 0
+        if pid <= 0 or not _alive(pid):
+            found.add(marker.name)
+    return found
+
+
+def forget_abandoned(state_dir: Path, snapshot_ids: set[str]) -> None:
+    """Drop the markers of abandoned snapshots once their uploads are aborted."""
+    for snap_id in snapshot_ids:
+        (_inflight_dir(state_dir) / snap_id).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True

@@ -7,7 +7,7 @@ Object names are relative to the region's prefix and validated here, once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, Protocol
@@ -45,6 +45,10 @@ def read_bounded(store: ObjectStore, name: str, max_size: int) -> bytes:
     if len(data) > max_size:
         raise StorageError(f"region {store.name}: {name} is larger than {max_size} bytes")
     return data
+
+
+# (object name the upload would create, when it began) -> abort it?
+AbortRule = Callable[[str, datetime], bool]
 
 
 class Upload(Protocol):
@@ -88,8 +92,8 @@ class ObjectStore(Protocol):
         """
         ...
 
-    def cleanup_incomplete(self, older_than: datetime) -> int:
-        """Abort uploads begun before `older_than` (left by a crash); return how many."""
+    def cleanup_incomplete(self, should_abort: AbortRule) -> int:
+        """Abort the incomplete uploads for which `should_abort(name, begun)` holds."""
         ...
 
     def describe(self) -> str: ...

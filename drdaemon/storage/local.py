@@ -6,11 +6,11 @@ import contextlib
 import os
 import secrets
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from .base import NotFound, ObjectInfo, StorageError, check_name, read_bounded
+from .base import AbortRule, NotFound, ObjectInfo, StorageError, check_name, read_bounded
 
 _TMP_MARK = ".drdaemon-tmp-"
 
@@ -120,13 +120,15 @@ class LocalStore:
         check_name(name)
         return None  # a filesystem has no retention lock
 
-    def cleanup_incomplete(self, older_than: datetime) -> int:
+    def cleanup_incomplete(self, should_abort: AbortRule) -> int:
         if not self.root.is_dir():
             return 0
         removed = 0
-        cutoff = older_than.timestamp()
         for tmp in self.root.rglob(f"{_TMP_MARK}*"):
-            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+            # ".drdaemon-tmp-<final name>.<random>" -> the object it would become
+            final = tmp.with_name(tmp.name[len(_TMP_MARK):].rsplit(".", 1)[0])
+            begun = datetime.fromtimestamp(tmp.stat().st_mtime, UTC)
+            if tmp.is_file() and should_abort(final.relative_to(self.root).as_posix(), begun):
                 tmp.unlink(missing_ok=True)
                 removed += 1
         return removed

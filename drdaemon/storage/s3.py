@@ -24,7 +24,7 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .base import NotFound, ObjectInfo, StorageError, check_name, read_bounded
+from .base import AbortRule, NotFound, ObjectInfo, StorageError, check_name, read_bounded
 
 _MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
 LOCK_MODE = "COMPLIANCE"  # GOVERNANCE could be bypassed by whoever holds our credentials
@@ -248,13 +248,13 @@ class S3Store:
         except (BotoCoreError, ClientError) as exc:
             raise self.error("list", prefix or "/", exc) from None
 
-    def cleanup_incomplete(self, older_than: datetime) -> int:
+    def cleanup_incomplete(self, should_abort: AbortRule) -> int:
         aborted = 0
         try:
             paginator = self.client.get_paginator("list_multipart_uploads")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for up in page.get("Uploads", []):
-                    if up["Initiated"] < older_than:
+                    if should_abort(up["Key"][len(self.prefix):], up["Initiated"]):
                         self.client.abort_multipart_upload(
                             Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
                         aborted += 1
