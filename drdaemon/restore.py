@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import BinaryIO, NoReturn, cast
 
 import pyrage
 import zstandard
@@ -82,17 +82,26 @@ def stream_into(store: ObjectStore, m: Manifest, identities: Sequence[x25519.Ide
                 raise UsageError(f"no identity given can decrypt {what}; it is encrypted to "
                                  f"{', '.join(m.recipients)}") from None
             cause = first_error(reader, limit)
-            if isinstance(cause, BrokenPipeError | OSError) and not isinstance(cause, DrError):
-                sink.complete()  # the consumer died: its own error says why
-            raise cause or DrError(f"{what} cannot be decrypted: {exc}") from None
+            if cause is None:
+                raise DrError(f"{what} cannot be decrypted: {exc}") from None
+            _raise_consumer_reason(sink, cause)
         except zstandard.ZstdError as exc:
             raise DrError(f"{what} cannot be decompressed: {exc}") from None
+        except OSError as exc:  # e.g. a broken pipe on the final flush
+            _raise_consumer_reason(sink, exc)
     if not reader.verified:
         reader.check()
     if limit.count != m.plaintext_size:
         raise DrError(f"{what} decompressed to {limit.count} bytes, manifest says "
                       f"{m.plaintext_size}")
     sink.complete()
+
+
+def _raise_consumer_reason(sink: Sink, cause: BaseException) -> NoReturn:
+    """A broken pipe only says the consumer (pg_restore, tar) stopped: its own error says why."""
+    if isinstance(cause, OSError) and not isinstance(cause, DrError):
+        sink.complete()  # raises the consumer's error, if it has one
+    raise cause
 
 
 def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str, ref: str,

@@ -71,3 +71,94 @@ def test_kill_9_mid_upload_leaves_nothing_and_next_start_recovers(
         assert not open_uploads(region)
         assert len([k for k in keys(region) if k.endswith(".json")]) == 1
     assert big_setup.drctl("status").exit_code == 0
+
+
+# -- disk full during restore -------------------------------------------------------
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs",
+                                            str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_during_restore_is_clear_and_leaves_nothing(
+        tmp_path: Path, s3_regions: list[S3Region], tiny_disk: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "big.bin").write_bytes(os.urandom(5 << 20))
+    setup = make_setup(tmp_path, [r.toml() for r in s3_regions],
+                       [directory_source("files", tree)])
+    assert setup.drctl("backup").exit_code == 0
+    result = setup.drctl("restore", "latest", "--source", "files", "--to",
+                         str(tiny_disk / "out"))
+    assert result.exit_code == 1
+    assert "No space left on device" in result.stderr
+    assert list(tiny_disk.iterdir()) == []
+
+
+# -- the source fails halfway -----------------------------------------------------------
+
+def test_pg_dump_killed_halfway_commits_nothing(tmp_path: Path, pg_database: str,
+                                                s3_regions: list[S3Region]) -> None:
+    import psycopg
+    from support import postgres_source
+
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE blobs (id int, b bytea)")
+        conn.execute("INSERT INTO blobs SELECT i, decode(repeat(md5(i::text), 20000), 'hex') "
+                     "FROM generate_series(1, 400) i")
+    setup = make_setup(tmp_path, [r.toml() for r in s3_regions],
+                       [postgres_source("db", pg_database)])
+    proc = subprocess.Popen([exe("drctl"), "--config", str(setup.config), "backup"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def pg_dump_pid() -> int | None:
+        out = subprocess.run(["pgrep", "-P", str(proc.pid), "-x", "pg_dump"],
+                             capture_output=True, text=True).stdout.split()
+        return int(out[0]) if out else None
+
+    wait_for(lambda: pg_dump_pid() is not None or proc.poll() is not None, 30)
+    pid = pg_dump_pid()
+    assert pid is not None, "pg_dump finished before it could be killed: test is void"
+    os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "pg_dump" in out and "failed" in out
+    for region in s3_regions:
+        assert keys(region) == [] and not open_uploads(region)
+    status = setup.drctl("status", "--json")
+    assert status.exit_code == 1 and "no snapshot yet" in status.stdout
+
+
+# -- storage content swapped by someone with bucket access ---------------------------------
+
+def test_manifest_swapped_between_snapshots_is_refused(tmp_path: Path,
+                                                       s3_regions: list[S3Region]) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_text("one")
+    setup = make_setup(tmp_path, [r.toml() for r in s3_regions],
+                       [directory_source("files", tree)])
+    first = setup.drctl_json("backup")[0]["snapshot_id"]
+    (tree / "a").write_text("two")
+    time.sleep(1.1)  # ids carry the second
+    second = setup.drctl_json("backup")[0]["snapshot_id"]
+    for region in s3_regions:
+        c = region.client()
+        old = c.get_object(Bucket=region.bucket,
+                           Key=f"sources/files/manifests/{first}.json")["Body"].read()
+        c.put_object(Bucket=region.bucket, Key=f"sources/files/manifests/{second}.json",
+                     Body=old)
+    listed = setup.drctl_json("snapshots", "list")["snapshots"]
+    swapped = next(s for s in listed if s["id"] == second)
+    assert swapped["regions"] == [] and "found as" in str(swapped["problems"])
+    result = setup.drctl("restore", second, "--source", "files", "--to", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "found as" in result.stderr
+    assert not (tmp_path / "o").exists()

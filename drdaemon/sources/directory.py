@@ -233,6 +233,9 @@ class DirectorySink:
             raise IntegrityError(f"refused a hostile tar entry: {exc}") from None
         except tarfile.TarError as exc:
             raise IntegrityError(f"the tar stream is damaged: {exc}") from None
+        except OSError as exc:
+            raise SourceError(f"cannot write the restore next to {self.target}: "
+                              f"{exc.strerror or exc}") from None
 
     def complete(self) -> None:
         self._pipe.join()
