@@ -162,3 +162,38 @@ def test_manifest_swapped_between_snapshots_is_refused(tmp_path: Path,
     result = setup.drctl("restore", second, "--source", "files", "--to", str(tmp_path / "o"))
     assert result.exit_code == 2 and "found as" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+# -- flaky storage ------------------------------------------------------------------
+
+def test_connection_resets_are_retried_and_the_snapshot_is_exact(
+        tmp_path: Path, s3_regions: list[S3Region]) -> None:
+    from urllib.parse import urlparse
+
+    from flaky_proxy import FlakyProxy
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "blob").write_bytes(os.urandom(24 << 20))  # several 5 MiB parts
+    eu, us = s3_regions
+    up = urlparse(eu.endpoint_url)
+    proxy = FlakyProxy((up.hostname or "127.0.0.1", up.port or 80), every=3, after_bytes=100_000)
+    try:
+        flaky_eu = eu.toml().replace(eu.endpoint_url, proxy.url)
+        setup = make_setup(tmp_path, [flaky_eu, us.toml()], [directory_source("files", tree)])
+        result = setup.drctl("backup", "--json")
+        assert proxy.resets > 0, "the proxy never reset a connection: test is void"
+        import json
+
+        [snap] = json.loads(result.stdout)
+        # botocore's retries absorb the resets: the flaky region holds an exact copy.
+        assert snap["ok"] and snap["regions"] == ["eu-frankfurt", "us-virginia"], snap
+        assert setup.drctl("verify", "--region", "eu-frankfurt").exit_code == 0
+        assert not open_uploads(eu)
+        out = tmp_path / "out"
+        restored = setup.drctl("restore", "latest", "--source", "files", "--to", str(out),
+                               "--region", "eu-frankfurt")
+        assert restored.exit_code == 0, restored.stderr
+        assert (out / "blob").read_bytes() == (tree / "blob").read_bytes()
+    finally:
+        proxy.close()
