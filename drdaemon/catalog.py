@@ -103,4 +103,6 @@ def resolve(rt: Runtime, source: str, ref: str) -> SnapshotEntry:
         problems = [p for e in listing.snapshots if e.id == ref for p in e.problems.values()]
         detail = f" ({problems[0]})" if problems else ""
         raise UsageError(f"{what} of source {source!r} in any region{detail}{errors}")
-    return found[-1]
+    # Ids carry only the second: two snapshots begun in the same second are
+    # ordered by their recorded start, so "latest" is never a coin toss.
+    return max(found, key=lambda e: (e.manifest.started_at if e.manifest else None, e.id))

@@ -6,8 +6,6 @@ the same service functions; nothing else opens stores or reads key files.
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,9 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import audit
 from . import config as config_mod
 from .config import Config
-from .keys import ManifestKey, ensure_generated_keys, load_manifest_key
+from .keys import ManifestKey, ensure_generated_keys, load_identities, load_manifest_key
 from .storage import ObjectStore, open_store
 
 
@@ -34,6 +33,8 @@ class Runtime:
     clock: Callable[[], datetime] = field(default=utcnow)
     # Set when the daemon is asked to stop: streams in flight abort cleanly.
     stopping: threading.Event = field(default_factory=threading.Event)
+    # Regions whose audit mirror failed are tried again later, not on every event.
+    audit_mirror: audit.MirrorState = field(default_factory=audit.MirrorState)
 
     def store(self, region: str) -> ObjectStore:
         """The store of one configured region (validated by name)."""
@@ -48,20 +49,14 @@ class Runtime:
         return [chosen] + [s for s in self.stores if s is not chosen]
 
     def record_event(self, event: str, **fields: Any) -> None:
-        """Append one JSON line to the state folder's event log.
+        """Append one record to the tamper-evident audit log, then mirror the log.
 
-        Until the tamper-evident audit log lands, this is the record of what
-        drdaemon did; it never holds secrets.
+        Records are hash-chained and signed (audit.py, docs/format.md "Audit
+        log"); values that look like secrets are withheld. Mirroring is best
+        effort: a region that is down never makes this fail.
         """
-        record = {"time": self.clock().isoformat(), "event": event, **fields}
-        path = self.config.daemon.state_dir / "events.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(record, sort_keys=True, default=str) + "\n"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
+        audit.append(self, event, fields)
+        audit.mirror(self)
 
 
 def load_config(path: str | None) -> Config:
@@ -71,8 +66,32 @@ def load_config(path: str | None) -> Config:
 
 def open_runtime(config: Config, clock: Callable[[], datetime] = utcnow) -> Runtime:
     """Generate first-run keys where the config asks for it, then open every region."""
+    made = _keys_to_generate(config)
     config = ensure_generated_keys(config)
     config.daemon.state_dir.mkdir(parents=True, exist_ok=True)
     key = load_manifest_key(Path(config.keys.manifest_key_file))
     stores = [open_store(r) for r in config.regions]
-    return Runtime(config, stores, key, clock)
+    rt = Runtime(config, stores, key, clock)
+    if made:
+        _record_generated_keys(rt, made)
+    return rt
+
+
+def _keys_to_generate(config: Config) -> list[str]:
+    """The key files `ensure_generated_keys` is about to create."""
+    keys = config.keys
+    if not keys.generate:
+        return []
+    files = {"identity": keys.identity_file, "manifest-key": keys.manifest_key_file}
+    return [what for what, path in files.items() if path is not None and not path.exists()]
+
+
+def _record_generated_keys(rt: Runtime, made: list[str]) -> None:
+    """Audit the creation of keys with their public facts only: the recipient, the key id."""
+    fields: dict[str, Any] = {"generated": made}
+    if "identity" in made and rt.config.keys.identity_file is not None:
+        fields["recipient"] = ", ".join(str(i.to_public()) for i in
+                                        load_identities(rt.config.keys.identity_file))
+    if "manifest-key" in made:
+        fields["manifest_key_id"] = rt.manifest_key.key_id
+    rt.record_event("key.generated", **fields)

@@ -85,3 +85,9 @@ def postgres_source(name: str, dsn: str, tier: str = "paid", tenant: str = "uni-
 def local_region(name: str, path: Path, continent: str) -> str:
     return (f'[[regions]]\nname = "{name}"\nkind = "local"\ncontinent = "{continent}"\n'
             f'path = "{path}"\n')
+
+
+def snapshot_keys(client: Any, bucket: str) -> list[str]:
+    """Object keys of a bucket outside the audit mirror (audit/ records failures too)."""
+    return [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])
+            if not o["Key"].startswith("audit/")]

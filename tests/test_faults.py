@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import S3Region
-from support import Setup, directory_source, make_setup
+from support import Setup, directory_source, make_setup, snapshot_keys
 
 
 def wait_for(cond, timeout: float = 60.0) -> None:
@@ -30,8 +30,7 @@ def exe(name: str) -> str:
 
 
 def keys(region: S3Region) -> list[str]:
-    return [o["Key"] for o in
-            region.client().list_objects_v2(Bucket=region.bucket).get("Contents", [])]
+    return snapshot_keys(region.client(), region.bucket)
 
 
 def open_uploads(region: S3Region) -> list[dict]:

@@ -203,7 +203,7 @@ class World:
                 if e.manifest is not None]
 
     def events(self, kind: str) -> list[dict[str, Any]]:
-        path = self.setup.state / "events.jsonl"
+        path = self.setup.state / "audit" / "audit.jsonl"
         lines = [json.loads(line) for line in path.read_text().splitlines()]
         return [e for e in lines if e["event"] == kind]
 
@@ -264,7 +264,7 @@ def test_dry_run_changes_nothing_and_prints_every_reason(local6: World) -> None:
     assert {(c["region"], c["snapshot_id"], c["status"]) for c in report["changes"]} == {
         (r, i, "planned") for r in ("eu-local", "us-local") for i in w.ids[:3]}
     assert {r: raw_names(w.setup.config.parent / r) for r in ("eu", "us")} == before
-    assert not (w.setup.state / "events.jsonl").read_text().count("prune.")
+    assert not (w.setup.state / "audit" / "audit.jsonl").read_text().count("prune.")
     assert w.listed() == w.ids
 
 

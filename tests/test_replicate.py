@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import S3Region
-from support import Setup, directory_source, make_setup
+from support import Setup, directory_source, make_setup, snapshot_keys
 
 from drdaemon import manifest as manifest_mod
 from drdaemon import prune
@@ -166,13 +166,13 @@ def run_json(setup: Setup, *args: str, exit_code: int) -> Any:
 
 
 def events(setup: Setup, name: str) -> list[dict[str, Any]]:
-    lines = (setup.state / "events.jsonl").read_text().splitlines()
+    lines = (setup.state / "audit" / "audit.jsonl").read_text().splitlines()
     return [e for e in map(json.loads, lines) if e["event"] == name]
 
 
 def assert_nothing_in(region: S3Region) -> None:
     client = region.client()
-    assert client.list_objects_v2(Bucket=region.bucket).get("KeyCount", 0) == 0
+    assert snapshot_keys(client, region.bucket) == []
     assert not client.list_multipart_uploads(Bucket=region.bucket).get("Uploads")
 
 

@@ -256,3 +256,7 @@ cli.add_command(verify_cmd)
 from .prune import prune_cmd  # noqa: E402 - registered after the group exists
 
 cli.add_command(prune_cmd)
+
+from .audit import audit_group  # noqa: E402 - registered after the group exists
+
+cli.add_command(audit_group)
