@@ -1,0 +1,508 @@
+"""Metrics: the pure rendering, the daemon's hooks, /metrics over HTTP, and a real Prometheus.
+
+Each test reads its own fresh CollectorRegistry (never the global one) with
+get_sample_value, or scrapes the daemon's own endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from support import Setup, directory_source, local_region, make_setup
+
+from drdaemon import config as config_mod
+from drdaemon import metrics
+from drdaemon.backup import BackupResult, snapshot
+from drdaemon.metrics import (
+    DrillView,
+    MetricsState,
+    SourceView,
+    StateCollector,
+    drill_views,
+    failure_reason,
+    retention_span_target,
+    schedule_view,
+)
+from drdaemon.prune import Change, PrunePlan, PruneReport
+from drdaemon.runtime import open_runtime
+from drdaemon.scheduler import Daemon
+from drdaemon.status import source_statuses
+from drdaemon.verify import CopyCheck, VerifyReport, run_verify
+
+ALERTS = Path(__file__).resolve().parent.parent / "config" / "prometheus" / "alerts.yml"
+NOW = datetime(2026, 11, 23, 12, tzinfo=UTC)
+T = NOW.timestamp()
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or cond}"
+        time.sleep(0.1)
+
+
+def registry_of(st: MetricsState, now: datetime = NOW) -> CollectorRegistry:
+    reg = CollectorRegistry()
+    reg.register(StateCollector(st, lambda: now))
+    return reg
+
+
+def sample_state() -> MetricsState:
+    st = MetricsState(
+        sources={"db": metrics.SourceInfo("db", "uni-a", "paid", "postgres", 14, 7776000.0),
+                 "files": metrics.SourceInfo("files", "uni-b", "free", "directory", 5, 0.0)},
+        regions=("eu", "us"), tiers={"paid": (86400.0, 86400.0), "free": (86400.0, 172800.0)})
+    st.views["db"] = SourceView(
+        newest={"eu": T - 3600, "us": T - 90000}, oldest={"eu": T - 86400 * 100, "us": T - 90000},
+        retained={"eu": 14, "us": 1}, holding_newest=("eu",), duration=42.5,
+        plaintext_bytes=1000, compressed_bytes=400, stored_bytes=450, last_attempt_ok=False)
+    st.region_reachable = {"eu": True, "us": True}
+    st.snapshot_attempts["db"] = 3
+    st.snapshot_failures[("db", "storage")] = 2
+    st.drills = {"db": DrillView(T - 7200, True, 1800.0, 3600.0)}
+    st.projected_rto = {"paid": 50000.0}
+    st.running["snapshot"] = 1
+    st.job_next_run = {"prune": T + 60}
+    st.source_next_run = {"db": T + 120}
+    st.refreshed_at = T - 10
+    return st
+
+
+# -- the functional core ------------------------------------------------------------
+
+def test_families_render_every_kind_of_state() -> None:
+    reg = registry_of(sample_state())
+    get = reg.get_sample_value
+    db = {"source": "db", "tenant": "uni-a", "tier": "paid"}
+    files = {"source": "files", "tenant": "uni-b", "tier": "free"}
+    assert get("drdaemon_build_info", {"version": metrics.__version__}) == 1
+    assert get("drdaemon_source_info", {**files, "kind": "directory"}) == 1
+    assert get("drdaemon_last_snapshot_timestamp_seconds", {**db, "region": "eu"}) == T - 3600
+    assert get("drdaemon_last_snapshot_timestamp_seconds", {**db, "region": "us"}) == T - 90000
+    assert get("drdaemon_newest_snapshot_present", {**db, "region": "eu"}) == 1
+    assert get("drdaemon_newest_snapshot_present", {**db, "region": "us"}) == 0
+    assert get("drdaemon_newest_snapshot_regions", db) == 1
+    assert get("drdaemon_retained_snapshots", {**db, "region": "eu"}) == 14
+    # Ages are taken at the collector's clock, not stored.
+    assert get("drdaemon_oldest_retained_snapshot_age_seconds", {**db, "region": "eu"}) == (
+        86400 * 100)
+    assert get("drdaemon_retention_target_snapshots", files) == 5
+    assert get("drdaemon_retention_target_span_seconds", db) == 7776000
+    assert get("drdaemon_last_snapshot_duration_seconds", db) == 42.5
+    assert get("drdaemon_last_snapshot_plaintext_bytes", db) == 1000
+    assert get("drdaemon_last_snapshot_compressed_bytes", db) == 400
+    assert get("drdaemon_last_snapshot_stored_bytes", db) == 450
+    assert get("drdaemon_snapshot_last_attempt_success", db) == 0
+    assert get("drdaemon_snapshot_attempts_total", db) == 3
+    assert get("drdaemon_snapshot_failures_total", {**db, "reason": "storage"}) == 2
+    # Every bounded reason exists from the start, so rate() sees the first failure.
+    assert get("drdaemon_snapshot_failures_total", {**files, "reason": "source"}) == 0
+    assert get("drdaemon_snapshot_attempts_total", files) == 0
+    assert get("drdaemon_tier_rpo_target_seconds", {"tier": "free"}) == 86400
+    assert get("drdaemon_tier_rto_target_seconds", {"tier": "free"}) == 172800
+    assert get("drdaemon_last_drill_timestamp_seconds", db) == T - 7200
+    assert get("drdaemon_last_drill_success", db) == 1
+    assert get("drdaemon_last_drill_rto_seconds", db) == 1800
+    assert get("drdaemon_last_drill_rpo_seconds", db) == 3600
+    assert get("drdaemon_projected_tier_rto_seconds", {"tier": "paid"}) == 50000
+    assert get("drdaemon_job_running", {"job_name": "snapshot"}) == 1
+    assert get("drdaemon_job_next_run_timestamp_seconds", {"job_name": "prune"}) == T + 60
+    assert get("drdaemon_snapshot_next_run_timestamp_seconds", db) == T + 120
+    assert get("drdaemon_state_refresh_timestamp_seconds") == T - 10
+    assert get("drdaemon_region_reachable", {"region": "us"}) == 1
+    # A source never refreshed has no storage series at all (not zeros that look real).
+    assert get("drdaemon_retained_snapshots", {**files, "region": "eu"}) is None
+
+
+def test_no_label_holds_a_snapshot_id_or_anything_unbounded() -> None:
+    bounded = {"source", "tenant", "tier", "region", "kind", "reason", "outcome", "status",
+               "job_name", "version"}
+    for family in registry_of(sample_state()).collect():
+        for s in family.samples:
+            if s.name.startswith("drdaemon_"):
+                assert set(s.labels) <= bounded, s
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    ("stopped by shutdown before the upload completed", "cancelled"),
+    ("no region can be written: eu: refused; us: refused", "storage"),
+    ("no region committed the snapshot: eu: 503", "storage"),
+    ("every region failed: eu: timeout", "storage"),
+    ("internal error: KeyError('x')", "other"),
+    ("directory /srv/files does not exist", "source"),
+    ("pg_dump of host=db failed (exit 1): permission denied", "source"),
+])
+def test_failure_reason_is_one_of_four(error: str, reason: str) -> None:
+    assert failure_reason(BackupResult("s", error=error)) == reason
+
+
+def test_retention_span_target_is_promised_only_for_the_published_policy_or_longer() -> None:
+    base = config_mod.RetentionConfig()
+    assert retention_span_target(base) == timedelta(days=90)
+    assert retention_span_target(config_mod.RetentionConfig(daily=14, weekly=8, monthly=6)) == (
+        timedelta(days=90))
+    assert retention_span_target(config_mod.RetentionConfig(daily=14, weekly=0, monthly=0)) == (
+        timedelta(0))
+
+
+@dataclass(frozen=True)
+class Record:
+    """The fields drills.DrillRecord documents; plain data, as load_records returns."""
+
+    source: str
+    tier: str
+    ok: bool
+    verified: bool
+    rto_seconds: float | None
+    rpo_seconds: float | None
+    projected_tier_rto_seconds: float | None
+    finished_at: str
+    tenant: str = "uni-a"
+    region: str = "us"
+
+
+def test_drill_views_keep_the_latest_per_source_and_tier() -> None:
+    views, projected = drill_views([
+        Record("db", "paid", True, True, 100.0, 50.0, 9000.0, "2026-11-20T06:00:00+00:00"),
+        Record("db", "paid", False, False, None, None, None, "2026-11-21T06:00:00+00:00"),
+        # Restored and verified, but slower than the target: not "failed" (ok is False).
+        Record("files", "paid", False, True, 10.0, 5.0, 7000.0, "2026-11-19T06:00:00+00:00"),
+        Record("broken", "paid", True, True, 1.0, 1.0, 1.0, "not a time"),
+    ])
+    assert views["db"] == DrillView(datetime(2026, 11, 21, 6, tzinfo=UTC).timestamp(), False,
+                                    None, None)
+    assert views["files"].rto_seconds == 10.0 and views["files"].ok
+    assert "broken" not in views
+    assert projected == {"paid": 9000.0}  # the latest record that projected anything
+
+
+def test_schedule_view_takes_the_sooner_of_cron_and_retry() -> None:
+    at = [NOW + timedelta(minutes=m) for m in range(4)]
+    jobs, sources = schedule_view([("snapshot:db", at[3]), ("retry:db", at[1]),
+                                   ("snapshot:files", at[2]), ("prune", at[0]),
+                                   ("drill:paid", at[2]), ("verify", None)])
+    assert sources == {"db": at[1].timestamp(), "files": at[2].timestamp()}
+    assert jobs == {"prune": at[0].timestamp(), "drill:paid": at[2].timestamp()}
+
+
+def test_reports_are_counted_by_region_and_status() -> None:
+    st = sample_state()
+    st.record_report(PruneReport(PrunePlan(NOW, False, ()), False, changes=[
+        Change("trash", "db", "eu", "id1", "done", ""),
+        Change("trash", "db", "eu", "id2", "failed", "x"),
+        Change("purge", "db", "eu", "id0", "done", ""),
+    ]))
+    st.record_report(VerifyReport(False, checks=[
+        CopyCheck("db", "id1", "eu", "ok"), CopyCheck("db", "id1", "us", "corrupt", "sha"),
+        CopyCheck("db", "id3", "us", "missing", "gone")]))
+    get = registry_of(st).get_sample_value
+    db = {"source": "db", "tenant": "uni-a", "tier": "paid"}
+    assert get("drdaemon_prune_deletions_total", {**db, "region": "eu"}) == 1
+    assert get("drdaemon_verify_failures_total", {**db, "region": "us", "status": "corrupt"}) == 1
+    assert get("drdaemon_verify_failed_copies", {**db, "region": "us"}) == 2
+    assert get("drdaemon_verify_failed_copies", {**db, "region": "eu"}) == 0
+    # The next run that passes clears the gauge (the counter keeps the history).
+    st.record_report(VerifyReport(False, checks=[CopyCheck("db", "id1", "us", "ok")]))
+    get = registry_of(st).get_sample_value
+    assert get("drdaemon_verify_failed_copies", {**db, "region": "us"}) == 0
+    assert get("drdaemon_verify_failures_total", {**db, "region": "us", "status": "corrupt"}) == 1
+
+
+def test_registry_has_the_process_collector() -> None:
+    reg = metrics.build_registry(sample_state(), lambda: NOW)
+    assert reg.get_sample_value("process_cpu_seconds_total") is not None
+    assert reg.get_sample_value("drdaemon_build_info", {"version": metrics.__version__}) == 1
+
+
+# -- the daemon: hooks, refresh, /metrics over HTTP ---------------------------------
+
+@pytest.fixture
+def trees(tmp_path: Path) -> list[Path]:
+    out = []
+    for name in ("a", "b"):
+        (tmp_path / name / "d").mkdir(parents=True)
+        (tmp_path / name / "d" / "f.txt").write_text(name * 1000)
+        out.append(tmp_path / name)
+    return out
+
+
+def two_sources(tmp_path: Path, trees: list[Path], daemon: str = "") -> Setup:
+    return make_setup(tmp_path, [local_region("eu", tmp_path / "r-eu", "europe"),
+                                 local_region("us", tmp_path / "r-us", "north-america")],
+                      [directory_source("files-a", trees[0], tier="paid", tenant="uni-a"),
+                       directory_source("files-b", trees[1], tier="free", tenant="uni-b")],
+                      daemon=daemon)
+
+
+def test_refresh_says_what_drctl_status_says(tmp_path: Path, trees: list[Path]) -> None:
+    setup = two_sources(tmp_path, trees)
+    rt = open_runtime(config_mod.load(setup.config), clock=lambda: NOW)
+    for src in rt.config.sources:
+        assert snapshot(rt, src).ok
+    shutil.rmtree(tmp_path / "r-us" / "sources" / "files-b")  # us lost files-b's copy
+    st = MetricsState.from_config(rt.config)
+    metrics.refresh(rt, st)
+    get = registry_of(st).get_sample_value
+    statuses, _ = source_statuses(rt)
+    for s in statuses:
+        labels = {"source": s.source, "tenant": s.tenant, "tier": s.tier}
+        assert s.newest_consistency is not None
+        assert get("drdaemon_last_snapshot_timestamp_seconds", {**labels, "region": "eu"}) == (
+            s.newest_consistency.timestamp())
+        assert get("drdaemon_newest_snapshot_regions", labels) == len(s.regions)
+        for region in ("eu", "us"):
+            assert get("drdaemon_newest_snapshot_present", {**labels, "region": region}) == (
+                region in s.regions)
+        assert get("drdaemon_snapshot_last_attempt_success", labels) == 1
+    b = {"source": "files-b", "tenant": "uni-b", "tier": "free"}
+    assert get("drdaemon_retained_snapshots", {**b, "region": "us"}) == 0
+    assert get("drdaemon_last_snapshot_timestamp_seconds", {**b, "region": "us"}) is None
+    assert get("drdaemon_last_snapshot_stored_bytes", b) > 0
+    assert get("drdaemon_state_refresh_timestamp_seconds") == T
+
+
+def test_job_hooks_count_failures_and_verify_findings(tmp_path: Path,
+                                                      trees: list[Path]) -> None:
+    setup = two_sources(tmp_path, trees)
+    rt = open_runtime(config_mod.load(setup.config))
+    daemon = Daemon(rt)
+    a, b = rt.config.sources
+    assert daemon.snapshot_job(a) is not None
+    shutil.rmtree(trees[1])
+    assert daemon.snapshot_job(b) is not None  # fails: the tree is gone
+    data = next((tmp_path / "r-us").glob("sources/files-a/data/*"))
+    data.write_bytes(b"not what the manifest says")
+    daemon.maintenance_job("verify", lambda: run_verify(rt))
+
+    get = metrics.build_registry(daemon.metrics, rt.clock).get_sample_value
+    la = {"source": "files-a", "tenant": "uni-a", "tier": "paid"}
+    lb = {"source": "files-b", "tenant": "uni-b", "tier": "free"}
+    assert get("drdaemon_snapshot_attempts_total", la) == 1
+    assert get("drdaemon_snapshot_failures_total", {**la, "reason": "source"}) == 0
+    assert get("drdaemon_snapshot_failures_total", {**lb, "reason": "source"}) == 1
+    assert get("drdaemon_verify_failed_copies", {**la, "region": "us"}) == 1
+    assert get("drdaemon_verify_failed_copies", {**la, "region": "eu"}) == 0
+    assert get("drdaemon_verify_failures_total", {**la, "region": "us", "status": "corrupt"}) == 1
+    assert get("drdaemon_job_last_run_success", {"job_name": "verify"}) == 1
+    assert get("drdaemon_job_running", {"job_name": "verify"}) == 0
+    # The maintenance job refreshed everything: files-b failed and has nothing stored.
+    assert get("drdaemon_snapshot_last_attempt_success", lb) == 0
+    assert get("drdaemon_snapshot_last_attempt_success", la) == 1
+    assert get("drdaemon_retained_snapshots", {**lb, "region": "eu"}) == 0
+
+
+def test_refresh_reads_the_drill_log(tmp_path: Path, trees: list[Path]) -> None:
+    """Against drills.py's own record format, where that module exists."""
+    drills = pytest.importorskip("drdaemon.drills")
+    setup = two_sources(tmp_path, trees)
+    rt = open_runtime(config_mod.load(setup.config), clock=lambda: NOW)
+
+    def record(source: str, tier: str, finished: datetime, verified: bool,
+               rto: float | None, projected: float | None) -> object:
+        return drills.DrillRecord.from_dict({
+            "id": f"{source}-{finished:%H}", "source": source, "tenant": "uni-a", "tier": tier,
+            "region": "us", "snapshot_id": None, "sha256": None,
+            "started_at": (finished - timedelta(minutes=5)).isoformat(),
+            "finished_at": finished.isoformat(), "ok": verified, "verified": verified,
+            "reasons": [], "rto_seconds": rto, "rpo_seconds": 60.0 if rto else None,
+            "worst_gap_seconds": None, "throughput_bytes_per_second": None,
+            "stored_bytes": None, "plaintext_bytes": None, "rto_target_seconds": 86400.0,
+            "rpo_target_seconds": 86400.0, "projected_tier_rto_seconds": projected,
+            "timings": {}})
+
+    for r in (record("files-a", "paid", NOW - timedelta(hours=3), True, 300.0, 4000.0),
+              record("files-a", "paid", NOW - timedelta(hours=1), False, None, None),
+              record("files-b", "free", NOW - timedelta(hours=2), True, 120.0, 900.0),
+              record("gone", "paid", NOW, True, 1.0, 1.0)):  # no longer configured
+        drills.append_record(rt.config.daemon.state_dir, r)
+    st = MetricsState.from_config(rt.config)
+    metrics.refresh(rt, st)
+    get = registry_of(st).get_sample_value
+    a = {"source": "files-a", "tenant": "uni-a", "tier": "paid"}
+    b = {"source": "files-b", "tenant": "uni-b", "tier": "free"}
+    assert get("drdaemon_last_drill_timestamp_seconds", a) == T - 3600
+    assert get("drdaemon_last_drill_success", a) == 0
+    assert get("drdaemon_last_drill_rto_seconds", a) is None  # the failed drill measured none
+    assert get("drdaemon_last_drill_success", b) == 1
+    assert get("drdaemon_last_drill_rto_seconds", b) == 120
+    assert get("drdaemon_last_drill_rpo_seconds", b) == 60
+    # The newest projection of the tier by a configured source (the failed drill made none).
+    assert get("drdaemon_projected_tier_rto_seconds", {"tier": "paid"}) == 4000
+    assert get("drdaemon_projected_tier_rto_seconds", {"tier": "free"}) == 900
+    assert get("drdaemon_last_drill_success", {**a, "source": "gone"}) is None
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def sources_with(samples: dict[str, list[tuple[dict[str, str], float]]], name: str,
+                 **match: str) -> set[str]:
+    return {labels["source"] for labels, _ in samples.get(name, [])
+            if all(labels.get(k) == v for k, v in match.items())}
+
+
+@pytest.fixture
+def running_daemon(tmp_path: Path, trees: list[Path],
+                   free_port: Callable[[], int]) -> Iterator[tuple[Daemon, int]]:
+    port = free_port()
+    setup = two_sources(tmp_path, trees, daemon=f'metrics_address = "127.0.0.1:{port}"')
+    daemon = Daemon(open_runtime(config_mod.load(setup.config)))
+    daemon.start()  # nothing is backed up yet: both sources are caught up at once
+    try:
+        yield daemon, port
+    finally:
+        assert daemon.stop()
+
+
+def test_daemon_serves_metrics_for_every_source(running_daemon: tuple[Daemon, int]) -> None:
+    _, port = running_daemon
+    both = {"files-a", "files-b"}
+
+    def scraped_both() -> bool:
+        s = scrape(port)
+        return all(sources_with(s, "drdaemon_last_snapshot_timestamp_seconds", region=r) == both
+                   for r in ("eu", "us"))
+
+    wait_for(scraped_both, what="both sources' snapshots in /metrics")
+    s = scrape(port)
+    assert sources_with(s, "drdaemon_snapshot_attempts_total") == both
+    assert sources_with(s, "drdaemon_newest_snapshot_regions") == both
+    assert sources_with(s, "drdaemon_retained_snapshots", region="us") == both
+    assert sources_with(s, "drdaemon_snapshot_next_run_timestamp_seconds") == both
+    assert sources_with(s, "drdaemon_last_snapshot_plaintext_bytes") == both
+    assert {v for _, v in s["drdaemon_newest_snapshot_regions"]} == {2}
+    jobs = {labels["job_name"] for labels, _ in s["drdaemon_job_next_run_timestamp_seconds"]}
+    assert {"prune", "replicate", "verify", "watchdog", "metrics"} <= jobs
+    assert "process_cpu_seconds_total" in s
+    now = time.time()
+    for _, t in s["drdaemon_last_snapshot_timestamp_seconds"]:
+        assert now - 120 < t <= now
+
+
+def test_stop_closes_the_metrics_port(tmp_path: Path, trees: list[Path],
+                                      free_port: Callable[[], int]) -> None:
+    port = free_port()
+    setup = two_sources(tmp_path, trees, daemon=f'metrics_address = "127.0.0.1:{port}"')
+    daemon = Daemon(open_runtime(config_mod.load(setup.config)))
+    daemon.start()
+    assert "drdaemon_build_info" in scrape(port)
+    # Let the catch-up run first: APScheduler may complain about a one-off job
+    # that falls due at the very moment it shuts down.
+    wait_for(lambda: sources_with(scrape(port), "drdaemon_last_snapshot_timestamp_seconds")
+             == {"files-a", "files-b"}, what="the catch-up snapshots")
+    assert daemon.stop()
+    with pytest.raises(urllib.error.URLError):
+        scrape(port)
+
+
+def test_a_taken_port_does_not_stop_backups(tmp_path: Path, trees: list[Path],
+                                            running_daemon: tuple[Daemon, int]) -> None:
+    _, port = running_daemon
+    other = tmp_path / "other"
+    other.mkdir()
+    setup = two_sources(other, trees, daemon=f'metrics_address = "127.0.0.1:{port}"')
+    daemon = Daemon(open_runtime(config_mod.load(setup.config)))
+    daemon.start()
+    try:
+        wait_for(lambda: len(list((other / "r-eu").glob("sources/*/manifests/*.json"))) == 2,
+                 what="snapshots by the daemon without a metrics port")
+    finally:
+        assert daemon.stop()
+
+
+# -- a real Prometheus scraping the daemon ------------------------------------------
+
+def prometheus_binary() -> str:
+    path = shutil.which("prometheus") or "/usr/bin/prometheus"
+    if not Path(path).is_file():
+        pytest.fail("prometheus is not installed (Debian: apt-get install prometheus; "
+                    "scripts/test does it)")
+    return path
+
+
+def api(port: int, path: str, **params: str) -> dict[str, object]:
+    url = f"http://127.0.0.1:{port}/api/v1/{path}"
+    if params:
+        url += "?" + urllib.parse.urlencode(params)
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            doc: dict[str, object] = json.loads(resp.read())
+    except (urllib.error.URLError, ConnectionError):
+        return {}
+    return doc
+
+
+def test_real_prometheus_scrapes_a_series_per_source(
+        tmp_path: Path, running_daemon: tuple[Daemon, int],
+        free_port: Callable[[], int]) -> None:
+    _, daemon_port = running_daemon
+    prom_port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files:\n  - {ALERTS}\n"
+        "scrape_configs:\n  - job_name: drdaemon\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{daemon_port}']\n")
+    log = (tmp_path / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [prometheus_binary(), f"--config.file={config}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        def series_sources() -> set[str]:
+            doc = api(prom_port, "query", query="drdaemon_last_snapshot_timestamp_seconds")
+            result = (doc.get("data") or {}).get("result", [])  # type: ignore[attr-defined]
+            return {r["metric"]["source"] for r in result}
+
+        def failed() -> bool:
+            return proc.poll() is not None
+
+        wait_for(lambda: failed() or series_sources() == {"files-a", "files-b"}, 45,
+                 "Prometheus to scrape both sources")
+        assert not failed(), (tmp_path / "prometheus.log").read_text()[-3000:]
+
+        up = api(prom_port, "query", query='up{job="drdaemon"}')["data"]
+        assert [r["value"][1] for r in up["result"]] == ["1"]  # type: ignore[index]
+
+        # The real Prometheus loads every rule and evaluates it on real series
+        # without an error (a many-to-many join would show here).
+        def rules() -> list[dict[str, str]]:
+            groups = (api(prom_port, "rules").get("data") or {}).get(  # type: ignore[attr-defined]
+                "groups", [])
+            return [r for g in groups for r in g["rules"]]
+
+        wait_for(lambda: rules() and all(r.get("health") == "ok" for r in rules()), 20,
+                 "every rule evaluated")
+        assert len({r["name"] for r in rules()}) == 12
+        firing = {r["name"] for r in rules() if r.get("state") == "firing"}
+        assert not firing & {"DrdaemonRPOBreached", "DrdaemonDown", "DrdaemonAbsent",
+                             "DrdaemonSnapshotOverdue", "DrdaemonRegionMissingSnapshot"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
