@@ -114,6 +114,29 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class DrillCheck:
+    """A scalar SQL query run in a drill's restored copy of `source`; must return >= `min`."""
+
+    source: str
+    sql: str
+    min: float
+
+
+@dataclass(frozen=True)
+class DrillsConfig:
+    """`[drills]`: restore drills that measure RPO/RTO against the tiers' targets."""
+
+    postgres_dsn: str | None = None  # drill server; None: the source's own server
+    schedule: str = "0 6 * * mon"
+    tier_schedules: dict[str, str] = field(default_factory=dict)  # [drills.tiers.NAME]
+    checks: tuple[DrillCheck, ...] = ()
+    scratch_dir: Path | None = None  # None: <state_dir>/drills/scratch
+
+    def schedule_for(self, tier: str) -> str:
+        return self.tier_schedules.get(tier, self.schedule)
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     daemon: DaemonConfig
@@ -124,6 +147,7 @@ class Config:
     sources: tuple[SourceConfig, ...]
     warnings: tuple[str, ...] = field(default=())
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    drills: DrillsConfig = field(default_factory=DrillsConfig)
 
     def source(self, name: str) -> SourceConfig:
         """The source called `name`, or a UsageError listing the known ones."""
@@ -251,9 +275,11 @@ class _Parser:
                                    RetentionConfig())
         regions = self.regions(top.take("regions", list, what="a [[regions]] list"))
         sources = self.sources(top.take("sources", list, []), tiers, daemon.timezone, retention)
+        drills = self.drills(_Table(self, "drills", top.take("drills", dict, {})), tiers,
+                             sources, daemon.timezone)
         top.done()
         return Config(str(self.path), daemon, keys, pipeline, tiers, regions, sources,
-                      tuple(self.warnings), retention)
+                      tuple(self.warnings), retention, drills)
 
     def daemon(self, t: _Table) -> DaemonConfig:
         state_dir = self.resolve(t.take("state_dir", str, "~/.local/state/drdaemon"))
@@ -345,6 +371,40 @@ class _Parser:
             sub.done()
             tiers[name] = TierConfig(name, rpo, rto)
         return tiers
+
+    def drills(self, t: _Table, tiers: dict[str, TierConfig],
+               sources: tuple[SourceConfig, ...], tz: str) -> DrillsConfig:
+        d = DrillsConfig()
+        dsn = t.convert("postgres_dsn", _dsn_without_password, None,
+                        what="a libpq DSN of the drill server without a password", echo=False)
+        cron_what = "a cron expression like '0 6 * * mon'"
+        schedule = t.convert("schedule", lambda v: _cron(v, tz), d.schedule, what=cron_what)
+        scratch = t.take("scratch_dir", str, None)
+        per_tier: dict[str, str] = {}
+        overrides = _Table(self, t.key("tiers"), t.take("tiers", dict, {}))
+        for name in list(overrides.data):
+            sub = _Table(self, overrides.key(name), overrides.take(name, dict))
+            if name not in tiers:
+                self.fail(overrides.key(name), f"one of the tiers {sorted(tiers)}", name)
+            per_tier[name] = sub.convert("schedule", lambda v: _cron(v, tz), what=cron_what)
+            sub.done()
+        checks = []
+        kinds = {s.name: s.kind for s in sources}
+        for i, item in enumerate(t.take("checks", list, [])):
+            c = _Table(self, f"{t.key('checks')}[{i}]", item)
+            source = c.take("source", str)
+            if kinds.get(source) != "postgres":
+                self.fail(c.key("source"), "the name of a postgres source "
+                          f"{sorted(n for n, k in kinds.items() if k == 'postgres')}", source)
+            query = c.take("sql", str, what="a scalar SQL query")
+            if not query.strip():
+                self.fail(c.key("sql"), "a scalar SQL query", query)
+            minimum = c.convert("min", _number, 1.0, what="a number")
+            c.done()
+            checks.append(DrillCheck(source, query, minimum))
+        t.done()
+        return DrillsConfig(dsn, schedule, per_tier, tuple(checks),
+                            self.resolve(scratch) if scratch else None)
 
     def regions(self, items: list[Any]) -> tuple[RegionConfig, ...]:
         regions = []
@@ -457,6 +517,12 @@ def _zone(value: str) -> str:
 def _fraction(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise ValueError("out of range")
+    return float(value)
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("not a number")
     return float(value)
 
 

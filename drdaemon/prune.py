@@ -44,6 +44,7 @@ from zoneinfo import ZoneInfo
 
 from . import catalog, locks, manifest, retention
 from .config import RetentionConfig, SourceConfig
+from .drills import newest_verified
 from .errors import DrError, IntegrityError, UsageError
 from .manifest import Manifest
 from .runtime import Runtime
@@ -425,11 +426,15 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
     """Plan retention for every chosen source and region; unless `dry_run`, trash
     what the plan deletes, then purge trash older than the source's `trash_days`.
 
-    A dry run takes no lock: it only reads. `protected` ids are never deleted
-    (for the newest drill-verified snapshot). One unreadable region or failing
-    step never stops the others; everything is in the report.
+    A dry run takes no lock: it only reads. `protected` ids are never deleted,
+    and neither is the newest drill-verified snapshot of each source (read
+    here, so that the daemon and drctl both keep the proof that a restore
+    works). One unreadable region or failing step never stops the others;
+    everything is in the report.
     """
     chosen = _chosen(rt, sources)
+    protected = frozenset(protected) | frozenset(
+        newest_verified(rt.config.daemon.state_dir).values())
     tz = ZoneInfo(rt.config.daemon.timezone)  # day/week/month as the operator's calendar
     lock: AbstractContextManager[object] = (
         contextlib.nullcontext() if dry_run else prune_lock(rt.config.daemon.state_dir))

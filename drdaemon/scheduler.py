@@ -256,6 +256,7 @@ class Daemon:
         self.catch_up()
 
     def _maintenance(self) -> list[tuple[str, str, Callable[[], Any]]]:
+        from .drills import drill_jobs
         from .prune import run_prune
         from .replicate import run_replicate
         from .verify import run_verify
@@ -264,7 +265,8 @@ class Daemon:
         rt = self.rt
         return [("prune", cfg.prune_schedule, lambda: run_prune(rt)),
                 ("replicate", cfg.replicate_schedule, lambda: run_replicate(rt, repair=True)),
-                ("verify", cfg.verify_schedule, lambda: run_verify(rt))]
+                ("verify", cfg.verify_schedule, lambda: run_verify(rt)),
+                *drill_jobs(rt)]  # one per tier: [drills] schedule or [drills.tiers.NAME]
 
     def stop(self) -> bool:
         """Start no new job, abort streams in flight, wait up to the grace period.

@@ -260,3 +260,7 @@ cli.add_command(prune_cmd)
 from .audit import audit_group  # noqa: E402 - registered after the group exists
 
 cli.add_command(audit_group)
+
+from .drill import drill_group  # noqa: E402 - registered after the group exists
+
+cli.add_command(drill_group)

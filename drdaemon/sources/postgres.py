@@ -13,7 +13,7 @@ import secrets
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, BinaryIO, cast
 
@@ -78,6 +78,17 @@ def _count_rows(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
         row = conn.execute(query).fetchone()
         counts.append({"schema": schema, "table": table, "rows": row[0] if row else 0})
     return counts
+
+
+def table_counts(dsn: str) -> list[dict[str, Any]]:
+    """Exact row counts of every user table at `dsn`, in the form the manifest records."""
+    with _connect(dsn, autocommit=False) as conn:
+        conn.read_only = True
+        try:
+            return _count_rows(conn)
+        except psycopg.Error as exc:
+            raise SourceError(f"counting rows in {describe(dsn)} failed: "
+                              f"{_first_line(exc)}") from None
 
 
 @contextmanager
@@ -158,19 +169,25 @@ def target_dsn(source_dsn: str, target: str) -> str:
 class PostgresSink:
     """pg_restore into a fresh staging database, renamed to the target on commit."""
 
-    def __init__(self, source_dsn: str, target: str, force: bool) -> None:
+    def __init__(self, source_dsn: str, target: str, force: bool, *,
+                 staging_prefix: str = "drdaemon_restore_",
+                 restore_options: Sequence[str] = ()) -> None:
+        # Drills never commit: they verify the staging database itself and drop
+        # it, under their own prefix, restored with their own pg_restore options.
         self.dsn = target_dsn(source_dsn, target)
         self.name = str(conninfo_to_dict(self.dsn)["dbname"])
         self.admin_dsn = make_conninfo(self.dsn, dbname="postgres")
-        self.staging = f"drdaemon_restore_{secrets.token_hex(6)}"
+        self.staging = f"{staging_prefix}{secrets.token_hex(6)}"
+        self.staging_dsn = make_conninfo(self.dsn, dbname=self.staging)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.notes: list[str] = []
         self.target_exists = self._check_target(force)
         self._admin(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
             sql.Identifier(self.staging)))
         try:
             self.proc = subprocess.Popen(
-                [_tool("pg_restore"), "--exit-on-error", "--no-password",
-                 f"--dbname={make_conninfo(self.dsn, dbname=self.staging)}"],
+                [_tool("pg_restore"), "--exit-on-error", "--no-password", *restore_options,
+                 f"--dbname={self.staging_dsn}"],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         except BaseException:
             self.discard()
