@@ -22,7 +22,7 @@ from pyrage import x25519
 
 from .catalog import SnapshotEntry, read_manifest, resolve
 from .config import SourceConfig
-from .errors import DrError, UsageError
+from .errors import DrError, IntegrityError, UsageError
 from .manifest import Manifest
 from .runtime import Runtime
 from .sources.base import Sink
@@ -87,8 +87,14 @@ def stream_into(store: ObjectStore, m: Manifest, identities: Sequence[x25519.Ide
             _raise_consumer_reason(sink, cause)
         except zstandard.ZstdError as exc:
             raise DrError(f"{what} cannot be decompressed: {exc}") from None
-        except OSError as exc:  # e.g. a broken pipe on the final flush
-            _raise_consumer_reason(sink, exc)
+        except OSError as exc:
+            cause = first_error(reader, limit)
+            if cause is None:
+                # Neither our reader nor our writer failed: this is age's own
+                # chunk authentication ("decryption error"), i.e. corrupt data.
+                raise IntegrityError(f"{what} is corrupt: age authentication failed "
+                                     f"({exc})") from None
+            _raise_consumer_reason(sink, cause)  # e.g. a broken pipe on the final flush
     if not reader.verified:
         reader.check()
     if limit.count != m.plaintext_size:

@@ -164,7 +164,7 @@ def test_corrupt_object_fails_then_other_region_passes(tmp_path: Path, lms_dsn: 
     code, out = run_drill(setup)
     [r] = out["drills"]
     assert code == 1 and not r["ok"] and not r["verified"]
-    assert r["reason_codes"] == ["corrupt"] and "sha256" in r["reasons"][0], r["reasons"]
+    assert r["reason_codes"] == ["corrupt"], r["reasons"]
     assert r["rto_seconds"] is None and r["rpo_seconds"] is not None
     assert scratch_databases(pg_server) == []
     assert drills.newest_verified(setup.state) == {}

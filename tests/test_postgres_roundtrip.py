@@ -101,6 +101,7 @@ def test_corrupt_object_everywhere_leaves_no_database(setup: Setup, pg_server: P
     result = setup.drctl("restore", snap["snapshot_id"], "--source", "lms-db", "--to", "never")
     assert result.exit_code == 1
     assert "failed in every region" in result.stderr
+    assert result.stderr.count("corrupt") == 2, result.stderr  # both copies named corrupt
     assert not database_exists(pg_server, "never")
     assert staging_databases(pg_server) == []
 
