@@ -243,3 +243,32 @@ def test_vanished_source_commits_nothing(tmp_path: Path, s3_regions: list[S3Regi
     assert "does not exist" in result.stdout
     for region in s3_regions:
         assert snapshot_keys(region.client(), region.bucket) == []
+
+
+def test_restore_shows_progress_on_a_terminal(setup: Setup, tmp_path: Path) -> None:
+    """A person at a terminal sees bytes, rate and ETA; scripts (no TTY) see none."""
+    import pty
+    import sys
+
+    setup.drctl_json("backup")
+    leader, follower = pty.openpty()
+    exe = str(Path(sys.executable).parent / "drctl")
+    proc = subprocess.Popen([exe, "--config", str(setup.config), "restore", "latest",
+                             "--source", "lms-files", "--to", str(tmp_path / "tty")],
+                            stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=60) == 0
+    text = seen.decode(errors="replace")
+    assert "restore lms-files" in text and "/s" in text and "ETA" in text, text
+    quiet = setup.drctl("restore", "latest", "--source", "lms-files", "--to",
+                        str(tmp_path / "notty"))
+    assert quiet.exit_code == 0 and "ETA" not in quiet.stderr

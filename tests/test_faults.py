@@ -196,3 +196,54 @@ def test_connection_resets_are_retried_and_the_snapshot_is_exact(
         assert (out / "blob").read_bytes() == (tree / "blob").read_bytes()
     finally:
         proxy.close()
+
+
+def test_both_regions_down_is_a_clear_failure(tmp_path: Path, moto_region_factory) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_text("x")
+    eu = moto_region_factory("eu-frankfurt", "eu-central-1", "europe")
+    us = moto_region_factory("us-virginia", "us-east-1", "north-america")
+    setup = make_setup(tmp_path, [eu.toml(), us.toml()], [directory_source("files", tree)])
+    eu.server.stop()
+    us.server.stop()
+    result = subprocess.run([exe("drctl"), "--config", str(setup.config), "backup"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 1
+    assert "FAILED" in result.stdout and "Traceback" not in result.stderr + result.stdout
+    assert "eu-frankfurt" in result.stdout and "us-virginia" in result.stdout
+    outcome = (setup.state / "sources" / "files.json").read_text()
+    assert '"last_failure": "2' in outcome
+
+
+def test_wrong_password_fails_with_the_reason_and_never_echoes_it(
+        tmp_path: Path, pg_server, s3_regions: list[S3Region]) -> None:
+    import psycopg
+    from support import postgres_source
+
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS pw_user")
+        conn.execute("CREATE ROLE pw_user LOGIN PASSWORD 'the-right-one'")
+    hba = Path(pg_server.data_dir) / "pg_hba.conf"
+    original = hba.read_text()
+    # Only this role must prove a password; every other test keeps trust auth.
+    hba.write_text(f"host all pw_user 127.0.0.1/32 scram-sha-256\n{original}")
+    try:
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+        dsn = f"host=127.0.0.1 port={pg_server.port} user=pw_user dbname=postgres"
+        setup = make_setup(tmp_path, [r.toml() for r in s3_regions],
+                           [postgres_source("db", dsn)])
+        env = dict(os.environ, PGPASSWORD="Wr0ng-Secret-Guess")
+        result = subprocess.run([exe("drctl"), "--config", str(setup.config), "backup"],
+                                capture_output=True, text=True, timeout=120, env=env,
+                                check=False)
+    finally:
+        hba.write_text(original)
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+    assert result.returncode == 1
+    assert "password authentication failed" in result.stdout
+    assert "Wr0ng-Secret-Guess" not in result.stdout + result.stderr
+    for region in s3_regions:
+        assert keys(region) == []
