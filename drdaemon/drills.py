@@ -39,7 +39,7 @@ from . import catalog, slo
 from .catalog import SnapshotEntry
 from .config import Config, DrillCheck, SourceConfig
 from .errors import DrError, IntegrityError, SourceError, UsageError
-from .keys import load_identities
+from .keys import identities_for
 from .manifest import Manifest, new_snapshot_id
 from .report import ReportData
 from .restore import stream_into
@@ -714,9 +714,7 @@ def run_drills(rt: Runtime, identities: Sequence[x25519.Identity] | None = None,
         raise UsageError("no source to drill" + (f" in tier {tier!r}" if tier else ""))
     region = rt.store(region).name if region else default_region(cfg)
     if identities is None:
-        if cfg.keys.identity_file is None:
-            raise UsageError("drills decrypt: set [keys] identity_file or pass --identity FILE")
-        identities = load_identities(cfg.keys.identity_file)
+        identities = identities_for(cfg, None, "a drill")
     tiers = {s.tier for s in chosen}
     snapshots = _Catalog.read(rt, [s.name for s in cfg.sources if s.tier in tiers])
     run = DrillRun()

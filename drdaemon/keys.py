@@ -138,3 +138,12 @@ def ensure_generated_keys(config: Config) -> Config:
         if rec not in recipients:
             recipients.append(rec)
     return replace(config, keys=replace(keys, recipients=tuple(recipients)))
+
+
+def identities_for(config: Config, explicit: Path | None, why: str) -> list[x25519.Identity]:
+    """The identities to decrypt with: `explicit` (--identity), else [keys] identity_file."""
+    path = explicit or config.keys.identity_file
+    if path is None:
+        raise UsageError(f"{why} needs a private key: pass --identity FILE or set "
+                         "[keys] identity_file")
+    return load_identities(path)

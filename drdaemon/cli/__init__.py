@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -21,6 +22,9 @@ config_option = click.option(
     "--config", "config_path", metavar="PATH", envvar="DRDAEMON_CONFIG",
     help="Config file (default: $DRDAEMON_CONFIG, else the embedded demo config).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+identity_option = click.option(
+    "--identity", "identity_file", type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE", help="age identity file (default: [keys] identity_file).")
 
 
 def emit_json(data: Any) -> None:

@@ -10,12 +10,12 @@ import click
 
 from .. import drills
 from ..errors import UsageError
-from ..keys import load_identities
+from ..keys import identities_for
 from ..report import FORMATS, against, duration, rate, render, size, when
 from ..runtime import utcnow
 from ..state import write_atomic
 from ..units import parse_duration
-from . import emit_json, get_config, get_runtime, handle_errors, json_option
+from . import emit_json, get_config, get_runtime, handle_errors, identity_option, json_option
 
 
 @click.group("drill")
@@ -42,18 +42,17 @@ def since_from(text: str, now: datetime) -> datetime:
               help="Source to drill (repeatable; default: all).")
 @click.option("--region", metavar="NAME",
               help="Region to restore from (default: the first one that is not the primary).")
-@click.option("--identity", "identity_file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="age identity file (default: [keys] identity_file).")
+@identity_option
 @json_option
 @click.pass_context
 @handle_errors("drctl")
 def drill_run(ctx: click.Context, sources: tuple[str, ...], region: str | None,
-              identity_file: str | None, as_json: bool) -> None:
+              identity_file: Path | None, as_json: bool) -> None:
     """Restore each source's newest snapshot into scratch space, verify it, measure
     RTO and RPO against its tier, record the drill and remove the scratch copy.
     Exit 1 if any drill failed."""
     rt = get_runtime(ctx)
-    identities = load_identities(Path(identity_file)) if identity_file else None
+    identities = identities_for(rt.config, identity_file, "a drill")
     run = drills.run_drills(rt, identities, list(sources), region=region)
     if as_json:
         emit_json(run.to_dict())

@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
-from ..keys import load_identities
+from ..keys import identities_for
 from ..replicate import ReplicationReport, run_replicate
 from ..units import format_bytes
 from ..verify import VerifyReport, run_verify
-from . import emit_json, get_runtime, handle_errors, json_option
+from . import emit_json, get_runtime, handle_errors, identity_option, json_option
 
 source_option = click.option("--source", "sources", multiple=True, metavar="NAME",
                              help="Only this source (repeatable; default: all).")
@@ -86,13 +86,12 @@ def replication_lines(report: ReplicationReport) -> list[str]:
 @click.option("--region", metavar="NAME", help="Only this region (default: all).")
 @click.option("--deep", is_flag=True,
               help="Also decrypt and decompress each copy end to end (needs the identity).")
-@click.option("--identity", "identity_file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="age identity file for --deep (default: [keys] identity_file).")
+@identity_option
 @json_option
 @click.pass_context
 @handle_errors("drctl")
 def verify_cmd(ctx: click.Context, sources: tuple[str, ...], region: str | None, deep: bool,
-               identity_file: str | None, as_json: bool) -> None:
+               identity_file: Path | None, as_json: bool) -> None:
     """Stream every copy and check its size and sha256 against its manifest.
 
     Exit 1 on any missing, corrupt or unreadable copy.
@@ -102,11 +101,7 @@ def verify_cmd(ctx: click.Context, sources: tuple[str, ...], region: str | None,
     if identity_file and not deep:
         raise UsageError("--identity is only used with --deep")
     if deep:
-        path = Path(identity_file) if identity_file else rt.config.keys.identity_file
-        if path is None:
-            raise UsageError("--deep decrypts: pass --identity FILE or set "
-                             "[keys] identity_file")
-        identities = load_identities(path)
+        identities = identities_for(rt.config, identity_file, "--deep")
     report = run_verify(rt, list(sources) or None, region, deep=deep, identities=identities)
     if as_json:
         emit_json(report.to_dict())
