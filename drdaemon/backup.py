@@ -17,10 +17,10 @@ from datetime import datetime
 
 from . import __version__, manifest, state
 from .config import SourceConfig
-from .errors import DrError
+from .errors import DrError, SourceError
 from .keys import fingerprint
 from .manifest import Manifest
-from .pipeline import encrypt_and_upload
+from .pipeline import Cancelled, encrypt_and_upload
 from .runtime import Runtime
 from .sources import directory, postgres
 from .sources.base import Dump
@@ -36,6 +36,7 @@ class BackupResult:
     regions: list[str] = field(default_factory=list)
     failed_regions: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    error_kind: str | None = None  # source, storage, cancelled or other: bounded, for metrics
     manifest: Manifest | None = None
 
     @property
@@ -55,6 +56,17 @@ class BackupResult:
             "size": m.size if m else None, "plaintext_size": m.plaintext_size if m else None,
             "sha256": m.sha256 if m else None,
         }
+
+
+def error_kind(exc: DrError) -> str:
+    """The bounded class of a snapshot failure, from the exception's type."""
+    if isinstance(exc, Cancelled):
+        return "cancelled"
+    if isinstance(exc, StorageError):
+        return "storage"
+    if isinstance(exc, SourceError):
+        return "source"
+    return "other"
 
 
 @contextmanager
@@ -78,6 +90,7 @@ def snapshot(rt: Runtime, source: SourceConfig,
         _snapshot(rt, source, result, on_progress)
     except DrError as exc:
         result.error = str(exc)
+        result.error_kind = error_kind(exc)
     event = "snapshot.committed" if result.ok else "snapshot.failed"
     rt.record_event(event, **result.to_dict())
     state.record_outcome(rt.config.daemon.state_dir, result.source, rt.clock(), result.ok,

@@ -125,19 +125,8 @@ def source_view(cfg: Config, info: SourceInfo, entries: Iterable[catalog.Snapsho
 
 
 def failure_reason(result: BackupResult) -> str:
-    """Pure: a failed snapshot's bounded reason, from what BackupResult tells.
-
-    backup.snapshot turns every error into a string; its storage failures
-    start with the phrases below and a shutdown is pipeline.Cancelled's text.
-    """
-    error = result.error or ""
-    if "stopped by shutdown" in error:
-        return "cancelled"
-    if error.startswith(("no region", "every region failed")):
-        return "storage"
-    if error.startswith("internal error") or not error:
-        return "other"
-    return "source"
+    """Pure: a failed snapshot's bounded `reason` label (set from the exception type)."""
+    return result.error_kind or "other"
 
 
 class DrillRecordLike(Protocol):

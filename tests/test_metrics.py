@@ -25,7 +25,8 @@ from support import Setup, directory_source, local_region, make_setup
 
 from drdaemon import config as config_mod
 from drdaemon import metrics
-from drdaemon.backup import BackupResult, snapshot
+from drdaemon.backup import BackupResult, error_kind, snapshot
+from drdaemon.errors import DrError, SourceError
 from drdaemon.metrics import (
     DrillView,
     MetricsState,
@@ -36,10 +37,12 @@ from drdaemon.metrics import (
     retention_span_target,
     schedule_view,
 )
+from drdaemon.pipeline import AllRegionsFailed, Cancelled
 from drdaemon.prune import Change, PrunePlan, PruneReport
 from drdaemon.runtime import open_runtime
 from drdaemon.scheduler import Daemon
 from drdaemon.status import source_statuses
+from drdaemon.storage import StorageError
 from drdaemon.verify import CopyCheck, VerifyReport, run_verify
 
 ALERTS = Path(__file__).resolve().parent.parent / "config" / "prometheus" / "alerts.yml"
@@ -136,17 +139,17 @@ def test_no_label_holds_a_snapshot_id_or_anything_unbounded() -> None:
                 assert set(s.labels) <= bounded, s
 
 
-@pytest.mark.parametrize(("error", "reason"), [
-    ("stopped by shutdown before the upload completed", "cancelled"),
-    ("no region can be written: eu: refused; us: refused", "storage"),
-    ("no region committed the snapshot: eu: 503", "storage"),
-    ("every region failed: eu: timeout", "storage"),
-    ("internal error: KeyError('x')", "other"),
-    ("directory /srv/files does not exist", "source"),
-    ("pg_dump of host=db failed (exit 1): permission denied", "source"),
+@pytest.mark.parametrize(("exc", "reason"), [
+    (Cancelled("stopped by shutdown before the upload completed"), "cancelled"),
+    (StorageError("no region can be written: eu: refused; us: refused"), "storage"),
+    (AllRegionsFailed("every region failed: eu: timeout"), "storage"),
+    (SourceError("pg_dump of host=db failed (exit 1): permission denied"), "source"),
+    (DrError("something else"), "other"),
 ])
-def test_failure_reason_is_one_of_four(error: str, reason: str) -> None:
-    assert failure_reason(BackupResult("s", error=error)) == reason
+def test_failure_reason_is_one_of_four(exc: DrError, reason: str) -> None:
+    result = BackupResult("s", error=str(exc), error_kind=error_kind(exc))
+    assert failure_reason(result) == reason
+    assert failure_reason(BackupResult("s", error="internal error: KeyError")) == "other"
 
 
 def test_retention_span_target_is_promised_only_for_the_published_policy_or_longer() -> None:
