@@ -1,6 +1,8 @@
 # drdaemon: runs `drdaemon run` with the config at /etc/drdaemon/drdaemon.toml.
 #   docker build -t drdaemon .
 #   docker run -v /etc/drdaemon:/etc/drdaemon:ro -v drdaemon-state:/var/lib/drdaemon drdaemon
+# In the container set `[daemon] metrics_address = ":9467"` so Prometheus can reach it
+# (the default, 127.0.0.1:9467, listens inside the container only).
 # pg_dump must be at least the version of the servers it dumps: Debian 12 ships 15;
 # for newer servers install postgresql-client-NN from the PostgreSQL apt repository.
 FROM python:3.11-slim-bookworm
