@@ -46,6 +46,10 @@ class DaemonConfig:
     prune_schedule: str = "30 4 * * *"
     replicate_schedule: str = "0 */6 * * *"
     verify_schedule: str = "0 5 * * 0"
+    # Optional: an advisory lock in this PostgreSQL database, so that daemons on
+    # two hosts with the same config never both run jobs.
+    lock_dsn: str | None = None
+    lock_name: str = "drdaemon"
 
 
 @dataclass(frozen=True)
@@ -299,6 +303,10 @@ class _Parser:
         def cron(name: str) -> str:
             return t.convert(name, lambda v: _cron(v, tz), getattr(d, name), what=cron_what)
 
+        lock_dsn = t.convert("lock_dsn", _dsn_without_password, None,
+                             what="a libpq DSN without a password", echo=False)
+        lock_name = t.take("lock_name", str, d.lock_name)
+        d = replace(d, lock_dsn=lock_dsn, lock_name=lock_name)
         d = replace(d, max_concurrent_snapshots=concurrent, jitter=jitter, shutdown_grace=grace,
                     retry_backoff=backoff,
                     prune_schedule=cron("prune_schedule"),

@@ -45,3 +45,33 @@ def hold(state_dir: Path, name: str) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)
+
+
+@contextmanager
+def hold_in_postgres(dsn: str, name: str) -> Iterator[None]:
+    """Hold a PostgreSQL advisory lock named `name` for the block, or raise Locked.
+
+    The state-folder lock only sees one host; daemons started on two hosts with
+    the same config meet here. The session lock ends with the connection, so a
+    crashed daemon never leaves it held.
+    """
+    import hashlib
+
+    import psycopg
+
+    from .sources.postgres import describe
+
+    key = int.from_bytes(hashlib.sha256(f"drdaemon:{name}".encode()).digest()[:8], "big",
+                         signed=True)
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=30)
+    except psycopg.Error as exc:
+        first = (str(exc).strip().splitlines() or ["error"])[0]
+        raise DrError(f"cannot reach the lock database {describe(dsn)}: {first}") from None
+    try:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        if not row or not row[0]:
+            raise Locked(f"another drdaemon holds the lock {name!r} in {describe(dsn)}")
+        yield
+    finally:
+        conn.close()

@@ -7,6 +7,7 @@ the scheduler, the services and the signals.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -286,7 +287,11 @@ class Daemon:
 def run_daemon(rt: Runtime, *, once: bool = False) -> None:
     """Run until SIGTERM/SIGINT (or, with once, take the overdue snapshots and return)."""
     setup_logging()
-    with locks.hold(rt.config.daemon.state_dir, "daemon"):
+    cfg = rt.config.daemon
+    with contextlib.ExitStack() as held:
+        held.enter_context(locks.hold(cfg.state_dir, "daemon"))
+        if cfg.lock_dsn:
+            held.enter_context(locks.hold_in_postgres(cfg.lock_dsn, cfg.lock_name))
         if once:
             daemon = Daemon(rt)
             daemon.clean_stale_uploads()

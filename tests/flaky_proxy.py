@@ -12,8 +12,12 @@ class FlakyProxy:
     """Forwards 127.0.0.1:port to `upstream`; every `every`-th connection is reset
     after `after_bytes` of the request have passed (0 = at once)."""
 
-    def __init__(self, upstream: tuple[str, int], every: int, after_bytes: int = 0) -> None:
+    def __init__(self, upstream: tuple[str, int], every: int, after_bytes: int = 0,
+                 throttle: bool = False) -> None:
         self.upstream, self.every, self.after = upstream, every, after_bytes
+        # throttle: answer the flaky connections "503 SlowDown" as S3 does under load,
+        # instead of resetting them.
+        self.throttle = throttle
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
@@ -38,6 +42,9 @@ class FlakyProxy:
             threading.Thread(target=self._serve, args=(client, flaky), daemon=True).start()
 
     def _serve(self, client: socket.socket, flaky: bool) -> None:
+        if flaky and self.throttle:
+            self._slow_down(client)
+            return
         try:
             upstream = socket.create_connection(self.upstream)
         except OSError:
@@ -72,6 +79,19 @@ class FlakyProxy:
         for s in (client, upstream):
             with contextlib.suppress(OSError):
                 s.close()
+
+    def _slow_down(self, client: socket.socket) -> None:
+        self.resets += 1
+        body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                b"<Message>Please reduce your request rate.</Message></Error>")
+        with contextlib.suppress(OSError):
+            client.settimeout(5)
+            client.recv(65536)  # the request line and headers, at least
+            client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                           b"Connection: close\r\nContent-Length: " + str(len(body)).encode()
+                           + b"\r\n\r\n" + body)
+            client.shutdown(socket.SHUT_WR)
+        client.close()
 
     def close(self) -> None:
         self._stop.set()

@@ -165,8 +165,9 @@ def test_manifest_swapped_between_snapshots_is_refused(tmp_path: Path,
 
 # -- flaky storage ------------------------------------------------------------------
 
+@pytest.mark.parametrize("throttle", [False, True], ids=["resets", "503-slowdown"])
 def test_connection_resets_are_retried_and_the_snapshot_is_exact(
-        tmp_path: Path, s3_regions: list[S3Region]) -> None:
+        tmp_path: Path, s3_regions: list[S3Region], throttle: bool) -> None:
     from urllib.parse import urlparse
 
     from flaky_proxy import FlakyProxy
@@ -176,7 +177,8 @@ def test_connection_resets_are_retried_and_the_snapshot_is_exact(
     (tree / "blob").write_bytes(os.urandom(24 << 20))  # several 5 MiB parts
     eu, us = s3_regions
     up = urlparse(eu.endpoint_url)
-    proxy = FlakyProxy((up.hostname or "127.0.0.1", up.port or 80), every=3, after_bytes=100_000)
+    proxy = FlakyProxy((up.hostname or "127.0.0.1", up.port or 80), every=3, after_bytes=100_000,
+                       throttle=throttle)
     try:
         flaky_eu = eu.toml().replace(eu.endpoint_url, proxy.url)
         setup = make_setup(tmp_path, [flaky_eu, us.toml()], [directory_source("files", tree)])

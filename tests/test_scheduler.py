@@ -228,3 +228,23 @@ def test_daemon_repairs_a_lost_region_copy(tmp_path: Path, tree: Path,
         assert daemon.stop()
     listed = setup.drctl_json("snapshots", "list")["snapshots"]
     assert listed[0]["regions"] == ["eu-frankfurt", "us-virginia"]
+
+
+def test_daemons_on_two_hosts_meet_at_the_postgres_lock(tmp_path: Path, tree: Path,
+                                                         pg_server) -> None:
+    """Two state folders (two hosts), one config: the PostgreSQL lock lets one run."""
+    lock_dsn = pg_server.dsn()
+    setup = local_setup(tmp_path, tree, daemon=f'lock_dsn = "{lock_dsn}"\nlock_name = "t1"')
+    with locks.hold_in_postgres(lock_dsn, "t1"):
+        proc = subprocess.run([str(Path(sys.executable).parent / "drdaemon"), "--config",
+                               str(setup.config), "run", "--once"],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 1
+        assert "another drdaemon holds the lock 't1'" in proc.stderr
+        assert manifests(tmp_path) == []
+    # Released with the connection: now it runs.
+    proc = subprocess.run([str(Path(sys.executable).parent / "drdaemon"), "--config",
+                           str(setup.config), "run", "--once"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert len(manifests(tmp_path)) == 1
