@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
 from urllib.parse import urlparse
 
+from . import cron
 from .errors import ConfigError
 from .units import parse_duration, parse_size
 
@@ -535,11 +536,9 @@ def _number(value: Any) -> float:
 
 
 def _cron(value: Any, tz: str) -> str:
-    from apscheduler.triggers.cron import CronTrigger
-
     if not isinstance(value, str):
         raise TypeError("not a string")
-    CronTrigger.from_crontab(value, timezone=zoneinfo.ZoneInfo(tz))
+    cron.trigger(value, zoneinfo.ZoneInfo(tz))
     return value
 
 

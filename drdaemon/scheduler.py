@@ -20,9 +20,8 @@ from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.cron import CronTrigger
 
-from . import catalog, locks, metrics, state
+from . import catalog, cron, locks, metrics, state
 from .backup import BackupResult, snapshot
 from .config import SourceConfig
 from .errors import DrError
@@ -56,13 +55,6 @@ def overdue(sources: list[SourceConfig], newest: dict[str, datetime],
 def retry_delay(attempt: int, base: timedelta) -> timedelta:
     """Pure: exponential backoff, `base` doubling per attempt, capped at an hour."""
     return min(base * (2 ** min(attempt, 16)), MAX_BACKOFF)
-
-
-def cron_trigger(expr: str, tz: zoneinfo.ZoneInfo, jitter: timedelta) -> CronTrigger:
-    """A crontab expression as a trigger with jitter (from_crontab takes no jitter)."""
-    minute, hour, day, month, dow = expr.split()
-    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=dow,
-                       timezone=tz, jitter=int(jitter.total_seconds()) or None)
 
 
 def due_sources(rt: Runtime, now: datetime) -> list[SourceConfig]:
@@ -239,12 +231,12 @@ class Daemon:
         cfg = self.rt.config.daemon
         self.clean_stale_uploads()
         for src in self.rt.config.sources:
-            self.scheduler.add_job(self.snapshot_job, cron_trigger(src.schedule, self.tz,
+            self.scheduler.add_job(self.snapshot_job, cron.trigger(src.schedule, self.tz,
                                                                    cfg.jitter),
                                    args=(src,), id=f"snapshot:{src.name}",
                                    name=f"snapshot {src.name}", executor="snapshots")
         for name, expr, fn in self._maintenance():
-            self.scheduler.add_job(self.maintenance_job, cron_trigger(expr, self.tz, cfg.jitter),
+            self.scheduler.add_job(self.maintenance_job, cron.trigger(expr, self.tz, cfg.jitter),
                                    args=(name, fn), id=name, name=name)
         self.scheduler.add_job(self.catch_up, "interval",
                                seconds=WATCHDOG_INTERVAL.total_seconds(), id="watchdog",

@@ -6,9 +6,7 @@ import zoneinfo
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from apscheduler.triggers.cron import CronTrigger
-
-from . import catalog, state
+from . import catalog, cron, state
 from .config import Config, SourceConfig
 from .manifest import Manifest
 from .runtime import Runtime
@@ -59,7 +57,7 @@ def _iso(t: datetime | None) -> str | None:
 
 def next_run(source: SourceConfig, tz: str, now: datetime) -> datetime | None:
     """When the source's cron fires next after `now`."""
-    trigger = CronTrigger.from_crontab(source.schedule, timezone=zoneinfo.ZoneInfo(tz))
+    trigger = cron.trigger(source.schedule, zoneinfo.ZoneInfo(tz))
     fire: datetime | None = trigger.get_next_fire_time(None, now)
     return fire
 
