@@ -115,7 +115,8 @@ class FanOut(io.RawIOBase, Remembering):
         self.size += n
         self.buf += data
         while len(self.buf) >= (size := self._part_size()):
-            part = bytes(self.buf[:size])
+            with memoryview(self.buf) as view:
+                part = bytes(view[:size])  # one copy, not a slice copy and then another
             del self.buf[:size]
             self._dispatch(part)
         return n

@@ -49,14 +49,16 @@ class RestoreResult:
         return dict(self.__dict__)
 
 
-def open_sink(source: SourceConfig, m: Manifest, target: str, force: bool) -> Sink:
-    """A staged restore target for the snapshot's kind."""
+def open_sink(source: SourceConfig, m: Manifest, target: str, force: bool,
+              jobs: int | None = None, scratch_dir: Path | None = None) -> Sink:
+    """A staged restore target for the snapshot's kind (`jobs`: parallel pg_restore)."""
     if m.kind != source.kind:
         raise UsageError(f"snapshot {m.id} is a {m.kind} snapshot, source {source.name} "
                          f"is {source.kind}")
     if source.kind == "postgres":
         assert source.dsn is not None
-        return PostgresSink(source.dsn, target, force)
+        return PostgresSink(source.dsn, target, force, jobs=jobs, scratch_dir=scratch_dir,
+                            size_hint=m.plaintext_size)
     return DirectorySink(Path(target), m.id, m.facts)
 
 
@@ -104,17 +106,31 @@ def stream_into(store: ObjectStore, m: Manifest, identities: Sequence[x25519.Ide
 
 
 def _raise_consumer_reason(sink: Sink, cause: BaseException) -> NoReturn:
-    """A broken pipe only says the consumer (pg_restore, tar) stopped: its own error says why."""
-    if isinstance(cause, OSError) and not isinstance(cause, DrError):
+    """A broken pipe only says the consumer (pg_restore, tar) stopped: its own error says why.
+
+    Any other write error (e.g. a full scratch disk) is the reason itself.
+    """
+    if isinstance(cause, BrokenPipeError):
         sink.complete()  # raises the consumer's error, if it has one
     raise cause
 
 
 def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str, ref: str,
             target: str, *, region: str | None = None, force: bool = False,
+            jobs: int | None = None, scratch_dir: Path | None = None,
             on_progress: Progress | None = None) -> RestoreResult:
-    """Restore snapshot `ref` of a source to `target`, falling back across regions."""
+    """Restore snapshot `ref` of a source to `target`, falling back across regions.
+
+    `jobs` (postgres only): the verified dump goes to a private file in
+    `scratch_dir` (default: the state folder's `restore/`) for `pg_restore --jobs`.
+    """
     source = rt.config.source(source_name)
+    if jobs is not None and source.kind != "postgres":
+        raise UsageError(f"--jobs applies to postgres sources only; {source.name} is a "
+                         f"{source.kind} source")
+    if scratch_dir is not None and jobs is None:
+        raise UsageError("--scratch-dir is used only with --jobs")
+    scratch = scratch_dir or rt.config.daemon.state_dir / "restore"
     entry: SnapshotEntry = resolve(rt, source.name, ref)
     failed: dict[str, str] = {}
     for store in rt.ordered_stores(region):
@@ -124,7 +140,7 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
         started = time.monotonic()
         try:
             m = read_manifest(rt, store, source.name, entry.id)
-            sink = open_sink(source, m, target, force)
+            sink = open_sink(source, m, target, force, jobs, scratch)
         except UsageError:
             raise
         except DrError as exc:
@@ -139,6 +155,9 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
             sink.discard()
             failed[store.name] = str(exc) or exc.__class__.__name__
             continue
+        except BaseException:  # e.g. Ctrl-C: nothing staged may stay behind
+            sink.discard()
+            raise
         try:
             # The copy is verified; a failure to move it into place is about the
             # target (e.g. clients still connected), so no other region would help.

@@ -11,10 +11,18 @@ from .. import backup as backup_service
 from .. import catalog
 from .. import restore as restore_service
 from ..errors import UsageError
-from ..keys import generate_identity, generate_manifest_key, load_identities
+from ..keys import generate_identity, generate_manifest_key, identities_for
 from ..progress import ProgressLine
 from ..units import format_bytes, format_duration
-from . import config_option, emit_json, get_config, get_runtime, handle_errors, json_option
+from . import (
+    config_option,
+    emit_json,
+    get_config,
+    get_runtime,
+    handle_errors,
+    identity_option,
+    json_option,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -207,24 +215,26 @@ def snapshots_show(ctx: click.Context, snapshot_id: str, source: str | None,
                    "directory: a new or empty folder.")
 @click.option("--region", metavar="NAME", help="Region to read from first.")
 @click.option("--force", is_flag=True, help="Replace a non-empty existing database.")
-@click.option("--identity", "identity_file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="age identity file (default: [keys] identity_file).")
+@identity_option
+@click.option("--jobs", type=click.IntRange(min=1), metavar="N",
+              help="postgres: pg_restore with N parallel jobs from a verified, private "
+                   "scratch copy of the dump (needs its plaintext size of free disk).")
+@click.option("--scratch-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Folder for the --jobs scratch copy (default: <state_dir>/restore).")
 @json_option
 @click.pass_context
 @handle_errors("drctl")
 def restore_cmd(ctx: click.Context, snapshot: str, source: str, target: str,
-                region: str | None, force: bool, identity_file: str | None,
-                as_json: bool) -> None:
+                region: str | None, force: bool, identity_file: Path | None,
+                jobs: int | None, scratch_dir: Path | None, as_json: bool) -> None:
     """Restore a snapshot, verified end to end, falling back to other regions."""
     rt = get_runtime(ctx)
-    path = Path(identity_file) if identity_file else rt.config.keys.identity_file
-    if path is None:
-        raise UsageError("no identity: pass --identity FILE or set [keys] identity_file")
-    identities = load_identities(path)
+    identities = identities_for(rt.config, identity_file, "restore")
     line = ProgressLine(f"restore {source}")
     try:
         result = restore_service.restore(rt, identities, source, snapshot, target,
-                                         region=region, force=force, on_progress=line.update)
+                                         region=region, force=force, jobs=jobs,
+                                         scratch_dir=scratch_dir, on_progress=line.update)
     finally:
         line.close()
     if as_json:

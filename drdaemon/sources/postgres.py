@@ -9,12 +9,15 @@ stream has verified end to end; the target is never half-written.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import psycopg
@@ -167,11 +170,19 @@ def target_dsn(source_dsn: str, target: str) -> str:
 
 
 class PostgresSink:
-    """pg_restore into a fresh staging database, renamed to the target on commit."""
+    """pg_restore into a fresh staging database, renamed to the target on commit.
+
+    By default pg_restore reads the dump from its stdin as it streams in. With
+    `jobs`, pg_restore needs a seekable file: the dump is written to a private
+    0600 file in `scratch_dir` and `pg_restore --jobs` runs on it in `complete()`,
+    i.e. only after the stream verified; the file is removed afterwards whatever
+    happens (complete, commit or discard).
+    """
 
     def __init__(self, source_dsn: str, target: str, force: bool, *,
                  staging_prefix: str = "drdaemon_restore_",
-                 restore_options: Sequence[str] = ()) -> None:
+                 restore_options: Sequence[str] = (), jobs: int | None = None,
+                 scratch_dir: Path | None = None, size_hint: int = 0) -> None:
         # Drills never commit: they verify the staging database itself and drop
         # it, under their own prefix, restored with their own pg_restore options.
         self.dsn = target_dsn(source_dsn, target)
@@ -180,21 +191,55 @@ class PostgresSink:
         self.staging = f"{staging_prefix}{secrets.token_hex(6)}"
         self.staging_dsn = make_conninfo(self.dsn, dbname=self.staging)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.stderr: StderrTail | None = None
         self.notes: list[str] = []
+        self.jobs = jobs
+        self.dump_file: Path | None = None
+        self.command = [_tool("pg_restore"), "--exit-on-error", "--no-password",
+                        *restore_options, f"--dbname={self.staging_dsn}"]
+        if jobs is not None and scratch_dir is None:
+            raise UsageError("pg_restore --jobs needs a scratch folder")
         self.target_exists = self._check_target(force)
         self._admin(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
             sql.Identifier(self.staging)))
         try:
+            if jobs is not None:
+                assert scratch_dir is not None
+                self.writer = self._open_dump_file(scratch_dir, size_hint)
+                return
             self.proc = subprocess.Popen(
-                [_tool("pg_restore"), "--exit-on-error", "--no-password", *restore_options,
-                 f"--dbname={self.staging_dsn}"],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                self.command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE)
         except BaseException:
             self.discard()
             raise
         self.stderr = StderrTail(self.proc)
         assert self.proc.stdin is not None
         self.writer = cast(BinaryIO, self.proc.stdin)
+
+    def _open_dump_file(self, scratch_dir: Path, size_hint: int) -> BinaryIO:
+        try:
+            scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            free = shutil.disk_usage(scratch_dir).free
+            if free < size_hint:
+                raise UsageError(
+                    f"scratch folder {scratch_dir} has {free >> 20} MiB free, the dump needs "
+                    f"{size_hint >> 20} MiB: choose another with --scratch-dir")
+            # mkstemp creates the file 0600 and never reuses an existing name.
+            fd, name = tempfile.mkstemp(prefix="drdaemon-restore-", suffix=".pgdump",
+                                        dir=scratch_dir)
+        except OSError as exc:
+            raise UsageError(f"cannot create a scratch file in {scratch_dir}: "
+                             f"{exc.strerror or exc}") from None
+        self.dump_file = Path(name)
+        return os.fdopen(fd, "wb", buffering=1 << 20)
+
+    def _remove_dump_file(self) -> None:
+        if self.dump_file is not None:
+            with suppress(OSError):
+                self.writer.close()
+            self.dump_file.unlink(missing_ok=True)
+            self.dump_file = None
 
     def _admin(self, query: sql.Composed | sql.SQL, params: tuple[Any, ...] = ()) -> list[Any]:
         with _connect(self.admin_dsn, autocommit=True) as conn:
@@ -216,7 +261,10 @@ class PostgresSink:
         return True
 
     def complete(self) -> None:
-        assert self.proc is not None
+        if self.jobs is not None:
+            self._restore_file()
+            return
+        assert self.proc is not None and self.stderr is not None
         with suppress(BrokenPipeError):
             self.writer.close()
         code = self.proc.wait()
@@ -224,7 +272,27 @@ class PostgresSink:
             raise SourceError(f"pg_restore into {self.name!r} failed (exit {code}): "
                               f"{self.stderr.text() or 'no message'}")
 
+    def _restore_file(self) -> None:
+        """pg_restore --jobs from the verified dump file, which is removed afterwards."""
+        assert self.dump_file is not None
+        try:
+            self.writer.close()
+            self.proc = subprocess.Popen(
+                [*self.command, f"--jobs={self.jobs}", str(self.dump_file)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self.stderr = StderrTail(self.proc)
+            code = self.proc.wait()
+        except OSError as exc:
+            raise SourceError(f"restoring into {self.name!r} from {self.dump_file}: "
+                              f"{exc.strerror or exc}") from None
+        finally:
+            self._remove_dump_file()
+        if code != 0:
+            raise SourceError(f"pg_restore into {self.name!r} failed (exit {code}): "
+                              f"{self.stderr.text() or 'no message'}")
+
     def commit(self) -> str:
+        self._remove_dump_file()
         if self.target_exists:
             self._admin(sql.SQL("DROP DATABASE {}").format(sql.Identifier(self.name)))
         self._admin(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
@@ -235,5 +303,6 @@ class PostgresSink:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._remove_dump_file()
         self._admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
             sql.Identifier(self.staging)))
