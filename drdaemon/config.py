@@ -361,7 +361,7 @@ class _Parser:
         threads = t.take("zstd_threads", int, 2)
         if not 0 <= threads <= 64:
             self.fail(t.key("zstd_threads"), "an integer from 0 to 64", threads)
-        part = t.convert("part_size", parse_size, 16 << 20, what="a size like 16MiB")
+        part = t.convert("part_size", parse_size, 8 << 20, what="a size like 8MiB")
         if not (5 << 20) <= part <= (1 << 30):
             self.fail(t.key("part_size"), "a size from 5MiB to 1GiB (S3's part limits)", part)
         t.done()

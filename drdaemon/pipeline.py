@@ -151,6 +151,19 @@ class Stored:
     failed: dict[str, str] = field(default_factory=dict)
 
 
+# zstd's worker threads each buffer a whole job (by default several times the
+# window: ~90 MiB at level 3 with two threads). 2 MiB jobs measured the same
+# speed and +0.1 % size on dump-like text, for a third of the memory.
+ZSTD_JOB_SIZE = 2 << 20
+
+
+def zstd_params(level: int, threads: int) -> zstandard.ZstdCompressionParameters:
+    """Compression parameters: a standard frame with a checksum, bounded job buffers."""
+    return zstandard.ZstdCompressionParameters.from_level(
+        level, threads=threads, job_size=ZSTD_JOB_SIZE if threads else 0,
+        write_checksum=True)
+
+
 def parse_recipients(recipients: Sequence[str]) -> list[x25519.Recipient]:
     """age recipients from their text form (validated when the config loaded)."""
     return [x25519.Recipient.from_str(r) for r in recipients]
@@ -166,7 +179,7 @@ def encrypt_and_upload(plain: BinaryIO, uploads: dict[str, Upload], recipients: 
     failed on their own are reported in `Stored.failed`.
     """
     source = CountingReader(plain, on_read=on_progress)
-    cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    cctx = zstandard.ZstdCompressor(compression_params=zstd_params(level, threads))
     compressed = CountingReader(cctx.stream_reader(cast(BinaryIO, source), read_size=1 << 20))
     fan = FanOut(uploads, part_size, cancel)
     try:
