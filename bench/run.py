@@ -55,24 +55,14 @@ from conftest import (  # noqa: E402
     find_free_port,
     newest_pg_bin_dir,
 )
+from lms import SCHEMA  # noqa: E402  (the test suite's LMS tables)
 
 from drdaemon.keys import generate_identity, generate_manifest_key  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 MIB = 1 << 20
 
-LMS_SCHEMA = """
-CREATE TABLE institutions (id serial PRIMARY KEY, name text NOT NULL, tier text NOT NULL);
-CREATE TABLE users (id serial PRIMARY KEY, institution_id int REFERENCES institutions(id),
-                    email text UNIQUE NOT NULL, display_name text, created_at timestamptz);
-CREATE TABLE courses (id serial PRIMARY KEY, institution_id int REFERENCES institutions(id),
-                      title text NOT NULL, syllabus text);
-CREATE TABLE enrolments (user_id int REFERENCES users(id), course_id int REFERENCES courses(id),
-                         role text NOT NULL, PRIMARY KEY (user_id, course_id));
-CREATE TABLE submissions (id bigserial PRIMARY KEY, user_id int REFERENCES users(id),
-                          course_id int REFERENCES courses(id), body text, attachment bytea,
-                          grade numeric(5,2), submitted_at timestamptz);
-CREATE INDEX ON submissions (course_id);
+LMS_SCHEMA = SCHEMA + """
 INSERT INTO institutions (name, tier) VALUES ('Université de Genève', 'paid'),
   ('北京大学', 'paid'), ('Springfield Community College', 'free');
 INSERT INTO users (institution_id, email, display_name, created_at)

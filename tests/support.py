@@ -91,3 +91,17 @@ def snapshot_keys(client: Any, bucket: str) -> list[str]:
     """Object keys of a bucket outside the audit mirror (audit/ records failures too)."""
     return [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])
             if not o["Key"].startswith("audit/")]
+
+
+def stored_key(region: Any, suffix: str) -> str:
+    """The first object key in a test region's bucket ending with `suffix`."""
+    objs = region.client().list_objects_v2(Bucket=region.bucket)["Contents"]
+    return next(o["Key"] for o in objs if o["Key"].endswith(suffix))
+
+
+def flip_byte(region: Any, key: str, at: int | None = None) -> None:
+    """Corrupt one stored object in place: flip the byte at `at` (default: the middle)."""
+    client = region.client()
+    body = bytearray(client.get_object(Bucket=region.bucket, Key=key)["Body"].read())
+    body[len(body) // 2 if at is None else at] ^= 0xFF
+    client.put_object(Bucket=region.bucket, Key=key, Body=bytes(body))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import S3Region
-from support import Setup, directory_source, make_setup, snapshot_keys
+from support import Setup, directory_source, flip_byte, make_setup, snapshot_keys
 
 from drdaemon.sources.directory import scan, summarize
 
@@ -142,10 +142,7 @@ def test_corrupt_object_falls_back_to_other_region(setup: Setup, tree: Path, tmp
                                                    s3_regions: list[S3Region]) -> None:
     [snap] = setup.drctl_json("backup")
     first = s3_regions[0]
-    key = data_object(first, snap)
-    body = bytearray(first.client().get_object(Bucket=first.bucket, Key=key)["Body"].read())
-    body[len(body) // 2] ^= 0x01
-    first.client().put_object(Bucket=first.bucket, Key=key, Body=bytes(body))
+    flip_byte(first, data_object(first, snap))
 
     target = tmp_path / "out"
     result = setup.drctl("restore", "latest", "--source", "lms-files", "--to", str(target))

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from conftest import PgServer, S3Region
 from lms import populate
-from support import Setup, directory_source, make_setup, postgres_source
+from support import Setup, directory_source, flip_byte, make_setup, postgres_source, stored_key
 
 from drdaemon import config as config_mod
 from drdaemon import drills, manifest
@@ -60,16 +60,8 @@ def result_line(setup: Setup) -> str:
     return setup.drctl("drill", "list").stdout.splitlines()[-1].split("  ", 1)[1]
 
 
-def data_key(region: S3Region, suffix: str) -> str:
-    objs = region.client().list_objects_v2(Bucket=region.bucket)["Contents"]
-    return next(o["Key"] for o in objs if o["Key"].endswith(suffix))
-
-
 def corrupt(region: S3Region, suffix: str) -> None:
-    client, key = region.client(), data_key(region, suffix)
-    body = bytearray(client.get_object(Bucket=region.bucket, Key=key)["Body"].read())
-    body[len(body) // 2] ^= 0xFF
-    client.put_object(Bucket=region.bucket, Key=key, Body=bytes(body))
+    flip_byte(region, stored_key(region, suffix))
 
 
 def test_postgres_drill_passes_records_and_protects(tmp_path: Path, lms_dsn: str,

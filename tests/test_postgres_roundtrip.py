@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from conftest import PgServer, S3Region
 from lms import TABLES, populate, table_rows
-from support import Setup, make_setup, postgres_source, snapshot_keys
+from support import Setup, flip_byte, make_setup, postgres_source, snapshot_keys, stored_key
 
 
 @pytest.fixture
@@ -92,12 +92,8 @@ def test_corrupt_object_everywhere_leaves_no_database(setup: Setup, pg_server: P
                                                       s3_regions: list[S3Region]) -> None:
     [snap] = setup.drctl_json("backup")
     for region in s3_regions:
-        client = region.client()
-        key = next(o["Key"] for o in client.list_objects_v2(Bucket=region.bucket)["Contents"]
-                   if o["Key"].endswith(".pgdump.zst.age"))
-        body = bytearray(client.get_object(Bucket=region.bucket, Key=key)["Body"].read())
-        body[-200] ^= 0xFF  # the tail: pg_restore has already consumed most of the dump
-        client.put_object(Bucket=region.bucket, Key=key, Body=bytes(body))
+        # the tail: pg_restore has already consumed most of the dump
+        flip_byte(region, stored_key(region, ".pgdump.zst.age"), at=-200)
     result = setup.drctl("restore", snap["snapshot_id"], "--source", "lms-db", "--to", "never")
     assert result.exit_code == 1
     assert "failed in every region" in result.stderr

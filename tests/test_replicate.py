@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import S3Region
-from support import Setup, directory_source, make_setup, snapshot_keys
+from support import Setup, directory_source, flip_byte, make_setup, snapshot_keys
 
 from drdaemon import manifest as manifest_mod
 from drdaemon import prune
@@ -153,12 +153,6 @@ def write(region: S3Region, key: str, body: bytes) -> None:
     region.client().put_object(Bucket=region.bucket, Key=key, Body=body)
 
 
-def flip_bit(region: S3Region, key: str) -> None:
-    body = bytearray(read(region, key))
-    body[len(body) // 2] ^= 0x01
-    write(region, key, bytes(body))
-
-
 def run_json(setup: Setup, *args: str, exit_code: int) -> Any:
     result = setup.drctl(*args, "--json")
     assert result.exit_code == exit_code, result.output + result.stderr
@@ -240,7 +234,7 @@ def test_bit_flip_is_found_by_verify_and_replaced_from_the_good_region(
     [snap] = setup.drctl_json("backup")
     eu = s3_regions[0]
     key = data_key(eu, snap["snapshot_id"])
-    flip_bit(eu, key)
+    flip_byte(eu, key)
 
     # By choice, replicate checks manifests and sizes only (cheap, every few
     # hours); the same-size flip is for verify, or for replicate --verify.
@@ -269,7 +263,7 @@ def test_a_right_sized_orphan_is_a_source_once_it_verifies(setup: Setup,
     """eu's copy is corrupt and us lost its manifest (its data is fine): both heal."""
     [snap] = setup.drctl_json("backup")
     eu, us = s3_regions
-    flip_bit(eu, data_key(eu, snap["snapshot_id"]))
+    flip_byte(eu, data_key(eu, snap["snapshot_id"]))
     us.client().delete_object(Bucket=us.bucket, Key=manifest_mod.manifest_object_name(
         "lms-files", snap["snapshot_id"]))
 
@@ -299,7 +293,7 @@ def test_repair_from_a_corrupt_only_copy_fails_and_leaves_nothing(
     # 12 MiB of noise: three 5 MiB parts, so parts are uploaded before the
     # corruption shows at the end of the stream and must be aborted.
     setup, eu, us, snap = degraded_backup(tmp_path, moto_region_factory, blob=12 << 20)
-    flip_bit(eu, data_key(eu, snap["snapshot_id"]))
+    flip_byte(eu, data_key(eu, snap["snapshot_id"]))
 
     report = run_json(setup, "replicate", "--repair", exit_code=1)
     [failed] = report["repairs"]

@@ -12,7 +12,15 @@ import psycopg
 import pytest
 from conftest import PgServer, S3Region
 from lms import populate, table_rows
-from support import Setup, directory_source, local_region, make_setup, postgres_source
+from support import (
+    Setup,
+    directory_source,
+    flip_byte,
+    local_region,
+    make_setup,
+    postgres_source,
+    stored_key,
+)
 
 from drdaemon.sources.postgres import PostgresSink
 
@@ -72,12 +80,8 @@ def test_corrupt_object_leaves_nothing(setup: Setup, pg_server: PgServer,
                                        s3_regions: list[S3Region], tmp_path: Path) -> None:
     [snap] = setup.drctl_json("backup")
     for region in s3_regions:
-        client = region.client()
-        key = next(o["Key"] for o in client.list_objects_v2(Bucket=region.bucket)["Contents"]
-                   if o["Key"].endswith(".pgdump.zst.age"))
-        body = bytearray(client.get_object(Bucket=region.bucket, Key=key)["Body"].read())
-        body[-200] ^= 0xFF
-        client.put_object(Bucket=region.bucket, Key=key, Body=bytes(body))
+        # the tail: pg_restore has already consumed most of the dump
+        flip_byte(region, stored_key(region, ".pgdump.zst.age"), at=-200)
     scratch = tmp_path / "scratch"
     result = setup.drctl("restore", snap["snapshot_id"], "--source", "lms-db", "--to", "never",
                          "--jobs", "2", "--scratch-dir", str(scratch))
