@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -138,16 +139,19 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
             up.abort()
         raise
     result.failed_regions.update(stored.failed)
-    committed = []
-    for name, up in uploads.items():
-        if name in stored.failed:
-            continue
+
+    def commit(name: str) -> None:
         try:
-            up.commit()
-            committed.append(name)
-        except StorageError as exc:
-            up.abort()
-            result.failed_regions[name] = str(exc)
+            uploads[name].commit()
+        except StorageError:
+            uploads[name].abort()
+            raise
+
+    # Regions commit side by side: completing a large multipart upload can take
+    # seconds per region, and one slow region must not hold up the others.
+    errors = _each_region([n for n in uploads if n not in stored.failed], commit)
+    result.failed_regions.update(errors)
+    committed = [n for n in uploads if n not in stored.failed and n not in errors]
     snap = Manifest(
         id=snap_id, source=source.name, tenant=source.tenant, tier=source.tier,
         kind=source.kind, consistency_time=dump.consistency_time, started_at=started,
@@ -158,21 +162,42 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
         facts=facts, drdaemon_version=__version__)
     blob = manifest.serialize(snap, rt.manifest_key)
     manifest_name = manifest.manifest_object_name(source.name, snap_id)
-    for name in committed:
+
+    def publish(name: str) -> None:
         store = rt.store(name)
         try:
             store.put_bytes(manifest_name, blob, retain_until=retain_until)
-            result.regions.append(name)
-        except StorageError as exc:
-            result.failed_regions[name] = str(exc)
+        except StorageError:
             # Without its manifest the data object is an orphan: remove it now
             # if the region lets us; the replica repair copies it later.
             with contextlib.suppress(DrError):
                 store.delete(data_name)
+            raise
+
+    errors = _each_region(committed, publish)
+    result.failed_regions.update(errors)
+    result.regions.extend(n for n in committed if n not in errors)
     if not result.regions:
         raise StorageError("no region committed the snapshot: " + "; ".join(
             f"{k}: {v}" for k, v in result.failed_regions.items()))
     result.manifest = snap
+
+
+def _each_region(names: list[str], step: Callable[[str], None]) -> dict[str, str]:
+    """Run `step` for every region at once; return the StorageErrors by region."""
+    def attempt(name: str) -> str | None:
+        try:
+            step(name)
+        except StorageError as exc:
+            return str(exc)
+        return None
+
+    if len(names) <= 1:
+        outcomes = [attempt(n) for n in names]
+    else:
+        with ThreadPoolExecutor(len(names), thread_name_prefix="commit") as pool:
+            outcomes = list(pool.map(attempt, names))
+    return {n: e for n, e in zip(names, outcomes, strict=True) if e is not None}
 
 
 def backup(rt: Runtime, sources: list[SourceConfig],

@@ -23,7 +23,7 @@ from pyrage import x25519
 
 from .errors import DrError
 from .storage import StorageError, Upload
-from .streams import CountingReader, Remembering, first_error
+from .streams import CountingReader, Remembering, buffered, first_error
 
 QUEUE_DEPTH = 1
 # S3 allows 10,000 parts: doubling the part size every 1,000 parts lets one
@@ -184,7 +184,7 @@ def encrypt_and_upload(plain: BinaryIO, uploads: dict[str, Upload], recipients: 
     fan = FanOut(uploads, part_size, cancel)
     try:
         try:
-            pyrage.encrypt_io(compressed, fan, parse_recipients(recipients))
+            pyrage.encrypt_io(buffered(compressed), fan, parse_recipients(recipients))
         except pyrage.EncryptError as exc:
             raise first_error(source, compressed, fan) or exc from None
         failed = fan.finish()

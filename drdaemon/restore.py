@@ -29,7 +29,7 @@ from .sources.base import Sink
 from .sources.directory import DirectorySink
 from .sources.postgres import PostgresSink
 from .storage import ObjectStore
-from .streams import LimitWriter, VerifyingReader, first_error
+from .streams import LimitWriter, VerifyingReader, buffered, first_error
 
 Progress = Callable[[int, int], None]  # (bytes just read, total bytes)
 
@@ -77,7 +77,7 @@ def stream_into(store: ObjectStore, m: Manifest, identities: Sequence[x25519.Ide
         plain = zstandard.ZstdDecompressor().stream_writer(cast(BinaryIO, limit),
                                                            write_size=1 << 20)
         try:
-            pyrage.decrypt_io(reader, plain, list(identities))
+            pyrage.decrypt_io(buffered(reader), plain, list(identities))
             plain.flush()
         except pyrage.DecryptError as exc:
             if "no matching keys" in str(exc).lower():

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import S3Region
-from support import Setup, directory_source, flip_byte, make_setup, snapshot_keys
+from support import (
+    Setup,
+    directory_source,
+    flip_byte,
+    local_region,
+    make_setup,
+    snapshot_keys,
+)
 
 from drdaemon.sources.directory import scan, summarize
 
@@ -194,7 +202,6 @@ def test_region_down_during_backup_commits_degraded(tmp_path: Path, tree: Path,
     us.server.stop()
     result = setup.drctl("backup", "--json")
     assert result.exit_code == 1
-    import json
 
     [snap] = json.loads(result.stdout)
     assert snap["ok"] and snap["degraded"]
@@ -269,3 +276,28 @@ def test_restore_shows_progress_on_a_terminal(setup: Setup, tmp_path: Path) -> N
     quiet = setup.drctl("restore", "latest", "--source", "lms-files", "--to",
                         str(tmp_path / "notty"))
     assert quiet.exit_code == 0 and "ETA" not in quiet.stderr
+
+
+def test_manifest_refused_in_one_region_removes_its_data_and_commits_the_others(
+        tmp_path: Path, tree: Path) -> None:
+    """Regions commit side by side; one whose manifest write fails keeps no orphan data."""
+    eu, us = tmp_path / "eu", tmp_path / "us"
+    setup = make_setup(tmp_path, [local_region("eu-local", eu, "europe"),
+                                  local_region("us-local", us, "north-america")],
+                       [directory_source("lms-files", tree)])
+    # A file where us-local's manifest folder belongs: the data object commits,
+    # the manifest cannot (root ignores file modes, so a mode would not do).
+    (us / "sources" / "lms-files").mkdir(parents=True)
+    (us / "sources" / "lms-files" / "manifests").write_text("in the way")
+    result = setup.drctl("backup", "--json")
+    assert result.exit_code == 1, result.output
+    [snap] = json.loads(result.stdout)
+    assert snap["ok"] and snap["degraded"]
+    assert snap["regions"] == ["eu-local"]
+    assert "us-local" in snap["failed_regions"]
+    assert list((us / "sources" / "lms-files" / "data").iterdir()) == []
+    assert len(list((eu / "sources" / "lms-files" / "data").iterdir())) == 1
+    restored = tmp_path / "restored"
+    assert setup.drctl("restore", "latest", "--source", "lms-files", "--to",
+                       str(restored)).exit_code == 0
+    assert_same_tree(tree, restored)

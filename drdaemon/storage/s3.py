@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -129,11 +130,27 @@ class S3Store:
         self.endpoint_url = endpoint_url
         self._object_lock: bool | None = None  # asked once, see object_lock_enabled
         self._lock_unknown_until = 0.0
-        self.client = client or boto3.session.Session().client(
-            "s3", region_name=region, endpoint_url=endpoint_url,
-            config=BotoConfig(retries={"mode": "standard", "max_attempts": 5},
-                              connect_timeout=10, read_timeout=60,
-                              s3={"addressing_style": "path"} if endpoint_url else None))
+        self.region = region
+        self._client = client
+        self._client_lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client, made on first use: a restore or a status that never
+        touches this region does not pay for it (about 0.2 s each)."""
+        with self._client_lock:
+            if self._client is None:
+                try:
+                    self._client = boto3.session.Session().client(
+                        "s3", region_name=self.region, endpoint_url=self.endpoint_url,
+                        config=BotoConfig(retries={"mode": "standard", "max_attempts": 5},
+                                          connect_timeout=10, read_timeout=60,
+                                          s3={"addressing_style": "path"} if self.endpoint_url
+                                          else None))
+                except (BotoCoreError, ValueError) as exc:
+                    raise StorageError(f"region {self.name}: cannot open an S3 client: "
+                                       f"{_describe(exc)}") from None
+            return self._client
 
     def describe(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
