@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -159,9 +160,12 @@ class Scenario:
     seconds: list[float] = field(default_factory=list)
     rss_kib: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     load: list[float] = field(default_factory=list)
+    cpu: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, secs: float, peaks: dict[str, int]) -> None:
         self.seconds.append(secs)
+        for k, v in CPU.items():
+            self.cpu[k].append(v)
         for k, v in peaks.items():
             self.rss_kib[k] = max(self.rss_kib[k], v)
         self.load.append(os.getloadavg()[0])
@@ -171,10 +175,39 @@ class Scenario:
         return statistics.median(self.seconds)
 
 
+def server_cpu(pid: int) -> float:
+    """CPU seconds a server and its children (live and reaped) have used so far."""
+    try:
+        root = psutil.Process(pid)
+        t = root.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in root.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                c = child.cpu_times()
+                total += c.user + c.system
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+CPU: dict[str, float] = {}  # the last timed() run's CPU seconds: "command" and each server
+
+
 def timed(cmd: list[str] | str, servers: dict[str, int], env: dict[str, str] | None = None,
           shell: bool = False) -> tuple[float, dict[str, int], str]:
-    """Run one command, returning wall seconds, peak RSS per process and its stdout."""
-    argv = ["bash", "-o", "pipefail", "-c", cmd] if shell else cmd
+    """Run one command, returning wall seconds, peak RSS per process and its stdout.
+
+    CPU seconds of the command's whole process tree and of each server during
+    the run are left in CPU (wall time on 2 cores is shared by all of them).
+    """
+    argv: Any = ["bash", "-o", "pipefail", "-c", cmd] if shell else cmd
+    cpu_before = {label: server_cpu(pid) for label, pid in servers.items()}
+    cmd_before = _children_cpu()
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                             text=True)
@@ -183,6 +216,10 @@ def timed(cmd: list[str] | str, servers: dict[str, int], env: dict[str, str] | N
     with sampler:
         out, err = proc.communicate()
     secs = time.monotonic() - started
+    CPU.clear()
+    CPU["command"] = _children_cpu() - cmd_before
+    for label, pid in servers.items():
+        CPU[label.strip()] = CPU.get(label.strip(), 0.0) + server_cpu(pid) - cpu_before[label]
     if proc.returncode != 0:
         raise RuntimeError(f"{argv!r} failed ({proc.returncode}): {err[-2000:]}")
     return secs, dict(sampler.peaks), out
@@ -328,6 +365,13 @@ def write_config(work: Path, pg: Pg, moto: list[MotoServerProcess], dbs: dict[st
     return config, identity, recipient
 
 
+def fmt_cpu(cpu: dict[str, list[float]]) -> str:
+    """Median CPU seconds of the command tree, the PostgreSQL server and the moto servers."""
+    def med(key: str) -> str:
+        return f"{statistics.median(cpu[key]):.1f}" if cpu.get(key) else "-"
+    return f"{med('command')}; {med('postgres (server)')}; {med('moto (server)')}"
+
+
 def fmt_rss(kib: dict[str, int]) -> str:
     return ", ".join(f"{k} {v / 1024:.0f}" for k, v in sorted(kib.items(), key=lambda kv: -kv[1])
                      if v)
@@ -338,9 +382,9 @@ def main() -> None:
     ap.add_argument("--size-gb", type=float, default=1.5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=2, help="pg_restore -j / drctl restore --jobs")
-    ap.add_argument("--rss-compare-gb", type=float, default=0.5,
-                    help="also back up and restore a database of this size once, to compare "
-                         "drdaemon's peak RSS (0: skip)")
+    ap.add_argument("--rss-sizes-gb", default="0.5,3",
+                    help="comma-separated sizes of further databases backed up and restored "
+                         "once each, to compare drdaemon's peak RSS ('' to skip)")
     ap.add_argument("--skip", default="", help="comma-separated scenario keys to skip, e.g. R3,R4")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where the server, dumps and local regions go (default: /var/tmp)")
@@ -373,15 +417,12 @@ def main() -> None:
 
 def _bench(args: argparse.Namespace, skip: set[str], work: Path, pg: Pg,
            moto: list[MotoServerProcess], t0: float, load_start: tuple[float, ...]) -> None:
+    rss_sizes = [float(x) for x in args.rss_sizes_gb.split(",") if x.strip()]
     dbs = {"bench-db": "bench"}
-    if args.rss_compare_gb:
-        dbs["bench-small"] = "bench_small"
+    dbs.update({f"rss-{i}": f"bench_rss_{i}" for i in range(len(rss_sizes))})
     t = time.monotonic()
     db_size = create_database(pg, "bench", args.size_gb)
-    small_size = create_database(pg, "bench_small", args.rss_compare_gb) \
-        if args.rss_compare_gb else 0
-    print(f"databases built in {time.monotonic() - t:.0f}s: bench {db_size / MIB:.0f} MiB, "
-          f"small {small_size / MIB:.0f} MiB", flush=True)
+    print(f"database built in {time.monotonic() - t:.0f}s: {db_size / MIB:.0f} MiB", flush=True)
     config, identity, recipient = write_config(work, pg, moto, dbs, args.jobs)
     servers = {"moto (server)": moto[0]._proc.pid if moto[0]._proc else 0,
                "moto (server) ": moto[1]._proc.pid if moto[1]._proc else 0,
@@ -460,16 +501,22 @@ def _bench(args: argparse.Namespace, skip: set[str], work: Path, pg: Pg,
             sc[key].add(secs, peaks)
             print(f"  {key} {secs:7.1f}s  {fmt_rss(peaks)}", flush=True)
             pg.admin(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
-    small_rss: dict[str, float] = {}
-    if args.rss_compare_gb:
-        secs, peaks, _ = timed([*drctl, "backup", "--source", "bench-small", "--json"],
-                               servers, env)
-        small_rss["backup"] = peaks.get("drctl", 0) / 1024
-        secs, peaks, _ = timed([*drctl, "restore", "latest", "--source", "bench-small", "--to",
-                                "small_r", "--region", "local-0", "--json"], servers, env)
-        small_rss["restore"] = peaks.get("drctl", 0) / 1024
-        print(f"  small ({small_size / MIB:.0f} MiB) drctl peak RSS: {small_rss}", flush=True)
-    report(args, sc, db_size, small_size, small_rss, stored, t0, load_start)
+    # Memory must be flat in the source size: one backup and one restore per size.
+    rss: list[tuple[int, float, float]] = []
+    for i, size_gb in enumerate(rss_sizes):
+        size = create_database(pg, f"bench_rss_{i}", size_gb)
+        _, backup_peaks, _ = timed([*drctl, "backup", "--source", f"rss-{i}", "--json"],
+                                   servers, env)
+        _, restore_peaks, _ = timed([*drctl, "restore", "latest", "--source", f"rss-{i}",
+                                     "--to", f"rss_r{i}", "--region", "local-0", "--json"],
+                                    servers, env)
+        rss.append((size, backup_peaks.get("drctl", 0) / 1024,
+                    restore_peaks.get("drctl", 0) / 1024))
+        print(f"  {size / MIB:.0f} MiB: drctl peak RSS backup {rss[-1][1]:.0f} MiB, "
+              f"restore {rss[-1][2]:.0f} MiB", flush=True)
+        for db in (f"bench_rss_{i}", f"rss_r{i}"):
+            pg.admin(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+    report(args, sc, db_size, rss, stored, t0, load_start)
 
 
 def profile(folder: Path, drctl: list[str], servers: dict[str, int],
@@ -484,8 +531,8 @@ def profile(folder: Path, drctl: list[str], servers: dict[str, int],
         print(f"  profiled {name}: {secs:.1f}s -> {folder / (name + '.txt')}", flush=True)
 
 
-def report(args: argparse.Namespace, sc: dict[str, Scenario], db_size: int, small_size: int,
-           small_rss: dict[str, float], stored: dict[str, int], t0: float,
+def report(args: argparse.Namespace, sc: dict[str, Scenario], db_size: int,
+           rss: list[tuple[int, float, float]], stored: dict[str, int], t0: float,
            load_start: tuple[float, ...]) -> None:
     mib = db_size / MIB
     lines = [f"## {args.size_gb} GB, {args.rounds} round(s) — {datetime.now():%Y-%m-%d %H:%M}",
@@ -499,14 +546,16 @@ def report(args: argparse.Namespace, sc: dict[str, Scenario], db_size: int, smal
               f"Database: pg_database_size = {mib:.0f} MiB. MB/s = that size / median (MiB/s). "
               "Peak RSS = VmHWM in MiB, the largest over rounds (postgres server includes its "
               "shared buffers; moto keeps every object in memory).", "",
-              "| scenario | median s | min-max s | MiB/s | peak RSS (MiB) | load |",
-              "| --- | ---: | ---: | ---: | --- | ---: |"]
+              "| scenario | median s | min-max s | MiB/s | CPU s (command; postgres; moto) "
+              "| peak RSS (MiB) | load |",
+              "| --- | ---: | ---: | ---: | --- | --- | ---: |"]
     for s in sc.values():
         if not s.seconds:
             continue
         title = s.title.replace("|", "\\|")
         lines.append(f"| {s.key} {title} | {s.median:.1f} | {min(s.seconds):.1f}-"
-                     f"{max(s.seconds):.1f} | {mib / s.median:.0f} | {fmt_rss(s.rss_kib)} | "
+                     f"{max(s.seconds):.1f} | {mib / s.median:.0f} | {fmt_cpu(s.cpu)} | "
+                     f"{fmt_rss(s.rss_kib)} | "
                      f"{statistics.mean(s.load):.2f} |")
     lines.append("")
 
@@ -518,16 +567,27 @@ def report(args: argparse.Namespace, sc: dict[str, Scenario], db_size: int, smal
     lines += ["| ratio | value | target |", "| --- | ---: | --- |",
               f"| A/B backup vs hand pipeline | {ratio('A', 'B')} | <= 1.10 |",
               f"| A/C backup vs pg_dump alone | {ratio('A', 'C')} | <= 1.25 |",
+              f"| A2/B backup to local regions vs hand pipeline | {ratio('A2', 'B')} | "
+              "<= 1.10 |",
+              f"| A2/C backup to local regions vs pg_dump alone | {ratio('A2', 'C')} | "
+              "<= 1.25 |",
+              f"| B/C hand pipeline vs pg_dump alone | {ratio('B', 'C')} | — |",
               f"| R1/R2 restore vs hand pipeline | {ratio('R1', 'R2')} | <= 1.00 |",
               f"| R3/R2 restore --jobs vs hand pipeline | {ratio('R3', 'R2')} | < 1.00 |",
               f"| R3/R4 restore --jobs vs pg_restore -j from a file | {ratio('R3', 'R4')} | — |",
               ""]
     big = {k: sc[k].rss_kib.get("drctl", 0) / 1024 for k in ("A", "R1", "R3")}
-    if small_rss:
-        lines += [f"drdaemon (drctl) peak RSS: backup {small_rss['backup']:.0f} MiB at "
-                  f"{small_size / MIB:.0f} MiB vs {big['A']:.0f} MiB at {mib:.0f} MiB; restore "
-                  f"{small_rss['restore']:.0f} vs {big['R1']:.0f} MiB; restore --jobs "
-                  f"{big['R3']:.0f} MiB (target <= 150 MiB, within 10 %).", ""]
+    sizes = sorted([*rss, (db_size, big["A"], big["R1"])])
+    lines += ["| database | drctl backup peak RSS (MiB) | drctl restore peak RSS (MiB) |",
+              "| ---: | ---: | ---: |"]
+    lines += [f"| {size / MIB:.0f} MiB | {b:.0f} | {r:.0f} |" for size, b, r in sizes if b]
+    for col, what in ((1, "backup"), (2, "restore")):
+        vals = [row[col] for row in sizes if row[col]]
+        if len(vals) > 1:
+            lines.append(f"\ndrctl {what} peak RSS spread across sizes: "
+                         f"{(max(vals) / min(vals) - 1) * 100:.1f} % (target: within 10 %, "
+                         f"each <= 150 MiB).")
+    lines += [f"\ndrctl restore --jobs peak RSS: {big['R3']:.0f} MiB.", ""]
     if stored:
         d, h = stored.get("drdaemon", 0), stored.get("hand", 0)
         rel = f" ({d / h:.3f}x)" if h else ""
