@@ -12,7 +12,8 @@ whoever controls this host; the layout is in docs/format.md ("Audit log").
 The pure core builds records (`make_line`), withholds values that look like
 secrets (`scrub`) and checks a chain (`verify_lines`); the shell appends under
 an exclusive flock (`append`), mirrors (`mirror`) and verifies the local log
-or a region's copy (`verify`, `verify_mirror`).
+or a region's copy (`verify`, `verify_mirror`; both at once for the daemon's
+scheduled check: `verify_everywhere`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import DrError, UsageError
 from .keys import ManifestKey
-from .storage import ObjectStore
+from .storage import ObjectStore, StorageError
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -508,3 +509,56 @@ def verify_mirror(rt: Runtime, region: str) -> AuditVerification:
 
 def _head(lines: Sequence[bytes], count: int) -> str:
     return line_hash(lines[count - 1]) if count else GENESIS
+
+
+# -- the scheduled check (shell) ----------------------------------------------
+
+@dataclass(frozen=True)
+class AuditCheck:
+    """The local log and every region's copy of it, checked at `checked_at`.
+
+    What the daemon's `audit` job reports and metrics export. `regions` holds
+    the regions whose copy was read and compared with the local log;
+    `unreachable` the regions that could not be read, which says nothing about
+    the log (metrics keep their last result, so a long outage shows as a stale
+    check). With no local log there is no chain to compare, so no region either.
+    """
+
+    checked_at: datetime
+    local: AuditVerification
+    regions: dict[str, AuditVerification] = field(default_factory=dict)
+    unreachable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.local.ok and all(r.ok for r in self.regions.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checked_at": self.checked_at.isoformat(),
+                "local": self.local.to_dict(),
+                "regions": {name: r.to_dict() for name, r in self.regions.items()},
+                "unreachable": dict(self.unreachable)}
+
+
+def verify_everywhere(rt: Runtime) -> AuditCheck:
+    """`drctl audit verify`, then `drctl audit verify --region R` for every region.
+
+    The same service functions the CLI calls, one report; never raises for a
+    region that cannot be read. A local log that verifies is mirrored first, so
+    that a region added since the last record, or one that was down when it was
+    recorded, is compared with all of it instead of reported as holding no copy;
+    a log that does not verify is never copied over the regions' evidence.
+    """
+    checked_at = rt.clock()
+    local = verify(rt)
+    regions: dict[str, AuditVerification] = {}
+    unreachable: dict[str, str] = {}
+    if local.records or not local.ok:  # there is a log: lines verified, or a bad one
+        if local.ok:
+            mirror(rt)  # best effort; a cut local log never replaces a longer copy
+        for store in rt.stores:
+            try:
+                regions[store.name] = verify_mirror(rt, store.name)
+            except StorageError as exc:
+                unreachable[store.name] = str(exc) or exc.__class__.__name__
+    return AuditCheck(checked_at, local, regions, unreachable)

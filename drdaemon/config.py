@@ -47,6 +47,8 @@ class DaemonConfig:
     prune_schedule: str = "30 4 * * *"
     replicate_schedule: str = "0 */6 * * *"
     verify_schedule: str = "0 5 * * 0"
+    # The audit log and its copy in every region are checked daily (and at start).
+    audit_schedule: str = "45 5 * * *"
     # Optional: an advisory lock in this PostgreSQL database, so that daemons on
     # two hosts with the same config never both run jobs.
     lock_dsn: str | None = None
@@ -312,7 +314,8 @@ class _Parser:
                     retry_backoff=backoff,
                     prune_schedule=cron("prune_schedule"),
                     replicate_schedule=cron("replicate_schedule"),
-                    verify_schedule=cron("verify_schedule"))
+                    verify_schedule=cron("verify_schedule"),
+                    audit_schedule=cron("audit_schedule"))
         t.done()
         return d
 

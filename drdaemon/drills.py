@@ -6,26 +6,25 @@ through the very path `drctl restore` uses into scratch space, verifies it
 against the manifest's facts and `[[drills.checks]]`, measures RTO (split into
 phases, see slo.rto_split), RPO, throughput and the projected tier RTO, and
 always removes the scratch copy: a `drdaemon_drill_*` database on `[drills]
-postgres_dsn` (else the source's server) or a folder under `scratch_dir`.
-README.md ("Drills") defines every figure and reason code.
+postgres_dsn` (else the source's server) or a folder under `scratch_dir`, named
+after the drilling process so that a run can first remove what killed drills
+left (drill_scratch.py). README.md ("Drills") defines every figure and reason code.
 
-Each drill is one `DrillRecord`: a JSON line in `<state_dir>/drills/drills.jsonl`
-and a `drill` record in the audit log (the tamper-evident copy).
+Each drill is one `DrillRecord` (drill_records.py): a JSON line in
+`<state_dir>/drills/drills.jsonl` and a `drill` record in the audit log (the
+tamper-evident copy).
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import os
 import secrets
 import shutil
 import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -35,9 +34,11 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from pyrage import x25519
 
-from . import catalog, slo
+from . import catalog, drill_scratch, slo
 from .catalog import SnapshotEntry
 from .config import Config, DrillCheck, SourceConfig
+from .drill_records import DrillRecord, append_record, load_records, records_path
+from .drill_scratch import Cleanup
 from .errors import DrError, IntegrityError, SourceError, UsageError
 from .keys import identities_for
 from .manifest import Manifest, new_snapshot_id
@@ -52,8 +53,6 @@ from .verify import hash_copy
 
 log = logging.getLogger("drdaemon")
 
-RECORDS = Path("drills") / "drills.jsonl"
-SCRATCH_DB_PREFIX = "drdaemon_drill_"
 # A drill server need not know the source's roles: ownership and grants are
 # not what a drill proves, and restoring them could fail for reasons no
 # disaster would have.
@@ -78,76 +77,23 @@ PHASES = slo.PHASES
 
 
 @dataclass
-class DrillRecord:
-    """One drill, as stored (one JSON line) and as exported to metrics and reports.
+class DrillRun:
+    """The drills of one `drctl drill run` or daemon drill job.
 
-    Times are ISO 8601 UTC; durations are seconds. A value that could not be
-    measured (the restore failed before it) is None. `verified` means the copy
-    restored and matched every fact and check; `ok` means verified and inside
-    every target.
+    `scratch`: what killed drills had left, found before these ran (removed,
+    kept and why); it does not change `ok`.
     """
 
-    id: str
-    source: str
-    tenant: str
-    tier: str
-    region: str
-    snapshot_id: str | None
-    sha256: str | None
-    started_at: str
-    finished_at: str
-    ok: bool
-    reasons: list[str]
-    rto_seconds: float | None
-    rpo_seconds: float | None
-    worst_gap_seconds: float | None
-    throughput_bytes_per_second: float | None  # stored (encrypted) bytes / RTO
-    stored_bytes: int | None
-    plaintext_bytes: int | None
-    rto_target_seconds: float
-    rpo_target_seconds: float
-    projected_tier_rto_seconds: float | None
-    timings: dict[str, float]
-    kind: str = ""
-    verified: bool = False
-    plaintext_throughput_bytes_per_second: float | None = None
-    consistency_time: str | None = None
-    newest_snapshot_id: str | None = None  # newest in any region, if not the one drilled
-    scratch: str | None = None  # where it was restored (dropped/deleted afterwards)
-    evidence: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    host: str = ""
-
-    @property
-    def reason_codes(self) -> list[str]:
-        return [r.split(":", 1)[0] for r in self.reasons]
-
-    @property
-    def started(self) -> datetime:
-        return _parse_time(self.started_at)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(asdict(self), reason_codes=self.reason_codes)
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> DrillRecord:
-        """A record from its JSON form; unknown keys (from newer versions) are ignored."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in doc.items() if k in known})
-
-
-@dataclass
-class DrillRun:
-    """The drills of one `drctl drill run` or daemon drill job."""
-
     records: list[DrillRecord] = field(default_factory=list)
+    scratch: Cleanup = field(default_factory=Cleanup)
 
     @property
     def ok(self) -> bool:
         return all(r.ok for r in self.records)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "drills": [r.to_dict() for r in self.records]}
+        return {"ok": self.ok, "drills": [r.to_dict() for r in self.records],
+                "scratch": self.scratch.to_dict()}
 
 
 # -- pure helpers --------------------------------------------------------------
@@ -196,81 +142,8 @@ def compare_tree(expected: dict[str, Any], got: dict[str, Any]) -> list[str]:
     return reasons
 
 
-def _parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-
-
-# -- records -------------------------------------------------------------------
-
-
-def records_path(state_dir: Path) -> Path:
-    return state_dir / RECORDS
-
-
-def append_record(state_dir: Path, record: DrillRecord) -> None:
-    """Append one JSON line under an exclusive lock, fsynced.
-
-    The daemon and a person may drill at once: the lock keeps lines whole. A
-    line torn by a crash is closed off so that the next one starts clean.
-    """
-    path = records_path(state_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record.to_dict(), sort_keys=True, default=str) + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            line = b"\n" + line
-        view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def load_records(state_dir: Path, since: datetime | None = None,
-                 source: str | None = None) -> list[DrillRecord]:
-    """Recorded drills, oldest first; only those begun at/after `since`, of `source`."""
-    path = records_path(state_dir)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return []
-    with os.fdopen(fd, "rb") as fh:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        raw = fh.read()
-    records = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = DrillRecord.from_dict(json.loads(line))
-            started = record.started
-        except (ValueError, TypeError, AttributeError) as exc:
-            log.warning("%s line %d is not a drill record, skipped: %s", path, n, exc)
-            continue
-        if since is not None and started < since:
-            continue
-        if source is not None and record.source != source:
-            continue
-        records.append(record)
-    records.sort(key=lambda r: (r.started, r.id))
-    return records
-
-
-def newest_verified(state_dir: Path) -> dict[str, str]:
-    """Per source, the newest snapshot id a drill restored and verified (prune keeps it)."""
-    newest: dict[str, str] = {}
-    for r in load_records(state_dir):
-        if r.verified and r.snapshot_id and r.snapshot_id > newest.get(r.source, ""):
-            newest[r.source] = r.snapshot_id
-    return newest
 
 
 # -- timing the restore pipeline -----------------------------------------------
@@ -541,15 +414,23 @@ def _classify(d: _Drill, store: ObjectStore, m: Manifest, exc: BaseException) ->
 
 
 class _Scratch:
-    """The scratch target of one drill; `remove` always runs and always removes it."""
+    """The scratch target of one drill; `remove` always runs and always removes it.
+
+    Its name carries this process (drill_scratch.Owner): should the process be
+    killed before `remove`, a later run removes what it left.
+    """
 
     def __init__(self, d: _Drill, m: Manifest) -> None:
         self.d, self.m = d, m
         self.sink: postgres.PostgresSink | DirectorySink | None = None
         self.folder: Path | None = None
+        self.owner = drill_scratch.this_process(d.started_at)
+        self.in_use = False
 
     def open(self) -> Sink | None:
         d = self.d
+        drill_scratch.begin_use()  # before the scratch exists: see clean_leftovers
+        self.in_use = True
         try:
             if d.source.kind == "postgres":
                 return self._open_postgres()
@@ -564,9 +445,10 @@ class _Scratch:
         base = d.rt.config.drills.postgres_dsn or d.source.dsn
         # The target name is only checked to be free: a drill never commits, it
         # verifies the staging database itself and drops it.
-        name = f"{SCRATCH_DB_PREFIX}{secrets.token_hex(6)}"
+        prefix = drill_scratch.database_prefix(self.owner)
+        name = f"{prefix}{secrets.token_hex(6)}"
         sink = postgres.PostgresSink(base, make_conninfo(base, dbname=name), False,
-                                     staging_prefix=SCRATCH_DB_PREFIX,
+                                     staging_prefix=prefix,
                                      restore_options=DRILL_RESTORE_OPTIONS)
         self.sink = sink
         d.scratch = postgres.describe(sink.staging_dsn)
@@ -575,11 +457,11 @@ class _Scratch:
 
     def _open_directory(self) -> Sink:
         d = self.d
-        root = d.rt.config.drills.scratch_dir or d.rt.config.daemon.state_dir / "drills" / "scratch"
+        root = drill_scratch.scratch_root(d.rt.config)
+        prefix = drill_scratch.folder_prefix(self.owner, d.source.name)
         try:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)  # restored plaintext
-            self.folder = Path(tempfile.mkdtemp(prefix=f"drdaemon-drill-{d.source.name}-",
-                                                dir=root))
+            self.folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
         except OSError as exc:
             raise SourceError(f"cannot create a scratch folder in {root}: "
                               f"{exc.strerror or exc}") from None
@@ -616,16 +498,22 @@ class _Scratch:
 
     def remove(self) -> None:
         d = self.d
-        if self.sink is not None:
-            try:
-                self.sink.discard()
-            except Exception as exc:
-                d.fail(CLEANUP_FAILED, f"scratch copy {d.scratch} may be left behind: "
-                       f"{_first_line(exc)}")
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            if self.folder.exists():
-                d.fail(CLEANUP_FAILED, f"scratch folder {self.folder} could not be deleted")
+        try:
+            if self.sink is not None:
+                try:
+                    self.sink.discard()
+                except Exception as exc:
+                    d.fail(CLEANUP_FAILED, f"scratch copy {d.scratch} may be left behind "
+                           f"(the next drill run removes it): {_first_line(exc)}")
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                if self.folder.exists():
+                    d.fail(CLEANUP_FAILED, f"scratch folder {self.folder} could not be "
+                           "deleted (the next drill run tries again)")
+        finally:
+            if self.in_use:
+                self.in_use = False
+                drill_scratch.end_use()
 
 
 def _run_check(dsn: str, check: DrillCheck) -> dict[str, Any]:
@@ -703,7 +591,8 @@ def run_drills(rt: Runtime, identities: Sequence[x25519.Identity] | None = None,
     """Drill every chosen source (default: all, or all of `tier`) and record each drill.
 
     `region` defaults to the first non-primary region; `identities` to the
-    configured identity file. One failing drill never stops the others.
+    configured identity file. One failing drill never stops the others. First,
+    scratch that killed drills left is removed (drill_scratch.clean_leftovers).
     """
     cfg = rt.config
     if sources:
@@ -717,7 +606,9 @@ def run_drills(rt: Runtime, identities: Sequence[x25519.Identity] | None = None,
         identities = identities_for(cfg, None, "a drill")
     tiers = {s.tier for s in chosen}
     snapshots = _Catalog.read(rt, [s.name for s in cfg.sources if s.tier in tiers])
-    run = DrillRun()
+    # What killed drills left goes first: a drill server or scratch folder
+    # filled by leftovers would fail these drills for no fault of the backups.
+    run = DrillRun(scratch=drill_scratch.clean_leftovers(rt, chosen))
     for src in chosen:
         record = drill_source(rt, identities, src, region, snapshots)
         append_record(cfg.daemon.state_dir, record)

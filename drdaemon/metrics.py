@@ -8,9 +8,9 @@ everything (:func:`refresh`); a scrape only renders the cache (:func:`families`)
 
 Functional core (pure, no I/O, no clock): :func:`source_view` (what storage
 holds for one source, judged by the same ``status.evaluate`` as ``drctl
-status``), :func:`failure_reason`, :func:`drill_views`, :func:`schedule_view`
-and :func:`families`. Imperative shell: :func:`refresh`, :func:`build_registry`
-and :func:`serve`.
+status``), :func:`failure_reason`, :func:`drill_views`, :func:`schedule_view`,
+:func:`audit_views` and :func:`families`. Imperative shell: :func:`refresh`,
+:func:`build_registry` and :func:`serve`.
 
 Conventions: names start with ``drdaemon_``, values are in seconds and bytes,
 timestamps are Unix seconds. Labels are bounded by the config (source, tenant,
@@ -40,7 +40,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import __version__, catalog, state, status
+from . import __version__, audit, catalog, state, status
 from .backup import BackupResult
 from .config import Config, RetentionConfig
 from .runtime import Runtime
@@ -130,7 +130,7 @@ def failure_reason(result: BackupResult) -> str:
 
 
 class DrillRecordLike(Protocol):
-    """The fields of drills.DrillRecord that metrics read."""
+    """The fields of drill_records.DrillRecord that metrics read."""
 
     source: str
     tier: str
@@ -197,6 +197,22 @@ def schedule_view(jobs: Iterable[tuple[str, datetime | None]]
     return by_job, by_source
 
 
+@dataclass(frozen=True)
+class AuditView:
+    """One copy of the audit log at the last check (the local log, or a region's copy)."""
+
+    checked_at: float  # Unix seconds
+    ok: bool  # the chain verified (and, for a region, agreed with the local log)
+    records: int  # records that verified, up to the first bad one
+
+
+def audit_views(check: audit.AuditCheck) -> tuple[AuditView, dict[str, AuditView]]:
+    """Pure: the local log's view and each region's whose copy could be read."""
+    t = check.checked_at.timestamp()
+    local = AuditView(t, check.local.ok, check.local.records)
+    return local, {r: AuditView(t, v.ok, v.records) for r, v in check.regions.items()}
+
+
 @dataclass
 class MetricsState:
     """Everything a scrape renders. Mutated only under `lock`, by the daemon."""
@@ -220,6 +236,8 @@ class MetricsState:
     job_next_run: dict[str, float] = field(default_factory=dict)
     source_next_run: dict[str, float] = field(default_factory=dict)
     job_last_run: dict[str, tuple[float, bool]] = field(default_factory=dict)
+    audit_local: AuditView | None = None  # None until the first audit check
+    audit_mirrors: dict[str, AuditView] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @classmethod
@@ -253,7 +271,7 @@ class MetricsState:
                 self.snapshot_failures[(result.source, failure_reason(result))] += 1
 
     def record_report(self, report: object) -> None:
-        """Count what a prune, replicate or verify run did."""
+        """Count what a prune, replicate or verify run did; keep an audit check's outcome."""
         from .prune import PruneReport
         from .replicate import ReplicationReport
         from .verify import VerifyReport
@@ -276,6 +294,11 @@ class MetricsState:
                         failed[(c.source, c.region)] += 1
                 self.verify_failed_copies = {
                     (c.source, c.region): failed[(c.source, c.region)] for c in report.checks}
+            elif isinstance(report, audit.AuditCheck):
+                self.audit_local, mirrors = audit_views(report)
+                # A region that could not be read keeps its last result, and its
+                # check time goes stale (DrdaemonAuditVerifyMissing).
+                self.audit_mirrors.update(mirrors)
 
     def set_schedule(self, jobs: Iterable[tuple[str, datetime | None]]) -> None:
         by_job, by_source = schedule_view(jobs)
@@ -325,6 +348,7 @@ def families(st: MetricsState, now: datetime) -> list[Metric]:
     out += _storage_families(st, now, lab)
     out += _activity_families(st, lab)
     out += _drill_families(st, lab)
+    out += _audit_families(st)
     return out
 
 
@@ -466,6 +490,30 @@ def _drill_families(st: MetricsState, lab: Callable[[str], list[str]]) -> list[M
     return [when, ok, rto, rpo, projected]
 
 
+def _audit_families(st: MetricsState) -> list[Metric]:
+    ok = _gauge("drdaemon_audit_verified_ok",
+                "1 if the local audit log verified at the last check, else 0.")
+    when = _gauge("drdaemon_audit_last_verified_timestamp_seconds",
+                  "When the local audit log was last checked (whatever the outcome).")
+    records = _gauge("drdaemon_audit_verified_records",
+                     "Records of the local audit log that verified at the last check, "
+                     "up to the first bad one.")
+    if st.audit_local is not None:
+        ok.add_metric([], float(st.audit_local.ok))
+        when.add_metric([], st.audit_local.checked_at)
+        records.add_metric([], st.audit_local.records)
+    mirror_ok = _gauge("drdaemon_audit_mirror_verified_ok",
+                       "1 if the region's copy of the audit log verified and agreed with the "
+                       "local log at the last check, else 0.", ["region"])
+    mirror_when = _gauge("drdaemon_audit_mirror_last_verified_timestamp_seconds",
+                         "When the region's copy of the audit log was last read and checked.",
+                         ["region"])
+    for region, v in sorted(st.audit_mirrors.items()):
+        mirror_ok.add_metric([region], float(v.ok))
+        mirror_when.add_metric([region], v.checked_at)
+    return [ok, when, records, mirror_ok, mirror_when]
+
+
 class StateCollector(Collector):
     """Renders a MetricsState at scrape time; reads nothing else."""
 
@@ -507,9 +555,9 @@ def refresh(rt: Runtime, st: MetricsState, source: str | None = None) -> None:
 
 
 def _load_drills(rt: Runtime) -> tuple[dict[str, DrillView], dict[str, float]]:
-    """The latest drill of each source from drills.load_records, if that module exists."""
+    """The latest drill of each source from drill_records.load_records, if that module exists."""
     try:
-        drills: Any = importlib.import_module("drdaemon.drills")
+        drills: Any = importlib.import_module("drdaemon.drill_records")
     except ImportError:
         return {}, {}
     try:

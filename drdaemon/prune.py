@@ -21,6 +21,9 @@ Ordering (docs/format.md, "Pruning and the trash"):
    data is gone; the next purge finishes it (deleting a missing object is fine).
 3. *undo*: the trash manifest is authenticated, put back in ``manifests/``,
    then the trash entry is removed.
+4. *orphans*: data objects that no manifest or trash entry in any region names
+   (a backup that died between its data and its manifest) are deleted once an
+   earlier run saw them orphaned a grace period ago (orphans.py).
 
 A snapshot's date for retention is its manifest's ``consistency_time``: the
 promises ("14 fulls across at least 3 months", RPO) are about how old the
@@ -42,13 +45,15 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from . import catalog, locks, manifest, retention
+from . import catalog, locks, manifest, orphans, retention, state
 from .config import RetentionConfig, SourceConfig
-from .drills import newest_verified
+from .drill_records import newest_verified
 from .errors import DrError, IntegrityError, UsageError
 from .manifest import Manifest
+from .orphans import OrphanPlan
 from .runtime import Runtime
 from .storage import NotFound, ObjectStore
+from .units import format_duration
 
 KEEP, DELETE, LOCKED, BLOCKED = "keep", "delete", "locked", "blocked"
 REASON_PROTECTED = "protected"
@@ -168,18 +173,12 @@ def plan_region(inp: RegionInput, now: datetime, *, protected: Collection[str] =
             verdicts.append(Verdict(d.id, d.created_at, DELETE, d.reasons))
     deletes, total = sum(v.action == DELETE for v in verdicts), len(verdicts)
     fraction = inp.retention.max_delete_fraction
-    blocked = forced = None
     # The net is for a run gone wrong (a clock jump, a config typo that sets
     # daily = 1): it never deletes more than this share of a region's snapshots.
-    if deletes and deletes > fraction * total:
-        why = (f"would delete {deletes} of {total} snapshots ({deletes / total:.0%}), "
-               f"more than max_delete_fraction {fraction:.0%}")
-        if force:
-            forced = why + "; allowed by --force"
-        else:
-            blocked = why + "; nothing deleted here (re-run with --force if this is intended)"
-            verdicts = [Verdict(v.id, v.created_at, BLOCKED, (*v.reasons, REASON_SAFETY_NET))
-                        if v.action == DELETE else v for v in verdicts]
+    blocked, forced = retention.delete_guard(deletes, total, fraction, force, "snapshots")
+    if blocked:
+        verdicts = [Verdict(v.id, v.created_at, BLOCKED, (*v.reasons, REASON_SAFETY_NET))
+                    if v.action == DELETE else v for v in verdicts]
     return RegionPlan(inp.source, inp.region, tuple(verdicts), inp.invalid, blocked, forced)
 
 
@@ -265,17 +264,21 @@ class PruneReport:
     dry_run: bool
     changes: list[Change] = field(default_factory=list)
     region_errors: list[RegionError] = field(default_factory=list)
+    orphans: list[OrphanPlan] = field(default_factory=list)  # only regions with orphans
 
     @property
     def ok(self) -> bool:
-        """False if the safety net blocked a source, a region was unreadable or a step failed."""
+        """False if the safety net blocked a source, a region was unreadable, a step
+        failed or a data object lost its manifest (orphans.LOST)."""
         return (not self.plan.blocked and not self.region_errors
+                and not any(o.blocked or o.lost for o in self.orphans)
                 and all(c.status != "failed" for c in self.changes))
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "dry_run": self.dry_run, **self.plan.to_dict(),
                 "changes": [c.to_dict() for c in self.changes],
-                "region_errors": [e.to_dict() for e in self.region_errors]}
+                "region_errors": [e.to_dict() for e in self.region_errors],
+                "orphans": [o.to_dict() for o in self.orphans]}
 
 
 @dataclass
@@ -422,16 +425,22 @@ def _trash_entries(store: ObjectStore, source: str) -> list[TrashEntry]:
 
 
 def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = False,
-              force: bool = False, protected: Collection[str] = frozenset()) -> PruneReport:
+              force: bool = False, protected: Collection[str] = frozenset(),
+              orphan_grace: timedelta = orphans.ORPHAN_GRACE) -> PruneReport:
     """Plan retention for every chosen source and region; unless `dry_run`, trash
-    what the plan deletes, then purge trash older than the source's `trash_days`.
+    what the plan deletes, purge trash older than the source's `trash_days`,
+    then delete orphan data objects past `orphan_grace` (orphans.py).
 
-    A dry run takes no lock: it only reads. `protected` ids are never deleted,
-    and neither is the newest drill-verified snapshot of each source (read
-    here, so that the daemon and drctl both keep the proof that a restore
-    works). One unreadable region or failing step never stops the others;
-    everything is in the report.
+    A dry run takes no lock: it only reads (it does not record orphan sightings
+    either). `protected` ids are never deleted, and neither is the newest
+    drill-verified snapshot of each source (read here, so that the daemon and
+    drctl both keep the proof that a restore works). One unreadable region or
+    failing step never stops the others; everything is in the report.
     """
+    if orphan_grace < orphans.MIN_ORPHAN_GRACE:
+        raise UsageError(f"the orphan grace period must be at least "
+                         f"{format_duration(orphans.MIN_ORPHAN_GRACE)}: a backup on another "
+                         "host may be about to commit what looks orphaned")
     chosen = _chosen(rt, sources)
     protected = frozenset(protected) | frozenset(
         newest_verified(rt.config.daemon.state_dir).values())
@@ -470,7 +479,43 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
                     continue
                 for entry in plan_purge(entries, src.retention.trash_days, now):
                     report.changes.append(_purge(rt, store, entry, now, dry_run))
+        _sweep_orphans(rt, chosen, report, now, orphan_grace, protected, force)
     return report
+
+
+def _sweep_orphans(rt: Runtime, chosen: list[SourceConfig], report: PruneReport,
+                   now: datetime, grace: timedelta, protected: Collection[str],
+                   force: bool) -> None:
+    """Find and (unless a dry run) delete orphan data objects; record the sightings."""
+    state_dir = rt.config.daemon.state_dir
+    seen = orphans.load_seen(state_dir)
+    in_flight = state.live_inflight(state_dir)
+    records = orphans.audit_records(state_dir)
+    observed: list[tuple[str, str]] = []
+    gone: set[tuple[str, str]] = set()
+    for src in chosen:
+        plans, unreadable = orphans.plan_source(
+            rt, src, now, grace=grace, first_seen=seen, in_flight=in_flight,
+            protected=protected, force=force, records=records)
+        known = {(e.source, e.region) for e in report.region_errors}
+        report.region_errors += [RegionError(src.name, r, why) for r, why in unreadable.items()
+                                 if (src.name, r) not in known]
+        observed += [(src.name, s.name) for s in rt.stores if s.name not in unreadable]
+        report.orphans += plans
+        for op in plans:
+            for v in op.to_delete:
+                if report.dry_run:
+                    report.changes.append(Change("orphan", src.name, op.region, v.snapshot_id,
+                                                 "planned", f"would delete {v.name}"))
+                    continue
+                status, detail = orphans.delete(rt, rt.store(op.region), src.name, v)
+                if status == "done":
+                    gone.add((op.region, v.name))
+                report.changes.append(Change("orphan", src.name, op.region, v.snapshot_id,
+                                             status, detail))
+    if not report.dry_run:
+        live = {(s.name, r.name) for s in rt.config.sources for r in rt.stores}
+        orphans.save_seen(state_dir, seen, observed, report.orphans, gone, live)
 
 
 def _undo(rt: Runtime, store: ObjectStore, e: TrashEntry) -> Change:

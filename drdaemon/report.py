@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .units import format_bytes, format_duration
 
 if TYPE_CHECKING:
-    from .drills import DrillRecord
+    from .drill_records import DrillRecord
 
 FORMATS = ("html", "md", "json")
 PALETTE = ("#1f77b4", "#9467bd", "#2ca02c", "#ff7f0e", "#8c564b", "#17becf", "#e377c2")

@@ -313,3 +313,19 @@ def plan(
         else:
             delete.append(Decision(entry.id, entry.created_at, False, (REASON_EXPIRED,)))
     return RetentionPlan(keep=tuple(keep), delete=tuple(delete))
+
+
+def delete_guard(deletes: int, total: int, fraction: float, force: bool,
+                 what: str) -> tuple[str | None, str | None]:
+    """The safety net over one region's deletions: the (blocked, forced) reasons.
+
+    Both are None while `deletes` stays within `fraction` of `total`; past it
+    the deletions are blocked, unless `force` lets them through (and says so).
+    """
+    if not deletes or deletes <= fraction * total:
+        return None, None
+    why = (f"would delete {deletes} of {total} {what} ({deletes / total:.0%}), "
+           f"more than max_delete_fraction {fraction:.0%}")
+    if force:
+        return None, why + "; allowed by --force"
+    return why + "; nothing deleted here (re-run with --force if this is intended)", None

@@ -6,6 +6,8 @@ the same service functions; nothing else opens stores or reads key files.
 
 from __future__ import annotations
 
+import getpass
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +18,13 @@ from typing import Any
 from . import audit
 from . import config as config_mod
 from .config import Config
-from .keys import ManifestKey, ensure_generated_keys, load_identities, load_manifest_key
+from .keys import (
+    ManifestKey,
+    ensure_generated_keys,
+    fingerprint,
+    load_identities,
+    load_manifest_key,
+)
 from .storage import ObjectStore, open_store
 
 
@@ -94,4 +102,22 @@ def _record_generated_keys(rt: Runtime, made: list[str]) -> None:
                                         load_identities(rt.config.keys.identity_file))
     if "manifest-key" in made:
         fields["manifest_key_id"] = rt.manifest_key.key_id
+    rt.record_event("key.generated", **fields)
+
+
+def record_key_generation(rt: Runtime, what: str, path: Path, *, recipient: str | None = None,
+                          manifest_key_id: str | None = None) -> None:
+    """Audit a key that `drctl keys` made: its public facts and where it was written.
+
+    `what` is "identity" (with its `recipient`) or "manifest-key" (with its key
+    id); never the key itself. The record is signed with this runtime's manifest
+    key, which need not be the key just made.
+    """
+    fields: dict[str, Any] = {"generated": [what], "path": str(path.absolute()),
+                              "user": getpass.getuser(), "host": socket.gethostname()}
+    if recipient is not None:
+        fields["recipient"] = recipient
+        fields["fingerprint"] = fingerprint(recipient)
+    if manifest_key_id is not None:
+        fields["manifest_key_id"] = manifest_key_id
     rt.record_event("key.generated", **fields)

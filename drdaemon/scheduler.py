@@ -21,7 +21,7 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import catalog, cron, locks, metrics, state
+from . import audit, catalog, cron, locks, metrics, state
 from .backup import BackupResult, snapshot
 from .config import SourceConfig
 from .errors import DrError
@@ -159,7 +159,7 @@ class Daemon:
         return [s.name for s in due]
 
     def maintenance_job(self, name: str, fn: Callable[[], Any]) -> None:
-        """Run prune/replicate/verify; log one line with its outcome; never raises."""
+        """Run prune/replicate/verify/audit/drills; log one line with its outcome; never raises."""
         try:
             with self.metrics.job(name, self.rt.clock):
                 report = fn()
@@ -172,8 +172,10 @@ class Daemon:
             log.error("%s failed: %s", name, exc, extra={"job": name, "ok": False})
         except Exception:
             log.exception("%s crashed", name, extra={"job": name, "ok": False})
-        if not self.rt.stopping.is_set():
-            self.refresh_metrics()  # prune, repair and drills change what every source holds
+        # Prune, repair and drills change what every source holds; the audit
+        # check changes nothing in storage and records its own metrics above.
+        if not self.rt.stopping.is_set() and name != "audit":
+            self.refresh_metrics()
 
     def refresh_metrics(self, source: str | None = None) -> None:
         """Re-read storage (one source, or all) into the cache scrapes render; never raises."""
@@ -236,8 +238,11 @@ class Daemon:
                                    args=(src,), id=f"snapshot:{src.name}",
                                    name=f"snapshot {src.name}", executor="snapshots")
         for name, expr, fn in self._maintenance():
+            # The audit check also runs at start: its metrics are not absent for a
+            # day after a restart, and a log edited while the daemon was down shows.
+            first = {"next_run_time": datetime.now(self.tz)} if name == "audit" else {}
             self.scheduler.add_job(self.maintenance_job, cron.trigger(expr, self.tz, cfg.jitter),
-                                   args=(name, fn), id=name, name=name)
+                                   args=(name, fn), id=name, name=name, **first)
         self.scheduler.add_job(self.catch_up, "interval",
                                seconds=WATCHDOG_INTERVAL.total_seconds(), id="watchdog",
                                name="rpo watchdog")
@@ -259,6 +264,7 @@ class Daemon:
         return [("prune", cfg.prune_schedule, lambda: run_prune(rt)),
                 ("replicate", cfg.replicate_schedule, lambda: run_replicate(rt, repair=True)),
                 ("verify", cfg.verify_schedule, lambda: run_verify(rt)),
+                ("audit", cfg.audit_schedule, lambda: audit.verify_everywhere(rt)),
                 *drill_jobs(rt)]  # one per tier: [drills] schedule or [drills.tiers.NAME]
 
     def stop(self) -> bool:

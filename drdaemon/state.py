@@ -87,7 +87,7 @@ def inflight(state_dir: Path, snapshot_id: str) -> Iterator[None]:
 
 
 def abandoned_snapshots(state_dir: Path) -> set[str]:
-    """Ids of snapshots whose uploading process died; their markers are removed."""
+    """Ids of snapshots whose uploading process died (see `forget_abandoned`)."""
     found = set()
     folder = _inflight_dir(state_dir)
     for marker in folder.glob("*") if folder.is_dir() else ():
@@ -98,6 +98,13 @@ def abandoned_snapshots(state_dir: Path) -> set[str]:
         if pid <= 0 or not _alive(pid):
             found.add(marker.name)
     return found
+
+
+def live_inflight(state_dir: Path) -> set[str]:
+    """Ids of snapshots a live process on this host is uploading right now."""
+    folder = _inflight_dir(state_dir)
+    markers = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    return markers - abandoned_snapshots(state_dir)
 
 
 def forget_abandoned(state_dir: Path, snapshot_ids: set[str]) -> None:

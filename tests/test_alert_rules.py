@@ -34,6 +34,8 @@ ALERTS = {
     "DrdaemonDrillMissing": "drill-missing",
     "DrdaemonDrillRTOOverTarget": "drill-rto-over-target",
     "DrdaemonProjectedRTOOverTarget": "projected-rto-over-target",
+    "DrdaemonAuditChainBroken": "audit-chain-broken",
+    "DrdaemonAuditVerifyMissing": "audit-verify-missing",
     "DrdaemonDown": "daemon-down",
     "DrdaemonAbsent": "daemon-absent",
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -23,9 +24,9 @@ import pytest
 from conftest import S3Region
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import Setup, directory_source, local_region, make_setup
+from support import Setup, directory_source, local_region, make_setup, run_cli
 
-from drdaemon import audit
+from drdaemon import audit, keys
 from drdaemon.config import load as load_config
 from drdaemon.keys import load_manifest_key
 from drdaemon.runtime import open_runtime
@@ -407,6 +408,102 @@ def test_generated_keys_are_recorded_without_secrets(tmp_path: Path) -> None:
     assert rt.manifest_key.secret.hex() not in line.decode()
     open_runtime(load_config(config))  # keys exist now: nothing more to record
     assert audit.verify(rt).records == 1
+
+
+def key_records(setup: Setup) -> list[dict[str, Any]]:
+    return [record(line) for line in lines_of(setup)
+            if record(line)["event"] == "key.generated"]
+
+
+def test_drctl_keys_are_recorded_with_their_public_facts_only(setup: Setup,
+                                                              tmp_path: Path) -> None:
+    new_id, new_key = tmp_path / "new" / "identity.txt", tmp_path / "new" / "manifest.key"
+    made = setup.drctl("keys", "generate", "--out", str(new_id))
+    assert made.exit_code == 0 and made.stderr == "", made.output + made.stderr
+    recipient = made.stdout.strip()
+    made = setup.drctl("keys", "manifest-key", "--out", str(new_key))
+    assert made.exit_code == 0 and made.stderr == "", made.output + made.stderr
+    key_id = made.stdout.strip()
+
+    identity, manifest = key_records(setup)
+    assert identity["generated"] == ["identity"] and identity["path"] == str(new_id)
+    assert identity["recipient"] == recipient
+    assert identity["fingerprint"] == keys.fingerprint(recipient)
+    assert manifest["generated"] == ["manifest-key"] and manifest["path"] == str(new_key)
+    assert manifest["manifest_key_id"] == key_id == load_manifest_key(new_key).key_id
+    assert "recipient" not in manifest
+    text = log_file(setup).read_text()
+    assert "AGE-SECRET-KEY" not in text.upper()
+    assert load_manifest_key(new_key).secret.hex() not in text
+    # Signed with the config's manifest key, in the chain, and in every region.
+    assert verify_json(setup, code=0)["records"] == 2
+    for region in REGIONS:
+        assert verify_json(setup, "--region", region, code=0)["records"] == 2
+
+
+def test_drctl_keys_without_a_usable_config_say_so_and_succeed(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DRDAEMON_CONFIG"}
+    made = run_cli("drctl", "keys", "generate", "--out", str(tmp_path / "id.txt"), env=env)
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("age1") and made.stdout.count("\n") == 1
+    assert made.stderr == ("note: not recorded in an audit log: no config given "
+                           "(--config or $DRDAEMON_CONFIG)\n")
+    # No config: nothing touched the embedded demo's state folder.
+    assert not (Path(os.environ["HOME"]) / ".local").exists()
+
+    # A config that is not written yet (keys come first in a new setup).
+    env["DRDAEMON_CONFIG"] = str(tmp_path / "drdaemon.toml")
+    made = run_cli("drctl", "keys", "manifest-key", "--out", str(tmp_path / "m.key"), env=env)
+    assert made.returncode == 0, made.stderr
+    assert made.stderr.count("\n") == 1 and made.stderr.startswith(
+        "note: not recorded in an audit log: ") and "config file not found" in made.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_the_manifest_key_of_a_new_setup_begins_its_audit_chain(tmp_path: Path) -> None:
+    """A config written before its manifest key: once the key exists, the config is usable."""
+    recipient = keys.generate_identity(tmp_path / "identity.txt")
+    mkey = tmp_path / "manifest.key"
+    config = tmp_path / "drdaemon.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n\n[keys]\n'
+                      f'recipients = ["{recipient}"]\nmanifest_key_file = "{mkey}"\n\n'
+                      + local_region("eu-local", tmp_path / "eu", "europe")
+                      + local_region("us-local", tmp_path / "us", "north-america"))
+    made = run_cli("drctl", "--config", str(config), "keys", "manifest-key", "--out", str(mkey))
+    assert made.returncode == 0 and made.stderr == "", made.stderr
+    rt = open_runtime(load_config(config))
+    [line] = audit.read_lines(tmp_path / "state")
+    assert record(line)["manifest_key_id"] == rt.manifest_key.key_id == made.stdout.strip()
+    assert audit.verify(rt).ok
+
+
+def test_verify_everywhere_without_a_log_compares_no_region(setup: Setup) -> None:
+    rt = open_runtime(load_config(setup.config))
+    check = audit.verify_everywhere(rt)
+    assert check.ok and check.local.records == 0 and check.regions == {}
+    assert check.to_dict()["local"]["ok"] is True
+
+
+def test_verify_everywhere_brings_a_new_region_up_to_date(logged: Setup,
+                                                          tmp_path: Path) -> None:
+    """A region added to the config holds no copy yet: the check copies, then compares."""
+    text = logged.config.read_text()
+    logged.config.write_text(text + "\n" + local_region("ap-local", tmp_path / "ap", "asia"))
+    rt = open_runtime(load_config(logged.config))
+    check = audit.verify_everywhere(rt)
+    assert check.ok, check.to_dict()
+    assert {r: v.records for r, v in check.regions.items()} == {
+        "eu-local": 4, "us-local": 4, "ap-local": 4}
+
+    # A local log that does not verify is not copied over the regions' evidence.
+    lines = lines_of(logged)
+    write_lines(logged, [*lines, lines[0]])  # a replayed record
+    (tmp_path / "ap").rename(tmp_path / "ap-gone")
+    check = audit.verify_everywhere(rt)
+    assert not check.ok and check.local.first_bad == 4
+    assert check.regions["ap-local"].reason is not None
+    assert "no copy" in check.regions["ap-local"].reason
+    assert check.regions["eu-local"].ok  # behind the local log, and agrees with it
 
 
 # -- the pure core --------------------------------------------------------------------

@@ -17,7 +17,7 @@ from lms import populate
 from support import Setup, directory_source, flip_byte, make_setup, postgres_source, stored_key
 
 from drdaemon import config as config_mod
-from drdaemon import drills, manifest
+from drdaemon import drill_records, drills, manifest
 from drdaemon.errors import ConfigError
 from drdaemon.keys import load_manifest_key
 from drdaemon.runtime import open_runtime
@@ -87,7 +87,7 @@ def test_postgres_drill_passes_records_and_protects(tmp_path: Path, lms_dsn: str
 
     listed = setup.drctl_json("drill", "list", "--since", "1d")["drills"]
     assert [d["id"] for d in listed] == [r["id"]]
-    assert drills.newest_verified(setup.state) == {"lms-db": snap["snapshot_id"]}
+    assert drill_records.newest_verified(setup.state) == {"lms-db": snap["snapshot_id"]}
     # Prune, from the daemon or drctl, never deletes the newest drill-verified snapshot.
     plan = setup.drctl_json("prune", "--dry-run")["regions"]
     for region in plan:
@@ -143,7 +143,7 @@ def test_directory_drill_passes_then_fails_rpo_later(tmp_path: Path,
     daemon.maintenance_job(name, fn)
     assert name == "drill:paid"
     # Oldest first by start time: the "three days later" drill sorts last.
-    assert [d.ok for d in drills.load_records(setup.state)] == [True, True, False]
+    assert [d.ok for d in drill_records.load_records(setup.state)] == [True, True, False]
     assert scratch_left(setup) == []
 
 
@@ -159,7 +159,7 @@ def test_corrupt_object_fails_then_other_region_passes(tmp_path: Path, lms_dsn: 
     assert r["reason_codes"] == ["corrupt"], r["reasons"]
     assert r["rto_seconds"] is None and r["rpo_seconds"] is not None
     assert scratch_databases(pg_server) == []
-    assert drills.newest_verified(setup.state) == {}
+    assert drill_records.newest_verified(setup.state) == {}
 
     code, out = run_drill(setup, "--region", "eu-frankfurt")
     assert code == 0 and out["drills"][0]["region"] == "eu-frankfurt"

@@ -19,12 +19,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import S3Region
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from support import Setup, directory_source, local_region, make_setup
 
+from drdaemon import audit, metrics
 from drdaemon import config as config_mod
-from drdaemon import metrics
 from drdaemon.backup import BackupResult, error_kind, snapshot
 from drdaemon.errors import DrError, SourceError
 from drdaemon.metrics import (
@@ -81,6 +82,7 @@ def sample_state() -> MetricsState:
     st.job_next_run = {"prune": T + 60}
     st.source_next_run = {"db": T + 120}
     st.refreshed_at = T - 10
+    st.audit_mirrors = {"eu": metrics.AuditView(T - 60, True, 40)}
     return st
 
 
@@ -163,7 +165,7 @@ def test_retention_span_target_is_promised_only_for_the_published_policy_or_long
 
 @dataclass(frozen=True)
 class Record:
-    """The fields drills.DrillRecord documents; plain data, as load_records returns."""
+    """The fields drill_records.DrillRecord documents; plain data, as load_records returns."""
 
     source: str
     tier: str
@@ -222,6 +224,28 @@ def test_reports_are_counted_by_region_and_status() -> None:
     get = registry_of(st).get_sample_value
     assert get("drdaemon_verify_failed_copies", {**db, "region": "us"}) == 0
     assert get("drdaemon_verify_failures_total", {**db, "region": "us", "status": "corrupt"}) == 1
+
+
+def test_audit_checks_render_and_an_unreadable_region_keeps_its_last_result() -> None:
+    st = sample_state()
+    st.audit_mirrors = {}
+    get = registry_of(st).get_sample_value
+    assert get("drdaemon_audit_verified_ok") is None  # never checked: absent, not a false 0
+    ok = audit.AuditVerification(True, 40)
+    st.record_report(audit.AuditCheck(NOW - timedelta(days=1), ok, {"eu": ok, "us": ok}))
+    bad = audit.AuditVerification(False, 12, 12, "MAC does not match")
+    differs = audit.AuditVerification(False, 12, 12, "differs from the local log")
+    st.record_report(audit.AuditCheck(NOW, bad, {"eu": differs}, {"us": "connection refused"}))
+    get = registry_of(st).get_sample_value
+    assert get("drdaemon_audit_verified_ok") == 0
+    assert get("drdaemon_audit_verified_records") == 12
+    assert get("drdaemon_audit_last_verified_timestamp_seconds") == T
+    assert get("drdaemon_audit_mirror_verified_ok", {"region": "eu"}) == 0
+    assert get("drdaemon_audit_mirror_last_verified_timestamp_seconds", {"region": "eu"}) == T
+    # us could not be read: it says nothing about the log, and its check time goes stale.
+    assert get("drdaemon_audit_mirror_verified_ok", {"region": "us"}) == 1
+    assert get("drdaemon_audit_mirror_last_verified_timestamp_seconds", {"region": "us"}) == (
+        T - 86400)
 
 
 def test_registry_has_the_process_collector() -> None:
@@ -308,8 +332,8 @@ def test_job_hooks_count_failures_and_verify_findings(tmp_path: Path,
 
 
 def test_refresh_reads_the_drill_log(tmp_path: Path, trees: list[Path]) -> None:
-    """Against drills.py's own record format, where that module exists."""
-    drills = pytest.importorskip("drdaemon.drills")
+    """Against drill_records.py's own record format, where that module exists."""
+    drills = pytest.importorskip("drdaemon.drill_records")
     setup = two_sources(tmp_path, trees)
     rt = open_runtime(config_mod.load(setup.config), clock=lambda: NOW)
 
@@ -497,10 +521,11 @@ def test_real_prometheus_scrapes_a_series_per_source(
 
         wait_for(lambda: rules() and all(r.get("health") == "ok" for r in rules()), 20,
                  "every rule evaluated")
-        assert len({r["name"] for r in rules()}) == 12
+        assert len({r["name"] for r in rules()}) == 14
         firing = {r["name"] for r in rules() if r.get("state") == "firing"}
         assert not firing & {"DrdaemonRPOBreached", "DrdaemonDown", "DrdaemonAbsent",
-                             "DrdaemonSnapshotOverdue", "DrdaemonRegionMissingSnapshot"}
+                             "DrdaemonSnapshotOverdue", "DrdaemonRegionMissingSnapshot",
+                             "DrdaemonAuditChainBroken", "DrdaemonAuditVerifyMissing"}
     finally:
         proc.terminate()
         try:
@@ -509,3 +534,80 @@ def test_real_prometheus_scrapes_a_series_per_source(
             proc.kill()
             proc.wait()
         log.close()
+
+
+# -- the daemon's audit job ---------------------------------------------------------
+
+
+def sample(port: int, name: str, **labels: str) -> float | None:
+    return next((v for got, v in scrape(port).get(name, []) if got == labels), None)
+
+
+def test_the_daemons_audit_job_catches_an_edited_line(tmp_path: Path, trees: list[Path],
+                                                      free_port: Callable[[], int]) -> None:
+    port = free_port()
+    setup = two_sources(tmp_path, trees, daemon=f'metrics_address = "127.0.0.1:{port}"\n'
+                                                 'audit_schedule = "15 3 * * *"')
+    daemon = Daemon(open_runtime(config_mod.load(setup.config)))
+    assert ("audit", "15 3 * * *") in [(n, e) for n, e, _ in daemon._maintenance()]
+    daemon.start()
+    try:
+        wait_for(lambda: sources_with(scrape(port), "drdaemon_last_snapshot_timestamp_seconds")
+                 == {"files-a", "files-b"}, what="the catch-up snapshots")
+
+        def run_audit_job(records: float, ok: float) -> None:
+            """Bring the scheduled job forward, as its cron would run it."""
+            daemon.scheduler.modify_job("audit", next_run_time=datetime.now(daemon.tz))
+            wait_for(lambda: (sample(port, "drdaemon_audit_verified_records"),
+                              sample(port, "drdaemon_audit_verified_ok")) == (records, ok),
+                     what=f"an audit check with {records} records, ok={ok}")
+
+        run_audit_job(2, 1)  # a snapshot record of each source, in the log and both regions
+        for region in ("eu", "us"):
+            assert sample(port, "drdaemon_audit_mirror_verified_ok", region=region) == 1
+        checked = sample(port, "drdaemon_audit_last_verified_timestamp_seconds")
+        assert checked is not None and time.time() - 60 < checked <= time.time()
+        assert sample(port, "drdaemon_job_next_run_timestamp_seconds", job_name="audit")
+
+        # An intruder on the host edits a line of the local log.
+        log_file = setup.state / "audit" / "audit.jsonl"
+        lines = audit.split_lines(log_file.read_bytes())
+        lines[0] = lines[0].replace(b'"time":"2', b'"time":"1', 1)
+        log_file.write_bytes(b"".join(lines))
+
+        run_audit_job(0, 0)  # record 0 is the first that fails
+        for region in ("eu", "us"):  # each region's copy is the original: it differs now
+            assert sample(port, "drdaemon_audit_mirror_verified_ok", region=region) == 0
+        assert sample(port, "drdaemon_job_last_run_success", job_name="audit") == 1
+    finally:
+        assert daemon.stop()
+
+
+def test_the_audit_job_with_a_region_down(tmp_path: Path, trees: list[Path],
+                                          moto_region_factory: Callable[..., S3Region]) -> None:
+    far = moto_region_factory("us", "us-east-1", "north-america")
+    setup = make_setup(tmp_path, [local_region("eu", tmp_path / "r-eu", "europe"), far.toml()],
+                       [directory_source("files-a", trees[0])])
+    clock = [NOW]
+    rt = open_runtime(config_mod.load(setup.config), clock=lambda: clock[0])
+    daemon = Daemon(rt)
+    [(name, check)] = [(n, fn) for n, _, fn in daemon._maintenance() if n == "audit"]
+    daemon.maintenance_job(name, check)  # no log yet: nothing to compare in the regions
+    get = metrics.build_registry(daemon.metrics, rt.clock).get_sample_value
+    assert get("drdaemon_audit_verified_ok") == 1 and get("drdaemon_audit_verified_records") == 0
+    assert get("drdaemon_audit_mirror_verified_ok", {"region": "us"}) is None
+
+    assert daemon.snapshot_job(rt.config.sources[0]) is not None
+    daemon.maintenance_job(name, check)
+    clock[0] = NOW + timedelta(days=1)
+    far.server.stop()
+    daemon.maintenance_job(name, check)
+    get = metrics.build_registry(daemon.metrics, rt.clock).get_sample_value
+    assert get("drdaemon_audit_verified_ok") == 1 and get("drdaemon_audit_verified_records") == 1
+    assert get("drdaemon_audit_last_verified_timestamp_seconds") == T + 86400
+    assert get("drdaemon_audit_mirror_last_verified_timestamp_seconds", {"region": "eu"}) == (
+        T + 86400)
+    # The region that could not be read keeps its last result; its check time goes stale.
+    assert get("drdaemon_audit_mirror_verified_ok", {"region": "us"}) == 1
+    assert get("drdaemon_audit_mirror_last_verified_timestamp_seconds", {"region": "us"}) == T
+    assert get("drdaemon_job_last_run_success", {"job_name": "audit"}) == 1

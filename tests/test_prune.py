@@ -24,11 +24,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import Setup, directory_source, local_region, make_setup
 
-from drdaemon import backup, catalog
+from drdaemon import backup, catalog, orphans, state
 from drdaemon.cli.drctl import cli as drctl_cli
 from drdaemon.config import RetentionConfig
 from drdaemon.config import load as load_config
-from drdaemon.manifest import data_object_name, manifest_object_name
+from drdaemon.manifest import data_object_name, manifest_object_name, new_snapshot_id
 from drdaemon.prune import (
     BLOCKED,
     DELETE,
@@ -44,6 +44,7 @@ from drdaemon.prune import (
     trash_name,
 )
 from drdaemon.runtime import Runtime, open_runtime
+from drdaemon.storage import ObjectInfo
 
 T0 = datetime(2031, 3, 1, 2, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -478,3 +479,271 @@ def test_cli_usage_errors_exit_2(local6: World, args: list[str], message: str) -
     result = local6.drctl("prune", *args)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+# -- orphan data objects: the pure core ------------------------------------------
+
+OLD, NEW = "20310301T020000Z-0000000a", "20310305T060000Z-0000000b"
+
+
+def data(snap_id: str, ext: str = "tar") -> str:
+    return f"sources/{SRC}/data/{snap_id}.{ext}.zst.age"
+
+
+def test_only_names_exactly_like_a_data_object_are_ours() -> None:
+    assert orphans.data_snapshot_id(SRC, data(OLD)) == OLD
+    assert orphans.data_snapshot_id(SRC, data(OLD, "pgdump")) == OLD
+    for foreign in (data(OLD) + ".part", data(OLD, "zip"), data(OLD.upper()),
+                    f"sources/{SRC}/data/x/{OLD}.tar.zst.age", f"sources/{SRC}/data/notes.txt",
+                    f"sources/{SRC}/data/.drdaemon-tmp-{OLD}.tar.zst.age.1a2b",
+                    f"sources/other/data/{OLD}.tar.zst.age", f"sources/{SRC}/{OLD}.tar.zst.age",
+                    f"sources/{SRC}/data/20311399T999999Z-0000000a.tar.zst.age",
+                    f"backups/sources/{SRC}/data/{OLD}.tar.zst.age"):
+        assert orphans.data_snapshot_id(SRC, foreign) is None, foreign
+    held = orphans.holdings(SRC, "eu", [ObjectInfo(n, 5) for n in (
+        data(OLD), data(NEW), data(OLD) + ".part", manifest_object_name(SRC, NEW),
+        f"sources/{SRC}/trash/{OLD}.20310309T040506Z.json", f"sources/{SRC}/notes/{OLD}.json")])
+    assert [o.snapshot_id for o in held.data] == [OLD, NEW]
+    assert held.referenced == {OLD, NEW}
+
+
+def held_in(region: str, *ids: str, refs: tuple[str, ...] = ()) -> orphans.Holdings:
+    return orphans.Holdings(region, tuple(orphans.DataObject(data(i), i, 10) for i in ids),
+                            frozenset(refs))
+
+
+def test_orphan_plan_explains_every_orphan() -> None:
+    now = datetime(2031, 3, 6, 4, 30, tzinfo=UTC)
+    kept = "20310303T020000Z-0000000c"  # committed in us only: replicate completes eu
+    eu = held_in("eu", OLD, NEW, kept, "20310302T020000Z-0000000d", "20310302T020000Z-0000000e")
+    us = held_in("us", kept, refs=(kept,))
+    first = {("eu", data(OLD)): now - DAY, ("eu", data(NEW)): now - DAY}
+
+    def verdicts(**kw: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
+        [plan] = orphans.plan_orphans(SRC, [eu, us], now, first_seen=first, **kw)
+        assert plan.region == "eu" and plan.data_objects == 5
+        return {v.snapshot_id[-1]: (v.action, v.reasons[1:]) for v in plan.verdicts}
+
+    assert verdicts() == {
+        "a": (DELETE, ("past the 1d grace period",)),
+        "b": (KEEP, ("grace period: deleted from 2031-03-06T06:00:00Z",)),  # began < 1 day ago
+        "d": (KEEP, ("grace period: deleted from 2031-03-07T04:30:00Z",)),  # first seen now
+        "e": (KEEP, ("grace period: deleted from 2031-03-07T04:30:00Z",)),
+    }
+    assert verdicts(in_flight={OLD})["a"] == (KEEP, ("a backup on this host has it in flight",))
+    assert verdicts(protected={OLD})["a"] == (KEEP, ("protected",))
+    assert verdicts(locked={("eu", data(OLD)): now + DAY})["a"] == (
+        LOCKED, ("locked until 2031-03-07T04:30:00Z",))
+    assert verdicts(locked={("eu", data(OLD)): now})["a"][0] == DELETE
+    assert verdicts(unreadable={"us": "connection refused"})["a"] == (KEEP, (
+        "region us unreadable, cannot tell whether it is committed there: connection refused",))
+    # An orphan of one region is a committed snapshot's copy if another region names it.
+    named = held_in("us", refs=tuple(o.snapshot_id for o in eu.data))
+    assert orphans.plan_orphans(SRC, [eu, named], now) == ()
+
+
+def test_commits_are_read_from_the_audit_records() -> None:
+    records = [
+        {"seq": 1, "time": "t1", "event": "snapshot.committed", "source": SRC,
+         "snapshot_id": OLD, "regions": ["eu"]},
+        {"seq": 2, "time": "t2", "event": "snapshot.failed", "source": SRC,
+         "snapshot_id": NEW, "regions": ["us"]},
+        {"seq": 3, "time": "t3", "event": "replica.repaired", "source": SRC,
+         "snapshot_id": OLD, "region": "us"},
+        {"seq": 4, "time": "t4", "event": "prune.undo", "source": SRC, "snapshot_id": NEW,
+         "region": "eu"},
+        {"seq": 5, "time": "t5", "event": "snapshot.committed", "source": "other",
+         "snapshot_id": NEW, "regions": ["us"]},
+        {"seq": 6, "event": "snapshot.committed", "source": SRC, "snapshot_id": NEW,
+         "regions": "us"},  # not what we write: ignored
+    ]
+    assert orphans.committed_here(records, SRC, {OLD, NEW}) == {
+        ("eu", OLD): "snapshot.committed record 1 at t1",
+        ("us", OLD): "replica.repaired record 3 at t3",
+        ("eu", NEW): "prune.undo record 4 at t4"}
+    assert orphans.committed_here(records, SRC, {NEW}) == {
+        ("eu", NEW): "prune.undo record 4 at t4"}
+
+
+def test_orphan_safety_net_counts_every_data_object_of_the_region() -> None:
+    now = datetime(2031, 3, 6, 4, 30, tzinfo=UTC)
+    ids = [f"2031030{d}T020000Z-0000000{d}" for d in range(1, 5)]
+    eu = held_in("eu", *ids, refs=(ids[3],))
+    first = {("eu", data(i)): now - 2 * DAY for i in ids}
+    [plan] = orphans.plan_orphans(SRC, [eu], now, first_seen=first)
+    assert plan.count(BLOCKED) == 3 and plan.to_delete == ()
+    assert plan.blocked is not None and "would delete 3 of 4 data objects (75%)" in plan.blocked
+    [forced] = orphans.plan_orphans(SRC, [eu], now, first_seen=first, force=True)
+    assert len(forced.to_delete) == 3 and forced.forced is not None
+    [half] = orphans.plan_orphans(SRC, [eu], now, first_seen=first, max_delete_fraction=0.75)
+    assert len(half.to_delete) == 3 and half.blocked is None
+
+
+# -- orphan data objects: end to end ---------------------------------------------
+
+
+def make_orphan(w: World, at: datetime) -> str:
+    """What a backup begun `at` leaves in every region if it dies between data and manifest."""
+    snap_id = new_snapshot_id(at)
+    blob = w.rt.stores[0].get_bytes(data_object_name(SRC, w.ids[0], "directory"), 1 << 20)
+    for store in w.rt.stores:
+        store.put_bytes(data(snap_id), blob,
+                        retain_until=w.rt.config.sources[0].retention.lock_until(at))
+    return snap_id
+
+
+def orphan_verdicts(report: dict[str, Any]) -> dict[tuple[str, str], str]:
+    return {(o["region"], v["snapshot_id"]): v["action"] for o in report["orphans"]
+            for v in o["objects"]}
+
+
+def test_orphans_are_deleted_after_the_grace_period_and_nothing_else(tmp_path: Path) -> None:
+    w = make_world(tmp_path, local_regions(tmp_path), 6)
+    root = w.setup.config.parent
+    regions = ("eu-local", "us-local")
+    old = make_orphan(w, T0 + DAY + timedelta(hours=12))
+    busy = make_orphan(w, T0 + 2 * DAY + timedelta(hours=12))
+    foreign = [f"sources/{SRC}/data/README.txt", data(old) + ".part", data(old, "zip"),
+               f"sources/{SRC}/data/old/{old}.tar.zst.age", f"sources/gone/data/{old}.tar.zst.age",
+               f"elsewhere/{old}.tar.zst.age"]
+    for name in foreign:
+        (root / "eu" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "eu" / name).write_bytes(b"not ours")
+    seen_file = w.setup.state / "prune" / "orphans.json"
+
+    # First sighting: reported, kept, and only a real run remembers it.
+    w.clock.now = first = T0 + 5 * DAY + timedelta(hours=2)
+    dry = w.prune_json("--dry-run")
+    assert orphan_verdicts(dry) == {(r, i): "keep" for r in regions for i in (old, busy)}
+    assert not seen_file.exists()
+    text = w.drctl("prune").stdout
+    assert f"{SRC} @ eu-local: 2 orphan data object(s) (keep 2) among 8 data objects" in text
+    assert (f"KEEP     {data(old)}  " in text and "no manifest or trash entry in any region "
+            "(first seen 2031-03-06T04:00:00Z), grace period: deleted from "
+            "2031-03-07T04:00:00Z" in text)
+    assert w.listed() == w.ids[3:]  # retention trashed ids[:3] as usual
+    assert seen_file.exists() and not w.events("prune.orphan")
+
+    # Made after that run: a fresh orphan, first seen by the next one.
+    fresh = make_orphan(w, first + DAY - timedelta(hours=3))
+    w.clock.now = first + DAY
+    before = raw_names(root / "eu") | {f"us/{n}" for n in raw_names(root / "us")}
+    dry = w.prune_json("--dry-run")
+    assert orphan_verdicts(dry) == {**{(r, i): "delete" for r in regions for i in (old, busy)},
+                                    **{(r, fresh): "keep" for r in regions}}
+    assert {(c["action"], c["region"], c["snapshot_id"], c["status"]) for c in dry["changes"]} \
+        == {("orphan", r, i, "planned") for r in regions for i in (old, busy)}
+    assert before == raw_names(root / "eu") | {f"us/{n}" for n in raw_names(root / "us")}
+
+    with state.inflight(w.setup.state, busy):  # a live backup on this host says it is its
+        report = w.prune_json()
+    assert report["ok"]
+    assert orphan_verdicts(report) == {**{(r, old): "delete" for r in regions},
+                                       **{(r, i): "keep" for r in regions for i in (busy, fresh)}}
+    assert {(c["region"], c["snapshot_id"], c["status"]) for c in report["changes"]} == {
+        (r, old, "done") for r in regions}
+    for r in ("eu", "us"):
+        names = raw_names(root / r)
+        assert data(old) not in names
+        assert {data(busy), data(fresh)} <= names
+        # Snapshots with a manifest and trashed ones keep their data.
+        assert {data_object_name(SRC, i, "directory") for i in w.ids} <= names
+        assert len([n for n in names if "/trash/" in n]) == 3
+    assert set(foreign) <= raw_names(root / "eu")
+    assert w.listed() == w.ids[3:]
+    events = w.events("prune.orphan")
+    assert sorted((e["region"], e["data"], e["snapshot_id"]) for e in events) == [
+        (r, data(old), old) for r in regions]
+    assert events[0]["first_seen"] == first.isoformat()
+
+    # Without the marker, the next run deletes the other one; the fresh one's day is not up.
+    w.clock.now += timedelta(hours=1)
+    assert [(c.region, c.snapshot_id) for c in run_prune(w.rt).changes] == [
+        (r, busy) for r in regions]
+    w.clock.now += DAY
+    assert [(c.region, c.snapshot_id) for c in run_prune(w.rt).changes] == [
+        (r, fresh) for r in regions]
+    assert run_prune(w.rt).changes == [] and json.loads(seen_file.read_text())["seen"] == {}
+    assert set(foreign) <= raw_names(root / "eu")
+    assert len(w.events("prune.orphan")) == 6
+
+
+def test_orphan_safety_net_and_grace_option(tmp_path: Path) -> None:
+    w = make_world(tmp_path, local_regions(tmp_path), 1)
+    for hours in (1, 2, 3):
+        make_orphan(w, T0 - hours * timedelta(hours=1))
+    assert w.prune_json()["ok"]
+    w.clock.now += timedelta(hours=2)
+    assert w.drctl("prune", "--orphan-grace", "59m").exit_code == 2
+    result = w.drctl("prune", "--orphan-grace", "1h")
+    assert result.exit_code == 1
+    assert result.stdout.count("BLOCKED by the safety net: would delete 3 of 4 data objects "
+                               "(75%)") == 2
+    assert not w.events("prune.orphan")
+    forced = w.prune_json("--orphan-grace", "1h", "--force")
+    assert len([c for c in forced["changes"] if c["status"] == "done"]) == 6
+    assert len(w.events("prune.orphan")) == 6
+
+
+def test_locked_orphans_are_kept_and_reported(tmp_path: Path,
+                                              lock_regions: list[S3Region]) -> None:
+    w = make_world(tmp_path, [r.toml() for r in lock_regions], 3, min_retention="4d")
+    unlocked = make_orphan(w, T0 - 2 * DAY)  # locked until T0 + 2d
+    locked = make_orphan(w, T0 + 2 * DAY)  # locked until T0 + 6d
+    foreign = [f"sources/{SRC}/data/README.txt", f"sources/other/data/{unlocked}.tar.zst.age"]
+    for r in lock_regions:
+        for key in foreign:
+            r.client().put_object(Bucket=r.bucket, Key=key, Body=b"not ours",
+                                  ChecksumAlgorithm="SHA256")
+    w.clock.now = T0 + 3 * DAY
+    assert w.prune_json()["ok"]
+    w.clock.now = T0 + 4 * DAY
+    result = w.drctl("prune")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count(f"LOCKED   {data(locked)}") == 2
+    assert "locked until 2031-03-07T02:00:00Z" in result.stdout
+    report = w.prune_json("--dry-run")
+    assert orphan_verdicts(report) == {(r.name, locked): "locked" for r in lock_regions}
+    for r in lock_regions:
+        keys = {o["Key"] for o in r.client().list_objects_v2(Bucket=r.bucket)["Contents"]}
+        assert data(unlocked) not in keys
+        assert {data(locked), *foreign} <= keys
+        assert {data_object_name(SRC, i, "directory") for i in w.ids} <= keys
+    assert {e["snapshot_id"] for e in w.events("prune.orphan")} == {unlocked}
+    assert w.listed() == w.ids
+
+
+def test_an_unreadable_region_keeps_every_orphan(tmp_path: Path,
+                                                 s3_regions: list[S3Region]) -> None:
+    w = make_world(tmp_path, [r.toml() for r in s3_regions], 2)
+    eu, us = s3_regions
+    orphan_id = make_orphan(w, T0)
+    w.clock.now = T0 + 2 * DAY
+    assert w.prune_json()["ok"]
+    w.clock.now += DAY
+    us.server.stop()  # is it committed there? nobody can tell now
+    report = w.prune_json(code=1)
+    [verdict] = [v for o in report["orphans"] for v in o["objects"]]
+    assert verdict["action"] == "keep" and "region us-virginia unreadable" in verdict["reasons"][1]
+    assert data(orphan_id) in {o["Key"] for o in
+                               eu.client().list_objects_v2(Bucket=eu.bucket)["Contents"]}
+    us.server.start()
+    assert [c["snapshot_id"] for c in w.prune_json()["changes"]] == [orphan_id] * 2
+
+
+def test_a_data_object_whose_committed_manifest_vanished_is_kept_as_lost(tmp_path: Path) -> None:
+    w = make_world(tmp_path, local_regions(tmp_path), 3)
+    for store in w.rt.stores:  # removed by hand, or by someone who should not have
+        store.delete(manifest_object_name(SRC, w.ids[0]))
+    assert w.prune_json()["ok"]
+    w.clock.now += DAY
+    result = w.drctl("prune", "--force")
+    assert result.exit_code == 1
+    assert result.stdout.count(f"LOST     {data_object_name(SRC, w.ids[0], 'directory')}") == 2
+    assert "its manifest was written here (snapshot.committed record" in result.stdout
+    report = w.prune_json(code=1)
+    assert {(o["region"], o["counts"]["lost"]) for o in report["orphans"]} == {
+        ("eu-local", 1), ("us-local", 1)}
+    for r in ("eu", "us"):
+        assert data_object_name(SRC, w.ids[0], "directory") in raw_names(tmp_path / r)
+    assert not w.events("prune.orphan")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from drdaemon.drills import DrillRecord
+from drdaemon.drill_records import DrillRecord
 from drdaemon.report import ReportData, render, render_html, summarize
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)

@@ -36,6 +36,8 @@ ALERT_RUNBOOKS = {
     "DrdaemonDrillMissing": "drill-missing.md",
     "DrdaemonDrillRTOOverTarget": "drill-rto-over-target.md",
     "DrdaemonProjectedRTOOverTarget": "projected-rto-over-target.md",
+    "DrdaemonAuditChainBroken": "audit-chain-broken.md",
+    "DrdaemonAuditVerifyMissing": "audit-verify-missing.md",
     "DrdaemonDown": "daemon-down.md",
     "DrdaemonAbsent": "daemon-absent.md",
 }

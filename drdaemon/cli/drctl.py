@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -10,9 +11,10 @@ import click
 from .. import backup as backup_service
 from .. import catalog
 from .. import restore as restore_service
-from ..errors import UsageError
+from ..errors import DrError, UsageError
 from ..keys import generate_identity, generate_manifest_key, identities_for
 from ..progress import ProgressLine
+from ..runtime import Runtime, record_key_generation
 from ..units import format_bytes, format_duration
 from . import (
     config_option,
@@ -71,19 +73,53 @@ def keys_group() -> None:
 @keys_group.command("generate")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
               help="Where to write the new identity (created 0600, never overwritten).")
+@click.pass_context
 @handle_errors("drctl")
-def keys_generate(out: str) -> None:
-    """Write a new age identity and print its public recipient for [keys] recipients."""
-    click.echo(generate_identity(Path(out)))
+def keys_generate(ctx: click.Context, out: str) -> None:
+    """Write a new age identity and print its public recipient for [keys] recipients.
+
+    With a config (--config or $DRDAEMON_CONFIG), the recipient and the path are
+    recorded in its audit log.
+    """
+    path = Path(out)
+    recipient = generate_identity(path)
+    click.echo(recipient)
+    _audit_new_key(ctx, lambda rt: record_key_generation(rt, "identity", path,
+                                                         recipient=recipient))
 
 
 @keys_group.command("manifest-key")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
               help="Where to write the manifest key (created 0600, never overwritten).")
+@click.pass_context
 @handle_errors("drctl")
-def keys_manifest_key(out: str) -> None:
-    """Write a new manifest authentication key and print its key id."""
-    click.echo(generate_manifest_key(Path(out)).key_id)
+def keys_manifest_key(ctx: click.Context, out: str) -> None:
+    """Write a new manifest authentication key and print its key id.
+
+    With a config (--config or $DRDAEMON_CONFIG), the key id and the path are
+    recorded in its audit log.
+    """
+    path = Path(out)
+    key_id = generate_manifest_key(path).key_id
+    click.echo(key_id)
+    _audit_new_key(ctx, lambda rt: record_key_generation(rt, "manifest-key", path,
+                                                         manifest_key_id=key_id))
+
+
+def _audit_new_key(ctx: click.Context, record: Callable[[Runtime], None]) -> None:
+    """Record a key just written in the config's audit log, or say in one line why not.
+
+    The key exists either way, so this never changes the exit code: keys are
+    often made before there is a config (or on the offline machine that keeps them).
+    """
+    if not ctx.ensure_object(dict).get("config_path"):
+        click.echo("note: not recorded in an audit log: no config given (--config or "
+                   "$DRDAEMON_CONFIG)", err=True)
+        return
+    try:
+        record(get_runtime(ctx))
+    except (DrError, OSError) as exc:
+        click.echo(f"note: not recorded in an audit log: {exc}", err=True)
 
 
 # -- backup -----------------------------------------------------------------

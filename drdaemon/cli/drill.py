@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .. import drills
+from .. import drill_records, drills
 from ..errors import UsageError
 from ..keys import identities_for
 from ..report import FORMATS, against, duration, rate, render, size, when
@@ -57,6 +57,10 @@ def drill_run(ctx: click.Context, sources: tuple[str, ...], region: str | None,
     if as_json:
         emit_json(run.to_dict())
     else:
+        for x in run.scratch.removed:
+            click.echo(f"removed scratch {x.scratch} left by {x.owner}: {x.reason}")
+        for error in run.scratch.errors:
+            click.echo(f"! {error}")
         for r in run.records:
             click.echo(drill_line(r))
             for reason in r.reasons:
@@ -67,7 +71,7 @@ def drill_run(ctx: click.Context, sources: tuple[str, ...], region: str | None,
         sys.exit(1)
 
 
-def drill_line(r: drills.DrillRecord) -> str:
+def drill_line(r: drill_records.DrillRecord) -> str:
     """One drill in one line, for people."""
     mark = "PASS" if r.ok else "FAIL"
     return (f"{mark} {r.source} ({r.tier}) {r.snapshot_id or '-'} from {r.region}: "
@@ -91,7 +95,7 @@ def drill_list(ctx: click.Context, source: str | None, since: str | None,
     if source is not None:
         cfg.source(source)
     start = since_from(since, utcnow()) if since else None
-    records = drills.load_records(cfg.daemon.state_dir, start, source)
+    records = drill_records.load_records(cfg.daemon.state_dir, start, source)
     if as_json:
         emit_json({"drills": [r.to_dict() for r in records]})
         return

@@ -6,7 +6,10 @@ import sys
 
 import click
 
+from ..errors import UsageError
+from ..orphans import ORPHAN_GRACE, OrphanPlan
 from ..prune import PruneReport, RegionPlan, UndoReport, run_prune, undo_prune
+from ..units import format_bytes, format_duration, parse_duration
 from . import emit_json, get_runtime, handle_errors, json_option, require
 
 
@@ -28,6 +31,22 @@ def render_region(rp: RegionPlan) -> list[str]:
     return lines
 
 
+def render_orphans(op: OrphanPlan) -> list[str]:
+    """Data objects of one source in one region that no manifest or trash entry names."""
+    counts = ", ".join(f"{a} {op.count(a)}" for a in ("keep", "delete", "locked", "blocked",
+                                                       "lost") if op.count(a))
+    lines = [f"{op.source} @ {op.region}: {len(op.verdicts)} orphan data object(s) "
+             f"({counts}) among {op.data_objects} data objects"]
+    for v in op.verdicts:
+        lines.append(f"  {v.action.upper():<8} {v.name}  {format_bytes(v.size)}  "
+                     f"{', '.join(v.reasons)}")
+    if op.blocked:
+        lines.append(f"  BLOCKED by the safety net: {op.blocked}")
+    if op.forced:
+        lines.append(f"  safety net overridden: {op.forced}")
+    return lines
+
+
 def render_changes(report: PruneReport | UndoReport) -> list[str]:
     return [f"{c.status.upper():<8} {c.action:<6} {c.source} @ {c.region} {c.snapshot_id}: "
             f"{c.detail}" for c in report.changes]
@@ -35,13 +54,18 @@ def render_changes(report: PruneReport | UndoReport) -> list[str]:
 
 def render_prune(report: PruneReport) -> list[str]:
     lines = [line for rp in report.plan.regions for line in render_region(rp)]
+    lines += [line for op in report.orphans for line in render_orphans(op)]
     for e in report.region_errors:
         lines.append(f"! {e.source} @ {e.region}: not pruned, region unreadable: {e.error}")
     lines += render_changes(report)
+    lost = sum(len(op.lost) for op in report.orphans)
+    if lost:
+        lines.append(f"! {lost} data object(s) LOST their manifest outside drdaemon: kept; see "
+                     "runbooks/corrupt-or-missing-snapshot.md")
     if report.dry_run:
         lines.append("dry run: nothing was changed")
     elif not report.changes:
-        lines.append("nothing to trash or purge")
+        lines.append("nothing to trash, purge or delete")
     elif any(c.action == "trash" and c.status == "done" for c in report.changes):
         lines.append("undo with: drctl prune --undo [--id ID] (until the trash is purged)")
     return lines
@@ -55,17 +79,27 @@ def render_prune(report: PruneReport) -> list[str]:
               help="Delete even where more than max_delete_fraction would go.")
 @click.option("--undo", is_flag=True, help="Put trashed snapshots back instead of pruning.")
 @click.option("--id", "snapshot_id", metavar="ID", help="With --undo: only this snapshot.")
+@click.option("--orphan-grace", metavar="DURATION",
+              help=f"Delete an orphan data object (no manifest or trash entry in any region) "
+                   f"only once an earlier prune saw it this long ago (default "
+                   f"{format_duration(ORPHAN_GRACE)}, at least 1h).")
 @json_option
 @click.pass_context
 @handle_errors("drctl")
 def prune_cmd(ctx: click.Context, sources: tuple[str, ...], dry_run: bool, force: bool,
-              undo: bool, snapshot_id: str | None, as_json: bool) -> None:
+              undo: bool, snapshot_id: str | None, orphan_grace: str | None,
+              as_json: bool) -> None:
     """Apply retention: move expired snapshots to the trash (undoable for trash_days),
-    purge older trash. Exit 1 if a step failed, a region was unreadable or the
-    safety net blocked a source."""
+    purge older trash, delete orphan data objects. Exit 1 if a step failed, a
+    region was unreadable, the safety net blocked a source or a data object
+    lost its manifest."""
     require(snapshot_id is None or undo, "--id needs --undo")
-    require(not (undo and (dry_run or force)), "--undo cannot be combined with "
-            "--dry-run or --force")
+    require(not (undo and (dry_run or force or orphan_grace)), "--undo cannot be combined "
+            "with --dry-run, --force or --orphan-grace")
+    try:
+        grace = parse_duration(orphan_grace) if orphan_grace is not None else ORPHAN_GRACE
+    except ValueError as exc:
+        raise UsageError(f"--orphan-grace: {exc}") from None
     rt = get_runtime(ctx)
     names = list(sources) or None
     report: PruneReport | UndoReport
@@ -75,7 +109,7 @@ def prune_cmd(ctx: click.Context, sources: tuple[str, ...], dry_run: bool, force
         lines += [f"! {e.source} @ {e.region}: region unreadable: {e.error}"
                   for e in report.region_errors]
     else:
-        report = run_prune(rt, names, dry_run=dry_run, force=force)
+        report = run_prune(rt, names, dry_run=dry_run, force=force, orphan_grace=grace)
         lines = render_prune(report)
     if as_json:
         emit_json(report.to_dict())
