@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import os
+import queue
 import subprocess
 import threading
 from collections.abc import Callable
@@ -150,6 +151,52 @@ class LimitWriter(io.RawIOBase, Remembering):
         except BaseException as exc:
             raise self.remember(exc)  # noqa: B904 - re-raising the same exception
         return n
+
+
+class BackgroundWriter(io.RawIOBase, Remembering):
+    """Writes through to `inner` from its own thread, `depth` chunks at most in flight.
+
+    For a sink on disk: the producer decrypts and decompresses the next chunk
+    while the kernel copies the last one, instead of taking turns. A write
+    error (a full disk) is raised by the next write or by close.
+    """
+
+    def __init__(self, inner: BinaryIO, depth: int = 8, name: str = "writer") -> None:
+        self.inner = inner
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def writable(self) -> bool:
+        return True
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.inner.write(chunk)
+                except BaseException as exc:  # raised to the producer
+                    self.remember(exc)
+
+    def write(self, data: Any) -> int:
+        if self.error is not None:
+            raise self.error
+        chunk = bytes(data)  # the caller may reuse its buffer
+        self._queue.put(chunk)
+        return len(chunk)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self._queue.put(None)
+        self._thread.join()
+        super().close()
+        try:
+            self.inner.close()
+        except OSError as exc:
+            self.remember(exc)
+        if self.error is not None:
+            raise self.error
 
 
 class ThreadPipe:

@@ -25,7 +25,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ..errors import SourceError, UsageError
-from ..streams import StderrTail
+from ..streams import BackgroundWriter, StderrTail
 from .base import Dump
 
 _TABLES = """
@@ -232,7 +232,9 @@ class PostgresSink:
             raise UsageError(f"cannot create a scratch file in {scratch_dir}: "
                              f"{exc.strerror or exc}") from None
         self.dump_file = Path(name)
-        return os.fdopen(fd, "wb", buffering=1 << 20)
+        # Written from a thread: the disk keeps pace while the stream decrypts.
+        return cast(BinaryIO, BackgroundWriter(os.fdopen(fd, "wb", buffering=1 << 20),
+                                               name="scratch-writer"))
 
     def _remove_dump_file(self) -> None:
         if self.dump_file is not None:
