@@ -1,14 +1,26 @@
-"""What snapshots exist: committed manifests, read and authenticated per region."""
+"""What snapshots exist: committed manifests, read and authenticated per region.
+
+Every reader (drctl, restore, verify, replicate, prune, drills) lists and
+authenticates afresh. Only the daemon's own bookkeeping, its metrics refresh
+and RPO watchdog, passes a :class:`ManifestCache`, so that a refresh every few
+minutes GETs only the manifests it has not authenticated before.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import manifest
 from .errors import DrError, IntegrityError, UsageError
 from .manifest import Manifest
-from .runtime import Runtime
-from .storage import NotFound, ObjectStore
+from .storage import NotFound, ObjectInfo, ObjectStore
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 
 @dataclass
@@ -50,9 +62,50 @@ def read_manifest(rt: Runtime, store: ObjectStore, source: str, snapshot_id: str
     return manifest.parse(raw, rt.manifest_key, source=source, snapshot_id=snapshot_id)
 
 
-def list_snapshots(rt: Runtime, source: str | None = None,
-                   region: str | None = None) -> Listing:
-    """Every committed snapshot of the configured sources, newest last."""
+# (object name -> (listed size, authenticated manifest)) of one region and source
+CacheSlice = Mapping[str, tuple[int, Manifest]]
+
+
+class ManifestCache:
+    """Authenticated manifests by region, source, object name and listed size.
+
+    Manifests are never rewritten (docs/format.md: prune's undo and replica
+    repair put the same bytes back), so a listed name whose size has not
+    changed holds the manifest authenticated before; a replaced object of
+    another size is read and authenticated again. Each listing of a source in
+    a region replaces that slice with what it listed, so deleted snapshots
+    drop out and memory stays bounded by what storage holds. A manifest that
+    failed authentication is never kept. Cached manifests carry no `facts`
+    (the per-table row counts drills compare against, which can be large):
+    the daemon's metrics and watchdog never read them. Safe to share between
+    threads: a slice is replaced whole, never changed in place.
+    """
+
+    def __init__(self) -> None:
+        self._slices: dict[tuple[str, str], CacheSlice] = {}
+        self._lock = threading.Lock()
+
+    def slice(self, region: str, source: str) -> CacheSlice:
+        with self._lock:
+            return self._slices.get((region, source), {})
+
+    def replace(self, region: str, source: str, entries: CacheSlice) -> None:
+        with self._lock:
+            self._slices[(region, source)] = entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(s) for s in self._slices.values())
+
+
+def list_snapshots(rt: Runtime, source: str | None = None, region: str | None = None, *,
+                   cache: ManifestCache | None = None) -> Listing:
+    """Every committed snapshot of the configured sources, newest last.
+
+    With `cache` (the daemon's metrics refresh and watchdog only), manifests
+    already authenticated are taken from it instead of storage, and the
+    entries' manifests carry no `facts`; see :class:`ManifestCache`.
+    """
     sources = [rt.config.source(source).name] if source else [s.name for s in rt.config.sources]
     stores = [rt.store(region)] if region else rt.stores
     entries: dict[tuple[str, str], SnapshotEntry] = {}
@@ -60,26 +113,44 @@ def list_snapshots(rt: Runtime, source: str | None = None,
     for store in stores:
         try:
             for src in sources:
+                known = cache.slice(store.name, src) if cache is not None else None
+                seen: dict[str, tuple[int, Manifest]] = {}
                 for info in store.list(manifest.manifests_prefix(src)):
                     snap_id = manifest.snapshot_id_from_manifest_name(info.name)
                     if snap_id is None:
                         continue
                     entry = entries.setdefault((src, snap_id), SnapshotEntry(snap_id, src))
-                    _add_region(rt, store, entry)
+                    _add_region(rt, store, entry, info, known, seen)
+                if cache is not None:
+                    cache.replace(store.name, src, seen)
         except DrError as exc:
             region_errors[store.name] = str(exc)
     ordered = sorted(entries.values(), key=lambda e: (e.source, e.id))
     return Listing(ordered, region_errors)
 
 
-def _add_region(rt: Runtime, store: ObjectStore, entry: SnapshotEntry) -> None:
-    try:
-        m = read_manifest(rt, store, entry.source, entry.id)
-    except NotFound:
-        return  # deleted between list and read
-    except IntegrityError as exc:
-        entry.problems[store.name] = str(exc)
-        return
+def _add_region(rt: Runtime, store: ObjectStore, entry: SnapshotEntry, info: ObjectInfo,
+                known: CacheSlice | None, seen: dict[str, tuple[int, Manifest]]) -> None:
+    """Add `store` to `entry` if its manifest authenticates; with a cache (`known`
+    not None), take it from there when its size is unchanged and note it in `seen`."""
+    hit = known.get(info.name) if known is not None else None
+    if hit is not None and hit[0] == info.size:
+        m = hit[1]
+    else:
+        try:
+            m = read_manifest(rt, store, entry.source, entry.id)
+        except NotFound:
+            return  # deleted between list and read
+        except IntegrityError as exc:
+            entry.problems[store.name] = str(exc)
+            return
+        if known is not None:
+            m = dataclasses.replace(m, facts={})
+    if known is not None:
+        # Authentic (a copy differing from another region's is still worth
+        # keeping: the comparison is made again on every listing). The same
+        # snapshot in every region shares one object.
+        seen[info.name] = (info.size, entry.manifest if entry.manifest == m else m)
     if entry.manifest is not None and entry.manifest.sha256 != m.sha256:
         entry.problems[store.name] = "manifest differs from the other regions' copy"
         return

@@ -31,6 +31,13 @@ DEFAULT_TIERS = {
     "free": (timedelta(hours=24), timedelta(hours=48)),
 }
 ENV_CONFIG = "DRDAEMON_CONFIG"
+# Orphan data objects (orphans.py) are deleted once an earlier prune saw them
+# orphaned this long ago. Never shorter: a backup on another host may be about
+# to commit what looks orphaned. Never longer than the 4 weeks within which
+# every copy of a departed institution's data must be gone.
+ORPHAN_GRACE = timedelta(days=1)
+MIN_ORPHAN_GRACE = timedelta(hours=1)
+MAX_ORPHAN_GRACE = timedelta(days=28)
 
 T = TypeVar("T")
 
@@ -66,6 +73,7 @@ class RetentionConfig:
     max_delete_fraction: float = 0.5  # a run never deletes more without --force
     trash_days: int = 7  # pruned snapshots stay undoable this long
     min_retention: timedelta = timedelta(days=90)  # S3 Object Lock retain-until horizon
+    orphan_grace: timedelta = ORPHAN_GRACE  # orphan data objects wait this long (orphans.py)
 
     def lock_until(self, started: datetime) -> datetime | None:
         """The Object Lock retain-until date of a snapshot begun at `started` (none if 0)."""
@@ -232,7 +240,7 @@ class _Table:
             return cast(T, default)
         try:
             return fn(raw)
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
             # A DSN may hold a password: such values are described, never echoed.
             shown = raw if echo else _Said("a value not shown here (it may hold a secret)")
             self.parser.fail(self.key(name), what, shown, detail=str(exc))
@@ -333,9 +341,11 @@ class _Parser:
                                   what=what)
         fraction = t.convert("max_delete_fraction", _fraction, base.max_delete_fraction,
                              what="a number from 0 to 1")
+        orphan_grace = t.convert("orphan_grace", _orphan_grace, base.orphan_grace,
+                                 what="a duration from 1h to 28d, like 1d")
         t.done()
         return RetentionConfig(counts["daily"], counts["weekly"], counts["monthly"], min_age,
-                               fraction, counts["trash_days"], min_retention)
+                               fraction, counts["trash_days"], min_retention, orphan_grace)
 
     def keys(self, t: _Table) -> KeysConfig:
         generate = t.take("generate", bool, False)
@@ -530,6 +540,13 @@ def _fraction(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise ValueError("out of range")
     return float(value)
+
+
+def _orphan_grace(value: Any) -> timedelta:
+    grace = parse_duration(value)
+    if not MIN_ORPHAN_GRACE <= grace <= MAX_ORPHAN_GRACE:
+        raise ValueError("out of range")
+    return grace
 
 
 def _number(value: Any) -> float:

@@ -606,14 +606,17 @@ def run_drills(rt: Runtime, identities: Sequence[x25519.Identity] | None = None,
         identities = identities_for(cfg, None, "a drill")
     tiers = {s.tier for s in chosen}
     snapshots = _Catalog.read(rt, [s.name for s in cfg.sources if s.tier in tiers])
-    # What killed drills left goes first: a drill server or scratch folder
-    # filled by leftovers would fail these drills for no fault of the backups.
-    run = DrillRun(scratch=drill_scratch.clean_leftovers(rt, chosen))
-    for src in chosen:
-        record = drill_source(rt, identities, src, region, snapshots)
-        append_record(cfg.daemon.state_dir, record)
-        rt.record_event("drill", **record.to_dict())
-        run.records.append(record)
+    # One mirror of the audit log for the run (and at most one a minute while
+    # it lasts: Runtime.audit_batch), not one per removal and drill.
+    with rt.audit_batch():
+        # What killed drills left goes first: a drill server or scratch folder
+        # filled by leftovers would fail these drills for no fault of the backups.
+        run = DrillRun(scratch=drill_scratch.clean_leftovers(rt, chosen))
+        for src in chosen:
+            record = drill_source(rt, identities, src, region, snapshots)
+            append_record(cfg.daemon.state_dir, record)
+            rt.record_event("drill", **record.to_dict())
+            run.records.append(record)
     return run
 
 

@@ -9,13 +9,13 @@ everything (:func:`refresh`); a scrape only renders the cache (:func:`families`)
 Functional core (pure, no I/O, no clock): :func:`source_view` (what storage
 holds for one source, judged by the same ``status.evaluate`` as ``drctl
 status``), :func:`failure_reason`, :func:`drill_views`, :func:`schedule_view`,
-:func:`audit_views` and :func:`families`. Imperative shell: :func:`refresh`,
+:func:`audit_views`, :func:`orphan_views` and :func:`families`. Imperative shell: :func:`refresh`,
 :func:`build_registry` and :func:`serve`.
 
 Conventions: names start with ``drdaemon_``, values are in seconds and bytes,
 timestamps are Unix seconds. Labels are bounded by the config (source, tenant,
-tier, region, job_name) or by a fixed set (reason, outcome, status); never a
-snapshot id. ``job_name`` rather than ``job`` because Prometheus owns ``job``.
+tier, region, job_name) or by a fixed set (reason, outcome, status, verdict);
+never a snapshot id. ``job_name`` rather than ``job`` because Prometheus owns ``job``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -42,8 +42,11 @@ from prometheus_client.registry import Collector
 
 from . import __version__, audit, catalog, state, status
 from .backup import BackupResult
-from .config import Config, RetentionConfig
+from .config import ORPHAN_GRACE, Config, RetentionConfig
 from .runtime import Runtime
+
+if TYPE_CHECKING:
+    from .prune import PruneReport
 
 log = logging.getLogger("drdaemon")
 
@@ -68,6 +71,7 @@ class SourceInfo:
     kind: str
     retention_target: int  # snapshots kept at steady state (daily + weekly + monthly)
     retention_span: float  # seconds the oldest must reach at steady state; 0: no promise
+    orphan_grace: float = ORPHAN_GRACE.total_seconds()  # [retention] orphan_grace
 
     @property
     def labels(self) -> list[str]:
@@ -213,6 +217,39 @@ def audit_views(check: audit.AuditCheck) -> tuple[AuditView, dict[str, AuditView
     return local, {r: AuditView(t, v.ok, v.records) for r, v in check.regions.items()}
 
 
+@dataclass(frozen=True)
+class OrphanView:
+    """The orphan data objects of one verdict in one (source, region) after a prune run."""
+
+    objects: int
+    bytes: int
+    first_seen: float  # the oldest first sighting among them (Unix seconds)
+
+
+def orphan_views(report: PruneReport, regions: Sequence[str]
+                 ) -> tuple[set[tuple[str, str]], dict[tuple[str, str, str], OrphanView]]:
+    """Pure: the (source, region) pairs a prune run read, and the orphans left there
+    by (source, region, verdict). Deleted ones are gone; a pair that could not be
+    read is not in the set, so its last known orphans stay."""
+    sources = ({rp.source for rp in report.plan.regions}
+               | {e.source for e in report.region_errors} | {o.source for o in report.orphans})
+    unread = {(e.source, e.region) for e in report.region_errors}
+    observed = {(s, r) for s in sources for r in regions if (s, r) not in unread}
+    observed |= {(o.source, o.region) for o in report.orphans}
+    gone = {(c.source, c.region, c.snapshot_id) for c in report.changes
+            if c.action == "orphan" and c.status == "done"}
+    found: dict[tuple[str, str, str], OrphanView] = {}
+    for op in report.orphans:
+        for v in op.verdicts:
+            if (op.source, op.region, v.snapshot_id) in gone:
+                continue
+            key, seen = (op.source, op.region, v.action), v.first_seen.timestamp()
+            old = found.get(key, OrphanView(0, 0, seen))
+            found[key] = OrphanView(old.objects + 1, old.bytes + v.size,
+                                    min(old.first_seen, seen))
+    return observed, found
+
+
 @dataclass
 class MetricsState:
     """Everything a scrape renders. Mutated only under `lock`, by the daemon."""
@@ -227,6 +264,9 @@ class MetricsState:
     snapshot_attempts: Counter[str] = field(default_factory=Counter)
     snapshot_failures: Counter[tuple[str, str]] = field(default_factory=Counter)
     prune_deletions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    orphan_deletions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # (source, region, verdict) -> what the daemon's last prune run left; absent: none
+    orphans: dict[tuple[str, str, str], OrphanView] = field(default_factory=dict)
     replica_repairs: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     verify_failures: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     verify_failed_copies: dict[tuple[str, str], int] = field(default_factory=dict)  # last run
@@ -245,7 +285,8 @@ class MetricsState:
         sources = {s.name: SourceInfo(
             s.name, s.tenant, s.tier, s.kind,
             s.retention.daily + s.retention.weekly + s.retention.monthly,
-            retention_span_target(s.retention).total_seconds()) for s in cfg.sources}
+            retention_span_target(s.retention).total_seconds(),
+            s.retention.orphan_grace.total_seconds()) for s in cfg.sources}
         tiers = {t.name: (t.rpo.total_seconds(), t.rto.total_seconds())
                  for t in cfg.tiers.values()}
         return cls(sources, tuple(r.name for r in cfg.regions), tiers)
@@ -281,6 +322,12 @@ class MetricsState:
                 for ch in report.changes:
                     if ch.action == "trash" and ch.status == "done":
                         self.prune_deletions[(ch.source, ch.region)] += 1
+                    elif ch.action == "orphan" and ch.status == "done":
+                        self.orphan_deletions[(ch.source, ch.region)] += 1
+                observed, found = orphan_views(report, self.regions)
+                self.orphans = {k: v for k, v in self.orphans.items()
+                                if (k[0], k[1]) not in observed}
+                self.orphans.update(found)
             elif isinstance(report, ReplicationReport):
                 for o in report.outcomes:
                     outcome = "repaired" if o.ok else "failed"
@@ -347,6 +394,7 @@ def families(st: MetricsState, now: datetime) -> list[Metric]:
 
     out += _storage_families(st, now, lab)
     out += _activity_families(st, lab)
+    out += _orphan_families(st, lab)
     out += _drill_families(st, lab)
     out += _audit_families(st)
     return out
@@ -464,6 +512,38 @@ def _activity_families(st: MetricsState, lab: Callable[[str], list[str]]) -> lis
             last_run, last_ok, src_next]
 
 
+def _orphan_families(st: MetricsState, lab: Callable[[str], list[str]]) -> list[Metric]:
+    """Orphan data objects, as the daemon's last prune run left them (no listing here).
+
+    `verdict` is prune's: keep, delete, locked, blocked or lost (orphans.py); a
+    "delete" left after a run is one whose delete failed or was skipped.
+    """
+    labels = [*REGION_LABELS, "verdict"]
+    objects = _gauge("drdaemon_orphan_objects",
+                     "Orphan data objects (no manifest or trash entry in any region) left by "
+                     "the last prune run, by verdict; absent: none.", labels)
+    size = _gauge("drdaemon_orphan_bytes", "Bytes of those orphan data objects.", labels)
+    seen = _gauge("drdaemon_orphan_first_seen_timestamp_seconds",
+                  "When the oldest of those orphan data objects was first seen orphaned.",
+                  labels)
+    for (s, r, verdict), v in sorted(st.orphans.items()):
+        key = [*lab(s), r, verdict]
+        objects.add_metric(key, v.objects)
+        size.add_metric(key, v.bytes)
+        seen.add_metric(key, v.first_seen)
+    grace = _gauge("drdaemon_orphan_grace_seconds",
+                   "How long an orphan data object waits before prune deletes it "
+                   "([retention] orphan_grace).", SOURCE_LABELS)
+    for i in st.sources.values():
+        grace.add_metric(i.labels, i.orphan_grace)
+    deletions = CounterMetricFamily("drdaemon_orphan_deletions",
+                                    "Orphan data objects the prune job deleted.",
+                                    labels=list(REGION_LABELS))
+    for (s, r), n in sorted(st.orphan_deletions.items()):
+        deletions.add_metric([*lab(s), r], n)
+    return [objects, size, seen, grace, deletions]
+
+
 def _drill_families(st: MetricsState, lab: Callable[[str], list[str]]) -> list[Metric]:
     when = _gauge("drdaemon_last_drill_timestamp_seconds",
                   "When the source's latest restore drill finished.", SOURCE_LABELS)
@@ -532,9 +612,11 @@ def refresh(rt: Runtime, st: MetricsState, source: str | None = None) -> None:
     """Read storage, the state folder and drill records into `st`.
 
     With `source`, only that source is re-read (after its snapshot): one
-    listing of one prefix per region rather than of every source.
+    listing of one prefix per region rather than of every source. Manifests
+    come from the runtime's cache where they were authenticated before, so a
+    refresh GETs only new ones (catalog.ManifestCache).
     """
-    listing = catalog.list_snapshots(rt, source)
+    listing = catalog.list_snapshots(rt, source, cache=rt.manifest_cache)
     now = rt.clock()
     names = [source] if source else list(st.sources)
     reachable = [r for r in st.regions if r not in listing.region_errors]

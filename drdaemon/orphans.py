@@ -52,6 +52,9 @@ from pathlib import Path
 from typing import Any
 
 from . import audit, manifest, retention, state
+from .config import MAX_ORPHAN_GRACE as MAX_ORPHAN_GRACE
+from .config import MIN_ORPHAN_GRACE as MIN_ORPHAN_GRACE
+from .config import ORPHAN_GRACE as ORPHAN_GRACE
 from .config import SourceConfig
 from .errors import DrError
 from .runtime import Runtime
@@ -62,8 +65,8 @@ from .units import format_duration
 KEEP, DELETE, LOCKED, BLOCKED = "keep", "delete", "locked", "blocked"
 LOST = "lost"  # its manifest was committed here once: not a failed backup's leftover
 COMMIT_EVENTS = ("snapshot.committed", "replica.repaired", "prune.undo")
-ORPHAN_GRACE = timedelta(days=1)  # default; never below MIN_ORPHAN_GRACE
-MIN_ORPHAN_GRACE = timedelta(hours=1)
+# The grace period is `[retention] orphan_grace` (per source; ORPHAN_GRACE by
+# default, from MIN_ORPHAN_GRACE to MAX_ORPHAN_GRACE), validated in config.py.
 _ID = r"\d{8}T\d{6}Z-[0-9a-f]{8}"
 _DATA_RE = re.compile(rf"^({_ID})\.(?:{'|'.join(manifest.KINDS.values())})\.zst\.age\Z")
 _REF_RE = re.compile(rf"^({_ID})\.")  # manifests/<id>.json, trash/<id>.<when>.json

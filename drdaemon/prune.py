@@ -426,10 +426,11 @@ def _trash_entries(store: ObjectStore, source: str) -> list[TrashEntry]:
 
 def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = False,
               force: bool = False, protected: Collection[str] = frozenset(),
-              orphan_grace: timedelta = orphans.ORPHAN_GRACE) -> PruneReport:
+              orphan_grace: timedelta | None = None) -> PruneReport:
     """Plan retention for every chosen source and region; unless `dry_run`, trash
     what the plan deletes, purge trash older than the source's `trash_days`,
-    then delete orphan data objects past `orphan_grace` (orphans.py).
+    then delete orphan data objects past the grace period (orphans.py): each
+    source's `[retention] orphan_grace`, or `orphan_grace` for all if given.
 
     A dry run takes no lock: it only reads (it does not record orphan sightings
     either). `protected` ids are never deleted, and neither is the newest
@@ -437,17 +438,22 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
     drctl both keep the proof that a restore works). One unreadable region or
     failing step never stops the others; everything is in the report.
     """
-    if orphan_grace < orphans.MIN_ORPHAN_GRACE:
+    if orphan_grace is not None and orphan_grace < orphans.MIN_ORPHAN_GRACE:
         raise UsageError(f"the orphan grace period must be at least "
                          f"{format_duration(orphans.MIN_ORPHAN_GRACE)}: a backup on another "
                          "host may be about to commit what looks orphaned")
+    if orphan_grace is not None and orphan_grace > orphans.MAX_ORPHAN_GRACE:
+        raise UsageError(f"the orphan grace period must be at most "
+                         f"{format_duration(orphans.MAX_ORPHAN_GRACE)}: every copy of a "
+                         "departed institution's data must be gone within 4 weeks")
     chosen = _chosen(rt, sources)
     protected = frozenset(protected) | frozenset(
         newest_verified(rt.config.daemon.state_dir).values())
     tz = ZoneInfo(rt.config.daemon.timezone)  # day/week/month as the operator's calendar
     lock: AbstractContextManager[object] = (
         contextlib.nullcontext() if dry_run else prune_lock(rt.config.daemon.state_dir))
-    with lock:
+    # One mirror of the audit log for the whole run, not one per deletion.
+    with rt.audit_batch(), lock:
         now = rt.clock()
         inputs: list[RegionInput] = []
         errors: list[RegionError] = []
@@ -484,9 +490,10 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
 
 
 def _sweep_orphans(rt: Runtime, chosen: list[SourceConfig], report: PruneReport,
-                   now: datetime, grace: timedelta, protected: Collection[str],
+                   now: datetime, grace: timedelta | None, protected: Collection[str],
                    force: bool) -> None:
-    """Find and (unless a dry run) delete orphan data objects; record the sightings."""
+    """Find and (unless a dry run) delete orphan data objects; record the sightings.
+    `grace` overrides every source's own `orphan_grace`."""
     state_dir = rt.config.daemon.state_dir
     seen = orphans.load_seen(state_dir)
     in_flight = state.live_inflight(state_dir)
@@ -495,8 +502,9 @@ def _sweep_orphans(rt: Runtime, chosen: list[SourceConfig], report: PruneReport,
     gone: set[tuple[str, str]] = set()
     for src in chosen:
         plans, unreadable = orphans.plan_source(
-            rt, src, now, grace=grace, first_seen=seen, in_flight=in_flight,
-            protected=protected, force=force, records=records)
+            rt, src, now, grace=src.retention.orphan_grace if grace is None else grace,
+            first_seen=seen, in_flight=in_flight, protected=protected, force=force,
+            records=records)
         known = {(e.source, e.region) for e in report.region_errors}
         report.region_errors += [RegionError(src.name, r, why) for r, why in unreadable.items()
                                  if (src.name, r) not in known]
@@ -562,7 +570,7 @@ def undo_prune(rt: Runtime, sources: list[str] | None = None,
                          "20261123T020000Z-1a2b3c4d")
     chosen = _chosen(rt, sources)
     report = UndoReport()
-    with prune_lock(rt.config.daemon.state_dir):
+    with rt.audit_batch(), prune_lock(rt.config.daemon.state_dir):
         found: list[tuple[ObjectStore, TrashEntry]] = []
         for src in chosen:
             for store in rt.stores:

@@ -463,6 +463,7 @@ def run_replicate(rt: Runtime, sources: list[str] | None = None, *, repair: bool
     if not repair:
         return ReplicationReport(observe(rt, sources, verify_data=verify), [], repair, verify)
     # Planned under the lock too: what a prune changed before we got it counts.
-    with prune.prune_lock(rt.config.daemon.state_dir):
+    # One mirror of the audit log for the whole run, not one per repair.
+    with rt.audit_batch(), prune.prune_lock(rt.config.daemon.state_dir):
         plan = observe(rt, sources, verify_data=verify)
         return ReplicationReport(plan, execute(rt, plan), repair, verify)

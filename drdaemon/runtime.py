@@ -7,9 +7,12 @@ the same service functions; nothing else opens stores or reads key files.
 from __future__ import annotations
 
 import getpass
+import logging
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any
 
 from . import audit
 from . import config as config_mod
+from .catalog import ManifestCache
 from .config import Config
 from .keys import (
     ManifestKey,
@@ -26,6 +30,12 @@ from .keys import (
     load_manifest_key,
 )
 from .storage import ObjectStore, open_store
+
+log = logging.getLogger("drdaemon")
+
+# Inside an audit batch, the log is mirrored at most this often (seconds) while
+# records arrive, so that hours of drills or repairs do not wait for the end.
+AUDIT_BATCH_MIRROR_INTERVAL = 60.0
 
 
 def utcnow() -> datetime:
@@ -43,6 +53,13 @@ class Runtime:
     stopping: threading.Event = field(default_factory=threading.Event)
     # Regions whose audit mirror failed are tried again later, not on every event.
     audit_mirror: audit.MirrorState = field(default_factory=audit.MirrorState)
+    # Manifests the daemon's metrics refresh and watchdog authenticated before
+    # (catalog.ManifestCache); every other reader goes to storage.
+    manifest_cache: ManifestCache = field(default_factory=ManifestCache)
+    # This thread's audit batch (see audit_batch): depth, records not yet
+    # mirrored, when it last mirrored.
+    _audit_batch: threading.local = field(default_factory=threading.local, init=False,
+                                          repr=False, compare=False)
 
     def store(self, region: str) -> ObjectStore:
         """The store of one configured region (validated by name)."""
@@ -61,9 +78,53 @@ class Runtime:
 
         Records are hash-chained and signed (audit.py, docs/format.md "Audit
         log"); values that look like secrets are withheld. Mirroring is best
-        effort: a region that is down never makes this fail.
+        effort: a region that is down never makes this fail. Inside an
+        :meth:`audit_batch` of this thread the record is appended at once, as
+        always, and the mirror waits for the batch to end (or for
+        AUDIT_BATCH_MIRROR_INTERVAL since the batch last mirrored).
         """
         audit.append(self, event, fields)
+        batch = self._audit_batch
+        if not getattr(batch, "depth", 0):
+            audit.mirror(self)
+            return
+        batch.pending = True
+        if time.monotonic() - batch.mirrored_at >= AUDIT_BATCH_MIRROR_INTERVAL:
+            self._mirror_batch(batch)
+
+    @contextmanager
+    def audit_batch(self) -> Iterator[None]:
+        """Mirror the audit log once for every record this thread makes in the block.
+
+        For runs that record many events (a prune, a repair, a drill run):
+        each record is still appended to the local log at once (it is the
+        record), but the copy to the regions, a LIST and a PUT per region,
+        happens when the outermost batch ends, also on an exception, instead
+        of after every record. A long batch also mirrors when a record comes
+        AUDIT_BATCH_MIRROR_INTERVAL after its last mirror. Batches nest; they
+        are per thread, so another thread's records are mirrored as usual.
+        """
+        batch = self._audit_batch
+        depth = getattr(batch, "depth", 0)
+        if depth == 0:
+            batch.pending, batch.mirrored_at = False, time.monotonic()
+        batch.depth = depth + 1
+        try:
+            yield
+        except BaseException:
+            batch.depth = depth
+            if depth == 0 and batch.pending:
+                try:
+                    self._mirror_batch(batch)
+                except Exception:  # do not hide the exception that ended the batch
+                    log.exception("cannot mirror the audit log")
+            raise
+        batch.depth = depth
+        if depth == 0 and batch.pending:
+            self._mirror_batch(batch)
+
+    def _mirror_batch(self, batch: threading.local) -> None:
+        batch.pending, batch.mirrored_at = False, time.monotonic()
         audit.mirror(self)
 
 

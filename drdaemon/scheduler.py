@@ -36,8 +36,12 @@ STALE_UPLOAD_AGE = timedelta(days=1)
 
 
 def newest_consistency(rt: Runtime) -> dict[str, datetime]:
-    """Consistency time of each source's newest committed snapshot (any region)."""
-    listing = catalog.list_snapshots(rt)
+    """Consistency time of each source's newest committed snapshot (any region).
+
+    Lists every region, but reads only manifests the daemon has not
+    authenticated before (the metrics refresh shares the cache).
+    """
+    listing = catalog.list_snapshots(rt, cache=rt.manifest_cache)
     newest: dict[str, datetime] = {}
     for e in listing.snapshots:
         if e.manifest is not None:

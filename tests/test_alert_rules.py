@@ -30,6 +30,8 @@ ALERTS = {
     "DrdaemonSnapshotFailing": "snapshot-failing",
     "DrdaemonRetentionBelowPolicy": "retention-below-policy",
     "DrdaemonVerifyFailed": "verify-failed",
+    "DrdaemonOrphanLost": "orphan-lost",
+    "DrdaemonOrphanStuck": "orphan-stuck",
     "DrdaemonDrillFailed": "drill-failed",
     "DrdaemonDrillMissing": "drill-missing",
     "DrdaemonDrillRTOOverTarget": "drill-rto-over-target",

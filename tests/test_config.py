@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from support import drctl, local_region, make_setup, run_cli
 
 from drdaemon import config
 from drdaemon.errors import ConfigError
+from drdaemon.units import parse_duration
 
 
 @pytest.fixture
@@ -190,6 +192,73 @@ def test_retention_defaults_and_per_source_override(base: Path) -> None:
     assert cfg.retention.daily == 10
     own = cfg.sources[0].retention
     assert (own.daily, own.weekly, own.monthly, own.min_age.total_seconds()) == (10, 4, 6, 7200)
+
+
+def test_orphan_grace_default_global_and_per_source(base: Path) -> None:
+    cfg = config.load(base)
+    assert cfg.retention.orphan_grace == cfg.sources[0].retention.orphan_grace == timedelta(days=1)
+    edit(base, "[pipeline]", '[retention]\norphan_grace = "6h"\n\n[pipeline]')
+    edit(base, "[[sources]]", '[[sources]]\nname = "slow"\nkind = "directory"\n'
+         f'tenant = "uni-b"\ntier = "free"\npath = "{base.parent / "tree"}"\n'
+         'retention = { orphan_grace = "3d" }\n\n[[sources]]')
+    cfg = config.load(base)
+    assert cfg.retention.orphan_grace == timedelta(hours=6)
+    grace = {s.name: s.retention.orphan_grace for s in cfg.sources}
+    assert grace == {"slow": timedelta(days=3), "files": timedelta(hours=6)}
+    for edge in ("1h", "28d", "4w"):
+        edit(base, 'orphan_grace = "3d"', f'orphan_grace = "{edge}"')
+        assert config.load(base).source("slow").retention.orphan_grace == parse_duration(edge)
+        edit(base, f'orphan_grace = "{edge}"', 'orphan_grace = "3d"')
+
+
+@pytest.mark.parametrize("value", ['"59m"', '"3599s"', '"29d"', '"5w"', '"0s"', '"1 day"',
+                                   '"-1h"', "3600", "true", '"999999999999999d"'])
+@pytest.mark.parametrize("where", ["global", "source"])
+def test_bad_orphan_grace_is_one_line_and_exit_2(base: Path, value: str, where: str) -> None:
+    if where == "global":
+        edit(base, "[pipeline]", f"[retention]\norphan_grace = {value}\n\n[pipeline]")
+        key = "retention.orphan_grace"
+    else:
+        edit(base, 'tenant = "uni-a"',
+             f'tenant = "uni-a"\nretention = {{ orphan_grace = {value} }}')
+        key = "sources[0].retention.orphan_grace"
+    with pytest.raises(ConfigError):
+        config.load(base)
+    result = drctl(["--config", str(base), "config", "check"])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert key in result.stderr and "a duration from 1h to 28d" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["daily", "weekly", "monthly", "trash_days", "min_age",
+                            "min_retention", "max_delete_fraction", "orphan_grace"]),
+       value=st.one_of(toml_scalars, st.floats(allow_nan=False),
+                       st.from_regex(r"\A-?\d{1,16}(s|m|h|d|w)\Z")),
+       per_source=st.booleans())
+def test_fuzzed_retention_values_fail_cleanly(base: Path, key: str, value: object,
+                                              per_source: bool) -> None:
+    """[retention] and a source's `retention = {...}`: a value loads or is one clear line."""
+    import json
+
+    text = base.read_text()
+    shown = json.dumps(value, ensure_ascii=False)
+    fuzzed = base.with_name("fuzzed.toml")
+    if per_source:
+        fuzzed.write_text(text.replace('tenant = "uni-a"\n',
+                                       f'tenant = "uni-a"\nretention = {{ {key} = {shown} }}\n'))
+    else:
+        fuzzed.write_text(text.replace("[pipeline]\n", f"[retention]\n{key} = {shown}\n\n"
+                                       "[pipeline]\n", 1))
+    try:
+        cfg = config.load(fuzzed)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+        return
+    grace = cfg.sources[0].retention.orphan_grace
+    assert timedelta(hours=1) <= grace <= timedelta(days=28)
 
 
 @pytest.mark.parametrize(("table", "line", "key"), [

@@ -28,6 +28,7 @@ from drdaemon import audit, metrics
 from drdaemon import config as config_mod
 from drdaemon.backup import BackupResult, error_kind, snapshot
 from drdaemon.errors import DrError, SourceError
+from drdaemon.manifest import data_object_name, manifest_object_name, new_snapshot_id
 from drdaemon.metrics import (
     DrillView,
     MetricsState,
@@ -38,8 +39,9 @@ from drdaemon.metrics import (
     retention_span_target,
     schedule_view,
 )
+from drdaemon.orphans import OrphanPlan, OrphanVerdict
 from drdaemon.pipeline import AllRegionsFailed, Cancelled
-from drdaemon.prune import Change, PrunePlan, PruneReport
+from drdaemon.prune import Change, PrunePlan, PruneReport, RegionError, RegionPlan
 from drdaemon.runtime import open_runtime
 from drdaemon.scheduler import Daemon
 from drdaemon.status import source_statuses
@@ -83,6 +85,8 @@ def sample_state() -> MetricsState:
     st.source_next_run = {"db": T + 120}
     st.refreshed_at = T - 10
     st.audit_mirrors = {"eu": metrics.AuditView(T - 60, True, 40)}
+    st.orphans = {("db", "us", "lost"): metrics.OrphanView(1, 4096, T - 86400)}
+    st.orphan_deletions[("db", "eu")] = 2
     return st
 
 
@@ -128,13 +132,19 @@ def test_families_render_every_kind_of_state() -> None:
     assert get("drdaemon_snapshot_next_run_timestamp_seconds", db) == T + 120
     assert get("drdaemon_state_refresh_timestamp_seconds") == T - 10
     assert get("drdaemon_region_reachable", {"region": "us"}) == 1
+    assert get("drdaemon_orphan_objects", {**db, "region": "us", "verdict": "lost"}) == 1
+    assert get("drdaemon_orphan_bytes", {**db, "region": "us", "verdict": "lost"}) == 4096
+    assert get("drdaemon_orphan_first_seen_timestamp_seconds",
+               {**db, "region": "us", "verdict": "lost"}) == T - 86400
+    assert get("drdaemon_orphan_deletions_total", {**db, "region": "eu"}) == 2
+    assert get("drdaemon_orphan_grace_seconds", files) == 86400  # the default
     # A source never refreshed has no storage series at all (not zeros that look real).
     assert get("drdaemon_retained_snapshots", {**files, "region": "eu"}) is None
 
 
 def test_no_label_holds_a_snapshot_id_or_anything_unbounded() -> None:
     bounded = {"source", "tenant", "tier", "region", "kind", "reason", "outcome", "status",
-               "job_name", "version"}
+               "verdict", "job_name", "version"}
     for family in registry_of(sample_state()).collect():
         for s in family.samples:
             if s.name.startswith("drdaemon_"):
@@ -224,6 +234,56 @@ def test_reports_are_counted_by_region_and_status() -> None:
     get = registry_of(st).get_sample_value
     assert get("drdaemon_verify_failed_copies", {**db, "region": "us"}) == 0
     assert get("drdaemon_verify_failures_total", {**db, "region": "us", "status": "corrupt"}) == 1
+
+
+def orphan(snap: str, action: str, size: int, seen: datetime) -> OrphanVerdict:
+    return OrphanVerdict(f"sources/db/data/{snap}.pgdump.zst.age", snap, size, action,
+                         ("no manifest or trash entry in any region", action), seen)
+
+
+def test_prune_reports_set_the_orphan_gauges_of_what_they_read() -> None:
+    st = sample_state()
+    st.orphans = {("files", "eu", "keep"): metrics.OrphanView(3, 30, T)}  # an earlier run
+    planned = PrunePlan(NOW, False, tuple(RegionPlan(s, r, ()) for s in ("db", "files")
+                                          for r in ("eu", "us")))
+    st.record_report(PruneReport(planned, False, changes=[
+        Change("trash", "db", "eu", "s0", "done", ""),
+        Change("orphan", "db", "us", "o5", "done", "deleted"),
+        Change("orphan", "db", "us", "o6", "failed", "access denied"),
+    ], orphans=[
+        OrphanPlan("db", "eu", 9, (orphan("o1", "lost", 100, NOW - timedelta(days=2)),
+                                   orphan("o2", "keep", 10, NOW - timedelta(hours=1)),
+                                   orphan("o3", "keep", 20, NOW))),
+        OrphanPlan("db", "us", 9, (orphan("o4", "blocked", 7, NOW - timedelta(days=3)),
+                                   orphan("o5", "delete", 5, NOW - timedelta(days=2)),
+                                   orphan("o6", "delete", 6, NOW - timedelta(days=2)))),
+    ]))
+    get = registry_of(st).get_sample_value
+    db = {"source": "db", "tenant": "uni-a", "tier": "paid"}
+    files = {"source": "files", "tenant": "uni-b", "tier": "free"}
+
+    def orphans(name: str, labels: dict[str, str], region: str, verdict: str) -> float | None:
+        return get(f"drdaemon_orphan_{name}", {**labels, "region": region, "verdict": verdict})
+
+    assert (orphans("objects", db, "eu", "lost"), orphans("bytes", db, "eu", "lost")) == (1, 100)
+    assert (orphans("objects", db, "eu", "keep"), orphans("bytes", db, "eu", "keep")) == (2, 30)
+    assert orphans("first_seen_timestamp_seconds", db, "eu", "keep") == T - 3600  # the oldest
+    assert orphans("objects", db, "us", "blocked") == 1
+    # Deleted: gone; a failed delete is still there, as "delete".
+    assert (orphans("objects", db, "us", "delete"), orphans("bytes", db, "us", "delete")) == (1, 6)
+    assert get("drdaemon_orphan_deletions_total", {**db, "region": "us"}) == 1
+    assert get("drdaemon_prune_deletions_total", {**db, "region": "eu"}) == 1
+    assert orphans("objects", files, "eu", "keep") is None  # read this time, and clean
+
+    # Next run: us cannot be read, eu has no orphan left. us keeps its last result.
+    st.record_report(PruneReport(PrunePlan(NOW, False, (RegionPlan("db", "eu", ()),)), False,
+                                 region_errors=[RegionError("db", "us", "connection refused")]))
+    get = registry_of(st).get_sample_value
+    assert orphans("objects", db, "eu", "lost") is None
+    assert orphans("objects", db, "eu", "keep") is None
+    assert orphans("objects", db, "us", "blocked") == 1
+    assert orphans("objects", db, "us", "delete") == 1
+    assert get("drdaemon_orphan_deletions_total", {**db, "region": "us"}) == 1
 
 
 def test_audit_checks_render_and_an_unreadable_region_keeps_its_last_result() -> None:
@@ -329,6 +389,63 @@ def test_job_hooks_count_failures_and_verify_findings(tmp_path: Path,
     assert get("drdaemon_snapshot_last_attempt_success", lb) == 0
     assert get("drdaemon_snapshot_last_attempt_success", la) == 1
     assert get("drdaemon_retained_snapshots", {**lb, "region": "eu"}) == 0
+
+
+def test_the_prune_job_exports_a_lost_and_a_pending_orphan(tmp_path: Path,
+                                                            trees: list[Path]) -> None:
+    """The daemon's prune job on real snapshots; the scrape lists nothing (cached state)."""
+    setup = two_sources(tmp_path, trees)
+    clock = [NOW - timedelta(days=2)]
+    rt = open_runtime(config_mod.load(setup.config), clock=lambda: clock[0])
+    daemon = Daemon(rt)
+    [prune] = [fn for n, _, fn in daemon._maintenance() if n == "prune"]
+    src = rt.config.sources[0]
+    old = daemon.snapshot_job(src)
+    clock[0] = NOW - timedelta(days=1)
+    assert old is not None and old.manifest is not None and daemon.snapshot_job(src)
+    lost_name = data_object_name(src.name, old.manifest.id, "directory")
+    for store in rt.stores:  # removed by hand (or by an intruder), not through the trash
+        store.delete(manifest_object_name(src.name, old.manifest.id))
+    clock[0] = NOW - timedelta(days=1) + timedelta(hours=1)
+    daemon.maintenance_job("prune", prune)  # first sighting: kept for the grace period
+    get = metrics.build_registry(daemon.metrics, rt.clock).get_sample_value
+    a = {"source": "files-a", "tenant": "uni-a", "tier": "paid"}
+    assert get("drdaemon_orphan_objects", {**a, "region": "eu", "verdict": "keep"}) == 1
+
+    # A backup that died between its data and its manifest, just now.
+    pending = data_object_name(src.name, new_snapshot_id(NOW - timedelta(hours=1)), "directory")
+    for store in rt.stores:
+        store.put_bytes(pending, b"age-encryption.org/v1 ...")
+    clock[0] = NOW + timedelta(hours=1)
+    daemon.maintenance_job("prune", prune)
+    get = metrics.build_registry(daemon.metrics, rt.clock).get_sample_value
+    for region in ("eu", "us"):
+        lost = {**a, "region": region, "verdict": "lost"}
+        keep = {**a, "region": region, "verdict": "keep"}
+        assert get("drdaemon_orphan_objects", lost) == 1
+        assert get("drdaemon_orphan_bytes", lost) == old.manifest.size
+        assert get("drdaemon_orphan_first_seen_timestamp_seconds", lost) == (
+            NOW - timedelta(days=1) + timedelta(hours=1)).timestamp()
+        assert get("drdaemon_orphan_objects", keep) == 1
+        assert get("drdaemon_orphan_bytes", keep) == len(b"age-encryption.org/v1 ...")
+        assert get("drdaemon_orphan_first_seen_timestamp_seconds", keep) == (
+            NOW + timedelta(hours=1)).timestamp()
+        assert get("drdaemon_orphan_deletions_total", {**a, "region": region}) is None
+    assert get("drdaemon_orphan_grace_seconds", a) == 86400
+    assert (tmp_path / "r-eu" / lost_name).exists()  # kept for a person to judge
+
+    # The person judged it unneeded and deleted it; a day on, the pending one is due.
+    for store in rt.stores:
+        store.delete(lost_name)
+    clock[0] = NOW + timedelta(days=1, hours=2)
+    daemon.maintenance_job("prune", prune)
+    get = metrics.build_registry(daemon.metrics, rt.clock).get_sample_value
+    for region in ("eu", "us"):
+        for verdict in ("lost", "keep", "delete"):
+            assert get("drdaemon_orphan_objects",
+                       {**a, "region": region, "verdict": verdict}) is None
+        assert get("drdaemon_orphan_deletions_total", {**a, "region": region}) == 1
+    assert not (tmp_path / "r-eu" / pending).exists()
 
 
 def test_refresh_reads_the_drill_log(tmp_path: Path, trees: list[Path]) -> None:
@@ -521,7 +638,7 @@ def test_real_prometheus_scrapes_a_series_per_source(
 
         wait_for(lambda: rules() and all(r.get("health") == "ok" for r in rules()), 20,
                  "every rule evaluated")
-        assert len({r["name"] for r in rules()}) == 14
+        assert len({r["name"] for r in rules()}) == 16
         firing = {r["name"] for r in rules() if r.get("state") == "firing"}
         assert not firing & {"DrdaemonRPOBreached", "DrdaemonDown", "DrdaemonAbsent",
                              "DrdaemonSnapshotOverdue", "DrdaemonRegionMissingSnapshot",

@@ -24,10 +24,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import Setup, directory_source, local_region, make_setup
 
-from drdaemon import backup, catalog, orphans, state
+from drdaemon import backup, catalog, metrics, orphans, state
 from drdaemon.cli.drctl import cli as drctl_cli
 from drdaemon.config import RetentionConfig
 from drdaemon.config import load as load_config
+from drdaemon.errors import UsageError
 from drdaemon.manifest import data_object_name, manifest_object_name, new_snapshot_id
 from drdaemon.prune import (
     BLOCKED,
@@ -44,6 +45,7 @@ from drdaemon.prune import (
     trash_name,
 )
 from drdaemon.runtime import Runtime, open_runtime
+from drdaemon.scheduler import Daemon
 from drdaemon.storage import ObjectInfo
 
 T0 = datetime(2031, 3, 1, 2, 0, tzinfo=UTC)
@@ -747,3 +749,55 @@ def test_a_data_object_whose_committed_manifest_vanished_is_kept_as_lost(tmp_pat
     for r in ("eu", "us"):
         assert data_object_name(SRC, w.ids[0], "directory") in raw_names(tmp_path / r)
     assert not w.events("prune.orphan")
+
+
+def test_the_daemons_prune_job_uses_the_configured_orphan_grace(tmp_path: Path) -> None:
+    """`[retention] orphan_grace` reaches the daemon's prune job and drctl; the option wins."""
+    w = make_world(tmp_path, local_regions(tmp_path), 1)
+    text = w.setup.config.read_text()
+    # Global: the source's own [sources.retention] (daily 3) inherits it.
+    w.setup.config.write_text(text.replace("[pipeline]", '[retention]\norphan_grace = "3h"\n\n'
+                                           "[pipeline]", 1))
+    w.rt = open_runtime(load_config(w.setup.config), clock=w.clock)
+    assert w.rt.config.sources[0].retention.orphan_grace == timedelta(hours=3)
+    daemon = Daemon(w.rt)
+    [job] = [fn for name, _, fn in daemon._maintenance() if name == "prune"]
+    orphan_id = make_orphan(w, T0 + timedelta(hours=1))
+    regions = ("eu-local", "us-local")
+    first = w.clock.now  # T0 + 2h: the job's first sighting
+
+    daemon.maintenance_job("prune", job)
+    get = metrics.build_registry(daemon.metrics, w.rt.clock).get_sample_value
+    labels = {"source": SRC, "tenant": "uni-a", "tier": "paid"}
+    assert get("drdaemon_orphan_grace_seconds", labels) == 3 * 3600
+    assert get("drdaemon_orphan_objects", {**labels, "region": "eu-local", "verdict": "keep"}) == 1
+
+    w.clock.now = first + timedelta(hours=3) - timedelta(minutes=1)
+    assert orphan_verdicts(w.prune_json("--dry-run")) == {(r, orphan_id): "keep" for r in regions}
+    w.clock.now = first + timedelta(hours=3)
+    assert orphan_verdicts(w.prune_json("--dry-run")) == {
+        (r, orphan_id): "delete" for r in regions}
+    # The option overrides the config for one run, in either direction.
+    assert orphan_verdicts(w.prune_json("--dry-run", "--orphan-grace", "1d")) == {
+        (r, orphan_id): "keep" for r in regions}
+    for bad in ("59m", "29d", "99999999999999d", "a day"):
+        result = w.drctl("prune", "--dry-run", "--orphan-grace", bad)
+        assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and "grace" in result.stderr, result.stderr
+
+    daemon.maintenance_job("prune", job)  # the daemon's job, on its configured grace
+    for r in ("eu", "us"):
+        assert data(orphan_id) not in raw_names(tmp_path / r)
+    assert sorted(e["region"] for e in w.events("prune.orphan")) == list(regions)
+    get = metrics.build_registry(daemon.metrics, w.rt.clock).get_sample_value
+    for r in regions:
+        assert get("drdaemon_orphan_deletions_total", {**labels, "region": r}) == 1
+        assert get("drdaemon_orphan_objects", {**labels, "region": r, "verdict": "keep"}) is None
+    assert get("drdaemon_job_last_run_success", {"job_name": "prune"}) == 1
+
+
+def test_run_prune_refuses_an_orphan_grace_out_of_range(local6: World) -> None:
+    with pytest.raises(UsageError, match="at least 1h"):
+        run_prune(local6.rt, orphan_grace=timedelta(minutes=59))
+    with pytest.raises(UsageError, match="at most 28d"):
+        run_prune(local6.rt, orphan_grace=timedelta(days=29))

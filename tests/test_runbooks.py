@@ -32,6 +32,8 @@ ALERT_RUNBOOKS = {
     "DrdaemonSnapshotFailing": "snapshot-failing.md",
     "DrdaemonRetentionBelowPolicy": "retention-below-policy.md",
     "DrdaemonVerifyFailed": "verify-failed.md",
+    "DrdaemonOrphanLost": "orphan-lost.md",
+    "DrdaemonOrphanStuck": "orphan-stuck.md",
     "DrdaemonDrillFailed": "drill-failed.md",
     "DrdaemonDrillMissing": "drill-missing.md",
     "DrdaemonDrillRTOOverTarget": "drill-rto-over-target.md",

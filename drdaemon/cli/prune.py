@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..errors import UsageError
-from ..orphans import ORPHAN_GRACE, OrphanPlan
+from ..orphans import MAX_ORPHAN_GRACE, MIN_ORPHAN_GRACE, ORPHAN_GRACE, OrphanPlan
 from ..prune import PruneReport, RegionPlan, UndoReport, run_prune, undo_prune
 from ..units import format_bytes, format_duration, parse_duration
 from . import emit_json, get_runtime, handle_errors, json_option, require
@@ -61,7 +61,7 @@ def render_prune(report: PruneReport) -> list[str]:
     lost = sum(len(op.lost) for op in report.orphans)
     if lost:
         lines.append(f"! {lost} data object(s) LOST their manifest outside drdaemon: kept; see "
-                     "runbooks/corrupt-or-missing-snapshot.md")
+                     "runbooks/orphan-lost.md")
     if report.dry_run:
         lines.append("dry run: nothing was changed")
     elif not report.changes:
@@ -81,8 +81,10 @@ def render_prune(report: PruneReport) -> list[str]:
 @click.option("--id", "snapshot_id", metavar="ID", help="With --undo: only this snapshot.")
 @click.option("--orphan-grace", metavar="DURATION",
               help=f"Delete an orphan data object (no manifest or trash entry in any region) "
-                   f"only once an earlier prune saw it this long ago (default "
-                   f"{format_duration(ORPHAN_GRACE)}, at least 1h).")
+                   f"only once an earlier prune saw it this long ago (default: each source's "
+                   f"[retention] orphan_grace, else {format_duration(ORPHAN_GRACE)}; "
+                   f"{format_duration(MIN_ORPHAN_GRACE)} to "
+                   f"{format_duration(MAX_ORPHAN_GRACE)}).")
 @json_option
 @click.pass_context
 @handle_errors("drctl")
@@ -97,9 +99,13 @@ def prune_cmd(ctx: click.Context, sources: tuple[str, ...], dry_run: bool, force
     require(not (undo and (dry_run or force or orphan_grace)), "--undo cannot be combined "
             "with --dry-run, --force or --orphan-grace")
     try:
-        grace = parse_duration(orphan_grace) if orphan_grace is not None else ORPHAN_GRACE
+        grace = parse_duration(orphan_grace) if orphan_grace is not None else None
     except ValueError as exc:
         raise UsageError(f"--orphan-grace: {exc}") from None
+    except OverflowError:
+        raise UsageError(f"--orphan-grace: expected a duration from "
+                         f"{format_duration(MIN_ORPHAN_GRACE)} to "
+                         f"{format_duration(MAX_ORPHAN_GRACE)}, got {orphan_grace!r}") from None
     rt = get_runtime(ctx)
     names = list(sources) or None
     report: PruneReport | UndoReport

