@@ -160,16 +160,19 @@ def run_verify(rt: Runtime, sources: Sequence[str] | None = None, region: str | 
     single = next(iter(names)) if names and len(names) == 1 else None
     listing = catalog.list_snapshots(rt, single, region)
     report = VerifyReport(deep, region_errors=dict(listing.region_errors))
-    for entry in listing.snapshots:
-        if names is not None and entry.source not in names:
-            continue
-        for name in regions:
-            check = _check_entry(rt, entry, name, listing.region_errors, deep, identities or ())
-            report.checks.append(check)
-            if not check.ok:
-                rt.record_event("verify.failed", **check.to_dict(), deep=deep)
-    rt.record_event("verify.finished", ok=report.ok, deep=deep, checked=len(report.checks),
-                    failed=len(report.failures), region_errors=report.region_errors)
+    with rt.audit_batch():  # a failure per copy, one mirror per region for the run
+        for entry in listing.snapshots:
+            if names is not None and entry.source not in names:
+                continue
+            for name in regions:
+                check = _check_entry(rt, entry, name, listing.region_errors, deep,
+                                     identities or ())
+                report.checks.append(check)
+                if not check.ok:
+                    rt.record_event("verify.failed", **check.to_dict(), deep=deep)
+        rt.record_event("verify.finished", ok=report.ok, deep=deep,
+                        checked=len(report.checks), failed=len(report.failures),
+                        region_errors=report.region_errors)
     return report
 
 

@@ -26,6 +26,7 @@ from drdaemon.config import load as load_config
 from drdaemon.drills import run_drills
 from drdaemon.replicate import run_replicate
 from drdaemon.runtime import Runtime, open_runtime
+from drdaemon.verify import run_verify
 
 T0 = datetime(2031, 3, 1, 2, tzinfo=UTC)
 
@@ -185,7 +186,7 @@ def test_a_long_batch_mirrors_on_the_way(tmp_path: Path,
     assert {mirror_puts(p) for p in proxies.values()} == {3}
 
 
-def test_repair_and_drill_runs_mirror_once_per_region(tmp_path: Path) -> None:
+def test_repair_drill_and_verify_runs_mirror_once_per_region(tmp_path: Path) -> None:
     names = ["files-a", "files-b", "files-c"]
     setup = local_setup(tmp_path, names)
     rt = open_runtime(load_config(setup.config))
@@ -212,3 +213,17 @@ def test_repair_and_drill_runs_mirror_once_per_region(tmp_path: Path) -> None:
     for region, p in proxies.items():
         assert (mirror_lists(p), mirror_puts(p)) == (1, 1)
         assert mirrored_records(rt, region) == before + 6
+
+    # Two copies lost in eu: verify records a failure per copy, mirrored once.
+    for name in names[:2]:
+        for p in (tmp_path / "eu" / "sources" / name / "data").iterdir():
+            p.unlink()
+    reset(proxies)
+    checked = run_verify(rt)
+    assert len(checked.failures) == 2
+    events = [r["event"] for r in audit.parse_records(audit.read_lines(setup.state))[before + 6:]]
+    assert events == ["verify.failed", "verify.failed", "verify.finished"]
+    for region, p in proxies.items():
+        assert (mirror_lists(p), mirror_puts(p)) == (1, 1)
+        assert mirrored_records(rt, region) == before + 9
+
