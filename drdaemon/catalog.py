@@ -62,17 +62,18 @@ def read_manifest(rt: Runtime, store: ObjectStore, source: str, snapshot_id: str
     return manifest.parse(raw, rt.manifest_key, source=source, snapshot_id=snapshot_id)
 
 
-# (object name -> (listed size, authenticated manifest)) of one region and source
-CacheSlice = Mapping[str, tuple[int, Manifest]]
+# (object name -> ((listed size, version), authenticated manifest)) of one region and source
+CacheSlice = Mapping[str, tuple[tuple[int, str], Manifest]]
 
 
 class ManifestCache:
-    """Authenticated manifests by region, source, object name and listed size.
+    """Authenticated manifests by region, source, object name, listed size and version.
 
     Manifests are never rewritten (docs/format.md: prune's undo and replica
-    repair put the same bytes back), so a listed name whose size has not
-    changed holds the manifest authenticated before; a replaced object of
-    another size is read and authenticated again. Each listing of a source in
+    repair put the same bytes back), so a listed name whose size and version
+    (ETag, or mtime and inode) have not changed holds the manifest
+    authenticated before; an object written again is read and authenticated
+    again. Each listing of a source in
     a region replaces that slice with what it listed, so deleted snapshots
     drop out and memory stays bounded by what storage holds. A manifest that
     failed authentication is never kept. Cached manifests carry no `facts`
@@ -114,7 +115,7 @@ def list_snapshots(rt: Runtime, source: str | None = None, region: str | None = 
         try:
             for src in sources:
                 known = cache.slice(store.name, src) if cache is not None else None
-                seen: dict[str, tuple[int, Manifest]] = {}
+                seen: dict[str, tuple[tuple[int, str], Manifest]] = {}
                 for info in store.list(manifest.manifests_prefix(src)):
                     snap_id = manifest.snapshot_id_from_manifest_name(info.name)
                     if snap_id is None:
@@ -130,11 +131,14 @@ def list_snapshots(rt: Runtime, source: str | None = None, region: str | None = 
 
 
 def _add_region(rt: Runtime, store: ObjectStore, entry: SnapshotEntry, info: ObjectInfo,
-                known: CacheSlice | None, seen: dict[str, tuple[int, Manifest]]) -> None:
+                known: CacheSlice | None,
+                seen: dict[str, tuple[tuple[int, str], Manifest]]) -> None:
     """Add `store` to `entry` if its manifest authenticates; with a cache (`known`
-    not None), take it from there when its size is unchanged and note it in `seen`."""
+    not None), take it from there when size and version are unchanged and note
+    it in `seen`."""
+    listed = (info.size, info.version)
     hit = known.get(info.name) if known is not None else None
-    if hit is not None and hit[0] == info.size:
+    if hit is not None and hit[0] == listed:
         m = hit[1]
     else:
         try:
@@ -150,7 +154,7 @@ def _add_region(rt: Runtime, store: ObjectStore, entry: SnapshotEntry, info: Obj
         # Authentic (a copy differing from another region's is still worth
         # keeping: the comparison is made again on every listing). The same
         # snapshot in every region shares one object.
-        seen[info.name] = (info.size, entry.manifest if entry.manifest == m else m)
+        seen[info.name] = (listed, entry.manifest if entry.manifest == m else m)
     if entry.manifest is not None and entry.manifest.sha256 != m.sha256:
         entry.problems[store.name] = "manifest differs from the other regions' copy"
         return

@@ -170,8 +170,8 @@ def test_a_tampered_manifest_is_never_served_from_the_cache(world: World) -> Non
         assert st.views["files-a"].holding_newest == (us,)
 
     # Edited in place with the same size (one hex digit of the sha256): the
-    # daemon's refresh keeps what it authenticated for that name and size, but
-    # drctl reads every manifest from storage and reports both.
+    # object's version (ETag; mtime and inode) changed, so the refresh reads it
+    # again and refuses it too; drctl reads every manifest from storage.
     old_name = manifest.manifest_object_name("files-a", old)
     us_store = w.stores[us].inner
     raw = us_store.get_bytes(old_name, manifest.MAX_MANIFEST_BYTES)
@@ -183,7 +183,9 @@ def test_a_tampered_manifest_is_never_served_from_the_cache(world: World) -> Non
     us_store.put_bytes(old_name, forged)
     reset(w.stores)
     metrics.refresh(w.rt, st)
-    assert w.manifest_reads() == 1  # only the refused one, again
+    assert w.manifest_reads() == 2  # the refused one again, and the forged one
+    assert old_name not in w.rt.manifest_cache.slice(us, "files-a")
+    assert st.views["files-a"].retained == {eu: 1, us: 1}
     cached = len(w.rt.manifest_cache)
 
     reset(w.stores)

@@ -284,6 +284,19 @@ def test_get_bytes_refuses_an_object_larger_than_max_size(case: Case) -> None:
         store.get_bytes("one", 0)
 
 
+def test_an_object_written_again_has_a_new_version(case: Case) -> None:
+    """What the daemon's manifest cache relies on: a rewrite of the same size shows."""
+    store = case.store
+    store.put_bytes("v/obj", b"first contents")
+    first = store.stat("v/obj")
+    [listed] = store.list("v/")
+    assert first.version and listed.version == first.version
+    store.put_bytes("v/obj", b"other contents")  # same size
+    again = store.stat("v/obj")
+    assert again.size == first.size and again.version != first.version
+    assert [i.version for i in store.list("v/")] == [again.version]
+
+
 def test_stat_reports_size(case: Case) -> None:
     store = case.store
     for size in (0, 1, 4097, 300_000):

@@ -8,7 +8,7 @@ Object names are relative to the region's prefix and validated here, once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import BinaryIO, Protocol
 
@@ -27,6 +27,10 @@ class NotFound(StorageError):
 class ObjectInfo:
     name: str
     size: int
+    # Changes whenever the object is written again (S3: its ETag; local: mtime
+    # and inode), "" where unknown. Not part of equality: listings of one
+    # object at different moments describe the same object.
+    version: str = field(default="", compare=False)
 
 
 def check_name(name: str) -> str:

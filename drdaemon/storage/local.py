@@ -20,6 +20,11 @@ _TMP_MARK = ".drdaemon-tmp-"
 FLUSH_AFTER = 64 << 20
 
 
+def _info(name: str, st: os.stat_result) -> ObjectInfo:
+    # Every write is a new file renamed into place: a new inode and mtime.
+    return ObjectInfo(name, st.st_size, f"{st.st_mtime_ns}-{st.st_ino}")
+
+
 class LocalUpload:
     def __init__(self, final: Path) -> None:
         self.final = final
@@ -107,7 +112,7 @@ class LocalStore:
 
     def stat(self, name: str) -> ObjectInfo:
         try:
-            return ObjectInfo(name, self._object(name).stat().st_size)
+            return _info(name, self._object(name).stat())
         except FileNotFoundError:
             raise NotFound(f"region {self.name}: {name} not found") from None
 
@@ -120,7 +125,7 @@ class LocalStore:
                 if fname.startswith(_TMP_MARK):
                     continue
                 full = Path(dirpath) / fname
-                yield ObjectInfo(full.relative_to(self.root).as_posix(), full.stat().st_size)
+                yield _info(full.relative_to(self.root).as_posix(), full.stat())
 
     def delete(self, name: str) -> None:
         # Deleting what is not there is not an error, as on S3.

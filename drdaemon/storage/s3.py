@@ -254,14 +254,15 @@ class S3Store:
             resp = self.client.head_object(Bucket=self.bucket, Key=self._key(name))
         except (BotoCoreError, ClientError) as exc:
             raise self.error("stat", name, exc) from None
-        return ObjectInfo(name, int(resp["ContentLength"]))
+        return ObjectInfo(name, int(resp["ContentLength"]), str(resp.get("ETag", "")))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for obj in page.get("Contents", []):
-                    yield ObjectInfo(obj["Key"][len(self.prefix):], int(obj["Size"]))
+                    yield ObjectInfo(obj["Key"][len(self.prefix):], int(obj["Size"]),
+                                     str(obj.get("ETag", "")))
         except (BotoCoreError, ClientError) as exc:
             raise self.error("list", prefix or "/", exc) from None
 
