@@ -21,6 +21,7 @@ never a snapshot id. ``job_name`` rather than ``job`` because Prometheus owns ``
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import threading
 from collections import Counter
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
@@ -248,6 +250,39 @@ def orphan_views(report: PruneReport, regions: Sequence[str]
             found[key] = OrphanView(old.objects + 1, old.bytes + v.size,
                                     min(old.first_seen, seen))
     return observed, found
+
+
+def orphans_path(state_dir: Path) -> Path:
+    """Where the daemon keeps the orphan gauges of its last prune run."""
+    return state_dir / "prune" / "orphan-metrics.json"
+
+
+def save_orphans(state_dir: Path, st: MetricsState) -> None:
+    """Keep the orphan gauges across restarts: prune runs daily, and a LOST
+    orphan's alert must not clear because the daemon restarted in between."""
+    with st.lock:
+        rows = [{"source": s, "region": r, "verdict": v, "objects": o.objects,
+                 "bytes": o.bytes, "first_seen": o.first_seen}
+                for (s, r, v), o in sorted(st.orphans.items())]
+    state.write_atomic(orphans_path(state_dir),
+                       json.dumps({"version": 1, "orphans": rows}, indent=1).encode())
+
+
+def load_orphans(state_dir: Path, st: MetricsState) -> None:
+    """The gauges `save_orphans` kept, for configured sources and regions; a
+    missing or unreadable file leaves them empty until the next prune."""
+    try:
+        rows = json.loads(orphans_path(state_dir).read_bytes())["orphans"]
+        found = {(str(row["source"]), str(row["region"]), str(row["verdict"])):
+                 OrphanView(int(row["objects"]), int(row["bytes"]), float(row["first_seen"]))
+                 for row in rows}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log.warning("orphan gauges not restored from %s: %s", orphans_path(state_dir), exc)
+        return
+    with st.lock:
+        st.orphans = {k: v for k, v in found.items()
+                      if k[0] in st.sources and k[1] in st.regions}
 
 
 @dataclass

@@ -84,6 +84,7 @@ class Daemon:
         self._idle = threading.Condition(self._busy_lock)
         self.attempts: dict[str, int] = {}
         self.metrics = metrics.MetricsState.from_config(rt.config)
+        metrics.load_orphans(cfg.state_dir, self.metrics)
         self._metrics_server: metrics.WSGIServer | None = None
 
     # -- jobs ---------------------------------------------------------------
@@ -168,6 +169,8 @@ class Daemon:
             with self.metrics.job(name, self.rt.clock):
                 report = fn()
             self.metrics.record_report(report)
+            if name == "prune":
+                self._keep_orphan_gauges()
             ok = bool(getattr(report, "ok", True))
             log.log(logging.INFO if ok else logging.ERROR, "%s %s", name,
                     "ok" if ok else "found problems", extra={"job": name, "ok": ok,
@@ -180,6 +183,12 @@ class Daemon:
         # check changes nothing in storage and records its own metrics above.
         if not self.rt.stopping.is_set() and name != "audit":
             self.refresh_metrics()
+
+    def _keep_orphan_gauges(self) -> None:
+        try:
+            metrics.save_orphans(self.rt.config.daemon.state_dir, self.metrics)
+        except OSError as exc:
+            log.warning("orphan gauges not saved: %s", exc, extra={"job": "prune"})
 
     def refresh_metrics(self, source: str | None = None) -> None:
         """Re-read storage (one source, or all) into the cache scrapes render; never raises."""

@@ -434,6 +434,15 @@ def test_the_prune_job_exports_a_lost_and_a_pending_orphan(tmp_path: Path,
     assert get("drdaemon_orphan_grace_seconds", a) == 86400
     assert (tmp_path / "r-eu" / lost_name).exists()  # kept for a person to judge
 
+    # A restarted daemon shows them before its next prune: the alert stays up.
+    restarted = metrics.build_registry(Daemon(rt).metrics, rt.clock).get_sample_value
+    for region in ("eu", "us"):
+        for verdict in ("lost", "keep"):
+            labels = {**a, "region": region, "verdict": verdict}
+            assert restarted("drdaemon_orphan_objects", labels) == 1
+            assert restarted("drdaemon_orphan_first_seen_timestamp_seconds", labels) == get(
+                "drdaemon_orphan_first_seen_timestamp_seconds", labels)
+
     # The person judged it unneeded and deleted it; a day on, the pending one is due.
     for store in rt.stores:
         store.delete(lost_name)
@@ -446,6 +455,8 @@ def test_the_prune_job_exports_a_lost_and_a_pending_orphan(tmp_path: Path,
                        {**a, "region": region, "verdict": verdict}) is None
         assert get("drdaemon_orphan_deletions_total", {**a, "region": region}) == 1
     assert not (tmp_path / "r-eu" / pending).exists()
+    restarted = metrics.build_registry(Daemon(rt).metrics, rt.clock).get_sample_value
+    assert restarted("drdaemon_orphan_objects", {**a, "region": "eu", "verdict": "lost"}) is None
 
 
 def test_refresh_reads_the_drill_log(tmp_path: Path, trees: list[Path]) -> None:
