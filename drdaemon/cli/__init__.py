@@ -86,3 +86,17 @@ def require(condition: bool, message: str) -> None:
     """Raise a UsageError unless `condition` holds."""
     if not condition:
         raise UsageError(message)
+
+
+def root_group(help_text: str) -> click.Group:
+    """A command's top-level group: --config, --version and -h, shared by drctl and drdaemon."""
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]}, help=help_text)
+    @config_option
+    @click.version_option(package_name="drdaemon")
+    @click.pass_context
+    def cli(ctx: click.Context, config_path: str | None) -> None:
+        ctx.ensure_object(dict)["config_path"] = config_path
+
+    return cli
+

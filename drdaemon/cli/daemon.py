@@ -5,16 +5,9 @@ from __future__ import annotations
 import click
 
 from ..scheduler import run_daemon
-from . import config_option, get_runtime, handle_errors
+from . import get_runtime, handle_errors, root_group
 
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@config_option
-@click.version_option(package_name="drdaemon")
-@click.pass_context
-def cli(ctx: click.Context, config_path: str | None) -> None:
-    """The drdaemon scheduler."""
-    ctx.ensure_object(dict)["config_path"] = config_path
+cli = root_group("The drdaemon scheduler.")
 
 
 @cli.command("run")

@@ -17,23 +17,16 @@ from ..progress import ProgressLine
 from ..runtime import Runtime, record_key_generation
 from ..units import format_bytes, format_duration
 from . import (
-    config_option,
     emit_json,
     get_config,
     get_runtime,
     handle_errors,
     identity_option,
     json_option,
+    root_group,
 )
 
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@config_option
-@click.version_option(package_name="drdaemon")
-@click.pass_context
-def cli(ctx: click.Context, config_path: str | None) -> None:
-    """Operate drdaemon: back up, list, restore and check snapshots."""
-    ctx.ensure_object(dict)["config_path"] = config_path
+cli = root_group("Operate drdaemon: back up, list, restore and check snapshots.")
 
 
 # -- config -----------------------------------------------------------------
