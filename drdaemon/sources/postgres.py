@@ -206,6 +206,7 @@ class PostgresSink:
         self.staging_dsn = make_conninfo(self.dsn, dbname=self.staging)
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr: StderrTail | None = None
+        self._feed: BackgroundWriter | None = None
         self.notes: list[str] = []
         self.jobs = jobs
         self.dump_file: Path | None = None
@@ -229,7 +230,10 @@ class PostgresSink:
             raise
         self.stderr = StderrTail(self.proc)
         assert self.proc.stdin is not None
-        self.writer = cast(BinaryIO, self.proc.stdin)
+        # Fed from a thread: decrypting the next chunk overlaps pg_restore
+        # taking the last one, as in a shell pipeline of separate processes.
+        self._feed = BackgroundWriter(cast(BinaryIO, self.proc.stdin), name="pg_restore-feed")
+        self.writer = cast(BinaryIO, self._feed)
 
     def _open_dump_file(self, scratch_dir: Path, size_hint: int) -> BinaryIO:
         try:
@@ -319,6 +323,9 @@ class PostgresSink:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self._feed is not None:
+            with suppress(OSError):  # the feeding thread ends on the closed pipe
+                self._feed.close()
         self._remove_dump_file()
         self._admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
             sql.Identifier(self.staging)))
