@@ -236,7 +236,7 @@ def plan_purge(entries: Iterable[TrashEntry], trash_days: int,
 class Change:
     """One step on storage: done, planned (dry run), skipped or failed, and why."""
 
-    action: str  # "trash", "purge" or "undo"
+    action: str  # "trash", "purge", "undo" or "orphan"
     source: str
     region: str
     snapshot_id: str
