@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pyrage import x25519
 
 from .errors import DrError
 from .storage import StorageError, Upload
-from .streams import CountingReader, Remembering, buffered, first_error
+from .streams import CountingReader, Drain, Remembering, buffered, first_error
 
 QUEUE_DEPTH = 1
 # S3 allows 10,000 parts: doubling the part size every 1,000 parts lets one
@@ -41,33 +40,34 @@ class Cancelled(DrError):
 
 
 class _RegionWriter:
-    """Feeds one region's upload from a bounded queue in its own thread."""
+    """Feeds one region's upload from a bounded queue in its own thread.
+
+    A region that fails has its upload aborted at once and stops taking
+    parts; the fan-out carries on with the others.
+    """
 
     def __init__(self, name: str, upload: Upload) -> None:
         self.name = name
         self.upload = upload
-        self.error: str | None = None
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_DEPTH)
-        self._thread = threading.Thread(target=self._run, name=f"upload-{name}", daemon=True)
-        self._thread.start()
+        self._drain = Drain(upload.write_part, depth=QUEUE_DEPTH, name=f"upload-{name}",
+                            on_error=lambda _exc: upload.abort())
 
-    def _run(self) -> None:
-        while (part := self._queue.get()) is not None:
-            if self.error is not None:
-                continue  # keep draining so the producer never blocks on a dead region
-            try:
-                self.upload.write_part(part)
-            except Exception as exc:
-                self.error = str(exc) or exc.__class__.__name__
-                self.upload.abort()
+    @property
+    def error(self) -> str | None:
+        exc = self._drain.error
+        return None if exc is None else str(exc) or exc.__class__.__name__
 
     def feed(self, part: bytes) -> None:
-        if self.error is None:
-            self._queue.put(part)
+        self._drain.put(part)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        self._drain.join()
+
+    def abort(self) -> None:
+        """Drop whatever is still queued, end the thread, abort the upload."""
+        self._drain.stop(Cancelled("aborted"))
+        self._drain.join()
+        self.upload.abort()
 
 
 class FanOut(io.RawIOBase, Remembering):
@@ -135,9 +135,7 @@ class FanOut(io.RawIOBase, Remembering):
     def abort(self) -> None:
         """Stop every region and abort its upload (nothing becomes visible)."""
         for w in self.writers:
-            w.error = w.error or "aborted"
-            w.close()
-            w.upload.abort()
+            w.abort()
 
 
 @dataclass

@@ -153,48 +153,87 @@ class LimitWriter(io.RawIOBase, Remembering):
         return n
 
 
-class BackgroundWriter(io.RawIOBase, Remembering):
-    """Writes through to `inner` from its own thread, `depth` chunks at most in flight.
+class Drain(Remembering):
+    """A bounded queue emptied by its own thread, which hands each item to `deliver`.
 
-    For a sink on disk: the producer decrypts and decompresses the next chunk
-    while the kernel copies the last one, instead of taking turns. A write
-    error (a full disk) is raised by the next write or by close.
+    At most `depth` items wait, so a slow consumer slows the producer rather
+    than filling memory. The first exception `deliver` raises is kept in
+    `error` and passed to `on_error` (in the thread); from then on queued
+    and new items are dropped, never delivered, so the producer never blocks
+    on a consumer that is gone. `stop` does the same from outside.
     """
 
-    def __init__(self, inner: BinaryIO, depth: int = 8, name: str = "writer") -> None:
-        self.inner = inner
+    def __init__(self, deliver: Callable[[bytes], Any], *, depth: int, name: str,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
+        self._deliver = deliver
+        self._on_error = on_error
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # dropped: keep draining so put() never blocks
+            try:
+                self._deliver(item)
+            except BaseException as exc:  # kept for the producer
+                self.remember(exc)
+                if self._on_error is not None:
+                    self._on_error(exc)
+
+    def put(self, item: bytes) -> None:
+        """Queue `item`, waiting while the queue is full; dropped once failed."""
+        if self.error is None:
+            self._queue.put(item)
+
+    def stop(self, reason: BaseException) -> None:
+        """Fail the drain from outside: what is still queued is dropped."""
+        self.remember(reason)
+
+    def join(self) -> None:
+        """Deliver (or drop) what is queued and end the thread; idempotent."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
+class BackgroundWriter(io.RawIOBase):
+    """Writes through to `inner` from its own thread, `depth` chunks at most in flight.
+
+    For a sink on disk or a child's stdin: the producer decrypts and
+    decompresses the next chunk while the kernel takes the last one, instead
+    of taking turns. A write error (a full disk) is raised by the next write
+    or by close.
+    """
+
+    def __init__(self, inner: BinaryIO, depth: int = 8, name: str = "writer") -> None:
+        self.inner = inner
+        self._drain = Drain(inner.write, depth=depth, name=name)
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._drain.error
+
     def writable(self) -> bool:
         return True
-
-    def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.inner.write(chunk)
-                except BaseException as exc:  # raised to the producer
-                    self.remember(exc)
 
     def write(self, data: Any) -> int:
         if self.error is not None:
             raise self.error
         chunk = bytes(data)  # the caller may reuse its buffer
-        self._queue.put(chunk)
+        self._drain.put(chunk)
         return len(chunk)
 
     def close(self) -> None:
         if self.closed:
             return
-        self._queue.put(None)
-        self._thread.join()
+        self._drain.join()
         super().close()
         try:
             self.inner.close()
         except OSError as exc:
-            self.remember(exc)
+            self._drain.remember(exc)
         if self.error is not None:
             raise self.error
 

@@ -24,6 +24,7 @@ class FlakyProxy:
         self.port = self.listener.getsockname()[1]
         self.connections = 0
         self.resets = 0
+        self._open: set[socket.socket] = set()
         self._stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -38,6 +39,7 @@ class FlakyProxy:
             except OSError:
                 return
             self.connections += 1
+            self._open.add(client)
             flaky = self.connections % self.every == 0
             threading.Thread(target=self._serve, args=(client, flaky), daemon=True).start()
 
@@ -96,3 +98,11 @@ class FlakyProxy:
     def close(self) -> None:
         self._stop.set()
         self.listener.close()
+
+    def cut(self) -> None:
+        """The region goes dark: refuse new connections, reset the open ones."""
+        self.close()
+        for client in list(self._open):
+            with contextlib.suppress(OSError):
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import io
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drdaemon.errors import IntegrityError
-from drdaemon.streams import BackgroundWriter, CountingReader, VerifyingReader, buffered
+from drdaemon.streams import BackgroundWriter, CountingReader, Drain, VerifyingReader, buffered
 
 
 @settings(max_examples=30, deadline=None)
@@ -41,6 +42,46 @@ def test_background_writer_reports_a_full_disk() -> None:
         w.close()
     assert w.closed
     w.close()  # and once closed, closing again is quiet
+
+
+def test_drain_after_a_failure_drops_everything_and_never_blocks_the_producer() -> None:
+    delivered: list[bytes] = []
+    failures: list[BaseException] = []
+
+    def deliver(item: bytes) -> None:
+        if item == b"bad":
+            raise OSError("region gone")
+        delivered.append(item)
+
+    d = Drain(deliver, depth=1, name="t", on_error=failures.append)
+    producer = threading.Thread(target=lambda: [d.put(x) for x in
+                                                [b"a", b"bad", *[b"late"] * 1000]])
+    producer.start()
+    producer.join(timeout=10)
+    assert not producer.is_alive()  # a full queue on a failed drain must not hold it up
+    d.join()
+    d.join()  # idempotent
+    assert delivered == [b"a"]
+    assert len(failures) == 1 and failures[0] is d.error and str(d.error) == "region gone"
+
+
+def test_drain_stop_drops_what_is_still_queued() -> None:
+    release = threading.Event()
+    delivered: list[bytes] = []
+
+    def deliver(item: bytes) -> None:
+        release.wait(10)
+        delivered.append(item)
+
+    d = Drain(deliver, depth=4, name="t")
+    for x in (b"1", b"2", b"3"):
+        d.put(x)
+    d.stop(RuntimeError("aborted"))
+    release.set()
+    d.join()
+    assert delivered in ([], [b"1"])  # at most the one already being delivered
+    d.put(b"4")  # quietly dropped once stopped
+    assert str(d.error) == "aborted"
 
 
 def test_counting_reader_reads_into_the_callers_buffer(tmp_path: Path) -> None:
