@@ -21,8 +21,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
-import boto3
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .base import AbortRule, NotFound, ObjectInfo, StorageError, check_name, read_bounded
@@ -137,9 +135,13 @@ class S3Store:
     @property
     def client(self) -> Any:
         """The boto3 client, made on first use: a restore or a status that never
-        touches this region does not pay for it (about 0.2 s each)."""
+        touches this region does not pay for it (about 0.2 s each), and a command
+        that touches no S3 region does not even import boto3 (about 0.3 s)."""
         with self._client_lock:
             if self._client is None:
+                import boto3
+                from botocore.config import Config as BotoConfig
+
                 try:
                     self._client = boto3.session.Session().client(
                         "s3", region_name=self.region, endpoint_url=self.endpoint_url,
