@@ -5,7 +5,10 @@ Real PostgreSQL, two moto S3 regions; no timing is asserted (speed is bench/'s j
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -68,10 +71,13 @@ def test_jobs_default_scratch_is_in_state_folder(setup: Setup, lms_dsn: str,
 def test_scratch_copy_is_private_and_discarded(lms_dsn: str, pg_server: PgServer,
                                                tmp_path: Path) -> None:
     sink = PostgresSink(lms_dsn, "never_committed", False, jobs=2, scratch_dir=tmp_path)
-    assert sink.dump_file is not None and sink.dump_file.parent == tmp_path
-    assert stat.S_IMODE(sink.dump_file.stat().st_mode) == 0o600
+    assert sink.dump_fd is not None
+    st = os.fstat(sink.dump_fd)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_nlink == 0 and list(tmp_path.iterdir()) == []  # no name anyone could open
     sink.writer.write(b"not yet verified")
     sink.discard()
+    assert sink.dump_fd is None
     assert list(tmp_path.iterdir()) == []
     assert databases(pg_server, sink.staging) == []
 
@@ -105,3 +111,33 @@ def test_jobs_on_directory_source_is_a_usage_error(tmp_path: Path) -> None:
     result = setup.drctl("restore", "latest", "--source", "files", "--to",
                          str(tmp_path / "out"), "--scratch-dir", str(tmp_path))
     assert result.exit_code == 2 and "--scratch-dir" in result.stderr
+
+
+def test_a_killed_restore_leaves_no_plaintext_in_the_scratch_folder(
+        lms_dsn: str, pg_server: PgServer, tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    code = ("import sys\nfrom pathlib import Path\n"
+            "from drdaemon.sources.postgres import PostgresSink\n"
+            "sink = PostgresSink(sys.argv[1], 'killed_restore', False, jobs=2,"
+            " scratch_dir=Path(sys.argv[2]))\n"
+            "sink.writer.write(b'PGDMP' + b'plaintext' * 100000)\n"
+            "print(sink.staging, flush=True)\n"
+            "sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, lms_dsn, str(scratch)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        staging = proc.stdout.readline().strip()
+        assert staging.startswith("drdaemon_restore_")
+        fds = Path(f"/proc/{proc.pid}/fd")
+        held = [os.readlink(fd) for fd in fds.iterdir()]
+        # The copy exists (the test is not void) but under no name in the folder.
+        assert any(h.startswith(str(scratch)) and h.endswith("(deleted)") for h in held), held
+        assert list(scratch.iterdir()) == []
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list(scratch.iterdir()) == []
+    # A killed restore still leaves its staging database (not cleaned up yet).
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{staging}"')

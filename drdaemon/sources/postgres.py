@@ -9,6 +9,7 @@ stream has verified end to end; the target is never half-written.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -184,6 +185,24 @@ def target_dsn(source_dsn: str, target: str) -> str:
     return make_conninfo(source_dsn, dbname=target)
 
 
+def unnamed_file(folder: Path) -> int:
+    """A new 0600 file in `folder` that has no name: an open descriptor only.
+
+    For plaintext scratch copies: whatever ends the process, even SIGKILL, the
+    kernel frees the file with its last descriptor, and nobody can open it by
+    name meanwhile. O_TMPFILE where the filesystem has it, otherwise a
+    private temporary file unlinked at once.
+    """
+    try:
+        return os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    fd, name = tempfile.mkstemp(prefix="drdaemon-restore-", dir=folder)
+    os.unlink(name)
+    return fd
+
+
 class PostgresSink:
     """pg_restore into a fresh staging database, renamed to the target on commit.
 
@@ -210,7 +229,7 @@ class PostgresSink:
         self._feed: BackgroundWriter | None = None
         self.notes: list[str] = []
         self.jobs = jobs
-        self.dump_file: Path | None = None
+        self.dump_fd: int | None = None  # the --jobs scratch copy, see unnamed_file
         self.command = [_tool("pg_restore"), "--exit-on-error", "--no-password",
                         *restore_options, f"--dbname={self.staging_dsn}"]
         if jobs is not None and scratch_dir is None:
@@ -244,23 +263,22 @@ class PostgresSink:
                 raise UsageError(
                     f"scratch folder {scratch_dir} has {free >> 20} MiB free, the dump needs "
                     f"{size_hint >> 20} MiB: choose another with --scratch-dir")
-            # mkstemp creates the file 0600 and never reuses an existing name.
-            fd, name = tempfile.mkstemp(prefix="drdaemon-restore-", suffix=".pgdump",
-                                        dir=scratch_dir)
+            fd = unnamed_file(scratch_dir)
         except OSError as exc:
             raise UsageError(f"cannot create a scratch file in {scratch_dir}: "
                              f"{exc.strerror or exc}") from None
-        self.dump_file = Path(name)
+        self.dump_fd = fd
         # Written from a thread: the disk keeps pace while the stream decrypts.
-        return cast(BinaryIO, BackgroundWriter(os.fdopen(fd, "wb", buffering=1 << 20),
+        return cast(BinaryIO, BackgroundWriter(os.fdopen(os.dup(fd), "wb", buffering=1 << 20),
                                                name="scratch-writer"))
 
-    def _remove_dump_file(self) -> None:
-        if self.dump_file is not None:
+    def _close_dump_file(self) -> None:
+        """Close the scratch copy: with its last descriptor the kernel frees it."""
+        if self.dump_fd is not None:
             with suppress(OSError):
                 self.writer.close()
-            self.dump_file.unlink(missing_ok=True)
-            self.dump_file = None
+            os.close(self.dump_fd)
+            self.dump_fd = None
 
     def _admin(self, query: sql.Composed | sql.SQL, params: tuple[Any, ...] = ()) -> list[Any]:
         with _connect(self.admin_dsn, autocommit=True) as conn:
@@ -294,26 +312,31 @@ class PostgresSink:
                               f"{self.stderr.text() or 'no message'}")
 
     def _restore_file(self) -> None:
-        """pg_restore --jobs from the verified dump file, which is removed afterwards."""
-        assert self.dump_file is not None
+        """pg_restore --jobs from the verified scratch copy, which is freed afterwards.
+
+        pg_restore and its workers open the copy as /proc/self/fd/N, the
+        descriptor they inherit: it has no name anyone else could open.
+        """
+        assert self.dump_fd is not None
         try:
             self.writer.close()
             self.proc = subprocess.Popen(
-                [*self.command, f"--jobs={self.jobs}", str(self.dump_file)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                [*self.command, f"--jobs={self.jobs}", f"/proc/self/fd/{self.dump_fd}"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                pass_fds=(self.dump_fd,))
             self.stderr = StderrTail(self.proc)
             code = self.proc.wait()
         except OSError as exc:
-            raise SourceError(f"restoring into {self.name!r} from {self.dump_file}: "
+            raise SourceError(f"restoring into {self.name!r} from the scratch copy: "
                               f"{exc.strerror or exc}") from None
         finally:
-            self._remove_dump_file()
+            self._close_dump_file()
         if code != 0:
             raise SourceError(f"pg_restore into {self.name!r} failed (exit {code}): "
                               f"{self.stderr.text() or 'no message'}")
 
     def commit(self) -> str:
-        self._remove_dump_file()
+        self._close_dump_file()
         if self.target_exists:
             self._admin(sql.SQL("DROP DATABASE {}").format(sql.Identifier(self.name)))
         self._admin(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
@@ -327,6 +350,6 @@ class PostgresSink:
         if self._feed is not None:
             with suppress(OSError):  # the feeding thread ends on the closed pipe
                 self._feed.close()
-        self._remove_dump_file()
+        self._close_dump_file()
         self._admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
             sql.Identifier(self.staging)))
