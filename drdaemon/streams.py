@@ -180,7 +180,10 @@ class Drain(Remembering):
             except BaseException as exc:  # kept for the producer
                 self.remember(exc)
                 if self._on_error is not None:
-                    self._on_error(exc)
+                    # A failing clean-up must not end the thread: put() would
+                    # then block for good on a full queue.
+                    with contextlib.suppress(Exception):
+                        self._on_error(exc)
 
     def put(self, item: bytes) -> None:
         """Queue `item`, waiting while the queue is full; dropped once failed."""

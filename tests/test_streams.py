@@ -65,6 +65,22 @@ def test_drain_after_a_failure_drops_everything_and_never_blocks_the_producer() 
     assert len(failures) == 1 and failures[0] is d.error and str(d.error) == "region gone"
 
 
+def test_drain_survives_a_failing_clean_up() -> None:
+    def deliver(item: bytes) -> None:
+        raise OSError("gone")
+
+    def clean_up(exc: BaseException) -> None:
+        raise OSError("abort failed too")
+
+    d = Drain(deliver, depth=1, name="t", on_error=clean_up)
+    producer = threading.Thread(target=lambda: [d.put(b"x") for _ in range(100)])
+    producer.start()
+    producer.join(timeout=10)
+    assert not producer.is_alive()
+    d.join()
+    assert str(d.error) == "gone"
+
+
 def test_drain_stop_drops_what_is_still_queued() -> None:
     release = threading.Event()
     delivered: list[bytes] = []

@@ -193,11 +193,13 @@ def unnamed_file(folder: Path) -> int:
     name meanwhile. O_TMPFILE where the filesystem has it, otherwise a
     private temporary file unlinked at once.
     """
-    try:
-        return os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-            raise
+    tmpfile = getattr(os, "O_TMPFILE", 0)  # Linux only
+    if tmpfile:
+        try:
+            return os.open(folder, tmpfile | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
     fd, name = tempfile.mkstemp(prefix="drdaemon-restore-", dir=folder)
     os.unlink(name)
     return fd
