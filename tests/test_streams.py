@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def test_drain_after_a_failure_drops_everything_and_never_blocks_the_producer() 
 
     d = Drain(deliver, depth=1, name="t", on_error=failures.append)
     producer = threading.Thread(target=lambda: [d.put(x) for x in
-                                                [b"a", b"bad", *[b"late"] * 1000]])
+                                                [b"a", b"bad", *[b"late"] * 1000]],
+                                daemon=True)  # a hang must fail the test, not the run
     producer.start()
     producer.join(timeout=10)
     assert not producer.is_alive()  # a full queue on a failed drain must not hold it up
@@ -66,17 +68,23 @@ def test_drain_after_a_failure_drops_everything_and_never_blocks_the_producer() 
 
 
 def test_drain_survives_a_failing_clean_up() -> None:
+    release = threading.Event()
+
     def deliver(item: bytes) -> None:
+        release.wait(10)
         raise OSError("gone")
 
     def clean_up(exc: BaseException) -> None:
         raise OSError("abort failed too")
 
     d = Drain(deliver, depth=1, name="t", on_error=clean_up)
-    producer = threading.Thread(target=lambda: [d.put(b"x") for _ in range(100)])
+    producer = threading.Thread(target=lambda: [d.put(b"x") for _ in range(5)],
+                                daemon=True)  # a hang must fail the test, not the run
     producer.start()
+    time.sleep(0.5)  # part 1 being delivered, part 2 queued, part 3 waiting for room
+    release.set()
     producer.join(timeout=10)
-    assert not producer.is_alive()
+    assert not producer.is_alive()  # the drain kept draining after its clean-up failed
     d.join()
     assert str(d.error) == "gone"
 
