@@ -87,6 +87,9 @@ def snapshot(rt: Runtime, source: SourceConfig,
              on_progress: Callable[[int], None] | None = None) -> BackupResult:
     """Take one snapshot of `source` into every region. Never raises DrError."""
     result = BackupResult(source.name)
+    # Written before anything else: if this process dies mid-way, the next
+    # daemon sees an unfinished attempt and retries it (scheduler.Daemon.start).
+    state.record_start(rt.config.daemon.state_dir, source.name, rt.clock())
     try:
         _snapshot(rt, source, result, on_progress)
     except DrError as exc:

@@ -121,8 +121,9 @@ def source_view(cfg: Config, info: SourceInfo, entries: Iterable[catalog.Snapsho
             retained[r] = retained.get(r, 0) + 1
     top = next((m for m, _ in snaps if m.id == st.newest_id), None)
     ok = None
-    if outcome.last_attempt is not None:
-        ok = outcome.last_attempt == outcome.last_success
+    if outcome.last_attempt is not None or outcome.unfinished:
+        # An attempt cut off by a crash or a stop counts as failed until one succeeds.
+        ok = not outcome.pending_retry
     return SourceView(
         newest, oldest, retained, st.regions,
         (top.finished_at - top.started_at).total_seconds() if top else None,

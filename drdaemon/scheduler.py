@@ -26,12 +26,12 @@ from .backup import BackupResult, snapshot
 from .config import SourceConfig
 from .errors import DrError
 from .logs import setup_logging
+from .retry import resume_at, retry_delay
 from .runtime import Runtime
 
 log = logging.getLogger("drdaemon")
 
 WATCHDOG_INTERVAL = timedelta(minutes=15)
-MAX_BACKOFF = timedelta(hours=1)
 STALE_UPLOAD_AGE = timedelta(days=1)
 
 
@@ -54,11 +54,6 @@ def overdue(sources: list[SourceConfig], newest: dict[str, datetime],
             rpo: Callable[[SourceConfig], timedelta], now: datetime) -> list[SourceConfig]:
     """Pure: sources with no snapshot within their RPO; they must not wait for cron."""
     return [s for s in sources if s.name not in newest or now - newest[s.name] >= rpo(s)]
-
-
-def retry_delay(attempt: int, base: timedelta) -> timedelta:
-    """Pure: exponential backoff, `base` doubling per attempt, capped at an hour."""
-    return min(base * (2 ** min(attempt, 16)), MAX_BACKOFF)
 
 
 def due_sources(rt: Runtime, now: datetime) -> list[SourceConfig]:
@@ -122,22 +117,47 @@ class Daemon:
             self.refresh_metrics(source.name)  # that source only: one prefix per region
         return result
 
-    def _schedule_retry(self, source: SourceConfig) -> None:
+    def _schedule_retry(self, source: SourceConfig, when: datetime | None = None) -> None:
+        """A retry of `source` after the backoff (or at `when`), unless cron comes first."""
         if self.rt.stopping.is_set():
             return
         attempt = self.attempts.get(source.name, 0)
-        delay = retry_delay(attempt, self.rt.config.daemon.retry_backoff)
         now = datetime.now(self.tz)
+        if when is None:
+            when = now + retry_delay(attempt, self.rt.config.daemon.retry_backoff)
         cron = self.scheduler.get_job(f"snapshot:{source.name}")
         # Retry until the next cron run would come first: then that run is the retry.
-        if cron and cron.next_run_time and now + delay >= cron.next_run_time:
+        if cron and cron.next_run_time and when >= cron.next_run_time:
             log.info("no retry of %s before its next run", source.name)
             return
         self.attempts[source.name] = attempt + 1
-        self.run_soon(source, now + delay, f"retry:{source.name}")
-        log.info("retrying %s in %ss (attempt %d)", source.name, int(delay.total_seconds()),
+        self.run_soon(source, when, f"retry:{source.name}")
+        delay = max((when - now).total_seconds(), 0.0)
+        log.info("retrying %s in %ss (attempt %d)", source.name, int(delay),
                  attempt + 1, extra={"job": "snapshot", "source": source.name,
-                                     "retry_in_seconds": delay.total_seconds()})
+                                     "retry_in_seconds": delay})
+
+    def resume_retries(self) -> list[str]:
+        """Retry, after a restart, every source whose last attempt failed or never ended.
+
+        A daily snapshot cut off by a restart (or a crash) would otherwise wait
+        for tomorrow's cron, or for the RPO watchdog once the RPO is already
+        breached. The backoff continues from the recorded attempts.
+        """
+        resumed = []
+        base = self.rt.config.daemon.retry_backoff
+        for src in self.rt.config.sources:
+            outcome = state.read_outcome(self.rt.config.daemon.state_dir, src.name)
+            when = resume_at(outcome, base, self.rt.clock())
+            if when is None or self.scheduler.get_job(f"catchup:{src.name}"):
+                continue  # an overdue source is caught up at once instead
+            self.attempts[src.name] = max(outcome.failed_attempts - 1, 0)
+            # The runtime's clock decided; APScheduler keeps wall time in the daemon's zone.
+            wall = datetime.now(self.tz) + max(when - self.rt.clock(), timedelta(0))
+            self._schedule_retry(src, wall)
+            if self.scheduler.get_job(f"retry:{src.name}"):
+                resumed.append(src.name)
+        return resumed
 
     def run_soon(self, source: SourceConfig, when: datetime, job_id: str) -> None:
         """A one-off snapshot of `source` at `when`."""
@@ -265,6 +285,7 @@ class Daemon:
         self._serve_metrics()
         self.scheduler.start()
         self.catch_up()
+        self.resume_retries()
 
     def _maintenance(self) -> list[tuple[str, str, Callable[[], Any]]]:
         from .drills import drill_jobs
@@ -286,7 +307,8 @@ class Daemon:
         Returns True if every running job ended within the grace period.
         """
         self.rt.stopping.set()
-        self.scheduler.shutdown(wait=False)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
         if self._metrics_server is not None:
             metrics.shutdown(self._metrics_server)
             self._metrics_server = None

@@ -2,7 +2,10 @@
 
 Written atomically (temp file, fsync, rename), one JSON file per source, so a
 crash never leaves a half-written record and `drctl status` can tell the last
-failure without scanning logs.
+failure without scanning logs. The start of every attempt is written too: an
+attempt that started and never recorded an end (SIGKILL, power loss, a daemon
+that gave up waiting at shutdown) is an unfinished attempt, which the next
+daemon retries like a failed one.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,46 @@ class Outcome:
     last_success: str | None = None
     last_failure: str | None = None
     last_error: str | None = None
+    last_started: str | None = None  # start of the newest attempt, finished or not
+    failures: int = 0  # consecutive failed attempts since the last success
+    started_pid: int | None = None  # the process that began the newest attempt
+    running: bool = False  # not stored: that attempt is still open in a live process
+
+    @property
+    def open(self) -> bool:
+        """The newest attempt has begun and has recorded no end yet."""
+        return self.last_started is not None and (
+            self.last_attempt is None or _when(self.last_started) > _when(self.last_attempt))
+
+    @property
+    def unfinished(self) -> bool:
+        """The newest attempt began and its process ended without recording an outcome."""
+        return self.open and not self.running
+
+    @property
+    def pending_retry(self) -> bool:
+        """The newest attempt failed or never finished, and nothing succeeded since."""
+        if self.unfinished:
+            return True
+        return self.last_attempt is not None and self.last_attempt != self.last_success
+
+    @property
+    def failed_attempts(self) -> int:
+        """Consecutive failed attempts, an unfinished one included."""
+        return self.failures + (1 if self.unfinished else 0)
+
+    @property
+    def failed_at(self) -> datetime | None:
+        """When the attempt a retry is pending for ended (or, unfinished, began)."""
+        if self.unfinished:
+            return _when(self.last_started)
+        if self.pending_retry and self.last_failure:
+            return _when(self.last_failure)
+        return None
+
+
+def _when(stamp: str | None) -> datetime:
+    return datetime.fromisoformat(stamp or "")
 
 
 def _path(state_dir: Path, source: str) -> Path:
@@ -51,19 +94,43 @@ def read_outcome(state_dir: Path, source: str) -> Outcome:
     """The recorded outcome of `source` (empty if none or unreadable)."""
     try:
         doc: dict[str, Any] = json.loads(_path(state_dir, source).read_text())
-        return Outcome(**{k: doc.get(k) for k in Outcome.__dataclass_fields__})
+        fields = {k: doc[k] for k in Outcome.__dataclass_fields__ if k in doc and k != "running"}
+        out = Outcome(**fields)
+        for stamp in (out.last_attempt, out.last_started, out.last_failure):
+            if stamp is not None:
+                _when(stamp)  # an unparseable stamp makes the record unreadable
+        if not isinstance(out.failures, int) or not isinstance(out.started_pid, int | None):
+            return Outcome()
+        if out.open and out.started_pid is not None and _alive(out.started_pid):
+            return replace(out, running=True)
+        return out
     except (OSError, ValueError, TypeError):
         return Outcome()
 
 
+def _write(state_dir: Path, source: str, outcome: Outcome) -> None:
+    doc = asdict(outcome)
+    del doc["running"]
+    write_atomic(_path(state_dir, source), json.dumps(doc, indent=1).encode())
+
+
+def record_start(state_dir: Path, source: str, at: datetime) -> None:
+    """Record that an attempt of `source` begins now in this process (see Outcome.unfinished)."""
+    _write(state_dir, source, replace(read_outcome(state_dir, source),
+                                      last_started=at.isoformat(), started_pid=os.getpid()))
+
+
 def record_outcome(state_dir: Path, source: str, at: datetime, ok: bool, error: str) -> None:
-    """Record one snapshot attempt of `source`."""
+    """Record the end of one snapshot attempt of `source`."""
     old = read_outcome(state_dir, source)
     stamp = at.isoformat()
     new = Outcome(stamp, stamp if ok else old.last_success,
                   old.last_failure if ok else stamp,
-                  (error or None) if not ok else old.last_error)
-    write_atomic(_path(state_dir, source), json.dumps(asdict(new), indent=1).encode())
+                  (error or None) if not ok else old.last_error,
+                  # An end stamped before its start (a clock step) must not look unfinished.
+                  min(old.last_started, stamp, key=_when) if old.last_started else None,
+                  0 if ok else old.failures + 1, old.started_pid)
+    _write(state_dir, source, new)
 
 
 def _inflight_dir(state_dir: Path) -> Path:

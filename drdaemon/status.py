@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from . import catalog, cron, state
 from .config import Config, SourceConfig
 from .manifest import Manifest
+from .retry import resume_at
 from .runtime import Runtime
 from .units import format_duration
 
@@ -79,12 +80,21 @@ def evaluate(config: Config, source: SourceConfig, snapshots: list[tuple[Manifes
                         f"{format_duration(rpo)} RPO")
     if missing:
         problems.append(f"newest snapshot missing in {', '.join(missing)}")
+    if outcome.unfinished:
+        problems.append(f"last attempt, begun {outcome.last_started}, never finished "
+                        "(the process ended mid-way); a retry is pending")
+    elif outcome.pending_retry:
+        problems.append(f"last attempt failed at {outcome.last_failure}: "
+                        f"{outcome.last_error or 'no message'}")
+    fire = next_run(source, config.daemon.timezone, now)
+    retry = resume_at(outcome, config.daemon.retry_backoff, now)
+    if retry is not None and (fire is None or retry < fire):
+        fire = retry  # what the daemon does: retry before the next cron run
     span = ordered[-1][0].consistency_time - ordered[0][0].consistency_time if ordered else None
     return SourceStatus(
         source.name, source.tenant, source.tier, rpo, newest.id if newest else None,
         newest.consistency_time if newest else None, age, tuple(regions), missing,
-        len(ordered), span, outcome.last_failure, outcome.last_error,
-        next_run(source, config.daemon.timezone, now), tuple(problems))
+        len(ordered), span, outcome.last_failure, outcome.last_error, fire, tuple(problems))
 
 
 def source_statuses(rt: Runtime) -> tuple[list[SourceStatus], dict[str, str]]:

@@ -23,7 +23,8 @@ from drdaemon import locks
 from drdaemon.backup import snapshot
 from drdaemon.errors import DrError
 from drdaemon.runtime import open_runtime
-from drdaemon.scheduler import Daemon, overdue, retry_delay
+from drdaemon.retry import resume_at, retry_delay
+from drdaemon.scheduler import Daemon, overdue
 
 
 class Clock:
@@ -248,3 +249,101 @@ def test_daemons_on_two_hosts_meet_at_the_postgres_lock(tmp_path: Path, tree: Pa
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert len(manifests(tmp_path)) == 1
+
+
+# -- an attempt cut off by a stop or a crash is retried after the restart ------------
+
+_T0 = datetime(2026, 11, 23, 2, tzinfo=UTC)
+
+
+@given(failures=st.integers(0, 20), unfinished=st.booleans(), late_s=st.integers(0, 10 ** 6),
+       base_s=st.integers(1, 3600))
+def test_resume_at_follows_the_backoff_and_is_never_in_the_past(
+        failures: int, unfinished: bool, late_s: int, base_s: int) -> None:
+    from drdaemon.state import Outcome
+    ended = _T0.isoformat()
+    if unfinished:  # began at T0, never ended; any earlier failures ended before
+        outcome = Outcome(last_attempt=(_T0 - timedelta(hours=1)).isoformat(),
+                          last_failure=(_T0 - timedelta(hours=1)).isoformat(),
+                          last_started=ended, failures=failures)
+    elif failures:
+        outcome = Outcome(last_attempt=ended, last_failure=ended, last_started=ended,
+                          failures=failures)
+    else:
+        outcome = Outcome(last_attempt=ended, last_success=ended, last_started=ended)
+    now = _T0 + timedelta(seconds=late_s)
+    when = resume_at(outcome, timedelta(seconds=base_s), now)
+    if not unfinished and not failures:
+        assert when is None
+        return
+    assert when is not None and when >= now
+    attempts = failures + (1 if unfinished else 0)
+    assert when == max(_T0 + retry_delay(attempts - 1, timedelta(seconds=base_s)), now)
+
+
+def test_snapshot_stopped_by_shutdown_is_retried_after_restart(tmp_path: Path) -> None:
+    # A good snapshot within the RPO, so neither the start-up catch-up nor the
+    # watchdog would take another before tomorrow's cron.
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "small").write_text("x")
+    setup = local_setup(tmp_path, tree, daemon='retry_backoff = "1s"')
+    rt = open_runtime(config_mod.load(setup.config))
+    assert snapshot(rt, rt.config.sources[0]).ok
+    (tree / "blob").write_bytes(os.urandom(80 << 20))
+
+    daemon = Daemon(rt)
+    results: list[object] = []
+    job = threading.Thread(target=lambda: results.append(daemon.snapshot_job(
+        rt.config.sources[0])))
+    job.start()
+    wait_for(lambda: any((tmp_path / "state" / "inflight").glob("*")))
+    assert daemon.stop()  # what SIGTERM does: the stream in flight is aborted
+    job.join()
+    assert results and not results[0].ok and "shutdown" in (results[0].error or "")
+    assert len(manifests(tmp_path)) == 1
+
+    status = setup.drctl("status", "--json")
+    assert status.exit_code == 1
+    (files,) = json.loads(status.stdout)["sources"]
+    assert not files["ok"] and any("last attempt failed" in p for p in files["problems"])
+
+    again = Daemon(open_runtime(config_mod.load(setup.config)))
+    again.start()
+    try:
+        assert again.catch_up() == []  # inside the RPO: only the retry can take it
+        wait_for(lambda: len(manifests(tmp_path)) == 2)
+    finally:
+        assert again.stop()
+    assert setup.drctl("status").exit_code == 0
+
+
+def test_backup_killed_mid_upload_is_retried_by_the_next_daemon(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "small").write_text("x")
+    setup = local_setup(tmp_path, tree, daemon='retry_backoff = "1s"')
+    assert setup.drctl("backup").exit_code == 0
+    (tree / "blob").write_bytes(os.urandom(150 << 20))
+    drctl = str(Path(sys.executable).parent / "drctl")
+    proc = subprocess.Popen([drctl, "--config", str(setup.config), "backup"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any((tmp_path / "state" / "inflight").glob("*")), 60)
+    finally:
+        proc.kill()  # a crash: nothing gets to record the attempt's end
+        proc.wait()
+    status = setup.drctl("status", "--json")
+    assert status.exit_code == 1
+    files = json.loads(status.stdout)["sources"][0]
+    assert any("never finished" in p for p in files["problems"])
+
+    rt = open_runtime(config_mod.load(setup.config))
+    daemon = Daemon(rt)
+    daemon.start()
+    try:
+        assert daemon.scheduler.get_job("retry:files") is not None
+        wait_for(lambda: len(manifests(tmp_path)) == 2, 120)
+    finally:
+        assert daemon.stop()
+    assert setup.drctl_json("status")["sources"][0]["problems"] == []
