@@ -22,8 +22,8 @@ from drdaemon import config as config_mod
 from drdaemon import locks
 from drdaemon.backup import snapshot
 from drdaemon.errors import DrError
-from drdaemon.runtime import open_runtime
 from drdaemon.retry import resume_at, retry_delay
+from drdaemon.runtime import open_runtime
 from drdaemon.scheduler import Daemon, overdue
 
 
