@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -52,7 +53,7 @@ class DrillRecord:
     plaintext_bytes: int | None
     rto_target_seconds: float
     rpo_target_seconds: float
-    projected_tier_rto_seconds: float | None
+    projected_tier_rto_seconds: float | None  # the whole tier, see slo.projected_tier_rto
     timings: dict[str, float]
     kind: str = ""
     verified: bool = False
@@ -63,6 +64,7 @@ class DrillRecord:
     evidence: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     host: str = ""
+    restore_model: dict[str, Any] | None = None  # the tier's model behind the projection
 
     @property
     def reason_codes(self) -> list[str]:
@@ -141,6 +143,20 @@ def load_records(state_dir: Path, since: datetime | None = None,
         records.append(record)
     records.sort(key=lambda r: (r.started, r.id))
     return records
+
+
+def latest_restores(records: Iterable[DrillRecord], sources: Iterable[str]
+                    ) -> list[tuple[int, float]]:
+    """Pure: (stored bytes, RTO seconds) of the latest verified drill of each of `sources`."""
+    wanted = set(sources)
+    latest: dict[str, DrillRecord] = {}
+    for r in records:
+        if not (r.source in wanted and r.verified and r.rto_seconds and r.stored_bytes):
+            continue
+        if r.source not in latest or (r.started, r.id) >= (latest[r.source].started,
+                                                              latest[r.source].id):
+            latest[r.source] = r
+    return [(int(r.stored_bytes or 0), float(r.rto_seconds or 0)) for r in latest.values()]
 
 
 def newest_verified(state_dir: Path) -> dict[str, str]:

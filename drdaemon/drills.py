@@ -37,7 +37,13 @@ from pyrage import x25519
 from . import catalog, drill_scratch, slo
 from .catalog import SnapshotEntry
 from .config import Config, DrillCheck, SourceConfig
-from .drill_records import DrillRecord, append_record, load_records, records_path
+from .drill_records import (
+    DrillRecord,
+    append_record,
+    latest_restores,
+    load_records,
+    records_path,
+)
 from .drill_scratch import Cleanup
 from .errors import DrError, IntegrityError, SourceError, UsageError
 from .keys import identities_for
@@ -550,14 +556,21 @@ def _record(d: _Drill, snapshots: _Catalog) -> DrillRecord:
     rate = slo.throughput(m.size, rto) if m is not None and rto else None
     plain_rate = slo.throughput(m.plaintext_size, rto) if m is not None and rto else None
     sizes = []
-    for src in (s for s in rt.config.sources if s.tier == d.source.tier):
-        newest = snapshots.newest(src.name)
+    tier_sources = [s.name for s in rt.config.sources if s.tier == d.source.tier]
+    for name in tier_sources:
+        newest = snapshots.newest(name)
         if newest is not None and newest.manifest is not None:
             sizes.append(newest.manifest.size)
         elif rate is not None:
-            d.notes.append(f"source {src.name} of tier {src.tier} has no snapshot: "
+            d.notes.append(f"source {name} of tier {d.source.tier} has no snapshot: "
                            "the projected tier RTO leaves it out")
-    projected = slo.projected_rto(sizes, rate)
+    model = None
+    if m is not None and rto and rate is not None:
+        # One model for the tier: this drill with every other source's latest.
+        others = [n for n in tier_sources if n != d.source.name]
+        model = slo.fit_restore_model(
+            [*latest_restores(load_records(rt.config.daemon.state_dir), others), (m.size, rto)])
+    projected = slo.projected_tier_rto(sizes, model)
     d.reasons.extend(slo.evaluate(d.targets, rto=timedelta(seconds=rto) if rto else None,
                                   rpo=rpo, projected=projected))
     newest = snapshots.newest(d.source.name)
@@ -579,7 +592,8 @@ def _record(d: _Drill, snapshots: _Catalog) -> DrillRecord:
         plaintext_throughput_bytes_per_second=plain_rate,
         consistency_time=m.consistency_time.isoformat() if m else None,
         newest_snapshot_id=newest.id if newest and entry and newest.id != entry.id else None,
-        scratch=d.scratch, evidence=d.evidence, notes=d.notes, host=socket.gethostname())
+        scratch=d.scratch, evidence=d.evidence, notes=d.notes, host=socket.gethostname(),
+        restore_model=model.to_dict() if model is not None else None)
 
 
 # -- the service -------------------------------------------------------------------

@@ -153,13 +153,19 @@ def evidence_text(r: DrillRecord) -> str:
     if "tables" in e:
         parts.append(f"{e['tables']} tables, {e.get('rows', '?')} rows counted")
     if "files" in e:
-        parts.append(f"{e['files']} files, {e.get('directories', '?')} folders, "
-                     f"{e.get('symlinks', '?')} links, {size(e.get('bytes'))}, "
+        parts.append(f"{_count(e['files'], 'file')}, "
+                     f"{_count(e.get('directories', '?'), 'folder')}, "
+                     f"{_count(e.get('symlinks', '?'), 'link')}, {size(e.get('bytes'))}, "
                      f"digest {e.get('digest', '?')}")
     for c in e.get("checks", []):
         parts.append(f"check {c.get('sql')!r} = {c.get('value')} (min {c.get('min')}): "
                      + ("ok" if c.get("ok") else "FAILED"))
     return "; ".join(parts) or "—"
+
+
+def _count(n: object, noun: str) -> str:
+    """"1 link", "2 links", "? links"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def timings_text(r: DrillRecord) -> str:
@@ -185,9 +191,16 @@ def render_json(data: ReportData) -> str:
     return json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n"
 
 
+_MD_ESCAPES = str.maketrans({c: "\\" + c for c in "\\<>&|"} | {"\n": " ", "\r": " "})
+
+
 def _md(text: object) -> str:
-    """A Markdown table cell: no pipes, newlines or HTML from the data."""
-    return escape(str(text)).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+    """A Markdown table cell: no pipes, newlines or HTML from the data.
+
+    Backslash escapes, not HTML entities: the file is read as plain text at
+    least as often as it is rendered, and `&#x27;` helps neither reader.
+    """
+    return str(text).translate(_MD_ESCAPES)
 
 
 def render_markdown(data: ReportData) -> str:

@@ -8,10 +8,13 @@ The definitions (DESIGN.md, "Time and targets"):
   set of snapshots (the worst-case RPO over the period they cover, as far as
   the snapshots still retained can show it).
 - **RTO measured**: wall time from the start of a restore to a verified copy.
-- **Projected tier RTO**: the stored bytes of the newest snapshot of every
-  source of a tier divided by a measured restore throughput: how long the
-  whole tier would take, restored one source after another, if a region
-  were lost now.
+- **Projected tier RTO**: how long the whole tier would take, restored one
+  source after another, if a region were lost now: the sum, over the newest
+  snapshot of every source of the tier, of a restore model's time for its
+  stored bytes. The model (:class:`RestoreModel`) is a fixed cost per
+  restore plus bytes over a throughput, fitted to the latest drill of every
+  source of the tier together, so neither a tiny database (all set-up
+  overhead) nor the newest drill alone decides the tier's figure.
 
 A value over its target is a failure; equal to it is still inside it (an
 RPO of "24h" promises at most 24 hours of lost data). Nothing here reads a
@@ -67,11 +70,60 @@ def throughput(nbytes: int, seconds: float) -> float | None:
     return nbytes / seconds
 
 
-def projected_rto(stored_bytes: Iterable[int], bytes_per_second: float | None) -> timedelta | None:
-    """Time to restore every given object at the measured rate, one after another."""
-    if not bytes_per_second or bytes_per_second <= 0:
+_MAX_SECONDS = timedelta.max.total_seconds() - 86400
+
+
+@dataclass(frozen=True)
+class RestoreModel:
+    """A restore takes `fixed_seconds` plus `seconds_per_byte` for each stored byte."""
+
+    fixed_seconds: float
+    seconds_per_byte: float
+    samples: int  # drills it was fitted to
+
+    def seconds(self, stored_bytes: int) -> float:
+        return self.fixed_seconds + stored_bytes * self.seconds_per_byte
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        rate = 1 / self.seconds_per_byte if self.seconds_per_byte > 0 else None
+        return {"fixed_seconds": self.fixed_seconds, "bytes_per_second": rate,
+                "samples": self.samples}
+
+
+def fit_restore_model(samples: Iterable[tuple[int, float]]) -> RestoreModel | None:
+    """The restore model of measured (stored bytes, RTO seconds) pairs; None without any.
+
+    Least squares over the drills together. The fixed cost is held between
+    zero and the fastest drill (no restore is quicker than its overhead), and
+    the per-byte cost is never negative. With a single size measured the two
+    cannot be told apart, and the whole time is charged to the bytes: the
+    cautious choice, since it projects a larger source as slower.
+    """
+    points = [(float(b), float(s)) for b, s in samples if b > 0 and s > 0]
+    if not points:
         return None
-    return timedelta(seconds=sum(stored_bytes) / bytes_per_second)
+    if len({b for b, _ in points}) < 2:
+        return RestoreModel(0.0, sum(s for _, s in points) / sum(b for b, _ in points),
+                            len(points))
+    n = len(points)
+    mean_b = sum(b for b, _ in points) / n
+    mean_s = sum(s for _, s in points) / n
+    slope = (sum((b - mean_b) * (s - mean_s) for b, s in points)
+             / sum((b - mean_b) ** 2 for b, _ in points))
+    fixed = min(max(mean_s - slope * mean_b, 0.0), min(s for _, s in points))
+    # With the fixed cost clamped, the best slope through it.
+    per_byte = max(sum(b * (s - fixed) for b, s in points) / sum(b * b for b, _ in points), 0.0)
+    return RestoreModel(fixed, per_byte, n)
+
+
+def projected_tier_rto(stored_bytes: Iterable[int], model: RestoreModel | None
+                       ) -> timedelta | None:
+    """Time to restore every given object one after another under `model`."""
+    if model is None:
+        return None
+    total = sum(model.seconds(b) for b in stored_bytes)
+    # Absurd inputs (a byte drilled in minutes, terabytes projected) must not crash.
+    return min(timedelta(seconds=min(total, _MAX_SECONDS)), timedelta.max)
 
 
 def rto_split(*, manifest: float, prepare: float, first_byte: float, stream: float,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -265,3 +266,37 @@ def test_drills_config_and_daemon_jobs(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             config_mod.load(setup.config)
         assert key in str(err.value) and "hunter2" not in str(err.value)
+
+
+def test_tier_projection_comes_from_every_sources_latest_drill(tmp_path: Path) -> None:
+    # A large and a tiny source of one tier, drilled large first: the tier's
+    # projection must not be the tiny one's alone (it was, before), and the
+    # report, its JSON and the metric must all show the same figure.
+    from support import local_region
+
+    from drdaemon import metrics, slo
+    big, small = tmp_path / "big", tmp_path / "small"
+    big.mkdir()
+    small.mkdir()
+    (big / "blob").write_bytes(os.urandom(24 << 20))
+    (small / "note").write_text("x")
+    setup = make_setup(tmp_path, [local_region("eu", tmp_path / "r-eu", "europe"),
+                                  local_region("us", tmp_path / "r-us", "north-america")],
+                       [directory_source("big", big), directory_source("small", small)])
+    setup.drctl_json("backup")
+    _, first = run_drill(setup, "--source", "big")
+    _, second = run_drill(setup, "--source", "small")
+    [b], [s] = first["drills"], second["drills"]
+    model = slo.fit_restore_model([(b["stored_bytes"], b["rto_seconds"]),
+                                   (s["stored_bytes"], s["rto_seconds"])])
+    want = slo.projected_tier_rto([b["stored_bytes"], s["stored_bytes"]], model)
+    assert want is not None and want.total_seconds() >= 0.5 * b["rto_seconds"]
+    assert s["projected_tier_rto_seconds"] == pytest.approx(want.total_seconds())
+    assert s["restore_model"]["samples"] == 2
+
+    report = json.loads(setup.drctl("drill", "report", "--format", "json").stdout)
+    [paid] = report["summary"]
+    assert paid["projected"] == pytest.approx(want.total_seconds())
+    st = metrics.MetricsState.from_config(config_mod.load(setup.config))
+    metrics.refresh(open_runtime(config_mod.load(setup.config)), st)
+    assert st.projected_rto["paid"] == pytest.approx(want.total_seconds())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -136,13 +137,20 @@ def test_audit_states_are_shown() -> None:
 
 
 def test_markdown_and_json() -> None:
-    data = ReportData(NOW, NOW - timedelta(days=90), records(), AUDIT_OK)
+    tree = dataclasses.replace(record(7, tier="free", source="cc-files"), kind="directory",
+                               evidence={"files": 1, "directories": 2, "symlinks": 1,
+                                         "bytes": 10, "digest": "ab"})
+    data = ReportData(NOW, NOW - timedelta(days=90), [*records(), tree], AUDIT_OK)
     md = render(data, "md")
     assert "| paid | 4 | 2 |" in md
     assert "<script>" not in md and "\\|" in md  # pipes in data cannot break the table
-    assert len([line for line in md.splitlines() if line.startswith("| 2026")]) == 6
+    # Plain-text readable: no HTML entities; and counts agree with their nouns.
+    assert "&#x27;" not in md and "&quot;" not in md and "'x'" in md
+    assert "1 link," in md and "1 links" not in md
+    assert len([line for line in md.splitlines() if line.startswith("| 2026")]) == 7
+    assert "1 file, 2 folders, 1 link," in md
     doc = json.loads(render(data, "json"))
-    assert doc["audit"] == AUDIT_OK and len(doc["drills"]) == 6
+    assert doc["audit"] == AUDIT_OK and len(doc["drills"]) == 7
     assert {s["tier"] for s in doc["summary"]} == {"paid", "free"}
     assert doc["drills"][3]["reason_codes"] == ["corrupt"]
 

@@ -32,8 +32,10 @@ def test_golden_examples() -> None:
     assert slo.rpo_at(T0 + timedelta(seconds=2), T0) == timedelta(0)  # source clock ahead
     assert slo.throughput(1000, 2.0) == 500.0
     assert slo.throughput(0, 2.0) is None and slo.throughput(10, 0.0) is None
-    assert slo.projected_rto([1000, 3000], 100.0) == timedelta(seconds=40)
-    assert slo.projected_rto([1000], None) is None
+    one = slo.fit_restore_model([(1000, 10.0)])
+    assert slo.projected_tier_rto([1000, 3000], one) == timedelta(seconds=40)
+    assert slo.projected_tier_rto([1000], None) is None
+    assert slo.fit_restore_model([]) is None and slo.fit_restore_model([(0, 1.0)]) is None
     assert slo.evaluate(PAID, rto=timedelta(hours=24), rpo=timedelta(hours=24),
                         projected=timedelta(hours=24)) == []
     over = slo.evaluate(PAID, rto=timedelta(hours=25), rpo=timedelta(hours=30),
@@ -78,13 +80,38 @@ def test_evaluate_fails_exactly_what_is_over(rto: timedelta | None, rpo: timedel
 
 
 @given(st.lists(st.integers(min_value=0, max_value=1 << 40), max_size=20),
-       st.floats(min_value=1.0, max_value=1e10))
-def test_projection_is_linear_in_bytes(sizes: list[int], bps: float) -> None:
-    got = slo.projected_rto(sizes, bps)
-    assert got is not None
-    assert abs(got.total_seconds() - sum(sizes) / bps) < 1e-3 + 1e-9 * sum(sizes) / bps
-    doubled = slo.projected_rto(sizes + sizes, bps)
-    assert doubled is not None and doubled >= got
+       st.lists(st.tuples(st.integers(1, 1 << 40), st.floats(0.001, 1e6)), min_size=1,
+                max_size=10))
+def test_projection_grows_with_every_source_and_is_never_negative(
+        sizes: list[int], drills: list[tuple[int, float]]) -> None:
+    model = slo.fit_restore_model(drills)
+    assert model is not None and model.fixed_seconds >= 0 and model.seconds_per_byte >= 0
+    assert model.fixed_seconds <= min(s for _, s in drills) + 1e-9
+    got = slo.projected_tier_rto(sizes, model)
+    assert got is not None and got >= timedelta(0)
+    more = slo.projected_tier_rto([*sizes, 1], model)
+    assert more is not None and more >= got
+
+
+@given(st.floats(0.0, 60.0), st.floats(1e3, 1e9),
+       st.lists(st.integers(1, 1 << 34), min_size=2, max_size=8, unique=True))
+def test_model_recovers_fixed_cost_and_throughput(fixed: float, bps: float,
+                                                  sizes: list[int]) -> None:
+    model = slo.fit_restore_model([(b, fixed + b / bps) for b in sizes])
+    assert model is not None
+    for b in (1, 1 << 20, 1 << 40):
+        want = fixed + b / bps
+        assert abs(model.seconds(b) - want) <= 1e-6 * want + 1e-6
+
+
+def test_tiny_database_does_not_decide_the_tier() -> None:
+    # The case: a 917-byte database restored at 8.7 KiB/s (all set-up
+    # time) and a 128 MiB one in 5 s. Bytes over the tiny one's rate projected
+    # over 5 h; a fixed cost plus a throughput fitted to both projects ~5 s.
+    drills = [(917, 917 / (8.7 * 1024)), (128 << 20, 5.0)]
+    model = slo.fit_restore_model(drills)
+    projected = slo.projected_tier_rto([917, 128 << 20], model)
+    assert projected is not None and projected < timedelta(seconds=6)
 
 
 @given(st.integers(min_value=-10**6, max_value=10**8))
