@@ -88,6 +88,7 @@ class KeysConfig:
     # Only the embedded demo config sets this: make an identity and a manifest
     # key on first run instead of failing on their absence.
     generate: bool
+    names: dict[str, str] = field(default_factory=dict)  # recipient -> its name, if given
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,8 @@ def load(path: str | os.PathLike[str]) -> Config:
     """Read and validate a configuration file; raise ConfigError on any problem."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not a TOML error.
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -349,10 +351,22 @@ class _Parser:
 
     def keys(self, t: _Table) -> KeysConfig:
         generate = t.take("generate", bool, False)
-        recipients = t.take("recipients", list, [])
-        for i, rec in enumerate(recipients):
+        entries = t.take("recipients", list, [])
+        recipients: list[str] = []
+        names: dict[str, str] = {}
+        for i, rec in enumerate(entries):
+            # A plain "age1..." string, or { recipient = "age1...", name = "ops" }:
+            # the name is what error messages call the key.
+            if isinstance(rec, dict):
+                entry = _Table(self, f"keys.recipients[{i}]", rec)
+                name = entry.take("name", str, what="a short name such as ops or escrow")
+                rec = entry.take("recipient", str, what="an age X25519 recipient (age1...)")
+                entry.done()
+                names[rec] = name
             if not isinstance(rec, str) or not _valid_recipient(rec):
-                self.fail(f"keys.recipients[{i}]", "an age X25519 recipient (age1...)", rec)
+                self.fail(f"keys.recipients[{i}]", "an age X25519 recipient (age1...) or "
+                          "{ recipient = \"age1...\", name = \"ops\" }", rec)
+            recipients.append(rec)
         if not recipients and not generate:
             self.fail("keys.recipients", "at least one age recipient", "an empty list")
         identity = t.take("identity_file", str, None)
@@ -365,7 +379,7 @@ class _Parser:
                 self.fail("keys.manifest_key_file", "an existing file "
                           "(make one with: drctl keys manifest-key --out FILE)", str(mkey))
         t.done()
-        return KeysConfig(tuple(recipients), identity_path, mkey, generate)
+        return KeysConfig(tuple(recipients), identity_path, mkey, generate, names)
 
     def pipeline(self, t: _Table) -> PipelineConfig:
         level = t.take("zstd_level", int, 3)

@@ -388,7 +388,7 @@ def _stream(d: _Drill, store: ObjectStore, m: Manifest, identities: Sequence[x25
     """The restore path itself (restore.stream_into), timed; failures become reasons."""
     try:
         stream_into(cast(ObjectStore, _TimedStore(store, clock)), m, identities,
-                    _TimedSink(sink, clock))
+                    _TimedSink(sink, clock), labels=d.rt.recipient_labels())
     except UsageError as exc:
         d.fail(NO_IDENTITY, str(exc))
     except NotFound as exc:

@@ -12,6 +12,7 @@ import hashlib
 import os
 import secrets
 import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +44,20 @@ class ManifestKey:
 def fingerprint(recipient: str) -> str:
     """A short, stable fingerprint of a public recipient, as stored in manifests."""
     return "sha256:" + hashlib.sha256(recipient.encode()).hexdigest()[:16]
+
+
+def recipient_labels(recipients: Sequence[str], names: Mapping[str, str]) -> dict[str, str]:
+    """Fingerprint -> how messages name each configured recipient ("ops (sha256:...)")."""
+    labels = {}
+    for i, rec in enumerate(recipients):
+        name = names.get(rec) or f"recipients[{i}]"
+        labels[fingerprint(rec)] = f"{name} ({fingerprint(rec)}, {rec[:12]}...)"
+    return labels
+
+
+def describe_recipients(fingerprints: Sequence[str], labels: Mapping[str, str]) -> str:
+    """The recipients of a snapshot, by their configured names where known."""
+    return ", ".join(labels.get(f, f"{f} (not in [keys] recipients)") for f in fingerprints)
 
 
 def write_private_file(path: Path, content: str) -> None:

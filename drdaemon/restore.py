@@ -11,7 +11,7 @@ from __future__ import annotations
 import getpass
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, NoReturn, cast
@@ -23,6 +23,7 @@ from pyrage import x25519
 from .catalog import SnapshotEntry, read_manifest, resolve
 from .config import SourceConfig
 from .errors import DrError, IntegrityError, UsageError
+from .keys import describe_recipients
 from .manifest import Manifest
 from .runtime import Runtime
 from .sources.base import Sink
@@ -63,8 +64,11 @@ def open_sink(source: SourceConfig, m: Manifest, target: str, force: bool,
 
 
 def stream_into(store: ObjectStore, m: Manifest, identities: Sequence[x25519.Identity],
-                sink: Sink, on_progress: Progress | None = None) -> None:
+                sink: Sink, on_progress: Progress | None = None,
+                labels: Mapping[str, str] | None = None) -> None:
     """Stream one region's copy of snapshot `m` into `sink` and verify it completely.
+
+    `labels` (Runtime.recipient_labels) names the recipients when no identity fits.
 
     Raises IntegrityError (corrupt/replaced object), StorageError (region
     problem), SourceError (the target refused it) or UsageError (no identity fits).
@@ -82,7 +86,8 @@ def stream_into(store: ObjectStore, m: Manifest, identities: Sequence[x25519.Ide
         except pyrage.DecryptError as exc:
             if "no matching keys" in str(exc).lower():
                 raise UsageError(f"no identity given can decrypt {what}; it is encrypted to "
-                                 f"{', '.join(m.recipients)}") from None
+                                 f"{describe_recipients(m.recipients, labels or {})}: "
+                                 "give the identity of one of these") from None
             cause = first_error(reader, limit)
             if cause is None:
                 raise DrError(f"{what} cannot be decrypted: {exc}") from None
@@ -147,7 +152,7 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
             failed[store.name] = str(exc)
             continue
         try:
-            stream_into(store, m, identities, sink, on_progress)
+            stream_into(store, m, identities, sink, on_progress, rt.recipient_labels())
         except UsageError:
             sink.discard()
             raise

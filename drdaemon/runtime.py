@@ -28,6 +28,7 @@ from .keys import (
     fingerprint,
     load_identities,
     load_manifest_key,
+    recipient_labels,
 )
 from .storage import ObjectStore, open_store
 
@@ -60,6 +61,10 @@ class Runtime:
     # mirrored, when it last mirrored.
     _audit_batch: threading.local = field(default_factory=threading.local, init=False,
                                           repr=False, compare=False)
+
+    def recipient_labels(self) -> dict[str, str]:
+        """How messages name each configured recipient, by fingerprint (keys.recipient_labels)."""
+        return recipient_labels(self.config.keys.recipients, self.config.keys.names)
 
     def store(self, region: str) -> ObjectStore:
         """The store of one configured region (validated by name)."""

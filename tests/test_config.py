@@ -274,3 +274,10 @@ def test_bad_retention_and_schedules(base: Path, table: str, line: str, key: str
          else f"[daemon]\n{line}")
     result = drctl(["--config", str(base), "config", "check"])
     assert result.exit_code == 2 and key in result.stderr, result.stderr
+
+
+def test_config_with_a_byte_order_mark_loads(base: Path) -> None:
+    # Windows editors (Notepad) save UTF-8 with a BOM; tomllib calls it an invalid statement.
+    base.write_bytes(b"\xef\xbb\xbf" + base.read_bytes())
+    cfg = config.load(base)
+    assert [r.name for r in cfg.regions] == ["eu", "us"]

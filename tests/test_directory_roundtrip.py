@@ -301,3 +301,23 @@ def test_manifest_refused_in_one_region_removes_its_data_and_commits_the_others(
     assert setup.drctl("restore", "latest", "--source", "lms-files", "--to",
                        str(restored)).exit_code == 0
     assert_same_tree(tree, restored)
+
+
+def test_wrong_identity_error_names_the_configured_keys(setup: Setup, tmp_path: Path) -> None:
+    from drdaemon.keys import fingerprint, generate_identity
+
+    escrow = generate_identity(tmp_path / "escrow.txt")
+    text = setup.config.read_text()
+    named = (f'recipients = [{{ recipient = "{setup.recipient}", name = "ops" }}, '
+             f'{{ recipient = "{escrow}", name = "escrow" }}]')
+    setup.config.write_text(text.replace(f'recipients = ["{setup.recipient}"]', named))
+    setup.drctl_json("backup")
+    keygen = setup.drctl("keys", "generate", "--out", str(tmp_path / "other.txt"))
+    assert keygen.exit_code == 0 and keygen.stdout.startswith("age1")
+    other = keygen.stdout.strip()
+    assert f"fingerprint {fingerprint(other)}" in keygen.stderr
+    result = setup.drctl("restore", "latest", "--source", "lms-files", "--to",
+                         str(tmp_path / "out"), "--identity", str(tmp_path / "other.txt"))
+    assert result.exit_code == 2
+    assert f"ops ({fingerprint(setup.recipient)}" in result.stderr
+    assert f"escrow ({fingerprint(escrow)}" in result.stderr

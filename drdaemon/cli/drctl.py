@@ -12,7 +12,7 @@ from .. import backup as backup_service
 from .. import catalog
 from .. import restore as restore_service
 from ..errors import DrError, UsageError
-from ..keys import generate_identity, generate_manifest_key, identities_for
+from ..keys import fingerprint, generate_identity, generate_manifest_key, identities_for
 from ..progress import ProgressLine
 from ..runtime import Runtime, record_key_generation
 from ..units import format_bytes, format_duration
@@ -77,6 +77,10 @@ def keys_generate(ctx: click.Context, out: str) -> None:
     path = Path(out)
     recipient = generate_identity(path)
     click.echo(recipient)
+    # stdout stays the bare recipient (scripts capture it); people also need the
+    # fingerprint, which manifests and "no identity" errors name the key by.
+    click.echo(f"fingerprint {fingerprint(recipient)} (manifests and errors name this key "
+               "by it; in the config: { recipient = \"age1...\", name = \"ops\" })", err=True)
     _audit_new_key(ctx, lambda rt: record_key_generation(rt, "identity", path,
                                                          recipient=recipient))
 
