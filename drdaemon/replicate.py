@@ -426,8 +426,11 @@ class ReplicationReport:
     def summary(self) -> dict[str, int]:
         copies = len(self.plan.snapshots) * len(self.plan.regions)
         pruned = sum(len(s.pruned) for s in self.plan.snapshots)
+        before = copies - pruned - sum(len(s.problems) for s in self.plan.snapshots)
+        # "complete" is the state after this run: what the operator needs to know.
         return {"snapshots": len(self.plan.snapshots), "copies": copies - pruned,
-                "complete": copies - pruned - sum(len(s.problems) for s in self.plan.snapshots),
+                "complete": copies - pruned - len(self.remaining()),
+                "complete_before": before,
                 "pruned": pruned,
                 "repaired": sum(1 for o in self.outcomes if o.ok),
                 "repair_failed": sum(1 for o in self.outcomes if not o.ok),

@@ -207,10 +207,12 @@ def test_degraded_snapshot_is_reported_repaired_and_restorable(tmp_path: Path,
     assert (f"lms-files {snap['snapshot_id']} in us-virginia: no manifest "
             "(--repair copies it from eu-frankfurt)") in human.stdout
 
-    report = run_json(setup, "replicate", "--repair", exit_code=0)
-    assert report["ok"]
-    [done] = report["repairs"]
-    assert done["ok"] and done["from_region"] == "eu-frankfurt" and done["bytes"] == snap["size"]
+    repair = setup.drctl("replicate", "--repair")
+    assert repair.exit_code == 0
+    # The state after the repair, not before it.
+    assert "2 of 2 copies complete; repaired 1, failed 0" in repair.stdout, repair.stdout
+    report = run_json(setup, "replicate", exit_code=0)
+    assert report["summary"]["complete"] == 2 and report["summary"]["complete_before"] == 2
     assert [e["region"] for e in events(setup, "replica.repaired")] == ["us-virginia"]
 
     key = data_key(us, snap["snapshot_id"])
