@@ -15,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from . import __version__, manifest, state
+from . import __version__, catalog, manifest, shrink, state
 from .config import SourceConfig
-from .errors import DrError, SourceError
+from .errors import DrError, ShrinkError, SourceError
 from .keys import fingerprint
 from .manifest import Manifest
 from .pipeline import Cancelled, encrypt_and_upload
@@ -63,6 +64,8 @@ def error_kind(exc: DrError) -> str:
     """The bounded class of a snapshot failure, from the exception's type."""
     if isinstance(exc, Cancelled):
         return "cancelled"
+    if isinstance(exc, ShrinkError):
+        return "shrunk"
     if isinstance(exc, StorageError):
         return "storage"
     if isinstance(exc, SourceError):
@@ -84,14 +87,19 @@ def open_dump(source: SourceConfig, now: datetime | None = None) -> Iterator[Dum
 
 
 def snapshot(rt: Runtime, source: SourceConfig,
-             on_progress: Callable[[int], None] | None = None) -> BackupResult:
-    """Take one snapshot of `source` into every region. Never raises DrError."""
+             on_progress: Callable[[int], None] | None = None, *,
+             accept_shrink: bool = False) -> BackupResult:
+    """Take one snapshot of `source` into every region. Never raises DrError.
+
+    A snapshot whose source shrank sharply against the newest committed one
+    is refused (shrink.py) unless `accept_shrink` (the operator confirmed it).
+    """
     result = BackupResult(source.name)
     # Written before anything else: if this process dies mid-way, the next
     # daemon sees an unfinished attempt and retries it (scheduler.Daemon.start).
     state.record_start(rt.config.daemon.state_dir, source.name, rt.clock())
     try:
-        _snapshot(rt, source, result, on_progress)
+        _snapshot(rt, source, result, on_progress, accept_shrink)
     except DrError as exc:
         result.error = str(exc)
         result.error_kind = error_kind(exc)
@@ -104,20 +112,42 @@ def snapshot(rt: Runtime, source: SourceConfig,
 
 
 def _snapshot(rt: Runtime, source: SourceConfig, result: BackupResult,
-              on_progress: Callable[[int], None] | None) -> None:
+              on_progress: Callable[[int], None] | None, accept_shrink: bool) -> None:
     cfg = rt.config
     started = rt.clock()
     snap_id = manifest.new_snapshot_id(started)
     result.snapshot_id = snap_id
     data_name = manifest.data_object_name(source.name, snap_id, source.kind)
     with state.inflight(cfg.daemon.state_dir, snap_id):
-        _upload_and_commit(rt, source, result, snap_id, started, data_name, on_progress)
+        _upload_and_commit(rt, source, result, snap_id, started, data_name, on_progress,
+                           accept_shrink)
+
+
+def _check_shrink(source: SourceConfig, baseline: Manifest | None, facts: dict[str, Any],
+                  accept: bool) -> None:
+    """Refuse a sharp shrink against `baseline` (ShrinkError), or note an accepted one."""
+    if baseline is None:
+        return
+    drops = shrink.sharp_drops(source.kind, baseline.facts, facts, source.max_shrink)
+    if not drops:
+        return
+    said = ", ".join(str(d) for d in drops)
+    if accept:
+        facts["shrink_accepted"] = {"against": baseline.id, "drops": [str(d) for d in drops]}
+        return
+    raise ShrinkError(
+        f"refused: {source.name} shrank sharply against snapshot {baseline.id} ({said}; "
+        f"max_shrink {source.max_shrink:g}); an unmounted volume or a dropped schema looks "
+        f"like this. If it is real: drctl backup --source {source.name} --accept-shrink")
 
 
 def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, snap_id: str,
                        started: datetime, data_name: str,
-                       on_progress: Callable[[int], None] | None) -> None:
+                       on_progress: Callable[[int], None] | None, accept_shrink: bool) -> None:
     cfg = rt.config
+    # Read before the dump: the snapshot to compare with (shrink.py). A region
+    # that cannot be read only narrows the choice.
+    baseline = catalog.newest_manifest(rt, source.name) if source.max_shrink < 1 else None
     # Where a bucket has Object Lock, the snapshot cannot be removed before the
     # retention horizon, whatever happens to this daemon (docs/format.md).
     retain_until = source.retention.lock_until(started)
@@ -137,6 +167,7 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
                 threads=cfg.pipeline.zstd_threads, part_size=cfg.pipeline.part_size,
                 on_progress=on_progress, cancel=rt.stopping)
             facts = dump.finish()
+            _check_shrink(source, baseline, facts, accept_shrink)
     except BaseException:
         for up in uploads.values():
             up.abort()
@@ -204,10 +235,11 @@ def _each_region(names: list[str], step: Callable[[str], None]) -> dict[str, str
 
 
 def backup(rt: Runtime, sources: list[SourceConfig],
-           on_progress: Callable[[str, int], None] | None = None) -> list[BackupResult]:
+           on_progress: Callable[[str, int], None] | None = None, *,
+           accept_shrink: bool = False) -> list[BackupResult]:
     """Snapshot each source in turn; one failing source never stops the others."""
     results = []
     for src in sources:
         progress = (lambda n, s=src.name: on_progress(s, n)) if on_progress else None
-        results.append(snapshot(rt, src, progress))
+        results.append(snapshot(rt, src, progress, accept_shrink=accept_shrink))
     return results

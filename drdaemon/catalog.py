@@ -162,6 +162,31 @@ def _add_region(rt: Runtime, store: ObjectStore, entry: SnapshotEntry, info: Obj
     entry.regions.append(store.name)
 
 
+def newest_manifest(rt: Runtime, source: str) -> Manifest | None:
+    """The newest committed snapshot of `source` that authenticates in some region.
+
+    Reads as little as it can: one listing per region, then only the newest
+    id's manifest (an older one only if that cannot be read anywhere).
+    Regions that cannot be listed are passed over; None if nothing is found.
+    """
+    holders: dict[str, list[ObjectStore]] = {}
+    for store in rt.stores:
+        try:
+            for info in store.list(manifest.manifests_prefix(source)):
+                snap_id = manifest.snapshot_id_from_manifest_name(info.name)
+                if snap_id is not None:
+                    holders.setdefault(snap_id, []).append(store)
+        except DrError:
+            continue
+    for snap_id in sorted(holders, reverse=True):
+        for store in holders[snap_id]:
+            try:
+                return read_manifest(rt, store, source, snap_id)
+            except DrError:
+                continue
+    return None
+
+
 def resolve(rt: Runtime, source: str, ref: str) -> SnapshotEntry:
     """The snapshot `ref` ("latest" or an id) of `source`, with the regions holding it."""
     if ref != "latest" and not manifest.ID_RE.match(ref):

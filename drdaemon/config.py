@@ -127,6 +127,9 @@ class SourceConfig:
     dsn: str | None = None
     path: Path | None = None
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    # A snapshot whose files/bytes or rows/size fall by more than this fraction
+    # against the newest committed one is refused (shrink.py); 1 turns it off.
+    max_shrink: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -490,11 +493,14 @@ class _Parser:
                                  what="a cron expression like '0 2 * * *'")
             own = self.retention(_Table(self, t.key("retention"), t.take("retention", dict, {})),
                                  retention)
+            max_shrink = t.convert("max_shrink", _fraction, 0.5,
+                                   what="a fraction from 0 to 1 (1: never refuse a shrink)")
             if kind == "postgres":
                 dsn = t.convert("dsn", _dsn_without_password,
                                 what="a libpq DSN without a password (use PGPASSFILE "
                                      "or a service file)", echo=False)
-                src = SourceConfig(name, kind, tenant, tier, schedule, dsn=dsn, retention=own)
+                src = SourceConfig(name, kind, tenant, tier, schedule, dsn=dsn, retention=own,
+                                   max_shrink=max_shrink)
             elif kind == "directory":
                 path = self.resolve(t.take("path", str))
                 if not path.is_dir():
@@ -502,7 +508,8 @@ class _Parser:
                     # source; its snapshots fail, loudly, with this reason.
                     self.warnings.append(f"{self.path}: WARNING: {t.key('path')}: "
                                          f"{path} is not a directory (yet)")
-                src = SourceConfig(name, kind, tenant, tier, schedule, path=path, retention=own)
+                src = SourceConfig(name, kind, tenant, tier, schedule, path=path, retention=own,
+                                   max_shrink=max_shrink)
             else:
                 self.fail(t.key("kind"), "'postgres' or 'directory'", kind)
             t.done()

@@ -25,3 +25,7 @@ class IntegrityError(DrError):
 
 class SourceError(DrError):
     """A source (database, directory) could not be dumped or restored."""
+
+
+class ShrinkError(SourceError):
+    """A snapshot was refused because its source shrank sharply (see shrink.py)."""

@@ -56,7 +56,7 @@ REFRESH_INTERVAL = timedelta(minutes=5)
 # The platform's promise: 14 fulls "across at least 3 months". The 7/4/3
 # cascade provably keeps the oldest >= 90 days at steady state (retention.py).
 PROMISED_SPAN = timedelta(days=90)
-FAILURE_REASONS = ("source", "storage", "cancelled", "other")
+FAILURE_REASONS = ("source", "storage", "cancelled", "shrunk", "other")
 SOURCE_LABELS = ("source", "tenant", "tier")
 REGION_LABELS = (*SOURCE_LABELS, "region")
 

@@ -28,6 +28,7 @@ ALERTS = {
     "DrdaemonRPOBreached": "rpo-breached",
     "DrdaemonRegionMissingSnapshot": "region-missing-snapshot",
     "DrdaemonSnapshotFailing": "snapshot-failing",
+    "DrdaemonSourceShrank": "source-shrank",
     "DrdaemonRetentionBelowPolicy": "retention-below-policy",
     "DrdaemonVerifyFailed": "verify-failed",
     "DrdaemonOrphanLost": "orphan-lost",

@@ -124,19 +124,27 @@ def _audit_new_key(ctx: click.Context, record: Callable[[Runtime], None]) -> Non
 @cli.command("backup")
 @click.option("--source", "sources", multiple=True, metavar="NAME",
               help="Source to snapshot (repeatable; default: all).")
+@click.option("--accept-shrink", is_flag=True,
+              help="Commit even if a source shrank sharply against its newest snapshot "
+                   "(max_shrink); only once you know the shrink is real. Needs --source.")
 @json_option
 @click.pass_context
 @handle_errors("drctl")
-def backup_cmd(ctx: click.Context, sources: tuple[str, ...], as_json: bool) -> None:
+def backup_cmd(ctx: click.Context, sources: tuple[str, ...], accept_shrink: bool,
+               as_json: bool) -> None:
     """Take a snapshot now. Exit 1 if any source failed or is degraded."""
     rt = get_runtime(ctx)
     chosen = [rt.config.source(n) for n in sources] if sources else list(rt.config.sources)
     if not chosen:
         raise UsageError(f"{rt.config.path} configures no sources")
+    if accept_shrink and not sources:
+        # Confirming a shrink is a decision about one source, never a blanket switch.
+        raise UsageError("--accept-shrink needs --source NAME: confirm each source's shrink")
     results = []
     for src in chosen:
         line = ProgressLine(f"backup {src.name}")
-        results.append(backup_service.snapshot(rt, src, line.update))
+        results.append(backup_service.snapshot(rt, src, line.update,
+                                               accept_shrink=accept_shrink))
         line.close()
     if as_json:
         emit_json([r.to_dict() for r in results])
