@@ -9,7 +9,8 @@ to day names here, the one place every schedule goes through.
 from __future__ import annotations
 
 import re
-from datetime import timedelta, tzinfo
+from datetime import datetime, timedelta, tzinfo
+from itertools import pairwise
 
 from apscheduler.triggers.cron import CronTrigger
 
@@ -47,3 +48,22 @@ def trigger(expr: str, tz: tzinfo, jitter: timedelta | None = None) -> CronTrigg
     return CronTrigger(minute=minute, hour=hour, day=day, month=month,
                        day_of_week=crontab_day_of_week(dow), timezone=tz,
                        jitter=seconds or None)
+
+
+def longest_gap(expr: str, tz: tzinfo, start: datetime, fires: int = 60) -> timedelta:
+    """The longest time between consecutive runs of `expr` over its next `fires` runs.
+
+    What "on schedule" allows: a monthly schedule's gap is 31 days, a weekly one's 7.
+    """
+    trig = trigger(expr, tz)
+    times: list[datetime] = []
+    prev: datetime | None = None
+    now = start
+    for _ in range(fires):
+        fire = trig.get_next_fire_time(prev, now)
+        if fire is None:
+            break
+        times.append(fire)
+        prev, now = fire, fire + timedelta(seconds=1)
+    gaps = [b - a for a, b in pairwise(times)]
+    return max(gaps) if gaps else timedelta(0)

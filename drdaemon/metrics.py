@@ -24,11 +24,12 @@ import importlib
 import json
 import logging
 import threading
+import zoneinfo
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIServer
@@ -42,7 +43,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import __version__, audit, catalog, state, status
+from . import __version__, audit, catalog, cron, state, status
 from .backup import BackupResult
 from .config import ORPHAN_GRACE, Config, RetentionConfig
 from .runtime import Runtime
@@ -145,6 +146,8 @@ class DrillRecordLike(Protocol):
     verified: bool  # the restore produced a copy that matched the manifest's facts
     rto_seconds: float | None
     rpo_seconds: float | None
+    rto_target_seconds: float
+    rpo_target_seconds: float
     projected_tier_rto_seconds: float | None
     finished_at: str
 
@@ -155,6 +158,9 @@ class DrillView:
     ok: bool  # the restore worked (DrillRecord.verified); targets are compared apart
     rto_seconds: float | None
     rpo_seconds: float | None
+    # The tier's targets when the drill ran: alerts judge a drill by what it was held to.
+    rto_target_seconds: float | None = None
+    rpo_target_seconds: float | None = None
 
 
 def drill_views(records: Iterable[DrillRecordLike]
@@ -175,7 +181,8 @@ def drill_views(records: Iterable[DrillRecordLike]
     # "Failed" means the restore did not work; a slow but good restore is not
     # a failure here but DrdaemonDrillRTOOverTarget, from the measured RTO.
     views = {s: DrillView(t, bool(getattr(r, "verified", r.ok)), _opt_float(r.rto_seconds),
-                          _opt_float(r.rpo_seconds))
+                          _opt_float(r.rpo_seconds), _opt_float(r.rto_target_seconds),
+                          _opt_float(r.rpo_target_seconds))
              for s, (t, r) in latest.items()}
     return views, {tier: p for tier, (_, p) in projected.items()}
 
@@ -308,6 +315,7 @@ class MetricsState:
     verify_failed_copies: dict[tuple[str, str], int] = field(default_factory=dict)  # last run
     drills: dict[str, DrillView] = field(default_factory=dict)
     projected_rto: dict[str, float] = field(default_factory=dict)
+    drill_intervals: dict[str, float] = field(default_factory=dict)  # tier -> longest cron gap
     running: Counter[str] = field(default_factory=Counter)
     job_next_run: dict[str, float] = field(default_factory=dict)
     source_next_run: dict[str, float] = field(default_factory=dict)
@@ -317,7 +325,7 @@ class MetricsState:
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> MetricsState:
+    def from_config(cls, cfg: Config, now: datetime | None = None) -> MetricsState:
         sources = {s.name: SourceInfo(
             s.name, s.tenant, s.tier, s.kind,
             s.retention.daily + s.retention.weekly + s.retention.monthly,
@@ -325,7 +333,13 @@ class MetricsState:
             s.retention.orphan_grace.total_seconds()) for s in cfg.sources}
         tiers = {t.name: (t.rpo.total_seconds(), t.rto.total_seconds())
                  for t in cfg.tiers.values()}
-        return cls(sources, tuple(r.name for r in cfg.regions), tiers)
+        tz = zoneinfo.ZoneInfo(cfg.daemon.timezone)
+        start = now or datetime.now(UTC)
+        intervals = {tier: cron.longest_gap(cfg.drills.schedule_for(tier), tz,
+                                            start).total_seconds()
+                     for tier in sorted({s.tier for s in cfg.sources})}
+        return cls(sources, tuple(r.name for r in cfg.regions), tiers,
+                   drill_intervals=intervals)
 
     @contextmanager
     def job(self, name: str, now: Callable[[], datetime]) -> Iterator[None]:
@@ -416,7 +430,12 @@ def families(st: MetricsState, now: datetime) -> list[Metric]:
     for tier, (rpo_s, rto_s) in sorted(st.tiers.items()):
         rpo.add_metric([tier], rpo_s)
         rto.add_metric([tier], rto_s)
-    out += [rpo, rto]
+    interval = _gauge("drdaemon_drill_interval_seconds",
+                      "Longest time between the tier's scheduled drills ([drills] schedule).",
+                      ["tier"])
+    for tier, seconds in sorted(st.drill_intervals.items()):
+        interval.add_metric([tier], seconds)
+    out += [rpo, rto, interval]
 
     target = _gauge("drdaemon_retention_target_snapshots",
                     "Snapshots the retention policy keeps at steady state.", SOURCE_LABELS)
@@ -590,20 +609,25 @@ def _drill_families(st: MetricsState, lab: Callable[[str], list[str]]) -> list[M
                  "RTO measured by the source's latest drill.", SOURCE_LABELS)
     rpo = _gauge("drdaemon_last_drill_rpo_seconds",
                  "RPO measured by the source's latest drill.", SOURCE_LABELS)
+    rto_target = _gauge("drdaemon_last_drill_rto_target_seconds",
+                        "The RTO target the source's latest drill was held to.", SOURCE_LABELS)
+    rpo_target = _gauge("drdaemon_last_drill_rpo_target_seconds",
+                        "The RPO target the source's latest drill was held to.", SOURCE_LABELS)
     for name, d in sorted(st.drills.items()):
         labels = lab(name)
         when.add_metric(labels, d.finished_at)
         ok.add_metric(labels, float(d.ok))
-        if d.rto_seconds is not None:
-            rto.add_metric(labels, d.rto_seconds)
-        if d.rpo_seconds is not None:
-            rpo.add_metric(labels, d.rpo_seconds)
+        for gauge, value in ((rto, d.rto_seconds), (rpo, d.rpo_seconds),
+                             (rto_target, d.rto_target_seconds),
+                             (rpo_target, d.rpo_target_seconds)):
+            if value is not None:
+                gauge.add_metric(labels, value)
     projected = _gauge("drdaemon_projected_tier_rto_seconds",
                        "Time to restore every source of the tier at drill-measured throughput.",
                        ["tier"])
     for tier, seconds in sorted(st.projected_rto.items()):
         projected.add_metric([tier], seconds)
-    return [when, ok, rto, rpo, projected]
+    return [when, ok, rto, rpo, rto_target, rpo_target, projected]
 
 
 def _audit_families(st: MetricsState) -> list[Metric]:

@@ -36,6 +36,7 @@ ALERTS = {
     "DrdaemonDrillFailed": "drill-failed",
     "DrdaemonDrillMissing": "drill-missing",
     "DrdaemonDrillRTOOverTarget": "drill-rto-over-target",
+    "DrdaemonDrillRPOOverTarget": "drill-rpo-over-target",
     "DrdaemonProjectedRTOOverTarget": "projected-rto-over-target",
     "DrdaemonAuditChainBroken": "audit-chain-broken",
     "DrdaemonAuditVerifyMissing": "audit-verify-missing",

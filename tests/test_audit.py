@@ -419,8 +419,10 @@ def test_drctl_keys_are_recorded_with_their_public_facts_only(setup: Setup,
                                                               tmp_path: Path) -> None:
     new_id, new_key = tmp_path / "new" / "identity.txt", tmp_path / "new" / "manifest.key"
     made = setup.drctl("keys", "generate", "--out", str(new_id))
-    assert made.exit_code == 0 and made.stderr == "", made.output + made.stderr
+    assert made.exit_code == 0, made.output + made.stderr
     recipient = made.stdout.strip()
+    # Only the fingerprint goes beside it, on stderr: stdout stays the bare recipient.
+    assert made.stderr.startswith(f"fingerprint {keys.fingerprint(recipient)} ")
     made = setup.drctl("keys", "manifest-key", "--out", str(new_key))
     assert made.exit_code == 0 and made.stderr == "", made.output + made.stderr
     key_id = made.stdout.strip()

@@ -78,7 +78,8 @@ def sample_state() -> MetricsState:
     st.region_reachable = {"eu": True, "us": True}
     st.snapshot_attempts["db"] = 3
     st.snapshot_failures[("db", "storage")] = 2
-    st.drills = {"db": DrillView(T - 7200, True, 1800.0, 3600.0)}
+    st.drills = {"db": DrillView(T - 7200, True, 1800.0, 3600.0, 90000.0, 86400.0)}
+    st.drill_intervals = {"paid": 604800.0}
     st.projected_rto = {"paid": 50000.0}
     st.running["snapshot"] = 1
     st.job_next_run = {"prune": T + 60}
@@ -126,6 +127,9 @@ def test_families_render_every_kind_of_state() -> None:
     assert get("drdaemon_last_drill_success", db) == 1
     assert get("drdaemon_last_drill_rto_seconds", db) == 1800
     assert get("drdaemon_last_drill_rpo_seconds", db) == 3600
+    assert get("drdaemon_last_drill_rto_target_seconds", db) == 90000
+    assert get("drdaemon_last_drill_rpo_target_seconds", db) == 86400
+    assert get("drdaemon_drill_interval_seconds", {"tier": "paid"}) == 604800
     assert get("drdaemon_projected_tier_rto_seconds", {"tier": "paid"}) == 50000
     assert get("drdaemon_job_running", {"job_name": "snapshot"}) == 1
     assert get("drdaemon_job_next_run_timestamp_seconds", {"job_name": "prune"}) == T + 60
@@ -185,6 +189,8 @@ class Record:
     rpo_seconds: float | None
     projected_tier_rto_seconds: float | None
     finished_at: str
+    rto_target_seconds: float = 86400.0
+    rpo_target_seconds: float = 86400.0
     tenant: str = "uni-a"
     region: str = "us"
 
@@ -198,7 +204,7 @@ def test_drill_views_keep_the_latest_per_source_and_tier() -> None:
         Record("broken", "paid", True, True, 1.0, 1.0, 1.0, "not a time"),
     ])
     assert views["db"] == DrillView(datetime(2026, 11, 21, 6, tzinfo=UTC).timestamp(), False,
-                                    None, None)
+                                    None, None, 86400.0, 86400.0)
     assert views["files"].rto_seconds == 10.0 and views["files"].ok
     assert "broken" not in views
     assert projected == {"paid": 9000.0}  # the latest record that projected anything
@@ -649,7 +655,7 @@ def test_real_prometheus_scrapes_a_series_per_source(
 
         wait_for(lambda: rules() and all(r.get("health") == "ok" for r in rules()), 20,
                  "every rule evaluated")
-        assert len({r["name"] for r in rules()}) == 17
+        assert len({r["name"] for r in rules()}) == 18
         firing = {r["name"] for r in rules() if r.get("state") == "firing"}
         assert not firing & {"DrdaemonRPOBreached", "DrdaemonDown", "DrdaemonAbsent",
                              "DrdaemonSnapshotOverdue", "DrdaemonRegionMissingSnapshot",

@@ -38,6 +38,7 @@ ALERT_RUNBOOKS = {
     "DrdaemonDrillFailed": "drill-failed.md",
     "DrdaemonDrillMissing": "drill-missing.md",
     "DrdaemonDrillRTOOverTarget": "drill-rto-over-target.md",
+    "DrdaemonDrillRPOOverTarget": "drill-rpo-over-target.md",
     "DrdaemonProjectedRTOOverTarget": "projected-rto-over-target.md",
     "DrdaemonAuditChainBroken": "audit-chain-broken.md",
     "DrdaemonAuditVerifyMissing": "audit-verify-missing.md",
