@@ -21,7 +21,7 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import audit, catalog, cron, locks, metrics, state
+from . import audit, catalog, cron, locks, metrics, slo, state
 from .backup import BackupResult, snapshot
 from .config import SourceConfig
 from .errors import DrError
@@ -53,7 +53,8 @@ def newest_consistency(rt: Runtime) -> dict[str, datetime]:
 def overdue(sources: list[SourceConfig], newest: dict[str, datetime],
             rpo: Callable[[SourceConfig], timedelta], now: datetime) -> list[SourceConfig]:
     """Pure: sources with no snapshot within their RPO; they must not wait for cron."""
-    return [s for s in sources if s.name not in newest or now - newest[s.name] >= rpo(s)]
+    return [s for s in sources
+            if s.name not in newest or slo.over(slo.rpo_at(newest[s.name], now), rpo(s))]
 
 
 def due_sources(rt: Runtime, now: datetime) -> list[SourceConfig]:

@@ -47,6 +47,16 @@ class Targets:
     rto: timedelta
 
 
+def over(value: timedelta, target: timedelta) -> bool:
+    """The one boundary rule for every objective: over its target fails, equal is inside.
+
+    Drills, `drctl status`, the daemon's catch-up and the alert rules (`>` in
+    PromQL) all judge with it, so a source is never "overdue" to one and "OK"
+    to another.
+    """
+    return value > target
+
+
 def rpo_at(consistency_time: datetime, now: datetime) -> timedelta:
     """How much data a restore of a snapshot consistent at `consistency_time` loses at `now`.
 
@@ -152,12 +162,12 @@ def evaluate(targets: Targets, *, rto: timedelta | None, rpo: timedelta | None,
     the measurement is a failure reason of its own.
     """
     reasons = []
-    if rto is not None and rto > targets.rto:
+    if rto is not None and over(rto, targets.rto):
         reasons.append(f"{RTO_OVER}: restore took {_fmt(rto)}, target {_fmt(targets.rto)}")
-    if rpo is not None and rpo > targets.rpo:
+    if rpo is not None and over(rpo, targets.rpo):
         reasons.append(f"{RPO_OVER}: restored data was {_fmt(rpo)} old, "
                        f"target {_fmt(targets.rpo)}")
-    if projected is not None and projected > targets.rto:
+    if projected is not None and over(projected, targets.rto):
         reasons.append(f"{PROJECTED_RTO_OVER}: the whole tier would take {_fmt(projected)} "
                        f"at the measured rate, target {_fmt(targets.rto)}")
     return reasons

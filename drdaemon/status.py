@@ -6,7 +6,7 @@ import zoneinfo
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from . import catalog, cron, state
+from . import catalog, cron, slo, state
 from .config import Config, SourceConfig
 from .manifest import Manifest
 from .retry import resume_at
@@ -75,7 +75,7 @@ def evaluate(config: Config, source: SourceConfig, snapshots: list[tuple[Manifes
     age = now - newest.consistency_time if newest else None
     if newest is None:
         problems.append("no snapshot yet")
-    elif age is not None and age > rpo:
+    elif age is not None and slo.over(age, rpo):
         problems.append(f"newest snapshot is {format_duration(age)} old, over the "
                         f"{format_duration(rpo)} RPO")
     if missing:

@@ -79,7 +79,9 @@ def test_overdue_is_exactly_the_sources_outside_rpo(tmp_path: Path, tree: Path) 
     rpo = lambda s: timedelta(hours=24)  # noqa: E731
     assert overdue([src], {}, rpo, now) == [src]
     assert overdue([src], {"files": now - timedelta(hours=23)}, rpo, now) == []
-    assert overdue([src], {"files": now - timedelta(hours=24)}, rpo, now) == [src]
+    # One boundary rule with status, drills and the alerts: exactly at the RPO is inside.
+    assert overdue([src], {"files": now - timedelta(hours=24)}, rpo, now) == []
+    assert overdue([src], {"files": now - timedelta(hours=24, seconds=1)}, rpo, now) == [src]
 
 
 # -- the daemon with a controllable clock -------------------------------------------
