@@ -126,6 +126,9 @@ class SourceConfig:
     dsn: str | None = None
     path: Path | None = None
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    # postgres: how long pg_dump and the row count wait for a table another
+    # session has locked before the snapshot fails, naming the table and holder.
+    lock_wait_timeout: timedelta = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -480,7 +483,10 @@ class _Parser:
                 dsn = t.convert("dsn", _dsn_without_password,
                                 what="a libpq DSN without a password (use PGPASSFILE "
                                      "or a service file)", echo=False)
-                src = SourceConfig(name, kind, tenant, tier, schedule, dsn=dsn, retention=own)
+                lock_wait = t.convert("lock_wait_timeout", _lock_wait, timedelta(minutes=5),
+                                      what="a duration from 1s to 24h, like 5m")
+                src = SourceConfig(name, kind, tenant, tier, schedule, dsn=dsn, retention=own,
+                                   lock_wait_timeout=lock_wait)
             elif kind == "directory":
                 path = self.resolve(t.take("path", str))
                 if not path.is_dir():
@@ -547,6 +553,13 @@ def _orphan_grace(value: Any) -> timedelta:
     if not MIN_ORPHAN_GRACE <= grace <= MAX_ORPHAN_GRACE:
         raise ValueError("out of range")
     return grace
+
+
+def _lock_wait(value: Any) -> timedelta:
+    wait = parse_duration(value)
+    if not timedelta(seconds=1) <= wait <= timedelta(hours=24):
+        raise ValueError("out of range")
+    return wait
 
 
 def _number(value: Any) -> float:

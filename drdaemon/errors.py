@@ -25,3 +25,7 @@ class IntegrityError(DrError):
 
 class SourceError(DrError):
     """A source (database, directory) could not be dumped or restored."""
+
+
+class Cancelled(DrError):
+    """The daemon is shutting down: the stream was stopped and every upload aborted."""
