@@ -153,3 +153,28 @@ def test_sigterm_ends_pg_dump_and_its_sessions_and_records_the_attempt(
     assert failed and "stopped by shutdown" in failed[0]["error"], err
     for region in s3_regions:
         assert snapshot_keys(region.client(), region.bucket) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_drctl_stopped_while_pg_dump_waits_leaves_no_session_behind(
+        tmp_path: Path, pg_server: PgServer, lms_dsn: str, holder: psycopg.Connection,
+        s3_regions: list[S3Region], signum: signal.Signals) -> None:
+    db = dbname(lms_dsn)
+    setup = make_setup(tmp_path, [r.toml() for r in s3_regions],
+                       [postgres_source("lms-db", lms_dsn)])
+    proc = subprocess.Popen([exe("drctl"), "--config", str(setup.config), "backup"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: bool(pg_dump_processes(db)) or proc.poll() is not None, 60)
+        time.sleep(1)  # pg_dump is now queued behind the lock
+        assert proc.poll() is None
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert pg_dump_processes(db) == []
+    wait_for(lambda: other_backends(pg_server, db, holder.info.backend_pid) == [], 15)

@@ -201,6 +201,11 @@ def target_dsn(source_dsn: str, target: str) -> str:
             raise UsageError("restore target is not a valid DSN") from None
         if not params.get("dbname"):
             raise UsageError("restore target DSN names no database (dbname=...)")
+        if "password" in params:
+            # pg_restore would carry it on its command line, readable by every
+            # local user in /proc/PID/cmdline. Never echoed.
+            raise UsageError("the restore target must not contain a password: use PGPASSFILE "
+                             "or a service file (pg_service.conf) for the target's password")
         return target
     if not target or len(target.encode()) > 63 or "\0" in target:
         raise UsageError(f"invalid database name {target!r}: 1-63 bytes expected")
@@ -268,7 +273,7 @@ class PostgresSink:
                 return
             self.proc = subprocess.Popen(
                 _with_stdio_buffer(self.command, "i"), stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
         except BaseException:
             self.discard()
             raise
@@ -310,7 +315,8 @@ class PostgresSink:
                 cur = conn.execute(query, params)
                 return cur.fetchall() if cur.description else []
             except psycopg.Error as exc:
-                raise SourceError(f"on {describe(self.admin_dsn)}: {_first_line(exc)}") from None
+                raise SourceError(f"on {describe_connection(conn)}: "
+                                  f"{_first_line(exc)}") from None
 
     def _check_target(self, force: bool) -> bool:
         rows = self._admin(sql.SQL("SELECT 1 FROM pg_database WHERE datname = %s"), (self.name,))
@@ -347,7 +353,7 @@ class PostgresSink:
             self.proc = subprocess.Popen(
                 [*self.command, f"--jobs={self.jobs}", f"/proc/self/fd/{self.dump_fd}"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                pass_fds=(self.dump_fd,))
+                pass_fds=(self.dump_fd,), env=child_env())
             self.stderr = StderrTail(self.proc)
             code = self.proc.wait()
         except OSError as exc:
