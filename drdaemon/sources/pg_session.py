@@ -216,7 +216,7 @@ def lock_wait_message(dsn: str, table: str | None, ours: str, timeout: timedelta
     if holders:
         return f"{waited}: " + "; ".join(str(h) for h in holders)
     what = f"table {table}" if table else "a table"
-    return f"{waited} for a lock on {what} (its holder has released it since)"
+    return f"{waited} for a lock on {what} (no other session holds it now)"
 
 
 # -- ending an abandoned attempt ------------------------------------------------
