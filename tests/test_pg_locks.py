@@ -178,3 +178,20 @@ def test_drctl_stopped_while_pg_dump_waits_leaves_no_session_behind(
     assert "interrupted" in err and "Traceback" not in err
     assert pg_dump_processes(db) == []
     wait_for(lambda: other_backends(pg_server, db, holder.info.backend_pid) == [], 15)
+
+
+def test_kill_9_while_pg_dump_waits_leaves_nothing_past_the_lock_wait_timeout(
+        tmp_path: Path, pg_server: PgServer, lms_dsn: str, holder: psycopg.Connection,
+        s3_regions: list[S3Region]) -> None:
+    db = dbname(lms_dsn)
+    source = postgres_source("lms-db", lms_dsn) + 'lock_wait_timeout = "3s"\n'
+    setup = make_setup(tmp_path, [r.toml() for r in s3_regions], [source])
+    proc = subprocess.Popen([exe("drctl"), "--config", str(setup.config), "backup"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: bool(pg_dump_processes(db)) or proc.poll() is not None, 60)
+    assert proc.poll() is None
+    proc.kill()
+    proc.wait()
+    # Nobody ends them now; the lock wait timeout does, well before the holder lets go.
+    wait_for(lambda: pg_dump_processes(db) == [] and
+             other_backends(pg_server, db, holder.info.backend_pid) == [], 20)
