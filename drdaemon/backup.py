@@ -10,6 +10,7 @@ is committed, degraded, in the others.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -19,10 +20,10 @@ from typing import Any
 
 from . import __version__, catalog, manifest, shrink, state
 from .config import SourceConfig
-from .errors import DrError, ShrinkError, SourceError
+from .errors import Cancelled, DrError, ShrinkError, SourceError
 from .keys import fingerprint
 from .manifest import Manifest
-from .pipeline import Cancelled, encrypt_and_upload
+from .pipeline import encrypt_and_upload
 from .runtime import Runtime
 from .sources import directory, postgres
 from .sources.base import Dump
@@ -74,11 +75,17 @@ def error_kind(exc: DrError) -> str:
 
 
 @contextmanager
-def open_dump(source: SourceConfig, now: datetime | None = None) -> Iterator[Dump]:
-    """Start the dump of a source of any kind (`now`: the runtime's clock)."""
+def open_dump(source: SourceConfig, now: datetime | None = None,
+              cancel: threading.Event | None = None) -> Iterator[Dump]:
+    """Start the dump of a source of any kind (`now`: the runtime's clock).
+
+    `cancel` (the daemon's stopping event) ends a PostgreSQL dump that is
+    stuck, e.g. waiting on a lock, and fails it as cancelled.
+    """
     if source.kind == "postgres":
         assert source.dsn is not None
-        with postgres.dump(source.dsn) as d:
+        with postgres.dump(source.dsn, lock_wait_timeout=source.lock_wait_timeout,
+                           cancel=cancel) as d:
             yield d
     else:
         assert source.path is not None
@@ -161,7 +168,7 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
         raise StorageError("no region can be written: " + "; ".join(
             result.failed_regions.values()))
     try:
-        with open_dump(source, rt.clock()) as dump:
+        with open_dump(source, rt.clock(), rt.stopping) as dump:
             stored = encrypt_and_upload(
                 dump.stream, uploads, cfg.keys.recipients, level=cfg.pipeline.zstd_level,
                 threads=cfg.pipeline.zstd_threads, part_size=cfg.pipeline.part_size,

@@ -32,6 +32,8 @@ class SnapshotEntry:
     manifest: Manifest | None = None
     regions: list[str] = field(default_factory=list)  # regions with a valid manifest
     problems: dict[str, str] = field(default_factory=dict)  # region -> what is wrong there
+    # region -> why it could not be listed when this entry was resolved (see `resolve`)
+    unreachable: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self, all_regions: list[str]) -> dict[str, object]:
         m = self.manifest
@@ -205,4 +207,7 @@ def resolve(rt: Runtime, source: str, ref: str) -> SnapshotEntry:
         raise UsageError(f"{what} of source {source!r} in any region{detail}{errors}")
     # Ids carry only the second: two snapshots begun in the same second are
     # ordered by their recorded start, so "latest" is never a coin toss.
-    return max(found, key=lambda e: (e.manifest.started_at if e.manifest else None, e.id))
+    chosen = max(found, key=lambda e: (e.manifest.started_at if e.manifest else None, e.id))
+    # A region that could not be listed may well hold it: say so, not "missing".
+    chosen.unreachable.update(listing.region_errors)
+    return chosen

@@ -130,6 +130,9 @@ class SourceConfig:
     # A snapshot whose files/bytes or rows/size fall by more than this fraction
     # against the newest committed one is refused (shrink.py); 1 turns it off.
     max_shrink: float = 0.5
+    # postgres: how long pg_dump and the row count wait for a table another
+    # session has locked before the snapshot fails, naming the table and holder.
+    lock_wait_timeout: timedelta = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -499,8 +502,10 @@ class _Parser:
                 dsn = t.convert("dsn", _dsn_without_password,
                                 what="a libpq DSN without a password (use PGPASSFILE "
                                      "or a service file)", echo=False)
+                lock_wait = t.convert("lock_wait_timeout", _lock_wait, timedelta(minutes=5),
+                                      what="a duration from 1s to 24h, like 5m")
                 src = SourceConfig(name, kind, tenant, tier, schedule, dsn=dsn, retention=own,
-                                   max_shrink=max_shrink)
+                                   lock_wait_timeout=lock_wait, max_shrink=max_shrink)
             elif kind == "directory":
                 path = self.resolve(t.take("path", str))
                 if not path.is_dir():
@@ -568,6 +573,13 @@ def _orphan_grace(value: Any) -> timedelta:
     if not MIN_ORPHAN_GRACE <= grace <= MAX_ORPHAN_GRACE:
         raise ValueError("out of range")
     return grace
+
+
+def _lock_wait(value: Any) -> timedelta:
+    wait = parse_duration(value)
+    if not timedelta(seconds=1) <= wait <= timedelta(hours=24):
+        raise ValueError("out of range")
+    return wait
 
 
 def _number(value: Any) -> float:

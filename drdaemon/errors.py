@@ -29,3 +29,7 @@ class SourceError(DrError):
 
 class ShrinkError(SourceError):
     """A snapshot was refused because its source shrank sharply (see shrink.py)."""
+
+
+class Cancelled(DrError):
+    """The daemon is shutting down: the stream was stopped and every upload aborted."""

@@ -20,7 +20,7 @@ import pyrage
 import zstandard
 from pyrage import x25519
 
-from .errors import DrError
+from .errors import Cancelled
 from .storage import StorageError, Upload
 from .streams import CountingReader, Drain, Remembering, buffered, first_error
 
@@ -33,10 +33,6 @@ MAX_PART = 5 << 30
 
 class AllRegionsFailed(StorageError):
     """No region can take the stream any more."""
-
-
-class Cancelled(DrError):
-    """The daemon is shutting down: the stream was stopped and every upload aborted."""
 
 
 class _RegionWriter:

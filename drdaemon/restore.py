@@ -3,12 +3,15 @@
 download -> sha256/size check -> age decrypt -> zstd decompress (bounded by the
 manifest's plaintext size) -> pg_restore or tar extraction into a staging
 place -> verification -> commit (rename into place). If a region is
-unreachable or its copy is corrupt, the next region is tried.
+unreachable or its copy is corrupt, the next region is tried; if the target
+refuses an authentic copy (a missing role, no CREATEDB), the restore stops
+at once and says what the target lacks.
 """
 
 from __future__ import annotations
 
 import getpass
+import re
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,17 +25,20 @@ from pyrage import x25519
 
 from .catalog import SnapshotEntry, read_manifest, resolve
 from .config import SourceConfig
-from .errors import DrError, IntegrityError, UsageError
+from .errors import DrError, IntegrityError, SourceError, UsageError
 from .keys import describe_recipients
 from .manifest import Manifest
 from .runtime import Runtime
 from .sources.base import Sink
 from .sources.directory import DirectorySink
-from .sources.postgres import PostgresSink
-from .storage import ObjectStore
+from .sources.postgres import PostgresSink, target_dsn
+from .storage import NotFound, ObjectStore, StorageError
 from .streams import LimitWriter, VerifyingReader, buffered, first_error
 
 Progress = Callable[[int, int], None]  # (bytes just read, total bytes)
+# drctl restore --no-owner: for a target without the snapshot's roles. Grants
+# name those roles too, so they are left out with the owners.
+NO_OWNER_OPTIONS = ("--no-owner", "--no-privileges")
 
 
 @dataclass
@@ -51,15 +57,22 @@ class RestoreResult:
 
 
 def open_sink(source: SourceConfig, m: Manifest, target: str, force: bool,
-              jobs: int | None = None, scratch_dir: Path | None = None) -> Sink:
-    """A staged restore target for the snapshot's kind (`jobs`: parallel pg_restore)."""
+              jobs: int | None = None, scratch_dir: Path | None = None,
+              no_owner: bool = False) -> Sink:
+    """A staged restore target for the snapshot's kind (`jobs`: parallel pg_restore;
+    `no_owner`: objects owned by the restoring role, no GRANT/REVOKE)."""
     if m.kind != source.kind:
         raise UsageError(f"snapshot {m.id} is a {m.kind} snapshot, source {source.name} "
                          f"is {source.kind}")
     if source.kind == "postgres":
         assert source.dsn is not None
-        return PostgresSink(source.dsn, target, force, jobs=jobs, scratch_dir=scratch_dir,
-                            size_hint=m.plaintext_size)
+        sink = PostgresSink(source.dsn, target, force, jobs=jobs, scratch_dir=scratch_dir,
+                            size_hint=m.plaintext_size,
+                            restore_options=NO_OWNER_OPTIONS if no_owner else ())
+        if no_owner:
+            sink.notes.append("restored with --no-owner: every object belongs to the restoring "
+                              "role and no GRANT or REVOKE was applied")
+        return sink
     return DirectorySink(Path(target), m.id, m.facts)
 
 
@@ -71,7 +84,8 @@ def stream_into(store: ObjectStore, m: Manifest, identities: Sequence[x25519.Ide
     `labels` (Runtime.recipient_labels) names the recipients when no identity fits.
 
     Raises IntegrityError (corrupt/replaced object), StorageError (region
-    problem), SourceError (the target refused it) or UsageError (no identity fits).
+    problem), TargetError (the target refused an authentic copy) or
+    UsageError (no identity fits).
     """
     what = f"snapshot {m.id} in region {store.name}"
     progress = (lambda n: on_progress(n, m.size)) if on_progress else None
@@ -91,7 +105,7 @@ def stream_into(store: ObjectStore, m: Manifest, identities: Sequence[x25519.Ide
             cause = first_error(reader, limit)
             if cause is None:
                 raise DrError(f"{what} cannot be decrypted: {exc}") from None
-            _raise_consumer_reason(sink, cause)
+            _raise_consumer_reason(sink, cause, reader)
         except zstandard.ZstdError as exc:
             raise DrError(f"{what} cannot be decompressed: {exc}") from None
         except OSError as exc:
@@ -101,31 +115,100 @@ def stream_into(store: ObjectStore, m: Manifest, identities: Sequence[x25519.Ide
                 # chunk authentication ("decryption error"), i.e. corrupt data.
                 raise IntegrityError(f"{what} is corrupt: age authentication failed "
                                      f"({exc})") from None
-            _raise_consumer_reason(sink, cause)  # e.g. a broken pipe on the final flush
+            _raise_consumer_reason(sink, cause, reader)  # e.g. a broken pipe on the final flush
     if not reader.verified:
         reader.check()
     if limit.count != m.plaintext_size:
         raise DrError(f"{what} decompressed to {limit.count} bytes, manifest says "
                       f"{m.plaintext_size}")
-    sink.complete()
+    try:
+        sink.complete()
+    except SourceError as exc:  # the copy verified: the target refused it
+        raise TargetError(str(exc)) from None
 
 
-def _raise_consumer_reason(sink: Sink, cause: BaseException) -> NoReturn:
-    """A broken pipe only says the consumer (pg_restore, tar) stopped: its own error says why.
+def _raise_consumer_reason(sink: Sink, cause: BaseException, reader: VerifyingReader) -> NoReturn:
+    """Raise why the stream stopped: the region's copy, or the consumer (pg_restore, tar, disk).
 
-    Any other write error (e.g. a full scratch disk) is the reason itself.
+    A broken pipe only says the consumer stopped: its own error says why. A
+    consumer's failure is the target's (TargetError, no other region would
+    help) only if the copy is authentic: an object replaced by another valid
+    age file can make pg_restore fail before its sha256 is known, so the rest
+    of it is read and checked first (IntegrityError if it does not match).
     """
-    if isinstance(cause, BrokenPipeError):
-        sink.complete()  # raises the consumer's error, if it has one
-    raise cause
+    if cause is reader.error or isinstance(cause, IntegrityError):
+        raise cause  # the region's copy: unreadable, corrupt, or larger than recorded
+    try:
+        if isinstance(cause, BrokenPipeError):
+            sink.complete()  # raises the consumer's error, if it has one
+        raise cause
+    except (SourceError, OSError) as exc:
+        reason = str(exc) if isinstance(exc, SourceError) else (exc.strerror or str(exc))
+        _read_to_the_end(reader)
+        raise TargetError(reason) from None
+
+
+def _read_to_the_end(reader: VerifyingReader) -> None:
+    """Read the rest of a stored object, discarding it: raises unless it matches its manifest."""
+    while not reader.verified:
+        reader.read(1 << 20)
+
+
+class TargetError(DrError):
+    """The restore target refused an authentic snapshot: another region's copy would not help."""
+
+
+# What a target lacks, from its error text, and what the operator can do about it.
+_TARGET_HINTS = (
+    (re.compile(r'role "([^"]+)" does not exist'),
+     'the target server has no role "{0}": create it (list the roles the snapshot needs '
+     "with pg_restore -l, see runbooks/restore-one-database.md) or restore with --no-owner"),
+    (re.compile(r"permission denied to create database"),
+     "the target role lacks CREATEDB: grant it, or restore as a role that has it"),
+    (re.compile(r'database "([^"]+)" is being accessed by other users'),
+     'the target database "{0}" is in use: disconnect its clients, then restore again'),
+    (re.compile(r"must be owner of|permission denied"),
+     "the target role lacks a privilege the snapshot needs: restore as its owner or a "
+     "superuser, or with --no-owner"),
+)
+
+
+def target_hint(text: str) -> str:
+    """Pure: what the target lacks, from a target-side error text ("" if unknown)."""
+    for pattern, hint in _TARGET_HINTS:
+        m = pattern.search(text)
+        if m:
+            return hint.format(*m.groups())
+    return ""
+
+
+def _target_failure(rt: Runtime, entry: SnapshotEntry, source: str, target: str, region: str,
+                    reason: str, failed: dict[str, str]) -> TargetError:
+    """Record a restore the target refused; the error to raise (naming what it lacks)."""
+    rt.record_event("restore.failed", source=source, snapshot_id=entry.id, target=target,
+                    failed_regions=failed, target_failure=reason)
+    hint = target_hint(reason)
+    return TargetError(f"restore of {entry.id} failed on the target, not in region {region} "
+                       f"(no other region would help): {reason}" + (f" ({hint})" if hint else ""))
+
+
+def _region_problem(exc: DrError) -> str:
+    """Why a region's copy could not be used, as the operator should read it."""
+    if isinstance(exc, StorageError) and not isinstance(exc, NotFound):
+        return f"unreachable: {exc}"
+    return str(exc) or exc.__class__.__name__
 
 
 def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str, ref: str,
             target: str, *, region: str | None = None, force: bool = False,
-            jobs: int | None = None, scratch_dir: Path | None = None,
+            no_owner: bool = False, jobs: int | None = None, scratch_dir: Path | None = None,
             on_progress: Progress | None = None) -> RestoreResult:
     """Restore snapshot `ref` of a source to `target`, falling back across regions.
 
+    `region`: that region only; it fails, saying why, rather than using another.
+    A failure on the target (a missing role, no CREATEDB, the database in use)
+    stops at once: another region's copy would fail the same way.
+    `no_owner` (postgres only): pg_restore --no-owner --no-privileges.
     `jobs` (postgres only): the verified dump goes to a private file in
     `scratch_dir` (default: the state folder's `restore/`) for `pg_restore --jobs`.
     """
@@ -133,32 +216,48 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
     if jobs is not None and source.kind != "postgres":
         raise UsageError(f"--jobs applies to postgres sources only; {source.name} is a "
                          f"{source.kind} source")
+    if no_owner and source.kind != "postgres":
+        raise UsageError(f"--no-owner applies to postgres sources only; {source.name} is a "
+                         f"{source.kind} source")
     if scratch_dir is not None and jobs is None:
         raise UsageError("--scratch-dir is used only with --jobs")
+    if source.kind == "postgres":
+        assert source.dsn is not None
+        target_dsn(source.dsn, target)  # a bad target (or one with a password) fails first
     scratch = scratch_dir or rt.config.daemon.state_dir / "restore"
+    stores = [rt.store(region)] if region is not None else list(rt.stores)
     entry: SnapshotEntry = resolve(rt, source.name, ref)
     failed: dict[str, str] = {}
-    for store in rt.ordered_stores(region):
+    for store in stores:
         if store.name not in entry.regions:
-            failed[store.name] = entry.problems.get(store.name, "does not hold this snapshot")
+            failed[store.name] = entry.problems.get(store.name) or (
+                f"unreachable: {entry.unreachable[store.name]}"
+                if store.name in entry.unreachable else "does not hold this snapshot")
             continue
         started = time.monotonic()
         try:
             m = read_manifest(rt, store, source.name, entry.id)
-            sink = open_sink(source, m, target, force, jobs, scratch)
-        except UsageError:
-            raise
         except DrError as exc:
-            failed[store.name] = str(exc)
+            failed[store.name] = _region_problem(exc)
             continue
         try:
+            sink = open_sink(source, m, target, force, jobs, scratch, no_owner)
+        except SourceError as exc:  # cannot connect, create the staging database, ...
+            raise _target_failure(rt, entry, source.name, target, store.name, str(exc),
+                                  failed) from None
+        try:
             stream_into(store, m, identities, sink, on_progress, rt.recipient_labels())
+        except TargetError as exc:
+            sink.discard()
+            raise _target_failure(rt, entry, source.name, target, store.name, str(exc),
+                                  failed) from None
         except UsageError:
             sink.discard()
             raise
         except (DrError, OSError) as exc:
             sink.discard()
-            failed[store.name] = str(exc) or exc.__class__.__name__
+            failed[store.name] = (_region_problem(exc) if isinstance(exc, DrError)
+                                  else str(exc) or exc.__class__.__name__)
             continue
         except BaseException:  # e.g. Ctrl-C: nothing staged may stay behind
             sink.discard()
@@ -167,6 +266,10 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
             # The copy is verified; a failure to move it into place is about the
             # target (e.g. clients still connected), so no other region would help.
             where = sink.commit()
+        except SourceError as exc:
+            sink.discard()
+            raise _target_failure(rt, entry, source.name, target, store.name, str(exc),
+                                  failed) from None
         except BaseException:
             sink.discard()
             raise
@@ -177,5 +280,8 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
         return result
     rt.record_event("restore.failed", source=source.name, snapshot_id=entry.id, target=target,
                     failed_regions=failed)
-    raise DrError(f"restore of {entry.id} failed in every region: " + "; ".join(
-        f"{k}: {v}" for k, v in failed.items()))
+    reasons = "; ".join(f"{k}: {v}" for k, v in failed.items())
+    if region is not None:
+        raise DrError(f"restore of {entry.id} from region {region} failed: {reasons} "
+                      "(leave out --region to use the other regions)")
+    raise DrError(f"restore of {entry.id} failed in every region: {reasons}")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import click
 
@@ -254,8 +256,14 @@ def snapshots_show(ctx: click.Context, snapshot_id: str, source: str | None,
 @click.option("--to", "target", required=True, metavar="TARGET",
               help="postgres: a new database name on the source's server, or a DSN; "
                    "directory: a new or empty folder.")
-@click.option("--region", metavar="NAME", help="Region to read from first.")
+@click.option("--region", metavar="NAME",
+              help="Restore from this region only (default: each region in turn).")
 @click.option("--force", is_flag=True, help="Replace a non-empty existing database.")
+@click.option("--no-owner", is_flag=True,
+              help="postgres: for a target without the snapshot's roles: pg_restore "
+                   "--no-owner --no-privileges (objects belong to the restoring role, no "
+                   "GRANT/REVOKE). List the roles a snapshot needs: "
+                   "runbooks/restore-one-database.md.")
 @identity_option
 @click.option("--jobs", type=click.IntRange(min=1), metavar="N",
               help="postgres: pg_restore with N parallel jobs from a verified, private "
@@ -266,7 +274,7 @@ def snapshots_show(ctx: click.Context, snapshot_id: str, source: str | None,
 @click.pass_context
 @handle_errors("drctl")
 def restore_cmd(ctx: click.Context, snapshot: str, source: str, target: str,
-                region: str | None, force: bool, identity_file: Path | None,
+                region: str | None, force: bool, no_owner: bool, identity_file: Path | None,
                 jobs: int | None, scratch_dir: Path | None, as_json: bool) -> None:
     """Restore a snapshot, verified end to end, falling back to other regions."""
     rt = get_runtime(ctx)
@@ -274,7 +282,8 @@ def restore_cmd(ctx: click.Context, snapshot: str, source: str, target: str,
     line = ProgressLine(f"restore {source}")
     try:
         result = restore_service.restore(rt, identities, source, snapshot, target,
-                                         region=region, force=force, jobs=jobs,
+                                         region=region, force=force, no_owner=no_owner,
+                                         jobs=jobs,
                                          scratch_dir=scratch_dir, on_progress=line.update)
     finally:
         line.close()
@@ -294,8 +303,15 @@ from .status import status_cmd  # noqa: E402 - registered after the group exists
 cli.add_command(status_cmd)
 
 
+def _interrupted(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point."""
+    # SIGTERM ends drctl as Ctrl-C does: what it started is cleaned up on the
+    # way out (uploads aborted, staging removed, pg_dump and its sessions ended).
+    signal.signal(signal.SIGTERM, _interrupted)
     cli(obj={})
 
 

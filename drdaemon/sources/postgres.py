@@ -18,6 +18,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -25,9 +26,17 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from ..errors import SourceError, UsageError
+from ..errors import Cancelled, DrError, SourceError, UsageError
 from ..streams import BackgroundWriter, StderrTail
+from . import pg_session
 from .base import Dump
+from .pg_session import child_env, describe, describe_connection
+from .pg_session import first_line as _first_line
+
+__all__ = ["describe"]  # re-exported: drills, locks and drill_scratch name servers with it
+
+# A table locked by someone else makes pg_dump and the row count wait this long, then fail.
+LOCK_WAIT_TIMEOUT = timedelta(minutes=5)
 
 _TABLES = """
 SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -44,26 +53,8 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
 
-def describe(dsn: str) -> str:
-    """A DSN for messages: host, port and database, never a password."""
-    try:
-        p = conninfo_to_dict(dsn)
-    except psycopg.Error:
-        return "(unparseable DSN)"
-    host = p.get("host") or p.get("hostaddr") or "local socket"
-    port = f":{p['port']}" if p.get("port") else ""
-    return f"postgres://{host}{port}/{p.get('dbname', '')}"
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-
-
 def _connect(dsn: str, **kw: Any) -> psycopg.Connection[Any]:
-    try:
-        return psycopg.connect(dsn, connect_timeout=30, **kw)
-    except psycopg.Error as exc:
-        raise SourceError(f"cannot connect to {describe(dsn)}: {_first_line(exc)}") from None
+    return pg_session.connect(dsn, **kw)
 
 
 def _tool(name: str) -> str:
@@ -110,11 +101,26 @@ def table_counts(dsn: str) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def dump(dsn: str) -> Iterator[Dump]:
-    """Dump the database at `dsn` in one consistent snapshot (see sources.base.Dump)."""
+def dump(dsn: str, *, lock_wait_timeout: timedelta = LOCK_WAIT_TIMEOUT,
+         cancel: threading.Event | None = None) -> Iterator[Dump]:
+    """Dump the database at `dsn` in one consistent snapshot (see sources.base.Dump).
+
+    pg_dump and the row count wait at most `lock_wait_timeout` for a table
+    another session has locked, then fail naming the table and its holder.
+    When `cancel` is set (the daemon stops), or the attempt ends any way but
+    success, pg_dump is stopped and the attempt's server sessions terminated
+    (pg_session.Guard): nothing of it stays waiting on the server.
+    """
     pg_dump = _tool("pg_dump")
-    conn = _connect(dsn, autocommit=False)
+    # Every session of this attempt carries this name, so that it can be ended.
+    app = f"drdaemon-backup-{secrets.token_hex(6)}"
+    conn = _connect(dsn, autocommit=False, application_name=app,
+                    lock_timeout=lock_wait_timeout)
+    where = describe_connection(conn)
+    guard = pg_session.Guard(dsn, app, cancel)
     proc: subprocess.Popen[bytes] | None = None
+    counter: threading.Thread | None = None
+    done = False
     try:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
@@ -128,9 +134,13 @@ def dump(dsn: str) -> Iterator[Dump]:
         snapshot, consistency, version, db_size, db_name = row
         proc = subprocess.Popen(
             _with_stdio_buffer([pg_dump, "--format=custom", "--compress=0",
-                                f"--snapshot={snapshot}", "--no-password", f"--dbname={dsn}"],
+                                f"--snapshot={snapshot}", "--no-password",
+                                f"--lock-wait-timeout={pg_session.timeout_ms(lock_wait_timeout)}",
+                                f"--dbname={make_conninfo(dsn, application_name=app)}"],
                                "o"),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=child_env())
+        guard.procs.append(proc)
         stderr = StderrTail(proc)
         counted: dict[str, Any] = {}
 
@@ -145,28 +155,40 @@ def dump(dsn: str) -> Iterator[Dump]:
         counter = threading.Thread(target=count, name="rowcount", daemon=True)
         counter.start()
 
+        def failure(what: str, text: str, code: str = "") -> DrError:
+            if guard.cancelled:
+                return Cancelled(f"stopped by shutdown while {what} {where}")
+            if pg_session.is_lock_timeout(text):
+                text, code = pg_session.lock_wait_message(
+                    dsn, pg_session.locked_table(text), app, lock_wait_timeout), ""
+            return SourceError(f"{what} {where} failed{code}: {text}")
+
         def finish() -> dict[str, Any]:
-            assert proc is not None and proc.stdout is not None
+            nonlocal done
+            assert proc is not None and proc.stdout is not None and counter is not None
             proc.stdout.close()
             code = proc.wait()
             counter.join()
             if code != 0:
-                raise SourceError(f"pg_dump of {describe(dsn)} failed (exit {code}): "
-                                  f"{stderr.text() or 'no message'}")
+                raise failure("pg_dump of", stderr.text() or "no message", f" (exit {code})")
             if "error" in counted:
-                raise SourceError(f"counting rows in {describe(dsn)} failed: "
-                                  f"{_first_line(counted['error'])}")
+                raise failure("counting rows in", _first_line(counted["error"]))
+            done = True
             return {"database": db_name, "server_version": version,
                     "database_size": db_size, "tables": counted["tables"]}
 
         assert proc.stdout is not None
         yield Dump(cast(BinaryIO, proc.stdout), consistency, finish)
     except psycopg.Error as exc:
-        raise SourceError(f"snapshot of {describe(dsn)} failed: {_first_line(exc)}") from None
+        raise SourceError(f"snapshot of {where} failed: {_first_line(exc)}") from None
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        guard.close()
+        if not done:
+            # Abandoned: a failure, Ctrl-C, or a stop. pg_dump and the counting
+            # session may be waiting on a lock that is never released.
+            guard.abandon()
+        if counter is not None:
+            counter.join(pg_session.CLEANUP_CONNECT_TIMEOUT)
         conn.close()
 
 
@@ -179,6 +201,11 @@ def target_dsn(source_dsn: str, target: str) -> str:
             raise UsageError("restore target is not a valid DSN") from None
         if not params.get("dbname"):
             raise UsageError("restore target DSN names no database (dbname=...)")
+        if "password" in params:
+            # pg_restore would carry it on its command line, readable by every
+            # local user in /proc/PID/cmdline. Never echoed.
+            raise UsageError("the restore target must not contain a password: use PGPASSFILE "
+                             "or a service file (pg_service.conf) for the target's password")
         return target
     if not target or len(target.encode()) > 63 or "\0" in target:
         raise UsageError(f"invalid database name {target!r}: 1-63 bytes expected")
@@ -246,7 +273,7 @@ class PostgresSink:
                 return
             self.proc = subprocess.Popen(
                 _with_stdio_buffer(self.command, "i"), stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
         except BaseException:
             self.discard()
             raise
@@ -288,7 +315,8 @@ class PostgresSink:
                 cur = conn.execute(query, params)
                 return cur.fetchall() if cur.description else []
             except psycopg.Error as exc:
-                raise SourceError(f"on {describe(self.admin_dsn)}: {_first_line(exc)}") from None
+                raise SourceError(f"on {describe_connection(conn)}: "
+                                  f"{_first_line(exc)}") from None
 
     def _check_target(self, force: bool) -> bool:
         rows = self._admin(sql.SQL("SELECT 1 FROM pg_database WHERE datname = %s"), (self.name,))
@@ -325,7 +353,7 @@ class PostgresSink:
             self.proc = subprocess.Popen(
                 [*self.command, f"--jobs={self.jobs}", f"/proc/self/fd/{self.dump_fd}"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                pass_fds=(self.dump_fd,))
+                pass_fds=(self.dump_fd,), env=child_env())
             self.stderr = StderrTail(self.proc)
             code = self.proc.wait()
         except OSError as exc:
