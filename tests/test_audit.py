@@ -448,8 +448,10 @@ def test_drctl_keys_without_a_usable_config_say_so_and_succeed(tmp_path: Path) -
     made = run_cli("drctl", "keys", "generate", "--out", str(tmp_path / "id.txt"), env=env)
     assert made.returncode == 0, made.stderr
     assert made.stdout.startswith("age1") and made.stdout.count("\n") == 1
-    assert made.stderr == ("note: not recorded in an audit log: no config given "
-                           "(--config or $DRDAEMON_CONFIG)\n")
+    fingerprint_line, note = made.stderr.splitlines(keepends=True)
+    assert fingerprint_line.startswith(f"fingerprint {keys.fingerprint(made.stdout.strip())} ")
+    assert note == ("note: not recorded in an audit log: no config given "
+                    "(--config or $DRDAEMON_CONFIG)\n")
     # No config: nothing touched the embedded demo's state folder.
     assert not (Path(os.environ["HOME"]) / ".local").exists()
 
