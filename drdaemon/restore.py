@@ -20,6 +20,7 @@ import pyrage
 import zstandard
 from pyrage import x25519
 
+from . import statefs
 from .catalog import SnapshotEntry, read_manifest, resolve
 from .config import SourceConfig
 from .errors import DrError, IntegrityError, UsageError
@@ -130,7 +131,9 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
                          f"{source.kind} source")
     if scratch_dir is not None and jobs is None:
         raise UsageError("--scratch-dir is used only with --jobs")
-    scratch = scratch_dir or rt.config.daemon.state_dir / "restore"
+    state_dir = rt.config.daemon.state_dir
+    scratch = scratch_dir or (statefs.ensure_folder(state_dir, "restore") if jobs is not None
+                              else state_dir / "restore")
     entry: SnapshotEntry = resolve(rt, source.name, ref)
     failed: dict[str, str] = {}
     for store in rt.ordered_stores(region):

@@ -17,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from . import statefs
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -28,12 +30,16 @@ class Outcome:
     last_error: str | None = None
 
 
-def _path(state_dir: Path, source: str) -> Path:
-    return state_dir / "sources" / f"{source}.json"
+def _path(source: str) -> str:
+    return f"sources/{source}.json"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so readers see the old or the new file, never a mix."""
+    """Replace `path` with `data` so readers see the old or the new file, never a mix.
+
+    For files outside the state folder (a report the operator names); state
+    files go through statefs.write_atomic, which follows no link.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -50,7 +56,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 def read_outcome(state_dir: Path, source: str) -> Outcome:
     """The recorded outcome of `source` (empty if none or unreadable)."""
     try:
-        doc: dict[str, Any] = json.loads(_path(state_dir, source).read_text())
+        doc: dict[str, Any] = json.loads(statefs.read_bytes(state_dir, _path(source)))
         return Outcome(**{k: doc.get(k) for k in Outcome.__dataclass_fields__})
     except (OSError, ValueError, TypeError):
         return Outcome()
@@ -63,11 +69,10 @@ def record_outcome(state_dir: Path, source: str, at: datetime, ok: bool, error: 
     new = Outcome(stamp, stamp if ok else old.last_success,
                   old.last_failure if ok else stamp,
                   (error or None) if not ok else old.last_error)
-    write_atomic(_path(state_dir, source), json.dumps(asdict(new), indent=1).encode())
+    statefs.write_atomic(state_dir, _path(source), json.dumps(asdict(new), indent=1).encode())
 
 
-def _inflight_dir(state_dir: Path) -> Path:
-    return state_dir / "inflight"
+INFLIGHT = "inflight"
 
 
 @contextmanager
@@ -78,39 +83,37 @@ def inflight(state_dir: Path, snapshot_id: str) -> Iterator[None]:
     dead pid: the next start then knows those uploads are abandoned and aborts
     them at once, instead of waiting for them to age out.
     """
-    marker = _inflight_dir(state_dir) / snapshot_id
-    write_atomic(marker, f"{os.getpid()}\n".encode())
+    marker = f"{INFLIGHT}/{snapshot_id}"
+    statefs.write_atomic(state_dir, marker, f"{os.getpid()}\n".encode())
     try:
         yield
     finally:
-        marker.unlink(missing_ok=True)
+        statefs.unlink(state_dir, marker)
 
 
 def abandoned_snapshots(state_dir: Path) -> set[str]:
     """Ids of snapshots whose uploading process died (see `forget_abandoned`)."""
     found = set()
-    folder = _inflight_dir(state_dir)
-    for marker in folder.glob("*") if folder.is_dir() else ():
+    for name in statefs.list_names(state_dir, INFLIGHT):
         try:
-            pid = int(marker.read_text().strip())
+            pid = int(statefs.read_bytes(state_dir, f"{INFLIGHT}/{name}").strip())
         except (OSError, ValueError):
             pid = 0
         if pid <= 0 or not _alive(pid):
-            found.add(marker.name)
+            found.add(name)
     return found
 
 
 def live_inflight(state_dir: Path) -> set[str]:
     """Ids of snapshots a live process on this host is uploading right now."""
-    folder = _inflight_dir(state_dir)
-    markers = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    markers = set(statefs.list_names(state_dir, INFLIGHT))
     return markers - abandoned_snapshots(state_dir)
 
 
 def forget_abandoned(state_dir: Path, snapshot_ids: set[str]) -> None:
     """Drop the markers of abandoned snapshots once their uploads are aborted."""
     for snap_id in snapshot_ids:
-        (_inflight_dir(state_dir) / snap_id).unlink(missing_ok=True)
+        statefs.unlink(state_dir, f"{INFLIGHT}/{snap_id}")
 
 
 def _alive(pid: int) -> bool:
