@@ -5,11 +5,11 @@ connection out, so idle or half-sent requests pile up threads without bound. Her
 one thread accepts connections and reads request headers without blocking (a
 selector), each connection with a deadline (HEADER_TIMEOUT from accept to the end
 of its headers); only a complete request is handed to one of WORKERS threads,
-which renders it with prometheus-client's WSGI app and closes the connection.
-Connections waiting for their headers are capped (MAX_PENDING): over the cap the
-oldest waiting one is closed, so a flood of idle connections never locks out a
-scrape. Every connection is closed after one response (no keep-alive), and a
-response is sent with SEND_TIMEOUT per write.
+which renders it with prometheus-client's WSGI app into memory, sends it within
+SEND_TIMEOUT in all and closes the connection (no keep-alive). Connections
+waiting for their headers are capped (MAX_PENDING): over the cap the oldest
+waiting one is closed, so a flood of idle connections never locks out a scrape;
+complete requests beyond MAX_QUEUED waiting for a worker get a 503 at once.
 
 It speaks plain HTTP with no authentication: bind it to loopback or a private
 network, or put a TLS proxy with authentication in front of it (README,
@@ -18,6 +18,7 @@ network, or put a TLS proxy with authentication in front of it (README,
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import selectors
@@ -40,7 +41,8 @@ log = logging.getLogger("drdaemon")
 WORKERS = 4  # threads that render responses; a scrape takes milliseconds
 MAX_PENDING = 64  # connections still sending their headers
 HEADER_TIMEOUT = 5.0  # seconds from accept to the end of the request headers
-SEND_TIMEOUT = 10.0  # seconds per write of a response
+SEND_TIMEOUT = 10.0  # seconds to send a whole response
+MAX_QUEUED = 16  # complete requests answered or waiting for a worker
 MAX_HEADER_BYTES = 16 << 10
 _TICK = 0.25  # how often deadlines are checked
 
@@ -76,6 +78,8 @@ class MetricsServer:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.socket, selectors.EVENT_READ)
         self.workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="drdaemon-metrics")
+        self.queued = 0  # requests handed to the workers and not yet answered
+        self.queued_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="drdaemon-metrics-accept",
                                         daemon=True)
@@ -126,6 +130,14 @@ class MetricsServer:
         p.data += chunk
         if b"\r\n\r\n" in p.data or b"\n\n" in p.data:
             self._unregister(p)
+            with self.queued_lock:
+                busy = self.queued >= MAX_QUEUED
+                self.queued += 0 if busy else 1
+            if busy:
+                with contextlib.suppress(OSError):
+                    p.sock.send(_reply(503, b"busy: try again\n"))
+                p.sock.close()
+                return
             self.workers.submit(self._respond, p)
 
     def _expire(self, now: float) -> None:
@@ -144,21 +156,23 @@ class MetricsServer:
 
     def _respond(self, p: _Pending) -> None:
         try:
-            p.sock.settimeout(SEND_TIMEOUT)
-            with p.sock.makefile("wb") as out:
-                environ = self._environ(p)
-                if environ is None:
-                    out.write(b"HTTP/1.0 400 Bad Request\r\nConnection: close\r\n"
-                              b"Content-Length: 0\r\n\r\n")
-                    return
+            environ = self._environ(p)
+            if environ is None:
+                response = _reply(400, b"bad request\n")
+            else:
+                out = io.BytesIO()
                 SimpleHandler(io.BytesIO(), out, sys.stderr, environ,
                               multithread=True).run(self.app)
+                response = out.getvalue()
+            _send_within(p.sock, response, time.monotonic() + SEND_TIMEOUT)
         except OSError:
             pass  # the client went away or was too slow to read
         except Exception:
             log.exception("metrics: cannot answer a request")
         finally:
             p.sock.close()
+            with self.queued_lock:
+                self.queued -= 1
 
     def _environ(self, p: _Pending) -> dict[str, Any] | None:
         head = bytes(p.data)
@@ -192,6 +206,23 @@ class MetricsServer:
 
     def server_close(self) -> None:
         self.socket.close()
+
+
+def _reply(status: int, body: bytes) -> bytes:
+    reason = {400: "Bad Request", 503: "Service Unavailable"}[status]
+    return (f"HTTP/1.0 {status} {reason}\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _send_within(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """Send all of `data` before `deadline` (monotonic), or raise TimeoutError."""
+    view = memoryview(data)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the client reads too slowly")
+        sock.settimeout(left)
+        view = view[sock.send(view):]
 
 
 def serve_registry(host: str, port: int, registry: CollectorRegistry) -> MetricsServer:

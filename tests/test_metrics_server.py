@@ -11,7 +11,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from drdaemon import metrics, metrics_server
 
@@ -77,3 +77,31 @@ def test_a_bad_request_is_refused_and_a_raw_request_answered_once(served: tuple[
             reply += chunk
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200") and b"drdaemon_test_value 42.0" in body
+
+
+def test_a_client_that_does_not_read_is_dropped_after_the_send_timeout(
+        monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]) -> None:
+    monkeypatch.setattr(metrics_server, "SEND_TIMEOUT", 2.0)
+    registry = CollectorRegistry()
+    big = Gauge("drdaemon_test_big", "many series", ["n"], registry=registry)
+    for i in range(20_000):  # some 10 MB: more than the socket buffers hold
+        big.labels(f"{i:0500d}").set(i)
+    full = len(generate_latest(registry))
+    port = free_port()
+    server = metrics.serve(f"127.0.0.1:{port}", registry)
+    try:
+        with socket.socket() as c:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.connect(("127.0.0.1", port))
+            c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\n\r\n")
+            c.settimeout(60)
+            got = len(c.recv(1))  # the answer has begun: stop reading for a while
+            time.sleep(metrics_server.SEND_TIMEOUT + 2)
+            try:
+                while chunk := c.recv(1 << 20):
+                    got += len(chunk)
+            except ConnectionResetError:
+                pass
+        assert got < full  # the server gave up on this client and closed the connection
+    finally:
+        metrics.shutdown(server)
