@@ -34,6 +34,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import statefs
 from .errors import DrError, UsageError
 from .keys import ManifestKey
 from .storage import ObjectStore, StorageError
@@ -280,15 +281,18 @@ def segment_name(folder: str, first: int) -> str:
 
 # -- the local log (shell) ----------------------------------------------------
 
+LOG = "audit/audit.jsonl"
+
+
 def log_path(state_dir: Path) -> Path:
-    return state_dir / "audit" / "audit.jsonl"
+    return state_dir / LOG
 
 
 @contextmanager
-def _flocked(path: Path, flags: int, mode: int) -> Iterator[int]:
-    """An fd of `path` holding flock `mode` until the block ends (closing releases it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, flags | os.O_CREAT, 0o600)
+def _flocked(state_dir: Path, rel: str, flags: int, mode: int) -> Iterator[int]:
+    """An fd of the state file `rel` holding flock `mode` until the block ends (closing
+    releases it); opened without following a link (statefs)."""
+    fd = statefs.open_file(state_dir, rel, flags | os.O_CREAT)
     try:
         fcntl.flock(fd, mode)
         yield fd
@@ -371,8 +375,8 @@ def append(rt: Runtime, event: str, fields: Mapping[str, Any]) -> int:
         log.warning("audit record %s: withheld %s: it looked like a secret", event,
                     ", ".join(clean["withheld"]))
     key = audit_key(rt.manifest_key)
-    path = log_path(rt.config.daemon.state_dir)
-    with _flocked(path, os.O_RDWR | os.O_APPEND, fcntl.LOCK_EX) as fd:
+    with _flocked(rt.config.daemon.state_dir, LOG, os.O_RDWR | os.O_APPEND,
+                  fcntl.LOCK_EX) as fd:
         seq, prev = _next_position(fd)
         _write_all(fd, make_line(seq, rt.clock().isoformat(), event, clean, prev, key))
         os.fsync(fd)
@@ -381,9 +385,8 @@ def append(rt: Runtime, event: str, fields: Mapping[str, Any]) -> int:
 
 def read_lines(state_dir: Path) -> list[bytes]:
     """The local log's lines (none if there is no log yet)."""
-    path = log_path(state_dir)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = statefs.open_file(state_dir, LOG, os.O_RDONLY)
     except FileNotFoundError:
         return []
     try:
@@ -428,7 +431,7 @@ def mirror(rt: Runtime) -> dict[str, str]:
     state_dir = rt.config.daemon.state_dir
     failed: dict[str, str] = {}
     # Serialised so that a slower mirror never replaces a newer copy with an older one.
-    with _flocked(state_dir / "audit" / "mirror.lock", os.O_RDWR, fcntl.LOCK_EX):
+    with _flocked(state_dir, "audit/mirror.lock", os.O_RDWR, fcntl.LOCK_EX):
         lines = read_lines(state_dir)
         if not lines:
             return failed

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 from . import cron
 from .errors import ConfigError
+from .filetrust import read_trusted
 from .units import parse_duration, parse_size
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
@@ -205,8 +206,10 @@ def load(path: str | os.PathLike[str]) -> Config:
     """Read and validate a configuration file; raise ConfigError on any problem."""
     path = Path(path)
     try:
-        # utf-8-sig: a byte-order mark (Windows editors write one) is not a TOML error.
-        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+        # Owned by the running user or root, nobody else can write it or a folder
+        # above it, links checked to the real file (filetrust.py). utf-8-sig: a byte-order
+        # mark (Windows editors write one) is not a TOML error.
+        raw = tomllib.loads(read_trusted(path, "config file", private=False).decode("utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:

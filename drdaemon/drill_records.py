@@ -19,9 +19,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from . import statefs
+
 log = logging.getLogger("drdaemon")
 
-RECORDS = Path("drills") / "drills.jsonl"
+RECORDS = "drills/drills.jsonl"
 
 
 @dataclass
@@ -98,10 +100,8 @@ def append_record(state_dir: Path, record: DrillRecord) -> None:
     The daemon and a person may drill at once: the lock keeps lines whole. A
     line torn by a crash is closed off so that the next one starts clean.
     """
-    path = records_path(state_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record.to_dict(), sort_keys=True, default=str) + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = statefs.open_file(state_dir, RECORDS, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
@@ -120,7 +120,7 @@ def load_records(state_dir: Path, since: datetime | None = None,
     """Recorded drills, oldest first; only those begun at/after `since`, of `source`."""
     path = records_path(state_dir)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = statefs.open_file(state_dir, RECORDS, os.O_RDONLY)
     except FileNotFoundError:
         return []
     with os.fdopen(fd, "rb") as fh:

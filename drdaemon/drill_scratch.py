@@ -56,6 +56,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from . import statefs
 from .config import Config, SourceConfig
 from .runtime import Runtime
 from .sources import postgres
@@ -243,6 +244,14 @@ class Cleanup:
 
 def scratch_root(config: Config) -> Path:
     return config.drills.scratch_dir or config.daemon.state_dir / "drills" / "scratch"
+
+
+def ensure_scratch_root(config: Config) -> Path:
+    """The scratch folder, made 0700 if missing; in the state folder, through no link."""
+    if config.drills.scratch_dir is None:
+        return statefs.ensure_folder(config.daemon.state_dir, "drills/scratch")
+    config.drills.scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return config.drills.scratch_dir
 
 
 def clean_leftovers(rt: Runtime, sources: Sequence[SourceConfig]) -> Cleanup:

@@ -466,7 +466,7 @@ class _Scratch:
         root = drill_scratch.scratch_root(d.rt.config)
         prefix = drill_scratch.folder_prefix(self.owner, d.source.name)
         try:
-            root.mkdir(mode=0o700, parents=True, exist_ok=True)  # restored plaintext
+            drill_scratch.ensure_scratch_root(d.rt.config)  # restored plaintext: 0700
             self.folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
         except OSError as exc:
             raise SourceError(f"cannot create a scratch folder in {root}: "

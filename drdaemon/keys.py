@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ from pyrage import x25519
 
 from .config import Config
 from .errors import UsageError
+from .filetrust import read_trusted
 
 MANIFEST_KEY_BYTES = 32
 
@@ -61,8 +61,8 @@ def describe_recipients(fingerprints: Sequence[str], labels: Mapping[str, str]) 
 
 
 def write_private_file(path: Path, content: str) -> None:
-    """Create `path` with mode 0600, refusing to overwrite an existing file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Create `path` with mode 0600, refusing to overwrite an existing file (or a link)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -91,15 +91,12 @@ def generate_manifest_key(path: Path) -> ManifestKey:
 
 
 def _read_private(path: Path, what: str) -> list[str]:
+    """The meaningful lines of a private key file, once filetrust accepts it: 0600, owned
+    by the running user or root, in folders nobody else can change."""
     try:
-        st = path.stat()
+        text = read_trusted(path, what, private=True).decode("utf-8")
     except FileNotFoundError:
         raise UsageError(f"{what} {path} does not exist") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise UsageError(f"{what} {path} is readable by group or others "
-                         f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read {what} {path}: {exc.__class__.__name__}") from None
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import statefs
 from .errors import DrError
 
 # lock name -> what holds it, for the message a second taker sees
@@ -31,9 +32,9 @@ class Locked(DrError):
 @contextmanager
 def hold(state_dir: Path, name: str) -> Iterator[Path]:
     """Hold the exclusive lock `name` for the duration of the block, or raise Locked."""
-    path = state_dir / "locks" / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    rel = f"locks/{name}.lock"
+    path = state_dir / rel
+    fd = statefs.open_file(state_dir, rel, os.O_RDWR | os.O_CREAT)  # never through a link
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -32,20 +32,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import __version__, audit, catalog, cron, state, status
+from . import __version__, audit, catalog, cron, state, statefs, status
 from .backup import BackupResult
 from .config import ORPHAN_GRACE, Config, RetentionConfig
+from .metrics_server import MetricsServer, serve_registry
 from .runtime import Runtime
 
 if TYPE_CHECKING:
@@ -260,9 +259,12 @@ def orphan_views(report: PruneReport, regions: Sequence[str]
     return observed, found
 
 
+ORPHANS_FILE = "prune/orphan-metrics.json"
+
+
 def orphans_path(state_dir: Path) -> Path:
     """Where the daemon keeps the orphan gauges of its last prune run."""
-    return state_dir / "prune" / "orphan-metrics.json"
+    return state_dir / ORPHANS_FILE
 
 
 def save_orphans(state_dir: Path, st: MetricsState) -> None:
@@ -272,15 +274,15 @@ def save_orphans(state_dir: Path, st: MetricsState) -> None:
         rows = [{"source": s, "region": r, "verdict": v, "objects": o.objects,
                  "bytes": o.bytes, "first_seen": o.first_seen}
                 for (s, r, v), o in sorted(st.orphans.items())]
-    state.write_atomic(orphans_path(state_dir),
-                       json.dumps({"version": 1, "orphans": rows}, indent=1).encode())
+    statefs.write_atomic(state_dir, ORPHANS_FILE,
+                         json.dumps({"version": 1, "orphans": rows}, indent=1).encode())
 
 
 def load_orphans(state_dir: Path, st: MetricsState) -> None:
     """The gauges `save_orphans` kept, for configured sources and regions; a
     missing or unreadable file leaves them empty until the next prune."""
     try:
-        rows = json.loads(orphans_path(state_dir).read_bytes())["orphans"]
+        rows = json.loads(statefs.read_bytes(state_dir, ORPHANS_FILE))["orphans"]
         found = {(str(row["source"]), str(row["region"]), str(row["verdict"])):
                  OrphanView(int(row["objects"]), int(row["bytes"]), float(row["first_seen"]))
                  for row in rows}
@@ -727,13 +729,17 @@ def parse_address(address: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def serve(address: str, registry: CollectorRegistry) -> WSGIServer:
-    """Serve /metrics on `address` in a background thread; stop with :func:`shutdown`."""
+# The name the scheduler knows the server by.
+WSGIServer = MetricsServer
+
+
+def serve(address: str, registry: CollectorRegistry) -> MetricsServer:
+    """Serve /metrics on `address` with bounded threads and timeouts (metrics_server.py);
+    stop with :func:`shutdown`."""
     host, port = parse_address(address)
-    server, _thread = start_http_server(port, host, registry)
-    return server
+    return serve_registry(host, port, registry)
 
 
-def shutdown(server: WSGIServer) -> None:
+def shutdown(server: MetricsServer) -> None:
     server.shutdown()
     server.server_close()

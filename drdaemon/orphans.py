@@ -51,7 +51,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from . import audit, manifest, retention, state
+from . import audit, manifest, retention, state, statefs
 from .config import MAX_ORPHAN_GRACE as MAX_ORPHAN_GRACE
 from .config import MIN_ORPHAN_GRACE as MIN_ORPHAN_GRACE
 from .config import ORPHAN_GRACE as ORPHAN_GRACE
@@ -255,14 +255,13 @@ def plan_orphans(source: str, held: Sequence[Holdings], now: datetime, *,
 
 # -- the sightings file ------------------------------------------------------
 
-def _seen_path(state_dir: Path) -> Path:
-    return state_dir / "prune" / "orphans.json"
+SEEN_FILE = "prune/orphans.json"
 
 
 def load_seen(state_dir: Path) -> dict[tuple[str, str], datetime]:
     """(region, name) -> first sighting as an orphan. Unreadable means none: later, not sooner."""
     try:
-        doc = json.loads(_seen_path(state_dir).read_text())
+        doc = json.loads(statefs.read_bytes(state_dir, SEEN_FILE))
         return {(str(region), str(name)): datetime.fromisoformat(at).astimezone(UTC)
                 for region, names in doc["seen"].items() for name, at in names.items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
@@ -289,8 +288,8 @@ def save_seen(state_dir: Path, old: Mapping[tuple[str, str], datetime],
     seen: dict[str, dict[str, str]] = {}
     for (region, name), at in sorted(new.items()):
         seen.setdefault(region, {})[name] = at.isoformat()
-    state.write_atomic(_seen_path(state_dir),
-                       json.dumps({"version": 1, "seen": seen}, indent=1).encode())
+    statefs.write_atomic(state_dir, SEEN_FILE,
+                         json.dumps({"version": 1, "seen": seen}, indent=1).encode())
 
 
 # -- imperative shell --------------------------------------------------------

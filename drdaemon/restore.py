@@ -23,6 +23,7 @@ import pyrage
 import zstandard
 from pyrage import x25519
 
+from . import statefs
 from .catalog import SnapshotEntry, read_manifest, resolve
 from .config import SourceConfig
 from .errors import DrError, IntegrityError, SourceError, UsageError
@@ -224,7 +225,9 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
     if source.kind == "postgres":
         assert source.dsn is not None
         target_dsn(source.dsn, target)  # a bad target (or one with a password) fails first
-    scratch = scratch_dir or rt.config.daemon.state_dir / "restore"
+    state_dir = rt.config.daemon.state_dir
+    scratch = scratch_dir or (statefs.ensure_folder(state_dir, "restore") if jobs is not None
+                              else state_dir / "restore")
     stores = [rt.store(region)] if region is not None else list(rt.stores)
     entry: SnapshotEntry = resolve(rt, source.name, ref)
     failed: dict[str, str] = {}

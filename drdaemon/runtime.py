@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import audit
+from . import audit, statefs
 from . import config as config_mod
 from .catalog import ManifestCache
 from .config import Config
@@ -140,9 +140,10 @@ def load_config(path: str | None) -> Config:
 
 def open_runtime(config: Config, clock: Callable[[], datetime] = utcnow) -> Runtime:
     """Generate first-run keys where the config asks for it, then open every region."""
+    # First: the demo config keeps its generated keys in the state folder.
+    statefs.prepare(config.daemon.state_dir)
     made = _keys_to_generate(config)
     config = ensure_generated_keys(config)
-    config.daemon.state_dir.mkdir(parents=True, exist_ok=True)
     key = load_manifest_key(Path(config.keys.manifest_key_file))
     stores = [open_store(r) for r in config.regions]
     rt = Runtime(config, stores, key, clock)

@@ -20,6 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from . import statefs
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -71,12 +73,16 @@ def _when(stamp: str | None) -> datetime:
     return datetime.fromisoformat(stamp or "")
 
 
-def _path(state_dir: Path, source: str) -> Path:
-    return state_dir / "sources" / f"{source}.json"
+def _path(source: str) -> str:
+    return f"sources/{source}.json"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so readers see the old or the new file, never a mix."""
+    """Replace `path` with `data` so readers see the old or the new file, never a mix.
+
+    For files outside the state folder (a report the operator names); state
+    files go through statefs.write_atomic, which follows no link.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -93,7 +99,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 def read_outcome(state_dir: Path, source: str) -> Outcome:
     """The recorded outcome of `source` (empty if none or unreadable)."""
     try:
-        doc: dict[str, Any] = json.loads(_path(state_dir, source).read_text())
+        doc: dict[str, Any] = json.loads(statefs.read_bytes(state_dir, _path(source)))
         fields = {k: doc[k] for k in Outcome.__dataclass_fields__ if k in doc and k != "running"}
         out = Outcome(**fields)
         for stamp in (out.last_attempt, out.last_started, out.last_failure):
@@ -111,7 +117,7 @@ def read_outcome(state_dir: Path, source: str) -> Outcome:
 def _write(state_dir: Path, source: str, outcome: Outcome) -> None:
     doc = asdict(outcome)
     del doc["running"]
-    write_atomic(_path(state_dir, source), json.dumps(doc, indent=1).encode())
+    statefs.write_atomic(state_dir, _path(source), json.dumps(doc, indent=1).encode())
 
 
 def record_start(state_dir: Path, source: str, at: datetime) -> None:
@@ -133,8 +139,7 @@ def record_outcome(state_dir: Path, source: str, at: datetime, ok: bool, error: 
     _write(state_dir, source, new)
 
 
-def _inflight_dir(state_dir: Path) -> Path:
-    return state_dir / "inflight"
+INFLIGHT = "inflight"
 
 
 @contextmanager
@@ -145,39 +150,37 @@ def inflight(state_dir: Path, snapshot_id: str) -> Iterator[None]:
     dead pid: the next start then knows those uploads are abandoned and aborts
     them at once, instead of waiting for them to age out.
     """
-    marker = _inflight_dir(state_dir) / snapshot_id
-    write_atomic(marker, f"{os.getpid()}\n".encode())
+    marker = f"{INFLIGHT}/{snapshot_id}"
+    statefs.write_atomic(state_dir, marker, f"{os.getpid()}\n".encode())
     try:
         yield
     finally:
-        marker.unlink(missing_ok=True)
+        statefs.unlink(state_dir, marker)
 
 
 def abandoned_snapshots(state_dir: Path) -> set[str]:
     """Ids of snapshots whose uploading process died (see `forget_abandoned`)."""
     found = set()
-    folder = _inflight_dir(state_dir)
-    for marker in folder.glob("*") if folder.is_dir() else ():
+    for name in statefs.list_names(state_dir, INFLIGHT):
         try:
-            pid = int(marker.read_text().strip())
+            pid = int(statefs.read_bytes(state_dir, f"{INFLIGHT}/{name}").strip())
         except (OSError, ValueError):
             pid = 0
         if pid <= 0 or not _alive(pid):
-            found.add(marker.name)
+            found.add(name)
     return found
 
 
 def live_inflight(state_dir: Path) -> set[str]:
     """Ids of snapshots a live process on this host is uploading right now."""
-    folder = _inflight_dir(state_dir)
-    markers = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    markers = set(statefs.list_names(state_dir, INFLIGHT))
     return markers - abandoned_snapshots(state_dir)
 
 
 def forget_abandoned(state_dir: Path, snapshot_ids: set[str]) -> None:
     """Drop the markers of abandoned snapshots once their uploads are aborted."""
     for snap_id in snapshot_ids:
-        (_inflight_dir(state_dir) / snap_id).unlink(missing_ok=True)
+        statefs.unlink(state_dir, f"{INFLIGHT}/{snap_id}")
 
 
 def _alive(pid: int) -> bool:

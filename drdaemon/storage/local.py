@@ -29,8 +29,12 @@ class LocalUpload:
     def __init__(self, final: Path) -> None:
         self.final = final
         self.tmp = final.with_name(f"{_TMP_MARK}{final.name}.{secrets.token_hex(4)}")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self.fh: BinaryIO | None = open(self.tmp, "xb")  # noqa: SIM115 - closed in commit/abort
+        _make_private_dirs(final.parent)
+        # Owner-only whatever the umask: snapshots are ciphertext, but names,
+        # sizes and the audit mirror are nobody else's business (0600 like the
+        # local audit log).
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.fh: BinaryIO | None = os.fdopen(fd, "wb")
         self.unflushed = 0
 
     def write_part(self, data: bytes) -> None:
@@ -148,6 +152,20 @@ class LocalStore:
                 tmp.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def _make_private_dirs(folder: Path) -> None:
+    """Make `folder` and every missing folder above it 0700 (os.makedirs would give
+    the folders above the umask's mode)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,0 +1,226 @@
+"""Files in the state folder, opened so that nothing planted there is followed.
+
+Everything drdaemon keeps locally (the audit log, drill records, locks, each
+source's last outcome, in-flight markers, prune's sightings and gauges) goes
+through here. Each access walks from the state folder one name at a time with
+`O_NOFOLLOW` relative to the folder above (openat), so a symbolic link planted
+as a file or a folder is refused, never followed; temp-then-rename writes
+happen inside the folder descriptor, so a swapped folder cannot redirect them.
+
+The state folder and every folder in it must be owned by the running user and
+not writable by group or others (new ones are made 0700, files 0600); the
+folders above it follow the rule of filetrust.py. A refusal is one line
+(`UnsafeState`, exit 2) naming the path and what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path, PurePosixPath
+
+from .errors import UsageError
+from .filetrust import check_folder_chain
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafeState(UsageError):
+    """The state folder, or something in it, could have been changed by someone else."""
+
+
+def state_problem(st: os.stat_result, me: int, folder: bool) -> str | None:
+    """Why an entry of the state folder is unsafe, or None (pure)."""
+    if folder and not stat.S_ISDIR(st.st_mode):
+        return "is not a folder"
+    if not folder and not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != me:
+        return f"is owned by user id {st.st_uid}, not by the running user (id {me})"
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        return f"is writable by group or others (mode {mode:04o}); run: chmod go-w"
+    return None
+
+
+def _refuse_if(st: os.stat_result, path: Path, folder: bool) -> None:
+    problem = state_problem(st, os.geteuid(), folder)
+    if problem:
+        raise UnsafeState(f"state folder: {path} {problem}")
+
+
+def _parts(rel: str) -> list[str]:
+    parts = PurePosixPath(rel).parts
+    if not parts or any(p in ("", ".", "..", "/") for p in parts):
+        raise ValueError(f"not a relative path inside the state folder: {rel!r}")
+    return list(parts)
+
+
+def prepare(state_dir: Path) -> None:
+    """Make the state folder (0700) if it is missing, and refuse it if it is unsafe.
+
+    Called once when a runtime opens; every access below checks again.
+    """
+    with suppress(FileExistsError):
+        state_dir.mkdir(mode=0o700, parents=True)
+    check_folder_chain(state_dir, "state folder")
+    with _open_root(state_dir):
+        pass
+
+
+@contextmanager
+def _open_root(state_dir: Path, create: bool = False) -> Iterator[int]:
+    # The configured path itself may be reached through links (the operator
+    # chose it); below it nothing is followed.
+    if create:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _refuse_if(os.fstat(fd), state_dir, folder=True)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _open_child_dir(parent: int, name: str, path: Path, create: bool) -> int:
+    for _ in range(2):
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise
+            with suppress(FileExistsError):  # made meanwhile by another process: open it
+                os.mkdir(name, 0o700, dir_fd=parent)
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UnsafeState(f"state folder: {path} is a symbolic link or not a folder; "
+                                  "refusing to follow it (remove it)") from None
+            raise
+        try:
+            _refuse_if(os.fstat(fd), path, folder=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    raise FileNotFoundError(errno.ENOENT, "vanished while being made", str(path))
+
+
+@contextmanager
+def folder(state_dir: Path, rel: str | None, create: bool = True) -> Iterator[int]:
+    """A descriptor of `state_dir/rel` (the state folder itself if `rel` is None).
+
+    Folders missing on the way are made 0700 if `create`, else FileNotFoundError.
+    """
+    with _open_root(state_dir, create) as root:
+        fd = os.dup(root)
+        path = state_dir
+        try:
+            for name in _parts(rel) if rel else []:
+                path = path / name
+                child = _open_child_dir(fd, name, path, create)
+                os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            os.close(fd)
+
+
+def _split(rel: str) -> tuple[str | None, str]:
+    parts = _parts(rel)
+    return ("/".join(parts[:-1]) or None), parts[-1]
+
+
+def _open_in(dfd: int, name: str, path: Path, flags: int, mode: int) -> int:
+    try:
+        # O_NONBLOCK: a FIFO planted here must not hang the open.
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode,
+                     dir_fd=dfd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeState(f"state folder: {path} is a symbolic link; refusing to follow "
+                              "it (remove it)") from None
+        raise
+    try:
+        _refuse_if(os.fstat(fd), path, folder=False)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_file(state_dir: Path, rel: str, flags: int, mode: int = 0o600) -> int:
+    """An fd of the state file `rel` (e.g. "audit/audit.jsonl"), opened with O_NOFOLLOW.
+
+    With O_CREAT the folders on the way are made (0700) and a new file gets
+    `mode`; without it a missing file or folder raises FileNotFoundError.
+    """
+    parent, name = _split(rel)
+    with folder(state_dir, parent, create=bool(flags & os.O_CREAT)) as dfd:
+        return _open_in(dfd, name, state_dir / rel, flags, mode)
+
+
+def read_bytes(state_dir: Path, rel: str) -> bytes:
+    """The content of the state file `rel`; FileNotFoundError if there is none."""
+    fd = open_file(state_dir, rel, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
+
+
+def write_atomic(state_dir: Path, rel: str, data: bytes) -> None:
+    """Replace the state file `rel` with `data`: readers see the old or the new file.
+
+    The temp file is made and renamed inside the folder's descriptor, so a
+    folder swapped for a link meanwhile cannot redirect the write.
+    """
+    parent, name = _split(rel)
+    with folder(state_dir, parent) as dfd:
+        tmp = f".{name}.{secrets.token_hex(6)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dfd)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+        os.fsync(dfd)
+
+
+def unlink(state_dir: Path, rel: str) -> None:
+    """Remove the state file `rel` (the link itself, if it is one); missing is fine."""
+    parent, name = _split(rel)
+    try:
+        with folder(state_dir, parent, create=False) as dfd:
+            os.unlink(name, dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+
+
+def list_names(state_dir: Path, rel: str) -> list[str]:
+    """The names in the state folder `rel` (none if it does not exist), sorted."""
+    try:
+        with folder(state_dir, rel, create=False) as dfd:
+            return sorted(os.listdir(dfd))
+    except FileNotFoundError:
+        return []
+
+
+def ensure_folder(state_dir: Path, rel: str) -> Path:
+    """Make `state_dir/rel` (0700) if missing, refusing links and unsafe folders on the way.
+
+    For folders handed to other code by path (scratch copies): once every
+    folder on the way is the running user's alone, nobody else can swap one.
+    """
+    with folder(state_dir, rel):
+        pass
+    return state_dir / rel
