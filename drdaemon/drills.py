@@ -48,6 +48,7 @@ from .runtime import Runtime
 from .sources import postgres
 from .sources.base import Sink
 from .sources.directory import DirectorySink, scan, summarize
+from .sources.pg_database import Policy, Recreation
 from .storage import NotFound, ObjectStore, StorageError
 from .verify import hash_copy
 
@@ -70,6 +71,7 @@ RESTORE_FAILED = "restore-failed"
 COUNT_MISMATCH = "count-mismatch"
 DIGEST_MISMATCH = "digest-mismatch"
 CHECK_FAILED = "check-failed"
+PROPERTY_MISMATCH = "property-mismatch"  # database-level properties (pg_database.py)
 CLEANUP_FAILED = "cleanup-failed"
 INTERNAL = "internal-error"
 
@@ -447,9 +449,13 @@ class _Scratch:
         # verifies the staging database itself and drops it.
         prefix = drill_scratch.database_prefix(self.owner)
         name = f"{prefix}{secrets.token_hex(6)}"
+        # Database properties are recreated as a restore would, except what
+        # names a role the drill server lacks or the drill role may not do
+        # (Policy.drill): what was compared and skipped goes to the evidence.
+        recreate = Recreation.from_facts(self.m.facts.get("database"), Policy(drill=True))
         sink = postgres.PostgresSink(base, make_conninfo(base, dbname=name), False,
                                      staging_prefix=prefix,
-                                     restore_options=DRILL_RESTORE_OPTIONS)
+                                     restore_options=DRILL_RESTORE_OPTIONS, recreate=recreate)
         self.sink = sink
         d.scratch = postgres.describe(sink.staging_dsn)
         d.evidence["server"] = postgres.describe(sink.admin_dsn)
@@ -489,12 +495,26 @@ class _Scratch:
         d.evidence["tables"] = len(tables)
         d.evidence["rows"] = sum(int(t["rows"]) for t in tables)
         d.reasons.extend(compare_tables(m.facts.get("tables"), tables))
+        self._verify_properties(dsn)
         checks = [c for c in d.rt.config.drills.checks if c.source == d.source.name]
         results = [_run_check(dsn, c) for c in checks]
         d.evidence["checks"] = results
         for r in results:
             if not r["ok"]:
                 d.fail(CHECK_FAILED, f"{r['sql']!r}: {r['detail']}")
+
+    def _verify_properties(self, dsn: str) -> None:
+        d = self.d
+        assert isinstance(self.sink, postgres.PostgresSink)
+        recreate = self.sink.recreate
+        try:
+            got = postgres.database_properties(dsn)
+        except SourceError as exc:
+            d.fail(PROPERTY_MISMATCH, f"cannot read the restored copy's properties: {exc}")
+            return
+        for difference in recreate.differences(got):
+            d.fail(PROPERTY_MISMATCH, f"database {difference}")
+        d.evidence["database"] = recreate.evidence()
 
     def remove(self) -> None:
         d = self.d

@@ -27,6 +27,7 @@ from .manifest import Manifest
 from .runtime import Runtime
 from .sources.base import Sink
 from .sources.directory import DirectorySink
+from .sources.pg_database import Policy, Recreation
 from .sources.postgres import PostgresSink
 from .storage import ObjectStore
 from .streams import LimitWriter, VerifyingReader, buffered, first_error
@@ -50,15 +51,18 @@ class RestoreResult:
 
 
 def open_sink(source: SourceConfig, m: Manifest, target: str, force: bool,
-              jobs: int | None = None, scratch_dir: Path | None = None) -> Sink:
-    """A staged restore target for the snapshot's kind (`jobs`: parallel pg_restore)."""
+              jobs: int | None = None, scratch_dir: Path | None = None,
+              policy: Policy | None = None) -> Sink:
+    """A staged restore target for the snapshot's kind (`jobs`: parallel pg_restore;
+    `policy`: what a postgres target may lack of the recorded database properties)."""
     if m.kind != source.kind:
         raise UsageError(f"snapshot {m.id} is a {m.kind} snapshot, source {source.name} "
                          f"is {source.kind}")
     if source.kind == "postgres":
         assert source.dsn is not None
         return PostgresSink(source.dsn, target, force, jobs=jobs, scratch_dir=scratch_dir,
-                            size_hint=m.plaintext_size)
+                            size_hint=m.plaintext_size,
+                            recreate=Recreation.from_facts(m.facts.get("database"), policy))
     return DirectorySink(Path(target), m.id, m.facts)
 
 
@@ -118,11 +122,13 @@ def _raise_consumer_reason(sink: Sink, cause: BaseException) -> NoReturn:
 def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str, ref: str,
             target: str, *, region: str | None = None, force: bool = False,
             jobs: int | None = None, scratch_dir: Path | None = None,
-            on_progress: Progress | None = None) -> RestoreResult:
+            on_progress: Progress | None = None, policy: Policy | None = None) -> RestoreResult:
     """Restore snapshot `ref` of a source to `target`, falling back across regions.
 
     `jobs` (postgres only): the verified dump goes to a private file in
     `scratch_dir` (default: the state folder's `restore/`) for `pg_restore --jobs`.
+    `policy` (postgres only): what to do where the target lacks a role or locale
+    the snapshot's database properties need (default: stop and say so).
     """
     source = rt.config.source(source_name)
     if jobs is not None and source.kind != "postgres":
@@ -140,7 +146,7 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
         started = time.monotonic()
         try:
             m = read_manifest(rt, store, source.name, entry.id)
-            sink = open_sink(source, m, target, force, jobs, scratch)
+            sink = open_sink(source, m, target, force, jobs, scratch, policy)
         except UsageError:
             raise
         except DrError as exc:

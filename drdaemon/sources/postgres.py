@@ -27,6 +27,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ..errors import SourceError, UsageError
 from ..streams import BackgroundWriter, StderrTail
+from . import pg_database
 from .base import Dump
 
 _TABLES = """
@@ -88,6 +89,9 @@ def _with_stdio_buffer(argv: list[str], stream: str) -> list[str]:
 
 
 def _count_rows(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    # As pg_dump does: every row or an error ("query would be affected by
+    # row-level security policy"), never the rows a policy lets this role see.
+    conn.execute("SET row_security = off")
     tables = conn.execute(_TABLES).fetchall()
     counts = []
     for schema, table in tables:
@@ -101,11 +105,28 @@ def _count_rows(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
 def table_counts(dsn: str) -> list[dict[str, Any]]:
     """Exact row counts of every user table at `dsn`, in the form the manifest records."""
     with _connect(dsn, autocommit=False) as conn:
+        pg_database.byte_transparent(conn)
         conn.read_only = True
         try:
             return _count_rows(conn)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            hint = (" (the role needs BYPASSRLS or superuser, see docs/postgres-roles.md)"
+                    if "row-level security" in str(exc) else "")
+            raise SourceError(f"counting rows in {describe(dsn)} failed: "
+                              f"{_first_line(exc)}{hint}") from None
         except psycopg.Error as exc:
             raise SourceError(f"counting rows in {describe(dsn)} failed: "
+                              f"{_first_line(exc)}") from None
+
+
+def database_properties(dsn: str) -> pg_database.Properties:
+    """The database-level properties of the database at `dsn` (pg_database.capture)."""
+    with _connect(dsn, autocommit=True) as conn:
+        pg_database.byte_transparent(conn)
+        try:
+            return pg_database.capture(conn)
+        except psycopg.Error as exc:
+            raise SourceError(f"reading the properties of {describe(dsn)} failed: "
                               f"{_first_line(exc)}") from None
 
 
@@ -116,6 +137,7 @@ def dump(dsn: str) -> Iterator[Dump]:
     conn = _connect(dsn, autocommit=False)
     proc: subprocess.Popen[bytes] | None = None
     try:
+        pg_database.byte_transparent(conn)
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         # statement_timestamp() is when this statement, which takes the
@@ -125,7 +147,8 @@ def dump(dsn: str) -> Iterator[Dump]:
             "current_setting('server_version'), pg_database_size(current_database()), "
             "current_database()").fetchone()
         assert row is not None
-        snapshot, consistency, version, db_size, db_name = row
+        snapshot, consistency, version, db_size, _ = row
+        database = pg_database.capture(conn).to_facts()  # in the same snapshot
         proc = subprocess.Popen(
             _with_stdio_buffer([pg_dump, "--format=custom", "--compress=0",
                                 f"--snapshot={snapshot}", "--no-password", f"--dbname={dsn}"],
@@ -156,7 +179,7 @@ def dump(dsn: str) -> Iterator[Dump]:
             if "error" in counted:
                 raise SourceError(f"counting rows in {describe(dsn)} failed: "
                                   f"{_first_line(counted['error'])}")
-            return {"database": db_name, "server_version": version,
+            return {"database": database, "server_version": version,
                     "database_size": db_size, "tables": counted["tables"]}
 
         assert proc.stdout is not None
@@ -218,7 +241,8 @@ class PostgresSink:
     def __init__(self, source_dsn: str, target: str, force: bool, *,
                  staging_prefix: str = "drdaemon_restore_",
                  restore_options: Sequence[str] = (), jobs: int | None = None,
-                 scratch_dir: Path | None = None, size_hint: int = 0) -> None:
+                 scratch_dir: Path | None = None, size_hint: int = 0,
+                 recreate: pg_database.Recreation | None = None) -> None:
         # Drills never commit: they verify the staging database itself and drop
         # it, under their own prefix, restored with their own pg_restore options.
         self.dsn = target_dsn(source_dsn, target)
@@ -229,7 +253,9 @@ class PostgresSink:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr: StderrTail | None = None
         self._feed: BackgroundWriter | None = None
-        self.notes: list[str] = []
+        # The snapshot's database properties (owner, locale, settings, ACL...).
+        self.recreate = recreate or pg_database.Recreation(None)
+        self.notes: list[str] = self.recreate.notes
         self.jobs = jobs
         self.dump_fd: int | None = None  # the --jobs scratch copy, see unnamed_file
         self.command = [_tool("pg_restore"), "--exit-on-error", "--no-password",
@@ -237,8 +263,8 @@ class PostgresSink:
         if jobs is not None and scratch_dir is None:
             raise UsageError("pg_restore --jobs needs a scratch folder")
         self.target_exists = self._check_target(force)
-        self._admin(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
-            sql.Identifier(self.staging)))
+        with _connect(self.admin_dsn, autocommit=True) as conn:
+            self.recreate.create(conn, self.staging)
         try:
             if jobs is not None:
                 assert scratch_dir is not None
@@ -304,14 +330,19 @@ class PostgresSink:
     def complete(self) -> None:
         if self.jobs is not None:
             self._restore_file()
-            return
-        assert self.proc is not None and self.stderr is not None
-        with suppress(BrokenPipeError):
-            self.writer.close()
-        code = self.proc.wait()
-        if code != 0:
-            raise SourceError(f"pg_restore into {self.name!r} failed (exit {code}): "
-                              f"{self.stderr.text() or 'no message'}")
+        else:
+            assert self.proc is not None and self.stderr is not None
+            with suppress(BrokenPipeError):
+                self.writer.close()
+            code = self.proc.wait()
+            if code != 0:
+                raise SourceError(f"pg_restore into {self.name!r} failed (exit {code}): "
+                                  f"{self.stderr.text() or 'no message'}")
+        # From inside the database, as pg_dump --create does: PostgreSQL keeps a
+        # comment or setting in the encoding of the database it was set from.
+        with _connect(self.staging_dsn, autocommit=True) as conn:
+            pg_database.byte_transparent(conn)
+            self.recreate.apply(conn, self.staging)
 
     def _restore_file(self) -> None:
         """pg_restore --jobs from the verified scratch copy, which is freed afterwards.
