@@ -294,3 +294,51 @@ def test_drill_counts_with_row_security_off(tmp_path: Path, pg_server: PgServer,
     admin(pg_server, sql.SQL("ALTER ROLE {} BYPASSRLS").format(sql.Identifier(role)))
     code, out = run_drill(setup)
     assert code == 0 and out["ok"], out["drills"][0]["reasons"]
+
+
+# -- least privileges -------------------------------------------------------------
+
+
+def test_config_check_connect_names_what_roles_lack(tmp_path: Path, pg_server: PgServer,
+                                                    s3_regions: list[S3Region],
+                                                    dbname: str) -> None:
+    admin(pg_server, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)),
+          sql.SQL("ALTER DATABASE {} SET work_mem TO '8MB'").format(sql.Identifier(dbname)),
+          sql.SQL("COMMENT ON DATABASE {} IS 'c'").format(sql.Identifier(dbname)))
+    dsn = pg_server.dsn(dbname)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE marks (tenant int); ALTER TABLE marks ENABLE ROW LEVEL "
+                     "SECURITY; CREATE TABLE hidden (x int); SELECT lo_from_bytea(0, 'x')")
+    role = f"bk_{dbname}"
+    ensure_role(pg_server, role)
+    admin(pg_server, sql.SQL("GRANT pg_read_all_data TO {}").format(sql.Identifier(role)))
+    limited = f"host={pg_server.host} port={pg_server.port} user={role} dbname={dbname}"
+    setup = setup_for(tmp_path, s3_regions, limited)
+    result = setup.drctl("config", "check", "--connect", "--json")
+    assert result.exit_code == 1, result.output + result.stderr
+    [check] = json.loads(result.stdout)["privileges"]
+    assert not check["ok"] and check["error"] is None
+    assert [m.split(" ")[0] for m in check["backup"]] == ["BYPASSRLS:", "SELECT"]
+    assert "public.marks" in check["backup"][0] and "1 large object" in check["backup"][1]
+    assert check["restore"][0].startswith("CREATEDB") and "membership in postgres" in \
+        check["restore"][1]
+    assert [m.split(":")[0] for m in check["drill"]] == ["CREATEDB", "BYPASSRLS"]
+    text = setup.drctl("config", "check", "--connect")
+    assert "db (postgres://" in text.stdout and "backup role lacks BYPASSRLS" in text.stdout
+
+    # What docs/postgres-roles.md prescribes for backups is enough, and checked as such.
+    admin(pg_server, sql.SQL("ALTER ROLE {} BYPASSRLS").format(sql.Identifier(role)))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for (oid,) in conn.execute("SELECT oid FROM pg_largeobject_metadata").fetchall():
+            conn.execute(sql.SQL("GRANT SELECT ON LARGE OBJECT {} TO {}").format(
+                sql.Literal(oid), sql.Identifier(role)))
+    result = setup.drctl("config", "check", "--connect", "--json")
+    [check] = json.loads(result.stdout)["privileges"]
+    assert check["backup"] == [] and check["restore"], check
+    [snap] = setup.drctl_json("backup")
+    assert snap["ok"], snap
+
+    # A superuser lacks nothing; no --connect, no connection.
+    setup = setup_for(tmp_path / "su", s3_regions, dsn)
+    assert setup.drctl_json("config", "check", "--connect")["privileges"][0]["ok"]
+    assert "privileges" not in setup.drctl_json("config", "check")

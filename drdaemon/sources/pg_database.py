@@ -537,9 +537,11 @@ class Recreation:
                           "has the server's default encoding and locale (sort order may differ)")
 
     def _check_roles(self, conn: psycopg.Connection[Any], p: Properties) -> None:
-        names = list(p.roles())
-        rows = conn.execute("SELECT rolname::text FROM pg_roles WHERE rolname = ANY(%s)",
-                            (names,)).fetchall()
+        try:
+            rows = conn.execute("SELECT rolname::text FROM pg_roles WHERE rolname = ANY(%s)",
+                                (list(p.roles()),)).fetchall()
+        except psycopg.Error as exc:
+            raise SourceError(f"cannot list the target's roles: {_first_line(exc)}") from None
         missing = missing_roles(p, (r[0] for r in rows))
         if not missing:
             return
