@@ -182,20 +182,27 @@ def test_any_server_encoding_round_trips(tmp_path: Path, pg_server: PgServer,
 
 def test_missing_owner_stops_unless_skipped(tmp_path: Path, pg_server: PgServer,
                                             s3_regions: list[S3Region], dbname: str) -> None:
-    doomed = f"owner_{dbname}"
+    doomed, gone_reader = f"owner_{dbname}", f"reader_{dbname}"
     ensure_role(pg_server, doomed)
-    admin(pg_server, sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(dbname),
-                                                                  sql.Identifier(doomed)),
-          sql.SQL("COMMENT ON DATABASE {} IS 'kept'").format(sql.Identifier(dbname)))
+    ensure_role(pg_server, gone_reader)
+    ensure_role(pg_server, READER)
+    db = sql.Identifier(dbname)
+    admin(pg_server, sql.SQL("CREATE DATABASE {} OWNER {}").format(db, sql.Identifier(doomed)),
+          sql.SQL("COMMENT ON DATABASE {} IS 'kept'").format(db),
+          sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db),
+          sql.SQL("GRANT CONNECT ON DATABASE {} TO {}, {}").format(
+              db, sql.Identifier(gone_reader), sql.Identifier(READER)))
     setup = setup_for(tmp_path, s3_regions, pg_server.dsn(dbname))
     setup.drctl_json("backup")
-    admin(pg_server, sql.SQL("DROP DATABASE {}").format(sql.Identifier(dbname)),
-          sql.SQL("DROP ROLE {}").format(sql.Identifier(doomed)))
+    admin(pg_server, sql.SQL("DROP DATABASE {}").format(db),
+          sql.SQL("DROP ROLE {}").format(sql.Identifier(doomed)),
+          sql.SQL("DROP ROLE {}").format(sql.Identifier(gone_reader)))
 
     result = setup.drctl("restore", "latest", "--source", "db", "--to", dbname)
     assert result.exit_code == 2, result.output + result.stderr
     [line] = result.stderr.strip().splitlines()
     assert doomed in line and "owner" in line and "--skip-missing-roles" in line
+    assert f"{gone_reader} (privileges)" in line
     with psycopg.connect(pg_server.dsn()) as conn:
         assert conn.execute("SELECT datname FROM pg_database WHERE datname = %s OR datname "
                             "LIKE 'drdaemon_restore_%%'", (dbname,)).fetchall() == []
@@ -205,6 +212,27 @@ def test_missing_owner_stops_unless_skipped(tmp_path: Path, pg_server: PgServer,
     assert any(doomed in n and "owner" in n for n in out["notes"]), out["notes"]
     got = properties(pg_server, dbname)
     assert got["owner"] == pg_server.user and got["comment"] == "kept"
+    # The rest of the privileges hold: no PUBLIC connect, the reader that exists may.
+    assert got["acl"] == ["lms_reader=c/postgres", "postgres=CTc/postgres"]
+
+
+def test_missing_locale_stops_unless_skipped(tmp_path: Path, pg_server: PgServer,
+                                             s3_regions: list[S3Region], dbname: str) -> None:
+    admin(pg_server, sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'LATIN1' "
+                             "LC_COLLATE 'C' LC_CTYPE 'C'").format(sql.Identifier(dbname)))
+    setup = setup_for(tmp_path, s3_regions, pg_server.dsn(dbname))
+    [snap] = setup.drctl_json("backup")
+    # Taken on a server that has a locale this one lacks.
+    forge(setup, s3_regions, snap["snapshot_id"],
+          lambda f: f["database"].update(collate="de_CH.ISO-8859-1", ctype="de_CH.ISO-8859-1"))
+    result = setup.drctl("restore", "latest", "--source", "db", "--to", dbname + "_x")
+    assert result.exit_code == 2, result.output + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "de_CH.ISO-8859-1" in line and "--skip-missing-locale" in line
+    out = setup.drctl_json("restore", "latest", "--source", "db", "--to", dbname + "_x",
+                           "--skip-missing-locale")
+    assert any("de_CH.ISO-8859-1" in n and "default" in n for n in out["notes"]), out["notes"]
+    assert properties(pg_server, dbname + "_x")["collate"] == "C"
 
 
 def test_old_manifest_restores_with_a_note(tmp_path: Path, pg_server: PgServer,
@@ -342,3 +370,25 @@ def test_config_check_connect_names_what_roles_lack(tmp_path: Path, pg_server: P
     setup = setup_for(tmp_path / "su", s3_regions, dsn)
     assert setup.drctl_json("config", "check", "--connect")["privileges"][0]["ok"]
     assert "privileges" not in setup.drctl_json("config", "check")
+
+
+def test_restoring_role_that_may_not_set_the_owner_stops(
+        tmp_path: Path, pg_server: PgServer, s3_regions: list[S3Region], dbname: str) -> None:
+    restorer = f"rs_{dbname}"
+    ensure_role(pg_server, OWNER)
+    ensure_role(pg_server, restorer, "CREATEDB")
+    db = sql.Identifier(dbname)
+    admin(pg_server, sql.SQL("CREATE DATABASE {} OWNER {}").format(db, sql.Identifier(OWNER)),
+          sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(db, sql.Identifier(restorer)))
+    with psycopg.connect(pg_server.dsn(dbname), user=restorer, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA mine; CREATE TABLE mine.t (x int)")
+    setup = setup_for(tmp_path, s3_regions, pg_server.dsn(dbname))
+    setup.drctl_json("backup")
+    target = f"host={pg_server.host} port={pg_server.port} user={restorer} dbname={dbname}_r"
+    result = setup.drctl("restore", "latest", "--source", "db", "--to", target)
+    assert result.exit_code == 2, result.output + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert f"may not recreate the database's owner {OWNER}" in line
+    with psycopg.connect(pg_server.dsn()) as conn:
+        assert conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s OR datname "
+                            "LIKE 'drdaemon_restore_%%'", (dbname + "_r",)).fetchall() == []

@@ -575,12 +575,18 @@ class Recreation:
             for stmt in step.statements:
                 conn.execute(stmt)
         except psycopg.Error as exc:
+            denied = isinstance(exc, psycopg.errors.InsufficientPrivilege)
+            if not self.policy.drill and denied:
+                # About the target, not the copy: no other region would help.
+                raise UsageError(f"the restoring role may not recreate the database's "
+                                 f"{step.what}: {_first_line(exc)} (docs/postgres-roles.md)"
+                                 ) from None
             if not self.policy.drill:
                 raise SourceError(f"cannot recreate the database's {step.what}: "
                                   f"{_first_line(exc)}") from None
             with suppress(psycopg.Error):
                 conn.execute("RESET ROLE")
-            if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            if denied:
                 for key in step.keys:
                     self.skipped[key] = f"the drill role may not: {_first_line(exc)}"
                 self.notes.append(f"database {step.what} not recreated: the drill role "
