@@ -89,6 +89,25 @@ def test_statements_a_restore_runs() -> None:
                    for step in apply_steps(default, "stage") for s in step.statements)
 
 
+acl_items = st.builds(AclItem, st.one_of(st.just(""), names), privileges, names)
+settings = st.builds(lambda n, v: f"{n}={v}", st.from_regex(r"[a-z_.]{1,12}", fullmatch=True),
+                     st.text(max_size=12))
+properties = st.builds(
+    Properties, name=names, encoding=st.sampled_from(["UTF8", "LATIN1", "SQL_ASCII"]),
+    collate=names, ctype=names, locale_provider=st.sampled_from(["libc", "icu"]),
+    icu_locale=st.none() | names, owner=names, connection_limit=st.integers(-1, 1000),
+    settings=st.lists(settings, max_size=3).map(tuple),
+    role_settings=st.lists(st.tuples(names, settings), max_size=2).map(tuple),
+    comment=st.none() | st.text(max_size=20), acl=st.none() | st.lists(acl_items).map(tuple))
+
+
+@given(properties)
+def test_any_record_survives_the_manifest_and_equals_itself(p: Properties) -> None:
+    assert Properties.from_facts(p.to_facts()) == p
+    assert differences(p, p) == []
+    assert set(missing_roles(p, [])) == set(p.roles()) and missing_roles(p, p.roles()) == {}
+
+
 def test_facts_round_trip_and_old_manifests() -> None:
     assert Properties.from_facts(BASE.to_facts()) == BASE
     assert Properties.from_facts(dataclasses.replace(BASE, acl=None).to_facts()) == \

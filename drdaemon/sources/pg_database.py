@@ -522,6 +522,9 @@ class Recreation:
             wanted = (f"encoding {p.encoding}, collation {p.collate}, ctype {p.ctype}, "
                       f"{p.locale_provider} locale provider"
                       + (f", locale {p.icu_locale}" if p.icu_locale else ""))
+            if self.policy.drill:
+                raise SourceError(f"the drill server cannot create a database with {wanted}: "
+                                  f"{_first_line(exc)}") from None
             if not self.policy.skip_missing_locale:
                 raise UsageError(f"the target server cannot create a database with {wanted} "
                                  f"({_first_line(exc)}); install the locale there, or pass "
