@@ -21,9 +21,9 @@ from .config import SourceConfig
 from .errors import DrError, SourceError
 from .keys import fingerprint
 from .manifest import Manifest
-from .pipeline import Cancelled, encrypt_and_upload
+from .pipeline import Cancelled, encrypt_and_upload, parse_recipients
 from .runtime import Runtime
-from .sources import directory, postgres
+from .sources import directory, pg_database, postgres
 from .sources.base import Dump
 from .storage import StorageError, Upload
 
@@ -134,6 +134,8 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
                 threads=cfg.pipeline.zstd_threads, part_size=cfg.pipeline.part_size,
                 on_progress=on_progress, cancel=rt.stopping)
             facts = dump.finish()
+        # Database settings may hold secrets: sealed like the dump (pg_database.seal).
+        facts = pg_database.seal_facts(facts, parse_recipients(cfg.keys.recipients))
     except BaseException:
         for up in uploads.values():
             up.abort()

@@ -346,7 +346,7 @@ def _restore_and_verify(d: _Drill, identities: Sequence[x25519.Identity]) -> Non
                f"{d.source.name} is {d.source.kind}")
         return
     clock = _StreamClock()
-    scratch = _Scratch(d, m)
+    scratch = _Scratch(d, m, identities)
     try:
         mark = time.monotonic()
         sink = scratch.open()
@@ -422,8 +422,9 @@ class _Scratch:
     killed before `remove`, a later run removes what it left.
     """
 
-    def __init__(self, d: _Drill, m: Manifest) -> None:
-        self.d, self.m = d, m
+    def __init__(self, d: _Drill, m: Manifest,
+                 identities: Sequence[x25519.Identity] = ()) -> None:
+        self.d, self.m, self.identities = d, m, identities
         self.sink: postgres.PostgresSink | DirectorySink | None = None
         self.folder: Path | None = None
         self.owner = drill_scratch.this_process(d.started_at)
@@ -441,7 +442,7 @@ class _Scratch:
             d.fail(RESTORE_FAILED, f"cannot prepare the scratch copy: {_first_line(exc)}")
             return None
 
-    def _open_postgres(self) -> Sink:
+    def _open_postgres(self) -> Sink | None:
         d = self.d
         assert d.source.dsn is not None
         base = d.rt.config.drills.postgres_dsn or d.source.dsn
@@ -452,7 +453,12 @@ class _Scratch:
         # Database properties are recreated as a restore would, except what
         # names a role the drill server lacks or the drill role may not do
         # (Policy.drill): what was compared and skipped goes to the evidence.
-        recreate = Recreation.from_facts(self.m.facts.get("database"), Policy(drill=True))
+        try:
+            recreate = Recreation.from_facts(self.m.facts.get("database"), Policy(drill=True),
+                                             self.identities)
+        except UsageError as exc:  # its sealed settings: no identity fits
+            d.fail(NO_IDENTITY, str(exc))
+            return None
         sink = postgres.PostgresSink(base, make_conninfo(base, dbname=name), False,
                                      staging_prefix=prefix,
                                      restore_options=DRILL_RESTORE_OPTIONS, recreate=recreate)

@@ -52,9 +52,11 @@ class RestoreResult:
 
 def open_sink(source: SourceConfig, m: Manifest, target: str, force: bool,
               jobs: int | None = None, scratch_dir: Path | None = None,
-              policy: Policy | None = None) -> Sink:
+              policy: Policy | None = None,
+              identities: Sequence[x25519.Identity] = ()) -> Sink:
     """A staged restore target for the snapshot's kind (`jobs`: parallel pg_restore;
-    `policy`: what a postgres target may lack of the recorded database properties)."""
+    `policy`: what a postgres target may lack of the recorded database properties;
+    `identities` open their sealed settings)."""
     if m.kind != source.kind:
         raise UsageError(f"snapshot {m.id} is a {m.kind} snapshot, source {source.name} "
                          f"is {source.kind}")
@@ -62,7 +64,8 @@ def open_sink(source: SourceConfig, m: Manifest, target: str, force: bool,
         assert source.dsn is not None
         return PostgresSink(source.dsn, target, force, jobs=jobs, scratch_dir=scratch_dir,
                             size_hint=m.plaintext_size,
-                            recreate=Recreation.from_facts(m.facts.get("database"), policy))
+                            recreate=Recreation.from_facts(m.facts.get("database"), policy,
+                                                           identities))
     return DirectorySink(Path(target), m.id, m.facts)
 
 
@@ -146,7 +149,7 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
         started = time.monotonic()
         try:
             m = read_manifest(rt, store, source.name, entry.id)
-            sink = open_sink(source, m, target, force, jobs, scratch, policy)
+            sink = open_sink(source, m, target, force, jobs, scratch, policy, identities)
         except UsageError:
             raise
         except DrError as exc:

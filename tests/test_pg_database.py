@@ -4,10 +4,12 @@ restore runs and the comparison a drill makes (real-server tests: test_postgres_
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pyrage import x25519
 
 from drdaemon.errors import UsageError
 from drdaemon.sources.pg_database import (
@@ -19,7 +21,10 @@ from drdaemon.sources.pg_database import (
     format_aclitem,
     missing_roles,
     parse_aclitem,
+    seal,
+    seal_facts,
     split_guc_list,
+    unseal,
 )
 
 names = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
@@ -152,3 +157,18 @@ def test_missing_roles_say_what_names_them() -> None:
     assert missing_roles(BASE, ["lmsapp", "reader"]) == {}
     assert missing_roles(BASE, ["postgres"]) == {
         "lmsapp": ["grantor", "owner", "privileges"], "reader": ["privileges", "settings"]}
+
+
+def test_settings_are_sealed_to_the_recipients() -> None:
+    ident, other = x25519.Identity.generate(), x25519.Identity.generate()
+    sealed = seal(BASE.to_facts(), [ident.to_public()])
+    assert "8MB" not in json.dumps(sealed) and "$user" not in json.dumps(sealed)
+    assert sealed["setting_names"] == ["search_path"]
+    assert sealed["role_setting_names"] == [["reader", "work_mem"]]
+    assert Properties.from_facts(unseal(sealed, [ident])) == BASE
+    with pytest.raises(UsageError, match="no identity given can decrypt"):
+        unseal(sealed, [other])
+    with pytest.raises(ValueError):
+        unseal({**sealed, "sealed_settings": "not base64!"}, [ident])
+    assert seal_facts({"database": "old"}, [ident.to_public()]) == {"database": "old"}
+    assert unseal("old", [ident]) == "old"

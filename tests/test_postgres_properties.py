@@ -16,10 +16,12 @@ import psycopg
 import pytest
 from conftest import PgServer, S3Region
 from psycopg import sql
+from pyrage import x25519
 from support import Setup, make_setup, postgres_source
 
 from drdaemon import manifest
-from drdaemon.keys import load_manifest_key
+from drdaemon.keys import load_identities, load_manifest_key
+from drdaemon.sources import pg_database
 
 OWNER = "lmsapp"
 READER = "lms_reader"
@@ -111,6 +113,10 @@ def test_restore_keeps_database_properties_new_name_and_force(
     recorded = shown["facts"]["database"]
     assert recorded["owner"] == OWNER and recorded["encoding"] == "LATIN1"
     assert recorded["comment"] == "Kursdaten der Universität"
+    # Settings may hold secrets: the manifest (plaintext in the buckets) names them only.
+    assert recorded["setting_names"] == ["search_path", "work_mem"]
+    assert recorded["role_setting_names"] == [[READER, "statement_timeout"]]
+    assert "8MB" not in json.dumps(shown) and "5min" not in json.dumps(shown)
 
     # Over an existing database owned by someone else, and to a new name.
     admin(pg_server, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname + "_forced")))
@@ -290,8 +296,12 @@ def test_drill_compares_properties_and_skips_absent_roles(
     assert "owner" in evidence["skipped"] and "owner" not in evidence["compared"]
 
     # A property the drill server cannot recreate is a difference, not a pass.
-    forge(setup, s3_regions, snap["snapshot_id"],
-          lambda f: f["database"]["settings"].append("statement_timeout=forever"))
+    def add_setting(facts: dict[str, Any]) -> None:
+        db = pg_database.unseal(facts["database"], load_identities(setup.identity))
+        db["settings"].append("statement_timeout=forever")
+        facts["database"] = pg_database.seal(db, [x25519.Recipient.from_str(setup.recipient)])
+
+    forge(setup, s3_regions, snap["snapshot_id"], add_setting)
     code, out = run_drill(setup)
     [r] = out["drills"]
     assert code == 1 and not r["verified"]

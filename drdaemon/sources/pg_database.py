@@ -15,13 +15,18 @@ Pure functions turn the recorded facts into SQL and compare two records;
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+import pyrage
 from psycopg import sql
+from pyrage import x25519
 
 from ..errors import DrError, SourceError, UsageError
 
@@ -223,6 +228,62 @@ class Properties:
         for role, _ in self.role_settings:
             uses.setdefault(role, []).append("settings")
         return {r: sorted(set(u)) for r, u in uses.items()}
+
+
+# -- settings are sealed in the manifest ----------------------------------------------
+#
+# A setting may hold a secret (e.g. `ALTER DATABASE ... SET app.jwt_secret`), and
+# manifests are plaintext in the buckets. So the manifest keeps only the
+# settings' names in the clear and their values age-encrypted to the
+# snapshot's recipients, like the dump that carries them too.
+
+SEALED = "sealed_settings"
+
+
+def seal(facts: dict[str, Any], recipients: Sequence[x25519.Recipient]) -> dict[str, Any]:
+    """`facts` (Properties.to_facts) with settings and role settings age-encrypted."""
+    inner = {"settings": facts["settings"], "role_settings": facts["role_settings"]}
+    blob = pyrage.encrypt(json.dumps(inner, ensure_ascii=False).encode(), list(recipients))
+    out = {k: v for k, v in facts.items() if k not in inner}
+    out["setting_names"] = [split_setting(e)[0] for e in facts["settings"]]
+    out["role_setting_names"] = [[r, split_setting(e)[0]] for r, e in facts["role_settings"]]
+    out[SEALED] = base64.b64encode(blob).decode()
+    return out
+
+
+def unseal(facts: Any, identities: Sequence[x25519.Identity]) -> Any:
+    """`facts` with sealed settings opened (others as they are). UsageError if no
+    identity fits, ValueError if the sealed part is malformed."""
+    if not isinstance(facts, dict) or SEALED not in facts:
+        return facts
+    try:
+        blob = base64.b64decode(_str(facts[SEALED]), validate=True)
+    except (binascii.Error, TypeError):
+        raise ValueError("sealed settings are not base64") from None
+    try:
+        inner = json.loads(pyrage.decrypt(blob, list(identities)))
+    except pyrage.DecryptError as exc:
+        if "no matching keys" in str(exc).lower():
+            raise UsageError("no identity given can decrypt the snapshot's database "
+                             "settings") from None
+        raise ValueError(f"sealed settings cannot be decrypted: {exc}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("sealed settings are not JSON") from None
+    if not isinstance(inner, dict):
+        raise ValueError("sealed settings are not a JSON object")
+    out = {k: v for k, v in facts.items()
+           if k not in (SEALED, "setting_names", "role_setting_names")}
+    out["settings"] = inner.get("settings")
+    out["role_settings"] = inner.get("role_settings")
+    return out
+
+
+def seal_facts(facts: dict[str, Any], recipients: Sequence[x25519.Recipient]) -> dict[str, Any]:
+    """A source's facts with `facts["database"]`'s settings sealed (if it has any)."""
+    db = facts.get("database")
+    if not isinstance(db, dict) or SEALED in db:
+        return facts
+    return {**facts, "database": seal(db, recipients)}
 
 
 def _str(v: Any) -> str:
@@ -493,10 +554,12 @@ class Recreation:
     _set_owner: bool = True
 
     @classmethod
-    def from_facts(cls, facts: Any, policy: Policy | None = None) -> Recreation:
-        """From a manifest's `facts["database"]`; DrError if it cannot be read."""
+    def from_facts(cls, facts: Any, policy: Policy | None = None,
+                   identities: Sequence[x25519.Identity] = ()) -> Recreation:
+        """From a manifest's `facts["database"]`, its settings opened with `identities`;
+        DrError if it cannot be read, UsageError if no identity fits."""
         try:
-            props = Properties.from_facts(facts)
+            props = Properties.from_facts(unseal(facts, identities))
         except ValueError as exc:
             raise DrError(f"the snapshot's database properties cannot be read: {exc}") from None
         rec = cls(props, policy or Policy())
