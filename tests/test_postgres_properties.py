@@ -184,6 +184,7 @@ def test_any_server_encoding_round_trips(tmp_path: Path, pg_server: PgServer,
         assert conn.execute('SELECT * FROM "prüfung" ORDER BY 1').fetchall() == expected
     code, out = run_drill(setup)
     assert code == 0 and out["ok"], out["drills"][0]["reasons"]
+    assert setup.drctl_json("config", "check", "--connect")["privileges"][0]["ok"]
 
 
 def test_missing_owner_stops_unless_skipped(tmp_path: Path, pg_server: PgServer,

@@ -15,6 +15,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from ..config import Config
+from .pg_database import byte_transparent
 from .postgres import describe
 
 _USER_NS = """n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -153,6 +154,7 @@ def _role(row: Any) -> Role:
 def gather_source(dsn: str) -> SourceFacts:
     """The facts `judge_*` need, read from the source database as its role."""
     with psycopg.connect(dsn, connect_timeout=30, autocommit=True) as conn:
+        byte_transparent(conn)
         row = conn.execute(_SOURCE_SQL).fetchone()
     assert row is not None
     return SourceFacts(_role(row), row[4], bool(row[5]), tuple(row[6]), tuple(row[7]),
@@ -162,6 +164,7 @@ def gather_source(dsn: str) -> SourceFacts:
 def gather_role(dsn: str) -> Role:
     """The attributes of the role `dsn` connects as."""
     with psycopg.connect(dsn, connect_timeout=30, autocommit=True) as conn:
+        byte_transparent(conn)
         row = conn.execute(_ROLE_SQL).fetchone()
     assert row is not None
     return _role(row)
