@@ -122,7 +122,8 @@ def test_restore_keeps_database_properties_new_name_and_force(
     admin(pg_server, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname + "_forced")))
     with psycopg.connect(pg_server.dsn(dbname + "_forced"), autocommit=True) as conn:
         conn.execute("CREATE TABLE old (x int)")
-    for target, extra in ((dbname + "_new", ()), (dbname + "_forced", ("--force",))):
+    for target, extra in ((dbname + "_new", ()),
+                          (dbname + "_forced", ("--force", "--jobs", "2"))):
         out = setup.drctl_json("restore", "latest", "--source", "db", "--to", target, *extra)
         assert out["notes"] == [], out
         assert properties(pg_server, target) == before, target

@@ -330,16 +330,23 @@ class PostgresSink:
     def complete(self) -> None:
         if self.jobs is not None:
             self._restore_file()
-        else:
-            assert self.proc is not None and self.stderr is not None
-            with suppress(BrokenPipeError):
-                self.writer.close()
-            code = self.proc.wait()
-            if code != 0:
-                raise SourceError(f"pg_restore into {self.name!r} failed (exit {code}): "
-                                  f"{self.stderr.text() or 'no message'}")
-        # From inside the database, as pg_dump --create does: PostgreSQL keeps a
-        # comment or setting in the encoding of the database it was set from.
+            self._recreate_properties()
+            return
+        assert self.proc is not None and self.stderr is not None
+        with suppress(BrokenPipeError):
+            self.writer.close()
+        code = self.proc.wait()
+        if code != 0:
+            raise SourceError(f"pg_restore into {self.name!r} failed (exit {code}): "
+                              f"{self.stderr.text() or 'no message'}")
+        self._recreate_properties()
+
+    def _recreate_properties(self) -> None:
+        """The snapshot's database properties, once pg_restore has finished.
+
+        From inside the database, as pg_dump --create does: PostgreSQL keeps a
+        comment or setting in the encoding of the database it was set from.
+        """
         with _connect(self.staging_dsn, autocommit=True) as conn:
             pg_database.byte_transparent(conn)
             self.recreate.apply(conn, self.staging)
