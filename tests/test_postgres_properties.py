@@ -89,6 +89,7 @@ def latin1_database(pg: PgServer, name: str) -> str:
               db, sql.Identifier(OWNER)),
           sql.SQL("ALTER DATABASE {} SET search_path TO app, \"$user\", public").format(db),
           sql.SQL("ALTER DATABASE {} SET work_mem TO '8MB'").format(db),
+          sql.SQL("ALTER DATABASE {} SET app.jwt_secret TO 'JWT-s3cr3t'").format(db),
           sql.SQL("ALTER ROLE {} IN DATABASE {} SET statement_timeout TO '5min'").format(
               sql.Identifier(READER), db),
           sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(db),
@@ -114,9 +115,10 @@ def test_restore_keeps_database_properties_new_name_and_force(
     assert recorded["owner"] == OWNER and recorded["encoding"] == "LATIN1"
     assert recorded["comment"] == "Kursdaten der Universität"
     # Settings may hold secrets: the manifest (plaintext in the buckets) names them only.
-    assert recorded["setting_names"] == ["search_path", "work_mem"]
+    assert recorded["setting_names"] == ["search_path", "work_mem", "app.jwt_secret"]
     assert recorded["role_setting_names"] == [[READER, "statement_timeout"]]
-    assert "8MB" not in json.dumps(shown) and "5min" not in json.dumps(shown)
+    for value in ("JWT-s3cr3t", "8MB", "5min"):
+        assert value not in json.dumps(shown)
 
     # Over an existing database owned by someone else, and to a new name.
     admin(pg_server, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname + "_forced")))
@@ -129,6 +131,7 @@ def test_restore_keeps_database_properties_new_name_and_force(
         assert properties(pg_server, target) == before, target
         with psycopg.connect(pg_server.dsn(target), user=OWNER, autocommit=True) as conn:
             assert conn.execute("SHOW search_path").fetchone() == ('app, "$user", public',)
+            assert conn.execute("SHOW app.jwt_secret").fetchone() == ("JWT-s3cr3t",)
             rows = [r[0] for r in conn.execute('SELECT name FROM "schüler" ORDER BY name')]
             assert rows == sorted(WORDS, key=lambda w: w.encode("latin-1"))
             # PostgreSQL 15: public belongs to the database owner, who can use it.

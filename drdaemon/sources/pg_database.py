@@ -47,11 +47,12 @@ CAPTURE_SQL = """
 SELECT d.datname, pg_encoding_to_char(d.encoding), pg_get_userbyid(d.datdba),
        to_jsonb(d) - 'datacl', d.datacl::text[],
        shobj_description(d.oid, 'pg_database'),
-       ARRAY(SELECT s FROM pg_db_role_setting rs, unnest(rs.setconfig) s
-             WHERE rs.setdatabase = d.oid AND rs.setrole = 0 ORDER BY 1),
-       ARRAY(SELECT ARRAY[r.rolname::text, s] FROM pg_db_role_setting rs
-             JOIN pg_roles r ON r.oid = rs.setrole, unnest(rs.setconfig) s
-             WHERE rs.setdatabase = d.oid ORDER BY 1)
+       ARRAY(SELECT s.v FROM pg_db_role_setting rs, unnest(rs.setconfig) WITH ORDINALITY s(v, i)
+             WHERE rs.setdatabase = d.oid AND rs.setrole = 0 ORDER BY s.i),
+       ARRAY(SELECT ARRAY[r.rolname::text, s.v] FROM pg_db_role_setting rs
+             JOIN pg_roles r ON r.oid = rs.setrole,
+             unnest(rs.setconfig) WITH ORDINALITY s(v, i)
+             WHERE rs.setdatabase = d.oid ORDER BY r.rolname, s.i)
 FROM pg_database d WHERE d.datname = current_database()
 """
 
