@@ -23,9 +23,9 @@ from .config import SourceConfig
 from .errors import Cancelled, DrError, ShrinkError, SourceError
 from .keys import fingerprint
 from .manifest import Manifest
-from .pipeline import encrypt_and_upload
+from .pipeline import encrypt_and_upload, parse_recipients
 from .runtime import Runtime
-from .sources import directory, postgres
+from .sources import directory, pg_database, postgres
 from .sources.base import Dump
 from .storage import StorageError, Upload
 
@@ -175,6 +175,8 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
                 on_progress=on_progress, cancel=rt.stopping)
             facts = dump.finish()
             _check_shrink(source, baseline, facts, accept_shrink)
+        # Database settings may hold secrets: sealed like the dump (pg_database.seal).
+        facts = pg_database.seal_facts(facts, parse_recipients(cfg.keys.recipients))
     except BaseException:
         for up in uploads.values():
             up.abort()

@@ -54,6 +54,7 @@ from .runtime import Runtime
 from .sources import postgres
 from .sources.base import Sink
 from .sources.directory import DirectorySink, scan, summarize
+from .sources.pg_database import Policy, Recreation
 from .storage import NotFound, ObjectStore, StorageError
 from .verify import hash_copy
 
@@ -76,6 +77,7 @@ RESTORE_FAILED = "restore-failed"
 COUNT_MISMATCH = "count-mismatch"
 DIGEST_MISMATCH = "digest-mismatch"
 CHECK_FAILED = "check-failed"
+PROPERTY_MISMATCH = "property-mismatch"  # database-level properties (pg_database.py)
 CLEANUP_FAILED = "cleanup-failed"
 INTERNAL = "internal-error"
 
@@ -350,7 +352,7 @@ def _restore_and_verify(d: _Drill, identities: Sequence[x25519.Identity]) -> Non
                f"{d.source.name} is {d.source.kind}")
         return
     clock = _StreamClock()
-    scratch = _Scratch(d, m)
+    scratch = _Scratch(d, m, identities)
     try:
         mark = time.monotonic()
         sink = scratch.open()
@@ -426,8 +428,9 @@ class _Scratch:
     killed before `remove`, a later run removes what it left.
     """
 
-    def __init__(self, d: _Drill, m: Manifest) -> None:
-        self.d, self.m = d, m
+    def __init__(self, d: _Drill, m: Manifest,
+                 identities: Sequence[x25519.Identity] = ()) -> None:
+        self.d, self.m, self.identities = d, m, identities
         self.sink: postgres.PostgresSink | DirectorySink | None = None
         self.folder: Path | None = None
         self.owner = drill_scratch.this_process(d.started_at)
@@ -445,7 +448,7 @@ class _Scratch:
             d.fail(RESTORE_FAILED, f"cannot prepare the scratch copy: {_first_line(exc)}")
             return None
 
-    def _open_postgres(self) -> Sink:
+    def _open_postgres(self) -> Sink | None:
         d = self.d
         assert d.source.dsn is not None
         base = d.rt.config.drills.postgres_dsn or d.source.dsn
@@ -453,9 +456,18 @@ class _Scratch:
         # verifies the staging database itself and drops it.
         prefix = drill_scratch.database_prefix(self.owner)
         name = f"{prefix}{secrets.token_hex(6)}"
+        # Database properties are recreated as a restore would, except what
+        # names a role the drill server lacks or the drill role may not do
+        # (Policy.drill): what was compared and skipped goes to the evidence.
+        try:
+            recreate = Recreation.from_facts(self.m.facts.get("database"), Policy(drill=True),
+                                             self.identities)
+        except UsageError as exc:  # its sealed settings: no identity fits
+            d.fail(NO_IDENTITY, str(exc))
+            return None
         sink = postgres.PostgresSink(base, make_conninfo(base, dbname=name), False,
                                      staging_prefix=prefix,
-                                     restore_options=DRILL_RESTORE_OPTIONS)
+                                     restore_options=DRILL_RESTORE_OPTIONS, recreate=recreate)
         self.sink = sink
         d.scratch = postgres.describe(sink.staging_dsn)
         d.evidence["server"] = postgres.describe(sink.admin_dsn)
@@ -495,12 +507,26 @@ class _Scratch:
         d.evidence["tables"] = len(tables)
         d.evidence["rows"] = sum(int(t["rows"]) for t in tables)
         d.reasons.extend(compare_tables(m.facts.get("tables"), tables))
+        self._verify_properties(dsn)
         checks = [c for c in d.rt.config.drills.checks if c.source == d.source.name]
         results = [_run_check(dsn, c) for c in checks]
         d.evidence["checks"] = results
         for r in results:
             if not r["ok"]:
                 d.fail(CHECK_FAILED, f"{r['sql']!r}: {r['detail']}")
+
+    def _verify_properties(self, dsn: str) -> None:
+        d = self.d
+        assert isinstance(self.sink, postgres.PostgresSink)
+        recreate = self.sink.recreate
+        try:
+            got = postgres.database_properties(dsn)
+        except SourceError as exc:
+            d.fail(PROPERTY_MISMATCH, f"cannot read the restored copy's properties: {exc}")
+            return
+        for difference in recreate.differences(got):
+            d.fail(PROPERTY_MISMATCH, f"database {difference}")
+        d.evidence["database"] = recreate.evidence()
 
     def remove(self) -> None:
         d = self.d

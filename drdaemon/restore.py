@@ -32,6 +32,7 @@ from .manifest import Manifest
 from .runtime import Runtime
 from .sources.base import Sink
 from .sources.directory import DirectorySink
+from .sources.pg_database import Policy, Recreation
 from .sources.postgres import PostgresSink, target_dsn
 from .storage import NotFound, ObjectStore, StorageError
 from .streams import LimitWriter, VerifyingReader, buffered, first_error
@@ -59,9 +60,12 @@ class RestoreResult:
 
 def open_sink(source: SourceConfig, m: Manifest, target: str, force: bool,
               jobs: int | None = None, scratch_dir: Path | None = None,
-              no_owner: bool = False) -> Sink:
+              no_owner: bool = False, policy: Policy | None = None,
+              identities: Sequence[x25519.Identity] = ()) -> Sink:
     """A staged restore target for the snapshot's kind (`jobs`: parallel pg_restore;
-    `no_owner`: objects owned by the restoring role, no GRANT/REVOKE)."""
+    `no_owner`: objects owned by the restoring role, no GRANT/REVOKE; `policy`: what a
+    postgres target may lack of the recorded database properties; `identities` open
+    their sealed settings)."""
     if m.kind != source.kind:
         raise UsageError(f"snapshot {m.id} is a {m.kind} snapshot, source {source.name} "
                          f"is {source.kind}")
@@ -69,7 +73,9 @@ def open_sink(source: SourceConfig, m: Manifest, target: str, force: bool,
         assert source.dsn is not None
         sink = PostgresSink(source.dsn, target, force, jobs=jobs, scratch_dir=scratch_dir,
                             size_hint=m.plaintext_size,
-                            restore_options=NO_OWNER_OPTIONS if no_owner else ())
+                            restore_options=NO_OWNER_OPTIONS if no_owner else (),
+                            recreate=Recreation.from_facts(m.facts.get("database"), policy,
+                                                           identities))
         if no_owner:
             sink.notes.append("restored with --no-owner: every object belongs to the restoring "
                               "role and no GRANT or REVOKE was applied")
@@ -203,7 +209,7 @@ def _region_problem(exc: DrError) -> str:
 def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str, ref: str,
             target: str, *, region: str | None = None, force: bool = False,
             no_owner: bool = False, jobs: int | None = None, scratch_dir: Path | None = None,
-            on_progress: Progress | None = None) -> RestoreResult:
+            on_progress: Progress | None = None, policy: Policy | None = None) -> RestoreResult:
     """Restore snapshot `ref` of a source to `target`, falling back across regions.
 
     `region`: that region only; it fails, saying why, rather than using another.
@@ -212,6 +218,8 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
     `no_owner` (postgres only): pg_restore --no-owner --no-privileges.
     `jobs` (postgres only): the verified dump goes to a private file in
     `scratch_dir` (default: the state folder's `restore/`) for `pg_restore --jobs`.
+    `policy` (postgres only): what to do where the target lacks a role or locale
+    the snapshot's database properties need (default: stop and say so).
     """
     source = rt.config.source(source_name)
     if jobs is not None and source.kind != "postgres":
@@ -244,7 +252,8 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
             failed[store.name] = _region_problem(exc)
             continue
         try:
-            sink = open_sink(source, m, target, force, jobs, scratch, no_owner)
+            sink = open_sink(source, m, target, force, jobs, scratch, no_owner, policy,
+                             identities)
         except SourceError as exc:  # cannot connect, create the staging database, ...
             raise _target_failure(rt, entry, source.name, target, store.name, str(exc),
                                   failed) from None

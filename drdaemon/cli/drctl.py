@@ -17,6 +17,8 @@ from ..errors import DrError, UsageError
 from ..keys import fingerprint, generate_identity, generate_manifest_key, identities_for
 from ..progress import ProgressLine
 from ..runtime import Runtime, record_key_generation
+from ..sources import pg_roles
+from ..sources.pg_database import Policy
 from ..units import format_bytes, format_duration
 from . import (
     emit_json,
@@ -39,23 +41,40 @@ def config_group() -> None:
 
 
 @config_group.command("check")
+@click.option("--connect", is_flag=True,
+              help="Also connect to every postgres source (and the drill server) and say what "
+                   "the backup, restore and drill roles lack (docs/postgres-roles.md); exit 1 "
+                   "if anything is missing.")
 @json_option
 @click.pass_context
 @handle_errors("drctl")
-def config_check(ctx: click.Context, as_json: bool) -> None:
+def config_check(ctx: click.Context, connect: bool, as_json: bool) -> None:
     """Validate the config file; exit 2 with one line naming the problem."""
     cfg = get_config(ctx)
+    checks = pg_roles.check_config(cfg) if connect else []
+    ok = all(c.ok for c in checks)
     summary = {
-        "config": cfg.path, "ok": True, "warnings": list(cfg.warnings),
+        "config": cfg.path, "ok": ok, "warnings": list(cfg.warnings),
         "sources": [s.name for s in cfg.sources], "regions": [r.name for r in cfg.regions],
         "tiers": {t.name: {"rpo_seconds": t.rpo.total_seconds(),
                            "rto_seconds": t.rto.total_seconds()} for t in cfg.tiers.values()},
     }
+    if connect:
+        summary["privileges"] = [c.to_dict() for c in checks]
     if as_json:
         emit_json(summary)
-        return
-    click.echo(f"{cfg.path}: OK — {len(cfg.sources)} source(s), {len(cfg.regions)} region(s) "
-               f"({', '.join(f'{r.name} [{r.continent}]' for r in cfg.regions)})")
+    else:
+        click.echo(f"{cfg.path}: OK — {len(cfg.sources)} source(s), {len(cfg.regions)} "
+                   f"region(s) ({', '.join(f'{r.name} [{r.continent}]' for r in cfg.regions)})")
+        for c in checks:
+            click.echo(f"{c.source} ({c.server}): {'OK' if c.ok else 'MISSING'}")
+            if c.error:
+                click.echo(f"  error: {c.error}")
+            for job in ("backup", "restore", "drill"):
+                for missing in getattr(c, job):
+                    click.echo(f"  {job} role lacks {missing}")
+    if not ok:
+        sys.exit(1)
 
 
 # -- keys -------------------------------------------------------------------
@@ -270,12 +289,19 @@ def snapshots_show(ctx: click.Context, snapshot_id: str, source: str | None,
                    "scratch copy of the dump (needs its plaintext size of free disk).")
 @click.option("--scratch-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Folder for the --jobs scratch copy (default: <state_dir>/restore).")
+@click.option("--skip-missing-roles", is_flag=True,
+              help="postgres: where the target lacks a role the database's owner, privileges "
+                   "or settings name, restore the rest and list what was skipped.")
+@click.option("--skip-missing-locale", is_flag=True,
+              help="postgres: where the target cannot create the recorded encoding/locale, "
+                   "use the server's defaults and say so.")
 @json_option
 @click.pass_context
 @handle_errors("drctl")
 def restore_cmd(ctx: click.Context, snapshot: str, source: str, target: str,
                 region: str | None, force: bool, no_owner: bool, identity_file: Path | None,
-                jobs: int | None, scratch_dir: Path | None, as_json: bool) -> None:
+                jobs: int | None, scratch_dir: Path | None, skip_missing_roles: bool,
+                skip_missing_locale: bool, as_json: bool) -> None:
     """Restore a snapshot, verified end to end, falling back to other regions."""
     rt = get_runtime(ctx)
     identities = identities_for(rt.config, identity_file, "restore")
@@ -284,7 +310,9 @@ def restore_cmd(ctx: click.Context, snapshot: str, source: str, target: str,
         result = restore_service.restore(rt, identities, source, snapshot, target,
                                          region=region, force=force, no_owner=no_owner,
                                          jobs=jobs,
-                                         scratch_dir=scratch_dir, on_progress=line.update)
+                                         scratch_dir=scratch_dir, on_progress=line.update,
+                                         policy=Policy(skip_missing_roles,
+                                                       skip_missing_locale))
     finally:
         line.close()
     if as_json:

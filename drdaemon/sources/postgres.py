@@ -28,7 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ..errors import Cancelled, DrError, SourceError, UsageError
 from ..streams import BackgroundWriter, StderrTail
-from . import pg_session
+from . import pg_database, pg_session
 from .base import Dump
 from .pg_session import child_env, describe, describe_connection
 from .pg_session import first_line as _first_line
@@ -79,6 +79,9 @@ def _with_stdio_buffer(argv: list[str], stream: str) -> list[str]:
 
 
 def _count_rows(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    # As pg_dump does: every row or an error ("query would be affected by
+    # row-level security policy"), never the rows a policy lets this role see.
+    conn.execute("SET row_security = off")
     tables = conn.execute(_TABLES).fetchall()
     counts = []
     for schema, table in tables:
@@ -92,11 +95,28 @@ def _count_rows(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
 def table_counts(dsn: str) -> list[dict[str, Any]]:
     """Exact row counts of every user table at `dsn`, in the form the manifest records."""
     with _connect(dsn, autocommit=False) as conn:
+        pg_database.byte_transparent(conn)
         conn.read_only = True
         try:
             return _count_rows(conn)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            hint = (" (the role needs BYPASSRLS or superuser, see docs/postgres-roles.md)"
+                    if "row-level security" in str(exc) else "")
+            raise SourceError(f"counting rows in {describe(dsn)} failed: "
+                              f"{_first_line(exc)}{hint}") from None
         except psycopg.Error as exc:
             raise SourceError(f"counting rows in {describe(dsn)} failed: "
+                              f"{_first_line(exc)}") from None
+
+
+def database_properties(dsn: str) -> pg_database.Properties:
+    """The database-level properties of the database at `dsn` (pg_database.capture)."""
+    with _connect(dsn, autocommit=True) as conn:
+        pg_database.byte_transparent(conn)
+        try:
+            return pg_database.capture(conn)
+        except psycopg.Error as exc:
+            raise SourceError(f"reading the properties of {describe(dsn)} failed: "
                               f"{_first_line(exc)}") from None
 
 
@@ -122,6 +142,7 @@ def dump(dsn: str, *, lock_wait_timeout: timedelta = LOCK_WAIT_TIMEOUT,
     counter: threading.Thread | None = None
     done = False
     try:
+        pg_database.byte_transparent(conn)
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         # statement_timestamp() is when this statement, which takes the
@@ -131,7 +152,8 @@ def dump(dsn: str, *, lock_wait_timeout: timedelta = LOCK_WAIT_TIMEOUT,
             "current_setting('server_version'), pg_database_size(current_database()), "
             "current_database()").fetchone()
         assert row is not None
-        snapshot, consistency, version, db_size, db_name = row
+        snapshot, consistency, version, db_size, _ = row
+        database = pg_database.capture(conn).to_facts()  # in the same snapshot
         proc = subprocess.Popen(
             _with_stdio_buffer([pg_dump, "--format=custom", "--compress=0",
                                 f"--snapshot={snapshot}", "--no-password",
@@ -174,7 +196,7 @@ def dump(dsn: str, *, lock_wait_timeout: timedelta = LOCK_WAIT_TIMEOUT,
             if "error" in counted:
                 raise failure("counting rows in", _first_line(counted["error"]))
             done = True
-            return {"database": db_name, "server_version": version,
+            return {"database": database, "server_version": version,
                     "database_size": db_size, "tables": counted["tables"]}
 
         assert proc.stdout is not None
@@ -245,7 +267,8 @@ class PostgresSink:
     def __init__(self, source_dsn: str, target: str, force: bool, *,
                  staging_prefix: str = "drdaemon_restore_",
                  restore_options: Sequence[str] = (), jobs: int | None = None,
-                 scratch_dir: Path | None = None, size_hint: int = 0) -> None:
+                 scratch_dir: Path | None = None, size_hint: int = 0,
+                 recreate: pg_database.Recreation | None = None) -> None:
         # Drills never commit: they verify the staging database itself and drop
         # it, under their own prefix, restored with their own pg_restore options.
         self.dsn = target_dsn(source_dsn, target)
@@ -256,7 +279,9 @@ class PostgresSink:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr: StderrTail | None = None
         self._feed: BackgroundWriter | None = None
-        self.notes: list[str] = []
+        # The snapshot's database properties (owner, locale, settings, ACL...).
+        self.recreate = recreate or pg_database.Recreation(None)
+        self.notes: list[str] = self.recreate.notes
         self.jobs = jobs
         self.dump_fd: int | None = None  # the --jobs scratch copy, see unnamed_file
         self.command = [_tool("pg_restore"), "--exit-on-error", "--no-password",
@@ -264,8 +289,8 @@ class PostgresSink:
         if jobs is not None and scratch_dir is None:
             raise UsageError("pg_restore --jobs needs a scratch folder")
         self.target_exists = self._check_target(force)
-        self._admin(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
-            sql.Identifier(self.staging)))
+        with _connect(self.admin_dsn, autocommit=True) as conn:
+            self.recreate.create(conn, self.staging)
         try:
             if jobs is not None:
                 assert scratch_dir is not None
@@ -332,6 +357,7 @@ class PostgresSink:
     def complete(self) -> None:
         if self.jobs is not None:
             self._restore_file()
+            self._recreate_properties()
             return
         assert self.proc is not None and self.stderr is not None
         with suppress(BrokenPipeError):
@@ -340,6 +366,17 @@ class PostgresSink:
         if code != 0:
             raise SourceError(f"pg_restore into {self.name!r} failed (exit {code}): "
                               f"{self.stderr.text() or 'no message'}")
+        self._recreate_properties()
+
+    def _recreate_properties(self) -> None:
+        """The snapshot's database properties, once pg_restore has finished.
+
+        From inside the database, as pg_dump --create does: PostgreSQL keeps a
+        comment or setting in the encoding of the database it was set from.
+        """
+        with _connect(self.staging_dsn, autocommit=True) as conn:
+            pg_database.byte_transparent(conn)
+            self.recreate.apply(conn, self.staging)
 
     def _restore_file(self) -> None:
         """pg_restore --jobs from the verified scratch copy, which is freed afterwards.
