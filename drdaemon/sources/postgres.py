@@ -290,7 +290,11 @@ class PostgresSink:
             raise UsageError("pg_restore --jobs needs a scratch folder")
         self.target_exists = self._check_target(force)
         with _connect(self.admin_dsn, autocommit=True) as conn:
-            self.recreate.create(conn, self.staging)
+            try:
+                self.recreate.create(conn, self.staging)
+            except (SourceError, UsageError) as exc:
+                # Which server refused matters as much as why (a DSN resolved by libpq).
+                raise type(exc)(f"on {describe_connection(conn)}: {exc}") from None
         try:
             if jobs is not None:
                 assert scratch_dir is not None
