@@ -20,7 +20,7 @@ import pyrage
 import zstandard
 from pyrage import x25519
 
-from .catalog import SnapshotEntry, read_manifest, resolve
+from .catalog import read_manifest, resolve_ref
 from .config import SourceConfig
 from .errors import DrError, IntegrityError, UsageError
 from .manifest import Manifest
@@ -44,6 +44,8 @@ class RestoreResult:
     seconds: float
     failed_regions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # "latest" with allow_older: the newer snapshots that no region could read, newest first
+    skipped_unreadable: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -118,9 +120,12 @@ def _raise_consumer_reason(sink: Sink, cause: BaseException) -> NoReturn:
 def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str, ref: str,
             target: str, *, region: str | None = None, force: bool = False,
             jobs: int | None = None, scratch_dir: Path | None = None,
-            on_progress: Progress | None = None) -> RestoreResult:
+            on_progress: Progress | None = None, allow_older: bool = False) -> RestoreResult:
     """Restore snapshot `ref` of a source to `target`, falling back across regions.
 
+    "latest" never falls back to an older snapshot silently: when the newest
+    listed one cannot be read anywhere it refuses (catalog.NewestUnreadable),
+    unless `allow_older`, and then the result names what it skipped.
     `jobs` (postgres only): the verified dump goes to a private file in
     `scratch_dir` (default: the state folder's `restore/`) for `pg_restore --jobs`.
     """
@@ -131,7 +136,9 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
     if scratch_dir is not None and jobs is None:
         raise UsageError("--scratch-dir is used only with --jobs")
     scratch = scratch_dir or rt.config.daemon.state_dir / "restore"
-    entry: SnapshotEntry = resolve(rt, source.name, ref)
+    chosen = resolve_ref(rt, source.name, ref, allow_older=allow_older)
+    entry = chosen.entry
+    older = chosen.note()
     failed: dict[str, str] = {}
     for store in rt.ordered_stores(region):
         if store.name not in entry.regions:
@@ -166,7 +173,9 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
             sink.discard()
             raise
         result = RestoreResult(source.name, m.id, store.name, where, m.size,
-                               time.monotonic() - started, failed, list(sink.notes))
+                               time.monotonic() - started, failed,
+                               ([older] if older else []) + list(sink.notes),
+                               [e.id for e in chosen.skipped])
         rt.record_event("restore", user=getpass.getuser(), host=socket.gethostname(),
                         **result.to_dict())
         return result

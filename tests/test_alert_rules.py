@@ -28,6 +28,7 @@ ALERTS = {
     "DrdaemonRPOBreached": "rpo-breached",
     "DrdaemonRegionMissingSnapshot": "region-missing-snapshot",
     "DrdaemonSnapshotFailing": "snapshot-failing",
+    "DrdaemonManifestUnreadable": "manifest-unreadable",
     "DrdaemonRetentionBelowPolicy": "retention-below-policy",
     "DrdaemonVerifyFailed": "verify-failed",
     "DrdaemonOrphanLost": "orphan-lost",

@@ -649,11 +649,12 @@ def test_real_prometheus_scrapes_a_series_per_source(
 
         wait_for(lambda: rules() and all(r.get("health") == "ok" for r in rules()), 20,
                  "every rule evaluated")
-        assert len({r["name"] for r in rules()}) == 16
+        assert len({r["name"] for r in rules()}) == 17
         firing = {r["name"] for r in rules() if r.get("state") == "firing"}
         assert not firing & {"DrdaemonRPOBreached", "DrdaemonDown", "DrdaemonAbsent",
                              "DrdaemonSnapshotOverdue", "DrdaemonRegionMissingSnapshot",
-                             "DrdaemonAuditChainBroken", "DrdaemonAuditVerifyMissing"}
+                             "DrdaemonAuditChainBroken", "DrdaemonAuditVerifyMissing",
+                             "DrdaemonManifestUnreadable"}
     finally:
         proc.terminate()
         try:

@@ -30,6 +30,7 @@ ALERT_RUNBOOKS = {
     "DrdaemonRPOBreached": "rpo-breached.md",
     "DrdaemonRegionMissingSnapshot": "region-missing-snapshot.md",
     "DrdaemonSnapshotFailing": "snapshot-failing.md",
+    "DrdaemonManifestUnreadable": "manifest-unreadable.md",
     "DrdaemonRetentionBelowPolicy": "retention-below-policy.md",
     "DrdaemonVerifyFailed": "verify-failed.md",
     "DrdaemonOrphanLost": "orphan-lost.md",

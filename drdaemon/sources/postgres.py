@@ -152,7 +152,8 @@ def dump(dsn: str) -> Iterator[Dump]:
             counter.join()
             if code != 0:
                 raise SourceError(f"pg_dump of {describe(dsn)} failed (exit {code}): "
-                                  f"{stderr.text() or 'no message'}")
+                                  f"{stderr.text() or 'no message'}"
+                                  + _lock_hint(dsn, stderr.text()))
             if "error" in counted:
                 raise SourceError(f"counting rows in {describe(dsn)} failed: "
                                   f"{_first_line(counted['error'])}")
@@ -168,6 +169,33 @@ def dump(dsn: str) -> Iterator[Dump]:
             proc.kill()
             proc.wait()
         conn.close()
+
+
+_LOCK_ERRORS = ("out of shared memory", "max_locks_per_transaction")
+_LOCKABLE = """
+SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+"""
+
+
+def _lock_hint(dsn: str, message: str) -> str:
+    """A one-line hint when pg_dump ran out of lock slots (it locks every table at once)."""
+    if not any(e in message for e in _LOCK_ERRORS):
+        return ""
+    try:
+        with _connect(dsn, autocommit=True) as conn:
+            row = conn.execute(_LOCKABLE).fetchone()
+            setting = conn.execute("SHOW max_locks_per_transaction").fetchone()
+    except (SourceError, psycopg.Error):
+        row = setting = None
+    tables = f"all {row[0]} tables" if row else "every table"
+    now = f" (now {setting[0]})" if setting else ""
+    # The row count holds a lock on each table too, in its own transaction.
+    return (f"; hint: pg_dump locks {tables} at once and so does drdaemon's row count: "
+            f"raise max_locks_per_transaction{now} on the server until it times "
+            "max_connections is well over twice that, then restart PostgreSQL")
 
 
 def target_dsn(source_dsn: str, target: str) -> str:
