@@ -106,9 +106,12 @@ def decode(raw: bytes, m: Manifest) -> dict[str, Any]:
     if len(raw) != ref.size or hashlib.sha256(raw).hexdigest() != ref.sha256:
         raise IntegrityError(f"{what} does not match its manifest (size or sha256)")
     plain = _decompress(raw, min(ref.plaintext_size, MAX_FACTS_PLAINTEXT), what)
-    if len(plain) != ref.plaintext_size:
+    if len(plain) > ref.plaintext_size:
+        raise IntegrityError(f"{what} decompresses to more than the {ref.plaintext_size} "
+                             f"bytes its manifest says (readers stop at {MAX_FACTS_PLAINTEXT})")
+    if len(plain) < ref.plaintext_size:
         raise IntegrityError(f"{what} decompressed to {len(plain)} bytes, its manifest says "
-                             f"{ref.plaintext_size} (at most {MAX_FACTS_PLAINTEXT})")
+                             f"{ref.plaintext_size}")
     try:
         doc = json.loads(plain)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -129,7 +132,7 @@ def _decompress(raw: bytes, limit: int, what: str) -> bytes:
     try:
         with zstandard.ZstdDecompressor().stream_reader(raw) as reader:
             while len(out) <= limit:
-                chunk = reader.read(1 << 20)
+                chunk = reader.read(min(1 << 20, limit + 1 - len(out)))
                 if not chunk:
                     break
                 out += chunk

@@ -158,7 +158,7 @@ def _run(cmd: list[str], *, as_user: pwd.struct_passwd | None, env: dict[str, st
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
     """A real PostgreSQL cluster on 127.0.0.1:<free port>, trust auth, superuser ``postgres``."""
-    with _pg_cluster() as server:
+    with pg_cluster() as server:
         yield server
 
 
@@ -166,12 +166,13 @@ def pg_server() -> Iterator[PgServer]:
 def pg_server_many_locks() -> Iterator[PgServer]:
     """Like ``pg_server``, with room to lock ~50,000 tables at once (twice: pg_dump and the
     row count each lock every table), as a database of thousands of tables needs."""
-    with _pg_cluster("max_locks_per_transaction = 512\n") as server:
+    with pg_cluster("max_locks_per_transaction = 512\n") as server:
         yield server
 
 
 @contextlib.contextmanager
-def _pg_cluster(extra_conf: str = "") -> Iterator[PgServer]:
+def pg_cluster(extra_conf: str = "") -> Iterator[PgServer]:
+    """A PostgreSQL cluster of its own while the block runs; `extra_conf` adds settings."""
     bin_dir = newest_pg_bin_dir()
     as_user = _unprivileged_user() if os.geteuid() == 0 else None
     base = Path(tempfile.mkdtemp(prefix="drdaemon-pg-"))  # short path: unix socket lives here

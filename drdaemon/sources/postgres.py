@@ -156,7 +156,8 @@ def dump(dsn: str) -> Iterator[Dump]:
                                   + _lock_hint(dsn, stderr.text()))
             if "error" in counted:
                 raise SourceError(f"counting rows in {describe(dsn)} failed: "
-                                  f"{_first_line(counted['error'])}")
+                                  f"{_first_line(counted['error'])}"
+                                  + _lock_hint(dsn, str(counted["error"])))
             return {"database": db_name, "server_version": version,
                     "database_size": db_size, "tables": counted["tables"]}
 

@@ -1,0 +1,120 @@
+"""One unreadable manifest (issue 19): reported with its reason, never hiding the region's
+other snapshots, and never silently replaced by an older snapshot in `restore latest` or a
+drill. Local regions and directory sources: the behaviour is the catalog's, not a store's."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from support import Setup, directory_source, local_region, make_setup
+
+from drdaemon import config as config_mod
+from drdaemon import manifest, metrics
+from drdaemon.runtime import open_runtime
+
+REGIONS = ("eu", "us")
+
+
+@pytest.fixture
+def two_snapshots(tmp_path: Path) -> tuple[Setup, str, str]:
+    """A source with an older and a newer snapshot in both regions."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_text("old")
+    setup = make_setup(tmp_path, [local_region("eu", tmp_path / "r-eu", "europe"),
+                                  local_region("us", tmp_path / "r-us", "north-america")],
+                       [directory_source("files", tree)])
+    older = setup.drctl_json("backup")[0]["snapshot_id"]
+    (tree / "a").write_text("new")
+    time.sleep(1.1)  # ids carry the second
+    newer = setup.drctl_json("backup")[0]["snapshot_id"]
+    return setup, older, newer
+
+
+def oversize(setup: Setup, snap_id: str, *regions: str) -> None:
+    """Make the manifest larger than any reader accepts, as a pre-version-2 writer did."""
+    for region in regions:
+        path = setup.config.parent / f"r-{region}" / manifest.manifest_object_name("files",
+                                                                                    snap_id)
+        raw = path.read_bytes()
+        path.write_bytes(raw + b" " * (manifest.MAX_MANIFEST_BYTES + 1 - len(raw)))
+
+
+def test_an_oversized_manifest_in_one_region_is_reported_and_the_rest_listed(
+        two_snapshots: tuple[Setup, str, str]) -> None:
+    setup, older, newer = two_snapshots
+    oversize(setup, newer, "eu")
+    result = setup.drctl("snapshots", "list", "--json")
+    assert result.exit_code == 0, result.output  # still readable in us: a degraded copy
+    doc = json.loads(result.stdout)
+    assert doc["region_errors"] == {}
+    by_id = {e["id"]: e for e in doc["snapshots"]}
+    assert by_id[older]["regions"] == list(REGIONS)
+    assert by_id[newer]["regions"] == ["us"] and not by_id[newer]["unreadable"]
+    assert "larger than 1048576 bytes" in by_id[newer]["problems"]["eu"]
+
+
+def test_a_newest_snapshot_unreadable_everywhere(two_snapshots: tuple[Setup, str, str],
+                                                 tmp_path: Path) -> None:
+    setup, older, newer = two_snapshots
+    oversize(setup, newer, *REGIONS)
+
+    listed = setup.drctl("snapshots", "list")
+    assert listed.exit_code == 1
+    lines = listed.stdout.splitlines()
+    assert any(older in line and "eu, us" in line for line in lines), listed.stdout
+    assert any(newer in line and "UNREADABLE" in line for line in lines), listed.stdout
+    assert f"! snapshot {newer} of files cannot be read in any region" in listed.stderr
+    doc = json.loads(setup.drctl("snapshots", "list", "--json").stdout)
+    [bad] = [e for e in doc["snapshots"] if e["unreadable"]]
+    assert bad["id"] == newer and set(bad["problems"]) == set(REGIONS)
+
+    status = setup.drctl("status", "--json")
+    assert status.exit_code == 1
+    [src] = json.loads(status.stdout)["sources"]
+    assert src["newest_id"] == older and not src["ok"]
+    assert [u["id"] for u in src["unreadable_snapshots"]] == [newer]
+    assert any(f"snapshot {newer} cannot be read in any region" in p and "larger than" in p
+               for p in src["problems"])
+
+    # restore latest refuses, naming the snapshot and why ...
+    target = tmp_path / "restored"
+    refused = setup.drctl("restore", "latest", "--source", "files", "--to", str(target))
+    assert refused.exit_code == 1 and not target.exists()
+    assert newer in refused.stderr and "larger than 1048576 bytes" in refused.stderr
+    assert "--allow-older" in refused.stderr
+    # ... unless told to take an older one, and then it says which.
+    allowed = setup.drctl("restore", "latest", "--source", "files", "--to", str(target),
+                          "--allow-older", "--json")
+    assert allowed.exit_code == 0, allowed.output
+    out = json.loads(allowed.stdout)
+    assert out["snapshot_id"] == older and out["skipped_unreadable"] == [newer]
+    assert any(newer in n and f"used the older {older}" in n for n in out["notes"])
+    assert (target / "a").read_text() == "old"
+    text = setup.drctl("restore", "latest", "--source", "files", "--allow-older",
+                       "--to", str(tmp_path / "again"))
+    assert text.exit_code == 0 and f"restored {older}" in text.stdout
+    assert f"used the older {older}" in text.stderr
+
+    # A drill does not prove an RPO with the older snapshot.
+    drill = setup.drctl("drill", "run", "--json")
+    assert drill.exit_code == 1
+    [record] = json.loads(drill.stdout)["drills"]
+    assert record["reason_codes"] == ["newest-unreadable"], record["reasons"]
+    assert newer in record["reasons"][0] and record["snapshot_id"] is None
+
+    # The metric the DrdaemonManifestUnreadable alert reads.
+    rt = open_runtime(config_mod.load(setup.config))
+    st = metrics.MetricsState.from_config(rt.config)
+    metrics.refresh(rt, st)
+    reg = CollectorRegistry()
+    reg.register(metrics.StateCollector(st, lambda: datetime.now(UTC)))
+    for region in REGIONS:
+        labels = {"source": "files", "tenant": "uni-a", "tier": "paid", "region": region}
+        assert reg.get_sample_value("drdaemon_unreadable_manifests", labels) == 1
+        assert reg.get_sample_value("drdaemon_retained_snapshots", labels) == 1
