@@ -13,7 +13,7 @@ import hmac
 import json
 import secrets
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from lms import populate
 from psycopg import sql
 from support import Setup, local_region, make_setup, postgres_source
 
-from drdaemon import backup, facts, orphans
+from drdaemon import backup, facts, orphans, prune
 from drdaemon import config as config_mod
 from drdaemon.errors import IntegrityError
 from drdaemon.keys import ManifestKey, load_manifest_key
@@ -283,3 +283,50 @@ def test_a_version_1_manifest_with_inline_tables_still_restores_and_drills(
     [record] = drctl_ok(setup, "drill", "run")["drills"]
     assert record["verified"] and record["snapshot_id"] == snap_id, record["reasons"]
     assert record["evidence"]["tables"] == 5
+
+
+class _Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_prune_trashes_the_manifest_first_and_purges_the_facts_object_with_the_data(
+        tmp_path: Path, lms: str) -> None:
+    source = postgres_source("lms", lms) + (
+        "[sources.retention]\ndaily = 1\nweekly = 0\nmonthly = 0\n")
+    setup = make_setup(tmp_path, regions(tmp_path), [source])
+    clock = _Clock(T)
+    rt = open_runtime(config_mod.load(setup.config), clock=clock)
+    ids = []
+    for day in range(2):
+        clock.now = T + timedelta(days=day)
+        result = backup.snapshot(rt, rt.config.sources[0])
+        assert result.ok and result.snapshot_id is not None, result.error
+        ids.append(result.snapshot_id)
+    old, new = ids
+
+    def names(region: str) -> set[str]:
+        root = tmp_path / region
+        return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+    clock.now = T + timedelta(days=1, hours=2)
+    assert prune.run_prune(rt).ok
+    for region in ("eu", "us"):
+        held = names(region)
+        # The manifest went first (to the trash); data and facts objects wait for the purge.
+        assert manifest_object_name("lms", old) not in held
+        assert {data_object_name("lms", old, "postgres"), facts_object_name("lms", old)} <= held
+    clock.now += timedelta(days=7)
+    report = prune.run_prune(rt)
+    assert report.ok
+    for region in ("eu", "us"):
+        held = names(region)
+        assert not {data_object_name("lms", old, "postgres"), facts_object_name("lms", old)} & held
+        assert not [n for n in held if "/trash/" in n]
+        assert {manifest_object_name("lms", new), data_object_name("lms", new, "postgres"),
+                facts_object_name("lms", new)} <= held
+    details = [c.detail for c in report.changes if c.action == "purge"]
+    assert len(details) == 2 and all(facts_object_name("lms", old) in d for d in details)
