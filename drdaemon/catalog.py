@@ -219,13 +219,18 @@ def choose_latest(entries: list[SnapshotEntry], *, allow_older: bool) -> Resolve
     past them is refused (NewestUnreadable) unless `allow_older`.
     """
     readable = [e for e in entries if e.manifest is not None]
+    unreadable = sorted((e for e in entries if e.unreadable), key=lambda e: e.id, reverse=True)
     if not readable:
+        if unreadable:
+            raise NewestUnreadable(
+                f"the newest snapshot of source {unreadable[0].source!r}, {unreadable[0].id}, "
+                f"cannot be read in any region ({unreadable[0].why_unreadable()}), nor can "
+                "any older one")
         return None
     # Ids carry only the second: two snapshots begun in the same second are
     # ordered by their recorded start, so "latest" is never a coin toss.
     chosen = max(readable, key=lambda e: (e.manifest.started_at if e.manifest else None, e.id))
-    skipped = sorted((e for e in entries if e.unreadable and e.id > chosen.id),
-                     key=lambda e: e.id, reverse=True)
+    skipped = [e for e in unreadable if e.id > chosen.id]
     if skipped and not allow_older:
         newest = skipped[0]
         raise NewestUnreadable(

@@ -309,6 +309,14 @@ def _choose(d: _Drill, snapshots: _Catalog) -> bool:
     if region in unreadable:
         d.fail(REGION_UNREACHABLE, f"region {region} could not be listed: {unreadable[region]}")
         return False
+    newer = [e for e in snapshots.unreadable.get(name, [])
+             if not entries or e.id > entries[-1].id]
+    if newer:
+        # Drilling an older snapshot would prove an RPO that nothing can restore.
+        older = f"not drilling an older one ({held[-1].id})" if held else "no older one either"
+        d.fail(NEWEST_UNREADABLE, f"the newest snapshot {newer[-1].id} of {name} cannot be "
+               f"read in any region ({newer[-1].why_unreadable()}); {older}")
+        return False
     if not held:
         problems = [e.problems[region] for e in entries if region in e.problems]
         if problems:
@@ -318,13 +326,6 @@ def _choose(d: _Drill, snapshots: _Catalog) -> bool:
                    f"newest ({entries[-1].id}) is only in {', '.join(entries[-1].regions)}")
         else:
             d.fail(NO_SNAPSHOT, f"no snapshot of {name} in any region")
-        return False
-    newer = [e for e in snapshots.unreadable.get(name, []) if e.id > held[-1].id]
-    if newer:
-        # Drilling an older snapshot would prove an RPO that nothing can restore.
-        d.fail(NEWEST_UNREADABLE, f"the newest snapshot {newer[-1].id} of {name} cannot be "
-               f"read in any region ({newer[-1].why_unreadable()}); not drilling the older "
-               f"{held[-1].id}")
         return False
     d.entry = held[-1]
     if entries[-1].id != d.entry.id:

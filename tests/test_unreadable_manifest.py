@@ -13,8 +13,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from support import Setup, directory_source, local_region, make_setup
 
+from drdaemon import catalog, manifest, metrics
 from drdaemon import config as config_mod
-from drdaemon import manifest, metrics
 from drdaemon.runtime import open_runtime
 
 REGIONS = ("eu", "us")
@@ -118,3 +118,43 @@ def test_a_newest_snapshot_unreadable_everywhere(two_snapshots: tuple[Setup, str
         labels = {"source": "files", "tenant": "uni-a", "tier": "paid", "region": region}
         assert reg.get_sample_value("drdaemon_unreadable_manifests", labels) == 1
         assert reg.get_sample_value("drdaemon_retained_snapshots", labels) == 1
+
+
+def _entry(snap_id: str, readable: bool) -> catalog.SnapshotEntry:
+    e = catalog.SnapshotEntry(snap_id, "files")
+    if readable:
+        t = manifest.id_time(snap_id)
+        e.manifest = manifest.Manifest(
+            id=snap_id, source="files", tenant="uni-a", tier="paid", kind="directory",
+            consistency_time=t, started_at=t, finished_at=t,
+            data_name=manifest.data_object_name("files", snap_id, "directory"),
+            sha256="ab" * 32, size=1, compressed_size=1, plaintext_size=1, zstd_level=3,
+            recipients=())
+        e.regions = ["eu"]
+    else:
+        e.problems = {"eu": "manifest is larger than 1048576 bytes"}
+    return e
+
+
+A, B, C = ("20261101T020000Z-0000000a", "20261102T020000Z-0000000b",
+           "20261103T020000Z-0000000c")
+
+
+def test_choose_latest_never_passes_an_unreadable_newest_silently() -> None:
+    choose = catalog.choose_latest
+    assert choose([], allow_older=False) is None
+    found = choose([_entry(A, True), _entry(B, True)], allow_older=False)
+    assert found is not None and found.entry.id == B and found.note() is None
+    # An unreadable snapshot older than the chosen one changes nothing.
+    found = choose([_entry(A, False), _entry(B, True)], allow_older=False)
+    assert found is not None and found.entry.id == B and found.skipped == []
+    entries = [_entry(A, True), _entry(B, False), _entry(C, False)]
+    with pytest.raises(catalog.NewestUnreadable, match=f"{C}, cannot be read.*older {A}"):
+        choose(entries, allow_older=False)
+    found = choose(entries, allow_older=True)
+    assert found is not None and found.entry.id == A
+    assert [e.id for e in found.skipped] == [C, B]
+    assert found.note() is not None and C in found.note() and f"used the older {A}" in found.note()
+    for allow in (False, True):
+        with pytest.raises(catalog.NewestUnreadable, match="nor can any older one"):
+            choose([_entry(A, False)], allow_older=allow)
