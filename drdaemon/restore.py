@@ -135,6 +135,8 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
                          f"{source.kind} source")
     if scratch_dir is not None and jobs is None:
         raise UsageError("--scratch-dir is used only with --jobs")
+    if allow_older and ref != "latest":
+        raise UsageError("--allow-older applies to 'latest' only")
     scratch = scratch_dir or rt.config.daemon.state_dir / "restore"
     chosen = resolve_ref(rt, source.name, ref, allow_older=allow_older)
     entry = chosen.entry

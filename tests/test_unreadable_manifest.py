@@ -101,6 +101,10 @@ def test_a_newest_snapshot_unreadable_everywhere(two_snapshots: tuple[Setup, str
     assert text.exit_code == 0 and f"restored {older}" in text.stdout
     assert f"used the older {older}" in text.stderr
 
+    misused = setup.drctl("restore", older, "--source", "files", "--allow-older",
+                          "--to", str(tmp_path / "third"))
+    assert misused.exit_code == 2 and "'latest' only" in misused.stderr
+
     # A drill does not prove an RPO with the older snapshot.
     drill = setup.drctl("drill", "run", "--json")
     assert drill.exit_code == 1
