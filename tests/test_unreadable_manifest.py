@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from support import Setup, directory_source, local_region, make_setup
 
@@ -162,3 +164,27 @@ def test_choose_latest_never_passes_an_unreadable_newest_silently() -> None:
     for allow in (False, True):
         with pytest.raises(catalog.NewestUnreadable, match="nor can any older one"):
             choose([_entry(A, False)], allow_older=allow)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(min_value=1, max_value=28), st.booleans()),
+                unique_by=lambda x: x[0], max_size=8), st.booleans())
+def test_choose_latest_properties(days: list[tuple[int, bool]], allow: bool) -> None:
+    entries = sorted((_entry(f"202611{day:02d}T020000Z-0000000a", readable)
+                      for day, readable in days), key=lambda e: e.id)
+    readable = [e.id for e in entries if not e.unreadable]
+    newer_bad = [e.id for e in entries if e.unreadable and (not readable or e.id > readable[-1])]
+    try:
+        found = catalog.choose_latest(entries, allow_older=allow)
+    except catalog.NewestUnreadable as exc:
+        # Refused exactly when the newest listed snapshot is unreadable (and, with
+        # allow_older, when nothing older is readable either); the message names it.
+        assert newer_bad and (not allow or not readable)
+        assert max(newer_bad) in str(exc)
+        return
+    if not entries:
+        assert found is None
+        return
+    assert found is not None and found.entry.id == readable[-1]
+    assert [e.id for e in found.skipped] == sorted(newer_bad, reverse=True)
+    assert allow or not found.skipped
