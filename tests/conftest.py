@@ -8,7 +8,7 @@ Fixtures
 clean_env (autouse)   no DRDAEMON_* / PG* / AWS_PROFILE vars, HOME=tmp, fake AWS creds
 free_port             the function :func:`find_free_port` (call it: ``free_port()``)
 pg_server (session)   :class:`PgServer` - ``.dsn(dbname)``, ``.host``, ``.port``, ``.user``
-pg_server_many_locks  (session) the same with max_locks_per_transaction = 512 (thousands of tables)
+pg_cluster            context manager: a PostgreSQL cluster of its own, with extra settings
 pg_database           DSN (str) of a fresh, empty, uniquely-named database; dropped afterwards
 moto_region_factory   ``factory(name, region, continent)`` -> private :class:`S3Region`
 s3_regions            ``[eu, us]`` :class:`S3Region` records, emptied and with fresh buckets
@@ -159,14 +159,6 @@ def _run(cmd: list[str], *, as_user: pwd.struct_passwd | None, env: dict[str, st
 def pg_server() -> Iterator[PgServer]:
     """A real PostgreSQL cluster on 127.0.0.1:<free port>, trust auth, superuser ``postgres``."""
     with pg_cluster() as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def pg_server_many_locks() -> Iterator[PgServer]:
-    """Like ``pg_server``, with room to lock ~50,000 tables at once (twice: pg_dump and the
-    row count each lock every table), as a database of thousands of tables needs."""
-    with pg_cluster("max_locks_per_transaction = 512\n") as server:
         yield server
 
 

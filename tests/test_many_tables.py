@@ -57,10 +57,18 @@ def create_database(server: PgServer, tables: int, batch: int, *,
                              .format(sql.Identifier(name)))
 
 
+@pytest.fixture(scope="module")
+def pg_server_many_locks() -> Iterator[PgServer]:
+    """A server with room to lock ~50,000 tables at once (512 x ~120 processes): pg_dump
+    and the row count each lock every table, and so does the drill's count."""
+    with pg_cluster("max_locks_per_transaction = 512\n") as server:
+        yield server
+
+
 @pytest.fixture
 def many_tables(pg_server_many_locks: PgServer) -> Iterator[str]:
     # Not dropped: DROP DATABASE of 12,000 tables takes a minute here; the server, which
-    # only this test uses, goes at the end of the session anyway.
+    # only this test uses, goes with this module.
     yield from create_database(pg_server_many_locks, 12_000, 12_000, drop=False)
 
 
