@@ -10,6 +10,7 @@ is committed, degraded, in the others.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +20,12 @@ from datetime import datetime
 from typing import Any
 
 from . import __version__, catalog, manifest, shrink, state
+from . import facts as facts_object
 from .config import SourceConfig
 from .errors import Cancelled, DrError, ShrinkError, SourceError
 from .keys import fingerprint
 from .manifest import Manifest
-from .pipeline import encrypt_and_upload, parse_recipients
+from .pipeline import Stored, encrypt_and_upload, parse_recipients
 from .runtime import Runtime
 from .sources import directory, pg_database, postgres
 from .sources.base import Dump
@@ -177,6 +179,10 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
             _check_shrink(source, baseline, facts, accept_shrink)
         # Database settings may hold secrets: sealed like the dump (pg_database.seal).
         facts = pg_database.seal_facts(facts, parse_recipients(cfg.keys.recipients))
+        # Everything a reader will check is built and bounded before any
+        # region commits: facts that cannot be stored fail the snapshot here.
+        snap, detached = _draft_manifest(rt, source, snap_id, started, data_name,
+                                         dump.consistency_time, stored, facts)
     except BaseException:
         for up in uploads.values():
             up.abort()
@@ -195,26 +201,23 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
     errors = _each_region([n for n in uploads if n not in stored.failed], commit)
     result.failed_regions.update(errors)
     committed = [n for n in uploads if n not in stored.failed and n not in errors]
-    snap = Manifest(
-        id=snap_id, source=source.name, tenant=source.tenant, tier=source.tier,
-        kind=source.kind, consistency_time=dump.consistency_time, started_at=started,
-        finished_at=rt.clock(), data_name=data_name, sha256=stored.sha256, size=stored.size,
-        compressed_size=stored.compressed_size, plaintext_size=stored.plaintext_size,
-        zstd_level=cfg.pipeline.zstd_level,
-        recipients=tuple(fingerprint(r) for r in cfg.keys.recipients),
-        facts=facts, drdaemon_version=__version__)
+    # Timestamps have a fixed width: the size checked in the draft still holds.
+    snap = dataclasses.replace(snap, finished_at=rt.clock())
     blob = manifest.serialize(snap, rt.manifest_key)
     manifest_name = manifest.manifest_object_name(source.name, snap_id)
 
     def publish(name: str) -> None:
         store = rt.store(name)
         try:
+            if detached is not None:
+                store.put_bytes(detached.ref.name, detached.blob, retain_until=retain_until)
             store.put_bytes(manifest_name, blob, retain_until=retain_until)
         except StorageError:
             # Without its manifest the data object is an orphan: remove it now
             # if the region lets us; the replica repair copies it later.
-            with contextlib.suppress(DrError):
-                store.delete(data_name)
+            for orphan in snap.object_names():
+                with contextlib.suppress(DrError):
+                    store.delete(orphan)
             raise
 
     errors = _each_region(committed, publish)
@@ -224,6 +227,28 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
         raise StorageError("no region committed the snapshot: " + "; ".join(
             f"{k}: {v}" for k, v in result.failed_regions.items()))
     result.manifest = snap
+
+
+def _draft_manifest(rt: Runtime, source: SourceConfig, snap_id: str, started: datetime,
+                    data_name: str, consistency: datetime, stored: Stored,
+                    facts: dict[str, Any]) -> tuple[Manifest, facts_object.Encoded | None]:
+    """The snapshot's manifest and facts object, or FactsTooLarge if a reader would refuse
+    either (the bounds are the readers' own: manifest.py, facts.py)."""
+    cfg = rt.config
+    inline, detached = facts_object.split(source.kind, facts)
+    encoded = (facts_object.encode(source.name, snap_id, detached)
+               if detached is not None else None)
+    snap = Manifest(
+        id=snap_id, source=source.name, tenant=source.tenant, tier=source.tier,
+        kind=source.kind, consistency_time=consistency, started_at=started,
+        finished_at=rt.clock(), data_name=data_name, sha256=stored.sha256, size=stored.size,
+        compressed_size=stored.compressed_size, plaintext_size=stored.plaintext_size,
+        zstd_level=cfg.pipeline.zstd_level,
+        recipients=tuple(fingerprint(r) for r in cfg.keys.recipients),
+        facts=inline, drdaemon_version=__version__,
+        facts_object=encoded.ref if encoded is not None else None)
+    facts_object.check_storable(manifest.serialize(snap, rt.manifest_key))
+    return snap, encoded
 
 
 def _each_region(names: list[str], step: Callable[[str], None]) -> dict[str, str]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from . import manifest
 from .errors import DrError, IntegrityError, UsageError
 from .manifest import Manifest
-from .storage import NotFound, ObjectInfo, ObjectStore
+from .storage import NotFound, ObjectInfo, ObjectStore, TooLarge
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -35,6 +35,16 @@ class SnapshotEntry:
     # region -> why it could not be listed when this entry was resolved (see `resolve`)
     unreachable: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def unreadable(self) -> bool:
+        """Listed (committed somewhere) but no region holds a manifest that authenticates."""
+        return self.manifest is None
+
+    def why_unreadable(self) -> str:
+        """The problems that make it unreadable, one line."""
+        return "; ".join(f"region {r}: {why}" for r, why in self.problems.items()) or \
+            "no region holds an authenticated manifest"
+
     def to_dict(self, all_regions: list[str]) -> dict[str, object]:
         m = self.manifest
         return {
@@ -48,6 +58,7 @@ class SnapshotEntry:
             "regions": self.regions,
             "missing_regions": [r for r in all_regions if r not in self.regions],
             "problems": self.problems,
+            "unreadable": self.unreadable,
         }
 
 
@@ -56,11 +67,25 @@ class Listing:
     snapshots: list[SnapshotEntry]
     region_errors: dict[str, str]
 
+    @property
+    def unreadable(self) -> list[SnapshotEntry]:
+        """Snapshots listed somewhere whose manifest no region can read."""
+        return [e for e in self.snapshots if e.unreadable]
+
+
+def _too_large() -> IntegrityError:
+    return IntegrityError(f"manifest is larger than {manifest.MAX_MANIFEST_BYTES} bytes, "
+                          "the most any reader accepts")
+
 
 def read_manifest(rt: Runtime, store: ObjectStore, source: str, snapshot_id: str) -> Manifest:
-    """Fetch and authenticate one manifest; NotFound, StorageError or IntegrityError."""
+    """Fetch and authenticate one manifest; NotFound, StorageError or IntegrityError
+    (also for one too large to read: that is the manifest's fault, not the region's)."""
     name = manifest.manifest_object_name(source, snapshot_id)
-    raw = store.get_bytes(name, manifest.MAX_MANIFEST_BYTES)
+    try:
+        raw = store.get_bytes(name, manifest.MAX_MANIFEST_BYTES)
+    except TooLarge:
+        raise _too_large() from None
     return manifest.parse(raw, rt.manifest_key, source=source, snapshot_id=snapshot_id)
 
 
@@ -142,6 +167,10 @@ def _add_region(rt: Runtime, store: ObjectStore, entry: SnapshotEntry, info: Obj
     hit = known.get(info.name) if known is not None else None
     if hit is not None and hit[0] == listed:
         m = hit[1]
+    elif info.size > manifest.MAX_MANIFEST_BYTES:
+        # One snapshot no reader accepts must not hide the region's others.
+        entry.problems[store.name] = str(_too_large())
+        return
     else:
         try:
             m = read_manifest(rt, store, entry.source, entry.id)
@@ -189,25 +218,83 @@ def newest_manifest(rt: Runtime, source: str) -> Manifest | None:
     return None
 
 
-def resolve(rt: Runtime, source: str, ref: str) -> SnapshotEntry:
-    """The snapshot `ref` ("latest" or an id) of `source`, with the regions holding it."""
+class NewestUnreadable(DrError):
+    """The newest committed snapshot cannot be read in any region: no silent fallback."""
+
+
+@dataclass
+class Resolved:
+    """The snapshot a reference chose, and the newer ones passed over to get there."""
+
+    entry: SnapshotEntry
+    skipped: list[SnapshotEntry] = field(default_factory=list)  # unreadable, newest first
+
+    def note(self) -> str | None:
+        """One line naming the unreadable newer snapshots and the one used instead."""
+        if not self.skipped:
+            return None
+        newest = self.skipped[0]
+        return (f"the newest snapshot {newest.id} cannot be read in any region "
+                f"({newest.why_unreadable()}); used the older {self.entry.id}")
+
+
+def choose_latest(entries: list[SnapshotEntry], *, allow_older: bool) -> Resolved | None:
+    """The newest readable snapshot of one source's `entries`; None if there is none. Pure.
+
+    Listed snapshots newer than it whose manifest no region can read (too
+    large, forged, malformed) are what RPO is measured against: falling back
+    past them is refused (NewestUnreadable) unless `allow_older`.
+    """
+    readable = [e for e in entries if e.manifest is not None]
+    unreadable = sorted((e for e in entries if e.unreadable), key=lambda e: e.id, reverse=True)
+    if not readable:
+        if unreadable:
+            raise NewestUnreadable(
+                f"the newest snapshot of source {unreadable[0].source!r}, {unreadable[0].id}, "
+                f"cannot be read in any region ({unreadable[0].why_unreadable()}), nor can "
+                "any older one")
+        return None
+    # Ids carry only the second: two snapshots begun in the same second are
+    # ordered by their recorded start, so "latest" is never a coin toss.
+    chosen = max(readable, key=lambda e: (e.manifest.started_at if e.manifest else None, e.id))
+    skipped = [e for e in unreadable if e.id > chosen.id]
+    if skipped and not allow_older:
+        newest = skipped[0]
+        raise NewestUnreadable(
+            f"the newest snapshot of source {newest.source!r}, {newest.id}, cannot be read in "
+            f"any region ({newest.why_unreadable()}); refusing to fall back to the older "
+            f"{chosen.id} silently (--allow-older uses it)")
+    return Resolved(chosen, skipped)
+
+
+def resolve_ref(rt: Runtime, source: str, ref: str, *, allow_older: bool = False) -> Resolved:
+    """The snapshot `ref` ("latest" or an id) of `source`, with the regions holding it.
+
+    "latest" refuses (NewestUnreadable) when a newer snapshot is listed but
+    unreadable everywhere, unless `allow_older`.
+    """
     if ref != "latest" and not manifest.ID_RE.match(ref):
         raise UsageError(f"invalid snapshot id {ref!r}: expected 'latest' or an id like "
                          "20261123T020000Z-1a2b3c4d")
     listing = list_snapshots(rt, source)
-    found = [e for e in listing.snapshots if e.manifest is not None]
-    if ref != "latest":
-        found = [e for e in found if e.id == ref]
-    if not found:
+    if ref == "latest":
+        found = choose_latest(listing.snapshots, allow_older=allow_older)
+    else:
+        found = next((Resolved(e) for e in listing.snapshots
+                      if e.id == ref and e.manifest is not None), None)
+    if found is None:
         what = "no snapshot" if ref == "latest" else f"no snapshot {ref}"
         errors = "".join(f"; region {k} unreadable: {v}" for k, v in
                          listing.region_errors.items())
-        problems = [p for e in listing.snapshots if e.id == ref for p in e.problems.values()]
-        detail = f" ({problems[0]})" if problems else ""
+        problems = [e.why_unreadable() for e in listing.snapshots
+                    if e.id == ref or (ref == "latest" and e.unreadable)]
+        detail = f" ({problems[-1]})" if problems else ""
         raise UsageError(f"{what} of source {source!r} in any region{detail}{errors}")
-    # Ids carry only the second: two snapshots begun in the same second are
-    # ordered by their recorded start, so "latest" is never a coin toss.
-    chosen = max(found, key=lambda e: (e.manifest.started_at if e.manifest else None, e.id))
     # A region that could not be listed may well hold it: say so, not "missing".
-    chosen.unreachable.update(listing.region_errors)
-    return chosen
+    found.entry.unreachable.update(listing.region_errors)
+    return found
+
+
+def resolve(rt: Runtime, source: str, ref: str) -> SnapshotEntry:
+    """The snapshot `ref` of `source` (see resolve_ref; never falls back to an older one)."""
+    return resolve_ref(rt, source, ref).entry

@@ -35,6 +35,7 @@ from psycopg.conninfo import make_conninfo
 from pyrage import x25519
 
 from . import catalog, drill_scratch, slo
+from . import facts as facts_object
 from .catalog import SnapshotEntry
 from .config import Config, DrillCheck, SourceConfig
 from .drill_records import (
@@ -67,6 +68,7 @@ DRILL_RESTORE_OPTIONS = ("--no-owner", "--no-privileges")
 
 # Reason codes: every failure reason reads "<code>: <detail>".
 NO_SNAPSHOT = "no-snapshot"
+NEWEST_UNREADABLE = "newest-unreadable"  # the newest listed snapshot is unreadable everywhere
 SNAPSHOT_MISSING = "snapshot-missing"  # none in the drill region (others have some)
 REGION_UNREACHABLE = "region-unreachable"
 MANIFEST_INVALID = "manifest-invalid"
@@ -249,15 +251,18 @@ class _Catalog:
 
     entries: dict[str, list[SnapshotEntry]]
     region_errors: dict[str, dict[str, str]]  # source -> region -> error
+    # source -> listed snapshots no region can read (e.g. a manifest too large)
+    unreadable: dict[str, list[SnapshotEntry]] = field(default_factory=dict)
 
     @classmethod
     def read(cls, rt: Runtime, sources: Sequence[str]) -> _Catalog:
-        entries, errors = {}, {}
+        entries, errors, unreadable = {}, {}, {}
         for name in sources:
             listing = catalog.list_snapshots(rt, name)
             entries[name] = [e for e in listing.snapshots if e.manifest is not None]
             errors[name] = listing.region_errors
-        return cls(entries, errors)
+            unreadable[name] = listing.unreadable
+        return cls(entries, errors, unreadable)
 
     def newest(self, source: str) -> SnapshotEntry | None:
         found = self.entries.get(source, [])
@@ -312,6 +317,14 @@ def _choose(d: _Drill, snapshots: _Catalog) -> bool:
     if region in unreadable:
         d.fail(REGION_UNREACHABLE, f"region {region} could not be listed: {unreadable[region]}")
         return False
+    newer = [e for e in snapshots.unreadable.get(name, [])
+             if not entries or e.id > entries[-1].id]
+    if newer:
+        # Drilling an older snapshot would prove an RPO that nothing can restore.
+        older = f"not drilling an older one ({held[-1].id})" if held else "no older one either"
+        d.fail(NEWEST_UNREADABLE, f"the newest snapshot {newer[-1].id} of {name} cannot be "
+               f"read in any region ({newer[-1].why_unreadable()}); {older}")
+        return False
     if not held:
         problems = [e.problems[region] for e in entries if region in e.problems]
         if problems:
@@ -351,8 +364,11 @@ def _restore_and_verify(d: _Drill, identities: Sequence[x25519.Identity]) -> Non
         d.fail(MANIFEST_INVALID, f"snapshot {m.id} is a {m.kind} snapshot, source "
                f"{d.source.name} is {d.source.kind}")
         return
+    expected = _expected_facts(d, store, m)
+    if expected is None:
+        return
     clock = _StreamClock()
-    scratch = _Scratch(d, m, identities)
+    scratch = _Scratch(d, m, expected, identities)
     try:
         mark = time.monotonic()
         sink = scratch.open()
@@ -379,6 +395,23 @@ def _restore_and_verify(d: _Drill, identities: Sequence[x25519.Identity]) -> Non
         mark = time.monotonic()
         scratch.remove()
         d.timings["cleanup"] = time.monotonic() - mark
+
+
+def _expected_facts(d: _Drill, store: ObjectStore, m: Manifest) -> dict[str, Any] | None:
+    """Every fact the copy is checked against (a version-2 manifest's facts object too);
+    None, with a reason, if the facts object cannot be had."""
+    started = time.monotonic()
+    try:
+        return facts_object.full_facts(store, m)
+    except NotFound as exc:
+        d.fail(OBJECT_MISSING, f"facts object: {exc}")
+    except IntegrityError as exc:
+        d.fail(CORRUPT, str(exc))
+    except StorageError as exc:
+        d.fail(REGION_UNREACHABLE, str(exc))
+    finally:
+        d.timings["manifest"] += time.monotonic() - started
+    return None
 
 
 _MEASURED = ("manifest", "prepare", "first_byte", "stream", "read_wait", "write_wait",
@@ -428,9 +461,9 @@ class _Scratch:
     killed before `remove`, a later run removes what it left.
     """
 
-    def __init__(self, d: _Drill, m: Manifest,
+    def __init__(self, d: _Drill, m: Manifest, facts: dict[str, Any],
                  identities: Sequence[x25519.Identity] = ()) -> None:
-        self.d, self.m, self.identities = d, m, identities
+        self.d, self.m, self.facts, self.identities = d, m, facts, identities
         self.sink: postgres.PostgresSink | DirectorySink | None = None
         self.folder: Path | None = None
         self.owner = drill_scratch.this_process(d.started_at)
@@ -491,11 +524,11 @@ class _Scratch:
         return sink
 
     def verify(self) -> None:
-        d, m = self.d, self.m
+        d = self.d
         if isinstance(self.sink, DirectorySink):
             tree = summarize(scan(self.sink.staging))
             d.evidence.update({k: tree[k] for k in TREE_FACTS})
-            d.reasons.extend(compare_tree(m.facts, tree))
+            d.reasons.extend(compare_tree(self.facts, tree))
             return
         assert self.sink is not None
         dsn = self.sink.staging_dsn
@@ -506,7 +539,7 @@ class _Scratch:
             return
         d.evidence["tables"] = len(tables)
         d.evidence["rows"] = sum(int(t["rows"]) for t in tables)
-        d.reasons.extend(compare_tables(m.facts.get("tables"), tables))
+        d.reasons.extend(compare_tables(self.facts.get("tables"), tables))
         self._verify_properties(dsn)
         checks = [c for c in d.rt.config.drills.checks if c.source == d.source.name]
         results = [_run_check(dsn, c) for c in checks]

@@ -22,7 +22,13 @@ from .errors import IntegrityError
 from .keys import ManifestKey
 
 FORMAT = "drdaemon.manifest"
+# Version 2 adds `facts_object`: the facts too large for a manifest (postgres:
+# per-table row counts) in their own object. Written only when there is one;
+# version 1 (facts inline) stays readable everywhere.
 VERSION = 1
+FACTS_OBJECT_VERSION = 2
+VERSIONS = (VERSION, FACTS_OBJECT_VERSION)
+# Shared by the writer (backup.py refuses to commit a larger one) and every reader.
 MAX_MANIFEST_BYTES = 1 << 20
 ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}\Z")
 KINDS = {"postgres": "pgdump", "directory": "tar"}
@@ -49,6 +55,11 @@ def data_object_name(source: str, snapshot_id: str, kind: str) -> str:
     return f"{source_prefix(source)}data/{snapshot_id}.{KINDS[kind]}.zst.age"
 
 
+def facts_object_name(source: str, snapshot_id: str) -> str:
+    """Name of the facts object: zstd-compressed JSON of the facts kept out of the manifest."""
+    return f"{source_prefix(source)}facts/{snapshot_id}.json.zst"
+
+
 def manifest_object_name(source: str, snapshot_id: str) -> str:
     """Name of the manifest object, written last: its presence commits the snapshot."""
     return f"{manifests_prefix(source)}{snapshot_id}.json"
@@ -66,6 +77,20 @@ def snapshot_id_from_manifest_name(name: str) -> str | None:
         return None
     snap_id = base[: -len(".json")]
     return snap_id if ID_RE.match(snap_id) else None
+
+
+@dataclass(frozen=True)
+class FactsRef:
+    """The facts object a version-2 manifest authenticates (see facts.py)."""
+
+    name: str
+    sha256: str
+    size: int  # bytes stored (compressed)
+    plaintext_size: int  # bytes of its JSON
+
+    def body(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256, "size": self.size,
+                "plaintext_size": self.plaintext_size, "compression": "zstd"}
 
 
 @dataclass(frozen=True)
@@ -89,12 +114,25 @@ class Manifest:
     recipients: tuple[str, ...]  # fingerprints, see keys.fingerprint
     facts: dict[str, Any] = field(default_factory=dict)
     drdaemon_version: str = ""
+    facts_object: FactsRef | None = None  # version 2 only
+
+    @property
+    def version(self) -> int:
+        return VERSION if self.facts_object is None else FACTS_OBJECT_VERSION
+
+    def object_names(self) -> tuple[str, ...]:
+        """Every object of the snapshot besides the manifest: the data, then any facts object."""
+        if self.facts_object is None:
+            return (self.data_name,)
+        return (self.data_name, self.facts_object.name)
 
     def body(self) -> dict[str, Any]:
         """The JSON body (without the MAC)."""
+        extra = {} if self.facts_object is None else {"facts_object": self.facts_object.body()}
         return {
+            **extra,
             "format": FORMAT,
-            "version": VERSION,
+            "version": self.version,
             "id": self.id,
             "source": self.source,
             "tenant": self.tenant,
@@ -180,9 +218,14 @@ def parse(raw: bytes, key: ManifestKey, *, source: str | None = None,
 def _from_body(doc: dict[str, Any]) -> Manifest:
     if doc.get("format") != FORMAT:
         raise IntegrityError("not a drdaemon manifest")
-    if doc.get("version") != VERSION:
-        raise IntegrityError(f"manifest version {doc.get('version')!r} is not supported "
-                             f"(this drdaemon reads version {VERSION})")
+    version = doc.get("version")
+    if type(version) is not int or version not in VERSIONS:
+        raise IntegrityError(f"manifest version {version!r} is not supported "
+                             f"(this drdaemon reads versions {', '.join(map(str, VERSIONS))})")
+    if (version == FACTS_OBJECT_VERSION) != ("facts_object" in doc):
+        need = "needs" if version == FACTS_OBJECT_VERSION else "cannot have"
+        raise IntegrityError(f"malformed manifest: a version {version} manifest {need} "
+                             "facts_object")
     try:
         data = _get(doc, "data", dict)
         kind = _get(doc, "kind", str)
@@ -214,9 +257,21 @@ def _from_body(doc: dict[str, Any]) -> Manifest:
             recipients=tuple(str(r) for r in recipients),
             facts=_get(doc, "facts", dict),
             drdaemon_version=_get(doc, "drdaemon_version", str),
+            facts_object=_facts_ref(doc) if "facts_object" in doc else None,
         )
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise IntegrityError(f"malformed manifest: {exc}") from None
+
+
+def _facts_ref(doc: dict[str, Any]) -> FactsRef:
+    ref = _get(doc, "facts_object", dict)
+    sha = _get(ref, "sha256", str)
+    if not _HEX64.match(sha):
+        raise IntegrityError("malformed facts_object sha256 in manifest")
+    if _get(ref, "compression", str) != "zstd":
+        raise IntegrityError("unknown facts_object compression in manifest")
+    return FactsRef(name=_get(ref, "name", str), sha256=sha, size=_count(ref, "size"),
+                    plaintext_size=_count(ref, "plaintext_size"))
 
 
 def _get(doc: dict[str, Any], key: str, kind: type) -> Any:

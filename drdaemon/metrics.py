@@ -102,11 +102,14 @@ class SourceView:
     compressed_bytes: int | None = None
     stored_bytes: int | None = None
     last_attempt_ok: bool | None = None  # from the state folder; None if never attempted
+    # region -> manifests listed there that cannot be read or authenticated (reachable only)
+    unreadable: Mapping[str, int] = field(default_factory=dict)
 
 
 def source_view(cfg: Config, info: SourceInfo, entries: Iterable[catalog.SnapshotEntry],
                 outcome: state.Outcome, reachable: Sequence[str], now: datetime) -> SourceView:
     """Pure: one source's view from its listed snapshots and its recorded outcome."""
+    entries = list(entries)
     snaps = [(e.manifest, e.regions) for e in entries if e.manifest is not None]
     # The same judgement as `drctl status`: which snapshot is newest, where it is.
     st = status.evaluate(cfg, cfg.source(info.source), snaps, outcome, now)
@@ -120,6 +123,10 @@ def source_view(cfg: Config, info: SourceInfo, entries: Iterable[catalog.Snapsho
             oldest[r] = min(t, oldest.get(r, t))
             retained[r] = retained.get(r, 0) + 1
     top = next((m for m, _ in snaps if m.id == st.newest_id), None)
+    unreadable = {r: 0 for r in reachable}
+    for e in entries:
+        for r in e.problems:
+            unreadable[r] = unreadable.get(r, 0) + 1
     ok = None
     if outcome.last_attempt is not None or outcome.unfinished:
         # An attempt cut off by a crash or a stop counts as failed until one succeeds.
@@ -128,7 +135,7 @@ def source_view(cfg: Config, info: SourceInfo, entries: Iterable[catalog.Snapsho
         newest, oldest, retained, st.regions,
         (top.finished_at - top.started_at).total_seconds() if top else None,
         top.plaintext_size if top else None, top.compressed_size if top else None,
-        top.size if top else None, ok)
+        top.size if top else None, ok, unreadable)
 
 
 def failure_reason(result: BackupResult) -> str:
@@ -479,6 +486,9 @@ def _storage_families(st: MetricsState, now: datetime,
                        SOURCE_LABELS)
              for k, doc in (("plaintext", "Plaintext size"), ("compressed", "Size after zstd"),
                             ("stored", "Stored (encrypted) size in each region"))}
+    unreadable = _gauge("drdaemon_unreadable_manifests",
+                        "Manifests listed in the region that cannot be read or authenticated "
+                        "(too large, altered, malformed).", REGION_LABELS)
     attempt = _gauge("drdaemon_snapshot_last_attempt_success",
                      "1 if the source's last snapshot attempt succeeded, 0 if it failed.",
                      SOURCE_LABELS)
@@ -494,6 +504,8 @@ def _storage_families(st: MetricsState, now: datetime,
             holding.add_metric(labels, len(v.holding_newest))
         for region, n in sorted(v.retained.items()):
             retained.add_metric([*labels, region], n)
+        for region, n in sorted(v.unreadable.items()):
+            unreadable.add_metric([*labels, region], n)
         for region, t in sorted(v.oldest.items()):
             oldest.add_metric([*labels, region], max(0.0, t_now - t))
         if v.duration is not None:
@@ -513,7 +525,7 @@ def _storage_families(st: MetricsState, now: datetime,
     if st.refreshed_at is not None:
         refreshed.add_metric([], st.refreshed_at)
     return [last, present, holding, retained, oldest, duration, *sizes.values(), attempt,
-            reach, refreshed]
+            reach, refreshed, unreadable]
 
 
 def _activity_families(st: MetricsState, lab: Callable[[str], list[str]]) -> list[Metric]:

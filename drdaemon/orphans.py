@@ -10,7 +10,8 @@ snapshot), so retention never sees it: it would cost storage forever, and
 What counts (docs/format.md, "Orphan data objects"):
 
 - only an object named exactly ``sources/<source>/data/<id>.<pgdump|tar>.zst.age``
-  of a configured source is ours; anything else is never touched;
+  or ``sources/<source>/facts/<id>.json.zst`` (a facts object, treated as one
+  more data object) of a configured source is ours; anything else is never touched;
 - an id that any region names under ``manifests/`` or ``trash/`` (valid or
   not) is not an orphan: a copy without manifest beside a manifest elsewhere
   is a degraded snapshot that ``replicate --repair`` completes, a trashed one
@@ -69,6 +70,7 @@ COMMIT_EVENTS = ("snapshot.committed", "replica.repaired", "prune.undo")
 # default, from MIN_ORPHAN_GRACE to MAX_ORPHAN_GRACE), validated in config.py.
 _ID = r"\d{8}T\d{6}Z-[0-9a-f]{8}"
 _DATA_RE = re.compile(rf"^({_ID})\.(?:{'|'.join(manifest.KINDS.values())})\.zst\.age\Z")
+_FACTS_RE = re.compile(rf"^({_ID})\.json\.zst\Z")  # facts/<id>.json.zst (manifest version 2)
 _REF_RE = re.compile(rf"^({_ID})\.")  # manifests/<id>.json, trash/<id>.<when>.json
 
 
@@ -95,9 +97,16 @@ class Holdings:
 
 
 def data_snapshot_id(source: str, name: str) -> str | None:
-    """The snapshot id of a data object's name, or None for anything that is not ours."""
-    prefix = f"{manifest.source_prefix(source)}data/"
-    m = _DATA_RE.match(name[len(prefix):]) if name.startswith(prefix) else None
+    """The snapshot id of a data (or facts) object's name, or None for anything not ours.
+
+    A snapshot's facts object is one of its data objects here: left without a
+    manifest, it is an orphan on the same terms.
+    """
+    base = manifest.source_prefix(source)
+    m = None
+    for folder, pattern in (("data/", _DATA_RE), ("facts/", _FACTS_RE)):
+        if name.startswith(base + folder):
+            m = pattern.match(name[len(base + folder):])
     if m is None:
         return None
     try:

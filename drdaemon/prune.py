@@ -309,11 +309,16 @@ def _chosen(rt: Runtime, names: list[str] | None) -> list[SourceConfig]:
 
 
 def _checked(m: Manifest) -> Manifest:
-    """Refuse a manifest whose data name is not its own: deleting it could hit another snapshot."""
+    """Refuse a manifest whose object names are not its own: deleting them could hit
+    another snapshot."""
     expected = manifest.data_object_name(m.source, m.id, m.kind)
     if m.data_name != expected:
         raise IntegrityError(f"manifest names data object {m.data_name!r}, "
                              f"expected {expected!r}")
+    facts = manifest.facts_object_name(m.source, m.id)
+    if m.facts_object is not None and m.facts_object.name != facts:
+        raise IntegrityError(f"manifest names facts object {m.facts_object.name!r}, "
+                             f"expected {facts!r}")
     return m
 
 
@@ -345,7 +350,7 @@ def _region_input(rt: Runtime, src: SourceConfig, store: ObjectStore, now: datet
                                  tz).delete_ids)
     final = tuple(
         Snapshot(s.id, s.created_at, _locked_until(
-            store, (m.data_name, manifest.manifest_object_name(src.name, m.id))))
+            store, (*m.object_names(), manifest.manifest_object_name(src.name, m.id))))
         if s.id in expired else s for s, m in snaps)
     return RegionInput(src.name, store.name, src.retention, final, tuple(invalid))
 
@@ -396,21 +401,25 @@ def _purge(rt: Runtime, store: ObjectStore, e: TrashEntry, now: datetime,
         return change("skipped", f"trash entry {e.name} already gone")
     except DrError as exc:
         return change("failed", str(exc))
+    objects = " and ".join(m.object_names())
     if dry_run:
-        return change("planned", f"would delete {m.data_name} and {e.name}")
+        return change("planned", f"would delete {objects} and {e.name}")
     try:
         if _exists(store, manifest.manifest_object_name(e.source, e.snapshot_id)):
             # Committed again since (an undo, a repair): the data is live.
             store.delete(e.name)
             detail = f"snapshot is committed again; kept its data, removed {e.name}"
         else:
-            until = store.retained_until(m.data_name)
+            until = _locked_until(store, m.object_names())
             if until is not None and until > now:
                 return change("skipped", f"data locked until {_utc(until)}; "
                                          "purged by a later run")
-            store.delete(m.data_name)
+            # The trash entry goes last: while it stays, a crash in between is
+            # finished by the next purge.
+            for name in m.object_names():
+                store.delete(name)
             store.delete(e.name)
-            detail = f"deleted {m.data_name} and {e.name}"
+            detail = f"deleted {objects} and {e.name}"
     except DrError as exc:
         return change("failed", str(exc))
     rt.record_event("prune.purge", source=e.source, region=e.region,
@@ -545,8 +554,9 @@ def _undo(rt: Runtime, store: ObjectStore, e: TrashEntry) -> Change:
     try:
         if _exists(store, mname):
             detail = f"already committed; removed {e.name}"
-        elif not _exists(store, m.data_name):
-            return change("failed", f"data object {m.data_name} is gone (purged); "
+        elif gone := [n for n in m.object_names() if not _exists(store, n)]:
+            return change("failed", f"{' and '.join(gone)} {'is' if len(gone) == 1 else 'are'} "
+                                    "gone (purged); "
                                     "restore from another region or copy")
         else:
             store.put_bytes(mname, raw)

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from . import catalog, manifest, prune
+from . import facts as facts_object
 from .catalog import SnapshotEntry
-from .errors import DrError
+from .errors import DrError, IntegrityError
 from .manifest import Manifest
 from .pipeline import FanOut
 from .runtime import Runtime
@@ -217,14 +218,33 @@ def _stat(store: ObjectStore, m: Manifest, hash_it: bool) -> DataStat:
         return DataStat(None)
     except DrError as exc:
         return DataStat(error=str(exc))
-    if not hash_it or size != m.size:
+    if size != m.size:
         return DataStat(size)
+    if not hash_it:
+        return _stat_facts(store, m, size)
     status, reason = check_copy(store, m)
     if status == MISSING:  # deleted between stat and read
         return DataStat(None)
     if status not in (OK, CORRUPT):  # the region, not the copy, failed us
         return DataStat(error=reason)
     return DataStat(size, corrupt=reason if status == CORRUPT else None)
+
+
+def _stat_facts(store: ObjectStore, m: Manifest, size: int) -> DataStat:
+    """The data object is there with its size: is the facts object, if any, too?"""
+    ref = m.facts_object
+    if ref is None:
+        return DataStat(size)
+    try:
+        found = store.stat(ref.name).size
+    except NotFound:
+        return DataStat(size, corrupt="facts object missing")
+    except DrError as exc:
+        return DataStat(error=str(exc))
+    if found != ref.size:
+        return DataStat(size, corrupt=f"facts object is {found} bytes, its manifest says "
+                                      f"{ref.size}")
+    return DataStat(size)
 
 
 # -- executing repairs -------------------------------------------------------
@@ -302,6 +322,25 @@ def copy_data(src: ObjectStore, target: ObjectStore, m: Manifest, part_size: int
             fan.abort()
 
 
+def copy_facts(src: ObjectStore, target: ObjectStore, m: Manifest, rt: Runtime) -> None:
+    """Copy `m`'s facts object, if any, checked against the manifest before it is written.
+
+    Raises _SourceFailed when the source's copy is missing or bad, DrError when
+    the target fails.
+    """
+    ref = m.facts_object
+    if ref is None:
+        return
+    try:
+        blob = src.get_bytes(ref.name, facts_object.MAX_FACTS_BYTES)
+        facts_object.decode(blob, m)
+    except (NotFound, IntegrityError) as exc:
+        raise _SourceFailed(f"facts object: {exc}") from None
+    except DrError as exc:
+        raise _SourceFailed(str(exc)) from None
+    target.put_bytes(ref.name, blob, retain_until=retain_until(rt, m))
+
+
 def _manifest_blob(rt: Runtime, repair: Repair, stores: Mapping[str, ObjectStore]) -> bytes:
     """The exact manifest bytes from a region holding it, re-authenticated now.
 
@@ -344,6 +383,7 @@ def repair_one(rt: Runtime, repair: Repair) -> RepairOutcome:
             break
         try:
             copy_data(stores[region], target, m, rt.config.pipeline.part_size, rt)
+            copy_facts(stores[region], target, m, rt)
         except _SourceFailed as exc:
             out.tried[region] = str(exc)
             continue

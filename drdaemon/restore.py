@@ -24,7 +24,7 @@ import zstandard
 from pyrage import x25519
 
 from . import statefs
-from .catalog import SnapshotEntry, read_manifest, resolve
+from .catalog import SnapshotEntry, read_manifest, resolve_ref
 from .config import SourceConfig
 from .errors import DrError, IntegrityError, SourceError, UsageError
 from .keys import describe_recipients
@@ -53,6 +53,8 @@ class RestoreResult:
     seconds: float
     failed_regions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # "latest" with allow_older: the newer snapshots that no region could read, newest first
+    skipped_unreadable: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -209,9 +211,13 @@ def _region_problem(exc: DrError) -> str:
 def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str, ref: str,
             target: str, *, region: str | None = None, force: bool = False,
             no_owner: bool = False, jobs: int | None = None, scratch_dir: Path | None = None,
-            on_progress: Progress | None = None, policy: Policy | None = None) -> RestoreResult:
+            on_progress: Progress | None = None, policy: Policy | None = None,
+            allow_older: bool = False) -> RestoreResult:
     """Restore snapshot `ref` of a source to `target`, falling back across regions.
 
+    "latest" never falls back to an older snapshot silently: when the newest
+    listed one cannot be read anywhere it refuses (catalog.NewestUnreadable),
+    unless `allow_older`, and then the result names what it skipped.
     `region`: that region only; it fails, saying why, rather than using another.
     A failure on the target (a missing role, no CREATEDB, the database in use)
     stops at once: another region's copy would fail the same way.
@@ -230,6 +236,8 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
                          f"{source.kind} source")
     if scratch_dir is not None and jobs is None:
         raise UsageError("--scratch-dir is used only with --jobs")
+    if allow_older and ref != "latest":
+        raise UsageError("--allow-older applies to 'latest' only")
     if source.kind == "postgres":
         assert source.dsn is not None
         target_dsn(source.dsn, target)  # a bad target (or one with a password) fails first
@@ -237,7 +245,9 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
     scratch = scratch_dir or (statefs.ensure_folder(state_dir, "restore") if jobs is not None
                               else state_dir / "restore")
     stores = [rt.store(region)] if region is not None else list(rt.stores)
-    entry: SnapshotEntry = resolve(rt, source.name, ref)
+    chosen = resolve_ref(rt, source.name, ref, allow_older=allow_older)
+    entry = chosen.entry
+    older = chosen.note()
     failed: dict[str, str] = {}
     for store in stores:
         if store.name not in entry.regions:
@@ -286,7 +296,9 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
             sink.discard()
             raise
         result = RestoreResult(source.name, m.id, store.name, where, m.size,
-                               time.monotonic() - started, failed, list(sink.notes))
+                               time.monotonic() - started, failed,
+                               ([older] if older else []) + list(sink.notes),
+                               [e.id for e in chosen.skipped])
         rt.record_event("restore", user=getpass.getuser(), host=socket.gethostname(),
                         **result.to_dict())
         return result

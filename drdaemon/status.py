@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zoneinfo
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -33,6 +34,8 @@ class SourceStatus:
     last_error: str | None
     next_run: datetime | None
     problems: tuple[str, ...] = field(default=())
+    # (id, reason) of listed snapshots whose manifest no region can read
+    unreadable: tuple[tuple[str, str], ...] = field(default=())
 
     @property
     def ok(self) -> bool:
@@ -49,6 +52,7 @@ class SourceStatus:
             "span_seconds": self.span.total_seconds() if self.span is not None else None,
             "last_failure": self.last_failure, "last_error": self.last_error,
             "next_run": _iso(self.next_run), "problems": list(self.problems),
+            "unreadable_snapshots": [{"id": i, "reason": why} for i, why in self.unreadable],
         }
 
 
@@ -64,8 +68,10 @@ def next_run(source: SourceConfig, tz: str, now: datetime) -> datetime | None:
 
 
 def evaluate(config: Config, source: SourceConfig, snapshots: list[tuple[Manifest, list[str]]],
-             outcome: state.Outcome, now: datetime) -> SourceStatus:
-    """Pure: the status of one source from its committed snapshots (manifest, regions)."""
+             outcome: state.Outcome, now: datetime,
+             unreadable: Sequence[tuple[str, str]] = ()) -> SourceStatus:
+    """Pure: the status of one source from its committed snapshots (manifest, regions)
+    and the (id, reason) of those listed whose manifest no region can read."""
     rpo = config.tiers[source.tier].rpo
     all_regions = [r.name for r in config.regions]
     ordered = sorted(snapshots, key=lambda s: (s[0].consistency_time, s[0].id))
@@ -80,6 +86,7 @@ def evaluate(config: Config, source: SourceConfig, snapshots: list[tuple[Manifes
                         f"{format_duration(rpo)} RPO")
     if missing:
         problems.append(f"newest snapshot missing in {', '.join(missing)}")
+    problems.extend(f"snapshot {i} cannot be read in any region: {why}" for i, why in unreadable)
     if outcome.unfinished:
         problems.append(f"last attempt, begun {outcome.last_started}, never finished "
                         "(the process ended mid-way); a retry is pending")
@@ -94,7 +101,8 @@ def evaluate(config: Config, source: SourceConfig, snapshots: list[tuple[Manifes
     return SourceStatus(
         source.name, source.tenant, source.tier, rpo, newest.id if newest else None,
         newest.consistency_time if newest else None, age, tuple(regions), missing,
-        len(ordered), span, outcome.last_failure, outcome.last_error, fire, tuple(problems))
+        len(ordered), span, outcome.last_failure, outcome.last_error, fire, tuple(problems),
+        tuple(unreadable))
 
 
 def source_statuses(rt: Runtime) -> tuple[list[SourceStatus], dict[str, str]]:
@@ -105,6 +113,7 @@ def source_statuses(rt: Runtime) -> tuple[list[SourceStatus], dict[str, str]]:
     for src in rt.config.sources:
         snaps = [(e.manifest, e.regions) for e in listing.snapshots
                  if e.source == src.name and e.manifest is not None]
+        bad = [(e.id, e.why_unreadable()) for e in listing.unreadable if e.source == src.name]
         outcome = state.read_outcome(rt.config.daemon.state_dir, src.name)
-        result.append(evaluate(rt.config, src, snaps, outcome, now))
+        result.append(evaluate(rt.config, src, snaps, outcome, now, bad))
     return result, listing.region_errors

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO, cast
 from pyrage import x25519
 
 from . import catalog
+from . import facts as facts_object
 from .errors import DrError, IntegrityError, UsageError
 from .manifest import Manifest
 from .restore import stream_into
@@ -110,9 +111,10 @@ class NullSink:
 
 
 def hash_copy(store: ObjectStore, m: Manifest) -> None:
-    """Stream one region's data object, checking size and sha256 against `m`.
+    """Stream one region's data object, checking size and sha256 against `m`, and its
+    facts object, if any (a copy without it is corrupt: drills cannot check it).
 
-    Raises NotFound, StorageError or IntegrityError.
+    Raises NotFound (no data object), StorageError or IntegrityError.
     """
     what = f"snapshot {m.id} in region {store.name}"
     with store.open_read(m.data_name) as raw:
@@ -121,6 +123,10 @@ def hash_copy(store: ObjectStore, m: Manifest) -> None:
             pass  # VerifyingReader raises at EOF unless everything matched
     if not reader.verified:
         reader.check()
+    try:
+        facts_object.fetch(store, m)
+    except NotFound:
+        raise IntegrityError(f"{what}: its facts object is missing") from None
 
 
 def check_copy(store: ObjectStore, m: Manifest, *, deep: bool = False,

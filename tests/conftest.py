@@ -8,6 +8,7 @@ Fixtures
 clean_env (autouse)   no DRDAEMON_* / PG* / AWS_PROFILE vars, HOME=tmp, fake AWS creds
 free_port             the function :func:`find_free_port` (call it: ``free_port()``)
 pg_server (session)   :class:`PgServer` - ``.dsn(dbname)``, ``.host``, ``.port``, ``.user``
+pg_cluster            context manager: a PostgreSQL cluster of its own, with extra settings
 pg_database           DSN (str) of a fresh, empty, uniquely-named database; dropped afterwards
 moto_region_factory   ``factory(name, region, continent)`` -> private :class:`S3Region`
 s3_regions            ``[eu, us]`` :class:`S3Region` records, emptied and with fresh buckets
@@ -157,6 +158,13 @@ def _run(cmd: list[str], *, as_user: pwd.struct_passwd | None, env: dict[str, st
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
     """A real PostgreSQL cluster on 127.0.0.1:<free port>, trust auth, superuser ``postgres``."""
+    with pg_cluster() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def pg_cluster(extra_conf: str = "") -> Iterator[PgServer]:
+    """A PostgreSQL cluster of its own while the block runs; `extra_conf` adds settings."""
     bin_dir = newest_pg_bin_dir()
     as_user = _unprivileged_user() if os.geteuid() == 0 else None
     base = Path(tempfile.mkdtemp(prefix="drdaemon-pg-"))  # short path: unix socket lives here
@@ -183,6 +191,7 @@ def pg_server() -> Iterator[PgServer]:
                 + f"unix_socket_directories = '{base}'\n"
                 + "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
                 + "max_connections = 100\n"
+                + extra_conf
             )
             try:
                 _run([pg_ctl, "start", "-D", str(data), "-l", str(log), "-w", "-t", "60"],

@@ -29,6 +29,7 @@ ALERTS = {
     "DrdaemonRegionMissingSnapshot": "region-missing-snapshot",
     "DrdaemonSnapshotFailing": "snapshot-failing",
     "DrdaemonSourceShrank": "source-shrank",
+    "DrdaemonManifestUnreadable": "manifest-unreadable",
     "DrdaemonRetentionBelowPolicy": "retention-below-policy",
     "DrdaemonVerifyFailed": "verify-failed",
     "DrdaemonOrphanLost": "orphan-lost",

@@ -18,7 +18,7 @@ from lms import populate
 from support import Setup, directory_source, flip_byte, make_setup, postgres_source, stored_key
 
 from drdaemon import config as config_mod
-from drdaemon import drill_records, drills, manifest
+from drdaemon import drill_records, drills, facts, manifest
 from drdaemon.errors import ConfigError
 from drdaemon.keys import load_manifest_key
 from drdaemon.runtime import open_runtime
@@ -195,11 +195,16 @@ def test_tampered_counts_fail_every_table_that_differs(tmp_path: Path, lms_dsn: 
         client = region.client()
         raw = client.get_object(Bucket=region.bucket, Key=name)["Body"].read()
         m = manifest.parse(raw, key)
-        facts = copy.deepcopy(m.facts)
-        for t in facts["tables"]:
+        assert m.facts_object is not None and "tables" not in m.facts
+        stored = client.get_object(Bucket=region.bucket, Key=m.facts_object.name)["Body"].read()
+        tables = copy.deepcopy(facts.decode(stored, m)["tables"])
+        for t in tables:
             if t["table"] in ("users", "submissions"):
                 t["rows"] += 1
-        forged = manifest.serialize(dataclasses.replace(m, facts=facts), key)
+        # A consistent forgery: a new facts object, and the manifest re-signed for it.
+        enc = facts.encode(m.source, m.id, {"tables": tables})
+        client.put_object(Bucket=region.bucket, Key=enc.ref.name, Body=enc.blob)
+        forged = manifest.serialize(dataclasses.replace(m, facts_object=enc.ref), key)
         client.put_object(Bucket=region.bucket, Key=name, Body=forged)
     code, out = run_drill(setup)
     [r] = out["drills"]

@@ -6,6 +6,7 @@ nothing half-written lists as a snapshot and that the next run recovers.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -155,9 +156,11 @@ def test_manifest_swapped_between_snapshots_is_refused(tmp_path: Path,
                            Key=f"sources/files/manifests/{first}.json")["Body"].read()
         c.put_object(Bucket=region.bucket, Key=f"sources/files/manifests/{second}.json",
                      Body=old)
-    listed = setup.drctl_json("snapshots", "list")["snapshots"]
-    swapped = next(s for s in listed if s["id"] == second)
+    listing = setup.drctl("snapshots", "list", "--json")
+    assert listing.exit_code == 1  # an unreadable snapshot is no quiet success
+    swapped = next(s for s in json.loads(listing.stdout)["snapshots"] if s["id"] == second)
     assert swapped["regions"] == [] and "found as" in str(swapped["problems"])
+    assert swapped["unreadable"]
     result = setup.drctl("restore", second, "--source", "files", "--to", str(tmp_path / "o"))
     assert result.exit_code == 2 and "found as" in result.stderr
     assert not (tmp_path / "o").exists()

@@ -344,7 +344,7 @@ def test_oversize_input() -> None:
         parse(big, KEY)
 
 
-@pytest.mark.parametrize("version", [0, 2, -1, 10**30, "1", None, 1.5, [1]], ids=repr)
+@pytest.mark.parametrize("version", [0, 2, 3, -1, 10**30, "1", None, 1.5, [1], True], ids=repr)
 def test_unknown_version(version: Any) -> None:
     body = copy.deepcopy(BODY)
     body["version"] = version

@@ -31,6 +31,7 @@ ALERT_RUNBOOKS = {
     "DrdaemonRegionMissingSnapshot": "region-missing-snapshot.md",
     "DrdaemonSnapshotFailing": "snapshot-failing.md",
     "DrdaemonSourceShrank": "source-shrank.md",
+    "DrdaemonManifestUnreadable": "manifest-unreadable.md",
     "DrdaemonRetentionBelowPolicy": "retention-below-policy.md",
     "DrdaemonVerifyFailed": "verify-failed.md",
     "DrdaemonOrphanLost": "orphan-lost.md",

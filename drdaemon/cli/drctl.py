@@ -12,9 +12,11 @@ import click
 
 from .. import backup as backup_service
 from .. import catalog
+from .. import facts as facts_object
 from .. import restore as restore_service
 from ..errors import DrError, UsageError
 from ..keys import fingerprint, generate_identity, generate_manifest_key, identities_for
+from ..manifest import Manifest
 from ..progress import ProgressLine
 from ..runtime import Runtime, record_key_generation
 from ..sources import pg_roles
@@ -210,7 +212,7 @@ def snapshots_list(ctx: click.Context, source: str | None, region: str | None,
         click.echo(f"{'SOURCE':<20} {'ID':<26} {'CONSISTENT AT (UTC)':<20} {'SIZE':>10}  REGIONS")
         for e in listing.snapshots:
             m = e.manifest
-            when = m.consistency_time.strftime("%Y-%m-%d %H:%M:%S") if m else "?"
+            when = m.consistency_time.strftime("%Y-%m-%d %H:%M:%S") if m else "UNREADABLE"
             size = format_bytes(m.size) if m else "?"
             missing = [r for r in regions if r not in e.regions]
             where = ", ".join(e.regions) + (f"  (missing: {', '.join(missing)})"
@@ -220,7 +222,10 @@ def snapshots_list(ctx: click.Context, source: str | None, region: str | None,
                 click.echo(f"  ! {r}: {why}")
         for r, why in listing.region_errors.items():
             click.echo(f"! region {r} could not be listed: {why}", err=True)
-    if listing.region_errors:
+        for e in listing.unreadable:
+            click.echo(f"! snapshot {e.id} of {e.source} cannot be read in any region",
+                       err=True)
+    if listing.region_errors or listing.unreadable:
         sys.exit(1)
 
 
@@ -248,13 +253,15 @@ def snapshots_show(ctx: click.Context, snapshot_id: str, source: str | None,
     if entry is None or entry.manifest is None:
         raise UsageError(f"no snapshot {snapshot_id} of any source in any region")
     regions = [r.name for r in rt.config.regions]
-    body = entry.manifest.body()
+    m = entry.manifest
+    body = m.body()
     body["regions"] = entry.regions
     body["missing_regions"] = [r for r in regions if r not in entry.regions]
+    # Version 2 keeps per-table facts in their own object: shown as if inline.
+    body["facts"] = _full_facts(rt, entry.regions, m)
     if as_json:
         emit_json(body)
         return
-    m = entry.manifest
     click.echo(f"snapshot   {m.id}\nsource     {m.source} ({m.kind}, tenant {m.tenant}, "
                f"tier {m.tier})\nconsistent {m.consistency_time.isoformat()}\n"
                f"took       {format_duration(m.finished_at - m.started_at)}\n"
@@ -265,6 +272,21 @@ def snapshots_show(ctx: click.Context, snapshot_id: str, source: str | None,
                f"regions    {', '.join(entry.regions)}"
                + (f" (missing: {', '.join(body['missing_regions'])})"
                   if body["missing_regions"] else ""))
+    tables = body["facts"].get("tables")
+    if isinstance(tables, list):
+        rows = sum(int(t.get("rows", 0)) for t in tables if isinstance(t, dict))
+        click.echo(f"tables     {len(tables)} ({rows} rows)")
+
+
+def _full_facts(rt: Runtime, regions: list[str], m: Manifest) -> dict[str, object]:
+    """Every fact of `m`, its facts object read from the first region that has a good one."""
+    problems = []
+    for name in regions:
+        try:
+            return facts_object.full_facts(rt.store(name), m)
+        except DrError as exc:
+            problems.append(str(exc))
+    raise DrError(f"facts object of snapshot {m.id} cannot be read: " + "; ".join(problems))
 
 
 # -- restore ----------------------------------------------------------------
@@ -283,6 +305,9 @@ def snapshots_show(ctx: click.Context, snapshot_id: str, source: str | None,
                    "--no-owner --no-privileges (objects belong to the restoring role, no "
                    "GRANT/REVOKE). List the roles a snapshot needs: "
                    "runbooks/restore-one-database.md.")
+@click.option("--allow-older", is_flag=True,
+              help="With 'latest': if the newest snapshot cannot be read in any region, "
+                   "restore the newest readable one (and say which) instead of refusing.")
 @identity_option
 @click.option("--jobs", type=click.IntRange(min=1), metavar="N",
               help="postgres: pg_restore with N parallel jobs from a verified, private "
@@ -299,9 +324,10 @@ def snapshots_show(ctx: click.Context, snapshot_id: str, source: str | None,
 @click.pass_context
 @handle_errors("drctl")
 def restore_cmd(ctx: click.Context, snapshot: str, source: str, target: str,
-                region: str | None, force: bool, no_owner: bool, identity_file: Path | None,
-                jobs: int | None, scratch_dir: Path | None, skip_missing_roles: bool,
-                skip_missing_locale: bool, as_json: bool) -> None:
+                region: str | None, force: bool, allow_older: bool, no_owner: bool,
+                identity_file: Path | None, jobs: int | None, scratch_dir: Path | None,
+                skip_missing_roles: bool, skip_missing_locale: bool,
+                as_json: bool) -> None:
     """Restore a snapshot, verified end to end, falling back to other regions."""
     rt = get_runtime(ctx)
     identities = identities_for(rt.config, identity_file, "restore")
@@ -309,8 +335,8 @@ def restore_cmd(ctx: click.Context, snapshot: str, source: str, target: str,
     try:
         result = restore_service.restore(rt, identities, source, snapshot, target,
                                          region=region, force=force, no_owner=no_owner,
-                                         jobs=jobs,
-                                         scratch_dir=scratch_dir, on_progress=line.update,
+                                         jobs=jobs, scratch_dir=scratch_dir,
+                                         on_progress=line.update, allow_older=allow_older,
                                          policy=Policy(skip_missing_roles,
                                                        skip_missing_locale))
     finally:

@@ -192,9 +192,11 @@ def dump(dsn: str, *, lock_wait_timeout: timedelta = LOCK_WAIT_TIMEOUT,
             code = proc.wait()
             counter.join()
             if code != 0:
-                raise failure("pg_dump of", stderr.text() or "no message", f" (exit {code})")
+                raise failure("pg_dump of", (stderr.text() or "no message")
+                              + _lock_hint(dsn, stderr.text()), f" (exit {code})")
             if "error" in counted:
-                raise failure("counting rows in", _first_line(counted["error"]))
+                raise failure("counting rows in", _first_line(counted["error"])
+                              + _lock_hint(dsn, str(counted["error"])))
             done = True
             return {"database": database, "server_version": version,
                     "database_size": db_size, "tables": counted["tables"]}
@@ -212,6 +214,33 @@ def dump(dsn: str, *, lock_wait_timeout: timedelta = LOCK_WAIT_TIMEOUT,
         if counter is not None:
             counter.join(pg_session.CLEANUP_CONNECT_TIMEOUT)
         conn.close()
+
+
+_LOCK_ERRORS = ("out of shared memory", "max_locks_per_transaction")
+_LOCKABLE = """
+SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+"""
+
+
+def _lock_hint(dsn: str, message: str) -> str:
+    """A one-line hint when pg_dump ran out of lock slots (it locks every table at once)."""
+    if not any(e in message for e in _LOCK_ERRORS):
+        return ""
+    try:
+        with _connect(dsn, autocommit=True) as conn:
+            row = conn.execute(_LOCKABLE).fetchone()
+            setting = conn.execute("SHOW max_locks_per_transaction").fetchone()
+    except (SourceError, psycopg.Error):
+        row = setting = None
+    tables = f"all {row[0]} tables" if row else "every table"
+    now = f" (now {setting[0]})" if setting else ""
+    # The row count holds a lock on each table too, in its own transaction.
+    return (f"; hint: pg_dump locks {tables} at once and so does drdaemon's row count: "
+            f"raise max_locks_per_transaction{now} on the server until it times "
+            "max_connections is well over twice that, then restart PostgreSQL")
 
 
 def target_dsn(source_dsn: str, target: str) -> str:

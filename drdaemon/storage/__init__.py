@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from ..config import RegionConfig
-from .base import NotFound, ObjectInfo, ObjectStore, StorageError, Upload, check_name
+from .base import (
+    NotFound,
+    ObjectInfo,
+    ObjectStore,
+    StorageError,
+    TooLarge,
+    Upload,
+    check_name,
+)
 from .local import LocalStore
 from .s3 import S3Store
 
-__all__ = ["NotFound", "ObjectInfo", "ObjectStore", "StorageError", "Upload", "check_name",
-           "open_store"]
+__all__ = ["NotFound", "ObjectInfo", "ObjectStore", "StorageError", "TooLarge", "Upload",
+           "check_name", "open_store"]
 
 
 def open_store(region: RegionConfig) -> ObjectStore:

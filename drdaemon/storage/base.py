@@ -23,6 +23,10 @@ class NotFound(StorageError):
     """The named object does not exist in this region."""
 
 
+class TooLarge(StorageError):
+    """The object is larger than the reader accepts (read_bounded)."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     name: str
@@ -47,7 +51,7 @@ def read_bounded(store: ObjectStore, name: str, max_size: int) -> bytes:
     with store.open_read(name) as fh:
         data = fh.read(max_size + 1)
     if len(data) > max_size:
-        raise StorageError(f"region {store.name}: {name} is larger than {max_size} bytes")
+        raise TooLarge(f"region {store.name}: {name} is larger than {max_size} bytes")
     return data
 
 
