@@ -293,8 +293,10 @@ def render_html(data: ReportData) -> str:
         "<li><b>RPO</b>: drill start minus the consistency time of the snapshot restored.</li>"
         "<li><b>Worst gap</b>: the largest gap between consecutive consistency times of the "
         "snapshots retained at the drill (retention thins older ones on purpose).</li>"
-        "<li><b>Projected tier RTO</b>: stored bytes of the newest snapshot of every source "
-        "of the tier divided by the drill's measured throughput.</li>"
+        "<li><b>Projected tier RTO</b>: every source of the tier restored one after another, "
+        "each a fixed cost plus the stored bytes of its newest snapshot over a throughput, "
+        "both fitted to the latest drill of every source of the tier; the tier's row shows "
+        "the newest drill's projection.</li>"
         "<li><b>Verified</b>: sha256 of the stored object, then the restored copy against "
         "the authenticated manifest (row counts per table, or files, bytes and digest), "
         "and the configured SQL checks.</li></ul></section>",
