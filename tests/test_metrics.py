@@ -42,6 +42,7 @@ from drdaemon.metrics import (
 from drdaemon.orphans import OrphanPlan, OrphanVerdict
 from drdaemon.pipeline import AllRegionsFailed, Cancelled
 from drdaemon.prune import Change, PrunePlan, PruneReport, RegionError, RegionPlan
+from drdaemon.replicate import run_replicate
 from drdaemon.runtime import open_runtime
 from drdaemon.scheduler import Daemon
 from drdaemon.status import source_statuses
@@ -243,6 +244,22 @@ def test_reports_are_counted_by_region_and_status() -> None:
     get = registry_of(st).get_sample_value
     assert get("drdaemon_verify_failed_copies", {**db, "region": "us"}) == 0
     assert get("drdaemon_verify_failures_total", {**db, "region": "us", "status": "corrupt"}) == 1
+
+
+def test_the_replicate_job_counts_its_repairs(tmp_path: Path, trees: list[Path]) -> None:
+    setup = two_sources(tmp_path, trees)
+    rt = open_runtime(config_mod.load(setup.config))
+    daemon = Daemon(rt)
+    assert daemon.snapshot_job(rt.config.sources[0]) is not None
+    shutil.rmtree(tmp_path / "r-us" / "sources" / "files-a")  # the us copy is lost
+    daemon.maintenance_job("replicate", lambda: run_replicate(rt, repair=True))
+
+    get = metrics.build_registry(daemon.metrics, rt.clock).get_sample_value
+    us = {"source": "files-a", "tenant": "uni-a", "tier": "paid", "region": "us"}
+    assert get("drdaemon_replica_repairs_total", {**us, "outcome": "repaired"}) == 1
+    assert get("drdaemon_replica_repairs_total", {**us, "outcome": "failed"}) is None
+    la = {k: v for k, v in us.items() if k != "region"}
+    assert get("drdaemon_newest_snapshot_regions", la) == 2  # and the refresh saw it
 
 
 def orphan(snap: str, action: str, size: int, seen: datetime) -> OrphanVerdict:
