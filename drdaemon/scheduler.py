@@ -21,7 +21,7 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import audit, catalog, cron, locks, metrics, slo, state
+from . import audit, catalog, cron, locks, metrics, metrics_feed, slo, state
 from .backup import BackupResult, snapshot
 from .config import SourceConfig
 from .errors import DrError
@@ -113,7 +113,7 @@ class Daemon:
             log.error("snapshot of %s failed: %s", source.name, result.error,
                       extra={"job": "snapshot", **fields})
             self._schedule_retry(source)
-        self.metrics.record_snapshot(result)
+        self.metrics.record_snapshot(metrics_feed.snapshot_attempt(result))
         if self.scheduler.running and not self.rt.stopping.is_set():
             self.refresh_metrics(source.name)  # that source only: one prefix per region
         return result
@@ -189,7 +189,7 @@ class Daemon:
         try:
             with self.metrics.job(name, self.rt.clock):
                 report = fn()
-            self.metrics.record_report(report)
+            metrics_feed.record_report(self.metrics, report)
             if name == "prune":
                 self._keep_orphan_gauges()
             ok = bool(getattr(report, "ok", True))
@@ -214,7 +214,7 @@ class Daemon:
     def refresh_metrics(self, source: str | None = None) -> None:
         """Re-read storage (one source, or all) into the cache scrapes render; never raises."""
         try:
-            metrics.refresh(self.rt, self.metrics, source)
+            metrics_feed.refresh(self.rt, self.metrics, source)
             self.metrics.set_schedule((j.id, j.next_run_time) for j in self.scheduler.get_jobs())
         except Exception:  # stale metrics are better than a dead job thread
             log.exception("cannot refresh metrics", extra={"job": "metrics"})
@@ -281,7 +281,7 @@ class Daemon:
                                seconds=WATCHDOG_INTERVAL.total_seconds(), id="watchdog",
                                name="rpo watchdog")
         self.scheduler.add_job(self.refresh_metrics, "interval",
-                               seconds=metrics.REFRESH_INTERVAL.total_seconds(), id="metrics",
+                               seconds=metrics_feed.REFRESH_INTERVAL.total_seconds(), id="metrics",
                                name="metrics refresh", next_run_time=datetime.now(self.tz))
         self._serve_metrics()
         self.scheduler.start()

@@ -279,7 +279,7 @@ def test_tier_projection_comes_from_every_sources_latest_drill(tmp_path: Path) -
     # report, its JSON and the metric must all show the same figure.
     from support import local_region
 
-    from drdaemon import metrics, slo
+    from drdaemon import metrics, metrics_feed, slo
     big, small = tmp_path / "big", tmp_path / "small"
     big.mkdir()
     small.mkdir()
@@ -303,5 +303,5 @@ def test_tier_projection_comes_from_every_sources_latest_drill(tmp_path: Path) -
     [paid] = report["summary"]
     assert paid["projected"] == pytest.approx(want.total_seconds())
     st = metrics.MetricsState.from_config(config_mod.load(setup.config))
-    metrics.refresh(open_runtime(config_mod.load(setup.config)), st)
+    metrics_feed.refresh(open_runtime(config_mod.load(setup.config)), st)
     assert st.projected_rto["paid"] == pytest.approx(want.total_seconds())

@@ -21,7 +21,7 @@ from counting_store import CountingStore, count_calls, reset
 from support import Setup, directory_source, local_region, make_setup
 
 from drdaemon import config as config_mod
-from drdaemon import manifest, metrics, scheduler
+from drdaemon import manifest, metrics_feed, scheduler
 from drdaemon.backup import snapshot
 from drdaemon.cli.drctl import cli as drctl_cli
 from drdaemon.metrics import MetricsState
@@ -102,14 +102,14 @@ def test_a_refresh_reads_only_manifests_it_has_not_read(world: World) -> None:
     w = world
     eu, us = w.regions
     st = MetricsState.from_config(w.rt.config)
-    metrics.refresh(w.rt, st)
+    metrics_feed.refresh(w.rt, st)
     assert w.manifest_reads() == 8  # 2 sources x 2 snapshots x 2 regions
     assert len(w.rt.manifest_cache) == 8
     first = dict(st.views)
 
     # Nothing new: every prefix is listed again, but no manifest is read.
     reset(w.stores)
-    metrics.refresh(w.rt, st)
+    metrics_feed.refresh(w.rt, st)
     assert w.manifest_reads() == 0
     for s in w.stores.values():
         assert s.count("list", "/manifests/") == len(SOURCES)
@@ -123,7 +123,7 @@ def test_a_refresh_reads_only_manifests_it_has_not_read(world: World) -> None:
     # A new snapshot: the one-source refresh after it reads its manifest once per region.
     new = w.backup("files-a")
     reset(w.stores)
-    metrics.refresh(w.rt, st, "files-a")
+    metrics_feed.refresh(w.rt, st, "files-a")
     assert w.manifest_reads() == 2
     assert {(op, name) for s in w.stores.values() for (op, name) in s.calls
             if "/manifests/" in name and op != "list"} == {
@@ -132,14 +132,14 @@ def test_a_refresh_reads_only_manifests_it_has_not_read(world: World) -> None:
         assert newest_time(st, "files-a", region) == w.clock.now.timestamp()
         assert st.views["files-a"].retained[region] == 3
     reset(w.stores)
-    metrics.refresh(w.rt, st)
+    metrics_feed.refresh(w.rt, st)
     assert w.manifest_reads() == 0
 
     # A deleted snapshot disappears from the metrics and from the cache.
     gone = w.ids["files-b"][0]
     w.stores[eu].inner.delete(manifest.manifest_object_name("files-b", gone))
     reset(w.stores)
-    metrics.refresh(w.rt, st)
+    metrics_feed.refresh(w.rt, st)
     assert w.manifest_reads() == 0
     assert st.views["files-b"].retained == {eu: 1, us: 2}
     assert st.views["files-b"].oldest[eu] > st.views["files-b"].oldest[us]
@@ -152,7 +152,7 @@ def test_a_tampered_manifest_is_never_served_from_the_cache(world: World) -> Non
     w = world
     eu, us = w.regions
     st = MetricsState.from_config(w.rt.config)
-    metrics.refresh(w.rt, st)
+    metrics_feed.refresh(w.rt, st)
     old, new = w.ids["files-a"]
     new_name = manifest.manifest_object_name("files-a", new)
     eu_store = w.stores[eu].inner
@@ -163,7 +163,7 @@ def test_a_tampered_manifest_is_never_served_from_the_cache(world: World) -> Non
     eu_store.put_bytes(new_name, json.dumps(doc).encode())
     for _ in range(2):  # also on the next refresh: a refused manifest is not cached
         reset(w.stores)
-        metrics.refresh(w.rt, st)
+        metrics_feed.refresh(w.rt, st)
         assert w.manifest_reads() == 1
         assert new_name not in w.rt.manifest_cache.slice(eu, "files-a")
         assert st.views["files-a"].retained == {eu: 1, us: 2}
@@ -182,7 +182,7 @@ def test_a_tampered_manifest_is_never_served_from_the_cache(world: World) -> Non
     assert len(forged) == len(raw)
     us_store.put_bytes(old_name, forged)
     reset(w.stores)
-    metrics.refresh(w.rt, st)
+    metrics_feed.refresh(w.rt, st)
     assert w.manifest_reads() == 2  # the refused one again, and the forged one
     assert old_name not in w.rt.manifest_cache.slice(us, "files-a")
     assert st.views["files-a"].retained == {eu: 1, us: 1}

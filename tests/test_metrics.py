@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from support import Setup, directory_source, local_region, make_setup
 
-from drdaemon import audit, metrics
+from drdaemon import audit, metrics, metrics_feed
 from drdaemon import config as config_mod
 from drdaemon.backup import BackupResult, error_kind, snapshot
 from drdaemon.errors import DrError, SourceError
@@ -42,6 +42,7 @@ from drdaemon.metrics import (
 from drdaemon.orphans import OrphanPlan, OrphanVerdict
 from drdaemon.pipeline import AllRegionsFailed, Cancelled
 from drdaemon.prune import Change, PrunePlan, PruneReport, RegionError, RegionPlan
+from drdaemon.replicate import run_replicate
 from drdaemon.runtime import open_runtime
 from drdaemon.scheduler import Daemon
 from drdaemon.status import source_statuses
@@ -219,14 +220,17 @@ def test_schedule_view_takes_the_sooner_of_cron_and_retry() -> None:
     assert jobs == {"prune": at[0].timestamp(), "drill:paid": at[2].timestamp()}
 
 
+record = metrics_feed.record_report  # what the daemon's jobs hand the metrics
+
+
 def test_reports_are_counted_by_region_and_status() -> None:
     st = sample_state()
-    st.record_report(PruneReport(PrunePlan(NOW, False, ()), False, changes=[
+    record(st, PruneReport(PrunePlan(NOW, False, ()), False, changes=[
         Change("trash", "db", "eu", "id1", "done", ""),
         Change("trash", "db", "eu", "id2", "failed", "x"),
         Change("purge", "db", "eu", "id0", "done", ""),
     ]))
-    st.record_report(VerifyReport(False, checks=[
+    record(st, VerifyReport(False, checks=[
         CopyCheck("db", "id1", "eu", "ok"), CopyCheck("db", "id1", "us", "corrupt", "sha"),
         CopyCheck("db", "id3", "us", "missing", "gone")]))
     get = registry_of(st).get_sample_value
@@ -236,10 +240,26 @@ def test_reports_are_counted_by_region_and_status() -> None:
     assert get("drdaemon_verify_failed_copies", {**db, "region": "us"}) == 2
     assert get("drdaemon_verify_failed_copies", {**db, "region": "eu"}) == 0
     # The next run that passes clears the gauge (the counter keeps the history).
-    st.record_report(VerifyReport(False, checks=[CopyCheck("db", "id1", "us", "ok")]))
+    record(st, VerifyReport(False, checks=[CopyCheck("db", "id1", "us", "ok")]))
     get = registry_of(st).get_sample_value
     assert get("drdaemon_verify_failed_copies", {**db, "region": "us"}) == 0
     assert get("drdaemon_verify_failures_total", {**db, "region": "us", "status": "corrupt"}) == 1
+
+
+def test_the_replicate_job_counts_its_repairs(tmp_path: Path, trees: list[Path]) -> None:
+    setup = two_sources(tmp_path, trees)
+    rt = open_runtime(config_mod.load(setup.config))
+    daemon = Daemon(rt)
+    assert daemon.snapshot_job(rt.config.sources[0]) is not None
+    shutil.rmtree(tmp_path / "r-us" / "sources" / "files-a")  # the us copy is lost
+    daemon.maintenance_job("replicate", lambda: run_replicate(rt, repair=True))
+
+    get = metrics.build_registry(daemon.metrics, rt.clock).get_sample_value
+    us = {"source": "files-a", "tenant": "uni-a", "tier": "paid", "region": "us"}
+    assert get("drdaemon_replica_repairs_total", {**us, "outcome": "repaired"}) == 1
+    assert get("drdaemon_replica_repairs_total", {**us, "outcome": "failed"}) is None
+    la = {k: v for k, v in us.items() if k != "region"}
+    assert get("drdaemon_newest_snapshot_regions", la) == 2  # and the refresh saw it
 
 
 def orphan(snap: str, action: str, size: int, seen: datetime) -> OrphanVerdict:
@@ -252,7 +272,7 @@ def test_prune_reports_set_the_orphan_gauges_of_what_they_read() -> None:
     st.orphans = {("files", "eu", "keep"): metrics.OrphanView(3, 30, T)}  # an earlier run
     planned = PrunePlan(NOW, False, tuple(RegionPlan(s, r, ()) for s in ("db", "files")
                                           for r in ("eu", "us")))
-    st.record_report(PruneReport(planned, False, changes=[
+    record(st, PruneReport(planned, False, changes=[
         Change("trash", "db", "eu", "s0", "done", ""),
         Change("orphan", "db", "us", "o5", "done", "deleted"),
         Change("orphan", "db", "us", "o6", "failed", "access denied"),
@@ -282,7 +302,7 @@ def test_prune_reports_set_the_orphan_gauges_of_what_they_read() -> None:
     assert orphans("objects", files, "eu", "keep") is None  # read this time, and clean
 
     # Next run: us cannot be read, eu has no orphan left. us keeps its last result.
-    st.record_report(PruneReport(PrunePlan(NOW, False, (RegionPlan("db", "eu", ()),)), False,
+    record(st, PruneReport(PrunePlan(NOW, False, (RegionPlan("db", "eu", ()),)), False,
                                  region_errors=[RegionError("db", "us", "connection refused")]))
     get = registry_of(st).get_sample_value
     assert orphans("objects", db, "eu", "lost") is None
@@ -298,10 +318,10 @@ def test_audit_checks_render_and_an_unreadable_region_keeps_its_last_result() ->
     get = registry_of(st).get_sample_value
     assert get("drdaemon_audit_verified_ok") is None  # never checked: absent, not a false 0
     ok = audit.AuditVerification(True, 40)
-    st.record_report(audit.AuditCheck(NOW - timedelta(days=1), ok, {"eu": ok, "us": ok}))
+    record(st, audit.AuditCheck(NOW - timedelta(days=1), ok, {"eu": ok, "us": ok}))
     bad = audit.AuditVerification(False, 12, 12, "MAC does not match")
     differs = audit.AuditVerification(False, 12, 12, "differs from the local log")
-    st.record_report(audit.AuditCheck(NOW, bad, {"eu": differs}, {"us": "connection refused"}))
+    record(st, audit.AuditCheck(NOW, bad, {"eu": differs}, {"us": "connection refused"}))
     get = registry_of(st).get_sample_value
     assert get("drdaemon_audit_verified_ok") == 0
     assert get("drdaemon_audit_verified_records") == 12
@@ -347,7 +367,7 @@ def test_refresh_says_what_drctl_status_says(tmp_path: Path, trees: list[Path]) 
         assert snapshot(rt, src).ok
     shutil.rmtree(tmp_path / "r-us" / "sources" / "files-b")  # us lost files-b's copy
     st = MetricsState.from_config(rt.config)
-    metrics.refresh(rt, st)
+    metrics_feed.refresh(rt, st)
     get = registry_of(st).get_sample_value
     statuses, _ = source_statuses(rt)
     for s in statuses:
@@ -490,7 +510,7 @@ def test_refresh_reads_the_drill_log(tmp_path: Path, trees: list[Path]) -> None:
               record("gone", "paid", NOW, True, 1.0, 1.0)):  # no longer configured
         drills.append_record(rt.config.daemon.state_dir, r)
     st = MetricsState.from_config(rt.config)
-    metrics.refresh(rt, st)
+    metrics_feed.refresh(rt, st)
     get = registry_of(st).get_sample_value
     a = {"source": "files-a", "tenant": "uni-a", "tier": "paid"}
     b = {"source": "files-b", "tenant": "uni-b", "tier": "free"}

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from drdaemon import metrics, metrics_server
+from drdaemon import metrics
+from drdaemon.metrics import server as metrics_server
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from support import Setup, directory_source, local_region, make_setup
 
-from drdaemon import catalog, manifest, metrics
+from drdaemon import catalog, manifest, metrics, metrics_feed
 from drdaemon import config as config_mod
 from drdaemon.runtime import open_runtime
 
@@ -117,7 +117,7 @@ def test_a_newest_snapshot_unreadable_everywhere(two_snapshots: tuple[Setup, str
     # The metric the DrdaemonManifestUnreadable alert reads.
     rt = open_runtime(config_mod.load(setup.config))
     st = metrics.MetricsState.from_config(rt.config)
-    metrics.refresh(rt, st)
+    metrics_feed.refresh(rt, st)
     reg = CollectorRegistry()
     reg.register(metrics.StateCollector(st, lambda: datetime.now(UTC)))
     for region in REGIONS:

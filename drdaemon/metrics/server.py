@@ -228,3 +228,26 @@ def _send_within(sock: socket.socket, data: bytes, deadline: float) -> None:
 def serve_registry(host: str, port: int, registry: CollectorRegistry) -> MetricsServer:
     """Serve `registry` at /metrics (and /) on host:port in the background."""
     return MetricsServer(host, port, make_wsgi_app(registry))
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`host:port` from `[daemon] metrics_address`; an empty host means every interface."""
+    host, _, port = address.rpartition(":")
+    return host or "0.0.0.0", int(port)
+
+
+# The name the scheduler knows the server by.
+WSGIServer = MetricsServer
+
+
+def serve(address: str, registry: CollectorRegistry) -> MetricsServer:
+    """Serve /metrics on `address` with bounded threads and timeouts; stop with
+    :func:`shutdown`."""
+    host, port = parse_address(address)
+    return serve_registry(host, port, registry)
+
+
+def shutdown(server: MetricsServer) -> None:
+    """Stop `server` and close its socket."""
+    server.shutdown()
+    server.server_close()

@@ -1,0 +1,76 @@
+"""Prometheus metrics: a collector that renders cached state and never touches storage.
+
+A scrape must stay fast with a thousand sources however slow a bucket is, so
+nothing here lists a bucket when Prometheus asks. The daemon keeps a
+:class:`MetricsState` (plain data) up to date by handing it observations:
+after each job one built from the job's report, after each snapshot a listing
+of that one source, after each maintenance job and every few minutes a listing
+of everything (drdaemon/metrics_feed.py builds them); a scrape only renders the
+cache (:func:`families`).
+
+The package imports no service (backup, prune, catalog, status, ...): jobs
+depend on the metrics, never the other way round (tests/test_metrics_imports.py).
+
+- observations.py: the plain data jobs hand in, one type per kind of outcome;
+- views.py: pure views (:func:`source_view`, :func:`failure_reason`,
+  :func:`drill_views`, :func:`schedule_view`, :func:`audit_views`, :func:`orphan_views`);
+- state.py: :class:`MetricsState` and how each observation changes it;
+- render.py: :func:`families`, :class:`StateCollector`, :func:`build_registry`;
+- persist.py: the orphan gauges kept in the state folder across restarts;
+- server.py: the bounded /metrics HTTP server (:func:`serve`, :func:`shutdown`).
+
+Conventions: names start with ``drdaemon_``, values are in seconds and bytes,
+timestamps are Unix seconds. Labels are bounded by the config (source, tenant,
+tier, region, job_name) or by a fixed set (reason, outcome, status, verdict);
+never a snapshot id. ``job_name`` rather than ``job`` because Prometheus owns ``job``.
+"""
+
+from __future__ import annotations
+
+from .. import __version__
+from .observations import (
+    AuditCopy,
+    AuditRun,
+    CopyVerified,
+    DrillRecordLike,
+    ListedSnapshot,
+    OrphanSeen,
+    PruneRun,
+    RepairDone,
+    ReplicateRun,
+    SnapshotAttempt,
+    SourceListing,
+    StorageRefresh,
+    VerifyRun,
+)
+from .persist import ORPHANS_FILE, load_orphans, orphans_path, save_orphans
+from .render import REGION_LABELS, SOURCE_LABELS, StateCollector, build_registry, families
+from .server import MetricsServer, WSGIServer, parse_address, serve, shutdown
+from .state import MetricsState
+from .views import (
+    FAILURE_REASONS,
+    PROMISED_SPAN,
+    AuditView,
+    DrillView,
+    OrphanView,
+    SourceInfo,
+    SourceView,
+    audit_views,
+    drill_views,
+    failure_reason,
+    orphan_views,
+    retention_span_target,
+    schedule_view,
+    source_view,
+)
+
+__all__ = [
+    "FAILURE_REASONS", "ORPHANS_FILE", "PROMISED_SPAN", "REGION_LABELS", "SOURCE_LABELS",
+    "AuditCopy", "AuditRun", "AuditView", "CopyVerified", "DrillRecordLike", "DrillView",
+    "ListedSnapshot", "MetricsServer", "MetricsState", "OrphanSeen", "OrphanView", "PruneRun",
+    "RepairDone", "ReplicateRun", "SnapshotAttempt", "SourceInfo", "SourceListing",
+    "SourceView", "StateCollector", "StorageRefresh", "VerifyRun", "WSGIServer", "__version__",
+    "audit_views", "build_registry", "drill_views", "failure_reason", "families",
+    "load_orphans", "orphan_views", "orphans_path", "parse_address", "retention_span_target",
+    "save_orphans", "schedule_view", "serve", "shutdown", "source_view",
+]

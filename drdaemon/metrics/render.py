@@ -1,0 +1,301 @@
+"""Rendering: the metric families of a MetricsState, and the collector a scrape calls.
+
+A scrape must stay fast with a thousand sources however slow a bucket is, so
+nothing here lists a bucket when Prometheus asks: it renders the cached state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .state import MetricsState
+from .views import FAILURE_REASONS
+
+SOURCE_LABELS = ("source", "tenant", "tier")
+REGION_LABELS = (*SOURCE_LABELS, "region")
+
+
+def _gauge(name: str, doc: str, labels: Sequence[str] = (), unit: str = "") -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=list(labels), unit=unit)
+
+
+def families(st: MetricsState, now: datetime) -> list[Metric]:
+    """Pure: render `st` as metric families; ages are taken at `now`."""
+    src, info = st.sources, list(st.sources.values())
+    out: list[Metric] = []
+
+    def lab(source: str) -> list[str]:
+        i = src.get(source)
+        return i.labels if i else [source, "", ""]
+
+    build = _gauge("drdaemon_build_info", "drdaemon's version (always 1).", ["version"])
+    build.add_metric([st.version], 1)
+    out.append(build)
+
+    g = _gauge("drdaemon_source_info", "A configured source (always 1).", (*SOURCE_LABELS, "kind"))
+    for i in info:
+        g.add_metric([*i.labels, i.kind], 1)
+    out.append(g)
+
+    rpo = _gauge("drdaemon_tier_rpo_target_seconds", "The tier's RPO target.", ["tier"])
+    rto = _gauge("drdaemon_tier_rto_target_seconds", "The tier's RTO target.", ["tier"])
+    for tier, (rpo_s, rto_s) in sorted(st.tiers.items()):
+        rpo.add_metric([tier], rpo_s)
+        rto.add_metric([tier], rto_s)
+    interval = _gauge("drdaemon_drill_interval_seconds",
+                      "Longest time between the tier's scheduled drills ([drills] schedule).",
+                      ["tier"])
+    for tier, seconds in sorted(st.drill_intervals.items()):
+        interval.add_metric([tier], seconds)
+    out += [rpo, rto, interval]
+
+    target = _gauge("drdaemon_retention_target_snapshots",
+                    "Snapshots the retention policy keeps at steady state.", SOURCE_LABELS)
+    span = _gauge("drdaemon_retention_target_span_seconds",
+                  "Age the oldest kept snapshot must reach at steady state (0: no promise).",
+                  SOURCE_LABELS)
+    for i in info:
+        target.add_metric(i.labels, i.retention_target)
+        span.add_metric(i.labels, i.retention_span)
+    out += [target, span]
+
+    out += _storage_families(st, now, lab)
+    out += _activity_families(st, lab)
+    out += _orphan_families(st, lab)
+    out += _drill_families(st, lab)
+    out += _audit_families(st)
+    return out
+
+
+def _storage_families(st: MetricsState, now: datetime,
+                      lab: Callable[[str], list[str]]) -> list[Metric]:
+    last = _gauge("drdaemon_last_snapshot_timestamp_seconds",
+                  "Consistency time of the newest complete snapshot in the region.",
+                  REGION_LABELS)
+    present = _gauge("drdaemon_newest_snapshot_present",
+                     "1 if the region holds the source's newest snapshot, else 0.",
+                     REGION_LABELS)
+    holding = _gauge("drdaemon_newest_snapshot_regions",
+                     "Regions holding the source's newest snapshot.", SOURCE_LABELS)
+    retained = _gauge("drdaemon_retained_snapshots",
+                      "Complete snapshots retained in the region.", REGION_LABELS)
+    oldest = _gauge("drdaemon_oldest_retained_snapshot_age_seconds",
+                    "Age of the oldest retained snapshot in the region (by consistency time).",
+                    REGION_LABELS)
+    duration = _gauge("drdaemon_last_snapshot_duration_seconds",
+                      "Wall time of the newest snapshot, from its start to its manifest.",
+                      SOURCE_LABELS)
+    sizes = {k: _gauge(f"drdaemon_last_snapshot_{k}_bytes", f"{doc} of the newest snapshot.",
+                       SOURCE_LABELS)
+             for k, doc in (("plaintext", "Plaintext size"), ("compressed", "Size after zstd"),
+                            ("stored", "Stored (encrypted) size in each region"))}
+    unreadable = _gauge("drdaemon_unreadable_manifests",
+                        "Manifests listed in the region that cannot be read or authenticated "
+                        "(too large, altered, malformed).", REGION_LABELS)
+    attempt = _gauge("drdaemon_snapshot_last_attempt_success",
+                     "1 if the source's last snapshot attempt succeeded, 0 if it failed.",
+                     SOURCE_LABELS)
+    t_now = now.timestamp()
+    for name, v in sorted(st.views.items()):
+        labels = lab(name)
+        for region, t in sorted(v.newest.items()):
+            last.add_metric([*labels, region], t)
+        if v.holding_newest:
+            # An unreachable region counts as missing, as in `drctl status`.
+            for region in st.regions:
+                present.add_metric([*labels, region], float(region in v.holding_newest))
+            holding.add_metric(labels, len(v.holding_newest))
+        for region, n in sorted(v.retained.items()):
+            retained.add_metric([*labels, region], n)
+        for region, n in sorted(v.unreadable.items()):
+            unreadable.add_metric([*labels, region], n)
+        for region, t in sorted(v.oldest.items()):
+            oldest.add_metric([*labels, region], max(0.0, t_now - t))
+        if v.duration is not None:
+            duration.add_metric(labels, v.duration)
+        for k, value in (("plaintext", v.plaintext_bytes), ("compressed", v.compressed_bytes),
+                         ("stored", v.stored_bytes)):
+            if value is not None:
+                sizes[k].add_metric(labels, value)
+        if v.last_attempt_ok is not None:
+            attempt.add_metric(labels, float(v.last_attempt_ok))
+    reach = _gauge("drdaemon_region_reachable",
+                   "1 if the region could be listed at the last refresh.", ["region"])
+    for region, ok in sorted(st.region_reachable.items()):
+        reach.add_metric([region], float(ok))
+    refreshed = _gauge("drdaemon_state_refresh_timestamp_seconds",
+                       "When the cached storage state was last read in full.")
+    if st.refreshed_at is not None:
+        refreshed.add_metric([], st.refreshed_at)
+    return [last, present, holding, retained, oldest, duration, *sizes.values(), attempt,
+            reach, refreshed, unreadable]
+
+
+def _activity_families(st: MetricsState, lab: Callable[[str], list[str]]) -> list[Metric]:
+    attempts = CounterMetricFamily("drdaemon_snapshot_attempts",
+                                   "Snapshot attempts since the daemon started.",
+                                   labels=list(SOURCE_LABELS))
+    failures = CounterMetricFamily("drdaemon_snapshot_failures",
+                                   "Failed snapshot attempts, by reason.",
+                                   labels=[*SOURCE_LABELS, "reason"])
+    for name in st.sources:
+        attempts.add_metric(lab(name), st.snapshot_attempts[name])
+        for reason in FAILURE_REASONS:
+            failures.add_metric([*lab(name), reason], st.snapshot_failures[(name, reason)])
+    deletions = CounterMetricFamily("drdaemon_prune_deletions",
+                                    "Snapshots the prune job removed (moved to the trash).",
+                                    labels=list(REGION_LABELS))
+    for (s, r), n in sorted(st.prune_deletions.items()):
+        deletions.add_metric([*lab(s), r], n)
+    repairs = CounterMetricFamily("drdaemon_replica_repairs",
+                                  "Replica repairs into the region, by outcome.",
+                                  labels=[*REGION_LABELS, "outcome"])
+    for (s, r, o), n in sorted(st.replica_repairs.items()):
+        repairs.add_metric([*lab(s), r, o], n)
+    verify = CounterMetricFamily("drdaemon_verify_failures",
+                                 "Copies that failed verification, by status.",
+                                 labels=[*REGION_LABELS, "status"])
+    for (s, r, status_), n in sorted(st.verify_failures.items()):
+        verify.add_metric([*lab(s), r, status_], n)
+    failed = _gauge("drdaemon_verify_failed_copies",
+                    "Copies that failed the last verify run.", REGION_LABELS)
+    for (s, r), n in sorted(st.verify_failed_copies.items()):
+        failed.add_metric([*lab(s), r], n)
+
+    running = _gauge("drdaemon_job_running", "Instances of the job running now.", ["job_name"])
+    for name, n in sorted(st.running.items()):
+        running.add_metric([name], n)
+    next_run = _gauge("drdaemon_job_next_run_timestamp_seconds",
+                      "When the job runs next.", ["job_name"])
+    for name, t in sorted(st.job_next_run.items()):
+        next_run.add_metric([name], t)
+    last_run = _gauge("drdaemon_job_last_run_timestamp_seconds",
+                      "When the job last ended.", ["job_name"])
+    last_ok = _gauge("drdaemon_job_last_run_success",
+                     "1 if the job's last run ended without an error.", ["job_name"])
+    for name, (t, ok) in sorted(st.job_last_run.items()):
+        last_run.add_metric([name], t)
+        last_ok.add_metric([name], float(ok))
+    src_next = _gauge("drdaemon_snapshot_next_run_timestamp_seconds",
+                      "When the source's next snapshot is scheduled.", SOURCE_LABELS)
+    for name, t in sorted(st.source_next_run.items()):
+        src_next.add_metric(lab(name), t)
+    return [attempts, failures, deletions, repairs, verify, failed, running, next_run,
+            last_run, last_ok, src_next]
+
+
+def _orphan_families(st: MetricsState, lab: Callable[[str], list[str]]) -> list[Metric]:
+    """Orphan data objects, as the daemon's last prune run left them (no listing here).
+
+    `verdict` is prune's: keep, delete, locked, blocked or lost (orphans.py); a
+    "delete" left after a run is one whose delete failed or was skipped.
+    """
+    labels = [*REGION_LABELS, "verdict"]
+    objects = _gauge("drdaemon_orphan_objects",
+                     "Orphan data objects (no manifest or trash entry in any region) left by "
+                     "the last prune run, by verdict; absent: none.", labels)
+    size = _gauge("drdaemon_orphan_bytes", "Bytes of those orphan data objects.", labels)
+    seen = _gauge("drdaemon_orphan_first_seen_timestamp_seconds",
+                  "When the oldest of those orphan data objects was first seen orphaned.",
+                  labels)
+    for (s, r, verdict), v in sorted(st.orphans.items()):
+        key = [*lab(s), r, verdict]
+        objects.add_metric(key, v.objects)
+        size.add_metric(key, v.bytes)
+        seen.add_metric(key, v.first_seen)
+    grace = _gauge("drdaemon_orphan_grace_seconds",
+                   "How long an orphan data object waits before prune deletes it "
+                   "([retention] orphan_grace).", SOURCE_LABELS)
+    for i in st.sources.values():
+        grace.add_metric(i.labels, i.orphan_grace)
+    deletions = CounterMetricFamily("drdaemon_orphan_deletions",
+                                    "Orphan data objects the prune job deleted.",
+                                    labels=list(REGION_LABELS))
+    for (s, r), n in sorted(st.orphan_deletions.items()):
+        deletions.add_metric([*lab(s), r], n)
+    return [objects, size, seen, grace, deletions]
+
+
+def _drill_families(st: MetricsState, lab: Callable[[str], list[str]]) -> list[Metric]:
+    when = _gauge("drdaemon_last_drill_timestamp_seconds",
+                  "When the source's latest restore drill finished.", SOURCE_LABELS)
+    ok = _gauge("drdaemon_last_drill_success",
+                "1 if the source's latest restore drill restored a copy that verified, else 0.",
+                SOURCE_LABELS)
+    rto = _gauge("drdaemon_last_drill_rto_seconds",
+                 "RTO measured by the source's latest drill.", SOURCE_LABELS)
+    rpo = _gauge("drdaemon_last_drill_rpo_seconds",
+                 "RPO measured by the source's latest drill.", SOURCE_LABELS)
+    rto_target = _gauge("drdaemon_last_drill_rto_target_seconds",
+                        "The RTO target the source's latest drill was held to.", SOURCE_LABELS)
+    rpo_target = _gauge("drdaemon_last_drill_rpo_target_seconds",
+                        "The RPO target the source's latest drill was held to.", SOURCE_LABELS)
+    for name, d in sorted(st.drills.items()):
+        labels = lab(name)
+        when.add_metric(labels, d.finished_at)
+        ok.add_metric(labels, float(d.ok))
+        for gauge, value in ((rto, d.rto_seconds), (rpo, d.rpo_seconds),
+                             (rto_target, d.rto_target_seconds),
+                             (rpo_target, d.rpo_target_seconds)):
+            if value is not None:
+                gauge.add_metric(labels, value)
+    projected = _gauge("drdaemon_projected_tier_rto_seconds",
+                       "Time to restore every source of the tier at drill-measured throughput.",
+                       ["tier"])
+    for tier, seconds in sorted(st.projected_rto.items()):
+        projected.add_metric([tier], seconds)
+    return [when, ok, rto, rpo, rto_target, rpo_target, projected]
+
+
+def _audit_families(st: MetricsState) -> list[Metric]:
+    ok = _gauge("drdaemon_audit_verified_ok",
+                "1 if the local audit log verified at the last check, else 0.")
+    when = _gauge("drdaemon_audit_last_verified_timestamp_seconds",
+                  "When the local audit log was last checked (whatever the outcome).")
+    records = _gauge("drdaemon_audit_verified_records",
+                     "Records of the local audit log that verified at the last check, "
+                     "up to the first bad one.")
+    if st.audit_local is not None:
+        ok.add_metric([], float(st.audit_local.ok))
+        when.add_metric([], st.audit_local.checked_at)
+        records.add_metric([], st.audit_local.records)
+    mirror_ok = _gauge("drdaemon_audit_mirror_verified_ok",
+                       "1 if the region's copy of the audit log verified and agreed with the "
+                       "local log at the last check, else 0.", ["region"])
+    mirror_when = _gauge("drdaemon_audit_mirror_last_verified_timestamp_seconds",
+                         "When the region's copy of the audit log was last read and checked.",
+                         ["region"])
+    for region, v in sorted(st.audit_mirrors.items()):
+        mirror_ok.add_metric([region], float(v.ok))
+        mirror_when.add_metric([region], v.checked_at)
+    return [ok, when, records, mirror_ok, mirror_when]
+
+
+class StateCollector(Collector):
+    """Renders a MetricsState at scrape time; reads nothing else."""
+
+    def __init__(self, st: MetricsState, clock: Callable[[], datetime]) -> None:
+        self.state = st
+        self.clock = clock
+
+    def collect(self) -> Iterable[Metric]:
+        with self.state.lock:
+            return families(self.state, self.clock())
+
+
+def build_registry(st: MetricsState, clock: Callable[[], datetime]) -> CollectorRegistry:
+    """A registry with drdaemon's collector and the process and platform collectors."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(st, clock))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry

@@ -1,0 +1,150 @@
+"""What the daemon feeds the metrics: observations built from the jobs' reports and listings.
+
+The metrics package (drdaemon/metrics/) imports no service; this module does,
+on the jobs' side. It turns a snapshot result, a prune, replicate, verify or
+audit report into one plain observation (metrics/observations.py), and reads
+storage, the state folder and the drill records into a :class:`StorageRefresh`
+(:func:`refresh`): after each snapshot for that one source, after each
+maintenance job and every :data:`REFRESH_INTERVAL` for everything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+
+from . import audit, catalog, drill_records, state, status
+from .backup import BackupResult
+from .manifest import Manifest
+from .metrics import (
+    AuditCopy,
+    AuditRun,
+    CopyVerified,
+    DrillRecordLike,
+    ListedSnapshot,
+    MetricsState,
+    OrphanSeen,
+    PruneRun,
+    RepairDone,
+    ReplicateRun,
+    SnapshotAttempt,
+    SourceListing,
+    StorageRefresh,
+    VerifyRun,
+    failure_reason,
+)
+from .prune import PruneReport
+from .replicate import ReplicationReport
+from .runtime import Runtime
+from .verify import VerifyReport
+
+log = logging.getLogger("drdaemon")
+
+REFRESH_INTERVAL = timedelta(minutes=5)
+
+
+def snapshot_attempt(result: BackupResult) -> SnapshotAttempt:
+    """Pure: a snapshot result as the metrics count it."""
+    return SnapshotAttempt(result.source, result.ok, failure_reason(result))
+
+
+def prune_run(report: PruneReport, regions: Sequence[str]) -> PruneRun:
+    """Pure: what a prune run deleted, the (source, region) pairs it read and the
+    orphans left there. Deleted orphans are gone; a pair that could not be read is
+    not observed, so its last known orphans stay."""
+    sources = ({rp.source for rp in report.plan.regions}
+               | {e.source for e in report.region_errors} | {o.source for o in report.orphans})
+    unread = {(e.source, e.region) for e in report.region_errors}
+    observed = {(s, r) for s in sources for r in regions if (s, r) not in unread}
+    observed |= {(o.source, o.region) for o in report.orphans}
+    done = [c for c in report.changes if c.status == "done"]
+    gone = {(c.source, c.region, c.snapshot_id) for c in done if c.action == "orphan"}
+    left = tuple(OrphanSeen(op.source, op.region, v.action, v.size, v.first_seen.timestamp())
+                 for op in report.orphans for v in op.verdicts
+                 if (op.source, op.region, v.snapshot_id) not in gone)
+    return PruneRun(tuple((c.source, c.region) for c in done if c.action == "trash"),
+                    tuple((c.source, c.region) for c in done if c.action == "orphan"),
+                    frozenset(observed), left)
+
+
+def replicate_run(report: ReplicationReport) -> ReplicateRun:
+    """Pure: each repair a replicate run tried, and whether it worked."""
+    return ReplicateRun(tuple(RepairDone(o.repair.manifest.source, o.repair.region, o.ok)
+                              for o in report.outcomes))
+
+
+def verify_run(report: VerifyReport) -> VerifyRun:
+    """Pure: each copy a verify run checked, and its status."""
+    return VerifyRun(tuple(CopyVerified(c.source, c.region, c.ok, c.status)
+                           for c in report.checks))
+
+
+def audit_run(check: audit.AuditCheck) -> AuditRun:
+    """Pure: an audit check's local log and each region whose copy was read."""
+    return AuditRun(check.checked_at.timestamp(),
+                    AuditCopy(check.local.ok, check.local.records),
+                    {r: AuditCopy(v.ok, v.records) for r, v in check.regions.items()})
+
+
+def record_report(st: MetricsState, report: object) -> None:
+    """Hand `st` what a maintenance job's report says; a report metrics do not
+    count (drills: read back from their records at the next refresh) is ignored."""
+    if isinstance(report, PruneReport):
+        st.record_prune(prune_run(report, st.regions))
+    elif isinstance(report, ReplicationReport):
+        st.record_replicate(replicate_run(report))
+    elif isinstance(report, VerifyReport):
+        st.record_verify(verify_run(report))
+    elif isinstance(report, audit.AuditCheck):
+        st.record_audit(audit_run(report))
+
+
+def listed_snapshot(m: Manifest, regions: Sequence[str]) -> ListedSnapshot:
+    """Pure: the facts of one listed snapshot the metrics render."""
+    return ListedSnapshot(m.id, m.consistency_time.timestamp(), tuple(regions),
+                          (m.finished_at - m.started_at).total_seconds(),
+                          m.plaintext_size, m.compressed_size, m.size)
+
+
+def refresh(rt: Runtime, st: MetricsState, source: str | None = None) -> None:
+    """Read storage, the state folder and drill records into `st`.
+
+    With `source`, only that source is re-read (after its snapshot): one
+    listing of one prefix per region rather than of every source. Manifests
+    come from the runtime's cache where they were authenticated before, so a
+    refresh GETs only new ones (catalog.ManifestCache).
+    """
+    listing = catalog.list_snapshots(rt, source, cache=rt.manifest_cache)
+    now = rt.clock()
+    names = [source] if source else list(st.sources)
+    by_source: dict[str, list[catalog.SnapshotEntry]] = {n: [] for n in names}
+    for e in listing.snapshots:
+        if e.source in by_source:
+            by_source[e.source].append(e)
+    sources = []
+    for name in names:
+        snaps = [(e.manifest, e.regions) for e in by_source[name] if e.manifest is not None]
+        outcome = state.read_outcome(rt.config.daemon.state_dir, name)
+        # The same judgement as `drctl status`: which snapshot is newest, where it is.
+        judged = status.evaluate(rt.config, rt.config.source(name), snaps, outcome, now)
+        sources.append(SourceListing(
+            name, tuple(listed_snapshot(m, regions) for m, regions in snaps),
+            tuple(r for e in by_source[name] for r in e.problems),
+            judged.newest_id, tuple(judged.regions),
+            outcome.last_attempt is not None or outcome.unfinished, outcome.pending_retry))
+    reachable = tuple(r for r in st.regions if r not in listing.region_errors)
+    drills = None if source else _drill_records(rt)
+    st.record_refresh(StorageRefresh(now.timestamp(), reachable, tuple(sources), drills))
+
+
+def _drill_records(rt: Runtime) -> list[DrillRecordLike]:
+    """The drill records of configured sources; none if the drill log cannot be read."""
+    try:
+        records = drill_records.load_records(rt.config.daemon.state_dir)
+    except Exception as exc:  # a broken drill log must not stop the other metrics
+        log.warning("cannot read drill records for metrics: %s", exc)
+        return []
+    # A source since removed from the config is no evidence about today's tiers.
+    known = {s.name for s in rt.config.sources}
+    return [r for r in records if r.source in known]
