@@ -209,12 +209,27 @@ def newest_manifest(rt: Runtime, source: str) -> Manifest | None:
                     holders.setdefault(snap_id, []).append(store)
         except DrError:
             continue
-    for snap_id in sorted(holders, reverse=True):
-        for store in holders[snap_id]:
-            try:
-                return read_manifest(rt, store, source, snap_id)
-            except DrError:
-                continue
+    ids = sorted(holders, reverse=True)
+    while ids:
+        # Ids carry only the second: every id of the newest second is read and
+        # the latest recorded start wins, as in choose_latest.
+        second = ids[0][:16]
+        batch = [i for i in ids if i.startswith(second)]
+        ids = ids[len(batch):]
+        found = [m for m in (_first_readable(rt, holders[i], source, i) for i in batch)
+                 if m is not None]
+        if found:
+            return max(found, key=lambda m: (m.started_at, m.id))
+    return None
+
+
+def _first_readable(rt: Runtime, stores: list[ObjectStore], source: str,
+                    snap_id: str) -> Manifest | None:
+    for store in stores:
+        try:
+            return read_manifest(rt, store, source, snap_id)
+        except DrError:
+            continue
     return None
 
 
