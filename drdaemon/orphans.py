@@ -59,7 +59,7 @@ from .config import SourceConfig
 from .errors import DrError
 from .runtime import Runtime
 from .storage import NotFound, ObjectInfo, ObjectStore
-from .units import format_duration
+from .units import format_duration, format_utc
 
 # The same words as prune's verdicts on snapshots.
 KEEP, DELETE, LOCKED, BLOCKED = "keep", "delete", "locked", "blocked"
@@ -67,10 +67,6 @@ LOST = "lost"  # its manifest was committed here once: not a failed backup's lef
 COMMIT_EVENTS = ("snapshot.committed", "replica.repaired", "prune.undo")
 # The grace period is `[retention] orphan_grace` (per source; ORPHAN_GRACE by
 # default, from MIN_ORPHAN_GRACE to MAX_ORPHAN_GRACE), validated in config.py.
-
-
-def _utc(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # -- functional core ---------------------------------------------------------
@@ -210,7 +206,7 @@ def plan_orphans(source: str, held: Sequence[Holdings], now: datetime, *,
             if obj.snapshot_id in referenced:
                 continue  # committed or trashed somewhere: repair or purge deals with it
             seen = min(first_seen.get((h.region, obj.name), now), now)
-            why = f"no manifest or trash entry in any region (first seen {_utc(seen)})"
+            why = f"no manifest or trash entry in any region (first seen {format_utc(seen)})"
             due = max(seen, layout.id_time(obj.snapshot_id)) + grace
             until = locked.get((h.region, obj.name))
             lost = committed.get((h.region, obj.snapshot_id))
@@ -227,9 +223,9 @@ def plan_orphans(source: str, held: Sequence[Holdings], now: datetime, *,
                     f"region {r} unreadable, cannot tell whether it is committed there: {e}"
                     for r, e in sorted(unreadable.items()))
             elif now < due:
-                action, more = KEEP, f"grace period: deleted from {_utc(due)}"
+                action, more = KEEP, f"grace period: deleted from {format_utc(due)}"
             elif until is not None and until > now:
-                action, more = LOCKED, f"locked until {_utc(until)}"
+                action, more = LOCKED, f"locked until {format_utc(until)}"
             else:
                 action, more = DELETE, f"past the {format_duration(grace)} grace period"
             verdicts.append(OrphanVerdict(obj.name, obj.snapshot_id, obj.size, action,
@@ -357,7 +353,7 @@ def delete(rt: Runtime, store: ObjectStore, source: str, v: OrphanVerdict) -> tu
     except DrError as exc:
         return "failed", str(exc)
     detail = (f"deleted orphan {v.name} ({v.size} bytes): no manifest or trash entry in "
-              f"any region since {_utc(v.first_seen)}")
+              f"any region since {format_utc(v.first_seen)}")
     rt.record_event("prune.orphan", source=source, region=store.name,
                     snapshot_id=v.snapshot_id, data=v.name, size=v.size,
                     first_seen=v.first_seen.isoformat(), detail=detail)

@@ -51,7 +51,7 @@ from .manifest import Manifest
 from .orphans import OrphanPlan
 from .runtime import Runtime
 from .storage import NotFound, ObjectStore
-from .units import format_duration
+from .units import format_duration, format_utc
 
 KEEP, DELETE, LOCKED, BLOCKED = "keep", "delete", "locked", "blocked"
 REASON_PROTECTED = "protected"
@@ -139,10 +139,6 @@ def policy_of(cfg: RetentionConfig) -> retention.RetentionPolicy:
     return retention.RetentionPolicy(cfg.daily, cfg.weekly, cfg.monthly, cfg.min_age)
 
 
-def _utc(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def plan_region(inp: RegionInput, now: datetime, *, protected: Collection[str] = frozenset(),
                 force: bool = False, tz: tzinfo = UTC) -> RegionPlan:
     """Retention for one (source, region), then protection, locks and the safety net.
@@ -164,7 +160,7 @@ def plan_region(inp: RegionInput, now: datetime, *, protected: Collection[str] =
             verdicts.append(Verdict(d.id, d.created_at, KEEP, d.reasons))
         elif until is not None and until > now:
             verdicts.append(Verdict(d.id, d.created_at, LOCKED,
-                                    (*d.reasons, f"locked until {_utc(until)}")))
+                                    (*d.reasons, f"locked until {format_utc(until)}")))
         else:
             verdicts.append(Verdict(d.id, d.created_at, DELETE, d.reasons))
     deletes, total = sum(v.action == DELETE for v in verdicts), len(verdicts)
@@ -348,7 +344,7 @@ def _trash(rt: Runtime, store: ObjectStore, source: str, snap_id: str, now: date
         return Change("trash", source, store.name, snap_id, "failed", str(exc))
     rt.record_event("prune.trash", source=source, region=store.name, snapshot_id=snap_id,
                     manifest=mname, trash=tname)
-    due = _utc(now + timedelta(days=trash_days))
+    due = format_utc(now + timedelta(days=trash_days))
     return Change("trash", source, store.name, snap_id, "done",
                   f"manifest moved to {tname}; data kept, purged from {due}")
 
@@ -388,7 +384,7 @@ def _purge(rt: Runtime, store: ObjectStore, e: TrashEntry, now: datetime,
         else:
             until = _locked_until(store, m.object_names())
             if until is not None and until > now:
-                return change("skipped", f"data locked until {_utc(until)}; "
+                return change("skipped", f"data locked until {format_utc(until)}; "
                                          "purged by a later run")
             # The trash entry goes last: while it stays, a crash in between is
             # finished by the next purge.
