@@ -1,10 +1,10 @@
 """Typed, exclusive locks in the state folder (after Barman's lockfile).
 
 Each kind of work that must not run twice at once on one state folder has its
-own lock file: the daemon itself, and deletions (prune, and replica repair,
-which must not race a prune: `deletions_lock`). flock is released by the kernel when the process
-dies, so a crash never leaves a stale lock behind; the file holds the pid of
-its holder for an operator to read.
+own lock file: the daemon itself, and deletions (`deletions_lock`: prune, and
+replica repair, which must not race a prune). flock is released by the kernel
+when the process dies, so a crash never leaves a stale lock behind; the file
+holds the pid of its holder for an operator to read.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The daemon's cache of authenticated manifests (catalog.ManifestCache).
+"""The daemon's cache of authenticated manifests (manifest_cache.ManifestCache).
 
 Real stores (local folders, moto S3 servers), wrapped in a counting proxy that
 forwards every call: a refresh must GET only manifests it has not read
