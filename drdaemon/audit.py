@@ -18,7 +18,6 @@ scheduled check: `verify_everywhere`).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import json
@@ -28,19 +27,16 @@ import re
 import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from . import statefs
+from . import layout, statefs
+from .config import Config
 from .errors import DrError, UsageError
 from .keys import ManifestKey
 from .storage import ObjectStore, StorageError
-
-if TYPE_CHECKING:
-    from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +46,6 @@ AUDIT_KEY_LABEL = b"drdaemon audit key v1"
 RESERVED = frozenset({"seq", "time", "event", "prev", "mac", "withheld"})
 MAX_LINE = 1 << 20  # records are small: a longer line is damage, not data
 SEGMENT_RECORDS = 100  # records per mirrored object; a full segment is locked
-MIRROR_PREFIX = "audit"
 RETRY_REGION_AFTER = 300.0  # seconds a region whose mirror failed is left alone
 WITHHELD = "[withheld: looks like a secret]"
 
@@ -264,58 +259,35 @@ def segments(lines: Sequence[bytes]) -> Iterator[tuple[int, bytes, bool]]:
         yield first, b"".join(chunk), len(chunk) == SEGMENT_RECORDS
 
 
-def host_label(name: str) -> str:
-    """A host name as one safe object-name part."""
-    label = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip(".-")[:63]
-    return label or "host"
-
-
 def mirror_folder(host: str, first_line: bytes) -> str:
     """Where a chain is mirrored: per host, then per chain (a new log is a new chain)."""
-    return f"{MIRROR_PREFIX}/{host_label(host)}/{line_hash(first_line)[:16]}"
-
-
-def segment_name(folder: str, first: int) -> str:
-    return f"{folder}/{first:012d}.jsonl"
+    return layout.audit_mirror_folder(host, line_hash(first_line)[:16])
 
 
 # -- the local log (shell) ----------------------------------------------------
 
-LOG = "audit/audit.jsonl"
+LOG = statefs.AUDIT_LOG
+
+
+class AuditContext(Protocol):
+    """What the audit log needs of a runtime (runtime.Runtime is one)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def stores(self) -> list[ObjectStore]: ...
+    @property
+    def manifest_key(self) -> ManifestKey: ...
+    @property
+    def audit_mirror(self) -> MirrorState: ...
+
+    def clock(self) -> datetime: ...
+
+    def store(self, region: str) -> ObjectStore: ...
 
 
 def log_path(state_dir: Path) -> Path:
     return state_dir / LOG
-
-
-@contextmanager
-def _flocked(state_dir: Path, rel: str, flags: int, mode: int) -> Iterator[int]:
-    """An fd of the state file `rel` holding flock `mode` until the block ends (closing
-    releases it); opened without following a link (statefs)."""
-    fd = statefs.open_file(state_dir, rel, flags | os.O_CREAT)
-    try:
-        fcntl.flock(fd, mode)
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _read_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    chunks, offset = [], 0
-    while offset < size:
-        chunk = os.pread(fd, min(1 << 20, size - offset), offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
 
 
 def _last_line(fd: int, size: int) -> bytes:
@@ -343,7 +315,7 @@ def _next_position(fd: int) -> tuple[int, str]:
         # stays where it is, for `verify` to report, and the chain goes on after it.
         log.warning("audit log ends with an incomplete record; it is kept and will be "
                     "reported by `drctl audit verify`")
-        _write_all(fd, b"\n")
+        statefs.write_all(fd, b"\n")
         last += b"\n"
     try:
         seq = json.loads(last)["seq"]
@@ -351,7 +323,7 @@ def _next_position(fd: int) -> tuple[int, str]:
             raise TypeError(seq)
     except (ValueError, KeyError, TypeError, RecursionError):
         # The last line is damaged: in a sound log seq is the line number.
-        seq = _read_all(fd).count(b"\n") - 1
+        seq = statefs.read_all(fd).count(b"\n") - 1
     return seq + 1, line_hash(last)
 
 
@@ -360,7 +332,7 @@ def known_secrets(manifest_key: ManifestKey) -> tuple[str, ...]:
     return (manifest_key.secret.hex(), audit_key(manifest_key).hex())
 
 
-def append(rt: Runtime, event: str, fields: Mapping[str, Any]) -> int:
+def append(rt: AuditContext, event: str, fields: Mapping[str, Any]) -> int:
     """Append one signed record to the local log; return its seq.
 
     The exclusive flock covers reading the last line and writing the new one,
@@ -375,33 +347,26 @@ def append(rt: Runtime, event: str, fields: Mapping[str, Any]) -> int:
         log.warning("audit record %s: withheld %s: it looked like a secret", event,
                     ", ".join(clean["withheld"]))
     key = audit_key(rt.manifest_key)
-    with _flocked(rt.config.daemon.state_dir, LOG, os.O_RDWR | os.O_APPEND,
-                  fcntl.LOCK_EX) as fd:
+    with statefs.appending(rt.config.daemon.state_dir, LOG) as fd:
         seq, prev = _next_position(fd)
-        _write_all(fd, make_line(seq, rt.clock().isoformat(), event, clean, prev, key))
-        os.fsync(fd)
+        statefs.write_all(fd, make_line(seq, rt.clock().isoformat(), event, clean, prev, key))
     return seq
 
 
 def read_lines(state_dir: Path) -> list[bytes]:
     """The local log's lines (none if there is no log yet)."""
     try:
-        fd = statefs.open_file(state_dir, LOG, os.O_RDONLY)
+        return split_lines(statefs.read_shared(state_dir, LOG))
     except FileNotFoundError:
         return []
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)  # no half-written record from a concurrent append
-        return split_lines(_read_all(fd))
-    finally:
-        os.close(fd)
 
 
-def verify(rt: Runtime) -> AuditVerification:
+def verify(rt: AuditContext) -> AuditVerification:
     """Verify the local audit log of this runtime's state folder."""
     return verify_lines(read_lines(rt.config.daemon.state_dir), audit_key(rt.manifest_key))
 
 
-def show(rt: Runtime, since: timedelta | None = None,
+def show(rt: AuditContext, since: timedelta | None = None,
          prefix: str | None = None) -> tuple[list[dict[str, Any]], AuditVerification]:
     """The local log's records (newer than `since`, events starting with `prefix`), and
     whether the log verifies, from one read."""
@@ -420,7 +385,7 @@ class MirrorState:
     retry_at: dict[str, float] = field(default_factory=dict)
 
 
-def mirror(rt: Runtime) -> dict[str, str]:
+def mirror(rt: AuditContext) -> dict[str, str]:
     """Copy the local log to every region, best effort; return the regions that failed.
 
     Only segments that grew are written; a full segment is written once more
@@ -431,7 +396,7 @@ def mirror(rt: Runtime) -> dict[str, str]:
     state_dir = rt.config.daemon.state_dir
     failed: dict[str, str] = {}
     # Serialised so that a slower mirror never replaces a newer copy with an older one.
-    with _flocked(state_dir, "audit/mirror.lock", os.O_RDWR, fcntl.LOCK_EX):
+    with statefs.locked(state_dir, statefs.AUDIT_MIRROR_LOCK, os.O_RDWR):
         lines = read_lines(state_dir)
         if not lines:
             return failed
@@ -457,7 +422,7 @@ def _mirror_to(store: ObjectStore, folder: str, parts: list[tuple[int, bytes, bo
                lock_until: datetime | None) -> None:
     held = {info.name: info.size for info in store.list(folder + "/")}
     for first, data, full in parts:
-        name = segment_name(folder, first)
+        name = layout.audit_segment_name(folder, first)
         size = held.get(name)
         if size == len(data):
             continue
@@ -478,7 +443,7 @@ def read_mirror(store: ObjectStore, folder: str) -> list[bytes]:
     return lines
 
 
-def verify_mirror(rt: Runtime, region: str) -> AuditVerification:
+def verify_mirror(rt: AuditContext, region: str) -> AuditVerification:
     """Verify a region's copy of this host's log, and that it agrees with the local log.
 
     A copy behind the local log is fine (the mirror is best effort); a copy
@@ -543,7 +508,7 @@ class AuditCheck:
                 "unreachable": dict(self.unreachable)}
 
 
-def verify_everywhere(rt: Runtime) -> AuditCheck:
+def verify_everywhere(rt: AuditContext) -> AuditCheck:
     """`drctl audit verify`, then `drctl audit verify --region R` for every region.
 
     The same service functions the CLI calls, one report; never raises for a

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from . import __version__, catalog, manifest, shrink, state
+from . import __version__, catalog, layout, manifest, shrink, state
 from . import facts as facts_object
 from .config import SourceConfig
 from .errors import Cancelled, DrError, ShrinkError, SourceError
@@ -124,9 +124,9 @@ def _snapshot(rt: Runtime, source: SourceConfig, result: BackupResult,
               on_progress: Callable[[int], None] | None, accept_shrink: bool) -> None:
     cfg = rt.config
     started = rt.clock()
-    snap_id = manifest.new_snapshot_id(started)
+    snap_id = layout.new_snapshot_id(started)
     result.snapshot_id = snap_id
-    data_name = manifest.data_object_name(source.name, snap_id, source.kind)
+    data_name = layout.data_object_name(source.name, snap_id, source.kind)
     with state.inflight(cfg.daemon.state_dir, snap_id):
         _upload_and_commit(rt, source, result, snap_id, started, data_name, on_progress,
                            accept_shrink)
@@ -204,7 +204,7 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
     # Timestamps have a fixed width: the size checked in the draft still holds.
     snap = dataclasses.replace(snap, finished_at=rt.clock())
     blob = manifest.serialize(snap, rt.manifest_key)
-    manifest_name = manifest.manifest_object_name(source.name, snap_id)
+    manifest_name = layout.manifest_object_name(source.name, snap_id)
 
     def publish(name: str) -> None:
         store = rt.store(name)

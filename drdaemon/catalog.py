@@ -9,14 +9,13 @@ minutes GETs only the manifests it has not authenticated before.
 from __future__ import annotations
 
 import dataclasses
-import threading
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import manifest
+from . import layout, manifest
 from .errors import DrError, IntegrityError, UsageError
 from .manifest import Manifest
+from .manifest_cache import CacheSlice, ManifestCache
 from .storage import NotFound, ObjectInfo, ObjectStore, TooLarge
 
 if TYPE_CHECKING:
@@ -81,49 +80,12 @@ def _too_large() -> IntegrityError:
 def read_manifest(rt: Runtime, store: ObjectStore, source: str, snapshot_id: str) -> Manifest:
     """Fetch and authenticate one manifest; NotFound, StorageError or IntegrityError
     (also for one too large to read: that is the manifest's fault, not the region's)."""
-    name = manifest.manifest_object_name(source, snapshot_id)
+    name = layout.manifest_object_name(source, snapshot_id)
     try:
         raw = store.get_bytes(name, manifest.MAX_MANIFEST_BYTES)
     except TooLarge:
         raise _too_large() from None
     return manifest.parse(raw, rt.manifest_key, source=source, snapshot_id=snapshot_id)
-
-
-# (object name -> ((listed size, version), authenticated manifest)) of one region and source
-CacheSlice = Mapping[str, tuple[tuple[int, str], Manifest]]
-
-
-class ManifestCache:
-    """Authenticated manifests by region, source, object name, listed size and version.
-
-    Manifests are never rewritten (docs/format.md: prune's undo and replica
-    repair put the same bytes back), so a listed name whose size and version
-    (ETag, or mtime and inode) have not changed holds the manifest
-    authenticated before; an object written again is read and authenticated
-    again. Each listing of a source in
-    a region replaces that slice with what it listed, so deleted snapshots
-    drop out and memory stays bounded by what storage holds. A manifest that
-    failed authentication is never kept. Cached manifests carry no `facts`
-    (the per-table row counts drills compare against, which can be large):
-    the daemon's metrics and watchdog never read them. Safe to share between
-    threads: a slice is replaced whole, never changed in place.
-    """
-
-    def __init__(self) -> None:
-        self._slices: dict[tuple[str, str], CacheSlice] = {}
-        self._lock = threading.Lock()
-
-    def slice(self, region: str, source: str) -> CacheSlice:
-        with self._lock:
-            return self._slices.get((region, source), {})
-
-    def replace(self, region: str, source: str, entries: CacheSlice) -> None:
-        with self._lock:
-            self._slices[(region, source)] = entries
-
-    def __len__(self) -> int:
-        with self._lock:
-            return sum(len(s) for s in self._slices.values())
 
 
 def list_snapshots(rt: Runtime, source: str | None = None, region: str | None = None, *,
@@ -143,8 +105,8 @@ def list_snapshots(rt: Runtime, source: str | None = None, region: str | None = 
             for src in sources:
                 known = cache.slice(store.name, src) if cache is not None else None
                 seen: dict[str, tuple[tuple[int, str], Manifest]] = {}
-                for info in store.list(manifest.manifests_prefix(src)):
-                    snap_id = manifest.snapshot_id_from_manifest_name(info.name)
+                for info in store.list(layout.manifests_prefix(src)):
+                    snap_id = layout.snapshot_id_from_manifest_name(info.name)
                     if snap_id is None:
                         continue
                     entry = entries.setdefault((src, snap_id), SnapshotEntry(snap_id, src))
@@ -203,8 +165,8 @@ def newest_manifest(rt: Runtime, source: str) -> Manifest | None:
     holders: dict[str, list[ObjectStore]] = {}
     for store in rt.stores:
         try:
-            for info in store.list(manifest.manifests_prefix(source)):
-                snap_id = manifest.snapshot_id_from_manifest_name(info.name)
+            for info in store.list(layout.manifests_prefix(source)):
+                snap_id = layout.snapshot_id_from_manifest_name(info.name)
                 if snap_id is not None:
                     holders.setdefault(snap_id, []).append(store)
         except DrError:
@@ -288,7 +250,7 @@ def resolve_ref(rt: Runtime, source: str, ref: str, *, allow_older: bool = False
     "latest" refuses (NewestUnreadable) when a newer snapshot is listed but
     unreadable everywhere, unless `allow_older`.
     """
-    if ref != "latest" and not manifest.ID_RE.match(ref):
+    if ref != "latest" and not layout.is_snapshot_id(ref):
         raise UsageError(f"invalid snapshot id {ref!r}: expected 'latest' or an id like "
                          "20261123T020000Z-1a2b3c4d")
     listing = list_snapshots(rt, source)

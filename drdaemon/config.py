@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from importlib import resources
@@ -179,6 +179,13 @@ class Config:
                 return src
         known = ", ".join(s.name for s in self.sources) or "none"
         raise ConfigError(f"no source named {name!r} in {self.path} (known: {known})")
+
+    def pick_sources(self, names: Iterable[str] | None) -> list[SourceConfig]:
+        """The sources a person named (each checked by :meth:`source`, in the order
+        named, once), or every configured source when none is named."""
+        if names:
+            return [self.source(n) for n in dict.fromkeys(names)]
+        return list(self.sources)
 
     def region(self, name: str) -> RegionConfig:
         """The region called `name`, or a UsageError listing the known ones."""

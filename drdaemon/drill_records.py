@@ -9,7 +9,6 @@ proof that a restore works; metrics and reports read `load_records`.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -20,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from . import statefs
+from .units import parse_iso_time
 
 log = logging.getLogger("drdaemon")
 
-RECORDS = "drills/drills.jsonl"
+RECORDS = statefs.DRILL_RECORDS
 
 
 @dataclass
@@ -74,7 +74,7 @@ class DrillRecord:
 
     @property
     def started(self) -> datetime:
-        return _parse_time(self.started_at)
+        return parse_iso_time(self.started_at)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(asdict(self), reason_codes=self.reason_codes)
@@ -84,10 +84,6 @@ class DrillRecord:
         """A record from its JSON form; unknown keys (from newer versions) are ignored."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in doc.items() if k in known})
-
-
-def _parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def records_path(state_dir: Path) -> Path:
@@ -101,18 +97,11 @@ def append_record(state_dir: Path, record: DrillRecord) -> None:
     line torn by a crash is closed off so that the next one starts clean.
     """
     line = (json.dumps(record.to_dict(), sort_keys=True, default=str) + "\n").encode()
-    fd = statefs.open_file(state_dir, RECORDS, os.O_RDWR | os.O_APPEND | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with statefs.appending(state_dir, RECORDS) as fd:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line
-        view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        statefs.write_all(fd, line)
 
 
 def load_records(state_dir: Path, since: datetime | None = None,
@@ -120,12 +109,9 @@ def load_records(state_dir: Path, since: datetime | None = None,
     """Recorded drills, oldest first; only those begun at/after `since`, of `source`."""
     path = records_path(state_dir)
     try:
-        fd = statefs.open_file(state_dir, RECORDS, os.O_RDONLY)
+        raw = statefs.read_shared(state_dir, RECORDS)
     except FileNotFoundError:
         return []
-    with os.fdopen(fd, "rb") as fh:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        raw = fh.read()
     records = []
     for n, line in enumerate(raw.splitlines(), 1):
         if not line.strip():

@@ -58,6 +58,7 @@ from psycopg.conninfo import make_conninfo
 
 from . import statefs
 from .config import Config, SourceConfig
+from .errors import first_line as _first_line
 from .runtime import Runtime
 from .sources import postgres
 from .units import format_duration
@@ -243,13 +244,13 @@ class Cleanup:
 
 
 def scratch_root(config: Config) -> Path:
-    return config.drills.scratch_dir or config.daemon.state_dir / "drills" / "scratch"
+    return config.drills.scratch_dir or config.daemon.state_dir / statefs.DRILL_SCRATCH
 
 
 def ensure_scratch_root(config: Config) -> Path:
     """The scratch folder, made 0700 if missing; in the state folder, through no link."""
     if config.drills.scratch_dir is None:
-        return statefs.ensure_folder(config.daemon.state_dir, "drills/scratch")
+        return statefs.ensure_folder(config.daemon.state_dir, statefs.DRILL_SCRATCH)
     config.drills.scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return config.drills.scratch_dir
 
@@ -301,10 +302,6 @@ class _Context:
     def error(self, text: str) -> None:
         log.warning("%s", text)
         self.out.errors.append(text)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
 
 
 def _clean_server(ctx: _Context, admin: str) -> None:

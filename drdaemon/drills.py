@@ -46,9 +46,10 @@ from .drill_records import (
     records_path,
 )
 from .drill_scratch import Cleanup
-from .errors import DrError, IntegrityError, SourceError, UsageError
+from .errors import DrError, IntegrityError, SourceError, UsageError, first_line
 from .keys import identities_for
-from .manifest import Manifest, new_snapshot_id
+from .layout import new_snapshot_id
+from .manifest import Manifest
 from .report import ReportData
 from .restore import stream_into
 from .runtime import Runtime
@@ -150,10 +151,6 @@ def compare_tree(expected: dict[str, Any], got: dict[str, Any]) -> list[str]:
             reasons.append(f"{code}: restored {key} is {got[key]}, the manifest says "
                            f"{expected[key]}")
     return reasons
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
 
 
 # -- timing the restore pipeline -----------------------------------------------
@@ -304,7 +301,7 @@ def drill_source(rt: Runtime, identities: Sequence[x25519.Identity], source: Sou
             _restore_and_verify(d, identities)
     except Exception as exc:  # a bug must still leave a record and no scratch behind
         log.exception("drill of %s crashed", source.name)
-        d.fail(INTERNAL, f"{exc.__class__.__name__}: {_first_line(exc)}")
+        d.fail(INTERNAL, f"{exc.__class__.__name__}: {first_line(exc)}")
     return _record(d, snapshots)
 
 
@@ -440,7 +437,7 @@ def _classify(d: _Drill, store: ObjectStore, m: Manifest, exc: BaseException) ->
     """Name the cause of a failed stream: a corrupt object often surfaces only as the
     consumer's error (pg_restore: "end of file") or age's bare "decryption error", so
     the object is hashed again; only a copy that verifies leaves a restore failure."""
-    failed = _first_line(exc)
+    failed = first_line(exc)
     try:
         hash_copy(store, m)
     except IntegrityError as bad:
@@ -478,7 +475,7 @@ class _Scratch:
                 return self._open_postgres()
             return self._open_directory()
         except DrError as exc:
-            d.fail(RESTORE_FAILED, f"cannot prepare the scratch copy: {_first_line(exc)}")
+            d.fail(RESTORE_FAILED, f"cannot prepare the scratch copy: {first_line(exc)}")
             return None
 
     def _open_postgres(self) -> Sink | None:
@@ -569,7 +566,7 @@ class _Scratch:
                     self.sink.discard()
                 except Exception as exc:
                     d.fail(CLEANUP_FAILED, f"scratch copy {d.scratch} may be left behind "
-                           f"(the next drill run removes it): {_first_line(exc)}")
+                           f"(the next drill run removes it): {first_line(exc)}")
             if self.folder is not None:
                 shutil.rmtree(self.folder, ignore_errors=True)
                 if self.folder.exists():
@@ -590,7 +587,7 @@ def _run_check(dsn: str, check: DrillCheck) -> dict[str, Any]:
             conn.read_only = True
             row = conn.execute(check.sql).fetchone()
     except psycopg.Error as exc:
-        result["detail"] = f"failed: {_first_line(exc)}"
+        result["detail"] = f"failed: {first_line(exc)}"
         return result
     value = row[0] if row else None
     if isinstance(value, Decimal):
@@ -669,7 +666,7 @@ def run_drills(rt: Runtime, identities: Sequence[x25519.Identity] | None = None,
     """
     cfg = rt.config
     if sources:
-        chosen = [cfg.source(n) for n in sources]
+        chosen = cfg.pick_sources(sources)
     else:
         chosen = [s for s in cfg.sources if tier is None or s.tier == tier]
     if not chosen:
@@ -746,7 +743,7 @@ def report_data(rt: Runtime, since: datetime | None, sources: Sequence[str] = ()
                 drill_id: str | None = None) -> ReportData:
     """The drills (and audit chain verification) a report shows."""
     state_dir = rt.config.daemon.state_dir
-    names = {rt.config.source(s).name for s in sources}
+    names = {s.name for s in rt.config.pick_sources(sources)} if sources else set()
     records = [r for r in load_records(state_dir, since)
                if (not names or r.source in names) and (drill_id is None or r.id == drill_id)]
     if drill_id is not None and not records:

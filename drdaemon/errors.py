@@ -33,3 +33,9 @@ class ShrinkError(SourceError):
 
 class Cancelled(DrError):
     """The daemon is shutting down: the stream was stopped and every upload aborted."""
+
+
+def first_line(exc: BaseException, empty: str | None = None) -> str:
+    """The first line of an error's message, for a one-line report; `empty` (default:
+    the exception's class name) when it has no message."""
+    return (str(exc).strip().splitlines() or [empty or exc.__class__.__name__])[0]

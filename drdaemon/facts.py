@@ -21,7 +21,7 @@ from typing import Any
 
 import zstandard
 
-from . import manifest
+from . import layout, manifest
 from .errors import IntegrityError, SourceError
 from .manifest import FactsRef, Manifest
 from .storage import ObjectStore
@@ -82,7 +82,7 @@ def encode(source: str, snapshot_id: str, detached: dict[str, Any]) -> Encoded:
     if len(blob) > MAX_FACTS_BYTES:
         raise FactsTooLarge(f"the snapshot's facts compress to {len(blob)} bytes; readers "
                             f"accept at most {MAX_FACTS_BYTES} (docs/format.md)")
-    ref = FactsRef(manifest.facts_object_name(source, snapshot_id),
+    ref = FactsRef(layout.facts_object_name(source, snapshot_id),
                    hashlib.sha256(blob).hexdigest(), len(blob), len(plain))
     return Encoded(blob, ref)
 
@@ -100,9 +100,9 @@ def decode(raw: bytes, m: Manifest) -> dict[str, Any]:
     ref = m.facts_object
     assert ref is not None
     what = f"facts object of snapshot {m.id}"
-    if ref.name != manifest.facts_object_name(m.source, m.id):
+    if ref.name != layout.facts_object_name(m.source, m.id):
         raise IntegrityError(f"manifest names facts object {ref.name!r}, expected "
-                             f"{manifest.facts_object_name(m.source, m.id)!r}")
+                             f"{layout.facts_object_name(m.source, m.id)!r}")
     if len(raw) != ref.size or hashlib.sha256(raw).hexdigest() != ref.sha256:
         raise IntegrityError(f"{what} does not match its manifest (size or sha256)")
     plain = _decompress(raw, min(ref.plaintext_size, MAX_FACTS_PLAINTEXT), what)

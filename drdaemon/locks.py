@@ -1,10 +1,10 @@
 """Typed, exclusive locks in the state folder (after Barman's lockfile).
 
 Each kind of work that must not run twice at once on one state folder has its
-own lock file: the daemon itself, and deletions (prune, and replica repair,
-which must not race a prune). flock is released by the kernel when the process
-dies, so a crash never leaves a stale lock behind; the file holds the pid of
-its holder for an operator to read.
+own lock file: the daemon itself, and deletions (`deletions_lock`: prune, and
+replica repair, which must not race a prune). flock is released by the kernel
+when the process dies, so a crash never leaves a stale lock behind; the file
+holds the pid of its holder for an operator to read.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from . import statefs
-from .errors import DrError
+from .errors import DrError, first_line
 
 # lock name -> what holds it, for the message a second taker sees
 LOCKS = {
@@ -32,7 +32,7 @@ class Locked(DrError):
 @contextmanager
 def hold(state_dir: Path, name: str) -> Iterator[Path]:
     """Hold the exclusive lock `name` for the duration of the block, or raise Locked."""
-    rel = f"locks/{name}.lock"
+    rel = statefs.lock_file(name)
     path = state_dir / rel
     fd = statefs.open_file(state_dir, rel, os.O_RDWR | os.O_CREAT)  # never through a link
     try:
@@ -46,6 +46,11 @@ def hold(state_dir: Path, name: str) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)
+
+
+def deletions_lock(state_dir: Path) -> AbstractContextManager[Path]:
+    """The deletions lock: one prune or replica repair at a time on a state folder."""
+    return hold(state_dir, "deletions")
 
 
 @contextmanager
@@ -67,8 +72,8 @@ def hold_in_postgres(dsn: str, name: str) -> Iterator[None]:
     try:
         conn = psycopg.connect(dsn, autocommit=True, connect_timeout=30)
     except psycopg.Error as exc:
-        first = (str(exc).strip().splitlines() or ["error"])[0]
-        raise DrError(f"cannot reach the lock database {describe(dsn)}: {first}") from None
+        raise DrError(f"cannot reach the lock database {describe(dsn)}: "
+                      f"{first_line(exc, 'error')}") from None
     try:
         row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
         if not row or not row[0]:

@@ -1,10 +1,10 @@
-"""Snapshot manifests: the record that commits a snapshot, and its layout on storage.
+"""Snapshot manifests: the record that commits a snapshot.
 
 Pure functions only. A manifest is canonical JSON authenticated with an
 HMAC-SHA256 over its body, keyed by a secret that never goes to the buckets:
 anyone holding a public recipient can write a valid age file, so neither the
 data object nor an unauthenticated manifest is trusted on restore.
-See docs/format.md for the schema.
+See docs/format.md for the schema; object names and ids are in layout.py.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import hashlib
 import hmac
 import json
 import re
-import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from .errors import IntegrityError
 from .keys import ManifestKey
+from .layout import KINDS, is_snapshot_id
+from .units import parse_iso_time
 
 FORMAT = "drdaemon.manifest"
 # Version 2 adds `facts_object`: the facts too large for a manifest (postgres:
@@ -30,53 +31,7 @@ FACTS_OBJECT_VERSION = 2
 VERSIONS = (VERSION, FACTS_OBJECT_VERSION)
 # Shared by the writer (backup.py refuses to commit a larger one) and every reader.
 MAX_MANIFEST_BYTES = 1 << 20
-ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}\Z")
-KINDS = {"postgres": "pgdump", "directory": "tar"}
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
-
-
-def new_snapshot_id(at: datetime) -> str:
-    """A time-sortable id: UTC second of `at`, then 32 random bits."""
-    return at.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
-
-
-def id_time(snapshot_id: str) -> datetime:
-    """The creation second encoded in a snapshot id."""
-    return datetime.strptime(snapshot_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-
-
-def source_prefix(source: str) -> str:
-    """Object-name prefix under which one source's snapshots live."""
-    return f"sources/{source}/"
-
-
-def data_object_name(source: str, snapshot_id: str, kind: str) -> str:
-    """Name of the data object: a plain age file of a zstd stream of a dump or tar."""
-    return f"{source_prefix(source)}data/{snapshot_id}.{KINDS[kind]}.zst.age"
-
-
-def facts_object_name(source: str, snapshot_id: str) -> str:
-    """Name of the facts object: zstd-compressed JSON of the facts kept out of the manifest."""
-    return f"{source_prefix(source)}facts/{snapshot_id}.json.zst"
-
-
-def manifest_object_name(source: str, snapshot_id: str) -> str:
-    """Name of the manifest object, written last: its presence commits the snapshot."""
-    return f"{manifests_prefix(source)}{snapshot_id}.json"
-
-
-def manifests_prefix(source: str) -> str:
-    """Prefix to list to find a source's committed snapshots."""
-    return f"{source_prefix(source)}manifests/"
-
-
-def snapshot_id_from_manifest_name(name: str) -> str | None:
-    """The snapshot id of a listed manifest object, or None for a stray object."""
-    base = name.rsplit("/", 1)[-1]
-    if not base.endswith(".json"):
-        return None
-    snap_id = base[: -len(".json")]
-    return snap_id if ID_RE.match(snap_id) else None
 
 
 @dataclass(frozen=True)
@@ -232,7 +187,7 @@ def _from_body(doc: dict[str, Any]) -> Manifest:
         if kind not in KINDS:
             raise IntegrityError(f"unknown snapshot kind {kind!r}")
         snap_id = _get(doc, "id", str)
-        if not ID_RE.match(snap_id):
+        if not is_snapshot_id(snap_id):
             raise IntegrityError("malformed snapshot id in manifest")
         sha = _get(data, "sha256", str)
         if not _HEX64.match(sha):
@@ -289,7 +244,7 @@ def _count(doc: dict[str, Any], key: str) -> int:
 
 
 def _time(text: str) -> datetime:
-    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    t = parse_iso_time(text)
     if t.tzinfo is None:
         raise ValueError("time without zone")
     return t.astimezone(UTC)

@@ -45,14 +45,13 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from . import audit, manifest, retention, state, statefs
+from . import audit, layout, retention, state, statefs
 from .config import MAX_ORPHAN_GRACE as MAX_ORPHAN_GRACE
 from .config import MIN_ORPHAN_GRACE as MIN_ORPHAN_GRACE
 from .config import ORPHAN_GRACE as ORPHAN_GRACE
@@ -60,7 +59,7 @@ from .config import SourceConfig
 from .errors import DrError
 from .runtime import Runtime
 from .storage import NotFound, ObjectInfo, ObjectStore
-from .units import format_duration
+from .units import format_duration, format_utc
 
 # The same words as prune's verdicts on snapshots.
 KEEP, DELETE, LOCKED, BLOCKED = "keep", "delete", "locked", "blocked"
@@ -68,14 +67,6 @@ LOST = "lost"  # its manifest was committed here once: not a failed backup's lef
 COMMIT_EVENTS = ("snapshot.committed", "replica.repaired", "prune.undo")
 # The grace period is `[retention] orphan_grace` (per source; ORPHAN_GRACE by
 # default, from MIN_ORPHAN_GRACE to MAX_ORPHAN_GRACE), validated in config.py.
-_ID = r"\d{8}T\d{6}Z-[0-9a-f]{8}"
-_DATA_RE = re.compile(rf"^({_ID})\.(?:{'|'.join(manifest.KINDS.values())})\.zst\.age\Z")
-_FACTS_RE = re.compile(rf"^({_ID})\.json\.zst\Z")  # facts/<id>.json.zst (manifest version 2)
-_REF_RE = re.compile(rf"^({_ID})\.")  # manifests/<id>.json, trash/<id>.<when>.json
-
-
-def _utc(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # -- functional core ---------------------------------------------------------
@@ -102,23 +93,18 @@ def data_snapshot_id(source: str, name: str) -> str | None:
     A snapshot's facts object is one of its data objects here: left without a
     manifest, it is an orphan on the same terms.
     """
-    base = manifest.source_prefix(source)
-    m = None
-    for folder, pattern in (("data/", _DATA_RE), ("facts/", _FACTS_RE)):
-        if name.startswith(base + folder):
-            m = pattern.match(name[len(base + folder):])
-    if m is None:
+    obj = layout.parse_object_name(name)
+    if obj is None or obj.source != source or obj.role not in (layout.DATA, layout.FACTS):
         return None
     try:
-        manifest.id_time(m.group(1))  # 20261399T999999Z matches the pattern, is no time
+        layout.id_time(obj.snapshot_id)  # 20261399T999999Z matches the pattern, is no time
     except ValueError:
         return None
-    return m.group(1)
+    return obj.snapshot_id
 
 
 def holdings(source: str, region: str, listing: Iterable[ObjectInfo]) -> Holdings:
     """Sort one listing of ``sources/<source>/``: data objects, and ids that are referenced."""
-    base = manifest.source_prefix(source)
     data: list[DataObject] = []
     referenced: set[str] = set()
     for info in listing:
@@ -126,13 +112,10 @@ def holdings(source: str, region: str, listing: Iterable[ObjectInfo]) -> Holding
         if snap_id is not None:
             data.append(DataObject(info.name, snap_id, info.size))
             continue
-        # Anything under manifests/ or trash/ named after an id keeps that id's data,
-        # valid or not: being wrong here only costs storage.
-        rest = info.name[len(base):] if info.name.startswith(base) else ""
-        if rest.split("/", 1)[0] in ("manifests", "trash"):
-            ref = _REF_RE.match(rest.rsplit("/", 1)[-1])
-            if ref is not None:
-                referenced.add(ref.group(1))
+        # Anything under manifests/ or trash/ named after an id keeps that id's data.
+        ref = layout.referenced_id(source, info.name)
+        if ref is not None:
+            referenced.add(ref)
     return Holdings(region, tuple(data), frozenset(referenced))
 
 
@@ -223,8 +206,8 @@ def plan_orphans(source: str, held: Sequence[Holdings], now: datetime, *,
             if obj.snapshot_id in referenced:
                 continue  # committed or trashed somewhere: repair or purge deals with it
             seen = min(first_seen.get((h.region, obj.name), now), now)
-            why = f"no manifest or trash entry in any region (first seen {_utc(seen)})"
-            due = max(seen, manifest.id_time(obj.snapshot_id)) + grace
+            why = f"no manifest or trash entry in any region (first seen {format_utc(seen)})"
+            due = max(seen, layout.id_time(obj.snapshot_id)) + grace
             until = locked.get((h.region, obj.name))
             lost = committed.get((h.region, obj.snapshot_id))
             if lost is not None:
@@ -240,9 +223,9 @@ def plan_orphans(source: str, held: Sequence[Holdings], now: datetime, *,
                     f"region {r} unreadable, cannot tell whether it is committed there: {e}"
                     for r, e in sorted(unreadable.items()))
             elif now < due:
-                action, more = KEEP, f"grace period: deleted from {_utc(due)}"
+                action, more = KEEP, f"grace period: deleted from {format_utc(due)}"
             elif until is not None and until > now:
-                action, more = LOCKED, f"locked until {_utc(until)}"
+                action, more = LOCKED, f"locked until {format_utc(until)}"
             else:
                 action, more = DELETE, f"past the {format_duration(grace)} grace period"
             verdicts.append(OrphanVerdict(obj.name, obj.snapshot_id, obj.size, action,
@@ -264,7 +247,7 @@ def plan_orphans(source: str, held: Sequence[Holdings], now: datetime, *,
 
 # -- the sightings file ------------------------------------------------------
 
-SEEN_FILE = "prune/orphans.json"
+SEEN_FILE = statefs.ORPHAN_SIGHTINGS
 
 
 def load_seen(state_dir: Path) -> dict[tuple[str, str], datetime]:
@@ -309,7 +292,7 @@ def observe(rt: Runtime, source: str) -> tuple[list[Holdings], dict[str, str]]:
     for store in rt.stores:
         try:
             held.append(holdings(source, store.name,
-                                 store.list(manifest.source_prefix(source))))
+                                 store.list(layout.source_prefix(source))))
         except DrError as exc:
             unreadable[store.name] = str(exc)
     return held, unreadable
@@ -354,7 +337,7 @@ def plan_source(rt: Runtime, src: SourceConfig, now: datetime, *, grace: timedel
 
 def delete(rt: Runtime, store: ObjectStore, source: str, v: OrphanVerdict) -> tuple[str, str]:
     """Delete one planned orphan after a last look; (status, detail) and an audit record."""
-    mname = manifest.manifest_object_name(source, v.snapshot_id)
+    mname = layout.manifest_object_name(source, v.snapshot_id)
     if v.snapshot_id in state.live_inflight(rt.config.daemon.state_dir):
         return "skipped", f"{v.name}: a backup on this host has it in flight; kept"
     for other in rt.stores:
@@ -370,7 +353,7 @@ def delete(rt: Runtime, store: ObjectStore, source: str, v: OrphanVerdict) -> tu
     except DrError as exc:
         return "failed", str(exc)
     detail = (f"deleted orphan {v.name} ({v.size} bytes): no manifest or trash entry in "
-              f"any region since {_utc(v.first_seen)}")
+              f"any region since {format_utc(v.first_seen)}")
     rt.record_event("prune.orphan", source=source, region=store.name,
                     snapshot_id=v.snapshot_id, data=v.name, size=v.size,
                     first_seen=v.first_seen.isoformat(), detail=detail)

@@ -36,16 +36,14 @@ consistency time means "the source as it was then".
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Collection, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from . import catalog, locks, manifest, orphans, retention, state
+from . import catalog, layout, locks, manifest, orphans, retention, state
 from .config import RetentionConfig, SourceConfig
 from .drill_records import newest_verified
 from .errors import DrError, IntegrityError, UsageError
@@ -53,13 +51,11 @@ from .manifest import Manifest
 from .orphans import OrphanPlan
 from .runtime import Runtime
 from .storage import NotFound, ObjectStore
-from .units import format_duration
+from .units import format_duration, format_utc
 
 KEEP, DELETE, LOCKED, BLOCKED = "keep", "delete", "locked", "blocked"
 REASON_PROTECTED = "protected"
 REASON_SAFETY_NET = "safety net"
-_STAMP = "%Y%m%dT%H%M%SZ"
-_TRASH_RE = re.compile(r"^(\d{8}T\d{6}Z-[0-9a-f]{8})\.(\d{8}T\d{6}Z)\.json$")
 
 
 # -- functional core ---------------------------------------------------------
@@ -143,10 +139,6 @@ def policy_of(cfg: RetentionConfig) -> retention.RetentionPolicy:
     return retention.RetentionPolicy(cfg.daily, cfg.weekly, cfg.monthly, cfg.min_age)
 
 
-def _utc(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def plan_region(inp: RegionInput, now: datetime, *, protected: Collection[str] = frozenset(),
                 force: bool = False, tz: tzinfo = UTC) -> RegionPlan:
     """Retention for one (source, region), then protection, locks and the safety net.
@@ -168,7 +160,7 @@ def plan_region(inp: RegionInput, now: datetime, *, protected: Collection[str] =
             verdicts.append(Verdict(d.id, d.created_at, KEEP, d.reasons))
         elif until is not None and until > now:
             verdicts.append(Verdict(d.id, d.created_at, LOCKED,
-                                    (*d.reasons, f"locked until {_utc(until)}")))
+                                    (*d.reasons, f"locked until {format_utc(until)}")))
         else:
             verdicts.append(Verdict(d.id, d.created_at, DELETE, d.reasons))
     deletes, total = sum(v.action == DELETE for v in verdicts), len(verdicts)
@@ -205,22 +197,13 @@ class TrashEntry:
     name: str  # object name of the trashed manifest
 
 
-def trash_prefix(source: str) -> str:
-    return f"{manifest.source_prefix(source)}trash/"
-
-
-def trash_name(source: str, snapshot_id: str, at: datetime) -> str:
-    """Where a pruned manifest waits; the deletion time is in the name."""
-    return f"{trash_prefix(source)}{snapshot_id}.{at.astimezone(UTC).strftime(_STAMP)}.json"
-
-
-def parse_trash_name(source: str, region: str, name: str) -> TrashEntry | None:
-    """The trash entry an object name stands for, or None for a stray object."""
-    m = _TRASH_RE.match(name.rsplit("/", 1)[-1])
-    if m is None:
+def trash_entry(source: str, region: str, name: str) -> TrashEntry | None:
+    """The trash entry a listed object name stands for (layout.parse_trash_name), or
+    None for a stray object."""
+    parsed = layout.parse_trash_name(name)
+    if parsed is None:
         return None
-    at = datetime.strptime(m.group(2), _STAMP).replace(tzinfo=UTC)
-    return TrashEntry(source, region, m.group(1), at, name)
+    return TrashEntry(source, region, parsed[0], parsed[1], name)
 
 
 def plan_purge(entries: Iterable[TrashEntry], trash_days: int,
@@ -297,25 +280,14 @@ class UndoReport:
 
 # -- imperative shell --------------------------------------------------------
 
-def prune_lock(state_dir: Path) -> AbstractContextManager[Path]:
-    """The deletions lock: one prune or repair at a time on a state folder."""
-    return locks.hold(state_dir, "deletions")
-
-
-def _chosen(rt: Runtime, names: list[str] | None) -> list[SourceConfig]:
-    if names:
-        return [rt.config.source(n) for n in dict.fromkeys(names)]
-    return list(rt.config.sources)
-
-
 def _checked(m: Manifest) -> Manifest:
     """Refuse a manifest whose object names are not its own: deleting them could hit
     another snapshot."""
-    expected = manifest.data_object_name(m.source, m.id, m.kind)
+    expected = layout.data_object_name(m.source, m.id, m.kind)
     if m.data_name != expected:
         raise IntegrityError(f"manifest names data object {m.data_name!r}, "
                              f"expected {expected!r}")
-    facts = manifest.facts_object_name(m.source, m.id)
+    facts = layout.facts_object_name(m.source, m.id)
     if m.facts_object is not None and m.facts_object.name != facts:
         raise IntegrityError(f"manifest names facts object {m.facts_object.name!r}, "
                              f"expected {facts!r}")
@@ -350,15 +322,15 @@ def _region_input(rt: Runtime, src: SourceConfig, store: ObjectStore, now: datet
                                  tz).delete_ids)
     final = tuple(
         Snapshot(s.id, s.created_at, _locked_until(
-            store, (*m.object_names(), manifest.manifest_object_name(src.name, m.id))))
+            store, (*m.object_names(), layout.manifest_object_name(src.name, m.id))))
         if s.id in expired else s for s, m in snaps)
     return RegionInput(src.name, store.name, src.retention, final, tuple(invalid))
 
 
 def _trash(rt: Runtime, store: ObjectStore, source: str, snap_id: str, now: datetime,
            trash_days: int) -> Change:
-    mname = manifest.manifest_object_name(source, snap_id)
-    tname = trash_name(source, snap_id, now)
+    mname = layout.manifest_object_name(source, snap_id)
+    tname = layout.trash_name(source, snap_id, now)
     try:
         raw = store.get_bytes(mname, manifest.MAX_MANIFEST_BYTES)
         # The bytes moved are the ones planned with: authentic, and this id's.
@@ -372,7 +344,7 @@ def _trash(rt: Runtime, store: ObjectStore, source: str, snap_id: str, now: date
         return Change("trash", source, store.name, snap_id, "failed", str(exc))
     rt.record_event("prune.trash", source=source, region=store.name, snapshot_id=snap_id,
                     manifest=mname, trash=tname)
-    due = _utc(now + timedelta(days=trash_days))
+    due = format_utc(now + timedelta(days=trash_days))
     return Change("trash", source, store.name, snap_id, "done",
                   f"manifest moved to {tname}; data kept, purged from {due}")
 
@@ -405,14 +377,14 @@ def _purge(rt: Runtime, store: ObjectStore, e: TrashEntry, now: datetime,
     if dry_run:
         return change("planned", f"would delete {objects} and {e.name}")
     try:
-        if _exists(store, manifest.manifest_object_name(e.source, e.snapshot_id)):
+        if _exists(store, layout.manifest_object_name(e.source, e.snapshot_id)):
             # Committed again since (an undo, a repair): the data is live.
             store.delete(e.name)
             detail = f"snapshot is committed again; kept its data, removed {e.name}"
         else:
             until = _locked_until(store, m.object_names())
             if until is not None and until > now:
-                return change("skipped", f"data locked until {_utc(until)}; "
+                return change("skipped", f"data locked until {format_utc(until)}; "
                                          "purged by a later run")
             # The trash entry goes last: while it stays, a crash in between is
             # finished by the next purge.
@@ -428,8 +400,8 @@ def _purge(rt: Runtime, store: ObjectStore, e: TrashEntry, now: datetime,
 
 
 def _trash_entries(store: ObjectStore, source: str) -> list[TrashEntry]:
-    entries = (parse_trash_name(source, store.name, info.name)
-               for info in store.list(trash_prefix(source)))
+    entries = (trash_entry(source, store.name, info.name)
+               for info in store.list(layout.trash_prefix(source)))
     return [e for e in entries if e is not None]
 
 
@@ -455,12 +427,12 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
         raise UsageError(f"the orphan grace period must be at most "
                          f"{format_duration(orphans.MAX_ORPHAN_GRACE)}: every copy of a "
                          "departed institution's data must be gone within 4 weeks")
-    chosen = _chosen(rt, sources)
+    chosen = rt.config.pick_sources(sources)
     protected = frozenset(protected) | frozenset(
         newest_verified(rt.config.daemon.state_dir).values())
     tz = ZoneInfo(rt.config.daemon.timezone)  # day/week/month as the operator's calendar
     lock: AbstractContextManager[object] = (
-        contextlib.nullcontext() if dry_run else prune_lock(rt.config.daemon.state_dir))
+        contextlib.nullcontext() if dry_run else locks.deletions_lock(rt.config.daemon.state_dir))
     # One mirror of the audit log for the whole run, not one per deletion.
     with rt.audit_batch(), lock:
         now = rt.clock()
@@ -479,8 +451,8 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
             for snap_id in rp.delete_ids:
                 report.changes.append(
                     Change("trash", rp.source, rp.region, snap_id, "planned",
-                           f"would move {manifest.manifest_object_name(rp.source, snap_id)} "
-                           f"to {trash_prefix(rp.source)}") if dry_run
+                           f"would move {layout.manifest_object_name(rp.source, snap_id)} "
+                           f"to {layout.trash_prefix(rp.source)}") if dry_run
                     else _trash(rt, store, rp.source, snap_id, now,
                                 rt.config.source(rp.source).retention.trash_days))
         for src in chosen:
@@ -539,7 +511,7 @@ def _undo(rt: Runtime, store: ObjectStore, e: TrashEntry) -> Change:
     def change(status: str, detail: str) -> Change:
         return Change("undo", e.source, e.region, e.snapshot_id, status, detail)
 
-    mname = manifest.manifest_object_name(e.source, e.snapshot_id)
+    mname = layout.manifest_object_name(e.source, e.snapshot_id)
     try:
         raw = store.get_bytes(e.name, manifest.MAX_MANIFEST_BYTES)
         m = _checked(manifest.parse(raw, rt.manifest_key, source=e.source,
@@ -575,12 +547,12 @@ def undo_prune(rt: Runtime, sources: list[str] | None = None,
 
     Raises UsageError for a malformed id, or one found in no region's trash.
     """
-    if snapshot_id is not None and not manifest.ID_RE.match(snapshot_id):
+    if snapshot_id is not None and not layout.is_snapshot_id(snapshot_id):
         raise UsageError(f"invalid snapshot id {snapshot_id!r}: expected an id like "
                          "20261123T020000Z-1a2b3c4d")
-    chosen = _chosen(rt, sources)
+    chosen = rt.config.pick_sources(sources)
     report = UndoReport()
-    with rt.audit_batch(), prune_lock(rt.config.daemon.state_dir):
+    with rt.audit_batch(), locks.deletions_lock(rt.config.daemon.state_dir):
         found: list[tuple[ObjectStore, TrashEntry]] = []
         for src in chosen:
             for store in rt.stores:

@@ -30,7 +30,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from . import catalog, manifest, prune
+from . import catalog, layout, locks, manifest
 from . import facts as facts_object
 from .catalog import SnapshotEntry
 from .errors import DrError, IntegrityError
@@ -170,7 +170,7 @@ def _classify(entry: SnapshotEntry, regions: Sequence[str], region_errors: Mappi
 def observe(rt: Runtime, sources: Sequence[str] | None = None, *,
             verify_data: bool = False) -> ReplicationPlan:
     """List, stat (and with verify_data, hash) every copy, then plan."""
-    names = {rt.config.source(s).name for s in sources} if sources else None
+    names = {s.name for s in rt.config.pick_sources(sources)} if sources else None
     single = next(iter(names)) if names and len(names) == 1 else None
     listing = catalog.list_snapshots(rt, single)
     entries = [e for e in listing.snapshots if names is None or e.source in names]
@@ -202,10 +202,10 @@ def _trashed(rt: Runtime, sources: Collection[str], down: dict[str, str]) -> set
             continue
         try:
             for src in sorted(sources):
-                for info in store.list(prune.trash_prefix(src)):
-                    e = prune.parse_trash_name(src, store.name, info.name)
-                    if e is not None:
-                        found.add((src, e.snapshot_id, store.name))
+                for info in store.list(layout.trash_prefix(src)):
+                    trashed = layout.parse_trash_name(info.name)
+                    if trashed is not None:
+                        found.add((src, trashed[0], store.name))
         except DrError as exc:
             down[store.name] = str(exc)
     return found
@@ -350,7 +350,7 @@ def _manifest_blob(rt: Runtime, repair: Repair, stores: Mapping[str, ObjectStore
     copy, right before writing it, so a snapshot pruned meanwhile is noticed.
     """
     m = repair.manifest
-    name = manifest.manifest_object_name(m.source, m.id)
+    name = layout.manifest_object_name(m.source, m.id)
     problems = []
     for region in repair.manifest_regions:
         try:
@@ -391,7 +391,7 @@ def repair_one(rt: Runtime, repair: Repair) -> RepairOutcome:
             out.error = f"cannot write region {target.name}: {exc}"
             break
         try:
-            target.put_bytes(manifest.manifest_object_name(m.source, m.id),
+            target.put_bytes(layout.manifest_object_name(m.source, m.id),
                              _manifest_blob(rt, repair, stores),
                              retain_until=retain_until(rt, m))
         except _ManifestGone as exc:
@@ -507,6 +507,6 @@ def run_replicate(rt: Runtime, sources: list[str] | None = None, *, repair: bool
         return ReplicationReport(observe(rt, sources, verify_data=verify), [], repair, verify)
     # Planned under the lock too: what a prune changed before we got it counts.
     # One mirror of the audit log for the whole run, not one per repair.
-    with rt.audit_batch(), prune.prune_lock(rt.config.daemon.state_dir):
+    with rt.audit_batch(), locks.deletions_lock(rt.config.daemon.state_dir):
         plan = observe(rt, sources, verify_data=verify)
         return ReplicationReport(plan, execute(rt, plan), repair, verify)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from html import escape
 from typing import TYPE_CHECKING, Any
 
-from .units import format_bytes, format_duration
+from .units import format_bytes, format_duration, parse_iso_time
 
 if TYPE_CHECKING:
     from .drill_records import DrillRecord
@@ -114,7 +114,7 @@ def when(iso: str | None) -> str:
     if not iso:
         return "—"
     try:
-        t = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+        t = parse_iso_time(iso)
     except ValueError:
         return iso
     return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -481,4 +481,4 @@ def _short(seconds: float) -> str:
 
 
 def _time(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    return parse_iso_time(iso).timestamp()

@@ -242,8 +242,8 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
         assert source.dsn is not None
         target_dsn(source.dsn, target)  # a bad target (or one with a password) fails first
     state_dir = rt.config.daemon.state_dir
-    scratch = scratch_dir or (statefs.ensure_folder(state_dir, "restore") if jobs is not None
-                              else state_dir / "restore")
+    scratch = scratch_dir or (statefs.ensure_folder(state_dir, statefs.RESTORE_SCRATCH)
+                              if jobs is not None else state_dir / statefs.RESTORE_SCRATCH)
     stores = [rt.store(region)] if region is not None else list(rt.stores)
     chosen = resolve_ref(rt, source.name, ref, allow_older=allow_older)
     entry = chosen.entry

@@ -20,7 +20,6 @@ from typing import Any
 
 from . import audit, statefs
 from . import config as config_mod
-from .catalog import ManifestCache
 from .config import Config
 from .keys import (
     ManifestKey,
@@ -30,6 +29,7 @@ from .keys import (
     load_manifest_key,
     recipient_labels,
 )
+from .manifest_cache import ManifestCache
 from .storage import ObjectStore, open_store
 
 log = logging.getLogger("drdaemon")
@@ -55,7 +55,7 @@ class Runtime:
     # Regions whose audit mirror failed are tried again later, not on every event.
     audit_mirror: audit.MirrorState = field(default_factory=audit.MirrorState)
     # Manifests the daemon's metrics refresh and watchdog authenticated before
-    # (catalog.ManifestCache); every other reader goes to storage.
+    # (manifest_cache.ManifestCache); every other reader goes to storage.
     manifest_cache: ManifestCache = field(default_factory=ManifestCache)
     # This thread's audit batch (see audit_batch): depth, records not yet
     # mirrored, when it last mirrored.

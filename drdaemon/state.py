@@ -73,10 +73,6 @@ def _when(stamp: str | None) -> datetime:
     return datetime.fromisoformat(stamp or "")
 
 
-def _path(source: str) -> str:
-    return f"sources/{source}.json"
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so readers see the old or the new file, never a mix.
 
@@ -99,7 +95,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 def read_outcome(state_dir: Path, source: str) -> Outcome:
     """The recorded outcome of `source` (empty if none or unreadable)."""
     try:
-        doc: dict[str, Any] = json.loads(statefs.read_bytes(state_dir, _path(source)))
+        doc: dict[str, Any] = json.loads(statefs.read_bytes(state_dir,
+                                                            statefs.outcome_file(source)))
         fields = {k: doc[k] for k in Outcome.__dataclass_fields__ if k in doc and k != "running"}
         out = Outcome(**fields)
         for stamp in (out.last_attempt, out.last_started, out.last_failure):
@@ -117,7 +114,8 @@ def read_outcome(state_dir: Path, source: str) -> Outcome:
 def _write(state_dir: Path, source: str, outcome: Outcome) -> None:
     doc = asdict(outcome)
     del doc["running"]
-    statefs.write_atomic(state_dir, _path(source), json.dumps(doc, indent=1).encode())
+    statefs.write_atomic(state_dir, statefs.outcome_file(source),
+                         json.dumps(doc, indent=1).encode())
 
 
 def record_start(state_dir: Path, source: str, at: datetime) -> None:
@@ -139,9 +137,6 @@ def record_outcome(state_dir: Path, source: str, at: datetime, ok: bool, error: 
     _write(state_dir, source, new)
 
 
-INFLIGHT = "inflight"
-
-
 @contextmanager
 def inflight(state_dir: Path, snapshot_id: str) -> Iterator[None]:
     """Mark a snapshot's uploads as in flight by this process for the duration.
@@ -150,7 +145,7 @@ def inflight(state_dir: Path, snapshot_id: str) -> Iterator[None]:
     dead pid: the next start then knows those uploads are abandoned and aborts
     them at once, instead of waiting for them to age out.
     """
-    marker = f"{INFLIGHT}/{snapshot_id}"
+    marker = statefs.inflight_marker(snapshot_id)
     statefs.write_atomic(state_dir, marker, f"{os.getpid()}\n".encode())
     try:
         yield
@@ -161,9 +156,9 @@ def inflight(state_dir: Path, snapshot_id: str) -> Iterator[None]:
 def abandoned_snapshots(state_dir: Path) -> set[str]:
     """Ids of snapshots whose uploading process died (see `forget_abandoned`)."""
     found = set()
-    for name in statefs.list_names(state_dir, INFLIGHT):
+    for name in statefs.list_names(state_dir, statefs.INFLIGHT):
         try:
-            pid = int(statefs.read_bytes(state_dir, f"{INFLIGHT}/{name}").strip())
+            pid = int(statefs.read_bytes(state_dir, statefs.inflight_marker(name)).strip())
         except (OSError, ValueError):
             pid = 0
         if pid <= 0 or not _alive(pid):
@@ -173,14 +168,14 @@ def abandoned_snapshots(state_dir: Path) -> set[str]:
 
 def live_inflight(state_dir: Path) -> set[str]:
     """Ids of snapshots a live process on this host is uploading right now."""
-    markers = set(statefs.list_names(state_dir, INFLIGHT))
+    markers = set(statefs.list_names(state_dir, statefs.INFLIGHT))
     return markers - abandoned_snapshots(state_dir)
 
 
 def forget_abandoned(state_dir: Path, snapshot_ids: set[str]) -> None:
     """Drop the markers of abandoned snapshots once their uploads are aborted."""
     for snap_id in snapshot_ids:
-        statefs.unlink(state_dir, f"{INFLIGHT}/{snap_id}")
+        statefs.unlink(state_dir, statefs.inflight_marker(snap_id))
 
 
 def _alive(pid: int) -> bool:

@@ -11,11 +11,15 @@ The state folder and every folder in it must be owned by the running user and
 not writable by group or others (new ones are made 0700, files 0600); the
 folders above it follow the rule of filetrust.py. A refusal is one line
 (`UnsafeState`, exit 2) naming the path and what to do.
+
+The names inside the state folder are defined here once (docs/format.md, "The
+state folder"); the modules that own each file say what is in it.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import stat
@@ -27,6 +31,32 @@ from .errors import UsageError
 from .filetrust import check_folder_chain
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# -- the state folder's layout ---------------------------------------------------
+
+AUDIT_LOG = "audit/audit.jsonl"  # the tamper-evident log (audit.py)
+AUDIT_MIRROR_LOCK = "audit/mirror.lock"  # one copy to the regions at a time
+DRILL_RECORDS = "drills/drills.jsonl"  # one JSON line per drill (drill_records.py)
+DRILL_SCRATCH = "drills/scratch"  # drills restore here unless [drills] scratch_dir
+INFLIGHT = "inflight"  # a marker per snapshot being uploaded (state.py)
+ORPHAN_SIGHTINGS = "prune/orphans.json"  # when each orphan was first seen (orphans.py)
+ORPHAN_METRICS = "prune/orphan-metrics.json"  # the last prune's orphan gauges (metrics)
+RESTORE_SCRATCH = "restore"  # the scratch copy of `drctl restore --jobs`
+
+
+def lock_file(name: str) -> str:
+    """The lock file of one kind of work (locks.py)."""
+    return f"locks/{name}.lock"
+
+
+def outcome_file(source: str) -> str:
+    """The last outcome of one source's snapshots (state.py)."""
+    return f"sources/{source}.json"
+
+
+def inflight_marker(snapshot_id: str) -> str:
+    """The marker of one snapshot's uploads in flight (state.py)."""
+    return f"{INFLIGHT}/{snapshot_id}"
 
 
 class UnsafeState(UsageError):
@@ -170,6 +200,62 @@ def read_bytes(state_dir: Path, rel: str) -> bytes:
     fd = open_file(state_dir, rel, os.O_RDONLY)
     with os.fdopen(fd, "rb") as fh:
         return fh.read()
+
+
+def read_all(fd: int) -> bytes:
+    """Everything in the open file `fd` (as long as it was when the read began)."""
+    size = os.fstat(fd).st_size
+    chunks, offset = [], 0
+    while offset < size:
+        chunk = os.pread(fd, min(1 << 20, size - offset), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd` (os.write may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+@contextmanager
+def locked(state_dir: Path, rel: str, flags: int, lock: int = fcntl.LOCK_EX) -> Iterator[int]:
+    """An fd of the state file `rel` (made if missing) holding flock `lock` until the
+    block ends; closing it releases the lock."""
+    fd = open_file(state_dir, rel, flags | os.O_CREAT)
+    try:
+        fcntl.flock(fd, lock)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def appending(state_dir: Path, rel: str) -> Iterator[int]:
+    """An fd to append to the state file `rel` under an exclusive flock.
+
+    The daemon and any number of drctl processes append in turn, so lines are
+    never interleaved; what the block wrote is fsynced before the lock goes, so
+    a record is durable before the caller goes on.
+    """
+    with locked(state_dir, rel, os.O_RDWR | os.O_APPEND) as fd:
+        yield fd
+        os.fsync(fd)
+
+
+def read_shared(state_dir: Path, rel: str) -> bytes:
+    """The content of the state file `rel`, read under a shared flock so that no
+    half-written append shows; FileNotFoundError if there is none."""
+    fd = open_file(state_dir, rel, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return read_all(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(state_dir: Path, rel: str, data: bytes) -> None:

@@ -1,9 +1,9 @@
-"""Parsing of human durations ("90m", "24h", "14d") and sizes ("16MiB")."""
+"""Parsing of human durations ("90m", "24h", "14d"), sizes ("16MiB") and ISO times."""
 
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -59,3 +59,14 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def parse_iso_time(text: str) -> datetime:
+    """An ISO 8601 date or time as written by drdaemon or a person, a final ``Z`` read as
+    UTC (``+00:00``); naive if `text` names no zone. ValueError if it is none."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def format_utc(t: datetime) -> str:
+    """A time for messages, to the second in UTC: ``2026-11-23T02:00:00Z``."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -161,7 +161,7 @@ def run_verify(rt: Runtime, sources: Sequence[str] | None = None, region: str | 
     """Check every copy of every snapshot of `sources` (default: all) in `region` (default: all)."""
     if deep and not identities:
         raise UsageError("deep verification decrypts: it needs an identity")
-    names = {rt.config.source(s).name for s in sources} if sources else None
+    names = {s.name for s in rt.config.pick_sources(sources)} if sources else None
     regions = [rt.store(region).name] if region else [s.name for s in rt.stores]
     single = next(iter(names)) if names and len(names) == 1 else None
     listing = catalog.list_snapshots(rt, single, region)

@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import Setup, directory_source, local_region, make_setup, run_cli
 
-from drdaemon import audit, keys
+from drdaemon import audit, keys, layout
 from drdaemon.config import load as load_config
 from drdaemon.keys import load_manifest_key
 from drdaemon.runtime import open_runtime
@@ -572,7 +572,7 @@ def test_segments_and_names() -> None:
     assert list(audit.segments(lines)) == [(0, b"".join(lines), False)]
     full = [b"x\n"] * (audit.SEGMENT_RECORDS + 1)
     assert [(f, done) for f, _, done in audit.segments(full)] == [(0, True), (100, False)]
-    assert audit.host_label("Web-01.Example.org") == "web-01.example.org"
-    assert audit.host_label("../é") == "host"
+    assert layout.host_label("Web-01.Example.org") == "web-01.example.org"
+    assert layout.host_label("../é") == "host"
     assert audit.mirror_folder("h", lines[0]).startswith("audit/h/")
     assert audit.split_lines(b"a\nb") == [b"a\n", b"b"] and audit.split_lines(b"") == []

@@ -18,7 +18,7 @@ from lms import populate
 from support import Setup, directory_source, flip_byte, make_setup, postgres_source, stored_key
 
 from drdaemon import config as config_mod
-from drdaemon import drill_records, drills, facts, manifest
+from drdaemon import drill_records, drills, facts, layout, manifest
 from drdaemon.errors import ConfigError
 from drdaemon.keys import load_manifest_key
 from drdaemon.runtime import open_runtime
@@ -190,7 +190,7 @@ def test_tampered_counts_fail_every_table_that_differs(tmp_path: Path, lms_dsn: 
     setup = pg_setup(tmp_path, lms_dsn, s3_regions, extra=USERS_CHECK + failing)
     [snap] = setup.drctl_json("backup")
     key = load_manifest_key(setup.manifest_key)
-    name = manifest.manifest_object_name("lms-db", snap["snapshot_id"])
+    name = layout.manifest_object_name("lms-db", snap["snapshot_id"])
     for region in s3_regions:
         client = region.client()
         raw = client.get_object(Bucket=region.bucket, Key=name)["Body"].read()

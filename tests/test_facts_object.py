@@ -30,15 +30,8 @@ from drdaemon import backup, facts, orphans, prune
 from drdaemon import config as config_mod
 from drdaemon.errors import IntegrityError
 from drdaemon.keys import ManifestKey, load_manifest_key
-from drdaemon.manifest import (
-    FactsRef,
-    Manifest,
-    data_object_name,
-    facts_object_name,
-    manifest_object_name,
-    parse,
-    serialize,
-)
+from drdaemon.layout import data_object_name, facts_object_name, manifest_object_name
+from drdaemon.manifest import FactsRef, Manifest, parse, serialize
 from drdaemon.pipeline import Stored
 from drdaemon.runtime import open_runtime
 from drdaemon.sources import postgres

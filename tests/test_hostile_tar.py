@@ -20,7 +20,7 @@ import zstandard
 from pyrage import encrypt, x25519
 from support import Setup, directory_source, local_region, make_setup
 
-from drdaemon import manifest
+from drdaemon import layout, manifest
 from drdaemon.keys import fingerprint, load_manifest_key
 
 
@@ -36,13 +36,13 @@ def plant(setup: Setup, tar_bytes: bytes, *, plaintext_size: int | None = None,
           facts: dict | None = None) -> str:
     """Store `tar_bytes` as a correctly signed snapshot of source `files` in both regions."""
     now = datetime.now(UTC)
-    snap_id = manifest.new_snapshot_id(now)
+    snap_id = layout.new_snapshot_id(now)
     data = encrypt(zstandard.ZstdCompressor().compress(tar_bytes),
                    [x25519.Recipient.from_str(setup.recipient)])
     m = manifest.Manifest(
         id=snap_id, source="files", tenant="uni-a", tier="paid", kind="directory",
         consistency_time=now, started_at=now, finished_at=now,
-        data_name=manifest.data_object_name("files", snap_id, "directory"),
+        data_name=layout.data_object_name("files", snap_id, "directory"),
         sha256=hashlib.sha256(data).hexdigest(), size=len(data),
         compressed_size=0, plaintext_size=len(tar_bytes) if plaintext_size is None
         else plaintext_size, zstd_level=3, recipients=(fingerprint(setup.recipient),),
@@ -51,7 +51,7 @@ def plant(setup: Setup, tar_bytes: bytes, *, plaintext_size: int | None = None,
     for region in ("r-eu", "r-us"):
         root = setup.config.parent / region
         for name, content in ((m.data_name, data),
-                              (manifest.manifest_object_name("files", snap_id), blob)):
+                              (layout.manifest_object_name("files", snap_id), blob)):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             (root / name).write_bytes(content)
     return snap_id

@@ -23,20 +23,17 @@ from hypothesis import strategies as st
 
 from drdaemon.errors import IntegrityError
 from drdaemon.keys import ManifestKey
-from drdaemon.manifest import (
+from drdaemon.layout import (
     ID_RE,
     KINDS,
-    MAX_MANIFEST_BYTES,
-    Manifest,
     data_object_name,
     id_time,
     manifest_object_name,
     manifests_prefix,
     new_snapshot_id,
-    parse,
-    serialize,
     snapshot_id_from_manifest_name,
 )
+from drdaemon.manifest import MAX_MANIFEST_BYTES, Manifest, parse, serialize
 
 KEY = ManifestKey(secrets.token_bytes(32))
 OTHER_KEY = ManifestKey(secrets.token_bytes(32))

@@ -1,4 +1,4 @@
-"""The daemon's cache of authenticated manifests (catalog.ManifestCache).
+"""The daemon's cache of authenticated manifests (manifest_cache.ManifestCache).
 
 Real stores (local folders, moto S3 servers), wrapped in a counting proxy that
 forwards every call: a refresh must GET only manifests it has not read
@@ -21,7 +21,7 @@ from counting_store import CountingStore, count_calls, reset
 from support import Setup, directory_source, local_region, make_setup
 
 from drdaemon import config as config_mod
-from drdaemon import manifest, metrics_feed, scheduler
+from drdaemon import layout, manifest, metrics_feed, scheduler
 from drdaemon.backup import snapshot
 from drdaemon.cli.drctl import cli as drctl_cli
 from drdaemon.metrics import MetricsState
@@ -127,7 +127,7 @@ def test_a_refresh_reads_only_manifests_it_has_not_read(world: World) -> None:
     assert w.manifest_reads() == 2
     assert {(op, name) for s in w.stores.values() for (op, name) in s.calls
             if "/manifests/" in name and op != "list"} == {
-        ("get_bytes", manifest.manifest_object_name("files-a", new))}
+        ("get_bytes", layout.manifest_object_name("files-a", new))}
     for region in (eu, us):
         assert newest_time(st, "files-a", region) == w.clock.now.timestamp()
         assert st.views["files-a"].retained[region] == 3
@@ -137,14 +137,14 @@ def test_a_refresh_reads_only_manifests_it_has_not_read(world: World) -> None:
 
     # A deleted snapshot disappears from the metrics and from the cache.
     gone = w.ids["files-b"][0]
-    w.stores[eu].inner.delete(manifest.manifest_object_name("files-b", gone))
+    w.stores[eu].inner.delete(layout.manifest_object_name("files-b", gone))
     reset(w.stores)
     metrics_feed.refresh(w.rt, st)
     assert w.manifest_reads() == 0
     assert st.views["files-b"].retained == {eu: 1, us: 2}
     assert st.views["files-b"].oldest[eu] > st.views["files-b"].oldest[us]
     assert len(w.rt.manifest_cache) == 9  # 10 manifests, less the one deleted
-    assert manifest.manifest_object_name("files-b", gone) not in (
+    assert layout.manifest_object_name("files-b", gone) not in (
         w.rt.manifest_cache.slice(eu, "files-b"))
 
 
@@ -154,7 +154,7 @@ def test_a_tampered_manifest_is_never_served_from_the_cache(world: World) -> Non
     st = MetricsState.from_config(w.rt.config)
     metrics_feed.refresh(w.rt, st)
     old, new = w.ids["files-a"]
-    new_name = manifest.manifest_object_name("files-a", new)
+    new_name = layout.manifest_object_name("files-a", new)
     eu_store = w.stores[eu].inner
 
     # Rewritten with another size (an edited field): read again, refused, not kept.
@@ -172,7 +172,7 @@ def test_a_tampered_manifest_is_never_served_from_the_cache(world: World) -> Non
     # Edited in place with the same size (one hex digit of the sha256): the
     # object's version (ETag; mtime and inode) changed, so the refresh reads it
     # again and refuses it too; drctl reads every manifest from storage.
-    old_name = manifest.manifest_object_name("files-a", old)
+    old_name = layout.manifest_object_name("files-a", old)
     us_store = w.stores[us].inner
     raw = us_store.get_bytes(old_name, manifest.MAX_MANIFEST_BYTES)
     found = re.search(rb'"sha256": *"', raw)

@@ -17,7 +17,7 @@ from conftest import PgServer, S3Region, pg_cluster
 from psycopg import sql
 from support import make_setup, postgres_source
 
-from drdaemon import manifest
+from drdaemon import layout
 from drdaemon.sources import postgres
 
 # Long names, as schema-per-institution layouts have: ~120 bytes a table in a version-1
@@ -93,7 +93,7 @@ def test_twelve_thousand_tables_back_up_list_restore_and_drill(
     for region in s3_regions:
         client = region.client()
         raw = client.get_object(Bucket=region.bucket,
-                                Key=manifest.manifest_object_name("many", snap_id))["Body"].read()
+                                Key=layout.manifest_object_name("many", snap_id))["Body"].read()
         assert len(raw) < 4096
         doc = json.loads(raw)
         assert doc["version"] == 2 and "tables" not in doc["facts"]

@@ -28,7 +28,7 @@ from drdaemon import audit, metrics, metrics_feed
 from drdaemon import config as config_mod
 from drdaemon.backup import BackupResult, error_kind, snapshot
 from drdaemon.errors import DrError, SourceError
-from drdaemon.manifest import data_object_name, manifest_object_name, new_snapshot_id
+from drdaemon.layout import data_object_name, manifest_object_name, new_snapshot_id
 from drdaemon.metrics import (
     DrillView,
     MetricsState,

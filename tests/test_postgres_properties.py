@@ -19,7 +19,7 @@ from psycopg import sql
 from pyrage import x25519
 from support import Setup, make_setup, postgres_source
 
-from drdaemon import manifest
+from drdaemon import layout, manifest
 from drdaemon.keys import load_identities, load_manifest_key
 from drdaemon.sources import pg_database
 
@@ -263,7 +263,7 @@ def test_old_manifest_restores_with_a_note(tmp_path: Path, pg_server: PgServer,
 def forge(setup: Setup, regions: list[S3Region], snapshot_id: str, change: Any) -> None:
     """Rewrite the facts of a snapshot's manifest in every region (re-authenticated)."""
     key = load_manifest_key(setup.manifest_key)
-    name = manifest.manifest_object_name("db", snapshot_id)
+    name = layout.manifest_object_name("db", snapshot_id)
     for region in regions:
         client = region.client()
         m = manifest.parse(client.get_object(Bucket=region.bucket, Key=name)["Body"].read(), key)

@@ -24,12 +24,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import Setup, directory_source, local_region, make_setup
 
-from drdaemon import backup, catalog, metrics, orphans, state
+from drdaemon import backup, catalog, layout, metrics, orphans, state
 from drdaemon.cli.drctl import cli as drctl_cli
 from drdaemon.config import RetentionConfig
 from drdaemon.config import load as load_config
 from drdaemon.errors import UsageError
-from drdaemon.manifest import data_object_name, manifest_object_name, new_snapshot_id
+from drdaemon.layout import data_object_name, manifest_object_name, new_snapshot_id
 from drdaemon.prune import (
     BLOCKED,
     DELETE,
@@ -37,12 +37,11 @@ from drdaemon.prune import (
     LOCKED,
     RegionInput,
     Snapshot,
-    parse_trash_name,
     plan_prune,
     plan_purge,
     plan_region,
     run_prune,
-    trash_name,
+    trash_entry,
 )
 from drdaemon.runtime import Runtime, open_runtime
 from drdaemon.scheduler import Daemon
@@ -162,11 +161,11 @@ def test_plan_properties(days: list[int], fraction: float, force: bool, protect:
 
 def test_trash_names_and_purge_plan() -> None:
     at = datetime(2031, 3, 9, 4, 5, 6, 789, tzinfo=UTC)
-    name = trash_name(SRC, "20310301T020000Z-1a2b3c4d", at)
+    name = layout.trash_name(SRC, "20310301T020000Z-1a2b3c4d", at)
     assert name == "sources/lms-files/trash/20310301T020000Z-1a2b3c4d.20310309T040506Z.json"
-    entry = parse_trash_name(SRC, "eu", name)
+    entry = trash_entry(SRC, "eu", name)
     assert entry is not None and entry.trashed_at == at.replace(microsecond=0)
-    assert parse_trash_name(SRC, "eu", "sources/lms-files/trash/notes.txt") is None
+    assert trash_entry(SRC, "eu", "sources/lms-files/trash/notes.txt") is None
     assert plan_purge([entry], 7, entry.trashed_at + 7 * DAY - timedelta(seconds=1)) == ()
     assert plan_purge([entry], 7, entry.trashed_at + 7 * DAY) == (entry,)
     assert plan_purge([entry], 0, entry.trashed_at) == (entry,)
@@ -436,14 +435,14 @@ def test_object_lock_buckets_lock_snapshots_and_prune_skips_them(
     for r in lock_regions:
         keys = {o["Key"] for o in r.client().list_objects_v2(Bucket=r.bucket)["Contents"]}
         assert {k for k in keys if "/trash/" in k} == {
-            trash_name(SRC, i, w.clock.now) for i in w.ids[:2]}
+            layout.trash_name(SRC, i, w.clock.now) for i in w.ids[:2]}
 
 
 @pytest.fixture
 def lock_holder(local6: World) -> Iterator[subprocess.Popen[str]]:
     """Another process holding the prune lock until its stdin closes."""
-    code = ("import sys; from pathlib import Path; from drdaemon.prune import prune_lock\n"
-            "with prune_lock(Path(sys.argv[1])):\n"
+    code = ("import sys; from pathlib import Path; from drdaemon.locks import deletions_lock\n"
+            "with deletions_lock(Path(sys.argv[1])):\n"
             "    print('locked', flush=True); sys.stdin.read()\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(local6.setup.state)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -20,8 +20,8 @@ import pytest
 from conftest import S3Region
 from support import Setup, directory_source, flip_byte, make_setup, snapshot_keys
 
+from drdaemon import layout, locks
 from drdaemon import manifest as manifest_mod
-from drdaemon import prune
 from drdaemon.catalog import SnapshotEntry
 from drdaemon.keys import load_manifest_key
 from drdaemon.manifest import Manifest
@@ -39,7 +39,7 @@ def make_manifest(size: int = 1000) -> Manifest:
     return Manifest(
         id=SNAP, source="lms", tenant="uni-a", tier="paid", kind="directory",
         consistency_time=T0, started_at=T0, finished_at=T0,
-        data_name=manifest_mod.data_object_name("lms", SNAP, "directory"), sha256="0" * 64,
+        data_name=layout.data_object_name("lms", SNAP, "directory"), sha256="0" * 64,
         size=size, compressed_size=900, plaintext_size=5000, zstd_level=3,
         recipients=("sha256:1f2e3d4c5b6a7988",))
 
@@ -218,7 +218,7 @@ def test_degraded_snapshot_is_reported_repaired_and_restorable(tmp_path: Path,
     key = data_key(us, snap["snapshot_id"])
     assert hashlib.sha256(read(us, key)).hexdigest() == snap["sha256"]
     # The manifest is copied byte for byte: every region holds the same commit.
-    mkey = manifest_mod.manifest_object_name("lms-files", snap["snapshot_id"])
+    mkey = layout.manifest_object_name("lms-files", snap["snapshot_id"])
     assert read(us, mkey) == read(eu, mkey)
     assert not us.client().list_multipart_uploads(Bucket=us.bucket).get("Uploads")
 
@@ -266,7 +266,7 @@ def test_a_right_sized_orphan_is_a_source_once_it_verifies(setup: Setup,
     [snap] = setup.drctl_json("backup")
     eu, us = s3_regions
     flip_byte(eu, data_key(eu, snap["snapshot_id"]))
-    us.client().delete_object(Bucket=us.bucket, Key=manifest_mod.manifest_object_name(
+    us.client().delete_object(Bucket=us.bucket, Key=layout.manifest_object_name(
         "lms-files", snap["snapshot_id"]))
 
     report = run_json(setup, "replicate", "--verify", "--repair", exit_code=0)
@@ -343,7 +343,7 @@ def test_verify_deep_finds_what_a_hash_cannot(setup: Setup, tmp_path: Path,
     # An authenticated manifest over bytes that are not an age file (as a
     # buggy writer could leave): the hash matches, only decryption tells.
     key = load_manifest_key(setup.manifest_key)
-    mname = manifest_mod.manifest_object_name("lms-files", snap["snapshot_id"])
+    mname = layout.manifest_object_name("lms-files", snap["snapshot_id"])
     m = manifest_mod.parse(read(s3_regions[0], mname), key)
     junk = os.urandom(5000)
     bad = dataclasses.replace(m, sha256=hashlib.sha256(junk).hexdigest(), size=len(junk))
@@ -373,8 +373,8 @@ def test_a_snapshot_pruned_in_one_region_is_not_copied_back(setup: Setup,
     [snap] = setup.drctl_json("backup")
     us = s3_regions[1]
     # What prune's trash step does in one region (prune plans per region).
-    mname = manifest_mod.manifest_object_name("lms-files", snap["snapshot_id"])
-    write(us, prune.trash_name("lms-files", snap["snapshot_id"], datetime.now(UTC)),
+    mname = layout.manifest_object_name("lms-files", snap["snapshot_id"])
+    write(us, layout.trash_name("lms-files", snap["snapshot_id"], datetime.now(UTC)),
           read(us, mname))
     us.client().delete_object(Bucket=us.bucket, Key=mname)
 
@@ -387,7 +387,7 @@ def test_a_snapshot_pruned_in_one_region_is_not_copied_back(setup: Setup,
 def test_repair_waits_for_no_prune(setup: Setup, s3_regions: list[S3Region]) -> None:
     """Repair and prune take the same lock: a repair must not recommit what a prune removes."""
     setup.drctl_json("backup")
-    with prune.prune_lock(setup.state):
+    with locks.deletions_lock(setup.state):
         result = setup.drctl("replicate", "--repair")
         assert result.exit_code == 1 and "a prune or a replica repair is running" in result.stderr
         assert setup.drctl("replicate").exit_code == 0  # planning only reads

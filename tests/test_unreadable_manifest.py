@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from support import Setup, directory_source, local_region, make_setup
 
-from drdaemon import catalog, manifest, metrics, metrics_feed
+from drdaemon import catalog, layout, manifest, metrics, metrics_feed
 from drdaemon import config as config_mod
 from drdaemon.runtime import open_runtime
 
@@ -41,7 +41,7 @@ def two_snapshots(tmp_path: Path) -> tuple[Setup, str, str]:
 def oversize(setup: Setup, snap_id: str, *regions: str) -> None:
     """Make the manifest larger than any reader accepts, as a pre-version-2 writer did."""
     for region in regions:
-        path = setup.config.parent / f"r-{region}" / manifest.manifest_object_name("files",
+        path = setup.config.parent / f"r-{region}" / layout.manifest_object_name("files",
                                                                                     snap_id)
         raw = path.read_bytes()
         path.write_bytes(raw + b" " * (manifest.MAX_MANIFEST_BYTES + 1 - len(raw)))
@@ -129,11 +129,11 @@ def test_a_newest_snapshot_unreadable_everywhere(two_snapshots: tuple[Setup, str
 def _entry(snap_id: str, readable: bool) -> catalog.SnapshotEntry:
     e = catalog.SnapshotEntry(snap_id, "files")
     if readable:
-        t = manifest.id_time(snap_id)
+        t = layout.id_time(snap_id)
         e.manifest = manifest.Manifest(
             id=snap_id, source="files", tenant="uni-a", tier="paid", kind="directory",
             consistency_time=t, started_at=t, finished_at=t,
-            data_name=manifest.data_object_name("files", snap_id, "directory"),
+            data_name=layout.data_object_name("files", snap_id, "directory"),
             sha256="ab" * 32, size=1, compressed_size=1, plaintext_size=1, zstd_level=3,
             recipients=())
         e.regions = ["eu"]

@@ -157,7 +157,7 @@ def backup_cmd(ctx: click.Context, sources: tuple[str, ...], accept_shrink: bool
                as_json: bool) -> None:
     """Take a snapshot now. Exit 1 if any source failed or is degraded."""
     rt = get_runtime(ctx)
-    chosen = [rt.config.source(n) for n in sources] if sources else list(rt.config.sources)
+    chosen = rt.config.pick_sources(sources)
     if not chosen:
         raise UsageError(f"{rt.config.path} configures no sources")
     if accept_shrink and not sources:

@@ -14,7 +14,7 @@ from ..keys import identities_for
 from ..report import FORMATS, against, duration, rate, render, size, when
 from ..runtime import utcnow
 from ..state import write_atomic
-from ..units import parse_duration
+from ..units import parse_duration, parse_iso_time
 from . import emit_json, get_config, get_runtime, handle_errors, identity_option, json_option
 
 
@@ -30,7 +30,7 @@ def since_from(text: str, now: datetime) -> datetime:
     except ValueError:
         pass
     try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        t = parse_iso_time(text)
     except ValueError:
         raise UsageError(f"--since {text!r}: expected a duration like 90d or a date like "
                          "2026-01-31") from None

@@ -16,7 +16,7 @@ from .views import OrphanView
 
 log = logging.getLogger("drdaemon")
 
-ORPHANS_FILE = "prune/orphan-metrics.json"
+ORPHANS_FILE = statefs.ORPHAN_METRICS
 
 
 def orphans_path(state_dir: Path) -> Path:

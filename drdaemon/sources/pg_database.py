@@ -28,7 +28,7 @@ import pyrage
 from psycopg import sql
 from pyrage import x25519
 
-from ..errors import DrError, SourceError, UsageError
+from ..errors import DrError, SourceError, UsageError, first_line
 
 # Privilege letters of a database ACL item (aclitem's text form) and their names.
 PRIVILEGES = {"C": "CREATE", "c": "CONNECT", "T": "TEMPORARY"}
@@ -521,10 +521,6 @@ def byte_transparent(conn: psycopg.Connection[Any]) -> None:
             conn.commit()
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-
-
 @dataclass
 class Policy:
     """How a restore treats what the target lacks.
@@ -582,22 +578,22 @@ class Recreation:
         except psycopg.Error as exc:
             if p is None or not isinstance(exc, _LOCALE_ERRORS):
                 raise SourceError(f"cannot create the staging database: "
-                                  f"{_first_line(exc)}") from None
+                                  f"{first_line(exc)}") from None
             wanted = (f"encoding {p.encoding}, collation {p.collate}, ctype {p.ctype}, "
                       f"{p.locale_provider} locale provider"
                       + (f", locale {p.icu_locale}" if p.icu_locale else ""))
             if self.policy.drill:
                 raise SourceError(f"the drill server cannot create a database with {wanted}: "
-                                  f"{_first_line(exc)}") from None
+                                  f"{first_line(exc)}") from None
             if not self.policy.skip_missing_locale:
                 raise UsageError(f"the target server cannot create a database with {wanted} "
-                                 f"({_first_line(exc)}); install the locale there, or pass "
+                                 f"({first_line(exc)}); install the locale there, or pass "
                                  "--skip-missing-locale to use the server's defaults") from None
         try:
             conn.execute(create_statement(p, staging, version, with_locale=False))
         except psycopg.Error as exc:
             raise SourceError(f"cannot create the staging database: "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
         for key in ("encoding", "collate", "ctype", "locale_provider", "icu_locale"):
             self.skipped[(key,)] = "unavailable on the target server"
         self.notes.append(f"skipped {wanted}: the target server cannot create it; the database "
@@ -608,7 +604,7 @@ class Recreation:
             rows = conn.execute("SELECT rolname::text FROM pg_roles WHERE rolname = ANY(%s)",
                                 (list(p.roles()),)).fetchall()
         except psycopg.Error as exc:
-            raise SourceError(f"cannot list the target's roles: {_first_line(exc)}") from None
+            raise SourceError(f"cannot list the target's roles: {first_line(exc)}") from None
         missing = missing_roles(p, (r[0] for r in rows))
         if not missing:
             return
@@ -646,20 +642,20 @@ class Recreation:
             if not self.policy.drill and denied:
                 # About the target, not the copy: no other region would help.
                 raise UsageError(f"the restoring role may not recreate the database's "
-                                 f"{step.what}: {_first_line(exc)} (docs/postgres-roles.md)"
+                                 f"{step.what}: {first_line(exc)} (docs/postgres-roles.md)"
                                  ) from None
             if not self.policy.drill:
                 raise SourceError(f"cannot recreate the database's {step.what}: "
-                                  f"{_first_line(exc)}") from None
+                                  f"{first_line(exc)}") from None
             with suppress(psycopg.Error):
                 conn.execute("RESET ROLE")
             if denied:
                 for key in step.keys:
-                    self.skipped[key] = f"the drill role may not: {_first_line(exc)}"
+                    self.skipped[key] = f"the drill role may not: {first_line(exc)}"
                 self.notes.append(f"database {step.what} not recreated: the drill role "
-                                  f"may not ({_first_line(exc)})")
+                                  f"may not ({first_line(exc)})")
             else:
-                self.failures.append(f"{step.what} could not be recreated: {_first_line(exc)}")
+                self.failures.append(f"{step.what} could not be recreated: {first_line(exc)}")
                 for key in step.keys:
                     self.skipped[key] = "failed (reported)"
 

@@ -15,6 +15,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from ..config import Config
+from ..errors import first_line
 from .pg_database import byte_transparent
 from .postgres import describe
 
@@ -170,10 +171,6 @@ def gather_role(dsn: str) -> Role:
     return _role(row)
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-
-
 def check_config(config: Config) -> list[ServerCheck]:
     """Connect to every postgres source (and its drill server) and say what each role lacks."""
     out: list[ServerCheck] = []
@@ -185,7 +182,7 @@ def check_config(config: Config) -> list[ServerCheck]:
         try:
             facts = gather_source(src.dsn)
         except psycopg.Error as exc:
-            check.error = f"cannot check {describe(src.dsn)}: {_first_line(exc)}"
+            check.error = f"cannot check {describe(src.dsn)}: {first_line(exc)}"
             continue
         check.backup = judge_backup(facts)
         check.restore = judge_restore(facts)
@@ -195,7 +192,7 @@ def check_config(config: Config) -> list[ServerCheck]:
                 else facts.role
         except psycopg.Error as exc:
             check.error = f"cannot check the drill server {describe(drill_dsn or '')}: " \
-                          f"{_first_line(exc)}"
+                          f"{first_line(exc)}"
             continue
         check.drill = judge_drill(drill, facts)
     return out

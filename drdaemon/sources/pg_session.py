@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from ..errors import SourceError
+from ..errors import SourceError, first_line
 from ..units import format_duration
 
 CONNECT_TIMEOUT = 30
@@ -35,11 +35,6 @@ STOP_WAIT = 3.0
 # what a program needs to run, and never the storage credentials.
 CHILD_ENV_NAMES = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "USER", "LOGNAME")
 CHILD_ENV_PREFIXES = ("PG", "LC_")
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (libpq adds hints and context lines)."""
-    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
 
 
 def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -26,12 +26,11 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from ..errors import Cancelled, DrError, SourceError, UsageError
+from ..errors import Cancelled, DrError, SourceError, UsageError, first_line
 from ..streams import BackgroundWriter, StderrTail
 from . import pg_database, pg_session
 from .base import Dump
 from .pg_session import child_env, describe, describe_connection
-from .pg_session import first_line as _first_line
 
 __all__ = ["describe"]  # re-exported: drills, locks and drill_scratch name servers with it
 
@@ -103,10 +102,10 @@ def table_counts(dsn: str) -> list[dict[str, Any]]:
             hint = (" (the role needs BYPASSRLS or superuser, see docs/postgres-roles.md)"
                     if "row-level security" in str(exc) else "")
             raise SourceError(f"counting rows in {describe(dsn)} failed: "
-                              f"{_first_line(exc)}{hint}") from None
+                              f"{first_line(exc)}{hint}") from None
         except psycopg.Error as exc:
             raise SourceError(f"counting rows in {describe(dsn)} failed: "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
 
 
 def database_properties(dsn: str) -> pg_database.Properties:
@@ -117,7 +116,7 @@ def database_properties(dsn: str) -> pg_database.Properties:
             return pg_database.capture(conn)
         except psycopg.Error as exc:
             raise SourceError(f"reading the properties of {describe(dsn)} failed: "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
 
 
 @contextmanager
@@ -195,7 +194,7 @@ def dump(dsn: str, *, lock_wait_timeout: timedelta = LOCK_WAIT_TIMEOUT,
                 raise failure("pg_dump of", (stderr.text() or "no message")
                               + _lock_hint(dsn, stderr.text()), f" (exit {code})")
             if "error" in counted:
-                raise failure("counting rows in", _first_line(counted["error"])
+                raise failure("counting rows in", first_line(counted["error"])
                               + _lock_hint(dsn, str(counted["error"])))
             done = True
             return {"database": database, "server_version": version,
@@ -204,7 +203,7 @@ def dump(dsn: str, *, lock_wait_timeout: timedelta = LOCK_WAIT_TIMEOUT,
         assert proc.stdout is not None
         yield Dump(cast(BinaryIO, proc.stdout), consistency, finish)
     except psycopg.Error as exc:
-        raise SourceError(f"snapshot of {where} failed: {_first_line(exc)}") from None
+        raise SourceError(f"snapshot of {where} failed: {first_line(exc)}") from None
     finally:
         guard.close()
         if not done:
@@ -374,7 +373,7 @@ class PostgresSink:
                 return cur.fetchall() if cur.description else []
             except psycopg.Error as exc:
                 raise SourceError(f"on {describe_connection(conn)}: "
-                                  f"{_first_line(exc)}") from None
+                                  f"{first_line(exc)}") from None
 
     def _check_target(self, force: bool) -> bool:
         rows = self._admin(sql.SQL("SELECT 1 FROM pg_database WHERE datname = %s"), (self.name,))

@@ -1,0 +1,199 @@
+"""The storage layout: every object name drdaemon writes in a region, and how to read one back.
+
+Pure functions only; this module is the code behind docs/format.md, "Regions
+and names". Every name is relative to the region's prefix and the same in
+every region::
+
+    sources/<source>/data/<id>.<pgdump|tar>.zst.age   data object
+    sources/<source>/facts/<id>.json.zst              facts object (manifest version 2)
+    sources/<source>/manifests/<id>.json              manifest: its presence commits
+    sources/<source>/trash/<id>.<when>.json           manifest of a pruned snapshot
+    audit/<host>/<chain>/<first seq>.jsonl            audit log mirror (audit.py)
+
+Prune deletes only objects whose names match these patterns exactly, so the
+patterns live here once and nowhere else.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+# A snapshot id: the UTC second it started, then 32 random bits (time-sortable).
+STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+STAMP_PATTERN = r"\d{8}T\d{6}Z"
+ID_PATTERN = rf"{STAMP_PATTERN}-[0-9a-f]{{8}}"
+ID_RE = re.compile(rf"^{ID_PATTERN}\Z")
+
+# Snapshot kind -> the dump format in its data object's name.
+KINDS = {"postgres": "pgdump", "directory": "tar"}
+
+# The folders under a source's prefix: what each object there is.
+DATA, FACTS, MANIFESTS, TRASH = "data", "facts", "manifests", "trash"
+ROLES = (DATA, FACTS, MANIFESTS, TRASH)
+
+SOURCES = "sources"
+AUDIT_MIRROR = "audit"
+
+_DUMP_KIND = {dump: kind for kind, dump in KINDS.items()}
+_OBJECT_RE = re.compile(rf"^{SOURCES}/([^/]+)/({'|'.join(ROLES)})/([^/]+)\Z")
+_BASENAME_RE = {
+    DATA: re.compile(rf"^({ID_PATTERN})\.({'|'.join(KINDS.values())})\.zst\.age\Z"),
+    FACTS: re.compile(rf"^({ID_PATTERN})\.json\.zst\Z"),
+    MANIFESTS: re.compile(rf"^({ID_PATTERN})\.json\Z"),
+    TRASH: re.compile(rf"^({ID_PATTERN})\.({STAMP_PATTERN})\.json\Z"),
+}
+_REF_RE = re.compile(rf"^({ID_PATTERN})\.")
+
+
+# -- snapshot ids --------------------------------------------------------------
+
+def new_snapshot_id(at: datetime) -> str:
+    """A time-sortable id: UTC second of `at`, then 32 random bits."""
+    return stamp(at) + "-" + secrets.token_hex(4)
+
+
+def id_time(snapshot_id: str) -> datetime:
+    """The creation second encoded in a snapshot id (ValueError if it is no time)."""
+    return parse_stamp(snapshot_id[:16])
+
+
+def is_snapshot_id(text: str) -> bool:
+    """Whether `text` has the form of a snapshot id (the pattern; not that its date exists)."""
+    return ID_RE.match(text) is not None
+
+
+def stamp(at: datetime) -> str:
+    """A UTC second as it appears in names: YYYYmmddTHHMMSSZ."""
+    return at.astimezone(UTC).strftime(STAMP_FORMAT)
+
+
+def parse_stamp(text: str) -> datetime:
+    """The aware UTC datetime of a name's stamp (ValueError if it is none)."""
+    return datetime.strptime(text, STAMP_FORMAT).replace(tzinfo=UTC)
+
+
+# -- names ---------------------------------------------------------------------
+
+def source_prefix(source: str) -> str:
+    """Object-name prefix under which one source's snapshots live."""
+    return f"{SOURCES}/{source}/"
+
+
+def data_object_name(source: str, snapshot_id: str, kind: str) -> str:
+    """Name of the data object: a plain age file of a zstd stream of a dump or tar."""
+    return f"{source_prefix(source)}{DATA}/{snapshot_id}.{KINDS[kind]}.zst.age"
+
+
+def facts_object_name(source: str, snapshot_id: str) -> str:
+    """Name of the facts object: zstd-compressed JSON of the facts kept out of the manifest."""
+    return f"{source_prefix(source)}{FACTS}/{snapshot_id}.json.zst"
+
+
+def manifests_prefix(source: str) -> str:
+    """Prefix to list to find a source's committed snapshots."""
+    return f"{source_prefix(source)}{MANIFESTS}/"
+
+
+def manifest_object_name(source: str, snapshot_id: str) -> str:
+    """Name of the manifest object, written last: its presence commits the snapshot."""
+    return f"{manifests_prefix(source)}{snapshot_id}.json"
+
+
+def trash_prefix(source: str) -> str:
+    """Prefix to list to find a source's pruned (trashed) manifests."""
+    return f"{source_prefix(source)}{TRASH}/"
+
+
+def trash_name(source: str, snapshot_id: str, at: datetime) -> str:
+    """Where a pruned manifest waits; the deletion time is in the name."""
+    return f"{trash_prefix(source)}{snapshot_id}.{stamp(at)}.json"
+
+
+# -- parsing names back ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class SnapshotObject:
+    """What an object name under ``sources/`` stands for."""
+
+    source: str
+    snapshot_id: str
+    role: str  # DATA, FACTS, MANIFESTS or TRASH: the folder it is in
+    kind: str | None = None  # DATA: the snapshot kind its name says (postgres, directory)
+    trashed_at: datetime | None = None  # TRASH: the deletion time in its name
+
+
+def parse_object_name(name: str) -> SnapshotObject | None:
+    """The snapshot object `name` stands for, or None for anything not named exactly
+    as drdaemon names it (never deleted as one of ours)."""
+    m = _OBJECT_RE.match(name)
+    if m is None:
+        return None
+    source, role, base = m.groups()
+    parts = _BASENAME_RE[role].match(base)
+    if parts is None:
+        return None
+    snap_id = parts.group(1)
+    if role == DATA:
+        return SnapshotObject(source, snap_id, role, kind=_DUMP_KIND[parts.group(2)])
+    if role == TRASH:
+        try:
+            at = parse_stamp(parts.group(2))
+        except ValueError:  # 20261399T999999Z matches the pattern, is no time
+            return None
+        return SnapshotObject(source, snap_id, role, trashed_at=at)
+    return SnapshotObject(source, snap_id, role)
+
+
+def snapshot_id_from_manifest_name(name: str) -> str | None:
+    """The snapshot id of a listed manifest object (by its last part), or None for a
+    stray object."""
+    m = _BASENAME_RE[MANIFESTS].match(name.rsplit("/", 1)[-1])
+    return m.group(1) if m else None
+
+
+def parse_trash_name(name: str) -> tuple[str, datetime] | None:
+    """(snapshot id, deletion time) of a listed trash object (by its last part), or
+    None for a stray object."""
+    m = _BASENAME_RE[TRASH].match(name.rsplit("/", 1)[-1])
+    if m is None:
+        return None
+    try:
+        return m.group(1), parse_stamp(m.group(2))
+    except ValueError:
+        return None
+
+
+def referenced_id(source: str, name: str) -> str | None:
+    """The id an object anywhere under the source's ``manifests/`` or ``trash/`` is
+    named after (its last part begins with ``<id>.``), valid manifest or not.
+
+    Loose on purpose: such an id's data is never an orphan, and being wrong here
+    only costs storage.
+    """
+    base = source_prefix(source)
+    if not name.startswith(base) or name[len(base):].split("/", 1)[0] not in (MANIFESTS,
+                                                                             TRASH):
+        return None
+    m = _REF_RE.match(name.rsplit("/", 1)[-1])
+    return m.group(1) if m else None
+
+
+# -- the audit log's mirror (audit.py) -----------------------------------------------
+
+def host_label(name: str) -> str:
+    """A host name as one safe object-name part."""
+    label = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip(".-")[:63]
+    return label or "host"
+
+
+def audit_mirror_folder(host: str, chain: str) -> str:
+    """Where one host's chain is mirrored; `chain` names the chain (audit.mirror_folder)."""
+    return f"{AUDIT_MIRROR}/{host_label(host)}/{chain}"
+
+
+def audit_segment_name(folder: str, first: int) -> str:
+    """The segment of a mirrored chain that begins with record `first`."""
+    return f"{folder}/{first:012d}.jsonl"
