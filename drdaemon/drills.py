@@ -707,13 +707,8 @@ def audit_status(rt: Runtime, records: Sequence[DrillRecord]) -> dict[str, Any] 
     edit; the `drill` records in the hash-chained audit log are the evidence.
     A drill whose outcome differs from its audit record (or has none before
     the chain's first bad record) is listed in `drills_unattested`.
-    None if this build has no audit log.
     """
-    import importlib.util
-
-    if importlib.util.find_spec("drdaemon.audit") is None:
-        return None
-    from . import audit  # type: ignore[attr-defined,unused-ignore]
+    from . import audit
 
     try:
         result = audit.verify(rt)
