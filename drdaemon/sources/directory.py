@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, cast
 
 from ..errors import IntegrityError, SourceError, UsageError
 from ..streams import ThreadPipe
+from . import tree_extract
 
 _READ = 1 << 20
 MAX_REPORTED = 50
@@ -179,27 +180,6 @@ def dump(path: Path, now: datetime | None = None) -> Iterator[Any]:
         pipe.reader.close()
 
 
-def _safe_member(member: tarfile.TarInfo, dest: str,
-                 notes: list[str]) -> tarfile.TarInfo | None:
-    """Extraction filter for untrusted tars.
-
-    drdaemon never writes absolute names, so one is refused outright (Python's
-    filters would only strip the '/'). Python's "data" filter refuses '..',
-    device nodes and links out of the target, and strips setuid bits (noted,
-    so the operator hears of it); symbolic links themselves are kept even when
-    they point elsewhere (they were backed up as links), while tar's filter
-    still refuses any entry that would be written through one.
-    """
-    if member.name.startswith("/") or member.name.startswith("\\"):
-        raise tarfile.AbsolutePathError(member)
-    safe = tarfile.tar_filter(member, dest) if member.issym() else \
-        tarfile.data_filter(member, dest)
-    if safe is not None and safe.mode is not None and member.mode & 0o7000 and \
-            len(notes) < MAX_REPORTED:
-        notes.append(f"{member.name}: setuid/setgid/sticky bits removed")
-    return safe
-
-
 class DirectorySink:
     """Extracts into a private staging folder beside the target, renamed on commit."""
 
@@ -218,24 +198,13 @@ class DirectorySink:
             raise UsageError(f"cannot create restore target next to {self.target}: "
                              f"{exc.strerror}") from None
         self.notes: list[str] = []
+        self.root_applied = False
         self._pipe = ThreadPipe(self._extract, thread_writes=False, name="untar")
         self.writer = self._pipe.writer
 
     def _extract(self, stream: BinaryIO) -> None:
-        try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                tar.extractall(self.staging,
-                               filter=lambda m, d: _safe_member(m, d, self.notes))
-            # Drain any trailing padding so the writer never sees a broken pipe.
-            while stream.read(_READ):
-                pass
-        except tarfile.FilterError as exc:
-            raise IntegrityError(f"refused a hostile tar entry: {exc}") from None
-        except tarfile.TarError as exc:
-            raise IntegrityError(f"the tar stream is damaged: {exc}") from None
-        except OSError as exc:
-            raise SourceError(f"cannot write the restore next to {self.target}: "
-                              f"{exc.strerror or exc}") from None
+        # Never through tarfile's extraction filters: see tree_extract.
+        self.root_applied = tree_extract.extract(stream, str(self.staging), self.notes)
 
     def complete(self) -> None:
         self._pipe.join()
@@ -248,7 +217,8 @@ class DirectorySink:
     def commit(self) -> str:
         if self.target.exists():
             self.target.rmdir()  # empty, checked before we began
-        self.staging.chmod(0o755)
+        if not self.root_applied:
+            self.staging.chmod(0o755)  # a snapshot of an earlier version: no root entry
         os.replace(self.staging, self.target)
         return str(self.target)
 
