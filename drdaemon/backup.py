@@ -79,7 +79,7 @@ def open_dump(source: SourceConfig, now: datetime | None = None) -> Iterator[Dum
             yield d
     else:
         assert source.path is not None
-        with directory.dump(source.path, now) as d:
+        with directory.dump(source.path, now, source.on_unreadable) as d:
             yield d
 
 

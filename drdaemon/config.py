@@ -126,6 +126,7 @@ class SourceConfig:
     dsn: str | None = None
     path: Path | None = None
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    on_unreadable: str = "fail"  # directory: "fail" or "skip" (and list) unreadable entries
 
 
 @dataclass(frozen=True)
@@ -488,7 +489,11 @@ class _Parser:
                     # source; its snapshots fail, loudly, with this reason.
                     self.warnings.append(f"{self.path}: WARNING: {t.key('path')}: "
                                          f"{path} is not a directory (yet)")
-                src = SourceConfig(name, kind, tenant, tier, schedule, path=path, retention=own)
+                on_unreadable = t.take("on_unreadable", str, "fail")
+                if on_unreadable not in ("fail", "skip"):
+                    self.fail(t.key("on_unreadable"), "'fail' or 'skip'", on_unreadable)
+                src = SourceConfig(name, kind, tenant, tier, schedule, path=path, retention=own,
+                                   on_unreadable=on_unreadable)
             else:
                 self.fail(t.key("kind"), "'postgres' or 'directory'", kind)
             t.done()

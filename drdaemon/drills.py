@@ -47,7 +47,7 @@ from .restore import stream_into
 from .runtime import Runtime
 from .sources import postgres
 from .sources.base import Sink
-from .sources.directory import DirectorySink, scan, summarize
+from .sources.directory import DirectorySink, owner_problem, tree_facts
 from .storage import NotFound, ObjectStore, StorageError
 from .verify import hash_copy
 
@@ -475,9 +475,11 @@ class _Scratch:
     def verify(self) -> None:
         d, m = self.d, self.m
         if isinstance(self.sink, DirectorySink):
-            tree = summarize(scan(self.sink.staging))
+            tree = tree_facts(self.sink.staging, m.facts)
             d.evidence.update({k: tree[k] for k in TREE_FACTS})
             d.reasons.extend(compare_tree(m.facts, tree))
+            if (problem := owner_problem(m.facts, tree)) is not None:
+                d.reasons.append(f"{DIGEST_MISMATCH}: {problem}")
             return
         assert self.sink is not None
         dsn = self.sink.staging_dsn

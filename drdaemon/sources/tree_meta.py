@@ -265,10 +265,9 @@ def apply_meta(meta: Meta, fd: int | None, parent: int | None, name: bytes,
     notes = []
     _chown(meta, fd, parent, name, missed)
     if fd is not None:
-        mode = restorable_mode(meta.mode, is_dir)
-        if mode != meta.mode:
-            notes.append("setuid/setgid bits removed")
-        os.fchmod(fd, mode)
+        # Extended attributes before the mode (writing them needs write permission
+        # on the file), ACLs before it too (a mode that came with its ACL leaves the
+        # ACL as it is: its group bits are the ACL's mask).
         for attr, value in meta.xattrs:
             _setxattr(fd, attr, value, missed, "extended attributes")
         for key, attr in _ACL_XATTRS.items():
@@ -280,6 +279,10 @@ def apply_meta(meta: Meta, fd: int | None, parent: int | None, name: bytes,
                     notes.append(f"unreadable ACL {text[:40]!r} not applied")
                     continue
                 _setxattr(fd, attr, blob, missed, "POSIX ACLs")
+        mode = restorable_mode(meta.mode, is_dir)
+        if mode != meta.mode:
+            notes.append("setuid/setgid bits removed")
+        os.fchmod(fd, mode)
         os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
     else:
         os.utime(name, ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=parent,
