@@ -15,6 +15,7 @@ from ..errors import DrError, UsageError
 from ..keys import generate_identity, generate_manifest_key, identities_for
 from ..progress import ProgressLine
 from ..runtime import Runtime, record_key_generation
+from ..sources.directory import facts_lines
 from ..units import format_bytes, format_duration
 from . import (
     emit_json,
@@ -143,6 +144,8 @@ def backup_cmd(ctx: click.Context, sources: tuple[str, ...], as_json: bool) -> N
                 click.echo(f"{r.source}: {state} snapshot {r.snapshot_id} "
                            f"({format_bytes(r.manifest.plaintext_size)} -> "
                            f"{format_bytes(r.manifest.size)}) in {', '.join(r.regions)}")
+                for said in facts_lines(r.manifest.facts):
+                    click.echo(f"  {said}")
             else:
                 click.echo(f"{r.source}: FAILED: {r.error}")
             for region, why in r.failed_regions.items():
@@ -232,6 +235,8 @@ def snapshots_show(ctx: click.Context, snapshot_id: str, source: str | None,
                f"regions    {', '.join(entry.regions)}"
                + (f" (missing: {', '.join(body['missing_regions'])})"
                   if body["missing_regions"] else ""))
+    for said in facts_lines(m.facts, shown=50):
+        click.echo(f"           {said}")
 
 
 # -- restore ----------------------------------------------------------------

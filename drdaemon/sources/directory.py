@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 from ..errors import DrError, IntegrityError, SourceError, UsageError
 from ..streams import ThreadPipe
 from . import tree_extract
-from .tree_meta import short_name
+from .tree_meta import short_name, shorten
 from .tree_walk import DIGEST_PREFIX, scan_tree
 from .tree_write import TreeWriter
 
@@ -133,6 +133,28 @@ def dump(path: Path, now: datetime | None = None,
         yield Dump(pipe.reader, started, finish)
     finally:
         pipe.reader.close()
+
+
+_LISTS = (("changed_during_backup", "changed while read (cut or zero-padded)"),
+          ("vanished_during_backup", "vanished or replaced during the walk (skipped)"),
+          ("skipped_unreadable", "unreadable (skipped: on_unreadable = \"skip\")"),
+          ("skipped_special_files", "special files (sockets, FIFOs, devices: skipped)"))
+
+
+def facts_lines(facts: dict[str, Any], shown: int = 5) -> list[str]:
+    """What a directory backup left out or saw change, as lines for people (none when
+    nothing did). Names are in the manifest's escaped form."""
+    lines = []
+    counts = facts.get("counts") or {}
+    for key, what in _LISTS:
+        names = facts.get(key) or []
+        count = counts.get(key, len(names)) if isinstance(counts, dict) else len(names)
+        if not count:
+            continue
+        listed = ", ".join(shorten(str(n), 60) for n in names[:shown])
+        more = f", … {count - min(len(names), shown)} more" if count > shown else ""
+        lines.append(f"{count} {what}: {listed}{more}")
+    return lines
 
 
 def tree_facts(root: Path, expected: dict[str, Any]) -> dict[str, Any]:

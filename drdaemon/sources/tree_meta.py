@@ -95,7 +95,12 @@ def name_bytes(text: str) -> bytes:
 
 def short_name(name: bytes | str, limit: int = 80) -> str:
     """`name_text(name)`, its middle cut out when longer than `limit` (errors stay one line)."""
-    text = name_text(name).replace("\n", "\\n")
+    return shorten(name_text(name), limit)
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """`text` on one line, its middle cut out when longer than `limit`."""
+    text = text.replace("\n", "\\n")
     if len(text) <= limit:
         return text
     half = (limit - 1) // 2

@@ -89,6 +89,11 @@ class Walk:
         self.force_read = force_read
         self.skipped = Skipped()
         self.stack: list[_Frame] = []
+        self._skip_children = False
+
+    def skip_children(self) -> None:
+        """Do not enter the folder just yielded (its consumer could not read it)."""
+        self._skip_children = True
 
     def __iter__(self) -> Iterator[Found]:
         root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -108,8 +113,9 @@ class Walk:
                 except OSError as exc:
                     self._problem(rel, exc)
                     continue
+                self._skip_children = False
                 yield Found(rel, frame.fd, name, st)
-                if stat.S_ISDIR(st.st_mode):
+                if stat.S_ISDIR(st.st_mode) and not self._skip_children:
                     self._enter(frame.fd, name, rel, st)
         finally:
             while self.stack:

@@ -130,6 +130,7 @@ class TreeWriter:
     def _dir(self, tar: tarfile.TarFile, found: Found) -> None:
         fd = self._open(found, _DIR_FLAGS)
         if fd is None:
+            self.walk.skip_children()
             return
         try:
             meta = read_meta(found.st, fd)
