@@ -10,6 +10,7 @@ is committed, degraded, in the others.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ from .runtime import Runtime
 from .sources import directory, postgres
 from .sources.base import Dump
 from .storage import StorageError, Upload
+
+log = logging.getLogger("drdaemon")
 
 
 @dataclass
@@ -92,6 +95,10 @@ def snapshot(rt: Runtime, source: SourceConfig,
     except DrError as exc:
         result.error = str(exc)
         result.error_kind = error_kind(exc)
+    except Exception as exc:  # a bug is still a recorded failure, shown by status
+        log.exception("snapshot of %s failed unexpectedly", source.name)
+        result.error = f"internal error ({exc.__class__.__name__}); see the log"
+        result.error_kind = "other"
     event = "snapshot.committed" if result.ok else "snapshot.failed"
     rt.record_event(event, **result.to_dict())
     state.record_outcome(rt.config.daemon.state_dir, result.source, rt.clock(), result.ok,
