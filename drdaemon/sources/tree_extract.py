@@ -183,9 +183,12 @@ class Extractor:
                   name: bytes) -> None:
         fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
         try:
-            src = tar.extractfile(member)
-            assert src is not None
-            _copy(src, fd)
+            if cast(Any, member).sparse is not None:
+                _copy_sparse(tar, fd, member)
+            else:
+                src = tar.extractfile(member)
+                assert src is not None
+                _copy(src, fd)
             self._apply(member, fd, parent, name)
         finally:
             os.close(fd)
@@ -234,6 +237,33 @@ def _copy(src: IO[bytes], fd: int) -> None:
         view = memoryview(chunk)
         while view:
             view = view[os.write(fd, view):]
+
+
+def _copy_sparse(tar: tarfile.TarFile, fd: int, member: tarfile.TarInfo) -> None:
+    """Write only the data runs of a GNU sparse member: the holes stay holes.
+
+    The runs follow each other in the archive; they are read from the stream
+    itself (tarfile's reader of a member cannot seek in a stream)."""
+    runs: list[tuple[int, int]] = list(cast(Any, member).sparse or ())
+    raw = cast(Any, tar).fileobj
+    raw.seek(member.offset_data)
+    end = 0
+    for offset, length in runs:
+        if offset < end or offset + length > member.size:
+            raise HostileEntry(f"refused a hostile tar entry: {short_name(member.name)}: "
+                               "its sparse map is out of order or reaches past its size")
+        end = offset + length
+        os.lseek(fd, offset, os.SEEK_SET)
+        left = length
+        while left > 0:
+            chunk = raw.read(min(left, _READ))
+            if not chunk:
+                raise tarfile.ReadError("unexpected end of data")
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+            left -= len(chunk)
+    os.ftruncate(fd, member.size)
 
 
 def extract(stream: BinaryIO, root: str, notes: list[str],

@@ -215,13 +215,63 @@ class TreeDigest:
                 "owner_digest": "sha256:" + self.owners.hexdigest()}
 
 
+def data_regions(fd: int, size: int, limit: int = 100_000) -> list[tuple[int, int]] | None:
+    """The (offset, length) runs of a file that hold data, found with SEEK_DATA/SEEK_HOLE;
+    None when the file system cannot tell, or it has more than `limit` runs."""
+    regions: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # nothing but a hole to the end
+                    break
+                raise
+            if start >= size:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            regions.append((start, end - start))
+            if len(regions) > limit:
+                return None
+            pos = end
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOTSUP):
+            return None
+        raise
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    return regions
+
+
+ZEROS = bytes(_READ)
+
+
+def hash_zeros(sha: Any, n: int) -> None:
+    """Feed `n` zero bytes (a hole) to `sha` without reading them."""
+    while n > 0:
+        step = min(n, _READ)
+        sha.update(memoryview(ZEROS)[:step])
+        n -= step
+
+
 def hash_fd(fd: int) -> tuple[int, str]:
-    """(bytes read, sha256 hex) of an open file, read to its end."""
+    """(size, sha256 hex) of an open file's content, holes hashed as zeros unread."""
     sha = hashlib.sha256()
-    size = 0
-    while chunk := os.read(fd, _READ):
-        sha.update(chunk)
-        size += len(chunk)
+    size = os.fstat(fd).st_size
+    regions = data_regions(fd, size)
+    if regions is None:
+        regions = [(0, size)]
+    pos = 0
+    for start, length in regions:
+        hash_zeros(sha, start - pos)
+        os.lseek(fd, start, os.SEEK_SET)
+        left = length
+        while left > 0 and (chunk := os.read(fd, min(left, _READ))):
+            sha.update(chunk)
+            left -= len(chunk)
+        pos = start + length - left
+    hash_zeros(sha, size - pos)
     return size, sha.hexdigest()
 
 
