@@ -467,7 +467,9 @@ class _Scratch:
                               f"{exc.strerror or exc}") from None
         # No expected facts for the sink: the drill compares them itself, to
         # report every mismatch and to time verification apart from the restore.
-        sink = DirectorySink(self.folder / "tree", self.m.id, {})
+        bound = self.m.facts.get("bytes")
+        sink = DirectorySink(self.folder / "tree", self.m.id, {},
+                             max_bytes=bound if isinstance(bound, int) else None)
         self.sink = sink
         d.scratch = str(sink.staging)
         return sink

@@ -218,3 +218,24 @@ def test_realpath_overflow_archive_writes_nothing_outside_in_a_drill(
     assert any("hostile tar entry" in r for r in record["reasons"]), record["reasons"]
     assert not list(tmp_path.rglob("drdaemon-escaped.txt"))
     assert not list(scratch.iterdir())
+
+
+def test_a_sparse_member_larger_than_the_manifest_says_is_refused(setup: Setup,
+                                                                  tmp_path: Path) -> None:
+    """A GNU sparse member costs a few bytes whatever size it claims: bounded by facts."""
+    def add(t: tarfile.TarFile) -> None:
+        realsize = 1 << 40  # 1 TiB of holes
+        body = f"1\n{realsize - 5}\n5\n".encode().ljust(512, b"\0") + b"pwned"
+        info = tarfile.TarInfo("GNUSparseFile.0/1")
+        info.size = len(body)
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                            "GNU.sparse.name": "huge.img",
+                            "GNU.sparse.realsize": str(realsize)}
+        t.addfile(info, io.BytesIO(body))
+
+    plant(setup, make_tar(add), facts={"bytes": 5})
+    target = tmp_path / "out"
+    result = restore(setup, target)
+    assert result.exit_code == 1, result.stdout
+    assert "hostile tar entry" in result.stderr and "manifest's 5 bytes" in result.stderr
+    nothing_left(tmp_path, target)

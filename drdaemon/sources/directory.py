@@ -182,9 +182,14 @@ def owner_problem(expected: dict[str, Any], got: dict[str, Any]) -> str | None:
 class DirectorySink:
     """Extracts into a private staging folder beside the target, renamed on commit."""
 
-    def __init__(self, target: Path, snapshot_id: str, expected: dict[str, Any]) -> None:
+    def __init__(self, target: Path, snapshot_id: str, expected: dict[str, Any],
+                 max_bytes: int | None = None) -> None:
+        """`expected`: the facts to verify on `complete`; `max_bytes` bounds the files'
+        total size while extracting (default: `expected`'s `bytes`)."""
         self.target = target.absolute()
         self.expected = expected
+        bound = max_bytes if max_bytes is not None else expected.get("bytes")
+        self.max_bytes = bound if isinstance(bound, int) else None
         if self.target.exists() and (not self.target.is_dir() or any(self.target.iterdir())):
             raise UsageError(f"restore target {self.target} exists and is not an empty folder; "
                              "choose a new or empty folder")
@@ -203,7 +208,8 @@ class DirectorySink:
 
     def _extract(self, stream: BinaryIO) -> None:
         # Never through tarfile's extraction filters: see tree_extract.
-        self.root_applied = tree_extract.extract(stream, str(self.staging), self.notes)
+        self.root_applied = tree_extract.extract(stream, str(self.staging), self.notes,
+                                                 self.max_bytes)
 
     def complete(self) -> None:
         self._pipe.join()

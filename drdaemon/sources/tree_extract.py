@@ -29,7 +29,6 @@ import os
 import stat
 import sys
 import tarfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, cast
 
@@ -79,15 +78,15 @@ class _Open:
 class Extractor:
     """Writes the entries of a tar stream below `root_fd` (see the module's docstring).
 
-    `on_entry(member, fd_or_none, parent_fd, name)` is called after each entry is
-    written and its metadata applied (folders: when left), for digests.
+    `max_bytes` (the manifest's `bytes`) bounds the files' total size: a sparse
+    member costs little to store whatever size it claims.
     """
 
-    def __init__(self, root_fd: int, notes: list[str],
-                 on_entry: Callable[[tarfile.TarInfo, int, bytes], None] | None = None) -> None:
+    def __init__(self, root_fd: int, notes: list[str], max_bytes: int | None = None) -> None:
         self.root_fd = root_fd
         self.notes = notes
-        self.on_entry = on_entry
+        self.max_bytes = max_bytes
+        self.total = 0
         self.stack: list[_Open] = []
         self.root_member: tarfile.TarInfo | None = None
         self.not_applied: set[str] = set()
@@ -181,6 +180,10 @@ class Extractor:
 
     def _add_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, parent: int,
                   name: bytes) -> None:
+        self.total += member.size
+        if self.max_bytes is not None and self.total > self.max_bytes:
+            raise HostileEntry(f"refused a hostile tar entry: {short_name(member.name)}: the "
+                               f"files hold more than the manifest's {self.max_bytes} bytes")
         fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
         try:
             if cast(Any, member).sparse is not None:
@@ -198,8 +201,6 @@ class Extractor:
         meta = meta_of_member(member)
         for note in apply_meta(meta, fd, parent, name, self.not_applied, member.isdir()):
             self.note(f"{short_name(member.name)}: {note}")
-        if self.on_entry is not None:
-            self.on_entry(member, parent, name)
 
     def note(self, text: str) -> None:
         if len(self.notes) < MAX_NOTES:
@@ -267,7 +268,7 @@ def _copy_sparse(tar: tarfile.TarFile, fd: int, member: tarfile.TarInfo) -> None
 
 
 def extract(stream: BinaryIO, root: str, notes: list[str],
-            on_entry: Callable[[tarfile.TarInfo, int, bytes], None] | None = None) -> bool:
+            max_bytes: int | None = None) -> bool:
     """Extract the tar `stream` into the (empty, private) folder `root`; True when the
     archive had an entry for its root (whose mode was then applied to `root`).
 
@@ -275,7 +276,7 @@ def extract(stream: BinaryIO, root: str, notes: list[str],
     damaged stream, SourceError when the target cannot be written.
     """
     root_fd = os.open(root, _DIR_FLAGS)
-    ex = Extractor(root_fd, notes, on_entry)
+    ex = Extractor(root_fd, notes, max_bytes)
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             while (member := tar.next()) is not None:

@@ -144,6 +144,7 @@ class TreeWriter:
         with tarfile.open(fileobj=self.out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for found in self.walk:
                 self._entry(tar, found)
+                cast(Any, tar).members.clear()  # no index of what was written: flat memory
         return self.facts()
 
     def facts(self) -> dict[str, Any]:
