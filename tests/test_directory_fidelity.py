@@ -306,3 +306,56 @@ def filecmp_same(a: Path, b: Path) -> bool:
                 return False
             if not x:
                 return True
+
+
+OLD_ORDER_RESTORE = r"""
+import io, json, sys
+from pathlib import Path
+from drdaemon.sources import directory
+data, target = Path(sys.argv[1]).read_bytes(), Path(sys.argv[2])
+sink = directory.DirectorySink(target, "20260101T000000Z-00000000", {})
+sink.writer.write(data)
+sink.writer.close()
+sink.complete()
+print(sink.commit())
+"""
+
+
+@needs_root
+def test_an_archive_of_the_earlier_walk_order_restores_unprivileged(tmp_path: Path) -> None:
+    """Earlier versions listed a folder's entries after its siblings (os.walk order) and
+    wrote no root entry: a read-only folder's mode must wait until its entries are in."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, mode, body in (("ro", 0o555, None), ("z.txt", 0o644, b"z"),
+                                 ("ro/inner", 0o500, None), ("ro/a.txt", 0o444, b"a"),
+                                 ("ro/inner/b.txt", 0o400, b"b")):
+            info = tarfile.TarInfo(name)
+            info.mode = mode
+            if body is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    user = pwd.getpwnam("nobody")
+    work = Path("/tmp") / f"drdaemon-oldorder-{os.getpid()}"
+    work.mkdir(mode=0o700)
+    try:
+        (work / "old.tar").write_bytes(buf.getvalue())
+        os.chown(work, user.pw_uid, user.pw_gid)
+        os.chown(work / "old.tar", user.pw_uid, user.pw_gid)
+        proc = subprocess.run(
+            ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+             "--", sys.executable, "-c", OLD_ORDER_RESTORE, str(work / "old.tar"),
+             str(work / "out")], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        out = work / "out"
+        assert stat.S_IMODE((out / "ro").stat().st_mode) == 0o555
+        assert stat.S_IMODE((out / "ro" / "inner").stat().st_mode) == 0o500
+        assert (out / "ro" / "inner" / "b.txt").read_bytes() == b"b"
+    finally:
+        for p in (work / "out" / "ro", work / "out" / "ro" / "inner"):
+            if p.exists():
+                p.chmod(0o700)
+        shutil.rmtree(work)

@@ -87,6 +87,8 @@ class Extractor:
         self.notes = notes
         self.max_bytes = max_bytes
         self.total = 0
+        self.seen_any = False
+        self.deferred: list[tuple[list[bytes], tarfile.TarInfo]] | None = None
         self.stack: list[_Open] = []
         self.root_member: tarfile.TarInfo | None = None
         self.not_applied: set[str] = set()
@@ -100,10 +102,27 @@ class Extractor:
         """Close the deepest open folder, applying its entry's metadata first."""
         top = self.stack.pop()
         try:
-            if top.member is not None:
+            if top.member is not None and self.deferred is not None:
+                self.deferred.append(([f.name for f in self.stack] + [top.name], top.member))
+            elif top.member is not None:
                 self._apply(top.member, top.fd, self._top(), top.name)
         finally:
             os.close(top.fd)
+
+    def _apply_deferred(self) -> None:
+        """Folders of an archive in the walk order of an earlier version, deepest first
+        (a folder's mode may forbid what its entries need)."""
+        assert self.deferred is not None
+        for comps, member in sorted(self.deferred, key=lambda d: -len(d[0])):
+            *parents, name = comps
+            parent = self._enter(parents, member.name)
+            fd = self._open_dir(name, member.name, create=False)
+            try:
+                self._apply(member, fd, parent, name)
+            finally:
+                os.close(fd)
+        while self.stack:
+            os.close(self.stack.pop().fd)
 
     def _enter(self, parents: list[bytes], name_for_errors: str) -> int:
         """The descriptor of the folder `parents`, opened component by component."""
@@ -144,6 +163,12 @@ class Extractor:
     def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         """Write one entry (its content read from `tar`)."""
         comps = split_name(member.name)
+        if self.deferred is None and not self.seen_any and comps:
+            # No root entry first: an archive of an earlier version, whose folders
+            # are listed before their entries come (os.walk order). Their
+            # metadata waits for the end, as tar does (one record per folder).
+            self.deferred = []
+        self.seen_any = True
         if comps is None:
             raise HostileEntry(f"refused a hostile tar entry: {short_name(member.name)}: "
                                "absolute names and '..' are never written by drdaemon")
@@ -210,6 +235,8 @@ class Extractor:
         """Leave every open folder (applying its metadata), then the root's."""
         while self.stack:
             self._leave()
+        if self.deferred is not None:
+            self._apply_deferred()
         if self.root_member is not None:
             meta = meta_of_member(self.root_member)
             for note in apply_meta(meta, self.root_fd, None, b"", self.not_applied, True):
