@@ -49,6 +49,8 @@ def make_rich_tree(root: Path, owner: tuple[int, int] | None) -> Path:
     (root / "shared").mkdir()
     (root / "shared" / "report.txt").write_bytes(b"report\n")
     (root / "locked").write_bytes(b"nobody reads me\n")
+    (root / "sealed").mkdir()
+    (root / "sealed" / "inside.txt").write_bytes(b"behind a 0000 folder\n")
     (root / "tool").write_bytes(b"#!/bin/sh\necho hi\n")
     (root / "link").symlink_to("shared/report.txt")
     os.setxattr(root / "shared" / "report.txt", "user.checksum", b"\x00\xffbinary\n")
@@ -62,7 +64,8 @@ def make_rich_tree(root: Path, owner: tuple[int, int] | None) -> Path:
         os.chown(root / "shared", 0, owner[1])
         os.chown(root / "link", *owner, follow_symlinks=False)
     modes = {"private": 0o700, "private/grades.csv": 0o640, "shared": 0o2775,
-             "shared/report.txt": 0o674, "locked": 0o000, "tool": 0o4755, "": 0o750}
+             "shared/report.txt": 0o674, "locked": 0o000, "tool": 0o4755, "": 0o750,
+             "sealed/inside.txt": 0o600, "sealed": 0o000}
     for rel, mode in modes.items():
         os.chmod(root / rel, mode)
     for i, p in enumerate(sorted(root.rglob("*"), key=lambda p: -len(p.parts))):

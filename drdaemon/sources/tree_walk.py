@@ -284,21 +284,16 @@ def scan_tree(root: str, force_read: bool = False) -> dict[str, Any]:
         if stat.S_ISLNK(st.st_mode):
             target = os.readlink(found.name, dir_fd=found.dir_fd)
             digest.add("l", found.rel, read_meta(st, None), ref=name_text(target))
-        elif stat.S_ISDIR(st.st_mode):
-            fd = os.open(found.name, _DIR_FLAGS, dir_fd=found.dir_fd) if found.rel \
-                else os.dup(found.dir_fd)
-            try:
-                digest.add("d", found.rel, read_meta(st, fd))
-            finally:
-                os.close(fd)
-        elif stat.S_ISREG(st.st_mode):
-            fd, old = walk.open_entry(found.dir_fd, found.name, st, FILE_FLAGS)
+        elif stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+            is_dir = stat.S_ISDIR(st.st_mode)
+            flags = _DIR_FLAGS if is_dir else FILE_FLAGS
+            fd, old = walk.open_entry(found.dir_fd, found.name, st, flags)
             try:
                 meta = read_meta(st, fd)
-                size, sha = hash_fd(fd)
+                size, sha = (0, "") if is_dir else hash_fd(fd)
             finally:
                 os.close(fd)
                 if old is not None:
                     os.chmod(found.name, old, dir_fd=found.dir_fd, follow_symlinks=False)
-            digest.add("f", found.rel, meta, size, sha)
+            digest.add("d" if is_dir else "f", found.rel, meta, size, sha)
     return digest.facts()
