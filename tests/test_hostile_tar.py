@@ -239,3 +239,14 @@ def test_a_sparse_member_larger_than_the_manifest_says_is_refused(setup: Setup,
     assert result.exit_code == 1, result.stdout
     assert "hostile tar entry" in result.stderr and "manifest's 5 bytes" in result.stderr
     nothing_left(tmp_path, target)
+
+
+def test_the_python_check_names_the_fixed_release_and_only_warns() -> None:
+    from drdaemon.sources.tree_extract import interpreter_note
+
+    for old, fixed in (((3, 11, 7), "3.11.13"), ((3, 12, 10), "3.12.11"),
+                       ((3, 13, 3), "3.13.4")):
+        note = interpreter_note(old)
+        assert note is not None and fixed in note and "CVE-2025-4517" in note
+    for new in ((3, 11, 13), (3, 12, 11), (3, 13, 4), (3, 14, 0)):
+        assert interpreter_note(new) is None

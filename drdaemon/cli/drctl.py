@@ -16,6 +16,7 @@ from ..keys import generate_identity, generate_manifest_key, identities_for
 from ..progress import ProgressLine
 from ..runtime import Runtime, record_key_generation
 from ..sources.directory import facts_lines
+from ..sources.tree_extract import interpreter_note
 from ..units import format_bytes, format_duration
 from . import (
     emit_json,
@@ -49,10 +50,13 @@ def config_check(ctx: click.Context, as_json: bool) -> None:
         "sources": [s.name for s in cfg.sources], "regions": [r.name for r in cfg.regions],
         "tiers": {t.name: {"rpo_seconds": t.rpo.total_seconds(),
                            "rto_seconds": t.rto.total_seconds()} for t in cfg.tiers.values()},
+        "python_note": interpreter_note(),
     }
     if as_json:
         emit_json(summary)
         return
+    if summary["python_note"]:
+        click.echo(f"WARNING: {summary['python_note']}", err=True)
     click.echo(f"{cfg.path}: OK — {len(cfg.sources)} source(s), {len(cfg.regions)} region(s) "
                f"({', '.join(f'{r.name} [{r.continent}]' for r in cfg.regions)})")
 
