@@ -143,15 +143,17 @@ def read_meta(st: os.stat_result, target: int | str | None) -> Meta:
     xattrs: list[tuple[str, bytes]] = []
     acls = {ACL_ACCESS: "", ACL_DEFAULT: ""}
     if target is not None:
-        for attr in sorted(_listxattr(target)):
+        listed = _listxattr(target)
+        for attr in sorted(listed):
             if attr.startswith("user."):
                 value = _getxattr(target, attr)
                 if value is not None:
                     xattrs.append((attr, value))
         for key, attr in _ACL_XATTRS.items():
-            value = _getxattr(target, attr)
-            if value:
-                acls[key] = acl_text(value)
+            if attr in listed:  # listed by file systems that keep ACLs as xattrs (Linux)
+                value = _getxattr(target, attr)
+                if value:
+                    acls[key] = acl_text(value)
     return Meta(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
                 tuple(xattrs), acls[ACL_ACCESS], acls[ACL_DEFAULT],
                 _user(st.st_uid), _group(st.st_gid))
