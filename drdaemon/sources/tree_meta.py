@@ -99,8 +99,10 @@ def short_name(name: bytes | str, limit: int = 80) -> str:
 
 
 def shorten(text: str, limit: int = 80) -> str:
-    """`text` on one line, its middle cut out when longer than `limit`."""
-    text = text.replace("\n", "\\n")
+    """`text` on one line, control characters escaped (no terminal tricks), its
+    middle cut out when longer than `limit`. For people only: not reversible."""
+    text = "".join(f"\\x{ord(c):02x}" if ord(c) < 0x20 or ord(c) == 0x7F else c
+                   for c in text)
     if len(text) <= limit:
         return text
     half = (limit - 1) // 2
