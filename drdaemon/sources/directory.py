@@ -35,7 +35,6 @@ from .tree_walk import DIGEST_PREFIX, scan_tree
 from .tree_write import TreeWriter
 
 _READ = 1 << 20
-MAX_REPORTED = 50
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def tree_digest(entries: Iterable[Entry]) -> str:
 
 
 def summarize(entries: list[Entry]) -> dict[str, Any]:
-    """The facts a drill checks: counts, bytes and digest."""
+    """The facts a drill checks, with the version 1 digest: counts, bytes and digest."""
     return {
         "files": sum(e.kind == "f" for e in entries),
         "directories": sum(e.kind == "d" for e in entries),
@@ -101,11 +100,12 @@ def scan(root: Path) -> list[Entry]:
 @contextmanager
 def dump(path: Path, now: datetime | None = None,
          on_unreadable: str = "fail") -> Iterator[Any]:
-    """Stream a POSIX tar of the tree at `path` (see sources.base.Dump).
+    """Stream a pax tar of the tree at `path` (see sources.base.Dump).
 
     `now` is the consistency time to record (the caller's clock, so that
     snapshot ids and consistency times follow one injected clock); default:
-    the wall clock.
+    the wall clock. `on_unreadable`: "fail" or "skip" (and list) an entry that
+    cannot be read.
     """
     from .base import Dump
 

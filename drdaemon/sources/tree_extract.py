@@ -156,7 +156,7 @@ class Extractor:
         st = os.stat(comp, dir_fd=parent, follow_symlinks=False)
         what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
         return HostileEntry(f"refused a hostile tar entry: {short_name(name)}: its path "
-                            f"crosses {os.fsdecode(comp)!r}, which is {what}")
+                            f"crosses '{short_name(comp, 40)}', which is {what}")
 
     # -- entries ------------------------------------------------------------------
 
