@@ -195,11 +195,20 @@ from pathlib import Path
 from drdaemon.sources import directory
 tar, facts, target = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 data, facts = tar.read_bytes(), json.loads(facts.read_text())
+# A restore that fails verification leaves nothing, 0000 folders included.
+bad = directory.DirectorySink(target, "20260101T000000Z-00000001", {**facts, "files": -1})
+bad.writer.write(data)
+bad.writer.close()
+try:
+    bad.complete()
+except Exception:
+    bad.discard()
+left = [p.name for p in target.parent.iterdir() if p.name.endswith(".partial")]
 sink = directory.DirectorySink(target, "20260101T000000Z-00000000", facts)
 sink.writer.write(data)
 sink.writer.close()
 sink.complete()
-print(json.dumps({"target": sink.commit(), "notes": sink.notes}))
+print(json.dumps({"target": sink.commit(), "notes": sink.notes, "left": left}))
 """
 
 
@@ -229,6 +238,7 @@ def test_an_unprivileged_restore_keeps_all_it_can_and_says_what_not(tmp_path: Pa
             capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         notes = json.loads(proc.stdout)["notes"]
+        assert json.loads(proc.stdout)["left"] == []
         assert any("owners and groups: not applied" in n for n in notes), notes
         after = attributes(work / "out")
         grades = "private/grades.csv"

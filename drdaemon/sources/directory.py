@@ -234,4 +234,28 @@ class DirectorySink:
         # The extractor's own error, if any, was already reported by whoever failed.
         with contextlib.suppress(Exception):
             self._pipe.join()
-        shutil.rmtree(self.staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(self.staging)
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree, once more after making every folder writable (a restore may hold 0000
+    or 0500 folders, which only root could otherwise delete from)."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        _make_writable(path)
+        shutil.rmtree(path)
+
+
+def _make_writable(folder: Path) -> None:
+    try:
+        os.chmod(folder, 0o700)
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            _make_writable(Path(entry.path))
