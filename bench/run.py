@@ -48,7 +48,9 @@ from psycopg import sql
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 # The test fixtures' own helpers: a real PostgreSQL as an unprivileged user, moto per process.
+import file_counts  # noqa: E402  (bench/file_counts.py, beside this file)
 from conftest import (  # noqa: E402
     MotoServerProcess,
     _run,
@@ -385,6 +387,10 @@ def main() -> None:
     ap.add_argument("--rss-sizes-gb", default="0.5,3",
                     help="comma-separated sizes of further databases backed up and restored "
                          "once each, to compare drdaemon's peak RSS ('' to skip)")
+    ap.add_argument("--rss-file-counts", default="30000,300000,1000000",
+                    help="comma-separated numbers of files of directory trees backed up and "
+                         "restored once each, to compare drdaemon's peak RSS ('' to skip; "
+                         "bench/file_counts.py)")
     ap.add_argument("--skip", default="", help="comma-separated scenario keys to skip, e.g. R3,R4")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where the server, dumps and local regions go (default: /var/tmp)")
@@ -523,7 +529,10 @@ def _bench(args: argparse.Namespace, skip: set[str], work: Path, pg: Pg,
               f"restore {rss[-1][2]:.0f} MiB", flush=True)
         for db in (f"bench_rss_{i}", f"rss_r{i}"):
             pg.admin(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
-    report(args, sc, db_size, rss, stored, t0, load_start)
+    # ... and flat in the number of files of a tree.
+    counts = [int(x) for x in args.rss_file_counts.split(",") if x.strip()]
+    files = file_counts.measure(work / "file-counts", counts) if counts else []
+    report(args, sc, db_size, rss, stored, t0, load_start, files)
 
 
 def profile(folder: Path, drctl: list[str], servers: dict[str, int],
@@ -540,7 +549,7 @@ def profile(folder: Path, drctl: list[str], servers: dict[str, int],
 
 def report(args: argparse.Namespace, sc: dict[str, Scenario], db_size: int,
            rss: list[tuple[int, float, float]], stored: dict[str, int], t0: float,
-           load_start: tuple[float, ...]) -> None:
+           load_start: tuple[float, ...], files: list[file_counts.Row]) -> None:
     mib = db_size / MIB
     lines = [f"## {args.size_gb} GB, {args.rounds} round(s) — {datetime.now():%Y-%m-%d %H:%M}",
              ""]
@@ -599,6 +608,9 @@ def report(args: argparse.Namespace, sc: dict[str, Scenario], db_size: int,
                          f"{(max(vals) / min(vals) - 1) * 100:.1f} % (target: within 10 %, "
                          f"each <= 150 MiB).")
     lines += [f"\ndrctl restore --jobs peak RSS: {big['R3']:.0f} MiB.", ""]
+    if files:
+        lines += ["Directory trees of small files (1,000 per folder), two local regions:", "",
+                  *file_counts.table(files), ""]
     if stored:
         d, h = stored.get("drdaemon", 0), stored.get("hand", 0)
         rel = f" ({d / h:.3f}x)" if h else ""

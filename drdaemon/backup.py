@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,8 @@ from .runtime import Runtime
 from .sources import directory, pg_database, postgres
 from .sources.base import Dump
 from .storage import StorageError, Upload
+
+log = logging.getLogger("drdaemon")
 
 
 @dataclass
@@ -91,7 +94,7 @@ def open_dump(source: SourceConfig, now: datetime | None = None,
             yield d
     else:
         assert source.path is not None
-        with directory.dump(source.path, now) as d:
+        with directory.dump(source.path, now, source.on_unreadable) as d:
             yield d
 
 
@@ -112,6 +115,10 @@ def snapshot(rt: Runtime, source: SourceConfig,
     except DrError as exc:
         result.error = str(exc)
         result.error_kind = error_kind(exc)
+    except Exception as exc:  # a bug is still a recorded failure, shown by status
+        log.exception("snapshot of %s failed unexpectedly", source.name)
+        result.error = f"internal error ({exc.__class__.__name__}); see the log"
+        result.error_kind = "other"
     event = "snapshot.committed" if result.ok else "snapshot.failed"
     rt.record_event(event, **result.to_dict())
     state.record_outcome(rt.config.daemon.state_dir, result.source, rt.clock(), result.ok,

@@ -134,6 +134,7 @@ class SourceConfig:
     # postgres: how long pg_dump and the row count wait for a table another
     # session has locked before the snapshot fails, naming the table and holder.
     lock_wait_timeout: timedelta = timedelta(minutes=5)
+    on_unreadable: str = "fail"  # directory: "fail" or "skip" (and list) unreadable entries
 
 
 @dataclass(frozen=True)
@@ -523,8 +524,11 @@ class _Parser:
                     # source; its snapshots fail, loudly, with this reason.
                     self.warnings.append(f"{self.path}: WARNING: {t.key('path')}: "
                                          f"{path} is not a directory (yet)")
+                on_unreadable = t.take("on_unreadable", str, "fail")
+                if on_unreadable not in ("fail", "skip"):
+                    self.fail(t.key("on_unreadable"), "'fail' or 'skip'", on_unreadable)
                 src = SourceConfig(name, kind, tenant, tier, schedule, path=path, retention=own,
-                                   max_shrink=max_shrink)
+                                   on_unreadable=on_unreadable, max_shrink=max_shrink)
             else:
                 self.fail(t.key("kind"), "'postgres' or 'directory'", kind)
             t.done()

@@ -42,7 +42,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import socket
 import stat
 import threading
@@ -61,6 +60,7 @@ from .config import Config, SourceConfig
 from .errors import first_line as _first_line
 from .runtime import Runtime
 from .sources import postgres
+from .sources.directory import remove_tree
 from .units import format_duration
 
 log = logging.getLogger("drdaemon")
@@ -397,30 +397,8 @@ def _clean_folder(ctx: _Context, path: Path) -> None:
         ctx.kept(Leftover("folder", str(path), who, why))
         return
     try:
-        _remove_tree(path)
+        remove_tree(path)
     except OSError as exc:
         ctx.error(f"cannot delete drill scratch {path} ({why}): {exc.strerror or exc}")
         return
     ctx.removed(Leftover("folder", str(path), who, why))
-
-
-def _remove_tree(path: Path) -> None:
-    """rmtree, once more after making every folder writable (a restore may hold 0500 ones)."""
-    try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        return
-    except OSError:
-        _make_writable(path)
-        shutil.rmtree(path)
-
-
-def _make_writable(folder: Path) -> None:
-    try:
-        os.chmod(folder, 0o700)
-        entries = list(os.scandir(folder))
-    except OSError:
-        return
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            _make_writable(Path(entry.path))

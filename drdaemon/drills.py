@@ -55,7 +55,7 @@ from .restore import stream_into
 from .runtime import Runtime
 from .sources import postgres
 from .sources.base import Sink
-from .sources.directory import DirectorySink, scan, summarize
+from .sources.directory import DirectorySink, owner_problem, tree_facts
 from .sources.pg_database import Policy, Recreation
 from .storage import NotFound, ObjectStore, StorageError
 from .verify import hash_copy
@@ -515,7 +515,9 @@ class _Scratch:
                               f"{exc.strerror or exc}") from None
         # No expected facts for the sink: the drill compares them itself, to
         # report every mismatch and to time verification apart from the restore.
-        sink = DirectorySink(self.folder / "tree", self.m.id, {})
+        bound = self.m.facts.get("bytes")
+        sink = DirectorySink(self.folder / "tree", self.m.id, {},
+                             max_bytes=bound if isinstance(bound, int) else None)
         self.sink = sink
         d.scratch = str(sink.staging)
         return sink
@@ -523,9 +525,11 @@ class _Scratch:
     def verify(self) -> None:
         d = self.d
         if isinstance(self.sink, DirectorySink):
-            tree = summarize(scan(self.sink.staging))
+            tree = tree_facts(self.sink.staging, self.facts)
             d.evidence.update({k: tree[k] for k in TREE_FACTS})
             d.reasons.extend(compare_tree(self.facts, tree))
+            if (problem := owner_problem(self.facts, tree)) is not None:
+                d.reasons.append(f"{DIGEST_MISMATCH}: {problem}")
             return
         assert self.sink is not None
         dsn = self.sink.staging_dsn

@@ -28,6 +28,7 @@ from .errors import DrError
 from .logs import setup_logging
 from .retry import resume_at, retry_delay
 from .runtime import Runtime
+from .sources.tree_extract import interpreter_note
 
 log = logging.getLogger("drdaemon")
 
@@ -349,6 +350,8 @@ def _run_forever(rt: Runtime) -> None:
     daemon.start()
     log.info("drdaemon started: %d source(s), %d region(s)", len(rt.config.sources),
              len(rt.config.regions), extra={"pid": os.getpid()})
+    if (note := interpreter_note()) is not None:
+        log.warning("%s", note)
     stop.wait()
     if daemon.stop():
         log.info("drdaemon stopped")

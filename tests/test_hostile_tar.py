@@ -2,7 +2,7 @@
 
 The tar is what a compromised or malicious tree could produce, wrapped in a
 correctly signed manifest (the worst case: authentication cannot help), so
-only the extraction filter and the size bounds stand between it and the host.
+only the extraction (sources/tree_extract.py) and the size bounds stand between it and the host.
 """
 
 from __future__ import annotations
@@ -93,6 +93,15 @@ HOSTILE = {
     "hardlink-out": lambda t: file_entry(t, "hl", kind=tarfile.LNKTYPE,
                                          link="../../../../etc/passwd"),
     "device-node": lambda t: file_entry(t, "dev-null", kind=tarfile.CHRTYPE),
+    "hardlink-inside": lambda t: (file_entry(t, "a"),
+                                  file_entry(t, "b", kind=tarfile.LNKTYPE, link="a")),
+    "fifo": lambda t: file_entry(t, "pipe", kind=tarfile.FIFOTYPE),
+    "file-over-symlink": lambda t: (
+        file_entry(t, "passwd", kind=tarfile.SYMTYPE, link="/tmp/drdaemon-escaped-abs.txt"),
+        file_entry(t, "passwd")),
+    "symlinked-folder-then-dir-entry": lambda t: (
+        file_entry(t, "d", kind=tarfile.SYMTYPE, link="/tmp"),
+        file_entry(t, "d", kind=tarfile.DIRTYPE, mode=0o777)),
 }
 
 
@@ -122,7 +131,7 @@ def test_setuid_bits_are_stripped_and_outward_symlink_kept_as_link(setup: Setup,
     target = tmp_path / "out"
     result = restore(setup, target)
     assert result.exit_code == 0, result.stderr
-    assert "note: tool: setuid/setgid/sticky bits removed" in result.stderr
+    assert "note: tool: setuid/setgid bits removed" in result.stderr
     assert not (target / "tool").stat().st_mode & 0o7000
     assert os.readlink(target / "shared") == "/srv/shared"
 
@@ -146,3 +155,98 @@ def test_tree_that_differs_from_its_facts_is_refused(setup: Setup, tmp_path: Pat
     result = restore(setup, target)
     assert result.exit_code == 1 and "differs from the manifest" in result.stderr
     nothing_left(tmp_path, target)
+
+
+def realpath_overflow_tar(dest_len: int, outside: str) -> bytes:
+    """The CVE-2025-4517 archive: folders long enough that, reached through short links,
+    `os.path.realpath` gives up past PATH_MAX and takes a link to `outside` (relative to
+    the extraction folder) for one inside; then a file written through it."""
+    steps = "abcdefghijklmnop"
+    component = "d" * ((os.pathconf("/", "PC_PATH_MAX") - dest_len - 1) // (len(steps) + 1))
+
+    def add(t: tarfile.TarFile) -> None:
+        path = ""
+        for step in steps:
+            file_entry(t, os.path.join(path, component), kind=tarfile.DIRTYPE, mode=0o777)
+            file_entry(t, os.path.join(path, step), kind=tarfile.SYMTYPE, link=component)
+            path = os.path.join(path, component)
+        linkpath = os.path.join(*steps, "l" * 254)
+        file_entry(t, linkpath, kind=tarfile.SYMTYPE, link=os.path.join(*[".."] * len(steps)))
+        file_entry(t, "escape", kind=tarfile.SYMTYPE, link=os.path.join(linkpath, outside))
+        file_entry(t, "escape/drdaemon-escaped.txt")
+
+    return make_tar(add)
+
+
+def staging_len(parent: Path, target_name: str, snap_id: str) -> int:
+    """Length of DirectorySink's staging path for a target `parent/target_name`."""
+    return len(str(parent / f".{target_name}.drdaemon-{snap_id}-abcdef.partial"))
+
+
+def test_realpath_overflow_archive_writes_nothing_outside_on_restore(
+        setup: Setup, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    target = work / "out"
+    snap_id = manifest.new_snapshot_id(datetime.now(UTC))
+    plant(setup, realpath_overflow_tar(staging_len(work, "out", snap_id), "../.."))
+    result = restore(setup, target)
+    assert not list(tmp_path.rglob("drdaemon-escaped.txt"))
+    assert result.exit_code == 1, result.stdout
+    assert "hostile tar entry" in result.stderr and "symbolic link" in result.stderr
+    assert len(result.stderr) < 400, result.stderr  # one short line, not 4 KB of name
+    nothing_left(tmp_path, target)
+
+
+def test_realpath_overflow_archive_writes_nothing_outside_in_a_drill(
+        setup: Setup, tmp_path: Path) -> None:
+    import json
+
+    from drdaemon import drill_scratch
+
+    scratch = setup.state / "drills" / "scratch"
+    snap_id = manifest.new_snapshot_id(datetime.now(UTC))
+    # The drill's folder: <scratch>/<prefix><8 random>/.tree.drdaemon-<id>-<6 hex>.partial
+    owner = drill_scratch.this_process(datetime.now(UTC))
+    folder = scratch / (drill_scratch.folder_prefix(owner, "files") + "x" * 8)
+    plant(setup, realpath_overflow_tar(staging_len(folder, "tree", snap_id), "../.."))
+    result = setup.drctl("drill", "run", "--source", "files", "--json")
+    assert not list(tmp_path.rglob("drdaemon-escaped.txt"))
+    assert result.exit_code == 1, result.output
+    [record] = json.loads(result.stdout)["drills"]
+    assert not record["ok"]
+    assert any("hostile tar entry" in r for r in record["reasons"]), record["reasons"]
+    assert not list(tmp_path.rglob("drdaemon-escaped.txt"))
+    assert not list(scratch.iterdir())
+
+
+def test_a_sparse_member_larger_than_the_manifest_says_is_refused(setup: Setup,
+                                                                  tmp_path: Path) -> None:
+    """A GNU sparse member costs a few bytes whatever size it claims: bounded by facts."""
+    def add(t: tarfile.TarFile) -> None:
+        realsize = 1 << 40  # 1 TiB of holes
+        body = f"1\n{realsize - 5}\n5\n".encode().ljust(512, b"\0") + b"pwned"
+        info = tarfile.TarInfo("GNUSparseFile.0/1")
+        info.size = len(body)
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                            "GNU.sparse.name": "huge.img",
+                            "GNU.sparse.realsize": str(realsize)}
+        t.addfile(info, io.BytesIO(body))
+
+    plant(setup, make_tar(add), facts={"bytes": 5})
+    target = tmp_path / "out"
+    result = restore(setup, target)
+    assert result.exit_code == 1, result.stdout
+    assert "hostile tar entry" in result.stderr and "manifest's 5 bytes" in result.stderr
+    nothing_left(tmp_path, target)
+
+
+def test_the_python_check_names_the_fixed_release_and_only_warns() -> None:
+    from drdaemon.sources.tree_extract import interpreter_note
+
+    for old, fixed in (((3, 11, 7), "3.11.13"), ((3, 12, 10), "3.12.11"),
+                       ((3, 13, 3), "3.13.4")):
+        note = interpreter_note(old)
+        assert note is not None and fixed in note and "CVE-2025-4517" in note
+    for new in ((3, 11, 13), (3, 12, 11), (3, 13, 4), (3, 14, 0)):
+        assert interpreter_note(new) is None

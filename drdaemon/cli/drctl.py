@@ -20,7 +20,9 @@ from ..manifest import Manifest
 from ..progress import ProgressLine
 from ..runtime import Runtime, record_key_generation
 from ..sources import pg_roles
+from ..sources.directory import facts_lines
 from ..sources.pg_database import Policy
+from ..sources.tree_extract import interpreter_note
 from ..units import format_bytes, format_duration
 from . import (
     emit_json,
@@ -60,21 +62,24 @@ def config_check(ctx: click.Context, connect: bool, as_json: bool) -> None:
         "sources": [s.name for s in cfg.sources], "regions": [r.name for r in cfg.regions],
         "tiers": {t.name: {"rpo_seconds": t.rpo.total_seconds(),
                            "rto_seconds": t.rto.total_seconds()} for t in cfg.tiers.values()},
+        "python_note": interpreter_note(),
     }
     if connect:
         summary["privileges"] = [c.to_dict() for c in checks]
     if as_json:
         emit_json(summary)
-    else:
-        click.echo(f"{cfg.path}: OK — {len(cfg.sources)} source(s), {len(cfg.regions)} "
-                   f"region(s) ({', '.join(f'{r.name} [{r.continent}]' for r in cfg.regions)})")
-        for c in checks:
-            click.echo(f"{c.source} ({c.server}): {'OK' if c.ok else 'MISSING'}")
-            if c.error:
-                click.echo(f"  error: {c.error}")
-            for job in ("backup", "restore", "drill"):
-                for missing in getattr(c, job):
-                    click.echo(f"  {job} role lacks {missing}")
+        sys.exit(0 if ok else 1)
+    if summary["python_note"]:
+        click.echo(f"WARNING: {summary['python_note']}", err=True)
+    click.echo(f"{cfg.path}: OK — {len(cfg.sources)} source(s), {len(cfg.regions)} region(s) "
+               f"({', '.join(f'{r.name} [{r.continent}]' for r in cfg.regions)})")
+    for c in checks:
+        click.echo(f"{c.source} ({c.server}): {'OK' if c.ok else 'MISSING'}")
+        if c.error:
+            click.echo(f"  error: {c.error}")
+        for job in ("backup", "restore", "drill"):
+            for missing in getattr(c, job):
+                click.echo(f"  {job} role lacks {missing}")
     if not ok:
         sys.exit(1)
 
@@ -178,6 +183,8 @@ def backup_cmd(ctx: click.Context, sources: tuple[str, ...], accept_shrink: bool
                 click.echo(f"{r.source}: {state} snapshot {r.snapshot_id} "
                            f"({format_bytes(r.manifest.plaintext_size)} -> "
                            f"{format_bytes(r.manifest.size)}) in {', '.join(r.regions)}")
+                for said in facts_lines(r.manifest.facts):
+                    click.echo(f"  {said}")
             else:
                 click.echo(f"{r.source}: FAILED: {r.error}")
             for region, why in r.failed_regions.items():
@@ -276,6 +283,8 @@ def snapshots_show(ctx: click.Context, snapshot_id: str, source: str | None,
     if isinstance(tables, list):
         rows = sum(int(t.get("rows", 0)) for t in tables if isinstance(t, dict))
         click.echo(f"tables     {len(tables)} ({rows} rows)")
+    for said in facts_lines(m.facts, shown=50):
+        click.echo(f"           {said}")
 
 
 def _full_facts(rt: Runtime, regions: list[str], m: Manifest) -> dict[str, object]:

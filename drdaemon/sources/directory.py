@@ -1,8 +1,14 @@
-"""Directory trees: backed up as a POSIX tar stream, restored with a safe filter.
+"""Directory trees: backed up as a pax tar stream, restored without following links.
 
-The content digest recorded in the manifest covers every entry's type, path,
-size and content hash (or link target), in sorted order, so a drill can prove a
-restored tree identical without trusting the tar it came from.
+The backup (tree_write) walks the tree once (tree_walk), writing each entry
+with its metadata (tree_meta) and adding it to the tree's digest; the restore
+(tree_extract) writes every entry relative to its parent folder's descriptor,
+then reads the tree back (tree_walk.scan_tree) so that a drill proves it
+identical to the manifest's facts without trusting the tar it came from.
+
+Snapshots of earlier versions carry the version 1 digest ("sha256:...": type,
+path, size and content of each entry, in sorted order); `tree_facts` reads a
+restored tree with the digest its manifest has (`scan`, `summarize` below).
 """
 
 from __future__ import annotations
@@ -14,19 +20,21 @@ import os
 import secrets
 import shutil
 import stat
-import tarfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
-from ..errors import IntegrityError, SourceError, UsageError
+from ..errors import DrError, IntegrityError, SourceError, UsageError
 from ..streams import ThreadPipe
+from . import tree_extract
+from .tree_meta import short_name, shorten
+from .tree_walk import DIGEST_PREFIX, scan_tree
+from .tree_write import TreeWriter
 
 _READ = 1 << 20
-MAX_REPORTED = 50
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,7 @@ def tree_digest(entries: Iterable[Entry]) -> str:
 
 
 def summarize(entries: list[Entry]) -> dict[str, Any]:
-    """The facts a drill checks: counts, bytes and digest."""
+    """The facts a drill checks, with the version 1 digest: counts, bytes and digest."""
     return {
         "files": sum(e.kind == "f" for e in entries),
         "directories": sum(e.kind == "d" for e in entries),
@@ -89,87 +97,35 @@ def scan(root: Path) -> list[Entry]:
     return entries
 
 
-class _FileReader:
-    """Reads exactly `size` bytes of a file that may change while we read it.
-
-    tar needs the size up front; a file that grows is cut at that size and one
-    that shrinks is padded with zeros, and either is reported in the facts.
-    """
-
-    def __init__(self, fh: BinaryIO, size: int) -> None:
-        self.fh, self.left = fh, size
-        self.sha = hashlib.sha256()
-        self.changed = False
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n < 0 else min(n, self.left)
-        data = self.fh.read(n) if n else b""
-        if len(data) < n:
-            self.changed = True
-            data += b"\0" * (n - len(data))
-        self.left -= len(data)
-        if self.left == 0 and not self.changed and self.fh.read(1):
-            self.changed = True
-        self.sha.update(data)
-        return data
-
-
-def _write_tar(root: Path, out: BinaryIO) -> dict[str, Any]:
-    entries: list[Entry] = []
-    changed: list[str] = []
-    skipped: list[str] = []
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for rel, path, st in _walk(root):
-            info = tarfile.TarInfo(rel)
-            info.mtime, info.mode = int(st.st_mtime), stat.S_IMODE(st.st_mode)
-            info.uid, info.gid = st.st_uid, st.st_gid
-            if stat.S_ISDIR(st.st_mode):
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-                entries.append(Entry("d", rel, 0, ""))
-            elif stat.S_ISLNK(st.st_mode):
-                info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
-                tar.addfile(info)
-                entries.append(Entry("l", rel, 0, info.linkname))
-            elif stat.S_ISREG(st.st_mode):
-                # Hard links are stored as separate regular files: simpler to
-                # restore safely, and the digest stays a function of content.
-                info.type, info.size = tarfile.REGTYPE, st.st_size
-                with open(path, "rb") as fh:
-                    reader = _FileReader(fh, st.st_size)
-                    tar.addfile(info, cast(BinaryIO, reader))
-                entries.append(Entry("f", rel, st.st_size, reader.sha.hexdigest()))
-                if reader.changed:
-                    changed.append(rel)
-            else:
-                skipped.append(rel)  # sockets, fifos, devices: not data
-    facts = summarize(entries)
-    facts["changed_during_backup"] = changed[:MAX_REPORTED]
-    facts["skipped_special_files"] = skipped[:MAX_REPORTED]
-    return facts
-
-
 @contextmanager
-def dump(path: Path, now: datetime | None = None) -> Iterator[Any]:
-    """Stream a POSIX tar of the tree at `path` (see sources.base.Dump).
+def dump(path: Path, now: datetime | None = None,
+         on_unreadable: str = "fail") -> Iterator[Any]:
+    """Stream a pax tar of the tree at `path` (see sources.base.Dump).
 
     `now` is the consistency time to record (the caller's clock, so that
     snapshot ids and consistency times follow one injected clock); default:
-    the wall clock.
+    the wall clock. `on_unreadable`: "fail" or "skip" (and list) an entry that
+    cannot be read.
     """
     from .base import Dump
 
     if not path.is_dir():
         raise SourceError(f"directory {path} does not exist")
     started = now if now is not None else datetime.now(UTC)
-    pipe = ThreadPipe(lambda out: _write_tar(path, out), thread_writes=True, name="tar")
+    pipe = ThreadPipe(lambda out: TreeWriter(str(path), out, on_unreadable).run(),
+                      thread_writes=True, name="tar")
 
     def finish() -> dict[str, Any]:
         try:
             facts: dict[str, Any] = pipe.join()
+        except DrError:
+            raise
         except OSError as exc:
-            raise SourceError(f"cannot read {path}: {exc.strerror or exc} "
-                              f"({getattr(exc, 'filename', '') or ''})") from None
+            where = f" ({short_name(os.fsdecode(exc.filename))})" if exc.filename else ""
+            raise SourceError(f"cannot read {path}: {exc.strerror or exc}{where}") from None
+        except Exception as exc:  # never an "internal error" without a snapshot.failed
+            raise SourceError(f"cannot back up {path}: {exc.__class__.__name__}: "
+                              f"{short_name(str(exc), 200)}") from None
         return facts
 
     try:
@@ -179,33 +135,61 @@ def dump(path: Path, now: datetime | None = None) -> Iterator[Any]:
         pipe.reader.close()
 
 
-def _safe_member(member: tarfile.TarInfo, dest: str,
-                 notes: list[str]) -> tarfile.TarInfo | None:
-    """Extraction filter for untrusted tars.
+_LISTS = (("changed_during_backup", "changed while read (cut or zero-padded)"),
+          ("vanished_during_backup", "vanished or replaced during the walk (skipped)"),
+          ("skipped_unreadable", "unreadable (skipped: on_unreadable = \"skip\")"),
+          ("skipped_special_files", "special files (sockets, FIFOs, devices: skipped)"))
 
-    drdaemon never writes absolute names, so one is refused outright (Python's
-    filters would only strip the '/'). Python's "data" filter refuses '..',
-    device nodes and links out of the target, and strips setuid bits (noted,
-    so the operator hears of it); symbolic links themselves are kept even when
-    they point elsewhere (they were backed up as links), while tar's filter
-    still refuses any entry that would be written through one.
+
+def facts_lines(facts: dict[str, Any], shown: int = 5) -> list[str]:
+    """What a directory backup left out or saw change, as lines for people (none when
+    nothing did). Names are in the manifest's escaped form."""
+    lines = []
+    counts = facts.get("counts") or {}
+    for key, what in _LISTS:
+        names = facts.get(key) or []
+        count = counts.get(key, len(names)) if isinstance(counts, dict) else len(names)
+        if not count:
+            continue
+        listed = ", ".join(shorten(str(n), 60) for n in names[:shown])
+        more = f", … {count - min(len(names), shown)} more" if count > shown else ""
+        lines.append(f"{count} {what}: {listed}{more}")
+    return lines
+
+
+def tree_facts(root: Path, expected: dict[str, Any]) -> dict[str, Any]:
+    """The facts of a restored tree, with the digest version `expected` (a manifest's
+    facts) has: counts, `digest` and (version 2) `owner_digest`."""
+    digest = str(expected.get("digest", DIGEST_PREFIX))
+    if digest.startswith(DIGEST_PREFIX):
+        return scan_tree(str(root), force_read=True)
+    return summarize(scan(root))  # version 1: a snapshot of an earlier drdaemon
+
+
+def owner_problem(expected: dict[str, Any], got: dict[str, Any]) -> str | None:
+    """Why the owners of a restored tree differ from the manifest's, or None.
+
+    Only root can give files away: restored by another user, every entry is
+    that user's, which is said in the restore's notes, not counted against it.
     """
-    if member.name.startswith("/") or member.name.startswith("\\"):
-        raise tarfile.AbsolutePathError(member)
-    safe = tarfile.tar_filter(member, dest) if member.issym() else \
-        tarfile.data_filter(member, dest)
-    if safe is not None and safe.mode is not None and member.mode & 0o7000 and \
-            len(notes) < MAX_REPORTED:
-        notes.append(f"{member.name}: setuid/setgid/sticky bits removed")
-    return safe
+    if "owner_digest" not in expected or os.geteuid() != 0:
+        return None
+    if got.get("owner_digest") != expected["owner_digest"]:
+        return "the owners or groups of some entries differ (owner_digest)"
+    return None
 
 
 class DirectorySink:
     """Extracts into a private staging folder beside the target, renamed on commit."""
 
-    def __init__(self, target: Path, snapshot_id: str, expected: dict[str, Any]) -> None:
+    def __init__(self, target: Path, snapshot_id: str, expected: dict[str, Any],
+                 max_bytes: int | None = None) -> None:
+        """`expected`: the facts to verify on `complete`; `max_bytes` bounds the files'
+        total size while extracting (default: `expected`'s `bytes`)."""
         self.target = target.absolute()
         self.expected = expected
+        bound = max_bytes if max_bytes is not None else expected.get("bytes")
+        self.max_bytes = bound if isinstance(bound, int) else None
         if self.target.exists() and (not self.target.is_dir() or any(self.target.iterdir())):
             raise UsageError(f"restore target {self.target} exists and is not an empty folder; "
                              "choose a new or empty folder")
@@ -218,37 +202,31 @@ class DirectorySink:
             raise UsageError(f"cannot create restore target next to {self.target}: "
                              f"{exc.strerror}") from None
         self.notes: list[str] = []
+        self.root_applied = False
         self._pipe = ThreadPipe(self._extract, thread_writes=False, name="untar")
         self.writer = self._pipe.writer
 
     def _extract(self, stream: BinaryIO) -> None:
-        try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                tar.extractall(self.staging,
-                               filter=lambda m, d: _safe_member(m, d, self.notes))
-            # Drain any trailing padding so the writer never sees a broken pipe.
-            while stream.read(_READ):
-                pass
-        except tarfile.FilterError as exc:
-            raise IntegrityError(f"refused a hostile tar entry: {exc}") from None
-        except tarfile.TarError as exc:
-            raise IntegrityError(f"the tar stream is damaged: {exc}") from None
-        except OSError as exc:
-            raise SourceError(f"cannot write the restore next to {self.target}: "
-                              f"{exc.strerror or exc}") from None
+        # Never through tarfile's extraction filters: see tree_extract.
+        self.root_applied = tree_extract.extract(stream, str(self.staging), self.notes,
+                                                 self.max_bytes)
 
     def complete(self) -> None:
         self._pipe.join()
-        got = summarize(scan(self.staging))
+        got = tree_facts(self.staging, self.expected)
         for key in ("files", "directories", "symlinks", "bytes", "digest"):
             if key in self.expected and got[key] != self.expected[key]:
                 raise IntegrityError(f"restored tree differs from the manifest: {key} is "
                                      f"{got[key]}, expected {self.expected[key]}")
+        problem = owner_problem(self.expected, got)
+        if problem is not None:
+            raise IntegrityError(f"restored tree differs from the manifest: {problem}")
 
     def commit(self) -> str:
         if self.target.exists():
             self.target.rmdir()  # empty, checked before we began
-        self.staging.chmod(0o755)
+        if not self.root_applied:
+            self.staging.chmod(0o755)  # a snapshot of an earlier version: no root entry
         os.replace(self.staging, self.target)
         return str(self.target)
 
@@ -256,4 +234,28 @@ class DirectorySink:
         # The extractor's own error, if any, was already reported by whoever failed.
         with contextlib.suppress(Exception):
             self._pipe.join()
-        shutil.rmtree(self.staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(self.staging)
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree, once more after making every folder writable (a restore may hold 0000
+    or 0500 folders, which only root could otherwise delete from)."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        _make_writable(path)
+        shutil.rmtree(path)
+
+
+def _make_writable(folder: Path) -> None:
+    try:
+        os.chmod(folder, 0o700)
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            _make_writable(Path(entry.path))
