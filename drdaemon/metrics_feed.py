@@ -113,7 +113,7 @@ def refresh(rt: Runtime, st: MetricsState, source: str | None = None) -> None:
     With `source`, only that source is re-read (after its snapshot): one
     listing of one prefix per region rather than of every source. Manifests
     come from the runtime's cache where they were authenticated before, so a
-    refresh GETs only new ones (catalog.ManifestCache).
+    refresh GETs only new ones (manifest_cache.ManifestCache).
     """
     listing = catalog.list_snapshots(rt, source, cache=rt.manifest_cache)
     now = rt.clock()

@@ -188,7 +188,7 @@ def test_realpath_overflow_archive_writes_nothing_outside_on_restore(
     work = tmp_path / "work"
     work.mkdir()
     target = work / "out"
-    snap_id = manifest.new_snapshot_id(datetime.now(UTC))
+    snap_id = layout.new_snapshot_id(datetime.now(UTC))
     plant(setup, realpath_overflow_tar(staging_len(work, "out", snap_id), "../.."))
     result = restore(setup, target)
     assert not list(tmp_path.rglob("drdaemon-escaped.txt"))
@@ -205,7 +205,7 @@ def test_realpath_overflow_archive_writes_nothing_outside_in_a_drill(
     from drdaemon import drill_scratch
 
     scratch = setup.state / "drills" / "scratch"
-    snap_id = manifest.new_snapshot_id(datetime.now(UTC))
+    snap_id = layout.new_snapshot_id(datetime.now(UTC))
     # The drill's folder: <scratch>/<prefix><8 random>/.tree.drdaemon-<id>-<6 hex>.partial
     owner = drill_scratch.this_process(datetime.now(UTC))
     folder = scratch / (drill_scratch.folder_prefix(owner, "files") + "x" * 8)
