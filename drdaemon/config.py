@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 from . import cron
 from .errors import ConfigError
 from .filetrust import read_trusted
+from .slo import Targets
 from .units import parse_duration, parse_size
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
@@ -100,10 +101,10 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
-class TierConfig:
-    name: str
-    rpo: timedelta
-    rto: timedelta
+class TierConfig(Targets):
+    """A tier's recovery objectives (slo.Targets, the one type every judgement takes)."""
+
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -412,7 +413,7 @@ class _Parser:
         return PipelineConfig(level, threads, part)
 
     def tiers(self, t: _Table) -> dict[str, TierConfig]:
-        tiers = {name: TierConfig(name, rpo, rto) for name, (rpo, rto) in DEFAULT_TIERS.items()}
+        tiers = {name: TierConfig(rpo, rto, name) for name, (rpo, rto) in DEFAULT_TIERS.items()}
         for name in list(t.data):
             sub = _Table(self, f"tiers.{name}", t.take(name, dict))
             if not NAME_RE.match(name):
@@ -422,7 +423,7 @@ class _Parser:
             rpo = sub.convert("rpo", parse_duration, rpo_d if rpo_d else ..., what=what)
             rto = sub.convert("rto", parse_duration, rto_d if rto_d else ..., what=what)
             sub.done()
-            tiers[name] = TierConfig(name, rpo, rto)
+            tiers[name] = TierConfig(rpo, rto, name)
         return tiers
 
     def drills(self, t: _Table, tiers: dict[str, TierConfig],

@@ -272,7 +272,7 @@ class _Drill:
     def __init__(self, rt: Runtime, source: SourceConfig, region: str) -> None:
         self.rt, self.source, self.region = rt, source, region
         tier = rt.config.tiers[source.tier]
-        self.targets = slo.Targets(tier.rpo, tier.rto)
+        self.targets: slo.Targets = tier
         self.id = new_snapshot_id(rt.clock())
         self.started_at = rt.clock()
         self.reasons: list[str] = []

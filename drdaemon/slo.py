@@ -41,7 +41,8 @@ PROJECTED_RTO_OVER = "projected-rto-over-target"
 
 @dataclass(frozen=True)
 class Targets:
-    """A tier's recovery objectives."""
+    """A tier's recovery objectives: the one shape they have, from the config
+    (config.TierConfig is a Targets with a name) to every judgement here."""
 
     rpo: timedelta
     rto: timedelta
