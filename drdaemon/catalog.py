@@ -9,7 +9,9 @@ minutes GETs only the manifests it has not authenticated before.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from . import layout, manifest
@@ -75,6 +77,27 @@ class Listing:
 def _too_large() -> IntegrityError:
     return IntegrityError(f"manifest is larger than {manifest.MAX_MANIFEST_BYTES} bytes, "
                           "the most any reader accepts")
+
+
+def newest_by_source(entries: Iterable[SnapshotEntry]) -> dict[str, SnapshotEntry]:
+    """Pure: each source's newest complete snapshot (by consistency time, then id).
+
+    The one rule for "newest" that the daemon's catch-up, `status` and the
+    metrics share; its `regions` are the regions holding it.
+    """
+    newest: dict[str, SnapshotEntry] = {}
+    for e in entries:
+        if e.manifest is None:
+            continue
+        best = newest.get(e.source)
+        if best is None or best.manifest is None or newness(e.manifest) > newness(best.manifest):
+            newest[e.source] = e
+    return newest
+
+
+def newness(m: Manifest) -> tuple[datetime, str]:
+    """The order "newest" means: consistency time, then id (ids carry only the second)."""
+    return (m.consistency_time, m.id)
 
 
 def read_manifest(rt: Runtime, store: ObjectStore, source: str, snapshot_id: str) -> Manifest:

@@ -43,12 +43,9 @@ def newest_consistency(rt: Runtime) -> dict[str, datetime]:
     authenticated before (the metrics refresh shares the cache).
     """
     listing = catalog.list_snapshots(rt, cache=rt.manifest_cache)
-    newest: dict[str, datetime] = {}
-    for e in listing.snapshots:
-        if e.manifest is not None:
-            t = e.manifest.consistency_time
-            newest[e.source] = max(t, newest.get(e.source, t))
-    return newest
+    return {source: e.manifest.consistency_time
+            for source, e in catalog.newest_by_source(listing.snapshots).items()
+            if e.manifest is not None}
 
 
 def overdue(sources: list[SourceConfig], newest: dict[str, datetime],

@@ -74,7 +74,7 @@ def evaluate(config: Config, source: SourceConfig, snapshots: list[tuple[Manifes
     and the (id, reason) of those listed whose manifest no region can read."""
     rpo = config.tiers[source.tier].rpo
     all_regions = [r.name for r in config.regions]
-    ordered = sorted(snapshots, key=lambda s: (s[0].consistency_time, s[0].id))
+    ordered = sorted(snapshots, key=lambda s: catalog.newness(s[0]))
     problems = []
     newest, regions = ordered[-1] if ordered else (None, [])
     missing = tuple(r for r in all_regions if r not in regions) if newest else ()

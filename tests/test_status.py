@@ -93,3 +93,46 @@ def test_status_reports_degraded_region_and_last_failure(tmp_path: Path,
     result = setup.drctl("status")
     assert result.exit_code == 1
     assert "missing in us-virginia" in result.stdout and "last failure" in result.stdout
+
+
+def test_newest_is_one_rule_for_catch_up_status_and_metrics(tmp_path: Path) -> None:
+    import dataclasses
+
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from drdaemon import catalog
+
+    setup = setup_two_sources(tmp_path, local_regions(tmp_path))
+    cfg = config_mod.load(setup.config)
+    rt = open_runtime(cfg, clock=lambda: datetime(2026, 11, 20, 2, tzinfo=UTC))
+    base = snapshot(rt, cfg.sources[0]).manifest
+    assert base is not None
+    t0 = base.consistency_time
+
+    @given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 5),
+                              st.sampled_from(["0000000a", "0000000b"]), st.booleans()),
+                    max_size=12))
+    def check(rows: list[tuple[str, int, str, bool]]) -> None:
+        entries = []
+        for source, hours, suffix, readable in rows:
+            at = t0 + timedelta(hours=hours)
+            snap_id = f"{at:%Y%m%dT%H%M%SZ}-{suffix}"
+            m = dataclasses.replace(base, id=snap_id, source=source, consistency_time=at)
+            entries.append(catalog.SnapshotEntry(snap_id, source, m if readable else None,
+                                                 ["eu"] if readable else []))
+        newest = catalog.newest_by_source(entries)
+        for source in ("a", "b"):
+            mine = [e for e in entries if e.source == source and e.manifest is not None]
+            if not mine:
+                assert source not in newest
+                continue
+            want = max(catalog.newness(e.manifest) for e in mine if e.manifest)
+            got = newest[source].manifest
+            assert got is not None and catalog.newness(got) == want
+            # status judges the same snapshot newest.
+            snaps = [(e.manifest, e.regions) for e in mine if e.manifest]
+            verdict = evaluate(cfg, cfg.sources[0], snaps, state.Outcome(), t0)
+            assert verdict.newest_id == got.id
+
+    check()
