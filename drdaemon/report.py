@@ -1,10 +1,10 @@
 """Drill reports for auditors: pure functions from drill records to HTML, Markdown or JSON.
 
 The HTML page is self-contained: inline CSS (with a print stylesheet), inline
-SVG charts built here as strings, no script, font or external resource (a
-Content-Security-Policy forbids them). Every piece of text that comes from a
-record or the config is escaped, because record fields (reasons, notes,
-source names) can hold text from outside drdaemon (a server's error message).
+SVG charts, no script, font or external resource (a Content-Security-Policy
+forbids them). It is rendered from templates/report.html.j2 with Jinja2's
+autoescape, because record fields (reasons, notes, source names) can hold text
+from outside drdaemon (a server's error message): nothing is escaped by hand.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from html import escape
 from typing import TYPE_CHECKING, Any
+
+import jinja2
 
 from .units import format_bytes, format_duration, parse_iso_time
 
@@ -231,136 +232,54 @@ def render_markdown(data: ReportData) -> str:
 
 
 # -- HTML ------------------------------------------------------------------------------
+# templates/report.html.j2, rendered with autoescape: a value from a record can
+# never become markup, whatever the code below forgets.
 
-_CSS = """
-:root { --ok: #1a7f37; --fail: #d62728; --warn: #9a6700; --line: #d0d7de; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1f2328;
-       margin: 2rem auto; max-width: 1200px; padding: 0 1rem; }
-h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { font-size: 1.2rem; margin-top: 2rem; }
-table { border-collapse: collapse; width: 100%; font-size: 12.5px; }
-th, td { border: 1px solid var(--line); padding: 4px 6px; text-align: left; vertical-align: top; }
-td.evidence, td.reasons { overflow-wrap: anywhere; min-width: 12em; }
-th { background: #f6f8fa; }
-code { font: 11.5px ui-monospace, monospace; overflow-wrap: anywhere; }
-.ok { color: var(--ok); font-weight: 600; } .fail { color: var(--fail); font-weight: 600; }
-.warn { color: var(--warn); font-weight: 600; }
-.meta { color: #59636e; } figure { margin: 1rem 0; }
-svg { max-width: 100%; height: auto; font: 11px system-ui, sans-serif; }
-.swatch { display: inline-block; width: 10px; height: 10px; border-radius: 50%;
-          margin: 0 4px 0 12px; }
-ul.reasons { margin: 0; padding-left: 1.1rem; }
-@media print {
-  body { margin: 0; max-width: none; font-size: 10pt; }
-  h2 { break-after: avoid; } figure, tr { break-inside: avoid; }
-  table { font-size: 8pt; } code { font-size: 7.5pt; }
-  a { color: inherit; text-decoration: none; }
-}
-"""
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("drdaemon", "templates"),
+    autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
 def render_html(data: ReportData) -> str:
-    e = _e
     records = sorted(data.records, key=lambda r: (r.started_at, r.id))
-    since = when(data.since.isoformat()) if data.since else "the first record"
     audit_class, audit_text = audit_line(data.audit)
-    passed = sum(r.ok for r in records)
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-        "style-src 'unsafe-inline'; img-src data:\">",
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        "<title>drdaemon restore drill report</title>", f"<style>{_CSS}</style>", "</head>",
-        "<body>", "<header>", "<h1>Restore drill report</h1>",
-        f'<p class="meta">Generated {e(when(data.generated_at.isoformat()))} by drdaemon. '
-        f"Drills since {e(since)}: {len(records)} run, {passed} passed. Records: "
-        f"<code>{e(data.records_path)}</code>.</p>", "</header>",
-        '<section id="audit"><h2>Audit log</h2>',
-        f'<p class="{audit_class}" id="audit-result">{e(audit_text)}</p></section>',
-        '<section id="summary"><h2>Summary per tier</h2>', _summary_table(records),
-        "</section>",
-        '<section id="charts"><h2>Measured RTO and RPO per drill</h2>',
-        _figure("rto", "Recovery time (RTO) measured by each drill, against the tier target",
-                records),
-        _figure("rpo", "Data age at the drill (RPO), against the tier target", records),
-        "</section>",
-        '<section id="drills"><h2>Every drill, with its evidence</h2>',
-        _drills_table(records), "</section>",
-        '<section id="definitions"><h2>Definitions</h2><ul>'
-        "<li><b>RTO</b>: wall time from the start of the restore (manifest fetch) to a "
-        "verified copy, read from the drill region; split into download, "
-        "decrypt+decompress, restore and verify.</li>"
-        "<li><b>RPO</b>: drill start minus the consistency time of the snapshot restored.</li>"
-        "<li><b>Worst gap</b>: the largest gap between consecutive consistency times of the "
-        "snapshots retained at the drill (retention thins older ones on purpose).</li>"
-        "<li><b>Projected tier RTO</b>: every source of the tier restored one after another, "
-        "each a fixed cost plus the stored bytes of its newest snapshot over a throughput, "
-        "both fitted to the latest drill of every source of the tier; the tier's row shows "
-        "the newest drill's projection.</li>"
-        "<li><b>Verified</b>: sha256 of the stored object, then the restored copy against "
-        "the authenticated manifest (row counts per table, or files, bytes and digest), "
-        "and the configured SQL checks.</li></ul></section>",
-        "</body>", "</html>"]
-    return "\n".join(parts) + "\n"
+    tiers = sorted({r.tier for r in records})
+    colours = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(tiers)}
+    html = _TEMPLATES.get_template("report.html.j2").render(
+        generated=when(data.generated_at.isoformat()),
+        since=when(data.since.isoformat()) if data.since else "the first record",
+        passed=sum(r.ok for r in records), records_path=data.records_path,
+        audit_class=audit_class, audit_text=audit_text,
+        tiers=[_tier_row(s) for s in summarize(records)],
+        drills=[_drill_row(r) for r in records], fail_colour=FAIL_COLOUR,
+        charts=[chart("rto", "Recovery time (RTO) measured by each drill, against the tier "
+                      "target", records, colours),
+                chart("rpo", "Data age at the drill (RPO), against the tier target", records,
+                      colours)])
+    return str(html)
 
 
-def _e(value: object) -> str:
-    return escape(str(value), quote=True)
+def _tier_row(s: TierSummary) -> dict[str, object]:
+    return {"tier": s.tier, "sources": ", ".join(s.sources), "drills": s.drills,
+            "class": "ok" if s.ok else "fail", "passed": s.passed, "verified": s.verified,
+            "rto": against(s.worst_rto, s.rto_target), "rpo": against(s.worst_rpo, s.rpo_target),
+            "projected": against(s.projected, s.rto_target), "gap": duration(s.worst_gap),
+            "last": when(s.last_drill)}
 
 
-def _summary_table(records: Sequence[DrillRecord]) -> str:
-    rows = []
-    for s in summarize(records):
-        cls = "ok" if s.ok else "fail"
-        rows.append(
-            f'<tr class="tier-{_e(s.tier)}"><td>{_e(s.tier)}</td>'
-            f"<td>{_e(', '.join(s.sources))}</td><td>{s.drills}</td>"
-            f'<td class="{cls}">{s.passed}</td><td>{s.verified}</td>'
-            f"<td>{_e(against(s.worst_rto, s.rto_target))}</td>"
-            f"<td>{_e(against(s.worst_rpo, s.rpo_target))}</td>"
-            f"<td>{_e(against(s.projected, s.rto_target))}</td>"
-            f"<td>{_e(duration(s.worst_gap))}</td><td>{_e(when(s.last_drill))}</td></tr>")
-    if not rows:
-        rows.append('<tr><td colspan="10">No drill in this period.</td></tr>')
-    return ('<table id="summary-table"><thead><tr><th>Tier</th><th>Sources</th><th>Drills</th>'
-            "<th>Passed</th><th>Verified</th><th>Worst RTO / target</th>"
-            "<th>Worst RPO / target</th><th>Projected tier RTO / target</th>"
-            "<th>Worst gap</th><th>Last drill</th></tr></thead><tbody>"
-            + "".join(rows) + "</tbody></table>")
+def _drill_row(r: DrillRecord) -> dict[str, object]:
+    return {"id": r.id, "started": when(r.started_at), "source": r.source, "tenant": r.tenant,
+            "kind": r.kind, "tier": r.tier, "region": r.region,
+            "snapshot": r.snapshot_id or "—", "consistent": when(r.consistency_time),
+            "sha256": r.sha256 or "—", "ok": r.ok, "verified": r.verified,
+            "rto": against(r.rto_seconds, r.rto_target_seconds),
+            "rpo": against(r.rpo_seconds, r.rpo_target_seconds),
+            "stored": size(r.stored_bytes), "plain": size(r.plaintext_bytes),
+            "rate": rate(r.throughput_bytes_per_second), "timings": timings_text(r),
+            "evidence": evidence_text(r), "reasons": list(r.reasons), "notes": list(r.notes)}
 
 
-def _drills_table(records: Sequence[DrillRecord]) -> str:
-    rows = []
-    for r in records:
-        cls = "ok" if r.ok else "fail"
-        reasons = "".join(f"<li>{_e(x)}</li>" for x in r.reasons)
-        notes = "".join(f"<li>{_e(x)}</li>" for x in r.notes)
-        rows.append(
-            f'<tr id="drill-{_e(r.id)}"><td>{_e(when(r.started_at))}<br>'
-            f'<code>{_e(r.id)}</code></td><td>{_e(r.source)}<br>'
-            f'<span class="meta">{_e(r.tenant)} · {_e(r.kind)}</span></td><td>{_e(r.tier)}</td>'
-            f"<td>{_e(r.region)}</td><td><code>{_e(r.snapshot_id or '—')}</code><br>"
-            f'<span class="meta">consistent {_e(when(r.consistency_time))}</span><br>'
-            f'sha256 <code class="sha256">{_e(r.sha256 or "—")}</code></td>'
-            f'<td class="{cls}">{"PASS" if r.ok else "FAIL"}'
-            f"{'' if r.ok or not r.verified else '<br>(copy verified)'}</td>"
-            f"<td>{_e(against(r.rto_seconds, r.rto_target_seconds))}</td>"
-            f"<td>{_e(against(r.rpo_seconds, r.rpo_target_seconds))}</td>"
-            f"<td>{_e(size(r.stored_bytes))} stored<br>{_e(size(r.plaintext_bytes))} plain<br>"
-            f"{_e(rate(r.throughput_bytes_per_second))}</td>"
-            f'<td>{_e(timings_text(r))}</td><td class="evidence">{_e(evidence_text(r))}</td>'
-            f'<td class="reasons"><ul class="reasons">{reasons or "<li>none</li>"}</ul>'
-            + (f'<ul class="reasons meta">{notes}</ul>' if notes else "") + "</td></tr>")
-    if not rows:
-        rows.append('<tr><td colspan="12">No drill in this period.</td></tr>')
-    return ('<table id="drills-table"><thead><tr><th>Started</th><th>Source</th><th>Tier</th>'
-            "<th>Region</th><th>Snapshot (sha256 of the stored object)</th><th>Result</th>"
-            "<th>RTO / target</th><th>RPO / target</th><th>Bytes, rate</th><th>Timings</th>"
-            "<th>Evidence</th><th>Failure reasons</th></tr></thead><tbody>"
-            + "".join(rows) + "</tbody></table>")
-
-
-# -- SVG charts ---------------------------------------------------------------------------
+# -- SVG charts: the geometry here, the markup in the template ----------------------------
 
 _W, _H = 900, 300
 _LEFT, _RIGHT, _TOP, _BOTTOM = 64, 150, 16, 44
@@ -368,19 +287,10 @@ _TICKS = (0.001, 0.01, 0.1, 1, 10, 60, 600, 3600, 6 * 3600, 86400, 2 * 86400, 7 
           365 * 86400)
 
 
-def _figure(metric: str, caption: str, records: Sequence[DrillRecord]) -> str:
-    tiers = sorted({r.tier for r in records})
-    colours = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(tiers)}
-    legend = "".join(f'<span class="swatch" style="background:{colours[t]}"></span>{_e(t)}'
-                     for t in tiers)
-    return (f'<figure id="chart-{metric}">{svg_chart(metric, records, colours)}'
-            f"<figcaption>{_e(caption)}. Tiers:{legend}; dashed lines: targets; a red ring: "
-            "failed drill; a red triangle on the axis: not measured (no verified copy)."
-            "</figcaption></figure>")
-
-
-def svg_chart(metric: str, records: Sequence[DrillRecord], colours: dict[str, str]) -> str:
-    """Measured `metric` ("rto" or "rpo") per drill over time, log scale, with target lines."""
+def chart(metric: str, caption: str, records: Sequence[DrillRecord],
+          colours: dict[str, str]) -> dict[str, Any]:
+    """Measured `metric` ("rto" or "rpo") per drill over time, log scale, with target lines:
+    every coordinate and label the template draws."""
     title = "RTO" if metric == "rto" else "RPO"
 
     def value(r: DrillRecord) -> float | None:
@@ -389,12 +299,14 @@ def svg_chart(metric: str, records: Sequence[DrillRecord], colours: dict[str, st
     def target(r: DrillRecord) -> float:
         return r.rto_target_seconds if metric == "rto" else r.rpo_target_seconds
 
-    head = (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {_W} {_H}" width="{_W}" '
-            f'height="{_H}" role="img" aria-labelledby="svg-{metric}-title" class="chart">'
-            f'<title id="svg-{metric}-title">{title} per drill over time</title>')
+    pw, ph = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
+    out: dict[str, Any] = {
+        "metric": metric, "title": title, "caption": caption, "width": _W, "height": _H,
+        "left": _LEFT, "right": _RIGHT, "top": _TOP, "plot_width": pw, "plot_height": ph,
+        "legend": sorted(colours.items()), "ticks": [], "times": [], "targets": [],
+        "marks": []}
     if not records:
-        return (head + f'<text x="{_W / 2}" y="{_H / 2}" text-anchor="middle">No drill in '
-                "this period</text></svg>")
+        return out
     times = [_time(r.started_at) for r in records]
     t0, t1 = min(times), max(times)
     if t1 - t0 < 3600:
@@ -403,7 +315,6 @@ def svg_chart(metric: str, records: Sequence[DrillRecord], colours: dict[str, st
     values += [target(r) for r in records if target(r) > 0]
     lo = max(min(values, default=1.0) / 2, 0.001)
     hi = max(max(values, default=10.0) * 2, lo * 10)
-    pw, ph = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
 
     def x(t: float) -> float:
         return _LEFT + (t - t0) / (t1 - t0) * pw
@@ -412,65 +323,41 @@ def svg_chart(metric: str, records: Sequence[DrillRecord], colours: dict[str, st
         v = max(v, lo)
         return _TOP + ph - (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) * ph
 
-    out = [head, f'<rect x="{_LEFT}" y="{_TOP}" width="{pw}" height="{ph}" fill="#fff" '
-                 'stroke="#d0d7de"/>']
-    for tick in (t for t in _TICKS if lo <= t <= hi):
-        ty = y(tick)
-        out.append(f'<line x1="{_LEFT}" x2="{_LEFT + pw}" y1="{ty:.1f}" y2="{ty:.1f}" '
-                   f'stroke="#eaeef2"/><text x="{_LEFT - 6}" y="{ty + 4:.1f}" '
-                   f'text-anchor="end">{_e(_short(tick))}</text>')
+    out["ticks"] = [{"y": y(t), "label": _short(t)} for t in _TICKS if lo <= t <= hi]
     span = t1 - t0
-    for i in range(5):
-        tx = t0 + span * i / 4
-        label = datetime.fromtimestamp(tx, UTC).strftime(
-            "%Y-%m-%d" if span > 2 * 86400 else "%m-%d %H:%M")
-        out.append(f'<text x="{x(tx):.1f}" y="{_TOP + ph + 16}" text-anchor="middle">'
-                   f"{_e(label)}</text>")
-    out.append(f'<text x="{_LEFT + pw / 2}" y="{_H - 6}" text-anchor="middle">drill start '
-               f'(UTC)</text><text x="14" y="{_TOP + ph / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 14 {_TOP + ph / 2})">{title} (log scale)</text>')
+    fmt = "%Y-%m-%d" if span > 2 * 86400 else "%m-%d %H:%M"
+    out["times"] = [{"x": x(t0 + span * i / 4),
+                     "label": datetime.fromtimestamp(t0 + span * i / 4, UTC).strftime(fmt)}
+                    for i in range(5)]
     labels: list[float] = []  # y of each target label, so that equal targets stay legible
     for tier in sorted({r.tier for r in records}):
-        out.append(_target_line(tier, [(x(t), y(target(r))) for r, t in zip(records, times,
-                                strict=True) if r.tier == tier], colours[tier],
-                                duration(target([r for r in records if r.tier == tier][-1])),
-                                labels))
+        mine = [(r, t) for r, t in zip(records, times, strict=True) if r.tier == tier]
+        out["targets"].append(_target_line(tier, [(x(t), y(target(r))) for r, t in mine],
+                                           colours[tier], duration(target(mine[-1][0])), labels))
     for r, t in zip(records, times, strict=True):
         v = value(r)
         tip = (f"{r.source} ({r.tier}) {when(r.started_at)}: {title} {duration(v)}, target "
                f"{duration(target(r))}, {'PASS' if r.ok else 'FAIL'}"
                + (f" — {'; '.join(r.reasons)}" if r.reasons else ""))
-        colour = colours[r.tier]
-        if v is None:
-            px, py = x(t), _TOP + ph
-            out.append(f'<path class="drill-point missing" d="M{px - 6:.1f},{py:.1f} '
-                       f'L{px + 6:.1f},{py:.1f} L{px:.1f},{py - 10:.1f} Z" fill="{FAIL_COLOUR}">'
-                       f"<title>{_e(tip)}</title></path>")
-            continue
-        stroke = (f'stroke="{FAIL_COLOUR}" stroke-width="3"' if not r.ok
-                  else 'stroke="#fff" stroke-width="1"')
-        out.append(f'<circle class="drill-point {"pass" if r.ok else "fail"}" cx="{x(t):.1f}" '
-                   f'cy="{y(v):.1f}" r="5" fill="{colour}" {stroke}><title>{_e(tip)}</title>'
-                   "</circle>")
-    out.append("</svg>")
-    return "".join(out)
+        out["marks"].append({"missing": v is None, "x": x(t),
+                             "y": _TOP + ph if v is None else y(v), "ok": r.ok,
+                             "colour": colours[r.tier], "tip": tip})
+    return out
 
 
 def _target_line(tier: str, points: list[tuple[float, float]], colour: str, label: str,
-                 used: list[float]) -> str:
+                 used: list[float]) -> dict[str, Any]:
     """A stepped dashed line through each drill's target (targets may change over time)."""
     steps = [(float(_LEFT), points[0][1])]
     for px, py in points:
         steps += [(px, steps[-1][1]), (px, py)]
     steps.append((float(_W - _RIGHT), points[-1][1]))
-    path = " ".join(f"{px:.1f},{py:.1f}" for px, py in steps)
     end_y = points[-1][1]
     while any(abs(end_y - u) < 12 for u in used):
         end_y += 12
     used.append(end_y)
-    return (f'<polyline class="target" points="{path}" fill="none" stroke="{colour}" '
-            f'stroke-width="1.5" stroke-dasharray="6 4"/><text x="{_W - _RIGHT + 6}" '
-            f'y="{end_y + 4:.1f}" fill="{colour}">{_e(tier)} target {_e(label)}</text>')
+    return {"tier": tier, "colour": colour, "label": label, "label_y": end_y,
+            "points": " ".join(f"{px:.1f},{py:.1f}" for px, py in steps)}
 
 
 def _short(seconds: float) -> str:

@@ -114,7 +114,7 @@ def test_html_structure_and_escaping() -> None:
     assert "https://" not in html and "@import" not in html and "url(" not in html
     assert "@media print" in html
     # Hostile text from records is shown, as text.
-    assert "<script>" not in html and "&lt;script&gt;alert(&#x27;x&#x27;)" in html
+    assert "<script>" not in html and "&lt;script&gt;alert(&#39;x&#39;)" in html  # Jinja2's escape
     assert HOSTILE in "".join(doc.text)
     text = " ".join(doc.text)
     assert "Audit chain verified: 17 record(s)" in text and "6 of 6 drill record(s)" in text
