@@ -9,7 +9,7 @@
 # Metrics: in the container set `[daemon] metrics_address = ":9467"` (the default,
 # 127.0.0.1:9467, listens inside the container only). The endpoint is plain HTTP WITHOUT
 # authentication: publish it only on loopback or a private network that only Prometheus
-# reaches (as above), or put a TLS proxy with authentication in front of it (README,
+# reaches (as above), or put a TLS proxy with authentication in front of it (docs/reference.md,
 # "Metrics beyond loopback"). Never publish :9467 on a public interface as it is.
 #
 # pg_dump must be at least the version of the servers it dumps: Debian 12 ships 15;

@@ -1,6 +1,6 @@
 """Recovery objectives, evaluated: pure functions over times, sizes and targets.
 
-The definitions (README, "How drills work"; docs/architecture.md):
+The definitions (README, "Drills"; docs/architecture.md):
 
 - **RPO at a moment**: that moment minus the consistency time of the snapshot
   one would restore (for a drill: the snapshot it restored).

@@ -12,7 +12,7 @@ waiting one is closed, so a flood of idle connections never locks out a scrape;
 complete requests beyond MAX_QUEUED waiting for a worker get a 503 at once.
 
 It speaks plain HTTP with no authentication: bind it to loopback or a private
-network, or put a TLS proxy with authentication in front of it (README,
+network, or put a TLS proxy with authentication in front of it (docs/reference.md,
 "Metrics beyond loopback").
 """
 
