@@ -21,6 +21,7 @@ from pyrage import x25519
 from .config import Config
 from .errors import UsageError
 from .filetrust import read_trusted
+from .units import format_utc
 
 MANIFEST_KEY_BYTES = 32
 
@@ -77,7 +78,7 @@ def generate_identity(path: Path) -> str:
     """Write a new age identity to `path` (0600) and return its recipient."""
     ident = x25519.Identity.generate()
     recipient = str(ident.to_public())
-    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created = format_utc(datetime.now(UTC))
     write_private_file(path, f"# created: {created}\n# public key: {recipient}\n{ident}\n")
     return recipient
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import jinja2
 
-from .units import format_bytes, format_duration, parse_iso_time
+from .units import against, duration, format_duration, parse_iso_time, rate, size, when
 
 if TYPE_CHECKING:
     from .drill_records import DrillRecord
@@ -90,40 +90,6 @@ def render(data: ReportData, fmt: str) -> str:
 
 
 # -- text helpers ------------------------------------------------------------------
-
-
-def duration(seconds: float | None) -> str:
-    """Seconds for people: sub-minute values keep a decimal (drills can be fast)."""
-    if seconds is None:
-        return "—"
-    if seconds < 1:
-        return f"{seconds:.3f}s"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    return format_duration(timedelta(seconds=seconds))
-
-
-def rate(bps: float | None) -> str:
-    return "—" if bps is None else f"{format_bytes(bps)}/s"
-
-
-def size(n: int | None) -> str:
-    return "—" if n is None else format_bytes(n)
-
-
-def when(iso: str | None) -> str:
-    if not iso:
-        return "—"
-    try:
-        t = parse_iso_time(iso)
-    except ValueError:
-        return iso
-    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def against(value: float | None, target: float) -> str:
-    mark = "" if value is None else (" ✔" if value <= target else " ✘ over")
-    return f"{duration(value)} / {duration(target)}{mark}"
 
 
 def audit_line(audit: dict[str, Any] | None) -> tuple[str, str]:

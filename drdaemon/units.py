@@ -1,4 +1,5 @@
-"""Parsing of human durations ("90m", "24h", "14d"), sizes ("16MiB") and ISO times."""
+"""Human durations ("90m", "24h", "14d"), sizes ("16MiB") and ISO times: parsing, and
+the text people read (commands, reports, reasons), so every command writes them alike."""
 
 from __future__ import annotations
 
@@ -70,3 +71,44 @@ def parse_iso_time(text: str) -> datetime:
 def format_utc(t: datetime) -> str:
     """A time for messages, to the second in UTC: ``2026-11-23T02:00:00Z``."""
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- values that may be unknown, for reports and command output ("—" when None) ----
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds for people: sub-minute values keep a decimal (drills can be fast)."""
+    if seconds is None:
+        return "—"
+    if seconds < 1:
+        return f"{seconds:.3f}s"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    return format_duration(timedelta(seconds=seconds))
+
+
+def rate(bps: float | None) -> str:
+    """A throughput in bytes per second: ``12.3 MiB/s``."""
+    return "—" if bps is None else f"{format_bytes(bps)}/s"
+
+
+def size(n: int | None) -> str:
+    """A byte count with binary units: ``1.5 MiB``."""
+    return "—" if n is None else format_bytes(n)
+
+
+def when(iso: str | None) -> str:
+    """An ISO time as ``2026-11-23 02:00:00 UTC``; text that is no time is shown as it is."""
+    if not iso:
+        return "—"
+    try:
+        t = parse_iso_time(iso)
+    except ValueError:
+        return iso
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def against(value: float | None, target: float) -> str:
+    """A measured value and its target in seconds, marked ✔ within it or ✘ over it."""
+    mark = "" if value is None else (" ✔" if value <= target else " ✘ over")
+    return f"{duration(value)} / {duration(target)}{mark}"

@@ -11,10 +11,10 @@ import click
 from .. import drill_records, drills
 from ..errors import UsageError
 from ..keys import identities_for
-from ..report import FORMATS, against, duration, rate, render, size, when
+from ..report import FORMATS, render
 from ..runtime import utcnow
 from ..state import write_atomic
-from ..units import parse_duration, parse_iso_time
+from ..units import against, duration, parse_duration, parse_iso_time, rate, size, when
 from . import emit_json, get_config, get_runtime, handle_errors, identity_option, json_option
 
 
