@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drdaemon import layout, orphans, prune
+from drdaemon import layout, orphans, prune_plan
 from drdaemon.config import NAME_RE
 from drdaemon.layout import DATA, FACTS, MANIFESTS, TRASH, SnapshotObject
 
@@ -77,7 +77,7 @@ def test_every_name_parses_back_to_its_source_id_and_kind(source: str, snap_id: 
                  layout.facts_object_name(source, snap_id)):
         assert orphans.data_snapshot_id(source, name) == (snap_id if real_date(snap_id)
                                                           else None)
-    entry = prune.trash_entry(source, "eu", trash_name)
+    entry = prune_plan.trash_entry(source, "eu", trash_name)
     assert entry is not None and (entry.source, entry.region, entry.snapshot_id,
                                   entry.trashed_at, entry.name) == (
         source, "eu", snap_id, at.replace(microsecond=0), trash_name)
@@ -114,7 +114,7 @@ def test_a_stray_trash_object_is_no_trash_entry(name: str) -> None:
     # A stray name whose stamp is no time made prune and replicate fail with a traceback.
     assert layout.parse_trash_name(name) is None
     assert layout.parse_object_name(name) is None
-    assert prune.trash_entry("s", "eu", name) is None
+    assert prune_plan.trash_entry("s", "eu", name) is None
 
 
 @pytest.mark.parametrize("name", [

@@ -41,12 +41,14 @@ from drdaemon.metrics import (
 )
 from drdaemon.orphans import OrphanPlan, OrphanVerdict
 from drdaemon.pipeline import AllRegionsFailed, Cancelled
-from drdaemon.prune import Change, PrunePlan, PruneReport, RegionError, RegionPlan
+from drdaemon.prune import PruneReport
+from drdaemon.prune_plan import PrunePlan, RegionPlan
 from drdaemon.replicate import run_replicate
 from drdaemon.runtime import open_runtime
 from drdaemon.scheduler import Daemon
 from drdaemon.status import source_statuses
 from drdaemon.storage import StorageError
+from drdaemon.trash import Change, RegionError
 from drdaemon.verify import CopyCheck, VerifyReport, run_verify
 
 ALERTS = Path(__file__).resolve().parent.parent / "config" / "prometheus" / "alerts.yml"

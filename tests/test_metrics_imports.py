@@ -18,9 +18,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "drdaemon" / "metrics"
 # statefs, units, errors, filetrust, the package's own modules).
 FORBIDDEN = frozenset({
     "audit", "backup", "catalog", "cli", "drill_records", "drill_scratch", "drills", "keys",
-    "locks", "manifest", "metrics_feed", "orphans", "pipeline", "prune", "replicate", "report",
-    "restore", "retention", "runtime", "scheduler", "shrink", "slo", "sources", "state",
-    "status", "storage", "streams", "verify",
+    "locks", "manifest", "metrics_feed", "orphans", "pipeline", "prune", "prune_plan",
+    "replicate", "report", "restore", "retention", "runtime", "scheduler", "shrink", "slo",
+    "sources", "state", "status", "storage", "streams", "trash", "verify",
 })
 
 

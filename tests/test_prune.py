@@ -30,7 +30,8 @@ from drdaemon.config import RetentionConfig
 from drdaemon.config import load as load_config
 from drdaemon.errors import UsageError
 from drdaemon.layout import data_object_name, manifest_object_name, new_snapshot_id
-from drdaemon.prune import (
+from drdaemon.prune import run_prune
+from drdaemon.prune_plan import (
     BLOCKED,
     DELETE,
     KEEP,
@@ -40,7 +41,6 @@ from drdaemon.prune import (
     plan_prune,
     plan_purge,
     plan_region,
-    run_prune,
     trash_entry,
 )
 from drdaemon.runtime import Runtime, open_runtime

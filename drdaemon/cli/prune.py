@@ -8,7 +8,9 @@ import click
 
 from ..errors import UsageError
 from ..orphans import MAX_ORPHAN_GRACE, MIN_ORPHAN_GRACE, ORPHAN_GRACE, OrphanPlan
-from ..prune import PruneReport, RegionPlan, UndoReport, run_prune, undo_prune
+from ..prune import PruneReport, run_prune
+from ..prune_plan import RegionPlan
+from ..trash import UndoReport, undo_prune
 from ..units import format_bytes, format_duration, parse_duration
 from . import emit_json, get_runtime, handle_errors, json_option, require
 
