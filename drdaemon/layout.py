@@ -8,7 +8,7 @@ every region::
     sources/<source>/facts/<id>.json.zst              facts object (manifest version 2)
     sources/<source>/manifests/<id>.json              manifest: its presence commits
     sources/<source>/trash/<id>.<when>.json           manifest of a pruned snapshot
-    audit/<host>/<chain>/<first seq>.jsonl            audit log mirror (audit.py)
+    audit/<host>/<chain>/<first seq>.jsonl            audit log mirror (audit_mirror.py)
 
 Prune deletes only objects whose names match these patterns exactly, so the
 patterns live here once and nowhere else.
@@ -181,7 +181,7 @@ def referenced_id(source: str, name: str) -> str | None:
     return m.group(1) if m else None
 
 
-# -- the audit log's mirror (audit.py) -----------------------------------------------
+# -- the audit log's mirror (audit_mirror.py) ----------------------------------------
 
 def host_label(name: str) -> str:
     """A host name as one safe object-name part."""
@@ -190,7 +190,7 @@ def host_label(name: str) -> str:
 
 
 def audit_mirror_folder(host: str, chain: str) -> str:
-    """Where one host's chain is mirrored; `chain` names the chain (audit.mirror_folder)."""
+    """Where one host's chain is mirrored; `chain` names the chain (audit_chain.mirror_folder)."""
     return f"{AUDIT_MIRROR}/{host_label(host)}/{chain}"
 
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from datetime import timedelta
 
-from . import audit, catalog, drill_records, state, status
+from . import audit_mirror, catalog, drill_records, state, status
 from .backup import BackupResult
 from .manifest import Manifest
 from .metrics import (
@@ -80,7 +80,7 @@ def verify_run(report: VerifyReport) -> VerifyRun:
                            for c in report.checks))
 
 
-def audit_run(check: audit.AuditCheck) -> AuditRun:
+def audit_run(check: audit_mirror.AuditCheck) -> AuditRun:
     """Pure: an audit check's local log and each region whose copy was read."""
     return AuditRun(check.checked_at.timestamp(),
                     AuditCopy(check.local.ok, check.local.records),
@@ -96,7 +96,7 @@ def record_report(st: MetricsState, report: object) -> None:
         st.record_replicate(replicate_run(report))
     elif isinstance(report, VerifyReport):
         st.record_verify(verify_run(report))
-    elif isinstance(report, audit.AuditCheck):
+    elif isinstance(report, audit_mirror.AuditCheck):
         st.record_audit(audit_run(report))
 
 

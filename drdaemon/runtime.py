@@ -20,6 +20,7 @@ from typing import Any
 
 from . import audit, statefs
 from . import config as config_mod
+from .audit_mirror import MirrorState, mirror
 from .config import Config
 from .keys import (
     ManifestKey,
@@ -53,7 +54,7 @@ class Runtime:
     # Set when the daemon is asked to stop: streams in flight abort cleanly.
     stopping: threading.Event = field(default_factory=threading.Event)
     # Regions whose audit mirror failed are tried again later, not on every event.
-    audit_mirror: audit.MirrorState = field(default_factory=audit.MirrorState)
+    audit_mirror: MirrorState = field(default_factory=MirrorState)
     # Manifests the daemon's metrics refresh and watchdog authenticated before
     # (manifest_cache.ManifestCache); every other reader goes to storage.
     manifest_cache: ManifestCache = field(default_factory=ManifestCache)
@@ -91,7 +92,7 @@ class Runtime:
         audit.append(self, event, fields)
         batch = self._audit_batch
         if not getattr(batch, "depth", 0):
-            audit.mirror(self)
+            mirror(self)
             return
         batch.pending = True
         if time.monotonic() - batch.mirrored_at >= AUDIT_BATCH_MIRROR_INTERVAL:
@@ -130,7 +131,7 @@ class Runtime:
 
     def _mirror_batch(self, batch: threading.local) -> None:
         batch.pending, batch.mirrored_at = False, time.monotonic()
-        audit.mirror(self)
+        mirror(self)
 
 
 def load_config(path: str | None) -> Config:

@@ -21,7 +21,7 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import audit, catalog, cron, locks, metrics, metrics_feed, slo, state
+from . import audit_mirror, catalog, cron, locks, metrics, metrics_feed, slo, state
 from .backup import BackupResult, snapshot
 from .config import SourceConfig
 from .errors import DrError
@@ -297,7 +297,7 @@ class Daemon:
         return [("prune", cfg.prune_schedule, lambda: run_prune(rt)),
                 ("replicate", cfg.replicate_schedule, lambda: run_replicate(rt, repair=True)),
                 ("verify", cfg.verify_schedule, lambda: run_verify(rt)),
-                ("audit", cfg.audit_schedule, lambda: audit.verify_everywhere(rt)),
+                ("audit", cfg.audit_schedule, lambda: audit_mirror.verify_everywhere(rt)),
                 *drill_jobs(rt)]  # one per tier: [drills] schedule or [drills.tiers.NAME]
 
     def stop(self) -> bool:

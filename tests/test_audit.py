@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import Setup, directory_source, local_region, make_setup, run_cli
 
-from drdaemon import audit, keys, layout
+from drdaemon import audit, audit_chain, audit_mirror, audit_secrets, keys, layout
 from drdaemon.config import load as load_config
 from drdaemon.keys import load_manifest_key
 from drdaemon.runtime import open_runtime
@@ -55,7 +55,7 @@ def log_file(setup: Setup) -> Path:
 
 
 def lines_of(setup: Setup) -> list[bytes]:
-    return audit.split_lines(log_file(setup).read_bytes())
+    return audit_chain.split_lines(log_file(setup).read_bytes())
 
 
 def write_lines(setup: Setup, lines: list[bytes]) -> None:
@@ -89,12 +89,12 @@ def record(line: bytes) -> dict[str, Any]:
 def chain(n: int, key: bytes = KEY) -> list[bytes]:
     """n records built by the real record maker, as `append` writes them."""
     lines: list[bytes] = []
-    prev = audit.GENESIS
+    prev = audit_chain.GENESIS
     for seq in range(n):
-        line = audit.make_line(seq, f"2031-03-01T02:00:{seq:02d}+00:00", "test.event",
+        line = audit_chain.make_line(seq, f"2031-03-01T02:00:{seq:02d}+00:00", "test.event",
                                {"n": seq, "note": "é ünïcødé"}, prev, key)
         lines.append(line)
-        prev = audit.line_hash(line)
+        prev = audit_chain.line_hash(line)
     return lines
 
 
@@ -107,7 +107,7 @@ def test_real_events_verify_and_show(logged: Setup) -> None:
     assert out.stdout.startswith("OK: ") and "4 records verified" in out.stdout
     doc = verify_json(logged, code=0)
     assert doc["ok"] and doc["records"] == 4 and doc["first_bad"] is None
-    assert doc["head"] == audit.line_hash(lines_of(logged)[-1])
+    assert doc["head"] == audit_chain.line_hash(lines_of(logged)[-1])
 
     shown = logged.drctl_json("audit", "show")
     events = [r["event"] for r in shown["records"]]
@@ -144,7 +144,7 @@ def test_show_since_uses_the_record_times(setup: Setup) -> None:
 def edit_field(lines: list[bytes]) -> int:
     doc = record(lines[1])
     doc["ok"] = False  # a committed snapshot recast as a failure, MAC left as it was
-    lines[1] = audit.canonical(doc) + b"\n"
+    lines[1] = audit_chain.canonical(doc) + b"\n"
     return 1
 
 
@@ -166,14 +166,14 @@ def swap_records(lines: list[bytes]) -> int:
 def rehash_without_key(lines: list[bytes]) -> int:
     """Drop record 1, renumber and re-link the chain, and 'sign' with plain sha256."""
     del lines[1]
-    prev = audit.GENESIS
+    prev = audit_chain.GENESIS
     for seq, line in enumerate(lines):
         doc = record(line)
         doc.pop("mac")
         doc.update(seq=seq, prev=prev)
-        doc["mac"] = hashlib.sha256(audit.canonical(doc)).hexdigest()
-        lines[seq] = audit.canonical(doc) + b"\n"
-        prev = audit.line_hash(lines[seq])
+        doc["mac"] = hashlib.sha256(audit_chain.canonical(doc)).hexdigest()
+        lines[seq] = audit_chain.canonical(doc) + b"\n"
+        prev = audit_chain.line_hash(lines[seq])
     return 0
 
 
@@ -182,7 +182,7 @@ def forge_with_other_key(lines: list[bytes]) -> int:
     doc = record(lines[3])
     body = {k: v for k, v in doc.items() if k != "mac"}
     body["ok"] = False
-    lines[3] = audit.canonical({**body, "mac": audit.sign(body, b"x" * 32)}) + b"\n"
+    lines[3] = audit_chain.canonical({**body, "mac": audit_chain.sign(body, b"x" * 32)}) + b"\n"
     return 3
 
 
@@ -228,7 +228,8 @@ def test_appending_after_a_cut_line_keeps_the_damage_visible(logged: Setup) -> N
     rt.record_event("test.after")
     after = lines_of(logged)
     assert len(after) == 5 and after[3] == lines[-1][:20] + b"\n"
-    assert record(after[4])["seq"] == 4 and record(after[4])["prev"] == audit.line_hash(after[3])
+    assert record(after[4])["seq"] == 4
+    assert record(after[4])["prev"] == audit_chain.line_hash(after[3])
     result = audit.verify(rt)
     assert not result.ok and result.first_bad == 3 and result.records == 3
 
@@ -271,7 +272,7 @@ def test_two_processes_appending_at_once_keep_one_chain(setup: Setup, tmp_path: 
     for region in REGIONS:
         mirrored = verify_json(setup, "--region", region, code=0)
         assert mirrored["records"] == 2 * each and mirrored["head"] == doc["head"]
-    folder = audit.mirror_folder(socket.gethostname(), lines_of(setup)[0])
+    folder = audit_chain.mirror_folder(socket.gethostname(), lines_of(setup)[0])
     assert sorted(p.name for p in (tmp_path / "eu" / folder).iterdir()) == [
         "000000000000.jsonl", "000000000100.jsonl"]
 
@@ -282,7 +283,7 @@ def test_two_processes_appending_at_once_keep_one_chain(setup: Setup, tmp_path: 
 def test_mirror_in_every_region_verifies_and_catches_rewrites(logged: Setup,
                                                               tmp_path: Path) -> None:
     local = lines_of(logged)
-    folder = audit.mirror_folder(socket.gethostname(), local[0])
+    folder = audit_chain.mirror_folder(socket.gethostname(), local[0])
     for root in ("eu", "us"):
         assert (tmp_path / root / folder / "000000000000.jsonl").read_bytes() == b"".join(local)
     for region in REGIONS:
@@ -303,7 +304,7 @@ def test_mirror_in_every_region_verifies_and_catches_rewrites(logged: Setup,
     doc = verify_json(logged, "--region", "eu-local", code=1)
     assert doc["first_bad"] == 2 and "local log was cut" in doc["reason"]
     rt = open_runtime(load_config(logged.config))
-    assert set(audit.mirror(rt)) == set(REGIONS)
+    assert set(audit_mirror.mirror(rt)) == set(REGIONS)
     assert (tmp_path / "eu" / folder / "000000000000.jsonl").read_bytes() == b"".join(local)
 
 
@@ -333,7 +334,7 @@ def test_a_region_that_is_down_never_fails_an_event(tmp_path: Path,
     warnings = [r.getMessage() for r in caplog.records if "not mirrored" in r.getMessage()]
     assert len(warnings) == 1 and "us-down" in warnings[0]  # then left alone for a while
     assert audit.verify(rt).records == 3
-    assert audit.verify_mirror(rt, "eu-local").records == 3
+    assert audit_mirror.verify_mirror(rt, "eu-local").records == 3
     assert not verify_json(setup, "--region", "us-down", code=1)["ok"]
 
 
@@ -341,7 +342,7 @@ def test_failure_events_reach_the_regions_at_once(setup: Setup) -> None:
     """A failure is evidence too: it is mirrored as soon as it is recorded."""
     rt = open_runtime(load_config(setup.config))
     rt.record_event("snapshot.failed", source="files", error="disk on fire")
-    mirrored = audit.verify_mirror(rt, "eu-local")
+    mirrored = audit_mirror.verify_mirror(rt, "eu-local")
     assert mirrored.ok and mirrored.records == len(audit.read_lines(setup.state))
 
 
@@ -353,7 +354,7 @@ def test_no_secret_in_the_log_or_its_mirrors(logged: Setup, tmp_path: Path) -> N
                        if line.startswith("AGE-SECRET-KEY-"))
     mkey = load_manifest_key(logged.manifest_key)
     needles = [secret_line, secret_line.lower(), mkey.secret.hex(),
-               audit.audit_key(mkey).hex()]
+               audit_chain.audit_key(mkey).hex()]
     files = [log_file(logged), *(tmp_path / "eu" / "audit").rglob("*.jsonl"),
              *(tmp_path / "us" / "audit").rglob("*.jsonl")]
     assert len(files) == 3
@@ -376,8 +377,8 @@ def test_values_that_look_like_secrets_are_withheld(setup: Setup) -> None:
     assert "hunter2" not in text and "AGE-SECRET-KEY" not in text.upper()
     assert rt.manifest_key.secret.hex() not in text
     doc = record(line)
-    assert doc["target"] == audit.WITHHELD and doc["failed_regions"]["us"] == "timeout"
-    assert doc["notes"] == [audit.WITHHELD, "fine"] and doc["source"] == "db"
+    assert doc["target"] == audit_secrets.WITHHELD and doc["failed_regions"]["us"] == "timeout"
+    assert doc["notes"] == [audit_secrets.WITHHELD, "fine"] and doc["source"] == "db"
     assert doc["withheld"] == ["target", "failed_regions.eu", "notes[0]", "key"]
     assert audit.verify(rt).ok
 
@@ -399,7 +400,7 @@ def test_generated_keys_are_recorded_without_secrets(tmp_path: Path) -> None:
                       f'manifest_key_file = "{keys / "manifest.key"}"\n\n{region}\n'
                       + directory_source("files", make_tree(tmp_path / "tree")))
     rt = open_runtime(load_config(config))
-    [line] = audit.split_lines((tmp_path / "state" / "audit" / "audit.jsonl").read_bytes())
+    [line] = audit_chain.split_lines((tmp_path / "state" / "audit" / "audit.jsonl").read_bytes())
     doc = record(line)
     assert doc["event"] == "key.generated" and doc["generated"] == ["identity", "manifest-key"]
     assert doc["recipient"] == rt.config.keys.recipients[0]
@@ -483,7 +484,7 @@ def test_the_manifest_key_of_a_new_setup_begins_its_audit_chain(tmp_path: Path) 
 
 def test_verify_everywhere_without_a_log_compares_no_region(setup: Setup) -> None:
     rt = open_runtime(load_config(setup.config))
-    check = audit.verify_everywhere(rt)
+    check = audit_mirror.verify_everywhere(rt)
     assert check.ok and check.local.records == 0 and check.regions == {}
     assert check.to_dict()["local"]["ok"] is True
 
@@ -494,7 +495,7 @@ def test_verify_everywhere_brings_a_new_region_up_to_date(logged: Setup,
     text = logged.config.read_text()
     logged.config.write_text(text + "\n" + local_region("ap-local", tmp_path / "ap", "asia"))
     rt = open_runtime(load_config(logged.config))
-    check = audit.verify_everywhere(rt)
+    check = audit_mirror.verify_everywhere(rt)
     assert check.ok, check.to_dict()
     assert {r: v.records for r, v in check.regions.items()} == {
         "eu-local": 4, "us-local": 4, "ap-local": 4}
@@ -503,7 +504,7 @@ def test_verify_everywhere_brings_a_new_region_up_to_date(logged: Setup,
     lines = lines_of(logged)
     write_lines(logged, [*lines, lines[0]])  # a replayed record
     (tmp_path / "ap").rename(tmp_path / "ap-gone")
-    check = audit.verify_everywhere(rt)
+    check = audit_mirror.verify_everywhere(rt)
     assert not check.ok and check.local.first_bad == 4
     assert check.regions["ap-local"].reason is not None
     assert "no copy" in check.regions["ap-local"].reason
@@ -515,20 +516,23 @@ def test_verify_everywhere_brings_a_new_region_up_to_date(logged: Setup,
 
 def test_verify_lines_golden() -> None:
     lines = chain(5)
-    ok = audit.verify_lines(lines, KEY)
-    assert ok == audit.AuditVerification(True, 5, None, None, audit.line_hash(lines[-1]))
-    assert audit.verify_lines([], KEY) == audit.AuditVerification(True, 0)
-    assert record(lines[0])["prev"] == audit.GENESIS
-    assert not audit.verify_lines(lines, b"other key" * 4).ok
+    ok = audit_chain.verify_lines(lines, KEY)
+    assert ok == audit_chain.AuditVerification(True, 5, None, None,
+                                               audit_chain.line_hash(lines[-1]))
+    assert audit_chain.verify_lines([], KEY) == audit_chain.AuditVerification(True, 0)
+    assert record(lines[0])["prev"] == audit_chain.GENESIS
+    assert not audit_chain.verify_lines(lines, b"other key" * 4).ok
     spaced = [*lines[:4], lines[4].replace(b",", b", ", 1)]
-    assert audit.verify_lines(spaced, KEY).reason == "not in canonical form: the line was edited"
-    assert audit.verify_lines([b"[1]\n"], KEY).reason == "not a JSON record"
-    assert audit.verify_lines([b"[" * 100_000 + b"\n"], KEY).reason == "not a JSON record"
+    assert audit_chain.verify_lines(spaced, KEY).reason == \
+        "not in canonical form: the line was edited"
+    assert audit_chain.verify_lines([b"[1]\n"], KEY).reason == "not a JSON record"
+    assert audit_chain.verify_lines([b"[" * 100_000 + b"\n"], KEY).reason == "not a JSON record"
     seq_true = record(lines[1])
     seq_true.pop("mac")
     seq_true["seq"] = True  # 1 == True in Python, not in the log
-    forged = [lines[0], audit.canonical({**seq_true, "mac": audit.sign(seq_true, KEY)}) + b"\n"]
-    assert "seq is True" in (audit.verify_lines(forged, KEY).reason or "")
+    forged = [lines[0], audit_chain.canonical(
+        {**seq_true, "mac": audit_chain.sign(seq_true, KEY)}) + b"\n"]
+    assert "seq is True" in (audit_chain.verify_lines(forged, KEY).reason or "")
 
 
 @settings(max_examples=200, deadline=None)
@@ -540,8 +544,8 @@ def test_any_changed_byte_is_caught_at_its_line(data: st.DataObject) -> None:
     new = data.draw(st.integers(0, 255).filter(lambda b: b != lines[i][pos]))
     blob = b"".join(lines)
     at = sum(len(x) for x in lines[:i]) + pos
-    changed = audit.split_lines(blob[:at] + bytes([new]) + blob[at + 1:])
-    result = audit.verify_lines(changed, KEY)
+    changed = audit_chain.split_lines(blob[:at] + bytes([new]) + blob[at + 1:])
+    result = audit_chain.verify_lines(changed, KEY)
     assert not result.ok and result.first_bad == i and result.records == i
 
 
@@ -549,30 +553,31 @@ def test_any_changed_byte_is_caught_at_its_line(data: st.DataObject) -> None:
                     lambda inner: st.lists(inner, max_size=3)
                     | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=10))
 def test_any_plain_fields_round_trip_through_a_signed_line(value: Any) -> None:
-    fields = audit.plain_fields({"value": value})
-    line = audit.make_line(0, "2031-03-01T00:00:00+00:00", "test", fields, audit.GENESIS, KEY)
+    fields = audit_secrets.plain_fields({"value": value})
+    line = audit_chain.make_line(0, "2031-03-01T00:00:00+00:00", "test", fields,
+                                 audit_chain.GENESIS, KEY)
     assert line.isascii() and line.count(b"\n") == 1
-    assert audit.verify_lines([line], KEY).ok
+    assert audit_chain.verify_lines([line], KEY).ok
 
 
 def test_scrub_patterns() -> None:
     for secret in ("AGE-SECRET-KEY-1QQQ", "age-secret-key-1qqq", "password=x",
                    "dbname=a PASSWORD = 'x'", "postgres://u:p@h/db", "https://a:b@host",
                    "...abcdef0123..."):
-        assert audit.looks_secret(secret, known=["ABCDEF0123"]), secret
+        assert audit_secrets.looks_secret(secret, known=["ABCDEF0123"]), secret
     for fine in ("password authentication failed for user ops", "postgres://h/db",
                  "postgres://u@h/db", "sha256:abcd", "age1qyqszqgpqyqszqgpqyqszqgp"):
-        assert not audit.looks_secret(fine), fine
-    assert audit.scrub({"a": {"password=x": 1}}) == ({"a": {f"{audit.WITHHELD} #0": 1}},
-                                                     ["a.#0"])
+        assert not audit_secrets.looks_secret(fine), fine
+    assert audit_secrets.scrub({"a": {"password=x": 1}}) == (
+        {"a": {f"{audit_secrets.WITHHELD} #0": 1}}, ["a.#0"])
 
 
 def test_segments_and_names() -> None:
     lines = chain(3)
-    assert list(audit.segments(lines)) == [(0, b"".join(lines), False)]
-    full = [b"x\n"] * (audit.SEGMENT_RECORDS + 1)
-    assert [(f, done) for f, _, done in audit.segments(full)] == [(0, True), (100, False)]
+    assert list(audit_chain.segments(lines)) == [(0, b"".join(lines), False)]
+    full = [b"x\n"] * (audit_chain.SEGMENT_RECORDS + 1)
+    assert [(f, done) for f, _, done in audit_chain.segments(full)] == [(0, True), (100, False)]
     assert layout.host_label("Web-01.Example.org") == "web-01.example.org"
     assert layout.host_label("../é") == "host"
-    assert audit.mirror_folder("h", lines[0]).startswith("audit/h/")
-    assert audit.split_lines(b"a\nb") == [b"a\n", b"b"] and audit.split_lines(b"") == []
+    assert audit_chain.mirror_folder("h", lines[0]).startswith("audit/h/")
+    assert audit_chain.split_lines(b"a\nb") == [b"a\n", b"b"] and audit_chain.split_lines(b"") == []

@@ -19,7 +19,7 @@ from conftest import S3Region
 from counting_store import CountingStore, count_calls, reset
 from support import Setup, directory_source, local_region, make_setup
 
-from drdaemon import audit, runtime
+from drdaemon import audit, audit_chain, audit_mirror, runtime
 from drdaemon.backup import snapshot
 from drdaemon.cli.drctl import cli as drctl_cli
 from drdaemon.config import load as load_config
@@ -64,7 +64,7 @@ def local_setup(tmp_path: Path, names: list[str], extra: str = "") -> Setup:
 
 
 def mirrored_records(rt: Runtime, region: str) -> int:
-    check = audit.verify_mirror(rt, region)
+    check = audit_mirror.verify_mirror(rt, region)
     assert check.ok, check
     return check.records
 
@@ -89,7 +89,7 @@ def test_a_prune_mirrors_once_per_region_and_the_copy_verifies(
     report = json.loads(result.stdout)
     assert [c["status"] for c in report["changes"]] == ["done"] * 6  # 3 ids x 2 regions
 
-    records = audit.parse_records(audit.read_lines(setup.state))
+    records = audit_chain.parse_records(audit.read_lines(setup.state))
     assert [r["event"] for r in records[before:]] == ["prune.trash"] * 6
     for r in s3_regions:
         assert mirror_lists(proxies[r.name]) == 1
@@ -201,7 +201,7 @@ def test_repair_drill_and_verify_runs_mirror_once_per_region(tmp_path: Path) -> 
 
     report = run_replicate(rt, repair=True)
     assert report.ok and len(report.outcomes) == 3
-    events = [r["event"] for r in audit.parse_records(audit.read_lines(setup.state))[before:]]
+    events = [r["event"] for r in audit_chain.parse_records(audit.read_lines(setup.state))[before:]]
     assert events == ["replica.repaired"] * 3
     for region, p in proxies.items():
         assert (mirror_lists(p), mirror_puts(p)) == (1, 1)
@@ -221,7 +221,8 @@ def test_repair_drill_and_verify_runs_mirror_once_per_region(tmp_path: Path) -> 
     reset(proxies)
     checked = run_verify(rt)
     assert len(checked.failures) == 2
-    events = [r["event"] for r in audit.parse_records(audit.read_lines(setup.state))[before + 6:]]
+    records = audit_chain.parse_records(audit.read_lines(setup.state))
+    events = [r["event"] for r in records[before + 6:]]
     assert events == ["verify.failed", "verify.failed", "verify.finished"]
     for region, p in proxies.items():
         assert (mirror_lists(p), mirror_puts(p)) == (1, 1)

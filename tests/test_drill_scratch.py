@@ -22,7 +22,7 @@ from lms import populate
 from psycopg import sql
 from support import Setup, directory_source, make_setup, postgres_source
 
-from drdaemon import audit, drill_scratch
+from drdaemon import audit, audit_chain, drill_scratch
 from drdaemon import config as config_mod
 from drdaemon.drill_scratch import Owner, database_prefix, folder_prefix
 from drdaemon.runtime import open_runtime
@@ -92,7 +92,7 @@ def database_names(pg: PgServer) -> set[str]:
 
 
 def removal_events(setup: Setup) -> list[dict[str, Any]]:
-    return [r for r in audit.parse_records(audit.read_lines(setup.state))
+    return [r for r in audit_chain.parse_records(audit.read_lines(setup.state))
             if r.get("event") == "drill.scratch_removed"]
 
 

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from support import Setup, directory_source, local_region, make_setup
 
-from drdaemon import audit, metrics, metrics_feed
+from drdaemon import audit_chain, audit_mirror, metrics, metrics_feed
 from drdaemon import config as config_mod
 from drdaemon.backup import BackupResult, error_kind, snapshot
 from drdaemon.errors import DrError, SourceError
@@ -319,11 +319,11 @@ def test_audit_checks_render_and_an_unreadable_region_keeps_its_last_result() ->
     st.audit_mirrors = {}
     get = registry_of(st).get_sample_value
     assert get("drdaemon_audit_verified_ok") is None  # never checked: absent, not a false 0
-    ok = audit.AuditVerification(True, 40)
-    record(st, audit.AuditCheck(NOW - timedelta(days=1), ok, {"eu": ok, "us": ok}))
-    bad = audit.AuditVerification(False, 12, 12, "MAC does not match")
-    differs = audit.AuditVerification(False, 12, 12, "differs from the local log")
-    record(st, audit.AuditCheck(NOW, bad, {"eu": differs}, {"us": "connection refused"}))
+    ok = audit_chain.AuditVerification(True, 40)
+    record(st, audit_mirror.AuditCheck(NOW - timedelta(days=1), ok, {"eu": ok, "us": ok}))
+    bad = audit_chain.AuditVerification(False, 12, 12, "MAC does not match")
+    differs = audit_chain.AuditVerification(False, 12, 12, "differs from the local log")
+    record(st, audit_mirror.AuditCheck(NOW, bad, {"eu": differs}, {"us": "connection refused"}))
     get = registry_of(st).get_sample_value
     assert get("drdaemon_audit_verified_ok") == 0
     assert get("drdaemon_audit_verified_records") == 12
@@ -728,7 +728,7 @@ def test_the_daemons_audit_job_catches_an_edited_line(tmp_path: Path, trees: lis
 
         # An intruder on the host edits a line of the local log.
         log_file = setup.state / "audit" / "audit.jsonl"
-        lines = audit.split_lines(log_file.read_bytes())
+        lines = audit_chain.split_lines(log_file.read_bytes())
         lines[0] = lines[0].replace(b'"time":"2', b'"time":"1', 1)
         log_file.write_bytes(b"".join(lines))
 

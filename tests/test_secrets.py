@@ -20,7 +20,7 @@ from conftest import S3Region
 from lms import populate
 from support import directory_source, make_setup, postgres_source
 
-from drdaemon import audit
+from drdaemon import audit_chain
 from drdaemon import config as config_mod
 from drdaemon.keys import load_manifest_key
 from drdaemon.runtime import open_runtime
@@ -81,7 +81,7 @@ def test_no_secret_anywhere_after_a_full_run(tmp_path: Path, pg_database: str,
     identity = next(line for line in setup.identity.read_text().splitlines()
                     if line.startswith("AGE-SECRET-KEY-"))
     mkey = load_manifest_key(setup.manifest_key)
-    needles = [identity, identity.lower(), mkey.secret.hex(), audit.audit_key(mkey).hex(),
+    needles = [identity, identity.lower(), mkey.secret.hex(), audit_chain.audit_key(mkey).hex(),
                PASSWORD]
 
     def check(where: str, text: str) -> None:

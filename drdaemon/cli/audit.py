@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .. import audit
+from .. import audit, audit_mirror
 from ..errors import UsageError
 from ..units import parse_duration
 from . import emit_json, get_runtime, handle_errors, json_option
@@ -31,7 +31,7 @@ def audit_group() -> None:
 def verify_cmd(ctx: click.Context, region: str | None, as_json: bool) -> None:
     """Check every record's MAC and the hash chain. Exit 1 naming the first bad record."""
     rt = get_runtime(ctx)
-    result = audit.verify_mirror(rt, region) if region else audit.verify(rt)
+    result = audit_mirror.verify_mirror(rt, region) if region else audit.verify(rt)
     where = f"region {region}" if region else str(audit.log_path(rt.config.daemon.state_dir))
     if as_json:
         emit_json(dict(result.to_dict(), where=where))
