@@ -6,7 +6,7 @@ import sys
 import time
 from typing import TextIO
 
-from .units import format_bytes, format_duration
+from .units import format_bytes, format_duration, rate
 
 
 class ProgressLine:
@@ -31,14 +31,14 @@ class ProgressLine:
         from datetime import timedelta
 
         elapsed = max(now - self.started, 1e-6)
-        rate = self.done / elapsed
+        speed = self.done / elapsed
         text = f"{self.label}  {format_bytes(self.done)}"
         if total:
             pct = min(100.0, 100.0 * self.done / total)
             text += f" / {format_bytes(total)} ({pct:.0f}%)"
-        text += f"  {format_bytes(rate)}/s"
-        if total and rate > 0:
-            eta = max(0.0, (total - self.done) / rate)
+        text += f"  {rate(speed)}"
+        if total and speed > 0:
+            eta = max(0.0, (total - self.done) / speed)
             text += f"  ETA {format_duration(timedelta(seconds=eta))}"
         self.stream.write("\r\x1b[K" + text)
         self.stream.flush()
