@@ -21,6 +21,8 @@ ABOVE_SERVICES = ("drdaemon.cli", "drdaemon.scheduler", "drdaemon.metrics",
                   "drdaemon.metrics_feed")
 ADAPTER_PACKAGES = ("drdaemon.storage", "drdaemon.sources")
 ADAPTER_MODULES = {"pipeline", "streams", "statefs", "locks", "filetrust", "manifest_cache"}
+# Pure cores split out of a service: no I/O, so neither a service nor an adapter.
+PURE_MODULES = {"prune_plan", "audit_chain", "audit_secrets"}
 
 
 def module_name(path: Path) -> str:
@@ -76,6 +78,10 @@ def test_imports_point_down(path: Path) -> None:
     if name.startswith(ADAPTER_PACKAGES) or short in ADAPTER_MODULES:
         up = sorted(m for m in imports if is_service(m))
         assert not up, f"adapter {name} imports the service(s) {up}"
+    if short in PURE_MODULES:
+        io = sorted(m for m in imports if is_service(m) or m.startswith(ADAPTER_PACKAGES)
+                    or m.removeprefix("drdaemon.").split(".")[0] in ADAPTER_MODULES)
+        assert not io, f"pure module {name} imports {io}"
 
 
 def test_the_check_sees_relative_and_late_imports() -> None:
