@@ -17,10 +17,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "drdaemon" / "metrics"
 # the daemon. The metrics package may use the model and utilities only (config, cron,
 # statefs, units, errors, filetrust, the package's own modules).
 FORBIDDEN = frozenset({
-    "audit", "backup", "catalog", "cli", "drill_records", "drill_scratch", "drills", "keys",
-    "locks", "manifest", "metrics_feed", "orphans", "pipeline", "prune", "replicate", "report",
-    "restore", "retention", "runtime", "scheduler", "shrink", "slo", "sources", "state",
-    "status", "storage", "streams", "verify",
+    "audit", "backup", "catalog", "cli", "drill_records", "drill_scratch", "drills", "export",
+    "keys", "locks", "manifest", "metrics_feed", "orphans", "pipeline", "prune", "replicate",
+    "report", "restore", "retention", "runtime", "scheduler", "shrink", "slo", "sources",
+    "state", "status", "storage", "streams", "verify",
 })
 
 
