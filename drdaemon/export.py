@@ -429,7 +429,7 @@ def _export_one(rt: Runtime, identities: Sequence[x25519.Identity], source: Sour
                   f"region: {reasons}")
 
 
-def _verify_written(staging: Path, expected: Mapping[str, str]) -> None:
+def verify_written(staging: Path, expected: Mapping[str, str]) -> None:
     """Read every written file back and compare its sha256 with what was written."""
     present = sorted(p.name for p in staging.iterdir())
     if present != sorted(expected):
@@ -517,7 +517,7 @@ def export(rt: Runtime, identities: Sequence[x25519.Identity], tenant: str, dest
                     for src, entry in chosen]
         files = _write_side_files(staging, tenant, exported, customer, recipient_fp,
                                   rt.clock())
-        _verify_written(staging, files)
+        verify_written(staging, files)
         _move_into_place(staging, dest)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)

@@ -3,6 +3,7 @@ the real pg_restore, tar, sha256sum and age)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -19,7 +20,8 @@ from support import Setup, directory_source, flip_byte, make_setup, postgres_sou
 from test_directory_roundtrip import assert_same_tree, make_tree
 
 from drdaemon import audit
-from drdaemon.export import check_magic, kept_facts, sha256sums
+from drdaemon.errors import DrError
+from drdaemon.export import check_magic, kept_facts, sha256sums, verify_written
 from drdaemon.keys import generate_identity
 
 # Distinctive plaintext: in a file of the tenant's tree and in a row of its database.
@@ -245,6 +247,10 @@ def test_bad_requests_exit_2_with_one_line(setup: Setup, tmp_path: Path) -> None
     result = setup.drctl("tenant", "export", "uni-a", "--to", str(out))
     assert result.exit_code == 2 and "not an empty folder" in result.stderr
     assert [p.name for p in out.iterdir()] == [".keep"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    result = setup.drctl("tenant", "export", "uni-a", "--to", str(a_file))
+    assert result.exit_code == 2 and "not an empty folder" in result.stderr
     assert audit_records(setup, "tenant.export") == []
 
 
@@ -290,3 +296,18 @@ def test_kept_facts_tells_rows_not_sealed_properties() -> None:
     assert kept_facts("directory", {"files": 2, "bytes": 9, "digest": "sha256:x",
                                     "changed_during_backup": []}) == {
         "files": 2, "bytes": 9, "digest": "sha256:x"}
+
+
+def test_read_back_catches_a_file_that_changed_on_disk(tmp_path: Path) -> None:
+    (tmp_path / "a.dump").write_bytes(b"PGDMP written")
+    (tmp_path / "SHA256SUMS").write_bytes(b"sums")
+    written = {"a.dump": hashlib.sha256(b"PGDMP written").hexdigest(),
+               "SHA256SUMS": hashlib.sha256(b"sums").hexdigest()}
+    verify_written(tmp_path, written)
+    (tmp_path / "a.dump").write_bytes(b"PGDMP wrItten")
+    with pytest.raises(DrError, match=r"a\.dump read back does not match"):
+        verify_written(tmp_path, written)
+    (tmp_path / "a.dump").write_bytes(b"PGDMP written")
+    (tmp_path / "stray").write_bytes(b"")
+    with pytest.raises(DrError, match="holds"):
+        verify_written(tmp_path, written)

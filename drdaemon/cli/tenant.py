@@ -21,7 +21,7 @@ def tenant_group() -> None:
 @tenant_group.command("export")
 @click.argument("tenant", metavar="NAME")
 @click.option("--to", "dest", required=True, metavar="DIR",
-              type=click.Path(file_okay=False, path_type=Path),
+              type=click.Path(path_type=Path),
               help="A new or empty folder (no entries at all) to write the copy to.")
 @click.option("--recipient", metavar="age1...",
               help="The customer's age public key: every file holding the tenant's data is "
