@@ -174,14 +174,14 @@ def readme_text(tenant: str, sources: Sequence[ExportedSource], encrypted: bool)
             "Decrypt each file with your identity (private key), then check the plaintext:",
             "    for f in *.age; do age -d -i KEY -o \"${f%.age}\" \"$f\"; done",
             f"    sha256sum -c {CONTENTS_SUMS_FILE}",
-            f"{CONTENTS_SUMS_FILE} covers the decrypted files; {MANIFEST_FILE} says which "
+            f"{CONTENTS_SUMS_FILE} covers the decrypted files; {MANIFEST_FILE} says which",
             "snapshot each file holds, its consistency time, sizes and row counts.",
         ]
     else:
         lines += [
             "SHA256SUMS covers every other file here; check them with:",
             "    sha256sum -c SHA256SUMS",
-            f"{MANIFEST_FILE} says which snapshot each file holds, its consistency time, "
+            f"{MANIFEST_FILE} says which snapshot each file holds, its consistency time,",
             "sizes and row counts.",
         ]
     lines += ["", "Files:"]
@@ -195,8 +195,10 @@ def readme_text(tenant: str, sources: Sequence[ExportedSource], encrypted: bool)
             lines.append(f"      pg_restore --no-owner --dbname=NEWDB {s.file}")
             lines.append("    (leave out --no-owner where the roles it names exist)")
         else:
-            lines.append("    a POSIX tar of the folder; extract it with:")
+            lines.append("    a POSIX (pax) tar of the folder; extract it with:")
             lines.append(f"      mkdir NEWDIR && tar -xpf {s.file} -C NEWDIR")
+            lines.append("    (GNU tar: add --xattrs --xattrs-include='*' --acls to keep "
+                         "extended attributes and ACLs)")
     return "\n".join(lines) + "\n"
 
 

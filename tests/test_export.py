@@ -21,8 +21,9 @@ from test_directory_roundtrip import assert_same_tree, make_tree
 
 from drdaemon import audit
 from drdaemon.errors import DrError
-from drdaemon.export import check_magic, kept_facts, sha256sums, verify_written
-from drdaemon.keys import generate_identity
+from drdaemon.export import check_magic, export, kept_facts, sha256sums, verify_written
+from drdaemon.keys import generate_identity, load_identities
+from drdaemon.runtime import load_config, open_runtime
 
 # Distinctive plaintext: in a file of the tenant's tree and in a row of its database.
 FILE_MARKER = b"EXPORT-MARKER-FILE-7f3a9c"
@@ -311,3 +312,22 @@ def test_read_back_catches_a_file_that_changed_on_disk(tmp_path: Path) -> None:
     (tmp_path / "stray").write_bytes(b"")
     with pytest.raises(DrError, match="holds"):
         verify_written(tmp_path, written)
+
+
+def test_an_interrupted_export_leaves_nothing(setup: Setup, tmp_path: Path) -> None:
+    backup(setup)
+    customer = generate_identity(tmp_path / "customer.txt")
+    rt = open_runtime(load_config(str(setup.config)))
+    seen: list[int] = []
+
+    def interrupt(n: int, total: int) -> None:  # Ctrl-C once the data is flowing
+        seen.append(n)
+        if sum(seen) > 1 << 16:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "return-copy"
+    with pytest.raises(KeyboardInterrupt):
+        export(rt, load_identities(setup.identity), "uni-a", out, recipient=customer,
+               on_progress=interrupt)
+    assert seen and not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
