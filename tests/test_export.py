@@ -237,12 +237,17 @@ def test_bad_requests_exit_2_with_one_line(setup: Setup, tmp_path: Path) -> None
         (["tenant", "export", "uni-a", "--to", str(out), "--snapshot", ids["lms-db"],
           "--snapshot", ids["lms-db"]], "two snapshots of source lms-db"),
     ]
+    stranger = tmp_path / "stranger.txt"
+    generate_identity(stranger)
+    cases.append((["tenant", "export", "uni-a", "--to", str(out), "--identity", str(stranger)],
+                  "no identity given can decrypt"))
     for args, said in cases:
         result = setup.drctl(*args)
         assert result.exit_code == 2, (args, result.stderr)
         assert said in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
             result.stderr
         assert not out.exists()
+        assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
     out.mkdir()
     (out / ".keep").write_text("")
     result = setup.drctl("tenant", "export", "uni-a", "--to", str(out))
