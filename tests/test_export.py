@@ -268,7 +268,8 @@ def test_an_empty_folder_is_accepted(setup: Setup, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == [
         "MANIFEST.json", "README.txt", "SHA256SUMS", "other-files.tar"]
     sha256sum_check(out)
-    assert os.stat(out / "other-files.tar").st_mode & 0o077 == 0  # the tenant's data: private
+    for path in (out, *out.iterdir()):  # the tenant's data: private
+        assert os.stat(path).st_mode & 0o077 == 0, path
 
 
 # -- pure parts -------------------------------------------------------------------------
