@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
 from typing import Any
 
 from . import statefs
@@ -157,11 +158,11 @@ def describe(s: TenantState) -> dict[str, Any]:
 
 def state_file(tenant: str) -> str:
     """The tenant's lifecycle state, relative to the state folder."""
-    return f"tenants/{check_tenant(tenant)}/lifecycle.json"
+    return statefs.tenant_lifecycle_file(check_tenant(tenant))
 
 
 def _lock_file(tenant: str) -> str:
-    return f"tenants/{check_tenant(tenant)}/lifecycle.lock"
+    return statefs.tenant_lifecycle_lock(check_tenant(tenant))
 
 
 def check_tenant(tenant: str) -> str:
@@ -218,7 +219,7 @@ def to_dict(s: TenantState, keep: dict[str, Any] | None = None) -> dict[str, Any
     return out
 
 
-def _read_raw(state_dir: Any, tenant: str) -> dict[str, Any]:
+def _read_raw(state_dir: Path, tenant: str) -> dict[str, Any]:
     try:
         raw = statefs.read_bytes(state_dir, state_file(tenant))
     except FileNotFoundError:
@@ -269,8 +270,12 @@ def recorded_tenants(rt: Runtime) -> list[str]:
     """Tenants with a lifecycle file in the state folder (configured or not)."""
     state_dir = rt.config.daemon.state_dir
     return [t for t in statefs.list_names(state_dir, "tenants")
-            if NAME_RE.match(t) and "lifecycle.json" in statefs.list_names(state_dir,
-                                                                             f"tenants/{t}")]
+            if NAME_RE.match(t) and _recorded(state_dir, t)]
+
+
+def _recorded(state_dir: Path, tenant: str) -> bool:
+    folder, name = state_file(tenant).rsplit("/", 1)
+    return name in statefs.list_names(state_dir, folder)
 
 
 def configured_tenants(cfg: Config) -> list[str]:
