@@ -137,6 +137,27 @@ def test_offboard_refuses_bad_requests_and_changes_nothing(tmp_path: Path) -> No
     assert len(w.listed("files-a")) == 1
 
 
+def test_a_failed_final_snapshot_exits_1_and_running_again_finishes_it(tmp_path: Path) -> None:
+    w = make_world(tmp_path, local_regions(tmp_path))
+    w.time[0] = T0 + 2 * DAY
+    hidden = tmp_path / "docs-a.away"
+    (tmp_path / "docs-a").rename(hidden)  # the source is gone: its snapshot fails
+    out = w.json("tenant", "offboard", "uni-a", "--end", "2031-03-02", code=1)
+    assert not out["ok"] and not out["final_snapshot_done"]
+    failed = {f["source"]: f["error"] for f in out["final_snapshots"]}
+    assert failed["files-a"] is None and failed["docs-a"]
+    # Recorded all the same: the deadline runs and the daemon no longer schedules them.
+    assert lifecycle.load(w.rt, "uni-a").erase_due == datetime(2031, 3, 30, tzinfo=UTC)
+    assert [s.name for s in due_sources(w.rt, T0 + 9 * DAY)] == ["files-b"]
+
+    hidden.rename(tmp_path / "docs-a")
+    again = w.json("tenant", "offboard", "uni-a", "--end", "2031-03-02")
+    assert again["ok"] and again["final_snapshot_done"] and again["unchanged"]
+    taken = {f["source"]: f["taken"] for f in again["final_snapshots"]}
+    assert taken == {"files-a": False, "docs-a": True}  # files-a's final one is newer than the end
+    assert len(w.listed("files-a")) == 2 and len(w.listed("docs-a")) == 2
+
+
 def test_a_hold_without_object_lock_is_recorded_and_said(tmp_path: Path) -> None:
     w = make_world(tmp_path, local_regions(tmp_path))
     result = w.drctl("tenant", "hold", "uni-a", "--reason", "court order 2031/17")

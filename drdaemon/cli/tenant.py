@@ -15,7 +15,7 @@ import click
 
 from .. import offboarding
 from ..errors import UsageError
-from ..lifecycle import describe
+from ..lifecycle import TenantState, state_name
 from ..progress import ProgressLine
 from ..units import format_utc
 from . import emit_json, get_runtime, handle_errors, json_option
@@ -44,13 +44,14 @@ def _return_copy(to: Path | None, recipients: tuple[str, ...]) -> offboarding.Re
     return offboarding.ReturnCopy(to, recipients)
 
 
-def _show_state(d: dict[str, Any]) -> list[str]:
-    lines = [f"tenant {d['tenant']}: {d['state']}"]
-    if d["end"]:
-        lines.append(f"  end of service {d['end']}; erasure due {d['erase_due']}")
-    if d["hold"]:
-        h = d["hold"]
-        lines.append(f"  legal hold since {h['since']} by {h['by']}@{h['host']}: {h['reason']}")
+def _show_state(s: TenantState) -> list[str]:
+    lines = [f"tenant {s.tenant}: {state_name(s)}"]
+    if s.end is not None and s.erase_due is not None:
+        lines.append(f"  end of service {s.end.isoformat()}; erasure due "
+                     f"{format_utc(s.erase_due)}")
+    if s.hold is not None:
+        h = s.hold
+        lines.append(f"  legal hold since {format_utc(h.since)} by {h.by}@{h.host}: {h.reason}")
     return lines
 
 
@@ -92,7 +93,7 @@ def tenant_offboard(ctx: click.Context, tenant: str, end_text: str, return_to: P
     if as_json:
         emit_json(report.to_dict())
     else:
-        for out in _show_state(describe(report.state)):
+        for out in _show_state(report.state):
             click.echo(out)
         if report.unchanged:
             click.echo("  (recorded before; unchanged)")
@@ -101,9 +102,7 @@ def tenant_offboard(ctx: click.Context, tenant: str, end_text: str, return_to: P
                 f"final snapshot {f.snapshot_id}" if f.taken
                 else f"snapshot {f.snapshot_id} is newer than the end; none taken")
             click.echo(f"  {f.source}: {what}")
-        if report.state.erase_due is not None:
-            click.echo(f"  its sources are no longer scheduled; the daemon erases the tenant "
-                       f"by {format_utc(report.state.erase_due)}")
+        click.echo("  its sources are no longer scheduled")
     if not report.ok:
         sys.exit(1)
 
@@ -119,7 +118,7 @@ def _output_hold(report: offboarding.HoldReport, as_json: bool) -> None:
 
 
 def _echo_hold(report: offboarding.HoldReport) -> None:
-    for out in _show_state(describe(report.state)):
+    for out in _show_state(report.state):
         click.echo(out)
     verb = "held" if report.on else "released"
     for r in report.regions:
@@ -127,7 +126,7 @@ def _echo_hold(report: offboarding.HoldReport) -> None:
             click.echo(f"  region {r.region}: FAILED: {r.error}")
         elif not r.supported:
             click.echo(f"  region {r.region}: legal hold not supported (no Object Lock); "
-                       "hold recorded only in drdaemon")
+                       f"hold {'recorded' if report.on else 'lifted'} only in drdaemon")
         else:
             click.echo(f"  region {r.region}: {r.objects} object(s) {verb}")
 
