@@ -13,6 +13,7 @@ from support import directory_source, local_region, make_setup
 
 from drdaemon import config as config_mod
 from drdaemon import lifecycle
+from drdaemon.config import SourceConfig
 from drdaemon.errors import UsageError
 from drdaemon.lifecycle import Erasure, Hold, TenantState
 from drdaemon.metrics import ERASURE_OUTCOMES, TENANT_STATES
@@ -87,6 +88,18 @@ def test_state_names_and_scheduling(s: TenantState) -> None:
     assert lifecycle.still_scheduled(None)
     assert lifecycle.still_scheduled(TenantState("uni-a"))
     assert lifecycle.state_name(TenantState("uni-a")) == lifecycle.ACTIVE
+
+
+@given(st.lists(st.sampled_from(["uni-a", "uni-b", "uni-c"]), max_size=8),
+       st.dictionaries(st.sampled_from(["uni-a", "uni-b", "uni-c"]), offboarded()))
+def test_only_sources_of_tenants_not_offboarded_are_scheduled(
+        tenants: list[str], states: dict[str, TenantState]) -> None:
+    sources = [SourceConfig(f"s{i}", "directory", t, "paid", "0 2 * * *")
+               for i, t in enumerate(tenants)]
+    kept = lifecycle.scheduled(sources, states)
+    assert kept == [s for s in sources if s.tenant not in states]
+    active = {t: TenantState(t) for t in states}
+    assert lifecycle.scheduled(sources, active) == sources
 
 
 @given(offboarded())

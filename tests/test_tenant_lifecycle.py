@@ -173,6 +173,16 @@ def test_a_hold_without_object_lock_is_recorded_and_said(tmp_path: Path) -> None
     assert w.drctl("tenant", "release", "uni-a").exit_code == 2  # not held
 
 
+def test_a_bucket_without_object_lock_keeps_the_hold_in_drdaemon_only(
+        tmp_path: Path, s3_regions: list[S3Region]) -> None:
+    w = make_world(tmp_path, [r.toml() for r in s3_regions])
+    out = w.json("tenant", "hold", "uni-a", "--reason", "regulator request")
+    assert out["ok"] and out["state"] == "held"
+    assert [(x["supported"], x["objects"], x["error"]) for x in out["regions"]] == [
+        (False, 0, None), (False, 0, None)]
+    assert w.json("prune", "--dry-run")["held"] == ["files-a", "docs-a"]
+
+
 def legal_holds(r: S3Region, source: str) -> dict[str, str]:
     client = r.client()
     keys = [o["Key"] for o in client.list_objects_v2(
