@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from datetime import timedelta
 
-from . import audit_mirror, catalog, drill_records, state, status
+from . import audit_mirror, catalog, drill_records, lifecycle, state, status
 from .backup import BackupResult
 from .manifest import Manifest
 from .metrics import (
@@ -31,6 +31,7 @@ from .metrics import (
     SnapshotAttempt,
     SourceListing,
     StorageRefresh,
+    TenantLifecycle,
     VerifyRun,
     failure_reason,
 )
@@ -136,6 +137,25 @@ def refresh(rt: Runtime, st: MetricsState, source: str | None = None) -> None:
     reachable = tuple(r for r in st.regions if r not in listing.region_errors)
     drills = None if source else _drill_records(rt)
     st.record_refresh(StorageRefresh(now.timestamp(), reachable, tuple(sources), drills))
+    if source is None:
+        _tenants(rt, st)
+
+
+def tenant_lifecycle(s: lifecycle.TenantState) -> TenantLifecycle:
+    """Pure: one tenant's lifecycle state as the metrics render it."""
+    return TenantLifecycle(s.tenant, lifecycle.state_name(s),
+                           None if s.erase_due is None else s.erase_due.timestamp(),
+                           s.hold is not None)
+
+
+def _tenants(rt: Runtime, st: MetricsState) -> None:
+    """Every configured or recorded tenant's lifecycle; the last known if unreadable."""
+    try:
+        states = lifecycle.load_all(rt)
+    except Exception as exc:  # a malformed state file must not stop the other metrics
+        log.warning("cannot read the tenants' lifecycle for metrics: %s", exc)
+        return
+    st.record_tenants(tenant_lifecycle(s) for s in states)
 
 
 def _drill_records(rt: Runtime) -> list[DrillRecordLike]:

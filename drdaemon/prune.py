@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from . import catalog, layout, locks, orphans, retention, state
+from . import catalog, layout, lifecycle, locks, orphans, retention, state
 from .config import SourceConfig
 from .drill_records import newest_verified
 from .errors import DrError, IntegrityError, UsageError
@@ -41,6 +41,7 @@ class PruneReport:
     changes: list[Change] = field(default_factory=list)
     region_errors: list[RegionError] = field(default_factory=list)
     orphans: list[OrphanPlan] = field(default_factory=list)  # only regions with orphans
+    held: list[str] = field(default_factory=list)  # sources skipped: their tenant is held
 
     @property
     def ok(self) -> bool:
@@ -54,7 +55,7 @@ class PruneReport:
         return {"ok": self.ok, "dry_run": self.dry_run, **self.plan.to_dict(),
                 "changes": [c.to_dict() for c in self.changes],
                 "region_errors": [e.to_dict() for e in self.region_errors],
-                "orphans": [o.to_dict() for o in self.orphans]}
+                "orphans": [o.to_dict() for o in self.orphans], "held": self.held}
 
 
 def _region_input(rt: Runtime, src: SourceConfig, store: ObjectStore, now: datetime,
@@ -108,6 +109,9 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
                          f"{format_duration(orphans.MAX_ORPHAN_GRACE)}: every copy of a "
                          "departed institution's data must be gone within 4 weeks")
     chosen = rt.config.pick_sources(sources)
+    # A legal hold suspends every deletion of the tenant's data (lifecycle.py).
+    held = [s.name for s in chosen if lifecycle.is_held(rt, s.tenant)]
+    chosen = [s for s in chosen if s.name not in held]
     protected = frozenset(protected) | frozenset(
         newest_verified(rt.config.daemon.state_dir).values())
     tz = ZoneInfo(rt.config.daemon.timezone)  # day/week/month as the operator's calendar
@@ -125,7 +129,7 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
                 except DrError as exc:
                     errors.append(RegionError(src.name, store.name, str(exc)))
         plan = plan_prune(inputs, now, protected=protected, force=force, tz=tz)
-        report = PruneReport(plan, dry_run, region_errors=errors)
+        report = PruneReport(plan, dry_run, region_errors=errors, held=held)
         for rp in plan.regions:
             store = rt.store(rp.region)
             for snap_id in rp.delete_ids:

@@ -21,7 +21,17 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import audit_mirror, catalog, cron, locks, metrics, metrics_feed, slo, state
+from . import (
+    audit_mirror,
+    catalog,
+    cron,
+    lifecycle,
+    locks,
+    metrics,
+    metrics_feed,
+    slo,
+    state,
+)
 from .backup import BackupResult, snapshot
 from .config import SourceConfig
 from .errors import DrError
@@ -34,6 +44,11 @@ log = logging.getLogger("drdaemon")
 
 WATCHDOG_INTERVAL = timedelta(minutes=15)
 STALE_UPLOAD_AGE = timedelta(days=1)
+# The erasure-deadline job: daily (and at start); lifecycle.ERASE_LEAD before a
+# deadline, so one run a day meets it.
+ERASURE_SCHEDULE = "15 0 * * *"
+# What the job did with a due erasure (drdaemon_tenant_erasures_total{outcome}).
+ERASURE_DONE, ERASURE_FAILED, ERASURE_NOT_CARRIED_OUT = "done", "failed", "not_carried_out"
 
 
 def newest_consistency(rt: Runtime) -> dict[str, datetime]:
@@ -56,9 +71,22 @@ def overdue(sources: list[SourceConfig], newest: dict[str, datetime],
 
 
 def due_sources(rt: Runtime, now: datetime) -> list[SourceConfig]:
-    """Configured sources that are outside their tier's RPO now."""
-    return overdue(list(rt.config.sources), newest_consistency(rt),
+    """Scheduled sources (their tenant not offboarded) outside their tier's RPO now."""
+    sources = lifecycle.scheduled(rt.config.sources, lifecycle.states_by_tenant(rt))
+    return overdue(sources, newest_consistency(rt),
                    lambda s: rt.config.tiers[s.tier].rpo, now)
+
+
+def _carry_out_erasure(rt: Runtime, tenant: str) -> str:
+    """Erase `tenant`, whose erasure is due; returns the outcome the metrics count.
+
+    This build has no erasure service: the erasure is not carried out, loudly
+    (an ERROR line, drdaemon_tenant_erasures_total{outcome="not_carried_out"},
+    and the deadline alerts), never silently.
+    """
+    log.error("erasure of tenant %s is due but not carried out: this build has no erasure "
+              "service", tenant, extra={"job": "erasure", "tenant": tenant})
+    return ERASURE_NOT_CARRIED_OUT
 
 
 class Daemon:
@@ -84,7 +112,13 @@ class Daemon:
     # -- jobs ---------------------------------------------------------------
 
     def snapshot_job(self, source: SourceConfig) -> BackupResult | None:
-        """Snapshot one source unless it is already running; log one line; never raises."""
+        """Snapshot one source unless it is already running or its tenant was offboarded;
+        log one line; never raises."""
+        if not self._still_scheduled(source):
+            log.info("snapshot of %s skipped: tenant %s is offboarded", source.name,
+                     source.tenant, extra={"job": "snapshot", "source": source.name,
+                                           "skipped": True})
+            return None
         with self._busy_lock:
             if source.name in self._busy or self.rt.stopping.is_set():
                 log.info("snapshot of %s skipped: %s", source.name, "already running"
@@ -115,6 +149,46 @@ class Daemon:
         if self.scheduler.running and not self.rt.stopping.is_set():
             self.refresh_metrics(source.name)  # that source only: one prefix per region
         return result
+
+    def _still_scheduled(self, source: SourceConfig) -> bool:
+        try:
+            return lifecycle.source_scheduled(self.rt, source)
+        except DrError as exc:  # an unreadable state file: better a snapshot too many
+            log.error("cannot read the lifecycle of tenant %s, snapshotting %s: %s",
+                      source.tenant, source.name, exc, extra={"job": "snapshot"})
+            return True
+
+    def erasure_job(self) -> list[str]:
+        """Carry out every erasure due now; held tenants wait. Returns the tenants tried;
+        never raises."""
+        with self.metrics.job("erasure", self.rt.clock):
+            try:
+                states = lifecycle.load_all(self.rt)
+            except DrError as exc:
+                log.error("cannot read the tenants' lifecycle: %s", exc, extra={"job": "erasure"})
+                return []
+            now = self.rt.clock()
+            for s in states:
+                if s.hold is not None and lifecycle.is_due(s, now):
+                    log.warning("erasure of tenant %s is due but waits for a legal hold: %s",
+                                s.tenant, s.hold.reason,
+                                extra={"job": "erasure", "tenant": s.tenant})
+            due = lifecycle.due_erasures(states, now)
+            for tenant in due:
+                try:
+                    outcome = _carry_out_erasure(self.rt, tenant)
+                except DrError as exc:
+                    log.error("erasure of tenant %s failed: %s", tenant, exc,
+                              extra={"job": "erasure", "tenant": tenant})
+                    outcome = ERASURE_FAILED
+                except Exception:
+                    log.exception("erasure of tenant %s crashed", tenant,
+                                  extra={"job": "erasure", "tenant": tenant})
+                    outcome = ERASURE_FAILED
+                self.metrics.record_erasure(tenant, outcome)
+        if due and self.scheduler.running and not self.rt.stopping.is_set():
+            self.refresh_metrics()
+        return due
 
     def _schedule_retry(self, source: SourceConfig, when: datetime | None = None) -> None:
         """A retry of `source` after the backoff (or at `when`), unless cron comes first."""
@@ -275,6 +349,10 @@ class Daemon:
             first = {"next_run_time": datetime.now(self.tz)} if name == "audit" else {}
             self.scheduler.add_job(self.maintenance_job, cron.trigger(expr, self.tz, cfg.jitter),
                                    args=(name, fn), id=name, name=name, **first)
+        self.scheduler.add_job(self.erasure_job, cron.trigger(ERASURE_SCHEDULE, self.tz,
+                                                              cfg.jitter),
+                               id="erasure", name="erasure deadlines",
+                               next_run_time=datetime.now(self.tz))
         self.scheduler.add_job(self.catch_up, "interval",
                                seconds=WATCHDOG_INTERVAL.total_seconds(), id="watchdog",
                                name="rpo watchdog")

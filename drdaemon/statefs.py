@@ -54,6 +54,17 @@ def outcome_file(source: str) -> str:
     return f"sources/{source}.json"
 
 
+def tenant_lifecycle_file(tenant: str) -> str:
+    """A tenant's offboarding, hold and erasure state (lifecycle.py); `tenant` is a
+    validated name."""
+    return f"tenants/{tenant}/lifecycle.json"
+
+
+def tenant_lifecycle_lock(tenant: str) -> str:
+    """The flock of read-modify-writes of that state (lifecycle.update)."""
+    return f"tenants/{tenant}/lifecycle.lock"
+
+
 def inflight_marker(snapshot_id: str) -> str:
     """The marker of one snapshot's uploads in flight (state.py)."""
     return f"{INFLIGHT}/{snapshot_id}"

@@ -29,6 +29,7 @@ a separate Python process; :class:`MotoServerProcess` drives it with the same
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pwd
 import re
@@ -428,6 +429,20 @@ def s3_regions(_moto_servers: list[MotoServerProcess]) -> list[S3Region]:
         r.create_bucket()
         regions.append(r)
     return regions
+
+
+@pytest.fixture
+def lock_regions(s3_regions: list[S3Region]) -> list[S3Region]:
+    """The two moto regions, each with a fresh bucket created with Object Lock."""
+    out = []
+    for r in s3_regions:
+        locked = dataclasses.replace(r, bucket=r.bucket + "-lock")
+        create: dict[str, Any] = {"Bucket": locked.bucket, "ObjectLockEnabledForBucket": True}
+        if r.region != "us-east-1":
+            create["CreateBucketConfiguration"] = {"LocationConstraint": r.region}
+        r.client().create_bucket(**create)
+        out.append(locked)
+    return out
 
 
 @pytest.fixture

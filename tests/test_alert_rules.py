@@ -41,6 +41,8 @@ ALERTS = {
     "DrdaemonProjectedRTOOverTarget": "projected-rto-over-target",
     "DrdaemonAuditChainBroken": "audit-chain-broken",
     "DrdaemonAuditVerifyMissing": "audit-verify-missing",
+    "DrdaemonTenantErasureDueSoon": "tenant-erasure-due",
+    "DrdaemonTenantErasureOverdue": "tenant-erasure-overdue",
     "DrdaemonDown": "daemon-down",
     "DrdaemonAbsent": "daemon-absent",
 }
@@ -99,7 +101,7 @@ def test_exactly_the_agreed_alerts_each_with_severity_summary_and_runbook() -> N
         assert labels.get("severity") in ("critical", "warning"), name
         assert notes.get("summary") and notes.get("description"), name
         # Alerts about a source or a tier say which; the daemon alerts say which host.
-        assert re.search(r"\$labels\.(source|tier|instance)", notes["summary"]) or (
+        assert re.search(r"\$labels\.(source|tier|tenant|instance)", notes["summary"]) or (
             name == "DrdaemonAbsent"), f"{name}: summary names no source or tier"
         url = notes.get("runbook_url", "")
         assert url == f"{RUNBOOK_BASE}runbooks/{ALERTS[name]}.md", f"{name}: {url}"

@@ -59,6 +59,8 @@ def render_prune(report: PruneReport) -> list[str]:
     lines += [line for op in report.orphans for line in render_orphans(op)]
     for e in report.region_errors:
         lines.append(f"! {e.source} @ {e.region}: not pruned, region unreadable: {e.error}")
+    lines += [f"! {name}: not pruned, its tenant is under a legal hold (drctl tenant release)"
+              for name in report.held]
     lines += render_changes(report)
     lost = sum(len(op.lost) for op in report.orphans)
     if lost:

@@ -1,21 +1,28 @@
-"""`drctl tenant ...`: a tenant's data as a whole (the return copy: `tenant export`)."""
+"""`drctl tenant ...`: a tenant's data as a whole — the return copy, the end of
+service and legal holds. Each subcommand lives in its own function."""
 
 from __future__ import annotations
 
+import sys
+from datetime import date
 from pathlib import Path
+from typing import Any
 
 import click
 
 from .. import export as export_service
+from .. import offboarding
+from ..errors import UsageError
 from ..keys import identities_for
+from ..lifecycle import TenantState, state_name
 from ..progress import ProgressLine
-from ..units import format_bytes
+from ..units import format_bytes, format_utc
 from . import emit_json, get_runtime, handle_errors, identity_option, json_option
 
 
 @click.group("tenant")
 def tenant_group() -> None:
-    """A tenant's data as a whole: the return copy."""
+    """A tenant's data as a whole: the return copy, offboarding, legal hold."""
 
 
 @tenant_group.command("export")
@@ -60,3 +67,131 @@ def tenant_export(ctx: click.Context, tenant: str, dest: Path, recipient: str | 
     click.echo(f"exported tenant {result.tenant} to {result.destination} "
                f"({len(result.files)} files{enc}; check: cd {result.destination} && "
                "sha256sum -c SHA256SUMS)")
+
+
+def _parse_end(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--end {text!r}: expected a date like 2026-12-31") from None
+
+
+def _return_copy(to: Path | None, recipients: tuple[str, ...]) -> offboarding.ReturnCopy | None:
+    if to is None:
+        if recipients:
+            raise UsageError("--recipient needs --return-to DIR (the return copy it encrypts)")
+        return None
+    for r in recipients:
+        if not r.startswith("age1") or len(r) < 20:
+            raise UsageError(f"--recipient {r!r}: expected an age recipient (age1...)")
+    return offboarding.ReturnCopy(to, recipients)
+
+
+def _show_state(s: TenantState) -> list[str]:
+    lines = [f"tenant {s.tenant}: {state_name(s)}"]
+    if s.end is not None and s.erase_due is not None:
+        lines.append(f"  end of service {s.end.isoformat()}; erasure due "
+                     f"{format_utc(s.erase_due)}")
+    if s.hold is not None:
+        h = s.hold
+        lines.append(f"  legal hold since {format_utc(h.since)} by {h.by}@{h.host}: {h.reason}")
+    return lines
+
+
+@tenant_group.command("offboard")
+@click.argument("tenant", metavar="NAME")
+@click.option("--end", "end_text", required=True, metavar="DATE",
+              help="The day the service ends (YYYY-MM-DD, from 00:00 UTC); erasure is due "
+                   "28 days later.")
+@click.option("--return-to", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Write the tenant's return copy there (tenant export).")
+@click.option("--recipient", "recipients", multiple=True, metavar="AGE1...",
+              help="Encrypt the return copy to this age recipient (repeatable).")
+@click.option("--force", is_flag=True, help="Replace an end of service recorded before.")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def tenant_offboard(ctx: click.Context, tenant: str, end_text: str, return_to: Path | None,
+                    recipients: tuple[str, ...], force: bool, as_json: bool) -> None:
+    """Record the end of a tenant's service: a final snapshot of each of its sources, no
+    more scheduled snapshots, erasure due at the end plus 28 days. Exit 1 if a final
+    snapshot failed (run it again: it finishes what failed)."""
+    end = _parse_end(end_text)
+    copy = _return_copy(return_to, recipients)
+    rt = get_runtime(ctx)
+    lines: list[ProgressLine] = []
+
+    def progress(source: str) -> Any:
+        if as_json:
+            return None
+        if lines:
+            lines[-1].close()
+        lines.append(ProgressLine(f"final snapshot {source}"))
+        return lines[-1].update
+
+    report = offboarding.offboard(rt, tenant, end, force=force, return_copy=copy,
+                                  progress=progress)
+    if lines:
+        lines[-1].close()
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        for out in _show_state(report.state):
+            click.echo(out)
+        if report.unchanged:
+            click.echo("  (recorded before; unchanged)")
+        for f in report.finals:
+            what = ("FAILED: " + (f.error or "")) if f.error else (
+                f"final snapshot {f.snapshot_id}" if f.taken
+                else f"snapshot {f.snapshot_id} is newer than the end; none taken")
+            click.echo(f"  {f.source}: {what}")
+        click.echo("  its sources are no longer scheduled")
+    if not report.ok:
+        sys.exit(1)
+
+
+def _output_hold(report: offboarding.HoldReport, as_json: bool) -> None:
+    """Print what a hold or release did; exit 1 if a region failed."""
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        _echo_hold(report)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _echo_hold(report: offboarding.HoldReport) -> None:
+    for out in _show_state(report.state):
+        click.echo(out)
+    verb = "held" if report.on else "released"
+    for r in report.regions:
+        if r.error:
+            click.echo(f"  region {r.region}: FAILED: {r.error}")
+        elif not r.supported:
+            click.echo(f"  region {r.region}: legal hold not supported (no Object Lock); "
+                       f"hold {'recorded' if report.on else 'lifted'} only in drdaemon")
+        else:
+            click.echo(f"  region {r.region}: {r.objects} object(s) {verb}")
+
+
+@tenant_group.command("hold")
+@click.argument("tenant", metavar="NAME")
+@click.option("--reason", required=True, help="Why (the case, the authority): audit-logged.")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def tenant_hold(ctx: click.Context, tenant: str, reason: str, as_json: bool) -> None:
+    """Put a legal hold on a tenant: S3 legal holds on its objects in every region, prune and
+    erasure suspended. Exit 1 if a region failed (the hold is recorded; run it again)."""
+    _output_hold(offboarding.hold(get_runtime(ctx), tenant, reason), as_json)
+
+
+@tenant_group.command("release")
+@click.argument("tenant", metavar="NAME")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def tenant_release(ctx: click.Context, tenant: str, as_json: bool) -> None:
+    """Lift a tenant's legal hold in every region, then resume prune and erasure. Exit 1 if a
+    region failed (the tenant stays held; run it again)."""
+    _output_hold(offboarding.release(get_runtime(ctx), tenant), as_json)

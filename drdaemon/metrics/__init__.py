@@ -41,6 +41,7 @@ from .observations import (
     SnapshotAttempt,
     SourceListing,
     StorageRefresh,
+    TenantLifecycle,
     VerifyRun,
 )
 from .persist import ORPHANS_FILE, load_orphans, orphans_path, save_orphans
@@ -48,8 +49,10 @@ from .render import REGION_LABELS, SOURCE_LABELS, StateCollector, build_registry
 from .server import MetricsServer, WSGIServer, parse_address, serve, shutdown
 from .state import MetricsState
 from .views import (
+    ERASURE_OUTCOMES,
     FAILURE_REASONS,
     PROMISED_SPAN,
+    TENANT_STATES,
     AuditView,
     DrillView,
     OrphanView,
@@ -65,11 +68,13 @@ from .views import (
 )
 
 __all__ = [
-    "FAILURE_REASONS", "ORPHANS_FILE", "PROMISED_SPAN", "REGION_LABELS", "SOURCE_LABELS",
+    "ERASURE_OUTCOMES", "FAILURE_REASONS", "ORPHANS_FILE", "PROMISED_SPAN", "REGION_LABELS",
+    "SOURCE_LABELS", "TENANT_STATES",
     "AuditCopy", "AuditRun", "AuditView", "CopyVerified", "DrillRecordLike", "DrillView",
     "ListedSnapshot", "MetricsServer", "MetricsState", "OrphanSeen", "OrphanView", "PruneRun",
     "RepairDone", "ReplicateRun", "SnapshotAttempt", "SourceInfo", "SourceListing",
-    "SourceView", "StateCollector", "StorageRefresh", "VerifyRun", "WSGIServer", "__version__",
+    "SourceView", "StateCollector", "StorageRefresh", "TenantLifecycle",
+    "VerifyRun", "WSGIServer", "__version__",
     "audit_views", "build_registry", "drill_views", "failure_reason", "families",
     "load_orphans", "orphan_views", "orphans_path", "parse_address", "retention_span_target",
     "save_orphans", "schedule_view", "serve", "shutdown", "source_view",

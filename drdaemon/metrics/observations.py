@@ -23,6 +23,16 @@ class SnapshotAttempt:
 
 
 @dataclass(frozen=True)
+class TenantLifecycle:
+    """One tenant's lifecycle state, as the refresh read it from the state folder."""
+
+    tenant: str
+    state: str  # one of views.TENANT_STATES
+    erase_due: float | None  # the erasure deadline; None before offboarding
+    held: bool
+
+
+@dataclass(frozen=True)
 class OrphanSeen:
     """One orphan data object a prune run left where it was (not deleted)."""
 

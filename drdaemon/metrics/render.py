@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .state import MetricsState
-from .views import FAILURE_REASONS
+from .views import ERASURE_OUTCOMES, FAILURE_REASONS, TENANT_STATES
 
 SOURCE_LABELS = ("source", "tenant", "tier")
 REGION_LABELS = (*SOURCE_LABELS, "region")
@@ -73,6 +73,7 @@ def families(st: MetricsState, now: datetime) -> list[Metric]:
     out += _orphan_families(st, lab)
     out += _drill_families(st, lab)
     out += _audit_families(st)
+    out += _tenant_families(st)
     return out
 
 
@@ -278,6 +279,32 @@ def _audit_families(st: MetricsState) -> list[Metric]:
         mirror_ok.add_metric([region], float(v.ok))
         mirror_when.add_metric([region], v.checked_at)
     return [ok, when, records, mirror_ok, mirror_when]
+
+
+def _tenant_families(st: MetricsState) -> list[Metric]:
+    due = _gauge("drdaemon_tenant_erasure_deadline_timestamp_seconds",
+                 "When every copy of the offboarded tenant's data must be gone "
+                 "(end of service + erase_after).", ["tenant"])
+    state = _gauge("drdaemon_tenant_state",
+                   "1 for the tenant's lifecycle state (active, offboarded, held, erased), "
+                   "0 for the others.", ["tenant", "state"])
+    hold = _gauge("drdaemon_tenant_legal_hold",
+                  "1 while a legal hold suspends prune and erasure for the tenant, else 0.",
+                  ["tenant"])
+    erasures = CounterMetricFamily("drdaemon_tenant_erasures",
+                                   "Due erasures the daemon's erasure job handled, by outcome "
+                                   "(done, failed, not_carried_out).",
+                                   labels=["tenant", "outcome"])
+    for name, t in sorted(st.tenants.items()):
+        if t.erase_due is not None:
+            due.add_metric([name], t.erase_due)
+        for s in TENANT_STATES:
+            state.add_metric([name, s], float(t.state == s))
+        hold.add_metric([name], float(t.held))
+    for name in sorted({t for t, _ in st.erasures}):
+        for outcome in ERASURE_OUTCOMES:
+            erasures.add_metric([name, outcome], st.erasures[(name, outcome)])
+    return [due, state, hold, erasures]
 
 
 class StateCollector(Collector):

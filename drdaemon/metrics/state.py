@@ -22,6 +22,7 @@ from .observations import (
     ReplicateRun,
     SnapshotAttempt,
     StorageRefresh,
+    TenantLifecycle,
     VerifyRun,
 )
 from .views import (
@@ -68,6 +69,8 @@ class MetricsState:
     job_last_run: dict[str, tuple[float, bool]] = field(default_factory=dict)
     audit_local: AuditView | None = None  # None until the first audit check
     audit_mirrors: dict[str, AuditView] = field(default_factory=dict)
+    tenants: dict[str, TenantLifecycle] = field(default_factory=dict)
+    erasures: Counter[tuple[str, str]] = field(default_factory=Counter)  # (tenant, outcome)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @classmethod
@@ -154,6 +157,17 @@ class MetricsState:
             if drills is not None:  # a full refresh
                 self.refreshed_at = refresh.at
                 self.drills, self.projected_rto = drills
+
+    def record_tenants(self, tenants: Iterable[TenantLifecycle]) -> None:
+        """Replace every tenant's lifecycle state with what a refresh read."""
+        views = {t.tenant: t for t in tenants}
+        with self.lock:
+            self.tenants = views
+
+    def record_erasure(self, tenant: str, outcome: str) -> None:
+        """Count what the erasure job did with one due erasure."""
+        with self.lock:
+            self.erasures[(tenant, outcome)] += 1
 
     def set_schedule(self, jobs: Iterable[tuple[str, datetime | None]]) -> None:
         by_job, by_source = schedule_view(jobs)

@@ -18,6 +18,9 @@ from .observations import AuditRun, DrillRecordLike, OrphanSeen, SourceListing
 # cascade provably keeps the oldest >= 90 days at steady state (retention.py).
 PROMISED_SPAN = timedelta(days=90)
 FAILURE_REASONS = ("source", "storage", "cancelled", "shrunk", "other")
+# A tenant's lifecycle states (lifecycle.STATES) and the erasure job's outcomes.
+TENANT_STATES = ("active", "offboarded", "held", "erased")
+ERASURE_OUTCOMES = ("done", "failed", "not_carried_out")
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,14 @@ class ObjectStore(Protocol):
         """
         ...
 
+    def set_legal_hold(self, name: str, on: bool) -> bool:
+        """Put (or lift) an S3 legal hold on the object; False where the store has none.
+
+        A legal hold keeps the object from deletion, whatever its retention,
+        until it is lifted; only buckets with Object Lock have them.
+        """
+        ...
+
     def cleanup_incomplete(self, should_abort: AbortRule) -> int:
         """Abort the incomplete uploads for which `should_abort(name, begun)` holds."""
         ...

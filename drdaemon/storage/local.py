@@ -140,6 +140,10 @@ class LocalStore:
         check_name(name)
         return None  # a filesystem has no retention lock
 
+    def set_legal_hold(self, name: str, on: bool) -> bool:
+        check_name(name)
+        return False  # nor legal holds
+
     def cleanup_incomplete(self, should_abort: AbortRule) -> int:
         if not self.root.is_dir():
             return 0

@@ -231,6 +231,16 @@ class S3Store:
         until = head.get("ObjectLockRetainUntilDate")
         return until.astimezone(UTC) if until is not None else None
 
+    def set_legal_hold(self, name: str, on: bool) -> bool:
+        if not self.object_lock_enabled():
+            return False
+        try:
+            self.client.put_object_legal_hold(Bucket=self.bucket, Key=self._key(name),
+                                              LegalHold={"Status": "ON" if on else "OFF"})
+        except (BotoCoreError, ClientError) as exc:
+            raise self.error("set the legal hold of", name, exc) from None
+        return True
+
     def begin_upload(self, name: str, retain_until: datetime | None = None) -> S3Upload:
         return S3Upload(self, self._key(name), retain_until)
 
