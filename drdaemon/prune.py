@@ -43,7 +43,7 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from . import catalog, layout, locks, manifest, orphans, retention, state
+from . import catalog, erasure, layout, locks, manifest, orphans, retention, state
 from .config import RetentionConfig, SourceConfig
 from .drill_records import newest_verified
 from .errors import DrError, IntegrityError, UsageError
@@ -219,7 +219,7 @@ def plan_purge(entries: Iterable[TrashEntry], trash_days: int,
 class Change:
     """One step on storage: done, planned (dry run), skipped or failed, and why."""
 
-    action: str  # "trash", "purge", "undo" or "orphan"
+    action: str  # "trash", "purge", "undo", "orphan" or "erased"
     source: str
     region: str
     snapshot_id: str
@@ -436,6 +436,7 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
     # One mirror of the audit log for the whole run, not one per deletion.
     with rt.audit_batch(), lock:
         now = rt.clock()
+        swept = _sweep_erased(rt, now, dry_run)
         inputs: list[RegionInput] = []
         errors: list[RegionError] = []
         for src in chosen:
@@ -445,7 +446,7 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
                 except DrError as exc:
                     errors.append(RegionError(src.name, store.name, str(exc)))
         plan = plan_prune(inputs, now, protected=protected, force=force, tz=tz)
-        report = PruneReport(plan, dry_run, region_errors=errors)
+        report = PruneReport(plan, dry_run, changes=swept, region_errors=errors)
         for rp in plan.regions:
             store = rt.store(rp.region)
             for snap_id in rp.delete_ids:
@@ -468,6 +469,16 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
                     report.changes.append(_purge(rt, store, entry, now, dry_run))
         _sweep_orphans(rt, chosen, report, now, orphan_grace, protected, force)
     return report
+
+
+def _sweep_erased(rt: Runtime, now: datetime, dry_run: bool) -> list[Change]:
+    """What erasures left under Object Lock, deleted once the lock ends, before and
+    whatever retention plans (erasure.sweep_erased): an erased tenant's newest or
+    drill-verified snapshot proves nothing any more."""
+    return [Change("erased", s.source, s.region,
+                   (layout.parse_object_name(s.name) or layout.SnapshotObject("", "", "")
+                    ).snapshot_id, s.status, s.detail)
+            for s in erasure.sweep_erased(rt, now, dry_run)]
 
 
 def _sweep_orphans(rt: Runtime, chosen: list[SourceConfig], report: PruneReport,

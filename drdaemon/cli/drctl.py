@@ -394,3 +394,7 @@ cli.add_command(audit_group)
 from .drill import drill_group  # noqa: E402 - registered after the group exists
 
 cli.add_command(drill_group)
+
+from .tenant import tenant_group  # noqa: E402 - registered after the group exists
+
+cli.add_command(tenant_group)

@@ -37,6 +37,21 @@ class ObjectInfo:
     version: str = field(default="", compare=False)
 
 
+@dataclass(frozen=True)
+class ObjectVersion:
+    """One stored version of an object, or a delete marker (versioned S3 buckets).
+
+    Stores without versions report each object once, as its only, latest
+    version with `version_id` "".
+    """
+
+    name: str
+    version_id: str
+    size: int = 0
+    delete_marker: bool = False
+    latest: bool = True
+
+
 def check_name(name: str) -> str:
     """Validate an object name: relative, no empty, '.' or '..' parts."""
     if not name or name.startswith("/") or "\\" in name or "\0" in name:
@@ -92,6 +107,22 @@ class ObjectStore(Protocol):
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
 
     def delete(self, name: str) -> None: ...
+
+    # Every version of every object under `prefix`, delete markers included
+    # (erasure must reach noncurrent versions, which `list` does not show).
+    def list_versions(self, prefix: str) -> Iterator[ObjectVersion]: ...
+
+    def delete_version(self, name: str, version_id: str) -> None:
+        """Remove one version (or delete marker) for good; missing is fine.
+
+        Unlike `delete`, which in a versioned bucket only adds a delete marker.
+        A version under Object Lock is refused by the store (StorageError).
+        """
+        ...
+
+    def version_retained_until(self, name: str, version_id: str) -> datetime | None:
+        """The lock retain-until date of one version (aware, UTC), as `retained_until`."""
+        ...
 
     def retained_until(self, name: str) -> datetime | None:
         """The object's lock retain-until date (aware, UTC).
