@@ -353,12 +353,14 @@ def erase(rt: Runtime, tenant: str, dry_run: bool = False,
     now = now or rt.clock()
     journal = _read_journal(rt, tenant)
     configured = [s.name for s in tenancy.sources_of(rt.config, tenant)]
-    if not configured and journal.started_at is None:
+    # Sources an earlier erasure covered count too: the config may have dropped them.
+    earlier_sources = [s for c in _state_certificates(rt, tenant) for s in c.sources]
+    sources = tuple(dict.fromkeys((*journal.sources, *earlier_sources, *configured)))
+    if not sources:
         known = sorted({s.tenant for s in rt.config.sources}) or ["none"]
-        raise UsageError(f"no source of tenant {tenant!r} in {rt.config.path} "
-                         f"(tenants: {', '.join(known)})")
+        raise UsageError(f"no source of tenant {tenant!r} in {rt.config.path} and no earlier "
+                         f"erasure of it (tenants: {', '.join(known)})")
     _refuse_shared(rt, tenant, now)
-    sources = tuple(dict.fromkeys((*journal.sources, *configured)))
     started = journal.started_at or now
     run = Run(tenant, now, dry_run, journal=not dry_run)
     state_dir = rt.config.daemon.state_dir
