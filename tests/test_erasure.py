@@ -215,6 +215,9 @@ def test_erase_destroys_every_key_copy_deletes_unlocked_and_certifies_it(
         failed = w.drctl("restore", "--source", SRC_A, "latest", "--to",
                          str(tmp_path / "back-a"), *ident)
         assert failed.exit_code == 2 and failed.stderr.strip() == f"drctl: error: {note}"
+    drill = w.drctl("drill", "run", "--source", SRC_A, "--json")
+    assert drill.exit_code == 1
+    assert f"tenant-erased: {note}" in json.dumps(json.loads(drill.stdout))
     ok = w.drctl("restore", "--source", SRC_B, "latest", "--to", str(tmp_path / "back-b"))
     assert ok.exit_code == 0, ok.output + ok.stderr
     assert (tmp_path / "back-b" / "notes.md").read_text().startswith("# beta")
@@ -393,5 +396,13 @@ def test_an_erasure_killed_mid_way_finishes_on_the_next_run(
         assert sorted(deleted) == sorted(objects_before)
         assert not erasure.erasure_in_progress(w.rt, A)
         assert "was erased on" in (erasure.erasure_note(w.rt, A) or "")
+        # the runbook drops the erased sources from the config: a rerun still knows them
+        w.setup.config.write_text(config.replace(directory_source(SRC_A, tmp_path / "tree-a",
+                                                                  tenant=A) + RETENTION, ""))
+        assert f'"{SRC_A}"' not in w.setup.config.read_text()
+        again = subprocess.run([drctl, "tenant", "erase", A, "--dry-run"], env=env,
+                               capture_output=True, text=True, timeout=300, check=False)
+        assert again.returncode == 0, again.stderr
+        assert f"sources: {SRC_A}" in again.stdout and "0 key copies" in again.stdout
     finally:
         proxy.close()
