@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -429,25 +429,28 @@ def _state_certificates(rt: Runtime, tenant: str) -> Iterator[ErasureCertificate
             continue
 
 
-def _region_certificates(rt: Runtime, tenant: str) -> Iterator[ErasureCertificate]:
+def _region_certificates(rt: Runtime, tenant: str) -> list[ErasureCertificate]:
+    """The certificates of the first region that answers: each holds them all, and a
+    region that is down is waited for once, not once per region."""
     for store in rt.stores:
+        found = []
         try:
             names = [i.name for i in store.list(layout.erasure_prefix(tenant))
                      if layout.certificate_stamp(i.name) is not None]
             for name in names:
-                try:
-                    yield parse(store.get_bytes(name, MAX_CERTIFICATE_BYTES), rt.manifest_key,
-                                tenant)
-                except IntegrityError:
-                    continue
+                with suppress(IntegrityError):
+                    found.append(parse(store.get_bytes(name, MAX_CERTIFICATE_BYTES),
+                                       rt.manifest_key, tenant))
         except DrError:
-            continue  # another region or the state folder may say it
+            continue
+        return found
+    return []
 
 
 def certificates(rt: Runtime, tenant: str) -> list[ErasureCertificate]:
     """The tenant's authentic erasure certificates, oldest first: the state folder's,
-    else the first region's that holds any."""
-    found = list(_state_certificates(rt, tenant)) or list(_region_certificates(rt, tenant))
+    else those of the first region that can be listed."""
+    found = list(_state_certificates(rt, tenant)) or _region_certificates(rt, tenant)
     return sorted(found, key=lambda c: (c.started_at, c.finished_at))
 
 
@@ -495,7 +498,7 @@ class Swept:
 
 def erased_tenants(rt: Runtime) -> dict[str, tuple[str, ...]]:
     """Tenant -> the sources its erasures covered, for every tenant with a certificate in
-    the state folder."""
+    the state folder (the sweep's list: one host's business, like prune itself)."""
     out: dict[str, tuple[str, ...]] = {}
     for tenant in statefs.list_names(rt.config.daemon.state_dir, layout.TENANTS):
         if not NAME_RE.match(tenant):
@@ -506,14 +509,19 @@ def erased_tenants(rt: Runtime) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def sweep_erased(rt: Runtime, now: datetime, dry_run: bool) -> list[Swept]:
+def sweep_erased(rt: Runtime, now: datetime, dry_run: bool,
+                 only: Collection[str] | None = None) -> list[Swept]:
     """Delete what erasures left under Object Lock once the lock has ended.
 
     Retention has no say: the tenant is erased, its newest and drill-verified
-    snapshots are no proof of anything any more. Called by prune, under its lock.
+    snapshots are no proof of anything any more. `only`: these sources alone
+    (a prune of chosen sources). Called by prune, under its lock.
     """
     swept: list[Swept] = []
-    for tenant, sources in erased_tenants(rt).items():
+    for tenant, erased in erased_tenants(rt).items():
+        sources = [s for s in erased if only is None or s in only]
+        if not sources:
+            continue
         run = Run(tenant, now, dry_run, journal=False)
         delete_snapshot_objects(rt, run, sources)
         for o in run.deleted:

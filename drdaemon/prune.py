@@ -436,7 +436,7 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
     # One mirror of the audit log for the whole run, not one per deletion.
     with rt.audit_batch(), lock:
         now = rt.clock()
-        swept = _sweep_erased(rt, now, dry_run)
+        swept = _sweep_erased(rt, now, dry_run, sources or None)
         inputs: list[RegionInput] = []
         errors: list[RegionError] = []
         for src in chosen:
@@ -471,14 +471,15 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
     return report
 
 
-def _sweep_erased(rt: Runtime, now: datetime, dry_run: bool) -> list[Change]:
+def _sweep_erased(rt: Runtime, now: datetime, dry_run: bool,
+                  sources: list[str] | None) -> list[Change]:
     """What erasures left under Object Lock, deleted once the lock ends, before and
     whatever retention plans (erasure.sweep_erased): an erased tenant's newest or
-    drill-verified snapshot proves nothing any more."""
+    drill-verified snapshot proves nothing any more. Named `sources` alone, if any."""
     return [Change("erased", s.source, s.region,
                    (layout.parse_object_name(s.name) or layout.SnapshotObject("", "", "")
                     ).snapshot_id, s.status, s.detail)
-            for s in erasure.sweep_erased(rt, now, dry_run)]
+            for s in erasure.sweep_erased(rt, now, dry_run, sources)]
 
 
 def _sweep_orphans(rt: Runtime, chosen: list[SourceConfig], report: PruneReport,

@@ -230,6 +230,9 @@ def test_erase_destroys_every_key_copy_deletes_unlocked_and_certifies_it(
     assert {k for _, k, _ in w.versions(layout.source_prefix(SRC_A))} == locked_names
     time.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()) + 1.5)
     w.clock.now = datetime.now(UTC)
+    other = w.drctl("prune", "--source", SRC_B, "--json")  # a prune of chosen sources only
+    assert other.exit_code == 0, other.output
+    assert {k for _, k, _ in w.versions(layout.source_prefix(SRC_A))} == locked_names
     pruned = w.drctl("prune", "--json")
     assert pruned.exit_code == 0, pruned.output
     assert w.versions(layout.source_prefix(SRC_A)) == set()
