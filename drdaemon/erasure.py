@@ -136,6 +136,7 @@ class Run:
     dry_run: bool
     journal: bool  # write intents to the journal before each deletion
     seen: set[tuple[str, str, str]] = field(default_factory=set)  # (where, name, version)
+    unlisted: set[str] = field(default_factory=set)  # regions a listing failed in
     key_copies: list[StoredObject] = field(default_factory=list)
     deleted: list[StoredObject] = field(default_factory=list)
     locked: list[LockedObject] = field(default_factory=list)
@@ -147,6 +148,7 @@ def _versions(store: ObjectStore, prefix: str, run: Run) -> list[ObjectVersion] 
         found = list(store.list_versions(prefix))
     except DrError as exc:
         run.errors.append(f"region {store.name}: cannot list {prefix}: {exc}")
+        run.unlisted.add(store.name)
         return None
     run.seen.update((store.name, v.name, v.version_id) for v in found)
     return found
@@ -335,9 +337,11 @@ def _refuse_shared(rt: Runtime, tenant: str, now: datetime) -> None:
 
 
 def _previously(journal: Journal, run: Run) -> list[tuple[str, StoredObject]]:
-    """Intents of earlier runs whose objects this run no longer found: deleted then."""
-    return [(step, o) for step, o in journal.intents
-            if (o.where, o.name, o.version_id) not in run.seen]
+    """Intents of earlier runs whose objects this run no longer found: deleted then.
+    Where this run could not list, nothing is known: a later run will tell."""
+    gone = {(o.where, o.name, o.version_id): (step, o) for step, o in journal.intents
+            if (o.where, o.name, o.version_id) not in run.seen and o.where not in run.unlisted}
+    return list(gone.values())  # an object tried twice (a failed delete) counts once
 
 
 def erase(rt: Runtime, tenant: str, dry_run: bool = False,

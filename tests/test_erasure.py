@@ -409,3 +409,36 @@ def test_an_erasure_killed_mid_way_finishes_on_the_next_run(
         assert f"sources: {SRC_A}" in again.stdout and "0 key copies" in again.stdout
     finally:
         proxy.close()
+
+
+def test_a_key_copy_that_cannot_be_destroyed_fails_the_check_loudly_until_a_rerun(
+        world: World) -> None:
+    w = world
+    r = w.regions[1]
+    name = layout.tenant_key_object(A, w.keys[A])
+    until = (datetime.now(UTC) + timedelta(seconds=12)).replace(microsecond=0)
+    # as a bucket's default retention would do: the key object itself under a lock
+    version = r.client().put_object_retention(
+        Bucket=r.bucket, Key=name, Retention={"Mode": "COMPLIANCE", "RetainUntilDate": until})
+    assert version
+    result = w.drctl("tenant", "erase", A, "--json")
+    assert result.exit_code == 1, result.output
+    cert = json.loads(result.stdout)
+    assert not cert["ok"] and not cert["check"]["ok"]
+    assert [(o["where"], o["name"]) for o in cert["check"]["remaining"]] == [(r.name, name)]
+    assert any(f"cannot delete {name}" in e for e in cert["errors"])
+    note = erasure.erasure_note(w.rt, A)
+    assert note is not None and "not complete" in note
+    text = w.drctl("tenant", "erase", A)
+    assert text.exit_code == 1 and "check FAILED" in text.stdout
+    assert "erasure NOT complete" in text.stdout
+
+    time.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()) + 1.5)
+    w.clock.now = datetime.now(UTC)
+    done = w.drctl("tenant", "erase", A, "--json")
+    assert done.exit_code == 0, done.output
+    final = json.loads(done.stdout)
+    assert final["ok"] and final["started_at"] == cert["started_at"]  # the same erasure
+    assert (r.name, name) in {(o["where"], o["name"]) for o in final["key_copies"]}
+    assert w.versions(layout.tenant_keys_prefix(A)) == set()
+    assert not erasure.erasure_in_progress(w.rt, A)
