@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -252,6 +252,53 @@ def _destroy_keys(rt: Runtime, run: Run, known: dict[str, DestroyedKey]) -> dict
 
 # -- step 2: the snapshot objects ----------------------------------------------------------
 
+@dataclass(frozen=True)
+class ObjectPlan:
+    """What step 2 does with one source's versions in one region (plan_objects)."""
+
+    delete: tuple[ObjectVersion, ...]  # in this order
+    locked: tuple[tuple[ObjectVersion, datetime], ...]
+    unknown: tuple[tuple[ObjectVersion, str], ...]  # lock unreadable: kept
+
+
+def snapshot_versions(source: str, versions: Iterable[ObjectVersion]) -> list[ObjectVersion]:
+    """The versions (not delete markers) named exactly as `source`'s snapshot objects:
+    the only ones whose lock is asked for, and the only ones ever deleted."""
+    return [v for v in versions if not v.delete_marker
+            and (p := layout.parse_object_name(v.name)) is not None and p.source == source]
+
+
+def plan_objects(source: str, versions: Iterable[ObjectVersion],
+                 locks: Mapping[tuple[str, str], datetime | str | None],
+                 now: datetime) -> ObjectPlan:
+    """Pure: delete every version of `source`'s snapshot objects whose lock (from
+    `locks`, by (name, version id); a str is why it could not be read) has ended;
+    keep the others, dated. Names that do not parse as the source's are never
+    touched. Within a snapshot the manifest goes first and the trash entry last
+    (prune's order); delete markers go last, and only over names nothing stays under
+    (so a snapshot prune trashed does not reappear in a listing)."""
+    ours = [(v, p) for v in versions
+            if (p := layout.parse_object_name(v.name)) is not None and p.source == source]
+    ours.sort(key=lambda vp: (vp[1].snapshot_id, _ROLE_ORDER[vp[1].role], vp[0].name,
+                              vp[0].version_id))
+    delete: list[ObjectVersion] = []
+    locked: list[tuple[ObjectVersion, datetime]] = []
+    unknown: list[tuple[ObjectVersion, str]] = []
+    for v, _ in ours:
+        if v.delete_marker:
+            continue
+        until = locks.get((v.name, v.version_id))
+        if isinstance(until, str):
+            unknown.append((v, until))
+        elif until is not None and until > now:
+            locked.append((v, until))
+        else:
+            delete.append(v)
+    held = {v.name for v, _ in locked} | {v.name for v, _ in unknown}
+    delete += [v for v, _ in ours if v.delete_marker and v.name not in held]
+    return ObjectPlan(tuple(delete), tuple(locked), tuple(unknown))
+
+
 def _lock(store: ObjectStore, v: ObjectVersion) -> datetime | str | None:
     try:
         return store.version_retained_until(v.name, v.version_id)
@@ -260,42 +307,23 @@ def _lock(store: ObjectStore, v: ObjectVersion) -> datetime | str | None:
 
 
 def delete_snapshot_objects(rt: Runtime, run: Run, sources: Iterable[str]) -> None:
-    """Delete every version of every snapshot object of `sources` that no lock holds.
-
-    Only names that parse as the source's own objects (layout.parse_object_name)
-    are touched. A delete marker goes only where no locked version of that name
-    stays, so a snapshot prune had trashed does not reappear in listings.
-    """
+    """Step 2 (and prune's sweep): list every version of `sources`' objects in every
+    region, ask the lock of each snapshot object, then carry out :func:`plan_objects`."""
     for source in sources:
         for store in rt.stores:
             versions = _versions(store, layout.source_prefix(source), run)
             if versions is None:
                 continue
-            ours = [(v, p) for v in versions
-                    if (p := layout.parse_object_name(v.name)) is not None and p.source == source]
-            ours.sort(key=lambda vp: (vp[1].snapshot_id, vp[0].delete_marker,
-                                      _ROLE_ORDER[vp[1].role], vp[0].name, vp[0].version_id))
-            held: set[str] = set()
-            markers = []
-            for v, _ in ours:
-                if v.delete_marker:
-                    markers.append(v)
-                    continue
-                until = _lock(store, v)
-                if isinstance(until, str):
-                    run.errors.append(f"region {store.name}: cannot read the lock of {v.name}: "
-                                      f"{until}")
-                    held.add(v.name)
-                elif until is not None and until > run.now:
-                    run.locked.append(LockedObject(store.name, v.name, v.version_id, until))
-                    held.add(v.name)
-                else:
-                    _delete(rt, run, "object", StoredObject(store.name, v.name, v.version_id,
-                                                            v.size), store)
-            for v in markers:
-                if v.name not in held:
-                    _delete(rt, run, "object", StoredObject(store.name, v.name, v.version_id),
-                            store)
+            locks = {(v.name, v.version_id): _lock(store, v)
+                     for v in snapshot_versions(source, versions)}
+            plan = plan_objects(source, versions, locks, run.now)
+            run.locked += [LockedObject(store.name, v.name, v.version_id, until)
+                           for v, until in plan.locked]
+            run.errors += [f"region {store.name}: cannot read the lock of {v.name}: {why}"
+                           for v, why in plan.unknown]
+            for v in plan.delete:
+                _delete(rt, run, "object", StoredObject(store.name, v.name, v.version_id,
+                                                        v.size), store)
 
 
 # -- step 3: the check ----------------------------------------------------------------------

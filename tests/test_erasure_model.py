@@ -1,5 +1,6 @@
-"""The erasure certificate (pure): authenticated JSON round trip, HTML escaping, and the
-shared-source rule of tenancy.py."""
+"""The pure parts of erasure: which object versions step 2 deletes (plan_objects), the
+certificate (authenticated JSON round trip, HTML escaping), and the shared-source rule of
+tenancy.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from drdaemon import layout
 from drdaemon.config import Config, SourceConfig
+from drdaemon.erasure import plan_objects, snapshot_versions
 from drdaemon.erasure_cert import (
     STATE_FOLDER,
     Check,
@@ -26,6 +29,7 @@ from drdaemon.erasure_cert import (
 )
 from drdaemon.errors import IntegrityError
 from drdaemon.keys import ManifestKey
+from drdaemon.storage import ObjectVersion
 from drdaemon.tenancy import ages_out_by, shared_sources, sources_of
 
 KEY = ManifestKey(b"k" * 32)
@@ -121,3 +125,54 @@ def test_the_age_out_date_covers_every_tier_the_lock_and_the_trash(
     by = ages_out_by(dataclasses.replace(s, retention=r), T0)
     assert by >= T0 + timedelta(days=daily + 7 * weekly + 28 * monthly + trash)
     assert by >= T0 + timedelta(days=lock_days + trash)
+
+
+# -- step 2's plan -------------------------------------------------------------------------
+
+IDS = ("20310301T020000Z-00000001", "20310302T020000Z-00000002")
+NAMES = [layout.manifest_object_name("src", i) for i in IDS] + [
+    layout.data_object_name("src", i, "directory") for i in IDS] + [
+    layout.facts_object_name("src", IDS[0]), layout.trash_name("src", IDS[1], T0),
+    layout.manifest_object_name("src2", IDS[0]),  # another source: never ours
+    "sources/src/notes.txt", "sources/src/data/x.age", "sources/src/manifests/a/b.json"]
+LOCK = st.one_of(st.none(), st.just("AccessDenied"),
+                 st.integers(-5, 5).map(lambda d: T0 + timedelta(days=d)))
+VERSIONS = st.lists(st.builds(ObjectVersion, st.sampled_from(NAMES),
+                              st.sampled_from(("v1", "v2", "null")),
+                              delete_marker=st.booleans()),
+                    unique_by=lambda v: (v.name, v.version_id), max_size=25)
+
+
+@given(VERSIONS, st.data())
+def test_step_2_deletes_exactly_the_unlocked_versions_of_the_sources_own_names(
+        versions: list[ObjectVersion], data: st.DataObject) -> None:
+    asked = snapshot_versions("src", versions)
+    locks = {(v.name, v.version_id): data.draw(LOCK) for v in asked}
+    plan = plan_objects("src", versions, locks, T0)
+
+    def ours(v: ObjectVersion) -> bool:
+        p = layout.parse_object_name(v.name)
+        return p is not None and p.source == "src"
+
+    assert all(ours(v) for v in asked) and not any(v.delete_marker for v in asked)
+    touched = [*plan.delete, *(v for v, _ in plan.locked), *(v for v, _ in plan.unknown)]
+    assert all(ours(v) for v in touched)
+    expired = [v for v in asked if locks[(v.name, v.version_id)] is None
+               or (isinstance(locks[(v.name, v.version_id)], datetime)
+                   and locks[(v.name, v.version_id)] <= T0)]  # type: ignore[operator]
+    real = [v for v in plan.delete if not v.delete_marker]
+    assert sorted(real, key=str) == sorted(expired, key=str)
+    assert all(until > T0 for _, until in plan.locked)
+    kept = {v.name for v, _ in plan.locked} | {v.name for v, _ in plan.unknown}
+    markers = [v for v in plan.delete if v.delete_marker]
+    assert {v.name for v in markers}.isdisjoint(kept)
+    assert sorted(markers, key=str) == sorted(
+        (v for v in versions if v.delete_marker and ours(v) and v.name not in kept), key=str)
+    # versions before markers; within a snapshot, the manifest before its data
+    assert plan.delete[: len(real)] == tuple(real)
+    order = [layout.parse_object_name(v.name) for v in real]
+    for i, a in enumerate(order):
+        for b in order[i + 1:]:
+            assert a is not None and b is not None
+            assert not (a.snapshot_id == b.snapshot_id and a.role == layout.DATA
+                        and b.role == layout.MANIFESTS)
