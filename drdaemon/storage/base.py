@@ -1,7 +1,8 @@
 """The storage protocol every region backend implements.
 
 Deliberately small (after restic's backend and borgstore): streamed uploads
-that are invisible until committed, streamed reads, stat, list and delete.
+that are invisible until committed, streamed reads, stat, list and delete;
+for erasure, the object versions of a versioned bucket (list, lock, delete).
 Object names are relative to the region's prefix and validated here, once.
 """
 
