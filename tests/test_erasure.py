@@ -32,6 +32,7 @@ from support import Clock, Setup, directory_source, local_region, lock_buckets, 
 from drdaemon import backup, erasure, erasure_cert, layout, statefs
 from drdaemon.cli.drctl import cli as drctl_cli
 from drdaemon.config import load as load_config
+from drdaemon.keys import generate_identity
 from drdaemon.runtime import Runtime, open_runtime
 
 A, B = "uni-a", "uni-b"
@@ -211,7 +212,9 @@ def test_erase_destroys_every_key_copy_deletes_unlocked_and_certifies_it(
     note = erasure.erasure_note(w.rt, A)
     assert note is not None and name in note and "was erased on" in note
     assert erasure.erasure_note(w.rt, B) is None
-    for ident in ([], ["--identity", str(w.setup.identity)]):
+    escrow = tmp_path / "escrow.txt"
+    generate_identity(escrow)
+    for ident in ([], ["--identity", str(w.setup.identity)], ["--identity", str(escrow)]):
         failed = w.drctl("restore", "--source", SRC_A, "latest", "--to",
                          str(tmp_path / "back-a"), *ident)
         assert failed.exit_code == 2 and failed.stderr.strip() == f"drctl: error: {note}"
