@@ -445,3 +445,30 @@ def test_a_key_copy_that_cannot_be_destroyed_fails_the_check_loudly_until_a_reru
     assert (r.name, name) in {(o["where"], o["name"]) for o in final["key_copies"]}
     assert w.versions(layout.tenant_keys_prefix(A)) == set()
     assert not erasure.erasure_in_progress(w.rt, A)
+
+
+def test_repair_never_copies_an_erased_tenants_locked_snapshot_back(
+        tmp_path: Path, s3_regions: list[S3Region]) -> None:
+    locked_region = lock_buckets(s3_regions)[:1]
+    a, _ = trees(tmp_path)
+    local = tmp_path / "local-region"
+    setup = make_setup(tmp_path, [locked_region[0].toml(),
+                                  local_region("us-local", local, "north-america")],
+                       [directory_source(SRC_A, a, tenant=A) + RETENTION])
+    rt = open_runtime(load_config(setup.config))
+    result = backup.snapshot(rt, rt.config.sources[0])
+    assert result.ok and result.snapshot_id
+    w = World(setup, rt, Clock(datetime.now(UTC)), locked_region, {SRC_A: [result.snapshot_id]},
+              {A: plant_keys(rt, A, setup.recipient, locked_region, [local])})
+    rt.clock = w.clock
+    lock_snapshot(w, SRC_A, result.snapshot_id, datetime.now(UTC) + timedelta(hours=1))
+    erased = w.drctl("tenant", "erase", A, "--json")
+    assert erased.exit_code == 0, erased.output
+    # the local region (no lock) lost its copy, the S3 one keeps its locked copy
+    assert not list((local / "sources").rglob("*.json"))
+    assert not list((local / "tenants" / A / "keys").iterdir())
+    assert w.versions(layout.source_prefix(SRC_A))
+    repaired = w.drctl("replicate", "--repair", "--json")
+    assert repaired.exit_code == 1
+    assert "was erased on" in repaired.stdout
+    assert not [p for p in (local / "sources").rglob("*") if p.is_file()]  # none came back
