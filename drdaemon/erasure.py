@@ -521,9 +521,10 @@ class Swept:
     """One object of an erased tenant that prune deleted (or would, or could not)."""
 
     tenant: str
-    source: str
+    source: str  # "" (and no region, name, snapshot id) for a failure to list
     region: str
     name: str
+    snapshot_id: str
     status: str  # "done", "planned" or "failed"
     detail: str
 
@@ -559,11 +560,12 @@ def sweep_erased(rt: Runtime, now: datetime, dry_run: bool,
         for o in run.deleted:
             parsed = layout.parse_object_name(o.name)
             swept.append(Swept(tenant, parsed.source if parsed else "", o.where, o.name,
+                               parsed.snapshot_id if parsed else "",
                                "planned" if dry_run else "done",
                                f"{'would delete' if dry_run else 'deleted'} {o.name}"
                                + (f" version {o.version_id}" if o.version_id else "")
                                + f": tenant {tenant} was erased"))
-        swept += [Swept(tenant, "", "", "", "failed", e) for e in run.errors]
+        swept += [Swept(tenant, "", "", "", "", "failed", e) for e in run.errors]
         if run.deleted and not dry_run:
             rt.record_event("tenant.erase.sweep", tenant=tenant,
                             deleted=[f"{o.where}:{o.name}@{o.version_id}" for o in run.deleted],

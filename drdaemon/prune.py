@@ -476,9 +476,7 @@ def _sweep_erased(rt: Runtime, now: datetime, dry_run: bool,
     """What erasures left under Object Lock, deleted once the lock ends, before and
     whatever retention plans (erasure.sweep_erased): an erased tenant's newest or
     drill-verified snapshot proves nothing any more. Named `sources` alone, if any."""
-    return [Change("erased", s.source, s.region,
-                   (layout.parse_object_name(s.name) or layout.SnapshotObject("", "", "")
-                    ).snapshot_id, s.status, s.detail)
+    return [Change("erased", s.source, s.region, s.snapshot_id, s.status, s.detail)
             for s in erasure.sweep_erased(rt, now, dry_run, sources)]
 
 
