@@ -529,14 +529,30 @@ class Swept:
     detail: str
 
 
+def _region_erased_tenants(rt: Runtime) -> set[str]:
+    """Tenants with a certificate in the first region that can be listed."""
+    for store in rt.stores:
+        try:
+            names = [info.name for info in store.list(f"{layout.TENANTS}/")]
+        except DrError:
+            continue
+        return {p[0] for p in map(layout.parse_certificate_name, names) if p is not None}
+    return set()
+
+
 def erased_tenants(rt: Runtime) -> dict[str, tuple[str, ...]]:
-    """Tenant -> the sources its erasures covered, for every tenant with a certificate in
-    the state folder (the sweep's list: one host's business, like prune itself)."""
+    """Tenant -> the sources its erasures covered, for every tenant with an authentic
+    certificate in the state folder or, for a host whose state folder was rebuilt,
+    in the regions: prune's sweep must not forget an erasure."""
+    here = set(statefs.list_names(rt.config.daemon.state_dir, layout.TENANTS))
+    regional = _region_erased_tenants(rt)
     out: dict[str, tuple[str, ...]] = {}
-    for tenant in statefs.list_names(rt.config.daemon.state_dir, layout.TENANTS):
+    for tenant in sorted(here | regional):
         if not NAME_RE.match(tenant):
             continue
-        sources = {s for c in _state_certificates(rt, tenant) if not c.dry_run for s in c.sources}
+        certs = list(_state_certificates(rt, tenant)) or (
+            _region_certificates(rt, tenant) if tenant in regional else [])
+        sources = {s for c in certs if not c.dry_run for s in c.sources}
         if sources:
             out[tenant] = tuple(sorted(sources))
     return out

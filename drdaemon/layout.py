@@ -205,6 +205,7 @@ def audit_segment_name(folder: str, first: int) -> str:
 
 TENANTS = "tenants"
 _CERTIFICATE_RE = re.compile(rf"^({STAMP_PATTERN})\.json\Z")
+_CERTIFICATE_NAME_RE = re.compile(rf"^{TENANTS}/([^/]+)/erasure/({STAMP_PATTERN})\.json\Z")
 
 
 def tenant_prefix(tenant: str) -> str:
@@ -241,3 +242,9 @@ def certificate_stamp(name: str) -> str | None:
     """The stamp of a listed certificate name (by its last part), or None for a stray."""
     m = _CERTIFICATE_RE.match(name.rsplit("/", 1)[-1])
     return m.group(1) if m else None
+
+
+def parse_certificate_name(name: str) -> tuple[str, str] | None:
+    """(tenant, stamp) of an erasure certificate's full object name, or None."""
+    m = _CERTIFICATE_NAME_RE.match(name)
+    return (m.group(1), m.group(2)) if m else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -233,6 +234,9 @@ def test_erase_destroys_every_key_copy_deletes_unlocked_and_certifies_it(
     assert {k for _, k, _ in w.versions(layout.source_prefix(SRC_A))} == locked_names
     time.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()) + 1.5)
     w.clock.now = datetime.now(UTC)
+    # a host whose state folder was rebuilt still knows the erasure from the regions
+    shutil.rmtree(w.setup.state / statefs.erasure_folder(A))
+    assert erasure.erasure_note(w.rt, A) == note
     other = w.drctl("prune", "--source", SRC_B, "--json")  # a prune of chosen sources only
     assert other.exit_code == 0, other.output
     assert {k for _, k, _ in w.versions(layout.source_prefix(SRC_A))} == locked_names
