@@ -46,6 +46,7 @@ from .drill_records import (
     records_path,
 )
 from .drill_scratch import Cleanup
+from .erasure import erasure_note
 from .errors import DrError, IntegrityError, SourceError, UsageError, first_line
 from .keys import identities_for
 from .layout import new_snapshot_id
@@ -83,6 +84,7 @@ CHECK_FAILED = "check-failed"
 PROPERTY_MISMATCH = "property-mismatch"  # database-level properties (pg_database.py)
 CLEANUP_FAILED = "cleanup-failed"
 INTERNAL = "internal-error"
+ERASED = "tenant-erased"  # the tenant was crypto-shredded (erasure.py): nothing to restore
 
 PHASES = slo.PHASES
 
@@ -297,7 +299,9 @@ def drill_source(rt: Runtime, identities: Sequence[x25519.Identity], source: Sou
     """
     d = _Drill(rt, source, region)
     try:
-        if _choose(d, snapshots):
+        if note := erasure_note(rt, source.tenant):
+            d.fail(ERASED, note)
+        elif _choose(d, snapshots):
             _restore_and_verify(d, identities)
     except Exception as exc:  # a bug must still leave a record and no scratch behind
         log.exception("drill of %s crashed", source.name)

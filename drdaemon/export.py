@@ -45,6 +45,7 @@ from . import __version__, catalog, layout, tenancy
 from . import facts as facts_object
 from .catalog import SnapshotEntry
 from .config import SourceConfig
+from .erasure import refuse_if_erased
 from .errors import DrError, UsageError
 from .keys import fingerprint
 from .manifest import Manifest
@@ -497,6 +498,7 @@ def export(rt: Runtime, identities: Sequence[x25519.Identity], tenant: str, dest
     failed); either way nothing is left at `dest`. Audit-logged either way.
     """
     started = time.monotonic()
+    refuse_if_erased(rt, tenant)  # the keys are gone: say so, whatever identity was given
     sources = tenancy.sources_of(rt.config, tenant)
     if not sources:
         known = sorted({s.tenant for s in rt.config.sources})

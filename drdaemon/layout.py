@@ -9,6 +9,8 @@ every region::
     sources/<source>/manifests/<id>.json              manifest: its presence commits
     sources/<source>/trash/<id>.<when>.json           manifest of a pruned snapshot
     audit/<host>/<chain>/<first seq>.jsonl            audit log mirror (audit_mirror.py)
+    tenants/<tenant>/keys/<key_id>.age|.json          a tenant's wrapped key (never locked)
+    tenants/<tenant>/erasure/<stamp>.json             an erasure certificate (erasure.py)
 
 Prune deletes only objects whose names match these patterns exactly, so the
 patterns live here once and nowhere else.
@@ -197,3 +199,52 @@ def audit_mirror_folder(host: str, chain: str) -> str:
 def audit_segment_name(folder: str, first: int) -> str:
     """The segment of a mirrored chain that begins with record `first`."""
     return f"{folder}/{first:012d}.jsonl"
+
+
+# -- tenants: wrapped keys and erasure certificates (docs/format.md, "Tenants") -----
+
+TENANTS = "tenants"
+_CERTIFICATE_RE = re.compile(rf"^({STAMP_PATTERN})\.json\Z")
+_CERTIFICATE_NAME_RE = re.compile(rf"^{TENANTS}/([^/]+)/erasure/({STAMP_PATTERN})\.json\Z")
+
+
+def tenant_prefix(tenant: str) -> str:
+    """Object-name prefix of everything drdaemon keeps about one tenant (not its snapshots)."""
+    return f"{TENANTS}/{tenant}/"
+
+
+def tenant_keys_prefix(tenant: str) -> str:
+    """Prefix to list to find every copy of a tenant's wrapped keys."""
+    return f"{tenant_prefix(tenant)}keys/"
+
+
+def tenant_key_object(tenant: str, key_id: str) -> str:
+    """The tenant's age identity, wrapped (age-encrypted to [keys] recipients)."""
+    return f"{tenant_keys_prefix(tenant)}{key_id}.age"
+
+
+def tenant_key_record(tenant: str, key_id: str) -> str:
+    """The public record of a tenant key (its recipient), authenticated."""
+    return f"{tenant_keys_prefix(tenant)}{key_id}.json"
+
+
+def erasure_prefix(tenant: str) -> str:
+    """Prefix to list to find a tenant's erasure certificates."""
+    return f"{tenant_prefix(tenant)}erasure/"
+
+
+def erasure_certificate_object(tenant: str, stamp: str) -> str:
+    """An erasure certificate; `stamp` (layout.stamp) is when the erasure began."""
+    return f"{erasure_prefix(tenant)}{stamp}.json"
+
+
+def certificate_stamp(name: str) -> str | None:
+    """The stamp of a listed certificate name (by its last part), or None for a stray."""
+    m = _CERTIFICATE_RE.match(name.rsplit("/", 1)[-1])
+    return m.group(1) if m else None
+
+
+def parse_certificate_name(name: str) -> tuple[str, str] | None:
+    """(tenant, stamp) of an erasure certificate's full object name, or None."""
+    m = _CERTIFICATE_NAME_RE.match(name)
+    return (m.group(1), m.group(2)) if m else None

@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import getpass
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from . import catalog, layout, lifecycle, tenancy
+from pyrage import x25519
+
+from . import catalog, export, layout, lifecycle, tenancy
 from .backup import BackupResult, snapshot
 from .config import SourceConfig
 from .errors import DrError, UsageError
+from .export import ExportResult
 from .lifecycle import Hold, TenantState
 from .runtime import Runtime
 from .units import format_utc
@@ -63,10 +66,12 @@ class FinalSnapshot:
 
 @dataclass(frozen=True)
 class ReturnCopy:
-    """Where `offboard --return-to` writes the tenant's return copy, and for whom."""
+    """Where `offboard --return-to` writes the tenant's return copy (export.py), for whom
+    (`recipient`, the customer's age key, or None for plaintext) and with which identities."""
 
     to: Path
-    recipients: tuple[str, ...] = ()
+    recipient: str | None = None
+    identities: Sequence[x25519.Identity] = ()
 
 
 @dataclass
@@ -74,6 +79,7 @@ class OffboardReport:
     state: TenantState
     finals: list[FinalSnapshot] = field(default_factory=list)
     unchanged: bool = False  # the same end was recorded before
+    return_copy: ExportResult | None = None
 
     @property
     def ok(self) -> bool:
@@ -81,7 +87,8 @@ class OffboardReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "unchanged": self.unchanged, **lifecycle.describe(self.state),
-                "final_snapshots": [f.to_dict() for f in self.finals]}
+                "final_snapshots": [f.to_dict() for f in self.finals],
+                "return_copy": self.return_copy.to_dict() if self.return_copy else None}
 
 
 def offboard(rt: Runtime, tenant: str, end: date, *, force: bool = False,
@@ -94,13 +101,15 @@ def offboard(rt: Runtime, tenant: str, end: date, *, force: bool = False,
     failed. Another end is refused unless `force`; an erased tenant, or an
     end in the future (the final snapshot could not be final), always is.
 
-    `return_copy` is refused before anything changes: the tenant export
-    (export.py) that writes it, after the final snapshots, is not in this build.
+    `return_copy`: after the final snapshots succeeded, the tenant's return copy
+    (export.export) is written there from them; its folder and recipient are
+    checked before anything changes.
     """
     sources = tenant_sources(rt, tenant)
     if return_copy is not None:
-        raise UsageError("--return-to: the return copy (tenant export) is not available in "
-                         "this build; offboard without it")
+        export.check_destination(return_copy.to)
+        if return_copy.recipient is not None:
+            export.parse_recipient(return_copy.recipient)
     now = rt.clock()
     if lifecycle.end_instant(end) > now:
         raise UsageError(f"the end of service {end.isoformat()} is in the future: offboard "
@@ -129,6 +138,9 @@ def offboard(rt: Runtime, tenant: str, end: date, *, force: bool = False,
         if report.ok:
             report.state = lifecycle.update(
                 rt, tenant, lambda s: replace(s, final_snapshot_done=True))
+    if return_copy is not None and report.ok:
+        report.return_copy = export.export(rt, return_copy.identities, tenant, return_copy.to,
+                                           recipient=return_copy.recipient)
     if not (unchanged and not report.finals):
         rt.record_event("tenant.offboard", tenant=tenant, end=end.isoformat(),
                         erase_due=format_utc(due), forced=force and not unchanged,

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from . import catalog, layout, lifecycle, locks, orphans, retention, state
+from . import catalog, erasure, layout, lifecycle, locks, orphans, retention, state
 from .config import SourceConfig
 from .drill_records import newest_verified
 from .errors import DrError, IntegrityError, UsageError
@@ -120,6 +120,7 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
     # One mirror of the audit log for the whole run, not one per deletion.
     with rt.audit_batch(), lock:
         now = rt.clock()
+        swept = _sweep_erased(rt, now, dry_run, sources or None)
         inputs: list[RegionInput] = []
         errors: list[RegionError] = []
         for src in chosen:
@@ -129,7 +130,7 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
                 except DrError as exc:
                     errors.append(RegionError(src.name, store.name, str(exc)))
         plan = plan_prune(inputs, now, protected=protected, force=force, tz=tz)
-        report = PruneReport(plan, dry_run, region_errors=errors, held=held)
+        report = PruneReport(plan, dry_run, changes=swept, region_errors=errors, held=held)
         for rp in plan.regions:
             store = rt.store(rp.region)
             for snap_id in rp.delete_ids:
@@ -152,6 +153,15 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
                     report.changes.append(purge(rt, store, entry, now, dry_run))
         _sweep_orphans(rt, chosen, report, now, orphan_grace, protected, force)
     return report
+
+
+def _sweep_erased(rt: Runtime, now: datetime, dry_run: bool,
+                  sources: list[str] | None) -> list[Change]:
+    """What erasures left under Object Lock, deleted once the lock ends, before and
+    whatever retention plans (erasure.sweep_erased): an erased tenant's newest or
+    drill-verified snapshot proves nothing any more. Named `sources` alone, if any."""
+    return [Change("erased", s.source, s.region, s.snapshot_id, s.status, s.detail)
+            for s in erasure.sweep_erased(rt, now, dry_run, sources)]
 
 
 def _sweep_orphans(rt: Runtime, chosen: list[SourceConfig], report: PruneReport,

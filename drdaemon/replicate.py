@@ -40,6 +40,7 @@ from datetime import datetime
 from . import catalog, layout, locks, manifest
 from . import facts as facts_object
 from .catalog import SnapshotEntry
+from .erasure import erasure_note
 from .errors import DrError, IntegrityError
 from .manifest import Manifest
 from .pipeline import FanOut
@@ -381,6 +382,10 @@ def repair_one(rt: Runtime, repair: Repair) -> RepairOutcome:
     target = stores[repair.region]
     m = repair.manifest
     out = RepairOutcome(repair, ok=False)
+    if note := erasure_note(rt, m.tenant):  # an erased tenant's ciphertext never goes back
+        out.error = note
+        rt.record_event("replica.repair_failed", **out.to_dict())
+        return out
     started = time.monotonic()
     if not repair.sources:
         out.error = "no healthy copy in any other region to repair from"

@@ -206,6 +206,12 @@ _TEMPLATES = jinja2.Environment(
     autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
+def render_template(template: str, **context: Any) -> str:
+    """Render one page of templates/ with this environment (autoescape, strict);
+    other self-contained pages (the erasure certificate) share it."""
+    return str(_TEMPLATES.get_template(template).render(**context))
+
+
 def render_html(data: ReportData) -> str:
     records = sorted(data.records, key=lambda r: (r.started_at, r.id))
     audit_class, audit_text = audit_line(data.audit)

@@ -26,6 +26,7 @@ from pyrage import x25519
 from . import statefs
 from .catalog import SnapshotEntry, read_manifest, resolve_ref
 from .config import SourceConfig
+from .erasure import refuse_if_erased
 from .errors import DrError, IntegrityError, SourceError, UsageError
 from .keys import describe_recipients
 from .manifest import Manifest
@@ -228,6 +229,7 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
     the snapshot's database properties need (default: stop and say so).
     """
     source = rt.config.source(source_name)
+    refuse_if_erased(rt, source.tenant)  # whatever identity was given
     if jobs is not None and source.kind != "postgres":
         raise UsageError(f"--jobs applies to postgres sources only; {source.name} is a "
                          f"{source.kind} source")

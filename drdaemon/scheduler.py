@@ -25,6 +25,7 @@ from . import (
     audit_mirror,
     catalog,
     cron,
+    erasure,
     lifecycle,
     locks,
     metrics,
@@ -48,7 +49,7 @@ STALE_UPLOAD_AGE = timedelta(days=1)
 # deadline, so one run a day meets it.
 ERASURE_SCHEDULE = "15 0 * * *"
 # What the job did with a due erasure (drdaemon_tenant_erasures_total{outcome}).
-ERASURE_DONE, ERASURE_FAILED, ERASURE_NOT_CARRIED_OUT = "done", "failed", "not_carried_out"
+ERASURE_DONE, ERASURE_FAILED = "done", "failed"
 
 
 def newest_consistency(rt: Runtime) -> dict[str, datetime]:
@@ -78,15 +79,18 @@ def due_sources(rt: Runtime, now: datetime) -> list[SourceConfig]:
 
 
 def _carry_out_erasure(rt: Runtime, tenant: str) -> str:
-    """Erase `tenant`, whose erasure is due; returns the outcome the metrics count.
-
-    This build has no erasure service: the erasure is not carried out, loudly
-    (an ERROR line, drdaemon_tenant_erasures_total{outcome="not_carried_out"},
-    and the deadline alerts), never silently.
-    """
-    log.error("erasure of tenant %s is due but not carried out: this build has no erasure "
-              "service", tenant, extra={"job": "erasure", "tenant": tenant})
-    return ERASURE_NOT_CARRIED_OUT
+    """Erase `tenant`, whose erasure is due (erasure.erase, as `drctl tenant erase`);
+    returns the outcome the metrics count. An incomplete erasure is an ERROR line and
+    outcome "failed": the next run resumes it."""
+    cert = erasure.erase(rt, tenant)
+    if not cert.ok:
+        log.error("erasure of tenant %s is not complete (certificate %s): %s", tenant,
+                  cert.name, "; ".join(cert.errors) or "a key copy remains",
+                  extra={"job": "erasure", "tenant": tenant})
+        return ERASURE_FAILED
+    log.info("tenant %s erased; certificate %s", tenant, cert.name,
+             extra={"job": "erasure", "tenant": tenant})
+    return ERASURE_DONE
 
 
 class Daemon:

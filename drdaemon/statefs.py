@@ -65,6 +65,16 @@ def tenant_lifecycle_lock(tenant: str) -> str:
     return f"tenants/{tenant}/lifecycle.lock"
 
 
+def tenant_keys_folder(tenant: str) -> str:
+    """The state folder's copies of a tenant's wrapped keys (tenant_keys.py)."""
+    return f"tenants/{tenant}/keys"
+
+
+def erasure_folder(tenant: str) -> str:
+    """A tenant's erasure certificates and its erasure journal (erasure.py)."""
+    return f"tenants/{tenant}/erasure"
+
+
 def inflight_marker(snapshot_id: str) -> str:
     """The marker of one snapshot's uploads in flight (state.py)."""
     return f"{INFLIGHT}/{snapshot_id}"

@@ -35,7 +35,7 @@ from .units import format_utc
 class Change:
     """One step on storage: done, planned (dry run), skipped or failed, and why."""
 
-    action: str  # "trash", "purge", "undo" or "orphan"
+    action: str  # "trash", "purge", "undo", "orphan" or "erased"
     source: str
     region: str
     snapshot_id: str

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,27 @@ def flip_byte(region: Any, key: str, at: int | None = None) -> None:
     body = bytearray(client.get_object(Bucket=region.bucket, Key=key)["Body"].read())
     body[len(body) // 2 if at is None else at] ^= 0xFF
     client.put_object(Bucket=region.bucket, Key=key, Body=bytes(body))
+
+
+class Clock:
+    """A runtime clock (open_runtime(clock=...)) that the test moves by setting `now`."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def lock_buckets(regions: list[Any]) -> list[Any]:
+    """The test regions (conftest.S3Region), each with a fresh bucket made with Object
+    Lock (so also versioned)."""
+    out = []
+    for r in regions:
+        locked = replace(r, bucket=r.bucket + "-lock")
+        create: dict[str, Any] = {"Bucket": locked.bucket, "ObjectLockEnabledForBucket": True}
+        if r.region != "us-east-1":
+            create["CreateBucketConfiguration"] = {"LocationConstraint": r.region}
+        r.client().create_bucket(**create)
+        out.append(locked)
+    return out

@@ -37,6 +37,7 @@ INVALID_NAMES = ["", "/abs", "a/../b", "a//b", "./a", "a/", ".", "..", "a/./b", 
 NAME_TAKING_CALLS: list[tuple[str, tuple[object, ...]]] = [
     ("begin_upload", ()), ("put_bytes", (b"data",)), ("open_read", ()),
     ("get_bytes", (100,)), ("stat", ()), ("delete", ()),
+    ("delete_version", ("",)), ("version_retained_until", ("",)),
 ]
 
 CASES = ["local", "local-prefixed", "s3-eu", "s3-us", "s3-eu-prefixed"]
@@ -346,6 +347,22 @@ def test_delete_then_not_found(case: Case) -> None:
     assert_absent(store, "dir/victim")
     assert names_of(store.list("dir/")) == {"dir/survivor": 5}
     case.assert_stored_exactly({"dir/survivor"})
+
+
+def test_versions_of_an_unversioned_store_are_its_objects_and_go_for_good(case: Case) -> None:
+    store = case.store
+    store.put_bytes("keys/a.age", b"aaa")
+    store.put_bytes("keys/b.json", b"bb")
+    store.put_bytes("other/c", b"c")
+    versions = sorted(store.list_versions("keys/"), key=lambda v: v.name)
+    assert [(v.name, v.size, v.delete_marker, v.latest) for v in versions] == [
+        ("keys/a.age", 3, False, True), ("keys/b.json", 2, False, True)]
+    assert all(store.version_retained_until(v.name, v.version_id) is None for v in versions)
+    for v in versions:
+        store.delete_version(v.name, v.version_id)
+    store.delete_version(versions[0].name, versions[0].version_id)  # missing: fine
+    assert list(store.list_versions("keys/")) == []
+    case.assert_stored_exactly({"other/c"})
 
 
 def test_deleting_a_missing_object_is_not_an_error(case: Case) -> None:

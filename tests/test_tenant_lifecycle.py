@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,10 @@ def test_offboard_refuses_bad_requests_and_changes_nothing(tmp_path: Path) -> No
         (["uni-z", "--end", "2031-03-01"], "no source of tenant 'uni-z'"),
         (["uni-a", "--end", "2031-03-01", "--recipient", "age1" + "q" * 58],
          "--recipient needs --return-to"),
-        (["uni-a", "--end", "2031-03-01", "--return-to", str(tmp_path / "copy")],
-         "not available in this build"),
+        (["uni-a", "--end", "2031-03-01", "--return-to", str(tmp_path / "files-a")],
+         "exists and is not an empty folder"),
+        (["uni-a", "--end", "2031-03-01", "--return-to", str(tmp_path / "copy"),
+          "--recipient", "age1nope"], "--recipient"),
     ]
     for args, message in cases:
         result = w.drctl("tenant", "offboard", *args)
@@ -135,6 +138,25 @@ def test_offboard_refuses_bad_requests_and_changes_nothing(tmp_path: Path) -> No
         assert message in result.stderr and len(result.stderr.splitlines()) == 1
     assert lifecycle.recorded_tenants(w.rt) == []
     assert len(w.listed("files-a")) == 1
+
+
+def test_offboard_writes_the_return_copy_from_the_final_snapshots(tmp_path: Path) -> None:
+    w = make_world(tmp_path, local_regions(tmp_path))
+    w.time[0] = T0 + 2 * DAY
+    (tmp_path / "files-a" / "last.md").write_text("written on the last day\n")
+    copy = tmp_path / "return-copy"
+    out = w.json("tenant", "offboard", "uni-a", "--end", "2031-03-02", "--return-to", str(copy))
+    finals = {f["source"]: f["snapshot_id"] for f in out["final_snapshots"]}
+    exported = {s["source"]: s["snapshot_id"] for s in out["return_copy"]["sources"]}
+    assert exported == finals  # the copy is made from the final snapshots
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=copy, capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    listing = subprocess.run(["tar", "-tf", str(copy / "files-a.tar")], capture_output=True,
+                             text=True, check=True).stdout
+    assert "last.md" in listing
+    [event] = w.events("tenant.export")
+    assert event["tenant"] == "uni-a"
 
 
 def test_a_failed_final_snapshot_exits_1_and_running_again_finishes_it(tmp_path: Path) -> None:
@@ -249,19 +271,28 @@ def test_the_erasure_job_selects_due_tenants_skipping_held_and_done(tmp_path: Pa
     record(w.rt, "uni-f", date(2031, 3, 1), erased=True)  # done
     daemon = Daemon(w.rt)
     assert daemon.erasure_job() == ["uni-a", "uni-c"]
+    # uni-a is erased for real (erasure.erase); uni-c has no source to erase: a failure.
     assert sample(daemon, "drdaemon_tenant_erasures_total", tenant="uni-a",
-                  outcome="not_carried_out") == 1
+                  outcome="done") == 1
+    assert w.listed("files-a") == [] and w.listed("docs-a") == []
+    assert len(w.listed("files-b")) == 1
+    assert lifecycle.load(w.rt, "uni-a").erased
+    assert sample(daemon, "drdaemon_tenant_erasures_total", tenant="uni-c",
+                  outcome="failed") == 1
     assert sample(daemon, "drdaemon_tenant_erasures_total", tenant="uni-e",
-                  outcome="not_carried_out") is None
+                  outcome="done") is None
+    assert daemon.erasure_job() == ["uni-c"]  # done is never due again
 
     daemon.refresh_metrics()
-    deadline = datetime(2031, 4, 29, tzinfo=UTC).timestamp()
+    deadline = datetime(2031, 5, 1, tzinfo=UTC).timestamp()
     assert sample(daemon, "drdaemon_tenant_erasure_deadline_timestamp_seconds",
-                  tenant="uni-a") == deadline
+                  tenant="uni-d") == deadline
+    assert sample(daemon, "drdaemon_tenant_erasure_deadline_timestamp_seconds",
+                  tenant="uni-a") == datetime(2031, 4, 29, tzinfo=UTC).timestamp()  # kept
     assert sample(daemon, "drdaemon_tenant_erasure_deadline_timestamp_seconds",
                   tenant="uni-b") is None  # active: no deadline
-    for tenant, state in (("uni-a", "offboarded"), ("uni-b", "active"), ("uni-e", "held"),
-                          ("uni-f", "erased")):
+    for tenant, state in (("uni-a", "erased"), ("uni-d", "offboarded"), ("uni-b", "active"),
+                          ("uni-e", "held"), ("uni-f", "erased")):
         assert sample(daemon, "drdaemon_tenant_state", tenant=tenant, state=state) == 1
         assert sample(daemon, "drdaemon_tenant_state", tenant=tenant, state="active") == (
             1 if state == "active" else 0)
@@ -285,8 +316,8 @@ def test_the_daemon_runs_the_erasure_job_at_start(tmp_path: Path) -> None:
         assert job is not None and job.name == "erasure deadlines"
         deadline = datetime.now(UTC) + timedelta(seconds=30)
         while sample(daemon, "drdaemon_tenant_erasures_total", tenant="uni-b",
-                     outcome="not_carried_out") != 1:
+                     outcome="done") != 1:
             assert datetime.now(UTC) < deadline, "the erasure job did not run at start"
     finally:
         assert daemon.stop()
-    assert len(w.listed("files-a")) == 1 and len(w.listed("files-b")) == 1
+    assert w.listed("files-a") == [] and w.listed("files-b") == []

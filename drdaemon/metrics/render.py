@@ -293,7 +293,7 @@ def _tenant_families(st: MetricsState) -> list[Metric]:
                   ["tenant"])
     erasures = CounterMetricFamily("drdaemon_tenant_erasures",
                                    "Due erasures the daemon's erasure job handled, by outcome "
-                                   "(done, failed, not_carried_out).",
+                                   "(done, failed).",
                                    labels=["tenant", "outcome"])
     for name, t in sorted(st.tenants.items()):
         if t.erase_due is not None:

@@ -20,7 +20,7 @@ PROMISED_SPAN = timedelta(days=90)
 FAILURE_REASONS = ("source", "storage", "cancelled", "shrunk", "other")
 # A tenant's lifecycle states (lifecycle.STATES) and the erasure job's outcomes.
 TENANT_STATES = ("active", "offboarded", "held", "erased")
-ERASURE_OUTCOMES = ("done", "failed", "not_carried_out")
+ERASURE_OUTCOMES = ("done", "failed")
 
 
 @dataclass(frozen=True)

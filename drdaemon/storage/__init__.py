@@ -7,6 +7,7 @@ from .base import (
     NotFound,
     ObjectInfo,
     ObjectStore,
+    ObjectVersion,
     StorageError,
     TooLarge,
     Upload,
@@ -15,8 +16,8 @@ from .base import (
 from .local import LocalStore
 from .s3 import S3Store
 
-__all__ = ["NotFound", "ObjectInfo", "ObjectStore", "StorageError", "TooLarge", "Upload",
-           "check_name", "open_store"]
+__all__ = ["NotFound", "ObjectInfo", "ObjectStore", "ObjectVersion", "StorageError", "TooLarge",
+           "Upload", "check_name", "open_store"]
 
 
 def open_store(region: RegionConfig) -> ObjectStore:

@@ -1,7 +1,8 @@
 """The storage protocol every region backend implements.
 
 Deliberately small (after restic's backend and borgstore): streamed uploads
-that are invisible until committed, streamed reads, stat, list and delete.
+that are invisible until committed, streamed reads, stat, list and delete;
+for erasure, the object versions of a versioned bucket (list, lock, delete).
 Object names are relative to the region's prefix and validated here, once.
 """
 
@@ -35,6 +36,21 @@ class ObjectInfo:
     # and inode), "" where unknown. Not part of equality: listings of one
     # object at different moments describe the same object.
     version: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """One stored version of an object, or a delete marker (versioned S3 buckets).
+
+    Stores without versions report each object once, as its only, latest
+    version with `version_id` "".
+    """
+
+    name: str
+    version_id: str
+    size: int = 0
+    delete_marker: bool = False
+    latest: bool = True
 
 
 def check_name(name: str) -> str:
@@ -92,6 +108,22 @@ class ObjectStore(Protocol):
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
 
     def delete(self, name: str) -> None: ...
+
+    # Every version of every object under `prefix`, delete markers included
+    # (erasure must reach noncurrent versions, which `list` does not show).
+    def list_versions(self, prefix: str) -> Iterator[ObjectVersion]: ...
+
+    def delete_version(self, name: str, version_id: str) -> None:
+        """Remove one version (or delete marker) for good; missing is fine.
+
+        Unlike `delete`, which in a versioned bucket only adds a delete marker.
+        A version under Object Lock is refused by the store (StorageError).
+        """
+        ...
+
+    def version_retained_until(self, name: str, version_id: str) -> datetime | None:
+        """The lock retain-until date of one version (aware, UTC), as `retained_until`."""
+        ...
 
     def retained_until(self, name: str) -> datetime | None:
         """The object's lock retain-until date (aware, UTC).

@@ -10,7 +10,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from .base import AbortRule, NotFound, ObjectInfo, StorageError, check_name, read_bounded
+from .base import (
+    AbortRule,
+    NotFound,
+    ObjectInfo,
+    ObjectVersion,
+    StorageError,
+    check_name,
+    read_bounded,
+)
 
 _TMP_MARK = ".drdaemon-tmp-"
 # Data is flushed to disk as it streams in, every this many bytes. Otherwise the
@@ -135,6 +143,20 @@ class LocalStore:
         # Deleting what is not there is not an error, as on S3.
         with contextlib.suppress(NotFound):
             self._object(name).unlink(missing_ok=True)
+
+    def list_versions(self, prefix: str) -> Iterator[ObjectVersion]:
+        # A filesystem keeps no versions: each file is its own only version.
+        for info in self.list(prefix):
+            yield ObjectVersion(info.name, "", info.size)
+
+    def delete_version(self, name: str, version_id: str) -> None:
+        if version_id:
+            raise StorageError(f"region {self.name}: {name} has no version {version_id!r} "
+                               "(a local region keeps no versions)")
+        self.delete(name)
+
+    def version_retained_until(self, name: str, version_id: str) -> datetime | None:
+        return self.retained_until(name)
 
     def retained_until(self, name: str) -> datetime | None:
         check_name(name)

@@ -23,7 +23,15 @@ from typing import Any, BinaryIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .base import AbortRule, NotFound, ObjectInfo, StorageError, check_name, read_bounded
+from .base import (
+    AbortRule,
+    NotFound,
+    ObjectInfo,
+    ObjectVersion,
+    StorageError,
+    check_name,
+    read_bounded,
+)
 
 _MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
 LOCK_MODE = "COMPLIANCE"  # GOVERNANCE could be bypassed by whoever holds our credentials
@@ -297,3 +305,41 @@ class S3Store:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
         except (BotoCoreError, ClientError) as exc:
             raise self.error("delete", name, exc) from None
+
+    def list_versions(self, prefix: str) -> Iterator[ObjectVersion]:
+        # An unversioned bucket answers too: each object once, version "null".
+        paginator = self.client.get_paginator("list_object_versions")
+        cut = len(self.prefix)
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for v in page.get("Versions", []):
+                    yield ObjectVersion(v["Key"][cut:], str(v["VersionId"]), int(v["Size"]),
+                                        latest=bool(v.get("IsLatest")))
+                for m in page.get("DeleteMarkers", []):
+                    yield ObjectVersion(m["Key"][cut:], str(m["VersionId"]), 0,
+                                        delete_marker=True, latest=bool(m.get("IsLatest")))
+        except (BotoCoreError, ClientError) as exc:
+            raise self.error("list the versions of", prefix or "/", exc) from None
+
+    def delete_version(self, name: str, version_id: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(name),
+                                      VersionId=version_id)
+        except (BotoCoreError, ClientError) as exc:
+            err = self.error(f"delete version {version_id} of", name, exc)
+            if not isinstance(err, NotFound):
+                raise err from None
+
+    def version_retained_until(self, name: str, version_id: str) -> datetime | None:
+        key = self._key(name)
+        if not self.object_lock_enabled():
+            return None
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key, VersionId=version_id)
+        except (BotoCoreError, ClientError) as exc:
+            err = self.error(f"stat version {version_id} of", name, exc)
+            if isinstance(err, NotFound):
+                return None
+            raise err from None
+        until = head.get("ObjectLockRetainUntilDate")
+        return until.astimezone(UTC) if until is not None else None

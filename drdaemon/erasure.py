@@ -1,0 +1,604 @@
+"""Crypto-shredding a tenant: `drctl tenant erase` and the daemon call :func:`erase`.
+
+Snapshots sit in COMPLIANCE-locked buckets for weeks; the contract wants every
+copy of a departed tenant's data gone within 4 weeks. What makes that possible
+is that the tenant's snapshots are encrypted to the tenant's own key, stored
+only wrapped (docs/format.md, "Tenants"). Erasure, in this order:
+
+1. destroy every copy of the tenant's wrapped keys: every region, every object
+   version (and delete marker) where a bucket keeps versions, and the state
+   folder;
+2. delete every version of every snapshot object of the tenant's sources that
+   no Object Lock holds, in every region, trash included - only names that
+   match layout.py's patterns; a locked version stays (unreadable from step 1
+   on) and prune deletes it once its lock ends (:func:`sweep_erased`);
+3. check: list every region (all versions) and the state folder again; a key
+   copy still there, or a place that could not be listed, fails the erasure;
+4. write the certificate (erasure_cert.py): JSON in the state folder and in
+   every region, never locked; an HTML page beside it in the state folder;
+   an audit record.
+
+Resumable: before each deletion an intent line goes to the journal
+(state folder ``tenants/<t>/erasure/journal.jsonl``). A run killed in the
+middle leaves it; the next run lists everything again, deletes what is left,
+and counts a journalled object that is no longer listed as deleted, so the
+certificate covers the whole erasure. The journal goes once the certificate is
+written everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext, suppress
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from . import layout, lifecycle, locks, statefs, tenancy
+from .config import NAME_HINT, NAME_RE
+from .erasure_cert import (
+    MAX_CERTIFICATE_BYTES,
+    STATE_FOLDER,
+    Check,
+    DestroyedKey,
+    ErasureCertificate,
+    LockedObject,
+    StoredObject,
+    parse,
+    render_html,
+    serialize,
+)
+from .errors import DrError, IntegrityError, UsageError
+from .keys import fingerprint
+from .runtime import Runtime
+from .storage import ObjectStore, ObjectVersion
+from .units import format_utc, parse_iso_time
+
+JOURNAL = "journal.jsonl"
+MAX_KEY_RECORD_BYTES = 64 << 10
+# Within a snapshot, the manifest goes first (the snapshot stops listing), the
+# trash entry last (while it stays, prune knows the id), as prune orders it.
+_ROLE_ORDER = {layout.MANIFESTS: 0, layout.FACTS: 1, layout.DATA: 2, layout.TRASH: 3}
+
+
+class ErasureFailed(DrError):
+    """The erasure did not complete (the certificate says why); exit 1."""
+
+
+def derive_key_id(recipient: str) -> str:
+    """The key id of a tenant recipient (the tenant-key contract, docs/format.md)."""
+    return hashlib.sha256(b"drdaemon-tenant-key\0" + recipient.encode()).hexdigest()[:16]
+
+
+# -- the journal ------------------------------------------------------------------
+
+def _journal_path(tenant: str) -> str:
+    return f"{statefs.erasure_folder(tenant)}/{JOURNAL}"
+
+
+@dataclass
+class Journal:
+    """What earlier, interrupted runs of this erasure did (empty for a new one)."""
+
+    started_at: datetime | None = None
+    sources: tuple[str, ...] = ()
+    keys: dict[str, DestroyedKey] = field(default_factory=dict)
+    intents: list[tuple[str, StoredObject]] = field(default_factory=list)  # (step, object)
+
+
+def _read_journal(rt: Runtime, tenant: str) -> Journal:
+    try:
+        raw = statefs.read_shared(rt.config.daemon.state_dir, _journal_path(tenant))
+    except FileNotFoundError:
+        return Journal()
+    j = Journal()
+    for line in raw.decode(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+            if "begin" in rec:
+                j.started_at = parse_iso_time(rec["begin"]["started_at"])
+                j.sources = tuple(rec["begin"]["sources"])
+            elif "key" in rec:
+                k = rec["key"]
+                j.keys[k["key_id"]] = DestroyedKey(k["key_id"], k["fingerprint"],
+                                                   bool(k["verified"]))
+            elif "delete" in rec:
+                o = rec["delete"]
+                j.intents.append((rec["step"], StoredObject(o["where"], o["name"],
+                                                            o["version_id"], o["size"])))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a kill: the listing finds what it was about
+    return j
+
+
+def erasure_in_progress(rt: Runtime, tenant: str) -> bool:
+    """Whether an erasure of `tenant` began and has not finished (its journal is there)."""
+    return JOURNAL in statefs.list_names(rt.config.daemon.state_dir,
+                                         statefs.erasure_folder(tenant))
+
+
+def _append(rt: Runtime, tenant: str, record: dict[str, Any]) -> None:
+    line = json.dumps(record, sort_keys=True).encode() + b"\n"
+    with statefs.appending(rt.config.daemon.state_dir, _journal_path(tenant)) as fd:
+        statefs.write_all(fd, line)
+
+
+# -- what there is ------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """One run of an erasure (or a prune sweep): what it found and did."""
+
+    tenant: str
+    now: datetime
+    dry_run: bool
+    journal: bool  # write intents to the journal before each deletion
+    seen: set[tuple[str, str, str]] = field(default_factory=set)  # (where, name, version)
+    unlisted: set[str] = field(default_factory=set)  # regions a listing failed in
+    key_copies: list[StoredObject] = field(default_factory=list)
+    deleted: list[StoredObject] = field(default_factory=list)
+    locked: list[LockedObject] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _versions(store: ObjectStore, prefix: str, run: Run) -> list[ObjectVersion] | None:
+    try:
+        found = list(store.list_versions(prefix))
+    except DrError as exc:
+        run.errors.append(f"region {store.name}: cannot list {prefix}: {exc}")
+        run.unlisted.add(store.name)
+        return None
+    run.seen.update((store.name, v.name, v.version_id) for v in found)
+    return found
+
+
+def _delete(rt: Runtime, run: Run, step: str, obj: StoredObject,
+            store: ObjectStore | None) -> None:
+    """Journal the intent, then delete one version (or state file) for good."""
+    if run.dry_run:
+        run.deleted.append(obj)
+        return
+    if run.journal:
+        _append(rt, run.tenant, {"step": step, "delete": obj.to_dict()})
+    try:
+        if store is None:
+            statefs.unlink(rt.config.daemon.state_dir, obj.name)
+        else:
+            store.delete_version(obj.name, obj.version_id)
+    except (DrError, OSError) as exc:
+        run.errors.append(f"{obj.where}: cannot delete {obj.name}"
+                          + (f" version {obj.version_id}" if obj.version_id else "")
+                          + f": {exc}")
+        return
+    run.deleted.append(obj)
+
+
+# -- step 1: the keys -------------------------------------------------------------------
+
+def _key_id_of(name: str) -> str | None:
+    base = name.rsplit("/", 1)[-1]
+    stem, dot, ext = base.rpartition(".")
+    return stem if dot and ext in ("age", "json") and stem else None
+
+
+def _describe_key(key_id: str, raw: bytes | None) -> DestroyedKey:
+    """A key's public facts from its record (untrusted: checked against its id)."""
+    try:
+        recipient = json.loads(raw or b"")["recipient"]
+        if not isinstance(recipient, str) or not recipient.startswith("age1"):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        return DestroyedKey(key_id, None, False)
+    return DestroyedKey(key_id, fingerprint(recipient), derive_key_id(recipient) == key_id)
+
+
+def _state_key_copies(rt: Runtime, tenant: str) -> list[StoredObject]:
+    folder = statefs.tenant_keys_folder(tenant)
+    names = statefs.list_names(rt.config.daemon.state_dir, folder)
+    return [StoredObject(STATE_FOLDER, f"{folder}/{n}") for n in names if not n.startswith(".")]
+
+
+def _region_key_copies(rt: Runtime, tenant: str,
+                       run: Run) -> list[tuple[ObjectStore, ObjectVersion]]:
+    found = []
+    for store in rt.stores:
+        versions = _versions(store, layout.tenant_keys_prefix(tenant), run)
+        found += [(store, v) for v in versions or ()]
+    return found
+
+
+def _read_record(rt: Runtime, tenant: str, key_id: str,
+                 regional: list[tuple[ObjectStore, ObjectVersion]]) -> bytes | None:
+    rel = f"{statefs.tenant_keys_folder(tenant)}/{key_id}.json"
+    try:
+        return statefs.read_bytes(rt.config.daemon.state_dir, rel)[:MAX_KEY_RECORD_BYTES]
+    except (FileNotFoundError, OSError, DrError):
+        pass
+    name = layout.tenant_key_record(tenant, key_id)
+    for store, v in regional:
+        if v.name == name and v.latest and not v.delete_marker:
+            try:
+                return store.get_bytes(name, MAX_KEY_RECORD_BYTES)
+            except DrError:
+                continue
+    return None
+
+
+def _destroy_keys(rt: Runtime, run: Run, known: dict[str, DestroyedKey]) -> dict[str, DestroyedKey]:
+    """Step 1: record each key's public facts (once), then destroy every copy."""
+    tenant = run.tenant
+    local = _state_key_copies(rt, tenant)
+    regional = _region_key_copies(rt, tenant, run)
+    run.seen.update((o.where, o.name, o.version_id) for o in local)
+    ids = {k for k in (_key_id_of(o.name) for o in local) if k}
+    ids |= {k for k in (_key_id_of(v.name) for _, v in regional) if k}
+    keys = dict(known)
+    for key_id in sorted(ids - keys.keys()):
+        keys[key_id] = _describe_key(key_id, _read_record(rt, tenant, key_id, regional))
+        if not run.dry_run and run.journal:
+            _append(rt, tenant, {"key": keys[key_id].to_dict()})
+    for obj in local:
+        _delete(rt, run, "key", obj, None)
+    # Versions before delete markers: a marker removed first would show the
+    # version beneath it to a reader for a moment.
+    for store, v in sorted(regional, key=lambda sv: sv[1].delete_marker):
+        _delete(rt, run, "key", StoredObject(store.name, v.name, v.version_id, v.size), store)
+    run.key_copies = [o for o in run.deleted]
+    run.deleted.clear()
+    return keys
+
+
+# -- step 2: the snapshot objects ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class ObjectPlan:
+    """What step 2 does with one source's versions in one region (plan_objects)."""
+
+    delete: tuple[ObjectVersion, ...]  # in this order
+    locked: tuple[tuple[ObjectVersion, datetime], ...]
+    unknown: tuple[tuple[ObjectVersion, str], ...]  # lock unreadable: kept
+
+
+def snapshot_versions(source: str, versions: Iterable[ObjectVersion]) -> list[ObjectVersion]:
+    """The versions (not delete markers) named exactly as `source`'s snapshot objects:
+    the only ones whose lock is asked for, and the only ones ever deleted."""
+    return [v for v in versions if not v.delete_marker
+            and (p := layout.parse_object_name(v.name)) is not None and p.source == source]
+
+
+def plan_objects(source: str, versions: Iterable[ObjectVersion],
+                 locks: Mapping[tuple[str, str], datetime | str | None],
+                 now: datetime) -> ObjectPlan:
+    """Pure: delete every version of `source`'s snapshot objects whose lock (from
+    `locks`, by (name, version id); a str is why it could not be read) has ended;
+    keep the others, dated. Names that do not parse as the source's are never
+    touched. Within a snapshot the manifest goes first and the trash entry last
+    (prune's order); delete markers go last, and only over names nothing stays under
+    (so a snapshot prune trashed does not reappear in a listing)."""
+    ours = [(v, p) for v in versions
+            if (p := layout.parse_object_name(v.name)) is not None and p.source == source]
+    ours.sort(key=lambda vp: (vp[1].snapshot_id, _ROLE_ORDER[vp[1].role], vp[0].name,
+                              vp[0].version_id))
+    delete: list[ObjectVersion] = []
+    locked: list[tuple[ObjectVersion, datetime]] = []
+    unknown: list[tuple[ObjectVersion, str]] = []
+    for v, _ in ours:
+        if v.delete_marker:
+            continue
+        until = locks.get((v.name, v.version_id))
+        if isinstance(until, str):
+            unknown.append((v, until))
+        elif until is not None and until > now:
+            locked.append((v, until))
+        else:
+            delete.append(v)
+    held = {v.name for v, _ in locked} | {v.name for v, _ in unknown}
+    delete += [v for v, _ in ours if v.delete_marker and v.name not in held]
+    return ObjectPlan(tuple(delete), tuple(locked), tuple(unknown))
+
+
+def _lock(store: ObjectStore, v: ObjectVersion) -> datetime | str | None:
+    try:
+        return store.version_retained_until(v.name, v.version_id)
+    except DrError as exc:
+        return str(exc)
+
+
+def delete_snapshot_objects(rt: Runtime, run: Run, sources: Iterable[str]) -> None:
+    """Step 2 (and prune's sweep): list every version of `sources`' objects in every
+    region, ask the lock of each snapshot object, then carry out :func:`plan_objects`."""
+    for source in sources:
+        for store in rt.stores:
+            versions = _versions(store, layout.source_prefix(source), run)
+            if versions is None:
+                continue
+            locks = {(v.name, v.version_id): _lock(store, v)
+                     for v in snapshot_versions(source, versions)}
+            plan = plan_objects(source, versions, locks, run.now)
+            run.locked += [LockedObject(store.name, v.name, v.version_id, until)
+                           for v, until in plan.locked]
+            run.errors += [f"region {store.name}: cannot read the lock of {v.name}: {why}"
+                           for v, why in plan.unknown]
+            for v in plan.delete:
+                _delete(rt, run, "object", StoredObject(store.name, v.name, v.version_id,
+                                                        v.size), store)
+
+
+# -- step 3: the check ----------------------------------------------------------------------
+
+def check_keys_gone(rt: Runtime, tenant: str) -> Check:
+    """List every region (all versions) and the state folder for copies of the tenant's keys."""
+    remaining: list[StoredObject] = []
+    unreadable: list[tuple[str, str]] = []
+    places: list[str] = []
+    for store in rt.stores:
+        try:
+            remaining += [StoredObject(store.name, v.name, v.version_id, v.size)
+                          for v in store.list_versions(layout.tenant_keys_prefix(tenant))]
+        except DrError as exc:
+            unreadable.append((store.name, str(exc)))
+            continue
+        places.append(store.name)
+    try:
+        remaining += _state_key_copies(rt, tenant)
+        places.append(STATE_FOLDER)
+    except (OSError, DrError) as exc:
+        unreadable.append((STATE_FOLDER, str(exc)))
+    return Check(not remaining and not unreadable, tuple(places), tuple(remaining),
+                 tuple(unreadable))
+
+
+# -- the service ----------------------------------------------------------------------------
+
+def _refuse_shared(rt: Runtime, tenant: str, now: datetime) -> None:
+    shared = tenancy.shared_sources(rt.config, tenant)
+    if not shared:
+        return
+    by = max(tenancy.ages_out_by(rt.config.source(s.source), now) for s in shared)
+    names = ", ".join(f"{s.source} (with {', '.join(s.others)})" for s in shared)
+    raise UsageError(
+        f"tenant {tenant} cannot be crypto-shredded alone: its data is in shared sources "
+        f"{names}, whose snapshots hold other tenants' data under the same keys; remove its "
+        f"data from them and their copies age out under retention by {format_utc(by)[:10]}")
+
+
+def _previously(journal: Journal, run: Run) -> list[tuple[str, StoredObject]]:
+    """Intents of earlier runs whose objects this run no longer found: deleted then.
+    Where this run could not list, nothing is known: a later run will tell."""
+    gone = {(o.where, o.name, o.version_id): (step, o) for step, o in journal.intents
+            if (o.where, o.name, o.version_id) not in run.seen and o.where not in run.unlisted}
+    return list(gone.values())  # an object tried twice (a failed delete) counts once
+
+
+def erase(rt: Runtime, tenant: str, dry_run: bool = False,
+          now: datetime | None = None) -> ErasureCertificate:
+    """Crypto-shred `tenant` (module docstring); idempotent, resumes an interrupted run.
+
+    Raises UsageError for a bad name, an unknown tenant or a shared source;
+    returns the certificate otherwise, complete or not (`.ok`): the caller
+    fails loudly on an incomplete one. A dry run lists and changes nothing.
+    """
+    if not NAME_RE.match(tenant):
+        raise UsageError(f"invalid tenant name {tenant!r}: {NAME_HINT}")
+    now = now or rt.clock()
+    journal = _read_journal(rt, tenant)
+    configured = [s.name for s in tenancy.sources_of(rt.config, tenant)]
+    # Sources an earlier erasure covered count too: the config may have dropped them.
+    earlier_sources = [s for c in _state_certificates(rt, tenant) for s in c.sources]
+    sources = tuple(dict.fromkeys((*journal.sources, *earlier_sources, *configured)))
+    if not sources:
+        known = sorted({s.tenant for s in rt.config.sources}) or ["none"]
+        raise UsageError(f"no source of tenant {tenant!r} in {rt.config.path} and no earlier "
+                         f"erasure of it (tenants: {', '.join(known)})")
+    _refuse_shared(rt, tenant, now)
+    state = lifecycle.load(rt, tenant)
+    if state.hold is not None and not dry_run:
+        raise UsageError(f"tenant {tenant} is under legal hold ({state.hold.reason}, since "
+                         f"{format_utc(state.hold.since)}): erasure waits until "
+                         f"`drctl tenant release {tenant}`")
+    started = journal.started_at or now
+    run = Run(tenant, now, dry_run, journal=not dry_run)
+    state_dir = rt.config.daemon.state_dir
+    lock: AbstractContextManager[object] = (
+        nullcontext() if dry_run else locks.deletions_lock(state_dir))
+    with rt.audit_batch(), lock:
+        if not dry_run and journal.started_at is None:
+            _append(rt, tenant, {"begin": {"started_at": format_utc(started),
+                                           "sources": list(sources)}})
+        keys = _destroy_keys(rt, run, journal.keys)
+        delete_snapshot_objects(rt, run, sources)
+        check = check_keys_gone(rt, tenant) if not dry_run else Check(
+            False, (), tuple(run.key_copies), ())
+        earlier = _previously(journal, run)
+        cert = ErasureCertificate(
+            tenant=tenant, started_at=started, finished_at=rt.clock(), sources=sources,
+            places=(*(s.name for s in rt.stores), STATE_FOLDER),
+            keys=tuple(sorted(keys.values(), key=lambda k: k.key_id)),
+            key_copies=tuple(o for step, o in earlier if step == "key") + tuple(run.key_copies),
+            deleted=tuple(o for step, o in earlier if step == "object") + tuple(run.deleted),
+            locked=tuple(run.locked), check=check, errors=tuple(run.errors), dry_run=dry_run)
+        if not dry_run:
+            _publish(rt, cert)
+            _record_in_lifecycle(rt, cert)
+    return cert
+
+
+def _record_in_lifecycle(rt: Runtime, cert: ErasureCertificate) -> None:
+    """The tenant's lifecycle state learns the erasure (so the deadline alerts end),
+    finished only when the certificate says every key copy is gone."""
+    done = cert.finished_at if cert.ok else None
+    lifecycle.update(rt, cert.tenant, lambda s: replace(
+        s, erasure=lifecycle.Erasure(cert.started_at, done, cert.name)))
+
+
+def _publish(rt: Runtime, cert: ErasureCertificate) -> None:
+    """Step 4: the certificate everywhere, the audit record, then the journal goes."""
+    raw = serialize(cert, rt.manifest_key)
+    state_dir = rt.config.daemon.state_dir
+    folder = statefs.erasure_folder(cert.tenant)
+    statefs.write_atomic(state_dir, f"{folder}/{cert.stamp}.json", raw)
+    statefs.write_atomic(state_dir, f"{folder}/{cert.stamp}.html", render_html(cert).encode())
+    failed = []
+    for store in rt.stores:
+        try:
+            store.put_bytes(cert.name, raw)  # never locked: it names what was destroyed
+        except DrError as exc:
+            failed.append(f"{store.name}: {exc}")
+    rt.record_event("tenant.erase", tenant=cert.tenant, certificate=cert.name,
+                    ok=cert.ok and not failed, sources=list(cert.sources),
+                    key_ids=[k.key_id for k in cert.keys],
+                    fingerprints=[k.fingerprint for k in cert.keys if k.fingerprint],
+                    key_copies_destroyed=len(cert.key_copies), objects_deleted=len(cert.deleted),
+                    objects_locked=len(cert.locked), check=cert.check.summary(),
+                    errors=list(cert.errors), certificate_not_written=failed)
+    if cert.ok and not failed:
+        statefs.unlink(state_dir, _journal_path(cert.tenant))
+    elif failed:
+        raise ErasureFailed(f"erasure of {cert.tenant}: the certificate could not be written "
+                            f"to {'; '.join(failed)}; run the erasure again")
+
+
+# -- reading erasures back --------------------------------------------------------------------
+
+def _state_certificates(rt: Runtime, tenant: str) -> Iterator[ErasureCertificate]:
+    state_dir = rt.config.daemon.state_dir
+    folder = statefs.erasure_folder(tenant)
+    for name in statefs.list_names(state_dir, folder):
+        if layout.certificate_stamp(name) is None:
+            continue
+        try:
+            yield parse(statefs.read_bytes(state_dir, f"{folder}/{name}"), rt.manifest_key,
+                        tenant)
+        except (IntegrityError, OSError):
+            continue
+
+
+def _region_certificates(rt: Runtime, tenant: str) -> list[ErasureCertificate]:
+    """The certificates of the first region that answers: each holds them all, and a
+    region that is down is waited for once, not once per region."""
+    for store in rt.stores:
+        found = []
+        try:
+            names = [i.name for i in store.list(layout.erasure_prefix(tenant))
+                     if layout.certificate_stamp(i.name) is not None]
+            for name in names:
+                with suppress(IntegrityError):
+                    found.append(parse(store.get_bytes(name, MAX_CERTIFICATE_BYTES),
+                                       rt.manifest_key, tenant))
+        except DrError:
+            continue
+        return found
+    return []
+
+
+def certificates(rt: Runtime, tenant: str) -> list[ErasureCertificate]:
+    """The tenant's authentic erasure certificates, oldest first: the state folder's,
+    else those of the first region that can be listed."""
+    found = list(_state_certificates(rt, tenant)) or _region_certificates(rt, tenant)
+    return sorted(found, key=lambda c: (c.started_at, c.finished_at))
+
+
+def erasure_note(rt: Runtime, tenant: str) -> str | None:
+    """One line naming the tenant's erasure and its certificate, or None if never erased.
+
+    An erasure begun and not finished (its journal in the state folder) counts:
+    some key copies may already be gone.
+    """
+    certs = certificates(rt, tenant)
+    if certs:
+        first = certs[0]
+        state = "" if certs[-1].ok else " (not complete: run drctl tenant erase again)"
+        return (f"tenant {tenant} was erased on {format_utc(first.started_at)[:10]}{state}; "
+                f"erasure certificate {first.name}: its keys are destroyed and its snapshots "
+                "cannot be restored, drilled or exported")
+    journal = _read_journal(rt, tenant)
+    if journal.started_at is not None:
+        return (f"tenant {tenant}: an erasure began on {format_utc(journal.started_at)} and is "
+                f"not finished (journal {statefs.erasure_folder(tenant)}/{JOURNAL}); run "
+                f"drctl tenant erase {tenant} to complete it")
+    return None
+
+
+def refuse_if_erased(rt: Runtime, tenant: str) -> None:
+    """Raise UsageError with :func:`erasure_note` if `tenant` was erased."""
+    note = erasure_note(rt, tenant)
+    if note:
+        raise UsageError(note)
+
+
+# -- prune's part -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Swept:
+    """One object of an erased tenant that prune deleted (or would, or could not)."""
+
+    tenant: str
+    source: str  # "" (and no region, name, snapshot id) for a failure to list
+    region: str
+    name: str
+    snapshot_id: str
+    status: str  # "done", "planned" or "failed"
+    detail: str
+
+
+def _region_erased_tenants(rt: Runtime) -> set[str]:
+    """Tenants with a certificate in the first region that can be listed."""
+    for store in rt.stores:
+        try:
+            names = [info.name for info in store.list(f"{layout.TENANTS}/")]
+        except DrError:
+            continue
+        return {p[0] for p in map(layout.parse_certificate_name, names) if p is not None}
+    return set()
+
+
+def erased_tenants(rt: Runtime) -> dict[str, tuple[str, ...]]:
+    """Tenant -> the sources its erasures covered, for every tenant with an authentic
+    certificate in the state folder or, for a host whose state folder was rebuilt,
+    in the regions: prune's sweep must not forget an erasure."""
+    here = set(statefs.list_names(rt.config.daemon.state_dir, layout.TENANTS))
+    regional = _region_erased_tenants(rt)
+    out: dict[str, tuple[str, ...]] = {}
+    for tenant in sorted(here | regional):
+        if not NAME_RE.match(tenant):
+            continue
+        certs = list(_state_certificates(rt, tenant)) or (
+            _region_certificates(rt, tenant) if tenant in regional else [])
+        sources = {s for c in certs if not c.dry_run for s in c.sources}
+        if sources:
+            out[tenant] = tuple(sorted(sources))
+    return out
+
+
+def sweep_erased(rt: Runtime, now: datetime, dry_run: bool,
+                 only: Collection[str] | None = None) -> list[Swept]:
+    """Delete what erasures left under Object Lock once the lock has ended.
+
+    Retention has no say: the tenant is erased, its newest and drill-verified
+    snapshots are no proof of anything any more. `only`: these sources alone
+    (a prune of chosen sources). Called by prune, under its lock.
+    """
+    swept: list[Swept] = []
+    for tenant, erased in erased_tenants(rt).items():
+        sources = [s for s in erased if only is None or s in only]
+        if not sources:
+            continue
+        run = Run(tenant, now, dry_run, journal=False)
+        delete_snapshot_objects(rt, run, sources)
+        for o in run.deleted:
+            parsed = layout.parse_object_name(o.name)
+            swept.append(Swept(tenant, parsed.source if parsed else "", o.where, o.name,
+                               parsed.snapshot_id if parsed else "",
+                               "planned" if dry_run else "done",
+                               f"{'would delete' if dry_run else 'deleted'} {o.name}"
+                               + (f" version {o.version_id}" if o.version_id else "")
+                               + f": tenant {tenant} was erased"))
+        swept += [Swept(tenant, "", "", "", "", "failed", e) for e in run.errors]
+        if run.deleted and not dry_run:
+            rt.record_event("tenant.erase.sweep", tenant=tenant,
+                            deleted=[f"{o.where}:{o.name}@{o.version_id}" for o in run.deleted],
+                            errors=list(run.errors))
+    return swept
+
