@@ -45,7 +45,7 @@ from zoneinfo import ZoneInfo
 
 from . import catalog, layout, locks, manifest, orphans, retention, state
 from .config import RetentionConfig, SourceConfig
-from .drill_records import newest_verified
+from .drills.records import newest_verified
 from .errors import DrError, IntegrityError, UsageError
 from .manifest import Manifest
 from .orphans import OrphanPlan

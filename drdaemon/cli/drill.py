@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 
-from .. import drill_records, drills
+from ..drills import records as drill_records
+from ..drills import run as drills
+from ..drills.report import FORMATS, against, duration, rate, render, size, when
 from ..errors import UsageError
 from ..keys import identities_for
-from ..report import FORMATS, against, duration, rate, render, size, when
 from ..runtime import utcnow
 from ..state import write_atomic
 from ..units import parse_duration, parse_iso_time

@@ -32,7 +32,7 @@ from . import pg_database, pg_session
 from .base import Dump
 from .pg_session import child_env, describe, describe_connection
 
-__all__ = ["describe"]  # re-exported: drills, locks and drill_scratch name servers with it
+__all__ = ["describe"]  # re-exported: drills, locks and drills.scratch name servers with it
 
 # A table locked by someone else makes pg_dump and the row count wait this long, then fail.
 LOCK_WAIT_TIMEOUT = timedelta(minutes=5)

@@ -8,9 +8,9 @@ phases, see slo.rto_split), RPO, throughput and the projected tier RTO, and
 always removes the scratch copy: a `drdaemon_drill_*` database on `[drills]
 postgres_dsn` (else the source's server) or a folder under `scratch_dir`, named
 after the drilling process so that a run can first remove what killed drills
-left (drill_scratch.py). README.md ("Drills") defines every figure and reason code.
+left (drills/scratch.py). README.md ("Drills") defines every figure and reason code.
 
-Each drill is one `DrillRecord` (drill_records.py): a JSON line in
+Each drill is one `DrillRecord` (drills/records.py): a JSON line in
 `<state_dir>/drills/drills.jsonl` and a `drill` record in the audit log (the
 tamper-evident copy).
 """
@@ -34,31 +34,32 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from pyrage import x25519
 
-from . import catalog, drill_scratch, slo
-from . import facts as facts_object
-from .catalog import SnapshotEntry
-from .config import Config, DrillCheck, SourceConfig
-from .drill_records import (
+from .. import catalog, slo
+from .. import facts as facts_object
+from ..catalog import SnapshotEntry
+from ..config import Config, DrillCheck, SourceConfig
+from ..errors import DrError, IntegrityError, SourceError, UsageError, first_line
+from ..keys import identities_for
+from ..layout import new_snapshot_id
+from ..manifest import Manifest
+from ..restore import stream_into
+from ..runtime import Runtime
+from ..sources import postgres
+from ..sources.base import Sink
+from ..sources.directory import DirectorySink, owner_problem, tree_facts
+from ..sources.pg_database import Policy, Recreation
+from ..storage import NotFound, ObjectStore, StorageError
+from ..verify import hash_copy
+from . import scratch as drill_scratch
+from .records import (
     DrillRecord,
     append_record,
     latest_restores,
     load_records,
     records_path,
 )
-from .drill_scratch import Cleanup
-from .errors import DrError, IntegrityError, SourceError, UsageError, first_line
-from .keys import identities_for
-from .layout import new_snapshot_id
-from .manifest import Manifest
 from .report import ReportData
-from .restore import stream_into
-from .runtime import Runtime
-from .sources import postgres
-from .sources.base import Sink
-from .sources.directory import DirectorySink, owner_problem, tree_facts
-from .sources.pg_database import Policy, Recreation
-from .storage import NotFound, ObjectStore, StorageError
-from .verify import hash_copy
+from .scratch import Cleanup
 
 log = logging.getLogger("drdaemon")
 
@@ -712,7 +713,7 @@ def audit_status(rt: Runtime, records: Sequence[DrillRecord]) -> dict[str, Any] 
     A drill whose outcome differs from its audit record (or has none before
     the chain's first bad record) is listed in `drills_unattested`.
     """
-    from . import audit
+    from .. import audit
 
     try:
         result = audit.verify(rt)

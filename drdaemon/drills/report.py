@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import jinja2
 
-from .units import format_bytes, format_duration, parse_iso_time
+from ..units import format_bytes, format_duration, parse_iso_time
 
 if TYPE_CHECKING:
-    from .drill_records import DrillRecord
+    from .records import DrillRecord
 
 FORMATS = ("html", "md", "json")
 PALETTE = ("#1f77b4", "#9467bd", "#2ca02c", "#ff7f0e", "#8c564b", "#17becf", "#e377c2")

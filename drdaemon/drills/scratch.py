@@ -1,7 +1,7 @@
 """Drill scratch space: names that say who made them, and removal of what killed drills left.
 
 A drill restores into scratch space and removes it afterwards, even when it
-fails (drills.py, `_Scratch`). A drill process that is killed (kill -9, OOM,
+fails (drills/run.py, `_Scratch`). A drill process that is killed (kill -9, OOM,
 power loss) cannot: its scratch database or folder would stay forever. So
 every scratch name carries its owner,
 
@@ -55,13 +55,13 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from . import statefs
-from .config import Config, SourceConfig
-from .errors import first_line as _first_line
-from .runtime import Runtime
-from .sources import postgres
-from .sources.directory import remove_tree
-from .units import format_duration
+from .. import statefs
+from ..config import Config, SourceConfig
+from ..errors import first_line as _first_line
+from ..runtime import Runtime
+from ..sources import postgres
+from ..sources.directory import remove_tree
+from ..units import format_duration
 
 log = logging.getLogger("drdaemon")
 
