@@ -18,7 +18,6 @@ tamper-evident copy).
 from __future__ import annotations
 
 import logging
-import secrets
 import shutil
 import socket
 import tempfile
@@ -26,28 +25,31 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-import psycopg
-from psycopg.conninfo import make_conninfo
 from pyrage import x25519
 
 from .. import catalog, slo
 from .. import facts as facts_object
 from ..catalog import SnapshotEntry
-from ..config import Config, DrillCheck, SourceConfig
+from ..config import Config, SourceConfig
 from ..errors import DrError, IntegrityError, SourceError, UsageError, first_line
 from ..keys import identities_for
 from ..layout import new_snapshot_id
 from ..manifest import Manifest
 from ..restore import stream_into
 from ..runtime import Runtime
-from ..sources import postgres
-from ..sources.base import Sink
-from ..sources.directory import DirectorySink, owner_problem, tree_facts
-from ..sources.pg_database import Policy, Recreation
+from ..sources import kind_for
+from ..sources.base import (
+    MANIFEST_INVALID,
+    NO_IDENTITY,
+    RESTORE_FAILED,
+    DrillFailure,
+    DrillPlace,
+    DrillScratch,
+    Sink,
+)
 from ..storage import NotFound, ObjectStore, StorageError
 from ..verify import hash_copy
 from . import scratch as drill_scratch
@@ -63,25 +65,14 @@ from .scratch import Cleanup
 
 log = logging.getLogger("drdaemon")
 
-# A drill server need not know the source's roles: ownership and grants are
-# not what a drill proves, and restoring them could fail for reasons no
-# disaster would have.
-DRILL_RESTORE_OPTIONS = ("--no-owner", "--no-privileges")
-
 # Reason codes: every failure reason reads "<code>: <detail>".
+# (The codes a kind's verification uses are in sources/base.py.)
 NO_SNAPSHOT = "no-snapshot"
 NEWEST_UNREADABLE = "newest-unreadable"  # the newest listed snapshot is unreadable everywhere
 SNAPSHOT_MISSING = "snapshot-missing"  # none in the drill region (others have some)
 REGION_UNREACHABLE = "region-unreachable"
-MANIFEST_INVALID = "manifest-invalid"
 OBJECT_MISSING = "object-missing"
 CORRUPT = "corrupt"
-NO_IDENTITY = "no-identity"
-RESTORE_FAILED = "restore-failed"
-COUNT_MISMATCH = "count-mismatch"
-DIGEST_MISMATCH = "digest-mismatch"
-CHECK_FAILED = "check-failed"
-PROPERTY_MISMATCH = "property-mismatch"  # database-level properties (pg_database.py)
 CLEANUP_FAILED = "cleanup-failed"
 INTERNAL = "internal-error"
 
@@ -114,44 +105,6 @@ class DrillRun:
 def default_region(config: Config) -> str:
     """The region a drill reads from: the first that is not the primary (the first)."""
     return config.regions[1].name
-
-
-def compare_tables(expected: Any, got: list[dict[str, Any]]) -> list[str]:
-    """Count mismatches between the manifest's `tables` facts and a restored database."""
-    try:
-        want = {(str(t["schema"]), str(t["table"])): int(t["rows"]) for t in expected}
-    except (TypeError, KeyError, ValueError):
-        return [f"{MANIFEST_INVALID}: the manifest records no usable table counts"]
-    have = {(t["schema"], t["table"]): int(t["rows"]) for t in got}
-    reasons = []
-    for (schema, table), rows in sorted(want.items()):
-        name = f"{schema}.{table}"
-        if (schema, table) not in have:
-            reasons.append(f"{COUNT_MISMATCH}: table {name} is missing from the restored copy "
-                           f"(manifest: {rows} rows)")
-        elif have[(schema, table)] != rows:
-            reasons.append(f"{COUNT_MISMATCH}: table {name} has {have[(schema, table)]} rows, "
-                           f"the manifest says {rows}")
-    for schema, table in sorted(set(have) - set(want)):
-        reasons.append(f"{COUNT_MISMATCH}: table {schema}.{table} was restored but is not in "
-                       "the manifest")
-    return reasons
-
-
-TREE_FACTS = ("files", "directories", "symlinks", "bytes", "digest")
-
-
-def compare_tree(expected: dict[str, Any], got: dict[str, Any]) -> list[str]:
-    """Mismatches between the manifest's directory facts and a restored tree."""
-    reasons = []
-    for key in TREE_FACTS:
-        if key not in expected:
-            reasons.append(f"{MANIFEST_INVALID}: the manifest records no {key}")
-        elif got[key] != expected[key]:
-            code = DIGEST_MISMATCH if key == "digest" else COUNT_MISMATCH
-            reasons.append(f"{code}: restored {key} is {got[key]}, the manifest says "
-                           f"{expected[key]}")
-    return reasons
 
 
 # -- timing the restore pipeline -----------------------------------------------
@@ -456,13 +409,15 @@ class _Scratch:
     """The scratch target of one drill; `remove` always runs and always removes it.
 
     Its name carries this process (drill_scratch.Owner): should the process be
-    killed before `remove`, a later run removes what it left.
+    killed before `remove`, a later run removes what it left. The kind makes
+    and verifies the copy (SourceKind.open_scratch); a folder it asks for is
+    removed here.
     """
 
     def __init__(self, d: _Drill, m: Manifest, facts: dict[str, Any],
                  identities: Sequence[x25519.Identity] = ()) -> None:
         self.d, self.m, self.facts, self.identities = d, m, facts, identities
-        self.sink: postgres.PostgresSink | DirectorySink | None = None
+        self.copy: DrillScratch | None = None
         self.folder: Path | None = None
         self.owner = drill_scratch.this_process(d.started_at)
         self.in_use = False
@@ -471,104 +426,49 @@ class _Scratch:
         d = self.d
         drill_scratch.begin_use()  # before the scratch exists: see clean_leftovers
         self.in_use = True
+        config = d.rt.config
+        place = DrillPlace(
+            make_folder=self._make_folder,
+            database_prefix=drill_scratch.database_prefix(self.owner),
+            server_dsn=config.drills.postgres_dsn,
+            checks=[c for c in config.drills.checks if c.source == d.source.name])
         try:
-            if d.source.kind == "postgres":
-                return self._open_postgres()
-            return self._open_directory()
+            copy = kind_for(d.source.kind).open_scratch(d.source, self.m, place,
+                                                        self.identities)
+        except DrillFailure as exc:
+            d.fail(exc.code, exc.detail)
+            return None
         except DrError as exc:
             d.fail(RESTORE_FAILED, f"cannot prepare the scratch copy: {first_line(exc)}")
             return None
+        self.copy = copy
+        d.scratch = copy.where
+        d.evidence.update(copy.evidence)
+        return copy.sink
 
-    def _open_postgres(self) -> Sink | None:
-        d = self.d
-        assert d.source.dsn is not None
-        base = d.rt.config.drills.postgres_dsn or d.source.dsn
-        # The target name is only checked to be free: a drill never commits, it
-        # verifies the staging database itself and drops it.
-        prefix = drill_scratch.database_prefix(self.owner)
-        name = f"{prefix}{secrets.token_hex(6)}"
-        # Database properties are recreated as a restore would, except what
-        # names a role the drill server lacks or the drill role may not do
-        # (Policy.drill): what was compared and skipped goes to the evidence.
+    def _make_folder(self) -> Path:
+        """A fresh private folder for the copy, in the scratch folder, named after its owner."""
+        config = self.d.rt.config
+        root = drill_scratch.scratch_root(config)
+        prefix = drill_scratch.folder_prefix(self.owner, self.d.source.name)
         try:
-            recreate = Recreation.from_facts(self.m.facts.get("database"), Policy(drill=True),
-                                             self.identities)
-        except UsageError as exc:  # its sealed settings: no identity fits
-            d.fail(NO_IDENTITY, str(exc))
-            return None
-        sink = postgres.PostgresSink(base, make_conninfo(base, dbname=name), False,
-                                     staging_prefix=prefix,
-                                     restore_options=DRILL_RESTORE_OPTIONS, recreate=recreate)
-        self.sink = sink
-        d.scratch = postgres.describe(sink.staging_dsn)
-        d.evidence["server"] = postgres.describe(sink.admin_dsn)
-        return sink
-
-    def _open_directory(self) -> Sink:
-        d = self.d
-        root = drill_scratch.scratch_root(d.rt.config)
-        prefix = drill_scratch.folder_prefix(self.owner, d.source.name)
-        try:
-            drill_scratch.ensure_scratch_root(d.rt.config)  # restored plaintext: 0700
+            drill_scratch.ensure_scratch_root(config)  # restored plaintext: 0700
             self.folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
         except OSError as exc:
             raise SourceError(f"cannot create a scratch folder in {root}: "
                               f"{exc.strerror or exc}") from None
-        # No expected facts for the sink: the drill compares them itself, to
-        # report every mismatch and to time verification apart from the restore.
-        bound = self.m.facts.get("bytes")
-        sink = DirectorySink(self.folder / "tree", self.m.id, {},
-                             max_bytes=bound if isinstance(bound, int) else None)
-        self.sink = sink
-        d.scratch = str(sink.staging)
-        return sink
+        return self.folder
 
     def verify(self) -> None:
-        d = self.d
-        if isinstance(self.sink, DirectorySink):
-            tree = tree_facts(self.sink.staging, self.facts)
-            d.evidence.update({k: tree[k] for k in TREE_FACTS})
-            d.reasons.extend(compare_tree(self.facts, tree))
-            if (problem := owner_problem(self.facts, tree)) is not None:
-                d.reasons.append(f"{DIGEST_MISMATCH}: {problem}")
-            return
-        assert self.sink is not None
-        dsn = self.sink.staging_dsn
-        try:
-            tables = postgres.table_counts(dsn)
-        except SourceError as exc:
-            d.fail(RESTORE_FAILED, f"cannot count rows in the restored copy: {exc}")
-            return
-        d.evidence["tables"] = len(tables)
-        d.evidence["rows"] = sum(int(t["rows"]) for t in tables)
-        d.reasons.extend(compare_tables(self.facts.get("tables"), tables))
-        self._verify_properties(dsn)
-        checks = [c for c in d.rt.config.drills.checks if c.source == d.source.name]
-        results = [_run_check(dsn, c) for c in checks]
-        d.evidence["checks"] = results
-        for r in results:
-            if not r["ok"]:
-                d.fail(CHECK_FAILED, f"{r['sql']!r}: {r['detail']}")
-
-    def _verify_properties(self, dsn: str) -> None:
-        d = self.d
-        assert isinstance(self.sink, postgres.PostgresSink)
-        recreate = self.sink.recreate
-        try:
-            got = postgres.database_properties(dsn)
-        except SourceError as exc:
-            d.fail(PROPERTY_MISMATCH, f"cannot read the restored copy's properties: {exc}")
-            return
-        for difference in recreate.differences(got):
-            d.fail(PROPERTY_MISMATCH, f"database {difference}")
-        d.evidence["database"] = recreate.evidence()
+        assert self.copy is not None
+        self.d.reasons.extend(self.copy.verify(self.facts, self.d.evidence))
 
     def remove(self) -> None:
         d = self.d
         try:
-            if self.sink is not None:
+            if self.copy is not None:
                 try:
-                    self.sink.discard()
+                    self.copy.sink.discard()
                 except Exception as exc:
                     d.fail(CLEANUP_FAILED, f"scratch copy {d.scratch} may be left behind "
                            f"(the next drill run removes it): {first_line(exc)}")
@@ -581,29 +481,6 @@ class _Scratch:
             if self.in_use:
                 self.in_use = False
                 drill_scratch.end_use()
-
-
-def _run_check(dsn: str, check: DrillCheck) -> dict[str, Any]:
-    """Run one user check, read-only, in the restored database."""
-    result: dict[str, Any] = {"sql": check.sql, "min": check.min, "value": None, "ok": False,
-                              "detail": ""}
-    try:
-        with psycopg.connect(dsn, connect_timeout=30, autocommit=False) as conn:
-            conn.read_only = True
-            row = conn.execute(check.sql).fetchone()
-    except psycopg.Error as exc:
-        result["detail"] = f"failed: {first_line(exc)}"
-        return result
-    value = row[0] if row else None
-    if isinstance(value, Decimal):
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        result["detail"] = f"returned {value!r}, not a number"
-        return result
-    result["value"] = value
-    result["ok"] = value >= check.min
-    result["detail"] = "" if result["ok"] else f"returned {value}, expected at least {check.min:g}"
-    return result
 
 
 def _record(d: _Drill, snapshots: _Catalog) -> DrillRecord:
