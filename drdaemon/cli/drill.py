@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..drills import attest
 from ..drills import records as drill_records
 from ..drills import run as drills
 from ..drills.report import FORMATS, against, duration, rate, render, size, when
@@ -125,7 +126,7 @@ def drill_report(ctx: click.Context, drill_id: str | None, since: str, sources: 
     rt = get_runtime(ctx)
     start = None if drill_id else since_from(since, rt.clock())
     fmt = fmt or ("md" if output == "-" else "html")
-    text = render(drills.report_data(rt, start, sources, drill_id), fmt)
+    text = render(attest.report_data(rt, start, sources, drill_id), fmt)
     if output == "-":
         click.echo(text, nl=False)
         return

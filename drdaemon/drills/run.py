@@ -18,63 +18,40 @@ tamper-evident copy).
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
-import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any, BinaryIO, cast
+from datetime import timedelta
+from typing import Any
 
 from pyrage import x25519
 
 from .. import catalog, slo
-from .. import facts as facts_object
 from ..catalog import SnapshotEntry
 from ..config import Config, SourceConfig
-from ..errors import DrError, IntegrityError, SourceError, UsageError, first_line
+from ..errors import UsageError, first_line
 from ..keys import identities_for
-from ..layout import new_snapshot_id
-from ..manifest import Manifest
-from ..restore import stream_into
 from ..runtime import Runtime
-from ..sources import kind_for
-from ..sources.base import (
-    MANIFEST_INVALID,
-    NO_IDENTITY,
-    RESTORE_FAILED,
-    DrillFailure,
-    DrillPlace,
-    DrillScratch,
-    Sink,
-)
-from ..storage import NotFound, ObjectStore, StorageError
-from ..verify import hash_copy
+from ..sources.base import MANIFEST_INVALID
 from . import scratch as drill_scratch
+from .attempt import (
+    INTERNAL,
+    NEWEST_UNREADABLE,
+    NO_SNAPSHOT,
+    REGION_UNREACHABLE,
+    SNAPSHOT_MISSING,
+    Drill,
+    restore_and_verify,
+)
 from .records import (
     DrillRecord,
     append_record,
     latest_restores,
     load_records,
-    records_path,
 )
-from .report import ReportData
 from .scratch import Cleanup
 
 log = logging.getLogger("drdaemon")
-
-# Reason codes: every failure reason reads "<code>: <detail>".
-# (The codes a kind's verification uses are in sources/base.py.)
-NO_SNAPSHOT = "no-snapshot"
-NEWEST_UNREADABLE = "newest-unreadable"  # the newest listed snapshot is unreadable everywhere
-SNAPSHOT_MISSING = "snapshot-missing"  # none in the drill region (others have some)
-REGION_UNREACHABLE = "region-unreachable"
-OBJECT_MISSING = "object-missing"
-CORRUPT = "corrupt"
-CLEANUP_FAILED = "cleanup-failed"
-INTERNAL = "internal-error"
 
 PHASES = slo.PHASES
 
@@ -107,92 +84,6 @@ def default_region(config: Config) -> str:
     return config.regions[1].name
 
 
-# -- timing the restore pipeline -----------------------------------------------
-
-
-@dataclass
-class _StreamClock:
-    """Where a streaming restore spent its time (seconds, monotonic)."""
-
-    t0: float = 0.0
-    first_byte: float | None = None
-    read_wait: float = 0.0
-    write_wait: float = 0.0
-    finish: float = 0.0
-
-
-class _TimedReader:
-    """The stored object's stream, timing each read (network and storage waits)."""
-
-    def __init__(self, inner: BinaryIO, clock: _StreamClock) -> None:
-        self.inner, self.clock = inner, clock
-
-    def read(self, n: int = -1) -> bytes:
-        start = time.monotonic()
-        data = self.inner.read(n)
-        end = time.monotonic()
-        if self.clock.first_byte is None and data:
-            self.clock.first_byte = end - self.clock.t0
-        else:
-            self.clock.read_wait += end - start
-        return data
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def __enter__(self) -> _TimedReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _TimedStore:
-    """The slice of a store that `stream_into` uses (name, open_read), with reads timed."""
-
-    def __init__(self, store: ObjectStore, clock: _StreamClock) -> None:
-        self.name, self.store, self.clock = store.name, store, clock
-
-    def open_read(self, name: str) -> BinaryIO:
-        return cast(BinaryIO, _TimedReader(self.store.open_read(name), self.clock))
-
-
-class _TimedWriter:
-    """The sink's writer, timing how long the restore consumer held the stream up."""
-
-    def __init__(self, inner: BinaryIO, clock: _StreamClock) -> None:
-        self.inner, self.clock = inner, clock
-
-    def write(self, data: Any) -> int:
-        start = time.monotonic()
-        try:
-            return self.inner.write(data)
-        finally:
-            self.clock.write_wait += time.monotonic() - start
-
-
-class _TimedSink:
-    """A sink whose writes and completion are timed."""
-
-    def __init__(self, sink: Sink, clock: _StreamClock) -> None:
-        self.sink, self.clock = sink, clock
-        self.writer = cast(BinaryIO, _TimedWriter(sink.writer, clock))
-        self.notes = sink.notes
-
-    def complete(self) -> None:
-        start = time.monotonic()
-        try:
-            self.sink.complete()
-        finally:
-            self.clock.finish += time.monotonic() - start
-
-    def commit(self) -> str:
-        return self.sink.commit()
-
-    def discard(self) -> None:
-        self.sink.discard()
-
-
 # -- one drill -------------------------------------------------------------------
 
 
@@ -220,46 +111,23 @@ class _Catalog:
         return found[-1] if found else None
 
 
-class _Drill:
-    """The state of one drill while it runs: reasons, notes, timings, evidence."""
-
-    def __init__(self, rt: Runtime, source: SourceConfig, region: str) -> None:
-        self.rt, self.source, self.region = rt, source, region
-        tier = rt.config.tiers[source.tier]
-        self.targets: slo.Targets = tier
-        self.id = new_snapshot_id(rt.clock())
-        self.started_at = rt.clock()
-        self.reasons: list[str] = []
-        self.notes: list[str] = []
-        self.timings: dict[str, float] = {}
-        self.evidence: dict[str, Any] = {}
-        self.manifest: Manifest | None = None
-        self.entry: SnapshotEntry | None = None
-        self.scratch: str | None = None
-        self.rto: float | None = None
-        self.verified = False
-
-    def fail(self, code: str, detail: str) -> None:
-        self.reasons.append(f"{code}: {detail}")
-
-
 def drill_source(rt: Runtime, identities: Sequence[x25519.Identity], source: SourceConfig,
                  region: str, snapshots: _Catalog) -> DrillRecord:
     """Drill one source from `region`; never raises for a failed drill (see the record).
 
     `snapshots` must list every source of the source's tier (for the projection).
     """
-    d = _Drill(rt, source, region)
+    d = Drill(rt, source, region)
     try:
         if _choose(d, snapshots):
-            _restore_and_verify(d, identities)
+            restore_and_verify(d, identities)
     except Exception as exc:  # a bug must still leave a record and no scratch behind
         log.exception("drill of %s crashed", source.name)
         d.fail(INTERNAL, f"{exc.__class__.__name__}: {first_line(exc)}")
     return _record(d, snapshots)
 
 
-def _choose(d: _Drill, snapshots: _Catalog) -> bool:
+def _choose(d: Drill, snapshots: _Catalog) -> bool:
     """Pick the newest snapshot the drill region holds; False (with a reason) if none."""
     name, region = d.source.name, d.region
     unreadable = snapshots.region_errors.get(name, {})
@@ -293,197 +161,7 @@ def _choose(d: _Drill, snapshots: _Catalog) -> bool:
     return True
 
 
-def _restore_and_verify(d: _Drill, identities: Sequence[x25519.Identity]) -> None:
-    assert d.entry is not None
-    store = d.rt.store(d.region)
-    started = time.monotonic()
-    try:
-        m = catalog.read_manifest(d.rt, store, d.source.name, d.entry.id)
-    except NotFound:
-        d.fail(SNAPSHOT_MISSING, f"manifest of {d.entry.id} vanished from region {d.region}")
-        return
-    except IntegrityError as exc:
-        d.fail(MANIFEST_INVALID, f"region {d.region}: {exc}")
-        return
-    except StorageError as exc:
-        d.fail(REGION_UNREACHABLE, str(exc))
-        return
-    finally:
-        d.timings["manifest"] = time.monotonic() - started
-    d.manifest = m
-    if m.kind != d.source.kind:
-        d.fail(MANIFEST_INVALID, f"snapshot {m.id} is a {m.kind} snapshot, source "
-               f"{d.source.name} is {d.source.kind}")
-        return
-    expected = _expected_facts(d, store, m)
-    if expected is None:
-        return
-    clock = _StreamClock()
-    scratch = _Scratch(d, m, expected, identities)
-    try:
-        mark = time.monotonic()
-        sink = scratch.open()
-        d.timings["prepare"] = time.monotonic() - mark
-        if sink is None:
-            return
-        clock.t0 = time.monotonic()
-        try:
-            _stream(d, store, m, identities, sink, clock)
-        finally:
-            d.timings.update(stream=time.monotonic() - clock.t0,
-                             first_byte=clock.first_byte or 0.0, read_wait=clock.read_wait,
-                             write_wait=clock.write_wait, restore_finish=clock.finish)
-            d.notes.extend(sink.notes)
-        if d.reasons:
-            return
-        mark = time.monotonic()
-        scratch.verify()
-        d.timings["verify"] = time.monotonic() - mark
-        d.rto = time.monotonic() - started
-        d.verified = not d.reasons
-        d.timings.update(slo.rto_split(**{k: d.timings[k] for k in _MEASURED}))
-    finally:
-        mark = time.monotonic()
-        scratch.remove()
-        d.timings["cleanup"] = time.monotonic() - mark
-
-
-def _expected_facts(d: _Drill, store: ObjectStore, m: Manifest) -> dict[str, Any] | None:
-    """Every fact the copy is checked against (a version-2 manifest's facts object too);
-    None, with a reason, if the facts object cannot be had."""
-    started = time.monotonic()
-    try:
-        return facts_object.full_facts(store, m)
-    except NotFound as exc:
-        d.fail(OBJECT_MISSING, f"facts object: {exc}")
-    except IntegrityError as exc:
-        d.fail(CORRUPT, str(exc))
-    except StorageError as exc:
-        d.fail(REGION_UNREACHABLE, str(exc))
-    finally:
-        d.timings["manifest"] += time.monotonic() - started
-    return None
-
-
-_MEASURED = ("manifest", "prepare", "first_byte", "stream", "read_wait", "write_wait",
-             "restore_finish", "verify")
-
-
-def _stream(d: _Drill, store: ObjectStore, m: Manifest, identities: Sequence[x25519.Identity],
-            sink: Sink, clock: _StreamClock) -> None:
-    """The restore path itself (restore.stream_into), timed; failures become reasons."""
-    try:
-        stream_into(cast(ObjectStore, _TimedStore(store, clock)), m, identities,
-                    _TimedSink(sink, clock), labels=d.rt.recipient_labels())
-    except UsageError as exc:
-        d.fail(NO_IDENTITY, str(exc))
-    except NotFound as exc:
-        d.fail(OBJECT_MISSING, str(exc))
-    except IntegrityError as exc:
-        d.fail(CORRUPT, str(exc))
-    except StorageError as exc:
-        d.fail(REGION_UNREACHABLE, str(exc))
-    except (DrError, OSError) as exc:
-        _classify(d, store, m, exc)
-
-
-def _classify(d: _Drill, store: ObjectStore, m: Manifest, exc: BaseException) -> None:
-    """Name the cause of a failed stream: a corrupt object often surfaces only as the
-    consumer's error (pg_restore: "end of file") or age's bare "decryption error", so
-    the object is hashed again; only a copy that verifies leaves a restore failure."""
-    failed = first_line(exc)
-    try:
-        hash_copy(store, m)
-    except IntegrityError as bad:
-        d.fail(CORRUPT, f"{bad}; the restore stopped with: {failed}")
-        return
-    except NotFound as gone:
-        d.fail(OBJECT_MISSING, str(gone))
-        return
-    except DrError:
-        pass  # the region failed again: the restore's own error says more
-    d.fail(RESTORE_FAILED, failed)
-
-
-class _Scratch:
-    """The scratch target of one drill; `remove` always runs and always removes it.
-
-    Its name carries this process (drill_scratch.Owner): should the process be
-    killed before `remove`, a later run removes what it left. The kind makes
-    and verifies the copy (SourceKind.open_scratch); a folder it asks for is
-    removed here.
-    """
-
-    def __init__(self, d: _Drill, m: Manifest, facts: dict[str, Any],
-                 identities: Sequence[x25519.Identity] = ()) -> None:
-        self.d, self.m, self.facts, self.identities = d, m, facts, identities
-        self.copy: DrillScratch | None = None
-        self.folder: Path | None = None
-        self.owner = drill_scratch.this_process(d.started_at)
-        self.in_use = False
-
-    def open(self) -> Sink | None:
-        d = self.d
-        drill_scratch.begin_use()  # before the scratch exists: see clean_leftovers
-        self.in_use = True
-        config = d.rt.config
-        place = DrillPlace(
-            make_folder=self._make_folder,
-            database_prefix=drill_scratch.database_prefix(self.owner),
-            server_dsn=config.drills.postgres_dsn,
-            checks=[c for c in config.drills.checks if c.source == d.source.name])
-        try:
-            copy = kind_for(d.source.kind).open_scratch(d.source, self.m, place,
-                                                        self.identities)
-        except DrillFailure as exc:
-            d.fail(exc.code, exc.detail)
-            return None
-        except DrError as exc:
-            d.fail(RESTORE_FAILED, f"cannot prepare the scratch copy: {first_line(exc)}")
-            return None
-        self.copy = copy
-        d.scratch = copy.where
-        d.evidence.update(copy.evidence)
-        return copy.sink
-
-    def _make_folder(self) -> Path:
-        """A fresh private folder for the copy, in the scratch folder, named after its owner."""
-        config = self.d.rt.config
-        root = drill_scratch.scratch_root(config)
-        prefix = drill_scratch.folder_prefix(self.owner, self.d.source.name)
-        try:
-            drill_scratch.ensure_scratch_root(config)  # restored plaintext: 0700
-            self.folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
-        except OSError as exc:
-            raise SourceError(f"cannot create a scratch folder in {root}: "
-                              f"{exc.strerror or exc}") from None
-        return self.folder
-
-    def verify(self) -> None:
-        assert self.copy is not None
-        self.d.reasons.extend(self.copy.verify(self.facts, self.d.evidence))
-
-    def remove(self) -> None:
-        d = self.d
-        try:
-            if self.copy is not None:
-                try:
-                    self.copy.sink.discard()
-                except Exception as exc:
-                    d.fail(CLEANUP_FAILED, f"scratch copy {d.scratch} may be left behind "
-                           f"(the next drill run removes it): {first_line(exc)}")
-            if self.folder is not None:
-                shutil.rmtree(self.folder, ignore_errors=True)
-                if self.folder.exists():
-                    d.fail(CLEANUP_FAILED, f"scratch folder {self.folder} could not be "
-                           "deleted (the next drill run tries again)")
-        finally:
-            if self.in_use:
-                self.in_use = False
-                drill_scratch.end_use()
-
-
-def _record(d: _Drill, snapshots: _Catalog) -> DrillRecord:
+def _record(d: Drill, snapshots: _Catalog) -> DrillRecord:
     rt, entry = d.rt, d.entry
     # The drill region's own manifest when it was read, else the catalog's copy.
     m = d.manifest or (entry.manifest if entry is not None else None)
@@ -580,50 +258,3 @@ def drill_jobs(rt: Runtime) -> list[tuple[str, str, Callable[[], Any]]]:
         return lambda: run_drills(rt, tier=tier)
 
     return [(f"drill:{t}", rt.config.drills.schedule_for(t), job(t)) for t in tiers]
-
-
-def audit_status(rt: Runtime, records: Sequence[DrillRecord]) -> dict[str, Any] | None:
-    """The audit chain's verification for a report, and which of `records` it attests.
-
-    drills.jsonl is a convenience copy that anyone with the state folder could
-    edit; the `drill` records in the hash-chained audit log are the evidence.
-    A drill whose outcome differs from its audit record (or has none before
-    the chain's first bad record) is listed in `drills_unattested`.
-    """
-    from .. import audit
-
-    try:
-        result = audit.verify(rt)
-        events = audit.parse_records(audit.read_lines(rt.config.daemon.state_dir))
-    except DrError as exc:
-        return {"ok": False, "records": None, "first_bad": None, "reason": str(exc),
-                "drills_checked": len(records), "drills_unattested": [r.id for r in records]}
-    trusted = {e.get("id"): e for e in events if e.get("event") == "drill"
-               and (result.first_bad is None or int(e.get("seq", -1)) < result.first_bad)}
-    return {"ok": bool(result.ok), "records": result.records, "first_bad": result.first_bad,
-            "reason": result.reason, "drills_checked": len(records),
-            "drills_unattested": [r.id for r in records if not _attested(r, trusted.get(r.id))]}
-
-
-_ATTESTED = ("source", "snapshot_id", "sha256", "ok", "verified", "reasons", "rto_seconds",
-             "rpo_seconds", "started_at")
-
-
-def _attested(record: DrillRecord, event: dict[str, Any] | None) -> bool:
-    if event is None:
-        return False
-    mine = record.to_dict()
-    return all(event.get(k) == mine[k] for k in _ATTESTED)
-
-
-def report_data(rt: Runtime, since: datetime | None, sources: Sequence[str] = (),
-                drill_id: str | None = None) -> ReportData:
-    """The drills (and audit chain verification) a report shows."""
-    state_dir = rt.config.daemon.state_dir
-    names = {s.name for s in rt.config.pick_sources(sources)} if sources else set()
-    records = [r for r in load_records(state_dir, since)
-               if (not names or r.source in names) and (drill_id is None or r.id == drill_id)]
-    if drill_id is not None and not records:
-        raise UsageError(f"no drill {drill_id!r} in {records_path(state_dir)}")
-    return ReportData(rt.clock(), since, records, audit_status(rt, records),
-                      str(records_path(state_dir)))
