@@ -32,7 +32,7 @@ from .manifest import Manifest
 from .runtime import Runtime
 from .sources import kind_for, kinds
 from .sources.base import RestoreOptions, Sink
-from .sources.pg_database import Policy
+from .sources.pg_recreate import Policy
 from .storage import NotFound, ObjectStore, StorageError
 from .streams import LimitWriter, VerifyingReader, buffered, first_error
 

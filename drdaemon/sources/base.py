@@ -91,7 +91,7 @@ class RestoreOptions:
     jobs: int | None = None
     scratch_dir: Path | None = None
     no_owner: bool = False
-    policy: Any = None  # the kind's own: what a target may lack (pg_database.Policy)
+    policy: Any = None  # the kind's own: what a target may lack (pg_recreate.Policy)
     identities: Sequence[x25519.Identity] = ()
 
 

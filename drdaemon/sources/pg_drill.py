@@ -34,7 +34,7 @@ from .base import (
     SourceSettings,
     SqlCheck,
 )
-from .pg_database import Policy, Recreation
+from .pg_recreate import Policy, Recreation
 
 # A drill server need not know the source's roles: ownership and grants are
 # not what a drill proves, and restoring them could fail for reasons no

@@ -28,7 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ..errors import Cancelled, DrError, SourceError, UsageError, first_line
 from ..streams import BackgroundWriter, StderrTail
-from . import pg_database, pg_session
+from . import pg_database, pg_recreate, pg_session
 from .base import Dump
 from .pg_session import child_env, describe, describe_connection
 
@@ -306,7 +306,7 @@ class PostgresSink:
                  staging_prefix: str = "drdaemon_restore_",
                  restore_options: Sequence[str] = (), jobs: int | None = None,
                  scratch_dir: Path | None = None, size_hint: int = 0,
-                 recreate: pg_database.Recreation | None = None) -> None:
+                 recreate: pg_recreate.Recreation | None = None) -> None:
         # Drills never commit: they verify the staging database itself and drop
         # it, under their own prefix, restored with their own pg_restore options.
         self.dsn = target_dsn(source_dsn, target)
@@ -318,7 +318,7 @@ class PostgresSink:
         self.stderr: StderrTail | None = None
         self._feed: BackgroundWriter | None = None
         # The snapshot's database properties (owner, locale, settings, ACL...).
-        self.recreate = recreate or pg_database.Recreation(None)
+        self.recreate = recreate or pg_recreate.Recreation(None)
         self.notes: list[str] = self.recreate.notes
         self.jobs = jobs
         self.dump_fd: int | None = None  # the --jobs scratch copy, see unnamed_file

@@ -16,7 +16,7 @@ from typing import Any
 
 from pyrage import x25519
 
-from . import pg_database, pg_drill, postgres
+from . import pg_database, pg_drill, pg_recreate, postgres
 from .base import (
     DrillPlace,
     DrillScratch,
@@ -80,7 +80,7 @@ class PostgresKind:
     def open_sink(self, source: SourceSettings, snapshot: Snapshot, target: str,
                   options: RestoreOptions) -> Sink:
         assert source.dsn is not None
-        recreate = pg_database.Recreation.from_facts(snapshot.facts.get("database"),
+        recreate = pg_recreate.Recreation.from_facts(snapshot.facts.get("database"),
                                                      options.policy, options.identities)
         sink = postgres.PostgresSink(
             source.dsn, target, options.force, jobs=options.jobs,
