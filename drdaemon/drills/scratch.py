@@ -1,7 +1,7 @@
 """Drill scratch space: names that say who made them, and removal of what killed drills left.
 
 A drill restores into scratch space and removes it afterwards, even when it
-fails (drills/run.py, `_Scratch`). A drill process that is killed (kill -9, OOM,
+fails (drills/attempt.py, `Scratch`). A drill process that is killed (kill -9, OOM,
 power loss) cannot: its scratch database or folder would stay forever. So
 every scratch name carries its owner,
 

@@ -98,7 +98,7 @@ class RestoreOptions:
 # -- drills --------------------------------------------------------------------
 
 # Drill reason codes a kind's verification uses; every reason reads "<code>: <detail>"
-# (README.md, "Drills", lists them all; the others are in drills/run.py).
+# (README.md, "Drills", lists them all; the others are in drills/attempt.py).
 MANIFEST_INVALID = "manifest-invalid"
 NO_IDENTITY = "no-identity"
 RESTORE_FAILED = "restore-failed"
