@@ -19,7 +19,7 @@ from psycopg.conninfo import make_conninfo
 from pyrage import x25519
 
 from ..errors import SourceError, UsageError, first_line
-from . import postgres
+from . import pg_sink, postgres
 from .base import (
     CHECK_FAILED,
     COUNT_MISMATCH,
@@ -81,7 +81,7 @@ def open_scratch(source: SourceSettings, snapshot: Snapshot, place: DrillPlace,
                                          identities)
     except UsageError as exc:  # its sealed settings: no identity fits
         raise DrillFailure(NO_IDENTITY, str(exc)) from None
-    sink = postgres.PostgresSink(base, make_conninfo(base, dbname=name), False,
+    sink = pg_sink.PostgresSink(base, make_conninfo(base, dbname=name), False,
                                  staging_prefix=prefix,
                                  restore_options=DRILL_RESTORE_OPTIONS, recreate=recreate)
     return PostgresScratch(sink, postgres.describe(sink.staging_dsn),
@@ -92,7 +92,7 @@ def open_scratch(source: SourceSettings, snapshot: Snapshot, place: DrillPlace,
 class PostgresScratch:
     """A drill's scratch database (the sink's staging database)."""
 
-    sink: postgres.PostgresSink
+    sink: pg_sink.PostgresSink
     where: str
     evidence: dict[str, Any]
     checks: tuple[SqlCheck, ...]

@@ -16,7 +16,7 @@ from typing import Any
 
 from pyrage import x25519
 
-from . import pg_database, pg_drill, pg_recreate, postgres
+from . import pg_database, pg_drill, pg_recreate, pg_sink, postgres
 from .base import (
     DrillPlace,
     DrillScratch,
@@ -75,14 +75,14 @@ class PostgresKind:
 
     def check_target(self, source: SourceSettings, target: str) -> None:
         assert source.dsn is not None
-        postgres.target_dsn(source.dsn, target)  # a bad target (or one with a password)
+        pg_sink.target_dsn(source.dsn, target)  # a bad target (or one with a password)
 
     def open_sink(self, source: SourceSettings, snapshot: Snapshot, target: str,
                   options: RestoreOptions) -> Sink:
         assert source.dsn is not None
         recreate = pg_recreate.Recreation.from_facts(snapshot.facts.get("database"),
                                                      options.policy, options.identities)
-        sink = postgres.PostgresSink(
+        sink = pg_sink.PostgresSink(
             source.dsn, target, options.force, jobs=options.jobs,
             scratch_dir=options.scratch_dir, size_hint=snapshot.plaintext_size,
             restore_options=NO_OWNER_OPTIONS if options.no_owner else (), recreate=recreate)
