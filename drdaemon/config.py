@@ -620,15 +620,11 @@ def _cron(value: Any, tz: str) -> str:
 
 
 def _dsn_without_password(value: Any) -> str:
-    from psycopg.conninfo import conninfo_to_dict
+    from .sources.pg_session import parse_dsn  # its error never echoes a password
 
     if not isinstance(value, str) or not value.strip():
         raise TypeError("not a string")
-    try:
-        params = conninfo_to_dict(value)
-    except Exception:
-        # psycopg's message may echo the DSN, and with it a password: say less.
-        raise ValueError("not a valid DSN") from None
+    params = parse_dsn(value)
     if "password" in params:
         raise ValueError("a password must not be written in the config") from None
     return value

@@ -133,3 +133,23 @@ def test_the_check_sees_each_form_of_switch(tmp_path: Path, line: str) -> None:
     (tmp_path / "sources").mkdir()
     (tmp_path / "sources" / "kind.py").write_text(line + "\n")  # allowed there
     assert [f.split(":")[0] for f in kind_switches(tmp_path, BUILT_IN)] == ["mod.py"]
+
+
+def database_drivers_outside_sources(root: Path) -> list[str]:
+    """Modules outside `root/sources` that import psycopg (the kinds' business)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if "sources" in path.relative_to(root).parts[:1]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "psycopg" or n.startswith("psycopg.") for n in names):
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_only_sources_import_the_database_driver(tmp_path: Path) -> None:
+    assert database_drivers_outside_sources(PACKAGE) == []
+    (tmp_path / "mod.py").write_text("def f():\n    from psycopg.conninfo import make_conninfo\n")
+    assert database_drivers_outside_sources(tmp_path) == ["mod.py:2"]

@@ -341,3 +341,12 @@ def with_stdio_buffer(argv: list[str], stream: str) -> list[str]:
     """`argv` run with a 1 MiB stdio buffer on its stdout ("o") or stdin ("i")."""
     stdbuf = shutil.which("stdbuf")
     return [stdbuf, f"-{stream}{STDIO_BUFFER}", *argv] if stdbuf else argv
+
+
+def parse_dsn(value: str) -> dict[str, Any]:
+    """The parameters of a libpq DSN; ValueError("not a valid DSN") that never echoes it
+    (psycopg's own message may, and with it a password)."""
+    try:
+        return conninfo_to_dict(value)
+    except Exception:
+        raise ValueError("not a valid DSN") from None
