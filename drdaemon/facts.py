@@ -24,7 +24,7 @@ import zstandard
 from . import layout, manifest
 from .errors import IntegrityError, SourceError
 from .manifest import FactsRef, Manifest
-from .sources import kind_for
+from .sources import is_kind, kind_for
 from .storage import ObjectStore
 
 FORMAT = "drdaemon.facts"
@@ -55,9 +55,9 @@ def split(kind: str, facts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     stays in their place (postgres: `tables` leaves, `table_count` and
     `row_total` stay; the shrink guard and status compare those).
     """
-    source_kind = kind_for(kind)
-    keys = [k for k in source_kind.detached_facts if k in facts]
-    if not keys:
+    source_kind = kind_for(kind) if is_kind(kind) else None
+    keys = [k for k in source_kind.detached_facts if k in facts] if source_kind else []
+    if source_kind is None or not keys:
         return dict(facts), None
     detached = {k: facts[k] for k in keys}
     inline = {k: v for k, v in facts.items() if k not in keys}
