@@ -28,7 +28,7 @@ from .keys import fingerprint
 from .manifest import Manifest
 from .pipeline import Stored, encrypt_and_upload, parse_recipients
 from .runtime import Runtime
-from .sources import directory, pg_database, postgres
+from .sources import kind_for
 from .sources.base import Dump
 from .storage import StorageError, Upload
 
@@ -84,18 +84,11 @@ def open_dump(source: SourceConfig, now: datetime | None = None,
               cancel: threading.Event | None = None) -> Iterator[Dump]:
     """Start the dump of a source of any kind (`now`: the runtime's clock).
 
-    `cancel` (the daemon's stopping event) ends a PostgreSQL dump that is
-    stuck, e.g. waiting on a lock, and fails it as cancelled.
+    `cancel` (the daemon's stopping event) ends a dump that is stuck, e.g. a
+    PostgreSQL dump waiting on a lock, and fails it as cancelled.
     """
-    if source.kind == "postgres":
-        assert source.dsn is not None
-        with postgres.dump(source.dsn, lock_wait_timeout=source.lock_wait_timeout,
-                           cancel=cancel) as d:
-            yield d
-    else:
-        assert source.path is not None
-        with directory.dump(source.path, now, source.on_unreadable) as d:
-            yield d
+    with kind_for(source.kind).dump(source, now, cancel) as d:
+        yield d
 
 
 def snapshot(rt: Runtime, source: SourceConfig,
@@ -184,8 +177,8 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
                 on_progress=on_progress, cancel=rt.stopping)
             facts = dump.finish()
             _check_shrink(source, baseline, facts, accept_shrink)
-        # Database settings may hold secrets: sealed like the dump (pg_database.seal).
-        facts = pg_database.seal_facts(facts, parse_recipients(cfg.keys.recipients))
+        # Facts that may hold secrets (database settings) are sealed like the dump.
+        facts = kind_for(source.kind).seal_facts(facts, parse_recipients(cfg.keys.recipients))
         # Everything a reader will check is built and bounded before any
         # region commits: facts that cannot be stored fail the snapshot here.
         snap, detached = _draft_manifest(rt, source, snap_id, started, data_name,

@@ -24,6 +24,7 @@ from . import cron
 from .errors import ConfigError
 from .filetrust import read_trusted
 from .slo import Targets
+from .sources import is_kind, kind_for, kinds
 from .units import parse_duration, parse_size
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
@@ -443,13 +444,13 @@ class _Parser:
             per_tier[name] = sub.convert("schedule", lambda v: _cron(v, tz), what=cron_what)
             sub.done()
         checks = []
-        kinds = {s.name: s.kind for s in sources}
+        checked = sorted(s.name for s in sources if kind_for(s.kind).takes_sql_checks)
         for i, item in enumerate(t.take("checks", list, [])):
             c = _Table(self, f"{t.key('checks')}[{i}]", item)
             source = c.take("source", str)
-            if kinds.get(source) != "postgres":
-                self.fail(c.key("source"), "the name of a postgres source "
-                          f"{sorted(n for n, k in kinds.items() if k == 'postgres')}", source)
+            if source not in checked:
+                takers = " or ".join(k.name for k in kinds() if k.takes_sql_checks)
+                self.fail(c.key("source"), f"the name of a {takers} source {checked}", source)
             query = c.take("sql", str, what="a scalar SQL query")
             if not query.strip():
                 self.fail(c.key("sql"), "a scalar SQL query", query)
@@ -510,32 +511,40 @@ class _Parser:
                                  retention)
             max_shrink = t.convert("max_shrink", _fraction, 0.5,
                                    what="a fraction from 0 to 1 (1: never refuse a shrink)")
-            if kind == "postgres":
-                dsn = t.convert("dsn", _dsn_without_password,
-                                what="a libpq DSN without a password (use PGPASSFILE "
-                                     "or a service file)", echo=False)
-                lock_wait = t.convert("lock_wait_timeout", _lock_wait, timedelta(minutes=5),
-                                      what="a duration from 1s to 24h, like 5m")
-                src = SourceConfig(name, kind, tenant, tier, schedule, dsn=dsn, retention=own,
-                                   lock_wait_timeout=lock_wait, max_shrink=max_shrink)
-            elif kind == "directory":
-                path = self.resolve(t.take("path", str))
-                if not path.is_dir():
-                    # Not fatal: one unmounted tree must not stop every other
-                    # source; its snapshots fail, loudly, with this reason.
-                    self.warnings.append(f"{self.path}: WARNING: {t.key('path')}: "
-                                         f"{path} is not a directory (yet)")
-                on_unreadable = t.take("on_unreadable", str, "fail")
-                if on_unreadable not in ("fail", "skip"):
-                    self.fail(t.key("on_unreadable"), "'fail' or 'skip'", on_unreadable)
-                src = SourceConfig(name, kind, tenant, tier, schedule, path=path, retention=own,
-                                   on_unreadable=on_unreadable, max_shrink=max_shrink)
-            else:
-                self.fail(t.key("kind"), "'postgres' or 'directory'", kind)
+            if not is_kind(kind):
+                self.fail(t.key("kind"), " or ".join(repr(k.name) for k in kinds()), kind)
+            # The kind names the keys it takes beyond the common ones.
+            own_keys = {key: self.source_key(t, key) for key in kind_for(kind).config_keys}
+            src = SourceConfig(name, kind, tenant, tier, schedule, retention=own,
+                               max_shrink=max_shrink, **own_keys)
             t.done()
             sources.append(src)
         self.unique("sources", [s.name for s in sources])
         return tuple(sources)
+
+    def source_key(self, t: _Table, key: str) -> Any:
+        """One kind-specific key of a [[sources]] entry (SourceKind.config_keys)."""
+        if key == "dsn":
+            return t.convert("dsn", _dsn_without_password,
+                             what="a libpq DSN without a password (use PGPASSFILE "
+                                  "or a service file)", echo=False)
+        if key == "lock_wait_timeout":
+            return t.convert("lock_wait_timeout", _lock_wait, timedelta(minutes=5),
+                             what="a duration from 1s to 24h, like 5m")
+        if key == "path":
+            path = self.resolve(t.take("path", str))
+            if not path.is_dir():
+                # Not fatal: one unmounted tree must not stop every other
+                # source; its snapshots fail, loudly, with this reason.
+                self.warnings.append(f"{self.path}: WARNING: {t.key('path')}: "
+                                     f"{path} is not a directory (yet)")
+            return path
+        if key == "on_unreadable":
+            on_unreadable = t.take("on_unreadable", str, "fail")
+            if on_unreadable not in ("fail", "skip"):
+                self.fail(t.key("on_unreadable"), "'fail' or 'skip'", on_unreadable)
+            return on_unreadable
+        raise AssertionError(f"a source kind takes {key!r}, which the schema does not know")
 
     def name(self, t: _Table) -> str:
         name = t.take("name", str)
@@ -611,15 +620,11 @@ def _cron(value: Any, tz: str) -> str:
 
 
 def _dsn_without_password(value: Any) -> str:
-    from psycopg.conninfo import conninfo_to_dict
+    from .sources.pg_session import parse_dsn  # its error never echoes a password
 
     if not isinstance(value, str) or not value.strip():
         raise TypeError("not a string")
-    try:
-        params = conninfo_to_dict(value)
-    except Exception:
-        # psycopg's message may echo the DSN, and with it a password: say less.
-        raise ValueError("not a valid DSN") from None
+    params = parse_dsn(value)
     if "password" in params:
         raise ValueError("a password must not be written in the config") from None
     return value

@@ -21,7 +21,7 @@ from typing import Any
 from . import layout
 from .errors import IntegrityError
 from .keys import ManifestKey
-from .report import render_template
+from .pages import render_template
 from .units import format_utc, parse_iso_time
 
 VERSION = 1

@@ -51,6 +51,7 @@ from .keys import fingerprint
 from .manifest import Manifest
 from .restore import TargetError, stream_into
 from .runtime import Runtime
+from .sources import kind_for
 from .storage import NotFound, ObjectStore
 from .streams import ThreadPipe
 
@@ -63,11 +64,7 @@ SUMS_FILE = "SHA256SUMS"
 # With a recipient: the checksums of the decrypted files, itself encrypted.
 CONTENTS_SUMS_FILE = "CONTENTS.SHA256SUMS"
 README_FILE = "README.txt"
-EXTENSIONS = {"postgres": ".dump", "directory": ".tar"}
 _READ = 1 << 20
-# The directory facts worth telling the customer (the rest is drill bookkeeping).
-_DIRECTORY_FACTS = ("files", "directories", "symlinks", "bytes", "digest")
-_POSTGRES_FACTS = ("server_version", "database_size", "table_count", "row_total")
 
 
 @dataclass
@@ -114,8 +111,8 @@ class ExportResult:
 # -- pure core --------------------------------------------------------------------------
 
 def file_name(source: str, kind: str) -> str:
-    """The plaintext file a source's snapshot becomes: `<source>.dump` or `<source>.tar`."""
-    return source + EXTENSIONS[kind]
+    """The plaintext file a source's snapshot becomes: `<source>.dump`, `<source>.tar`, ..."""
+    return source + kind_for(kind).export_suffix
 
 
 def sha256sums(files: Mapping[str, str]) -> str:
@@ -125,25 +122,12 @@ def sha256sums(files: Mapping[str, str]) -> str:
 
 def check_magic(kind: str, head: bytes) -> str | None:
     """Why the first bytes of a plaintext are not the dump `kind` promises (None if they are)."""
-    if kind == "postgres" and not head.startswith(b"PGDMP"):
-        return "is not a pg_dump custom archive (no PGDMP header)"
-    if kind == "directory" and head[257:262] != b"ustar":
-        return "is not a POSIX tar (no ustar header)"
-    return None
+    return kind_for(kind).plaintext_problem(head)
 
 
 def kept_facts(kind: str, facts: Mapping[str, Any]) -> dict[str, Any]:
     """The facts MANIFEST.json tells: row counts for postgres, counts and digest for trees."""
-    if kind == "postgres":
-        out = {k: facts[k] for k in _POSTGRES_FACTS if k in facts}
-        tables = facts.get("tables")
-        if isinstance(tables, list):
-            out["tables"] = [{"schema": t.get("schema"), "table": t.get("table"),
-                              "rows": t.get("rows")} for t in tables if isinstance(t, dict)]
-            out.setdefault("table_count", len(out["tables"]))
-            out.setdefault("row_total", sum(int(t["rows"] or 0) for t in out["tables"]))
-        return out
-    return {k: facts[k] for k in _DIRECTORY_FACTS if k in facts}
+    return kind_for(kind).customer_facts(facts)
 
 
 def manifest_doc(tenant: str, sources: Sequence[ExportedSource], created: datetime,
@@ -190,16 +174,7 @@ def readme_text(tenant: str, sources: Sequence[ExportedSource], encrypted: bool)
         when = s.consistency_time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         lines.append(f"  {s.file}: source {s.source}, snapshot {s.snapshot_id}, "
                      f"consistent at {when}")
-        if s.kind == "postgres":
-            lines.append("    a pg_dump custom archive; load it into a new database with:")
-            lines.append("      createdb NEWDB")
-            lines.append(f"      pg_restore --no-owner --dbname=NEWDB {s.file}")
-            lines.append("    (leave out --no-owner where the roles it names exist)")
-        else:
-            lines.append("    a POSIX (pax) tar of the folder; extract it with:")
-            lines.append(f"      mkdir NEWDIR && tar -xpf {s.file} -C NEWDIR")
-            lines.append("    (GNU tar: add --xattrs --xattrs-include='*' --acls to keep "
-                         "extended attributes and ACLs)")
+        lines += ["    " + line for line in kind_for(s.kind).load_instructions(s.file)]
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,7 @@ import zstandard
 from . import layout, manifest
 from .errors import IntegrityError, SourceError
 from .manifest import FactsRef, Manifest
+from .sources import is_kind, kind_for
 from .storage import ObjectStore
 
 FORMAT = "drdaemon.facts"
@@ -33,8 +34,6 @@ VERSION = 1
 MAX_FACTS_BYTES = 64 << 20  # stored (compressed)
 MAX_FACTS_PLAINTEXT = 256 << 20  # its JSON
 ZSTD_LEVEL = 9
-# Facts that leave the manifest, per kind; every other fact stays inline.
-DETACHED = {"postgres": ("tables",)}
 
 
 class FactsTooLarge(SourceError):
@@ -52,18 +51,18 @@ class Encoded:
 def split(kind: str, facts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(inline facts for the manifest, facts for the facts object or None). Pure.
 
-    Postgres: `tables` leaves the manifest, which keeps `table_count` and
-    `row_total` in its place (the shrink guard and status compare those).
+    The kind names the facts that leave the manifest (`detached_facts`) and what
+    stays in their place (postgres: `tables` leaves, `table_count` and
+    `row_total` stay; the shrink guard and status compare those).
     """
-    keys = [k for k in DETACHED.get(kind, ()) if k in facts]
-    if not keys:
+    source_kind = kind_for(kind) if is_kind(kind) else None
+    keys = [k for k in source_kind.detached_facts if k in facts] if source_kind else []
+    if source_kind is None or not keys:
         return dict(facts), None
+    detached = {k: facts[k] for k in keys}
     inline = {k: v for k, v in facts.items() if k not in keys}
-    if "tables" in keys:
-        tables = facts["tables"]
-        inline["table_count"] = len(tables)
-        inline["row_total"] = sum(int(t["rows"]) for t in tables)
-    return inline, {k: facts[k] for k in keys}
+    inline.update(source_kind.detached_summary(detached))
+    return inline, detached
 
 
 def _canonical(doc: dict[str, Any]) -> bytes:

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+
+from .sources import kind_for, kinds
 
 # A snapshot id: the UTC second it started, then 32 random bits (time-sortable).
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -29,8 +32,23 @@ STAMP_PATTERN = r"\d{8}T\d{6}Z"
 ID_PATTERN = rf"{STAMP_PATTERN}-[0-9a-f]{{8}}"
 ID_RE = re.compile(rf"^{ID_PATTERN}\Z")
 
-# Snapshot kind -> the dump format in its data object's name.
-KINDS = {"postgres": "pgdump", "directory": "tar"}
+
+
+class _DumpFormats(Mapping[str, str]):
+    """Snapshot kind -> the dump format in its data object's name, for every kind
+    registered (sources.kind_for: postgres -> pgdump, directory -> tar)."""
+
+    def __getitem__(self, kind: str) -> str:
+        return kind_for(kind).dump_format
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([k.name for k in kinds()])
+
+    def __len__(self) -> int:
+        return len(kinds())
+
+
+KINDS: Mapping[str, str] = _DumpFormats()
 
 # The folders under a source's prefix: what each object there is.
 DATA, FACTS, MANIFESTS, TRASH = "data", "facts", "manifests", "trash"
@@ -39,10 +57,10 @@ ROLES = (DATA, FACTS, MANIFESTS, TRASH)
 SOURCES = "sources"
 AUDIT_MIRROR = "audit"
 
-_DUMP_KIND = {dump: kind for kind, dump in KINDS.items()}
 _OBJECT_RE = re.compile(rf"^{SOURCES}/([^/]+)/({'|'.join(ROLES)})/([^/]+)\Z")
 _BASENAME_RE = {
-    DATA: re.compile(rf"^({ID_PATTERN})\.({'|'.join(KINDS.values())})\.zst\.age\Z"),
+    # The format must also be a registered kind's (parse_object_name).
+    DATA: re.compile(rf"^({ID_PATTERN})\.([a-z0-9]+)\.zst\.age\Z"),
     FACTS: re.compile(rf"^({ID_PATTERN})\.json\.zst\Z"),
     MANIFESTS: re.compile(rf"^({ID_PATTERN})\.json\Z"),
     TRASH: re.compile(rf"^({ID_PATTERN})\.({STAMP_PATTERN})\.json\Z"),
@@ -139,7 +157,10 @@ def parse_object_name(name: str) -> SnapshotObject | None:
         return None
     snap_id = parts.group(1)
     if role == DATA:
-        return SnapshotObject(source, snap_id, role, kind=_DUMP_KIND[parts.group(2)])
+        kind = {k.dump_format: k.name for k in kinds()}.get(parts.group(2))
+        if kind is None:
+            return None
+        return SnapshotObject(source, snap_id, role, kind=kind)
     if role == TRASH:
         try:
             at = parse_stamp(parts.group(2))

@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from . import statefs
-from .errors import DrError, first_line
+from .errors import DrError
 
 # lock name -> what holds it, for the message a second taker sees
 LOCKS = {
@@ -61,23 +61,9 @@ def hold_in_postgres(dsn: str, name: str) -> Iterator[None]:
     the same config meet here. The session lock ends with the connection, so a
     crashed daemon never leaves it held.
     """
-    import hashlib
+    from .sources.pg_session import advisory_lock, describe
 
-    import psycopg
-
-    from .sources.postgres import describe
-
-    key = int.from_bytes(hashlib.sha256(f"drdaemon:{name}".encode()).digest()[:8], "big",
-                         signed=True)
-    try:
-        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=30)
-    except psycopg.Error as exc:
-        raise DrError(f"cannot reach the lock database {describe(dsn)}: "
-                      f"{first_line(exc, 'error')}") from None
-    try:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-        if not row or not row[0]:
+    with advisory_lock(dsn, name) as taken:
+        if not taken:
             raise Locked(f"another drdaemon holds the lock {name!r} in {describe(dsn)}")
         yield
-    finally:
-        conn.close()

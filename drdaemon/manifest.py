@@ -19,7 +19,8 @@ from typing import Any
 
 from .errors import IntegrityError
 from .keys import ManifestKey
-from .layout import KINDS, is_snapshot_id
+from .layout import is_snapshot_id
+from .sources import is_kind
 from .units import parse_iso_time
 
 FORMAT = "drdaemon.manifest"
@@ -184,7 +185,7 @@ def _from_body(doc: dict[str, Any]) -> Manifest:
     try:
         data = _get(doc, "data", dict)
         kind = _get(doc, "kind", str)
-        if kind not in KINDS:
+        if not is_kind(kind):
             raise IntegrityError(f"unknown snapshot kind {kind!r}")
         snap_id = _get(doc, "id", str)
         if not is_snapshot_id(snap_id):

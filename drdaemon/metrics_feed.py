@@ -14,8 +14,9 @@ import logging
 from collections.abc import Sequence
 from datetime import timedelta
 
-from . import audit_mirror, catalog, drill_records, lifecycle, state, status
+from . import audit_mirror, catalog, lifecycle, state, status
 from .backup import BackupResult
+from .drills import records as drill_records
 from .manifest import Manifest
 from .metrics import (
     AuditCopy,

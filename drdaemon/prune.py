@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 
 from . import catalog, erasure, layout, lifecycle, locks, orphans, retention, state
 from .config import SourceConfig
-from .drill_records import newest_verified
+from .drills.records import newest_verified
 from .errors import DrError, IntegrityError, UsageError
 from .manifest import Manifest
 from .orphans import OrphanPlan

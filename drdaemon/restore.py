@@ -31,17 +31,13 @@ from .errors import DrError, IntegrityError, SourceError, UsageError
 from .keys import describe_recipients
 from .manifest import Manifest
 from .runtime import Runtime
-from .sources.base import Sink
-from .sources.directory import DirectorySink
-from .sources.pg_database import Policy, Recreation
-from .sources.postgres import PostgresSink, target_dsn
+from .sources import kind_for, kinds
+from .sources.base import RestoreOptions, Sink
+from .sources.pg_recreate import Policy
 from .storage import NotFound, ObjectStore, StorageError
 from .streams import LimitWriter, VerifyingReader, buffered, first_error
 
 Progress = Callable[[int, int], None]  # (bytes just read, total bytes)
-# drctl restore --no-owner: for a target without the snapshot's roles. Grants
-# name those roles too, so they are left out with the owners.
-NO_OWNER_OPTIONS = ("--no-owner", "--no-privileges")
 
 
 @dataclass
@@ -72,18 +68,13 @@ def open_sink(source: SourceConfig, m: Manifest, target: str, force: bool,
     if m.kind != source.kind:
         raise UsageError(f"snapshot {m.id} is a {m.kind} snapshot, source {source.name} "
                          f"is {source.kind}")
-    if source.kind == "postgres":
-        assert source.dsn is not None
-        sink = PostgresSink(source.dsn, target, force, jobs=jobs, scratch_dir=scratch_dir,
-                            size_hint=m.plaintext_size,
-                            restore_options=NO_OWNER_OPTIONS if no_owner else (),
-                            recreate=Recreation.from_facts(m.facts.get("database"), policy,
-                                                           identities))
-        if no_owner:
-            sink.notes.append("restored with --no-owner: every object belongs to the restoring "
-                              "role and no GRANT or REVOKE was applied")
-        return sink
-    return DirectorySink(Path(target), m.id, m.facts)
+    options = RestoreOptions(force, jobs, scratch_dir, no_owner, policy, identities)
+    return kind_for(source.kind).open_sink(source, m, target, options)
+
+
+def _kinds_taking(option: str) -> str:
+    """The kinds that take a restore option, for a message: "postgres"."""
+    return " or ".join(k.name for k in kinds() if option in k.restore_options)
 
 
 def stream_into(store: ObjectStore, m: Manifest, identities: Sequence[x25519.Identity],
@@ -230,19 +221,17 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
     """
     source = rt.config.source(source_name)
     refuse_if_erased(rt, source.tenant)  # whatever identity was given
-    if jobs is not None and source.kind != "postgres":
-        raise UsageError(f"--jobs applies to postgres sources only; {source.name} is a "
-                         f"{source.kind} source")
-    if no_owner and source.kind != "postgres":
-        raise UsageError(f"--no-owner applies to postgres sources only; {source.name} is a "
-                         f"{source.kind} source")
+    kind = kind_for(source.kind)
+    for flag, option, given in (("--jobs", "jobs", jobs is not None),
+                                ("--no-owner", "no_owner", no_owner)):
+        if given and option not in kind.restore_options:
+            raise UsageError(f"{flag} applies to {_kinds_taking(option)} sources only; "
+                             f"{source.name} is a {source.kind} source")
     if scratch_dir is not None and jobs is None:
         raise UsageError("--scratch-dir is used only with --jobs")
     if allow_older and ref != "latest":
         raise UsageError("--allow-older applies to 'latest' only")
-    if source.kind == "postgres":
-        assert source.dsn is not None
-        target_dsn(source.dsn, target)  # a bad target (or one with a password) fails first
+    kind.check_target(source, target)  # a bad target (or one with a password) fails first
     state_dir = rt.config.daemon.state_dir
     scratch = scratch_dir or (statefs.ensure_folder(state_dir, statefs.RESTORE_SCRATCH)
                               if jobs is not None else state_dir / statefs.RESTORE_SCRATCH)

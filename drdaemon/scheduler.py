@@ -369,7 +369,7 @@ class Daemon:
         self.resume_retries()
 
     def _maintenance(self) -> list[tuple[str, str, Callable[[], Any]]]:
-        from .drills import drill_jobs
+        from .drills.run import drill_jobs
         from .prune import run_prune
         from .replicate import run_replicate
         from .verify import run_verify

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .sources import is_kind, kind_for
+
 DEFAULT_MAX_SHRINK = 0.5
 
 
@@ -35,25 +37,12 @@ class Drop:
 def measures(kind: str, facts: Mapping[str, Any]) -> dict[str, int]:
     """The sizes of a snapshot's content that must not collapse, from its manifest facts.
 
-    Directories: regular files and their bytes. PostgreSQL: the rows of every
-    table (`row_total`, or the sum of the per-table counts of manifests that
-    carry them inline) and the database's size. A measure a manifest does not
-    carry is not compared.
+    Each kind names its own (`SourceKind.measures`). Directories: regular files
+    and their bytes. PostgreSQL: the rows of every table (`row_total`, or the sum
+    of the per-table counts of manifests that carry them inline) and the
+    database's size. A measure a manifest does not carry is not compared.
     """
-    if kind == "directory":
-        names = ("files", "bytes")
-        found = {n: facts.get(n) for n in names}
-    elif kind == "postgres":
-        rows = facts.get("row_total")
-        tables = facts.get("tables")
-        if rows is None and isinstance(tables, list):
-            counts = [t.get("rows") for t in tables if isinstance(t, dict)]
-            rows = sum(c for c in counts if isinstance(c, int)) if counts else None
-        found = {"rows": rows, "database_size": facts.get("database_size")}
-    else:
-        return {}
-    return {n: int(v) for n, v in found.items()
-            if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+    return kind_for(kind).measures(facts) if is_kind(kind) else {}
 
 
 def sharp_drops(kind: str, before: Mapping[str, Any], after: Mapping[str, Any],

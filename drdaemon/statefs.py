@@ -36,7 +36,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 AUDIT_LOG = "audit/audit.jsonl"  # the tamper-evident log (audit.py)
 AUDIT_MIRROR_LOCK = "audit/mirror.lock"  # one copy to the regions at a time
-DRILL_RECORDS = "drills/drills.jsonl"  # one JSON line per drill (drill_records.py)
+DRILL_RECORDS = "drills/drills.jsonl"  # one JSON line per drill (drills/records.py)
 DRILL_SCRATCH = "drills/scratch"  # drills restore here unless [drills] scratch_dir
 INFLIGHT = "inflight"  # a marker per snapshot being uploaded (state.py)
 ORPHAN_SIGHTINGS = "prune/orphans.json"  # when each orphan was first seen (orphans.py)

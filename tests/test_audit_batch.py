@@ -23,7 +23,7 @@ from drdaemon import audit, audit_chain, audit_mirror, runtime
 from drdaemon.backup import snapshot
 from drdaemon.cli.drctl import cli as drctl_cli
 from drdaemon.config import load as load_config
-from drdaemon.drills import run_drills
+from drdaemon.drills.run import run_drills
 from drdaemon.replicate import run_replicate
 from drdaemon.runtime import Runtime, open_runtime
 from drdaemon.verify import run_verify

@@ -22,9 +22,10 @@ from lms import populate
 from psycopg import sql
 from support import Setup, directory_source, make_setup, postgres_source
 
-from drdaemon import audit, audit_chain, drill_scratch
+from drdaemon import audit, audit_chain
 from drdaemon import config as config_mod
-from drdaemon.drill_scratch import Owner, database_prefix, folder_prefix
+from drdaemon.drills import scratch as drill_scratch
+from drdaemon.drills.scratch import Owner, database_prefix, folder_prefix
 from drdaemon.runtime import open_runtime
 
 

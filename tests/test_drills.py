@@ -18,7 +18,9 @@ from lms import populate
 from support import Setup, directory_source, flip_byte, make_setup, postgres_source, stored_key
 
 from drdaemon import config as config_mod
-from drdaemon import drill_records, drills, facts, layout, manifest
+from drdaemon import facts, layout, manifest
+from drdaemon.drills import records as drill_records
+from drdaemon.drills import run as drills
 from drdaemon.errors import ConfigError
 from drdaemon.keys import load_manifest_key
 from drdaemon.runtime import open_runtime

@@ -202,7 +202,7 @@ def test_realpath_overflow_archive_writes_nothing_outside_in_a_drill(
         setup: Setup, tmp_path: Path) -> None:
     import json
 
-    from drdaemon import drill_scratch
+    from drdaemon.drills import scratch as drill_scratch
 
     scratch = setup.state / "drills" / "scratch"
     snap_id = layout.new_snapshot_id(datetime.now(UTC))

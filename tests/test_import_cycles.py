@@ -91,7 +91,7 @@ def test_the_graph_sees_imports_of_every_kind() -> None:
     graph = import_graph()
     assert "drdaemon.runtime" in graph["drdaemon.backup"]  # module level
     assert "drdaemon.runtime" in graph["drdaemon.catalog"]  # under TYPE_CHECKING
-    assert "drdaemon.sources.postgres" in graph["drdaemon.locks"]  # inside a function
+    assert "drdaemon.sources.pg_session" in graph["drdaemon.locks"]  # inside a function
     assert "drdaemon.audit" in graph["drdaemon.cli.audit"]  # from .. import audit
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

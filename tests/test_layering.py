@@ -22,7 +22,7 @@ ABOVE_SERVICES = ("drdaemon.cli", "drdaemon.scheduler", "drdaemon.metrics",
 ADAPTER_PACKAGES = ("drdaemon.storage", "drdaemon.sources")
 ADAPTER_MODULES = {"pipeline", "streams", "statefs", "locks", "filetrust", "manifest_cache"}
 # Pure cores split out of a service: no I/O, so neither a service nor an adapter.
-PURE_MODULES = {"prune_plan", "audit_chain", "audit_secrets"}
+PURE_MODULES = {"prune_plan", "audit_chain", "audit_secrets", "pages"}
 
 
 def module_name(path: Path) -> str:
@@ -71,7 +71,7 @@ def test_imports_point_down(path: Path) -> None:
     name = module_name(path)
     imports = imported(path)
     short = name.removeprefix("drdaemon.")
-    if short in SERVICES:
+    if is_service(name):
         up = sorted(m for m in imports if m.startswith(ABOVE_SERVICES))
         assert not up, f"service {name} imports {up}: the engine and CLI call services, " \
                        "not the other way round"

@@ -488,8 +488,8 @@ def test_the_prune_job_exports_a_lost_and_a_pending_orphan(tmp_path: Path,
 
 
 def test_refresh_reads_the_drill_log(tmp_path: Path, trees: list[Path]) -> None:
-    """Against drill_records.py's own record format, where that module exists."""
-    drills = pytest.importorskip("drdaemon.drill_records")
+    """Against drills/records.py's own record format, where that module exists."""
+    drills = pytest.importorskip("drdaemon.drills.records")
     setup = two_sources(tmp_path, trees)
     rt = open_runtime(config_mod.load(setup.config), clock=lambda: NOW)
 

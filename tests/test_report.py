@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from drdaemon.drill_records import DrillRecord
-from drdaemon.report import ReportData, render, render_html, summarize
+from drdaemon.drills.records import DrillRecord
+from drdaemon.drills.report import ReportData, render, render_html, summarize
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 HOSTILE = "<script>alert('x')</script> & \"quotes\" | pipes"

@@ -25,7 +25,7 @@ from support import (
     stored_key,
 )
 
-from drdaemon.sources.postgres import PostgresSink
+from drdaemon.sources.pg_sink import PostgresSink
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_a_killed_restore_leaves_no_plaintext_in_the_scratch_folder(
         lms_dsn: str, pg_server: PgServer, tmp_path: Path) -> None:
     scratch = tmp_path / "scratch"
     code = ("import sys\nfrom pathlib import Path\n"
-            "from drdaemon.sources.postgres import PostgresSink\n"
+            "from drdaemon.sources.pg_sink import PostgresSink\n"
             "sink = PostgresSink(sys.argv[1], 'killed_restore', False, jobs=2,"
             " scratch_dir=Path(sys.argv[2]))\n"
             "sink.writer.write(b'PGDMP' + b'plaintext' * 100000)\n"

@@ -14,7 +14,8 @@ import pytest
 from conftest import _unprivileged_user
 from support import Setup, directory_source, local_region, make_setup, run_cli
 
-from drdaemon import drill_records, locks, metrics, orphans, state, statefs
+from drdaemon import locks, metrics, orphans, state, statefs
+from drdaemon.drills import records as drill_records
 from drdaemon.runtime import load_config, open_runtime
 
 OUTSIDE_TEXT = b"precious: not the daemon's\n"

@@ -21,7 +21,7 @@ from ..progress import ProgressLine
 from ..runtime import Runtime, record_key_generation
 from ..sources import pg_roles
 from ..sources.directory import facts_lines
-from ..sources.pg_database import Policy
+from ..sources.pg_recreate import Policy
 from ..sources.tree_extract import interpreter_note
 from ..units import format_bytes, format_duration
 from . import (

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import click
 
-from .. import drill_records, drills
+from ..drills import attest
+from ..drills import records as drill_records
+from ..drills import run as drills
+from ..drills.report import FORMATS, render
 from ..errors import UsageError
 from ..keys import identities_for
-from ..report import FORMATS, render
 from ..runtime import utcnow
 from ..state import write_atomic
 from ..units import against, duration, parse_duration, parse_iso_time, rate, size, when
@@ -124,7 +126,7 @@ def drill_report(ctx: click.Context, drill_id: str | None, since: str, sources: 
     rt = get_runtime(ctx)
     start = None if drill_id else since_from(since, rt.clock())
     fmt = fmt or ("md" if output == "-" else "html")
-    text = render(drills.report_data(rt, start, sources, drill_id), fmt)
+    text = render(attest.report_data(rt, start, sources, drill_id), fmt)
     if output == "-":
         click.echo(text, nl=False)
         return

@@ -128,7 +128,7 @@ class SourceListing:
 
 
 class DrillRecordLike(Protocol):
-    """The fields of a drill record that metrics read (drill_records.DrillRecord)."""
+    """The fields of a drill record that metrics read (drills.records.DrillRecord)."""
 
     source: str
     tier: str

@@ -16,12 +16,19 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import jinja2
-
-from .units import against, duration, format_duration, parse_iso_time, rate, size, when
+from ..pages import render_template
+from ..units import (
+    against,
+    duration,
+    format_duration,
+    parse_iso_time,
+    rate,
+    size,
+    when,
+)
 
 if TYPE_CHECKING:
-    from .drill_records import DrillRecord
+    from .records import DrillRecord
 
 FORMATS = ("html", "md", "json")
 PALETTE = ("#1f77b4", "#9467bd", "#2ca02c", "#ff7f0e", "#8c564b", "#17becf", "#e377c2")
@@ -201,15 +208,6 @@ def render_markdown(data: ReportData) -> str:
 # templates/report.html.j2, rendered with autoescape: a value from a record can
 # never become markup, whatever the code below forgets.
 
-_TEMPLATES = jinja2.Environment(
-    loader=jinja2.PackageLoader("drdaemon", "templates"),
-    autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-
-
-def render_template(template: str, **context: Any) -> str:
-    """Render one page of templates/ with this environment (autoescape, strict);
-    other self-contained pages (the erasure certificate) share it."""
-    return str(_TEMPLATES.get_template(template).render(**context))
 
 
 def render_html(data: ReportData) -> str:
@@ -217,7 +215,7 @@ def render_html(data: ReportData) -> str:
     audit_class, audit_text = audit_line(data.audit)
     tiers = sorted({r.tier for r in records})
     colours = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(tiers)}
-    html = _TEMPLATES.get_template("report.html.j2").render(
+    html = render_template("report.html.j2",
         generated=when(data.generated_at.isoformat()),
         since=when(data.since.isoformat()) if data.since else "the first record",
         passed=sum(r.ok for r in records), records_path=data.records_path,

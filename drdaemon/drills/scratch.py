@@ -1,7 +1,7 @@
 """Drill scratch space: names that say who made them, and removal of what killed drills left.
 
 A drill restores into scratch space and removes it afterwards, even when it
-fails (drills.py, `_Scratch`). A drill process that is killed (kill -9, OOM,
+fails (drills/attempt.py, `Scratch`). A drill process that is killed (kill -9, OOM,
 power loss) cannot: its scratch database or folder would stay forever. So
 every scratch name carries its owner,
 
@@ -51,17 +51,12 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
-
-from . import statefs
-from .config import Config, SourceConfig
-from .errors import first_line as _first_line
-from .runtime import Runtime
-from .sources import postgres
-from .sources.directory import remove_tree
-from .units import format_duration
+from .. import statefs
+from ..config import Config, SourceConfig
+from ..runtime import Runtime
+from ..sources import kind_for
+from ..sources.directory import remove_tree
+from ..units import format_duration
 
 log = logging.getLogger("drdaemon")
 
@@ -256,9 +251,9 @@ def ensure_scratch_root(config: Config) -> Path:
 
 
 def clean_leftovers(rt: Runtime, sources: Sequence[SourceConfig]) -> Cleanup:
-    """Remove the scratch that killed drills left: in the scratch folder, and on the
-    drill servers of `sources` (the postgres ones). Never raises for what it cannot
-    check or remove: that is logged and listed in `errors`."""
+    """Remove the scratch that killed drills left: in the scratch folder, and where
+    the kinds of `sources` keep theirs (postgres: the drill servers). Never raises
+    for what it cannot check or remove: that is logged and listed in `errors`."""
     cfg = rt.config
     now = rt.clock()
     here = this_process(now)
@@ -266,12 +261,11 @@ def clean_leftovers(rt: Runtime, sources: Sequence[SourceConfig]) -> Cleanup:
         here = replace(here, incarnation="")
     out = Cleanup()
     ctx = _Context(rt, here, now, unknown_owner_age(cfg), out)
-    servers: dict[str, None] = {}
+    by_kind: dict[str, list[SourceConfig]] = {}
     for s in sources:
-        if s.kind == "postgres" and s.dsn is not None:
-            servers[make_conninfo(cfg.drills.postgres_dsn or s.dsn, dbname="postgres")] = None
-    for admin in servers:
-        _clean_server(ctx, admin)
+        by_kind.setdefault(s.kind, []).append(s)
+    for kind, of_kind in by_kind.items():
+        kind_for(kind).clean_leftovers(of_kind, cfg.drills.postgres_dsn, _Databases(ctx))
     _clean_folders(ctx, scratch_root(cfg))
     return out
 
@@ -304,53 +298,33 @@ class _Context:
         self.out.errors.append(text)
 
 
-def _clean_server(ctx: _Context, admin: str) -> None:
-    # Listing comes first and every verdict after it: a drill that makes its
-    # scratch later is not listed, one that made it earlier is seen running.
-    try:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-            names = [r[0] for r in conn.execute(
-                "SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1",
-                ("drdaemon\\_drill\\_%",))]
-            for name in names:
-                _clean_database(ctx, conn, admin, name)
-    except psycopg.Error as exc:
-        ctx.error(f"cannot look for leftover drill scratch on {postgres.describe(admin)}: "
-                  f"{_first_line(exc)}")
+class _Databases:
+    """The verdicts a kind asks for on the scratch databases it finds (base.LeftoverJudge)."""
 
+    database_like = "drdaemon\\_drill\\_%"  # SCRATCH_DB_PREFIX, as a LIKE pattern
 
-def _clean_database(ctx: _Context, conn: psycopg.Connection[Any], admin: str,
-                    name: str) -> None:
-    where = postgres.describe(make_conninfo(admin, dbname=name))
-    match = _DB_RE.fullmatch(name)
-    owner = Owner.parse(match) if match else None
-    if owner is None:
-        if _LEGACY_DB_RE.fullmatch(name):
-            ctx.kept(Leftover("database", where, "unknown (a name of an earlier version)",
-                              "the name tells neither its process nor its age: drop it by "
-                              "hand when no drill runs"))
-        return
-    removable, who, why = ctx.verdict(owner)
-    if not removable:
-        ctx.kept(Leftover("database", where, who, why))
-        return
-    row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
-                       (name,)).fetchone()
-    if row and row[0]:
-        ctx.kept(Leftover("database", where, who, f"{why}, but {row[0]} connection(s) to it "
-                          "are open"))
-        return
-    try:
-        conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
-    except psycopg.errors.InvalidCatalogName:
-        return  # dropped meanwhile, by its drill or another cleanup
-    except psycopg.errors.ObjectInUse:
-        ctx.kept(Leftover("database", where, who, f"{why}, but a connection to it opened"))
-        return
-    except psycopg.Error as exc:
-        ctx.error(f"cannot drop drill scratch {where} ({why}): {_first_line(exc)}")
-        return
-    ctx.removed(Leftover("database", where, who, why))
+    def __init__(self, ctx: _Context) -> None:
+        self.ctx = ctx
+
+    def verdict(self, name: str, where: str) -> tuple[bool, str, str] | None:
+        match = _DB_RE.fullmatch(name)
+        owner = Owner.parse(match) if match else None
+        if owner is None:
+            if _LEGACY_DB_RE.fullmatch(name):
+                self.kept(where, "unknown (a name of an earlier version)",
+                          "the name tells neither its process nor its age: drop it by "
+                          "hand when no drill runs")
+            return None
+        return self.ctx.verdict(owner)
+
+    def kept(self, where: str, who: str, why: str) -> None:
+        self.ctx.kept(Leftover("database", where, who, why))
+
+    def removed(self, where: str, who: str, why: str) -> None:
+        self.ctx.removed(Leftover("database", where, who, why))
+
+    def error(self, text: str) -> None:
+        self.ctx.error(text)
 
 
 def _clean_folders(ctx: _Context, root: Path) -> None:

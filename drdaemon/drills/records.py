@@ -3,7 +3,7 @@
 Each drill is one `DrillRecord`: a JSON line in `<state_dir>/drills/drills.jsonl`
 (schema in docs/format.md, "Drill records") and a `drill` record in the audit
 log, the tamper-evident copy. This module only stores and reads the lines; the
-drills themselves run in drills.py. Prune reads `newest_verified` to keep the
+drills themselves run in drills/run.py. Prune reads `newest_verified` to keep the
 proof that a restore works; metrics and reports read `load_records`.
 """
 
@@ -18,8 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import statefs
-from .units import parse_iso_time
+from .. import statefs
+from ..units import parse_iso_time
 
 log = logging.getLogger("drdaemon")
 
