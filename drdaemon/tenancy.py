@@ -1,0 +1,311 @@
+"""Tenants: who owns each source, and which regions may hold a tenant's data. Pure.
+
+A tenant (an institution) is a `[[tenants]]` entry with a tier, an optional
+residency and an erasure window; a source names its tenant (`tenant = "..."`)
+or, when it holds several tenants' data, all of them (`tenants = [...]`: a
+shared source). A source's tenant with no `[[tenants]]` entry is an *implicit*
+tenant with the defaults (no residency, erasure window 28 days), so configs
+written before tenants existed load unchanged.
+
+The residency rule, the one place it is decided: a tenant's sources are
+written to the configured regions its residency allows (all regions without
+a residency); a shared source to the regions every one of its tenants
+allows. Backups, `replicate --repair`, status, verify and the listings all
+ask :func:`regions_for` which regions a source's copies belong in, and
+:func:`check_upload` refuses a byte to any other region.
+
+This module imports nothing from config.py (config.py calls its rules): the
+config types are described here by the protocols they satisfy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from .errors import DrError, UsageError
+
+# The one set of continent names a region may give (config: `continent`).
+CONTINENTS = ("africa", "antarctica", "asia", "europe", "north-america", "oceania",
+              "south-america")
+DEFAULT_ERASE_AFTER = timedelta(days=28)
+MAX_ERASE_AFTER = timedelta(days=28)  # the contract: every copy gone within 4 weeks
+MIN_REGIONS = 2
+SHARED_SEPARATOR = "+"  # a shared source's tenant label: "a+b" (manifests, metrics)
+
+
+class ResidencyError(DrError):
+    """An upload to a region outside a tenant's residency was refused."""
+
+
+@dataclass(frozen=True)
+class Residency:
+    """Where a tenant's data may be: continents, or an explicit list of regions."""
+
+    continents: tuple[str, ...] = ()
+    regions: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.regions:
+            return "regions " + ", ".join(self.regions)
+        return "continent(s) " + ", ".join(self.continents)
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return ({"regions": list(self.regions)} if self.regions
+                else {"continents": list(self.continents)})
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """A `[[tenants]]` entry, or the implicit tenant a source's label stands for."""
+
+    name: str
+    tier: str | None = None  # sources inherit it; None: each source names its tier
+    residency: Residency | None = None  # None: every configured region
+    erase_after: timedelta = DEFAULT_ERASE_AFTER  # read by erasure: end of service + this
+    implicit: bool = False  # no [[tenants]] entry: made from a source's `tenant`
+
+
+class RegionLike(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def continent(self) -> str: ...
+
+
+class SourceLike(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def tenant(self) -> str: ...
+
+    @property
+    def tenants(self) -> tuple[str, ...]: ...
+
+    @property
+    def dsn(self) -> str | None: ...
+
+    @property
+    def path(self) -> Path | None: ...
+
+
+S = TypeVar("S", bound=SourceLike, covariant=True)
+
+
+class ConfigLike(Protocol[S]):
+    @property
+    def regions(self) -> Sequence[RegionLike]: ...
+
+    @property
+    def sources(self) -> Sequence[S]: ...
+
+    @property
+    def tenants(self) -> Mapping[str, TenantConfig]: ...
+
+
+# -- names -------------------------------------------------------------------------
+
+def continent(value: object) -> str:
+    """A continent's one spelling: 'North America', 'north_america' -> 'north-america'."""
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    name = "-".join(value.strip().lower().replace("_", " ").replace("-", " ").split())
+    if name not in CONTINENTS:
+        raise ValueError("unknown continent")
+    return name
+
+
+def owners(source: SourceLike) -> tuple[str, ...]:
+    """The tenants whose data `source` holds (one, or several for a shared source)."""
+    return source.tenants or (source.tenant,)
+
+
+def is_shared(source: SourceLike) -> bool:
+    """Whether `source` holds several tenants' data (`tenants = [...]`)."""
+    return len(owners(source)) > 1
+
+
+def shared_label(tenants: Sequence[str]) -> str:
+    """The tenant label a shared source's manifests and metrics carry."""
+    return SHARED_SEPARATOR.join(tenants)
+
+
+def label_tenants(label: str) -> tuple[str, ...]:
+    """The tenants a manifest's or record's tenant label names (see shared_label)."""
+    return tuple(t for t in label.split(SHARED_SEPARATOR) if t)
+
+
+def sources_of(cfg: ConfigLike[S], tenant: str) -> list[S]:
+    """The configured sources holding `tenant`'s data: its own and the shared ones."""
+    return [s for s in cfg.sources if tenant in owners(s)]
+
+
+def pick(cfg: ConfigLike[S], tenant: str) -> list[S]:
+    """`--tenant NAME`: the tenant's sources, or a UsageError naming the known tenants."""
+    if tenant not in cfg.tenants:
+        known = ", ".join(sorted(cfg.tenants)) or "none"
+        raise UsageError(f"no tenant named {tenant!r} in the config (known: {known})")
+    return sources_of(cfg, tenant)
+
+
+# -- where data may go -----------------------------------------------------------
+
+def allowed_regions(cfg: ConfigLike[SourceLike], tenant: str) -> tuple[str, ...]:
+    """The configured regions `tenant` may use, in config order (all for no residency
+    or a tenant the config does not know)."""
+    t = cfg.tenants.get(tenant)
+    res = t.residency if t is not None else None
+    if res is None:
+        return tuple(r.name for r in cfg.regions)
+    if res.regions:
+        return tuple(r.name for r in cfg.regions if r.name in res.regions)
+    return tuple(r.name for r in cfg.regions if r.continent in res.continents)
+
+
+def regions_for_tenants(cfg: ConfigLike[SourceLike], tenants: Iterable[str]
+                        ) -> tuple[str, ...]:
+    """The regions every one of `tenants` allows, in config order."""
+    allowed = [set(allowed_regions(cfg, t)) for t in tenants]
+    return tuple(r.name for r in cfg.regions if all(r.name in a for a in allowed))
+
+
+def regions_for(cfg: ConfigLike[SourceLike], source: SourceLike) -> tuple[str, ...]:
+    """The regions `source`'s snapshots are written to and expected in."""
+    return regions_for_tenants(cfg, owners(source))
+
+
+def regions_for_name(cfg: ConfigLike[SourceLike], source: str,
+                     label: str | None = None) -> tuple[str, ...]:
+    """The regions a snapshot of `source` belongs in: by the config when it knows the
+    source, else by the tenant `label` its manifest carries (a source no longer
+    configured keeps its tenant's residency)."""
+    for s in cfg.sources:
+        if s.name == source:
+            return regions_for(cfg, s)
+    return regions_for_tenants(cfg, label_tenants(label or ""))
+
+
+def check_upload(cfg: ConfigLike[SourceLike], source: str, region: str,
+                 label: str | None = None) -> None:
+    """Refuse (ResidencyError) an upload of `source`'s data to `region` unless the
+    residency of every tenant it holds allows that region. Called right before each
+    upload begins, with the config in force at that moment."""
+    tenants = set(label_tenants(label or ""))
+    for s in cfg.sources:
+        if s.name == source:
+            tenants |= set(owners(s))
+    # The manifest's own tenant counts as well as the config's: data written for a
+    # tenant stays in its regions even if the source has since changed hands.
+    allowed = (regions_for_tenants(cfg, sorted(tenants)) if tenants
+               else tuple(r.name for r in cfg.regions))
+    if region in allowed:
+        return
+    raise ResidencyError(
+        f"refused: region {region} is outside the residency of tenant "
+        f"{', '.join(sorted(tenants))} (source {source}; allowed: "
+        f"{', '.join(allowed) or 'none'}); nothing was written there")
+
+
+# -- what `config check` refuses and warns about ------------------------------------
+
+def database_identity(dsn: str) -> tuple[str, str, str]:
+    """(host, port, dbname) of a libpq DSN: two sources on one database compare equal.
+
+    A service name stands for its host; libpq's defaults fill what is not given.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
+    host = params.get("host") or params.get("hostaddr") or ""
+    if not host and "service" in params:
+        host = "service:" + params["service"]
+    host = host.lower()
+    if host in ("127.0.0.1", "::1"):
+        host = "localhost"
+    dbname = params.get("dbname") or params.get("user") or ""
+    return host, params.get("port") or "5432", dbname
+
+
+def trees_overlap(a: Path, b: Path) -> bool:
+    """Whether one directory tree contains the other (or they are the same)."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def _overlap(a: SourceLike, b: SourceLike) -> str | None:
+    """How two sources hold the same data, if they do."""
+    if a.kind == b.kind == "postgres" and a.dsn and b.dsn:
+        try:
+            same = database_identity(a.dsn) == database_identity(b.dsn)
+        except Exception:  # validated when loaded; an odd DSN is compared as unequal
+            same = False
+        return "the same database" if same else None
+    if a.kind == b.kind == "directory" and a.path and b.path:
+        return "overlapping directory trees" if trees_overlap(a.path, b.path) else None
+    return None
+
+
+def config_problems(cfg: ConfigLike[SourceLike]) -> list[str]:
+    """What makes a config unusable for its tenants, one line each (pure)."""
+    problems = []
+    for name in sorted(cfg.tenants):
+        t = cfg.tenants[name]
+        allowed = allowed_regions(cfg, name)
+        if len(allowed) < MIN_REGIONS and (not t.implicit or sources_of(cfg, name)):
+            where = f" ({t.residency.describe()})" if t.residency else ""
+            problems.append(f"tenant {name}: its residency{where} allows "
+                            f"{len(allowed)} configured region(s) "
+                            f"({', '.join(allowed) or 'none'}); at least {MIN_REGIONS} needed")
+    for s in cfg.sources:
+        if not is_shared(s):
+            continue
+        allowed = regions_for(cfg, s)
+        if len(allowed) < MIN_REGIONS:
+            problems.append(f"source {s.name}: shared by {', '.join(owners(s))}, whose "
+                            f"residencies have {len(allowed)} region(s) in common "
+                            f"({', '.join(allowed) or 'none'}); at least {MIN_REGIONS} needed")
+    for i, a in enumerate(cfg.sources):
+        for b in cfg.sources[i + 1:]:
+            if set(owners(a)) == set(owners(b)):
+                continue
+            how = _overlap(a, b)
+            if how:
+                problems.append(
+                    f"sources {a.name} (tenant {', '.join(owners(a))}) and {b.name} (tenant "
+                    f"{', '.join(owners(b))}) hold {how}: one tenant's data would sit under "
+                    "another's name; declare one shared source with tenants = [...]")
+    return problems
+
+
+def config_warnings(cfg: ConfigLike[SourceLike]) -> list[str]:
+    """What `config check` warns about per tenant: one continent, shared sources."""
+    out = []
+    continent_of = {r.name: r.continent for r in cfg.regions}
+    if not cfg.tenants and len(set(continent_of.values())) < 2:
+        out.append(f"WARNING: every region is on continent "
+                   f"{', '.join(sorted(set(continent_of.values())))}; the policy promises "
+                   "copies on two continents")
+    for name in sorted(cfg.tenants):
+        t = cfg.tenants[name]
+        if t.residency is not None:
+            continue  # an explicit residency is the tenant's own promise
+        used = {continent_of[r] for r in allowed_regions(cfg, name)}
+        if len(used) < 2:
+            out.append(f"WARNING: tenant {name}: every region it uses is on continent "
+                       f"{', '.join(sorted(used)) or 'none'}; the policy promises copies "
+                       "on two continents")
+    for name in sorted(cfg.tenants):
+        shared = [s.name for s in sources_of(cfg, name) if is_shared(s)]
+        if shared:
+            out.append(f"WARNING: tenant {name}: its data sits in the shared source(s) "
+                       f"{', '.join(shared)}: erasing it alone is impossible there (those "
+                       "copies go only when retention ages them out), so its erasure promise "
+                       "cannot be kept per tenant")
+    return out
