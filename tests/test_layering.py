@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "drdaemon"
 
 SERVICES = {"backup", "restore", "prune", "replicate", "verify", "drills", "drill_scratch",
-            "drill_records", "orphans", "catalog", "status", "audit"}
+            "drill_records", "orphans", "catalog", "status", "audit", "inventory"}
 ABOVE_SERVICES = ("drdaemon.cli", "drdaemon.scheduler", "drdaemon.metrics",
                   "drdaemon.metrics_feed")
 ADAPTER_PACKAGES = ("drdaemon.storage", "drdaemon.sources")

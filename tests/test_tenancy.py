@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import directory_source, drctl, local_region, make_setup, postgres_source
 
 from drdaemon import config, tenancy
 from drdaemon.errors import ConfigError
 from drdaemon.tenancy import Residency, TenantConfig
-from tests.support import directory_source, local_region, make_setup, postgres_source
 
 TENANTS = (
     '[[tenants]]\nname = "uni-eu"\ntier = "paid"\nresidency = { continents = ["europe"] }\n\n'
@@ -57,6 +58,14 @@ def test_tenants_tier_residency_and_erase_after(tmp_path: Path) -> None:
     assert [s.name for s in tenancy.sources_of(cfg, "college-x")] == ["x-files", "x-own"]
     # An explicit residency silences the two-continents warning; the other has two.
     assert not [w for w in cfg.warnings if "continent" in w]
+    out = drctl(["--config", str(path), "config", "check", "--json"])
+    assert out.exit_code == 0, out.stderr
+    shown = json.loads(out.stdout)["tenants"]
+    assert shown["uni-eu"] == {"tier": "paid", "implicit": False,
+                               "residency": {"continents": ["europe"]},
+                               "regions": ["eu-1", "eu-2"], "erase_after_days": 28,
+                               "sources": ["eu-files"]}
+    assert shown["college-x"]["erase_after_days"] == 14
 
 
 def test_old_configs_load_with_implicit_tenants(tmp_path: Path) -> None:
