@@ -31,6 +31,9 @@ from .errors import DrError, UsageError
 # The one set of continent names a region may give (config: `continent`).
 CONTINENTS = ("africa", "antarctica", "asia", "europe", "north-america", "oceania",
               "south-america")
+# Spellings that configs written before continents were validated use, read as the
+# continent named here (docs/reference.md says so).
+ALIASES = {"america": "north-america"}
 DEFAULT_ERASE_AFTER = timedelta(days=28)
 MAX_ERASE_AFTER = timedelta(days=28)  # the contract: every copy gone within 4 weeks
 MIN_REGIONS = 2
@@ -117,10 +120,15 @@ def continent(value: object) -> str:
     """A continent's one spelling: 'North America', 'north_america' -> 'north-america'."""
     if not isinstance(value, str):
         raise TypeError("not a string")
-    name = "-".join(value.strip().lower().replace("_", " ").replace("-", " ").split())
+    name = _spelled(value)
+    name = ALIASES.get(name, name)
     if name not in CONTINENTS:
         raise ValueError("unknown continent")
     return name
+
+
+def _spelled(value: str) -> str:
+    return "-".join(value.strip().lower().replace("_", " ").replace("-", " ").split())
 
 
 def owners(source: SourceLike) -> tuple[str, ...]:

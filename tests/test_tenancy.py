@@ -101,6 +101,11 @@ def test_bad_tenants_are_refused_in_one_line(tmp_path: Path, tenants: str,
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+def test_an_old_spelling_of_a_continent_still_loads(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, [], continents=("europe", "europe", "America")))
+    assert cfg.regions[2].continent == "north-america"
+
+
 def test_unknown_continent_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, [], continents=("europe", "europa", "north-america"))
     with pytest.raises(ConfigError, match=r"regions\[1\]\.continent: expected one of africa"):
@@ -225,3 +230,66 @@ def test_uploads_pass_the_gate_exactly_in_the_regions_a_source_is_written_to(
 
 def test_timedelta_default_is_the_contract() -> None:
     assert tenancy.DEFAULT_ERASE_AFTER == tenancy.MAX_ERASE_AFTER == timedelta(days=28)
+
+
+# -- the pure readers that route "every region" through the residency ------------------
+
+def test_the_replication_plan_expects_and_repairs_only_home_regions() -> None:
+    from test_replicate import SNAP, make_manifest
+
+    from drdaemon.catalog import SnapshotEntry
+    from drdaemon.replicate import DataStat, ReplicationReport, plan_replication
+
+    m = make_manifest()
+    # Held in eu (home) and in ap (a copy from before the residency); missing in us (home).
+    entry = SnapshotEntry(SNAP, "lms", m, ["eu", "ap"])
+    stats = {("lms", SNAP, "eu"): DataStat(m.size), ("lms", SNAP, "us"): DataStat(None),
+             ("lms", SNAP, "ap"): DataStat(None)}
+    plan = plan_replication([entry], ["eu", "us", "ap"], {}, stats, homes={"lms": ["eu", "us"]})
+    assert [(r.region, r.sources) for r in plan.repairs] == [("us", ("eu",))]
+    [snap] = plan.snapshots
+    assert snap.expected == ["eu", "us"] and snap.outside == ["ap"]
+    assert ReplicationReport(plan).summary()["copies"] == 2
+    everywhere = plan_replication([entry], ["eu", "us", "ap"], {}, stats)
+    assert {r.region for r in everywhere.repairs} == {"us", "ap"}
+
+
+def test_holdings_count_bytes_snapshots_and_age_per_source() -> None:
+    from datetime import UTC, datetime
+
+    from drdaemon import inventory, layout
+
+    old, new = "20261101T020000Z-00000001", "20261120T020000Z-00000002"
+    listed = {
+        "eu": [(layout.data_object_name("gone", old, "directory"), 100),
+               (layout.manifest_object_name("gone", old), 10),
+               (layout.data_object_name("gone", new, "directory"), 200),
+               (layout.manifest_object_name("gone", new), 10),
+               (layout.manifest_object_name("kept", new), 10),
+               ("sources/gone/data/not-ours.bin", 999)],
+        "us": [(layout.data_object_name("gone", new, "directory"), 200),
+               (layout.manifest_object_name("gone", new), 10)],
+    }
+    found = inventory.holdings(listed, {"kept": "uni-a"})
+    gone = found["gone"]
+    assert not gone.managed and gone.tenant is None and found["kept"].managed
+    assert gone.bytes == {"eu": 320, "us": 210} and gone.objects == 6
+    assert gone.snapshot_ids() == {old, new}
+    assert gone.oldest == datetime(2026, 11, 1, 2, tzinfo=UTC)
+    assert gone.age(datetime(2026, 11, 21, 2, tzinfo=UTC)) == timedelta(days=1)
+
+
+@pytest.mark.parametrize(("record", "expected"), [
+    ({"event": "restore", "tenant": "uni-a", "source": "x"}, True),
+    ({"event": "snapshot.committed", "tenant": "uni-a+uni-b", "source": "lms"}, True),
+    ({"event": "verify.finished", "tenants": ["uni-a"], "sources": ["db"]}, True),
+    ({"event": "restore", "source": "db"}, True),  # written before records named tenants
+    ({"event": "verify.finished", "sources": ["db", "other"]}, True),
+    ({"event": "restore", "tenant": "uni-b", "source": "db"}, False),  # db was uni-b's then
+    ({"event": "prune.trash", "source": "other"}, False),
+    ({"event": "key.generated"}, False),
+])
+def test_which_audit_records_touch_a_tenant(record: dict[str, object], expected: bool) -> None:
+    from drdaemon import inventory
+
+    assert inventory.touches(record, "uni-a", ["db"]) is expected
