@@ -293,3 +293,28 @@ def test_which_audit_records_touch_a_tenant(record: dict[str, object], expected:
     from drdaemon import inventory
 
     assert inventory.touches(record, "uni-a", ["db"]) is expected
+
+
+def test_the_daemons_tenants_job_feeds_the_unmanaged_metrics(tmp_path: Path) -> None:
+    from drdaemon import layout, metrics
+    from drdaemon.runtime import open_runtime
+    from drdaemon.scheduler import Daemon
+
+    path = write(tmp_path, [directory_source("kept", tree(tmp_path, "a"), tenant="uni-eu")])
+    rt = open_runtime(config.load(path))
+    snap = "20261101T020000Z-00000001"
+    for region in ("eu-1", "us-1"):  # a departed source's data; its manifest is not ours
+        obj = rt.store(region).root / layout.manifest_object_name("gone", snap)  # type: ignore[attr-defined]
+        obj.parent.mkdir(parents=True)
+        obj.write_bytes(b"{}")
+    daemon = Daemon(rt)
+    jobs = {name: expr for name, expr, _ in daemon._maintenance()}
+    assert jobs["tenants"] == rt.config.daemon.replicate_schedule
+    inv = daemon.take_inventory()
+    assert [h.source for h in inv.unmanaged()] == ["gone"]
+    get = metrics.build_registry(daemon.metrics, rt.clock).get_sample_value
+    labels = {"source": "gone", "tenant": ""}
+    assert get("drdaemon_unmanaged_bytes", labels) == 4
+    assert get("drdaemon_unmanaged_newest_snapshot_timestamp_seconds", labels) == \
+        layout.id_time(snap).timestamp()
+    assert get("drdaemon_unmanaged_erase_after_seconds", labels) == 28 * 86400
