@@ -318,3 +318,25 @@ def test_the_daemons_tenants_job_feeds_the_unmanaged_metrics(tmp_path: Path) -> 
     assert get("drdaemon_unmanaged_newest_snapshot_timestamp_seconds", labels) == \
         layout.id_time(snap).timestamp()
     assert get("drdaemon_unmanaged_erase_after_seconds", labels) == 28 * 86400
+
+
+def test_a_shared_source_goes_where_all_its_tenants_allow_and_is_theirs(
+        tmp_path: Path) -> None:
+    files = tree(tmp_path, "shared")
+    (files / "f.txt").write_text("both tenants' data " * 100)
+    shared = ('[[sources]]\nname = "lms-files"\nkind = "directory"\n'
+              f'tenants = ["uni-eu", "college-x"]\ntier = "paid"\npath = "{files}"\n')
+    path = write(tmp_path, [shared])
+    result = drctl(["--config", str(path), "backup", "--tenant", "college-x", "--json"])
+    assert result.exit_code == 0, result.stderr
+    [done] = json.loads(result.stdout)
+    assert done["regions"] == ["eu-1", "eu-2"]
+    assert not (tmp_path / "us-1" / "sources").exists()
+    for tenant in ("uni-eu", "college-x"):
+        out = drctl(["--config", str(path), "tenant", "show", tenant, "--json"])
+        shown = json.loads(out.stdout)
+        assert shown["shared_sources"] == ["lms-files"] and shown["regions"] == ["eu-1", "eu-2"]
+        access = drctl(["--config", str(path), "tenant", "access", tenant, "--json"])
+        [record] = json.loads(access.stdout)["records"]
+        assert record["event"] == "snapshot.committed"
+        assert record["tenant"] == "uni-eu+college-x"

@@ -236,10 +236,12 @@ def test_tenant_list_show_and_access(world: tuple[Setup, dict[str, S3Region]]) -
     assert departed["continents"] == ["europe", "north-america"]
     assert setup.drctl("tenant", "show", "nobody").exit_code == 2
 
+    assert setup.drctl_json("verify", "--tenant", "uni-eu", "--deep")["ok"]
     setup.drctl_json("restore", "latest", "--source", "uni-eu-db", "--to", restored_db(setup))
     access = setup.drctl_json("tenant", "access", "uni-eu", "--since", "1d")
     events = [r["event"] for r in access["records"]]
-    assert events == ["snapshot.committed", "restore"] and access["log_verified"]
+    assert events == ["snapshot.committed", "verify.finished", "restore"]
+    assert access["log_verified"] and access["records"][1]["deep"]
     assert all(r["user"] and r["host"] for r in access["records"])
     # The departed tenant's records still name it, from the records themselves.
     gone_access = setup.drctl_json("tenant", "access", "college-x")
