@@ -247,17 +247,28 @@ def trees_overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def _overlap(a: SourceLike, b: SourceLike) -> str | None:
-    """How two sources hold the same data, if they do."""
-    if a.kind == b.kind == "postgres" and a.dsn and b.dsn:
-        try:
-            same = database_identity(a.dsn) == database_identity(b.dsn)
-        except Exception:  # validated when loaded; an odd DSN is compared as unequal
-            same = False
-        return "the same database" if same else None
-    if a.kind == b.kind == "directory" and a.path and b.path:
-        return "overlapping directory trees" if trees_overlap(a.path, b.path) else None
-    return None
+def overlaps(sources: Sequence[SourceLike]) -> list[tuple[int, int, str]]:
+    """(i, j, how) for each pair of `sources` (i < j) holding the same data: one
+    database, or one directory tree inside (or equal to) another. Linear in the
+    number of sources (by key and by each path's ancestors), not quadratic."""
+    dbs: dict[tuple[str, str, str], list[int]] = {}
+    trees: dict[Path, list[int]] = {}
+    for i, src in enumerate(sources):
+        if src.kind == "postgres" and src.dsn:
+            try:
+                dbs.setdefault(database_identity(src.dsn), []).append(i)
+            except Exception:  # validated when loaded; an odd DSN matches nothing
+                continue
+        elif src.kind == "directory" and src.path is not None:
+            trees.setdefault(src.path, []).append(i)
+    found: set[tuple[int, int, str]] = set()
+    for group in dbs.values():
+        found |= {(a, b, "the same database") for a in group for b in group if a < b}
+    for path, group in trees.items():
+        near = [j for anc in (path, *path.parents) for j in trees.get(anc, ())]
+        found |= {(min(a, b), max(a, b), "overlapping directory trees")
+                  for a in group for b in near if a != b}
+    return sorted(found)
 
 
 def config_problems(cfg: ConfigLike[SourceLike]) -> list[str]:
@@ -279,16 +290,13 @@ def config_problems(cfg: ConfigLike[SourceLike]) -> list[str]:
             problems.append(f"source {s.name}: shared by {', '.join(owners(s))}, whose "
                             f"residencies have {len(allowed)} region(s) in common "
                             f"({', '.join(allowed) or 'none'}); at least {MIN_REGIONS} needed")
-    for i, a in enumerate(cfg.sources):
-        for b in cfg.sources[i + 1:]:
-            if set(owners(a)) == set(owners(b)):
-                continue
-            how = _overlap(a, b)
-            if how:
-                problems.append(
-                    f"sources {a.name} (tenant {', '.join(owners(a))}) and {b.name} (tenant "
-                    f"{', '.join(owners(b))}) hold {how}: one tenant's data would sit under "
-                    "another's name; declare one shared source with tenants = [...]")
+    for i, j, how in overlaps(cfg.sources):
+        a, b = cfg.sources[i], cfg.sources[j]
+        if set(owners(a)) != set(owners(b)):
+            problems.append(
+                f"sources {a.name} (tenant {', '.join(owners(a))}) and {b.name} (tenant "
+                f"{', '.join(owners(b))}) hold {how}: one tenant's data would sit under "
+                "another's name; declare one shared source with tenants = [...]")
     return problems
 
 
@@ -309,8 +317,13 @@ def config_warnings(cfg: ConfigLike[SourceLike]) -> list[str]:
             out.append(f"WARNING: tenant {name}: every region it uses is on continent "
                        f"{', '.join(sorted(used)) or 'none'}; the policy promises copies "
                        "on two continents")
+    shared_by: dict[str, list[str]] = {}
+    for src in cfg.sources:
+        if is_shared(src):
+            for owner in owners(src):
+                shared_by.setdefault(owner, []).append(src.name)
     for name in sorted(cfg.tenants):
-        shared = [s.name for s in sources_of(cfg, name) if is_shared(s)]
+        shared = shared_by.get(name)
         if shared:
             out.append(f"WARNING: tenant {name}: its data sits in the shared source(s) "
                        f"{', '.join(shared)}: erasing it alone is impossible there (those "

@@ -340,3 +340,36 @@ def test_a_shared_source_goes_where_all_its_tenants_allow_and_is_theirs(
         [record] = json.loads(access.stdout)["records"]
         assert record["event"] == "snapshot.committed"
         assert record["tenant"] == "uni-eu+college-x"
+
+
+@given(st.lists(st.tuples(st.sampled_from(["directory", "postgres"]),
+                          st.lists(st.sampled_from(["a", "b", "c"]), max_size=3)),
+                max_size=8))
+def test_overlaps_are_exactly_the_pairs_holding_the_same_data(
+        drawn: list[tuple[str, list[str]]]) -> None:
+    from types import SimpleNamespace as NS
+
+    sources = [NS(name=f"s{i}", kind=kind, tenant="t", tenants=(),
+                  path=Path("/srv", *parts) if kind == "directory" else None,
+                  dsn=f"host=db port=5432 dbname={'_'.join(parts) or 'x'}"
+                  if kind == "postgres" else None)
+               for i, (kind, parts) in enumerate(drawn)]
+    brute = set()
+    for i, a in enumerate(sources):
+        for j in range(i + 1, len(sources)):
+            b = sources[j]
+            if a.kind == b.kind == "directory" and tenancy.trees_overlap(a.path, b.path):
+                brute.add((i, j, "overlapping directory trees"))
+            if a.kind == b.kind == "postgres" and a.dsn == b.dsn:
+                brute.add((i, j, "the same database"))
+    assert set(tenancy.overlaps(sources)) == brute  # type: ignore[arg-type]
+
+
+def test_a_thousand_separate_sources_overlap_nowhere() -> None:
+    from types import SimpleNamespace as NS
+
+    sources = [NS(name=f"s{i}", kind="directory", tenant=f"t{i}", tenants=(), dsn=None,
+                  path=Path("/srv/moodledata", f"tenant-{i}")) for i in range(1000)]
+    sources += [NS(name=f"d{i}", kind="postgres", tenant=f"t{i}", tenants=(), path=None,
+                   dsn=f"host=db dbname=lms_{i}") for i in range(1000)]
+    assert tenancy.overlaps(sources) == []  # type: ignore[arg-type]
