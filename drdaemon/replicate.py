@@ -185,7 +185,7 @@ def observe(rt: Runtime, sources: Sequence[str] | None = None, *,
     entries = [e for e in listing.snapshots if names is None or e.source in names]
     down = dict(listing.region_errors)
     trashed = _trashed(rt, {e.source for e in entries}, down)
-    homes = {s.name: tenancy.regions_for(rt.config, s) for s in rt.config.sources}
+    homes = tenancy.homes(rt.config)
     stats: dict[CopyKey, DataStat] = {}
     for entry in entries:
         m = entry.manifest

@@ -190,15 +190,20 @@ def regions_for(cfg: ConfigLike[SourceLike], source: SourceLike) -> tuple[str, .
     return regions_for_tenants(cfg, owners(source))
 
 
-def regions_for_name(cfg: ConfigLike[SourceLike], source: str,
-                     label: str | None = None) -> tuple[str, ...]:
+def homes(cfg: ConfigLike[SourceLike]) -> dict[str, tuple[str, ...]]:
+    """Every configured source's regions (regions_for), by name: for readers that ask
+    for many snapshots at once (pass it to regions_for_name)."""
+    return {s.name: regions_for(cfg, s) for s in cfg.sources}
+
+
+def regions_for_name(cfg: ConfigLike[SourceLike], source: str, label: str | None = None,
+                     known: Mapping[str, tuple[str, ...]] | None = None) -> tuple[str, ...]:
     """The regions a snapshot of `source` belongs in: by the config when it knows the
-    source, else by the tenant `label` its manifest carries (a source no longer
-    configured keeps its tenant's residency)."""
-    for s in cfg.sources:
-        if s.name == source:
-            return regions_for(cfg, s)
-    return regions_for_tenants(cfg, label_tenants(label or ""))
+    source (`known`: :func:`homes` of the config, computed once), else by the tenant
+    `label` its manifest carries (a source no longer configured keeps its tenant's
+    residency)."""
+    found = (known if known is not None else homes(cfg)).get(source)
+    return found if found is not None else regions_for_tenants(cfg, label_tenants(label or ""))
 
 
 def check_upload(cfg: ConfigLike[SourceLike], source: str, region: str,

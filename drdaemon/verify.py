@@ -166,12 +166,14 @@ def run_verify(rt: Runtime, sources: Sequence[str] | None = None, region: str | 
     single = next(iter(names)) if names and len(names) == 1 else None
     listing = catalog.list_snapshots(rt, single, region)
     report = VerifyReport(deep, region_errors=dict(listing.region_errors))
+    known = tenancy.homes(rt.config)
     with rt.audit_batch():  # a failure per copy, one mirror per region for the run
         for entry in listing.snapshots:
             if names is not None and entry.source not in names:
                 continue
             home = tenancy.regions_for_name(
-                rt.config, entry.source, entry.manifest.tenant if entry.manifest else None)
+                rt.config, entry.source, entry.manifest.tenant if entry.manifest else None,
+                known)
             for name in (r for r in regions if r in home):
                 check = _check_entry(rt, entry, name, listing.region_errors, deep,
                                      identities or ())

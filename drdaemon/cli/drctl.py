@@ -227,11 +227,12 @@ def snapshots_list(ctx: click.Context, source: str | None, tenant: str | None,
     if names is not None:
         listing.snapshots = [e for e in listing.snapshots if e.source in names]
     all_regions = [region] if region else [r.name for r in rt.config.regions]
+    known = tenancy.homes(rt.config)
 
     def home(e: catalog.SnapshotEntry) -> list[str]:
         """The regions the entry belongs in: its tenant's residency (tenancy.py)."""
         allowed = tenancy.regions_for_name(rt.config, e.source,
-                                           e.manifest.tenant if e.manifest else None)
+                                           e.manifest.tenant if e.manifest else None, known)
         return [r for r in all_regions if r in allowed]
 
     if as_json:
