@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from . import __version__, catalog, layout, manifest, shrink, state
+from . import __version__, catalog, layout, manifest, shrink, state, tenancy
 from . import facts as facts_object
 from .config import SourceConfig
 from .errors import Cancelled, DrError, ShrinkError, SourceError
@@ -161,10 +161,15 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
     # retention horizon, whatever happens to this daemon (docs/format.md).
     retain_until = source.retention.lock_until(started)
     uploads: dict[str, Upload] = {}
+    # Only the regions the residency of the source's tenant(s) allows (tenancy.py).
+    home = tenancy.regions_for(cfg, source)
     for store in rt.stores:
+        if store.name not in home:
+            continue
         try:
+            rt.check_residency(source.name, store.name, source.tenant)
             uploads[store.name] = store.begin_upload(data_name, retain_until=retain_until)
-        except StorageError as exc:
+        except (StorageError, tenancy.ResidencyError) as exc:
             result.failed_regions[store.name] = str(exc)
     if not uploads:
         raise StorageError("no region can be written: " + "; ".join(

@@ -4,6 +4,12 @@ Everything is checked up front so that a daemon never discovers a typo at
 3 a.m.: unknown keys, wrong types, bad durations and cron expressions, unknown
 tiers, duplicate names, missing files and too few regions are each reported as
 one line naming the file, the key and what was expected.
+
+Why this module is long (about 600 lines): it is the one parser of the whole
+file, a table per section, each checked key by key. What grows with a new
+feature goes beside it: the generic table reader in config_table.py, the
+`[[tenants]]` tables in config_tenants.py, and the rules between tenants,
+sources and regions (residency, overlaps) in tenancy.py.
 """
 
 from __future__ import annotations
@@ -12,23 +18,23 @@ import os
 import re
 import tomllib
 import zoneinfo
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlparse
 
-from . import cron
+from . import config_tenants, cron, tenancy
+from .config_table import NAME_HINT, NAME_RE, Said, Table
 from .errors import ConfigError
 from .filetrust import read_trusted
 from .slo import Targets
 from .sources import is_kind, kind_for, kinds
+from .tenancy import TenantConfig
 from .units import parse_duration, parse_size
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
-NAME_HINT = "a name of 1-63 characters: lowercase letters, digits, '.', '_' or '-'"
 DEFAULT_TIERS = {
     "paid": (timedelta(hours=24), timedelta(hours=24)),
     "free": (timedelta(hours=24), timedelta(hours=48)),
@@ -137,6 +143,9 @@ class SourceConfig:
     # session has locked before the snapshot fails, naming the table and holder.
     lock_wait_timeout: timedelta = timedelta(minutes=5)
     on_unreadable: str = "fail"  # directory: "fail" or "skip" (and list) unreadable entries
+    # Every tenant whose data the source holds: (tenant,), or several for a shared
+    # source, whose `tenant` is then their label "a+b" (tenancy.shared_label).
+    tenants: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -174,6 +183,9 @@ class Config:
     warnings: tuple[str, ...] = field(default=())
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     drills: DrillsConfig = field(default_factory=DrillsConfig)
+    # [[tenants]] by name, plus an implicit entry for each tenant a source names
+    # without one (tenancy.TenantConfig.implicit).
+    tenants: dict[str, TenantConfig] = field(default_factory=dict)
 
     def source(self, name: str) -> SourceConfig:
         """The source called `name`, or a UsageError listing the known ones."""
@@ -229,57 +241,6 @@ def load(path: str | os.PathLike[str]) -> Config:
     return _Parser(path).config(raw)
 
 
-class _Table:
-    """A TOML table being consumed key by key, so leftovers can be reported."""
-
-    def __init__(self, parser: _Parser, where: str, data: Any) -> None:
-        self.parser = parser
-        self.where = where
-        if not isinstance(data, dict):
-            parser.fail(where, "a table", data)
-        self.data: dict[str, Any] = dict(data)
-
-    def key(self, name: str) -> str:
-        return f"{self.where}.{name}" if self.where else name
-
-    def take(self, name: str, kind: type[T], default: Any = ..., *, what: str = "") -> T:
-        if name not in self.data:
-            if default is ...:
-                self.parser.fail(self.key(name), what or _type_name(kind),
-                                 _Said("nothing (required)"))
-            return cast(T, default)
-        value = self.data.pop(name)
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if not ok:
-            self.parser.fail(self.key(name), what or _type_name(kind), value)
-        return cast(T, value)
-
-    def convert(self, name: str, fn: Callable[[Any], T], default: Any = ..., *, what: str,
-                echo: bool = True) -> T:
-        raw: Any = self.take(name, object, default, what=what)
-        if raw is default and default is not ...:
-            return cast(T, default)
-        try:
-            return fn(raw)
-        except (ValueError, TypeError, KeyError, OverflowError) as exc:
-            # A DSN may hold a password: such values are described, never echoed.
-            shown = raw if echo else _Said("a value not shown here (it may hold a secret)")
-            self.parser.fail(self.key(name), what, shown, detail=str(exc))
-
-    def done(self) -> None:
-        for name in self.data:
-            self.parser.fail(self.key(name), "no such key (unknown)", self.data[name])
-
-
-class _Said(str):
-    """Text to show as-is in an error instead of the repr of a value."""
-
-
-def _type_name(kind: type) -> str:
-    return {str: "a string", int: "an integer", bool: "true or false", list: "a list",
-            dict: "a table", float: "a number"}.get(kind, kind.__name__)
-
-
 class _Parser:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -287,8 +248,8 @@ class _Parser:
         self.warnings: list[str] = []
 
     def fail(self, key: str, expected: str, got: Any, detail: str = "") -> NoReturn:
-        """Raise the one-line error; `got` is shown with repr unless it is a _Said."""
-        shown = got if isinstance(got, _Said) else "a table" if isinstance(got, dict) else repr(got)
+        """Raise the one-line error; `got` is shown with repr unless it is a Said."""
+        shown = got if isinstance(got, Said) else "a table" if isinstance(got, dict) else repr(got)
         msg = f"{self.path}: {key}: expected {expected}, got {shown}"
         if expected.startswith("no such key"):
             msg = f"{self.path}: {key}: unknown key"
@@ -302,22 +263,31 @@ class _Parser:
         return p if p.is_absolute() else self.base / p
 
     def config(self, raw: dict[str, Any]) -> Config:
-        top = _Table(self, "", raw)
-        daemon = self.daemon(_Table(self, "daemon", top.take("daemon", dict, {})))
-        keys = self.keys(_Table(self, "keys", top.take("keys", dict, what="a [keys] table")))
-        pipeline = self.pipeline(_Table(self, "pipeline", top.take("pipeline", dict, {})))
-        tiers = self.tiers(_Table(self, "tiers", top.take("tiers", dict, {})))
-        retention = self.retention(_Table(self, "retention", top.take("retention", dict, {})),
+        top = Table(self, "", raw)
+        daemon = self.daemon(Table(self, "daemon", top.take("daemon", dict, {})))
+        keys = self.keys(Table(self, "keys", top.take("keys", dict, what="a [keys] table")))
+        pipeline = self.pipeline(Table(self, "pipeline", top.take("pipeline", dict, {})))
+        tiers = self.tiers(Table(self, "tiers", top.take("tiers", dict, {})))
+        retention = self.retention(Table(self, "retention", top.take("retention", dict, {})),
                                    RetentionConfig())
         regions = self.regions(top.take("regions", list, what="a [[regions]] list"))
-        sources = self.sources(top.take("sources", list, []), tiers, daemon.timezone, retention)
-        drills = self.drills(_Table(self, "drills", top.take("drills", dict, {})), tiers,
+        tenants = config_tenants.parse_tenants(self, top.take("tenants", list, []), tiers,
+                                               regions)
+        sources = self.sources(top.take("sources", list, []), tiers, daemon.timezone, retention,
+                               tenants)
+        drills = self.drills(Table(self, "drills", top.take("drills", dict, {})), tiers,
                              sources, daemon.timezone)
         top.done()
-        return Config(str(self.path), daemon, keys, pipeline, tiers, regions, sources,
-                      tuple(self.warnings), retention, drills)
+        tenants = config_tenants.implicit_tenants([s.tenants for s in sources], tenants)
+        cfg = Config(str(self.path), daemon, keys, pipeline, tiers, regions, sources,
+                     (), retention, drills, tenants)
+        problems = tenancy.config_problems(cfg)
+        if problems:
+            raise ConfigError(f"{self.path}: {problems[0]}")
+        self.warnings.extend(f"{self.path}: {w}" for w in tenancy.config_warnings(cfg))
+        return replace(cfg, warnings=tuple(self.warnings))
 
-    def daemon(self, t: _Table) -> DaemonConfig:
+    def daemon(self, t: Table) -> DaemonConfig:
         state_dir = self.resolve(t.take("state_dir", str, "~/.local/state/drdaemon"))
         metrics = t.take("metrics_address", str, "127.0.0.1:9467")
         if not re.match(r"^[^\s:]*:\d{1,5}$", metrics):
@@ -348,7 +318,7 @@ class _Parser:
         t.done()
         return d
 
-    def retention(self, t: _Table, base: RetentionConfig) -> RetentionConfig:
+    def retention(self, t: Table, base: RetentionConfig) -> RetentionConfig:
         counts = {}
         for name in ("daily", "weekly", "monthly", "trash_days"):
             counts[name] = t.take(name, int, getattr(base, name))
@@ -368,7 +338,7 @@ class _Parser:
         return RetentionConfig(counts["daily"], counts["weekly"], counts["monthly"], min_age,
                                fraction, counts["trash_days"], min_retention, orphan_grace)
 
-    def keys(self, t: _Table) -> KeysConfig:
+    def keys(self, t: Table) -> KeysConfig:
         generate = t.take("generate", bool, False)
         entries = t.take("recipients", list, [])
         recipients: list[str] = []
@@ -377,7 +347,7 @@ class _Parser:
             # A plain "age1..." string, or { recipient = "age1...", name = "ops" }:
             # the name is what error messages call the key.
             if isinstance(rec, dict):
-                entry = _Table(self, f"keys.recipients[{i}]", rec)
+                entry = Table(self, f"keys.recipients[{i}]", rec)
                 name = entry.take("name", str, what="a short name such as ops or escrow")
                 rec = entry.take("recipient", str, what="an age X25519 recipient (age1...)")
                 entry.done()
@@ -400,7 +370,7 @@ class _Parser:
         t.done()
         return KeysConfig(tuple(recipients), identity_path, mkey, generate, names)
 
-    def pipeline(self, t: _Table) -> PipelineConfig:
+    def pipeline(self, t: Table) -> PipelineConfig:
         level = t.take("zstd_level", int, 3)
         if not 1 <= level <= 19:
             self.fail(t.key("zstd_level"), "an integer from 1 to 19", level)
@@ -413,10 +383,10 @@ class _Parser:
         t.done()
         return PipelineConfig(level, threads, part)
 
-    def tiers(self, t: _Table) -> dict[str, TierConfig]:
+    def tiers(self, t: Table) -> dict[str, TierConfig]:
         tiers = {name: TierConfig(rpo, rto, name) for name, (rpo, rto) in DEFAULT_TIERS.items()}
         for name in list(t.data):
-            sub = _Table(self, f"tiers.{name}", t.take(name, dict))
+            sub = Table(self, f"tiers.{name}", t.take(name, dict))
             if not NAME_RE.match(name):
                 self.fail(f"tiers.{name}", NAME_HINT, name)
             rpo_d, rto_d = DEFAULT_TIERS.get(name, (None, None))
@@ -427,7 +397,7 @@ class _Parser:
             tiers[name] = TierConfig(rpo, rto, name)
         return tiers
 
-    def drills(self, t: _Table, tiers: dict[str, TierConfig],
+    def drills(self, t: Table, tiers: dict[str, TierConfig],
                sources: tuple[SourceConfig, ...], tz: str) -> DrillsConfig:
         d = DrillsConfig()
         dsn = t.convert("postgres_dsn", _dsn_without_password, None,
@@ -436,9 +406,9 @@ class _Parser:
         schedule = t.convert("schedule", lambda v: _cron(v, tz), d.schedule, what=cron_what)
         scratch = t.take("scratch_dir", str, None)
         per_tier: dict[str, str] = {}
-        overrides = _Table(self, t.key("tiers"), t.take("tiers", dict, {}))
+        overrides = Table(self, t.key("tiers"), t.take("tiers", dict, {}))
         for name in list(overrides.data):
-            sub = _Table(self, overrides.key(name), overrides.take(name, dict))
+            sub = Table(self, overrides.key(name), overrides.take(name, dict))
             if name not in tiers:
                 self.fail(overrides.key(name), f"one of the tiers {sorted(tiers)}", name)
             per_tier[name] = sub.convert("schedule", lambda v: _cron(v, tz), what=cron_what)
@@ -446,7 +416,7 @@ class _Parser:
         checks = []
         checked = sorted(s.name for s in sources if kind_for(s.kind).takes_sql_checks)
         for i, item in enumerate(t.take("checks", list, [])):
-            c = _Table(self, f"{t.key('checks')}[{i}]", item)
+            c = Table(self, f"{t.key('checks')}[{i}]", item)
             source = c.take("source", str)
             if source not in checked:
                 takers = " or ".join(k.name for k in kinds() if k.takes_sql_checks)
@@ -464,10 +434,11 @@ class _Parser:
     def regions(self, items: list[Any]) -> tuple[RegionConfig, ...]:
         regions = []
         for i, item in enumerate(items):
-            t = _Table(self, f"regions[{i}]", item)
+            t = Table(self, f"regions[{i}]", item)
             name = self.name(t)
             kind = t.take("kind", str)
-            continent = t.take("continent", str)
+            continent = t.convert("continent", tenancy.continent,
+                                  what=f"one of {', '.join(tenancy.CONTINENTS)}")
             if kind == "s3":
                 endpoint = t.take("endpoint_url", str, None)
                 if endpoint is not None:
@@ -486,28 +457,22 @@ class _Parser:
         if len(regions) < 2:
             self.fail("regions", "at least two [[regions]] (copies on two continents)",
                       f"{len(regions)} region(s)")
-        if len({r.continent.strip().lower() for r in regions}) < 2:
-            self.warnings.append(
-                f"{self.path}: WARNING: every region is on continent "
-                f"{regions[0].continent!r}; the policy promises copies on two continents")
         return tuple(regions)
 
     def sources(self, items: list[Any], tiers: dict[str, TierConfig],
-                tz: str, retention: RetentionConfig) -> tuple[SourceConfig, ...]:
+                tz: str, retention: RetentionConfig,
+                tenants: dict[str, TenantConfig]) -> tuple[SourceConfig, ...]:
         sources = []
         for i, item in enumerate(items):
-            t = _Table(self, f"sources[{i}]", item)
+            t = Table(self, f"sources[{i}]", item)
             name = self.name(t)
             kind = t.take("kind", str)
-            tenant = t.take("tenant", str)
-            if not NAME_RE.match(tenant):
-                self.fail(t.key("tenant"), NAME_HINT, tenant)
-            tier = t.take("tier", str)
-            if tier not in tiers:
-                self.fail(t.key("tier"), f"one of the tiers {sorted(tiers)}", tier)
+            owners = config_tenants.source_owners(self, t)
+            tenant = owners[0] if len(owners) == 1 else tenancy.shared_label(owners)
+            tier = config_tenants.source_tier(self, t, owners, tenants, tiers)
             schedule = t.convert("schedule", lambda s: _cron(s, tz), "0 2 * * *",
                                  what="a cron expression like '0 2 * * *'")
-            own = self.retention(_Table(self, t.key("retention"), t.take("retention", dict, {})),
+            own = self.retention(Table(self, t.key("retention"), t.take("retention", dict, {})),
                                  retention)
             max_shrink = t.convert("max_shrink", _fraction, 0.5,
                                    what="a fraction from 0 to 1 (1: never refuse a shrink)")
@@ -516,13 +481,13 @@ class _Parser:
             # The kind names the keys it takes beyond the common ones.
             own_keys = {key: self.source_key(t, key) for key in kind_for(kind).config_keys}
             src = SourceConfig(name, kind, tenant, tier, schedule, retention=own,
-                               max_shrink=max_shrink, **own_keys)
+                               max_shrink=max_shrink, tenants=owners, **own_keys)
             t.done()
             sources.append(src)
         self.unique("sources", [s.name for s in sources])
         return tuple(sources)
 
-    def source_key(self, t: _Table, key: str) -> Any:
+    def source_key(self, t: Table, key: str) -> Any:
         """One kind-specific key of a [[sources]] entry (SourceKind.config_keys)."""
         if key == "dsn":
             return t.convert("dsn", _dsn_without_password,
@@ -546,13 +511,13 @@ class _Parser:
             return on_unreadable
         raise AssertionError(f"a source kind takes {key!r}, which the schema does not know")
 
-    def name(self, t: _Table) -> str:
+    def name(self, t: Table) -> str:
         name = t.take("name", str)
         if not NAME_RE.match(name):
             self.fail(t.key("name"), NAME_HINT, name)
         return name
 
-    def prefix(self, t: _Table) -> str:
+    def prefix(self, t: Table) -> str:
         prefix = t.take("prefix", str, "").strip("/")
         if prefix and any(p in ("", ".", "..") for p in prefix.split("/")):
             self.fail(t.key("prefix"), "a key prefix without empty, '.' or '..' parts", prefix)

@@ -131,7 +131,7 @@ def kept_facts(kind: str, facts: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def manifest_doc(tenant: str, sources: Sequence[ExportedSource], created: datetime,
-                 recipient_fp: str | None) -> dict[str, Any]:
+                 recipient_fp: str | None, not_included: Sequence[str] = ()) -> dict[str, Any]:
     """The MANIFEST.json of an export (docs/format.md, "Tenant export")."""
     return {
         "format": FORMAT, "version": VERSION, "tenant": tenant,
@@ -144,6 +144,8 @@ def manifest_doc(tenant: str, sources: Sequence[ExportedSource], created: dateti
             "file": s.file, "size": s.size, "sha256": s.sha256,
             "facts": s.facts,
         } for s in sources],
+        "not_included": [{"source": n, "why": "a shared source: its snapshots hold other "
+                          "tenants' data"} for n in not_included],
     }
 
 
@@ -421,10 +423,10 @@ def verify_written(staging: Path, expected: Mapping[str, str]) -> None:
 
 def _write_side_files(staging: Path, tenant: str, exported: Sequence[ExportedSource],
                       recipient: x25519.Recipient | None, recipient_fp: str | None,
-                      now: datetime) -> dict[str, str]:
+                      now: datetime, not_included: Sequence[str] = ()) -> dict[str, str]:
     """MANIFEST.json, README.txt, SHA256SUMS (and CONTENTS.SHA256SUMS); every file's sha256."""
     enc = ".age" if recipient is not None else ""
-    doc = manifest_doc(tenant, exported, now, recipient_fp)
+    doc = manifest_doc(tenant, exported, now, recipient_fp, not_included)
     body = json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False).encode() + b"\n"
     stored = {s.stored_as: s.stored_sha256 for s in exported}
     plain = {s.file: s.sha256 for s in exported}
@@ -461,13 +463,15 @@ def _move_into_place(staging: Path, dest: Path) -> None:
 
 def export(rt: Runtime, identities: Sequence[x25519.Identity], tenant: str, dest: Path, *,
            recipient: str | None = None, snapshot_ids: Sequence[str] = (),
+           without_shared: bool = False,
            on_progress: Progress | None = None) -> ExportResult:
     """Write the return copy of `tenant`'s data to the new or empty folder `dest`.
 
     `recipient`: the customer's age public key; every file holding the tenant's
     data is encrypted to it and no plaintext reaches the disk. `snapshot_ids`:
     the snapshot to export for their sources (at most one per source); the
-    tenant's other sources give their newest complete snapshot. Raises
+    tenant's other sources give their newest complete snapshot. A shared source
+    (several tenants' data) is refused, or left out with `without_shared`. Raises
     UsageError (unknown tenant, an id of another tenant, a bad destination or
     recipient) or DrError (no region could supply a verified copy, the disk
     failed); either way nothing is left at `dest`. Audit-logged either way.
@@ -479,6 +483,18 @@ def export(rt: Runtime, identities: Sequence[x25519.Identity], tenant: str, dest
         known = sorted({s.tenant for s in rt.config.sources})
         raise UsageError(f"no tenant {tenant!r} in {rt.config.path} (tenants: "
                          f"{', '.join(known) or 'none'})")
+    # A shared source's snapshot holds other tenants' data too: it is never handed to
+    # one customer, and the copy is only incomplete when the operator says so.
+    shared = [s.name for s in sources if tenancy.is_shared(s)]
+    if shared and not without_shared:
+        raise UsageError(f"tenant {tenant}'s data is also in shared source(s) "
+                         f"{', '.join(shared)}, whose snapshots hold other tenants' data and "
+                         "are never exported; --without-shared exports the rest and lists "
+                         "them as not included")
+    sources = [s for s in sources if not tenancy.is_shared(s)]
+    if not sources:
+        raise UsageError(f"tenant {tenant} has no source of its own, only shared ones "
+                         f"({', '.join(shared)}): there is nothing to export")
     customer = parse_recipient(recipient) if recipient is not None else None
     recipient_fp = fingerprint(str(customer)) if customer is not None else None
     dest = dest.absolute()
@@ -495,7 +511,7 @@ def export(rt: Runtime, identities: Sequence[x25519.Identity], tenant: str, dest
         exported = [_export_one(rt, identities, src, entry, staging, customer, progress)
                     for src, entry in chosen]
         files = _write_side_files(staging, tenant, exported, customer, recipient_fp,
-                                  rt.clock())
+                                  rt.clock(), shared)
         verify_written(staging, files)
         _move_into_place(staging, dest)
     except BaseException as exc:
@@ -508,7 +524,9 @@ def export(rt: Runtime, identities: Sequence[x25519.Identity], tenant: str, dest
     for s in exported:
         for region, why in s.failed_regions.items():
             result.notes.append(f"{s.source}: region {region} skipped: {why}")
-    rt.record_event("tenant.export", **who, files=files,
+    result.notes += [f"{n}: NOT INCLUDED: a shared source (its snapshots hold other tenants' "
+                     "data)" for n in shared]
+    rt.record_event("tenant.export", **who, files=files, not_included=shared,
                     regions={s.source: s.region for s in exported},
                     bytes=sum(s.size for s in exported))
     return result

@@ -11,18 +11,20 @@ maintenance job and every :data:`REFRESH_INTERVAL` for everything.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
-from . import audit_mirror, catalog, lifecycle, state, status
+from . import audit_mirror, catalog, lifecycle, state, status, tenancy
 from .backup import BackupResult
 from .drills import records as drill_records
+from .inventory import Inventory
 from .manifest import Manifest
 from .metrics import (
     AuditCopy,
     AuditRun,
     CopyVerified,
     DrillRecordLike,
+    InventoryRun,
     ListedSnapshot,
     MetricsState,
     OrphanSeen,
@@ -33,6 +35,7 @@ from .metrics import (
     SourceListing,
     StorageRefresh,
     TenantLifecycle,
+    UnmanagedSeen,
     VerifyRun,
     failure_reason,
 )
@@ -89,6 +92,19 @@ def audit_run(check: audit_mirror.AuditCheck) -> AuditRun:
                     {r: AuditCopy(v.ok, v.records) for r, v in check.regions.items()})
 
 
+def inventory_run(inv: Inventory, tenants: Mapping[str, tenancy.TenantConfig]) -> InventoryRun:
+    """Pure: the unmanaged sources an inventory found, each with its tenant's erasure
+    window (the shortest of a shared label's tenants; the default if none is configured)."""
+    seen = []
+    for h in inv.unmanaged():
+        windows = [tenants[t].erase_after for t in h.tenants if t in tenants]
+        window = min(windows, default=tenancy.DEFAULT_ERASE_AFTER)
+        seen.append(UnmanagedSeen(h.source, h.tenant or "", sum(h.bytes.values()),
+                                  h.newest.timestamp() if h.newest else None,
+                                  window.total_seconds()))
+    return InventoryRun(tuple(seen), complete=inv.ok)
+
+
 def record_report(st: MetricsState, report: object) -> None:
     """Hand `st` what a maintenance job's report says; a report metrics do not
     count (drills: read back from their records at the next refresh) is ignored."""
@@ -100,6 +116,12 @@ def record_report(st: MetricsState, report: object) -> None:
         st.record_verify(verify_run(report))
     elif isinstance(report, audit_mirror.AuditCheck):
         st.record_audit(audit_run(report))
+
+
+def record_inventory(st: MetricsState, inv: Inventory,
+                     tenants: Mapping[str, tenancy.TenantConfig]) -> None:
+    """Hand `st` what an inventory (the daemon's "tenants" job) found unmanaged."""
+    st.record_inventory(inventory_run(inv, tenants))
 
 
 def listed_snapshot(m: Manifest, regions: Sequence[str]) -> ListedSnapshot:

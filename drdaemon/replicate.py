@@ -37,7 +37,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from . import catalog, layout, locks, manifest
+from . import catalog, layout, locks, manifest, tenancy
 from . import facts as facts_object
 from .catalog import SnapshotEntry
 from .erasure import erasure_note
@@ -93,6 +93,10 @@ class SnapshotReplicas:
     complete: list[str] = field(default_factory=list)
     problems: dict[str, str] = field(default_factory=dict)  # region -> why not complete
     pruned: list[str] = field(default_factory=list)  # regions whose prune trashed it
+    # The regions it belongs in (its tenant's residency: tenancy.regions_for) and
+    # the regions holding a copy although the residency does not allow them.
+    expected: list[str] = field(default_factory=list)
+    outside: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -110,14 +114,19 @@ class ReplicationPlan:
 
 def plan_replication(entries: Sequence[SnapshotEntry], regions: Sequence[str],
                      region_errors: Mapping[str, str], stats: Mapping[CopyKey, DataStat],
-                     trashed: Collection[CopyKey] = frozenset()) -> ReplicationPlan:
+                     trashed: Collection[CopyKey] = frozenset(),
+                     homes: Mapping[str, Sequence[str]] | None = None) -> ReplicationPlan:
     """Which copies are complete, which need repair and from where. Pure.
 
     `trashed`: copies that prune moved to the trash (intentionally absent).
+    `homes`: by source, the regions its snapshots belong in (default: `regions`);
+    a region outside them is never expected to hold a copy, nor repaired into.
     """
     snapshots, repairs = [], []
     for entry in entries:
-        snap, wanted, spare = _classify(entry, regions, region_errors, stats, trashed)
+        home = [r for r in regions if homes is None or r in homes.get(entry.source, regions)]
+        snap, wanted, spare = _classify(entry, home, region_errors, stats, trashed)
+        snap.outside = [r for r in entry.regions if r not in home]
         snapshots.append(snap)
         m = entry.manifest
         if m is None:
@@ -137,7 +146,7 @@ def _classify(entry: SnapshotEntry, regions: Sequence[str], region_errors: Mappi
               ) -> tuple[SnapshotReplicas, list[tuple[str, str]], list[str]]:
     """The snapshot's replicas, the (region, reason) pairs to repair, and spare sources."""
     m = entry.manifest
-    snap = SnapshotReplicas(entry.source, entry.id, m)
+    snap = SnapshotReplicas(entry.source, entry.id, m, expected=list(regions))
     wanted: list[tuple[str, str]] = []
     spare: list[str] = []
     for region in regions:
@@ -184,12 +193,15 @@ def observe(rt: Runtime, sources: Sequence[str] | None = None, *,
     entries = [e for e in listing.snapshots if names is None or e.source in names]
     down = dict(listing.region_errors)
     trashed = _trashed(rt, {e.source for e in entries}, down)
+    homes = tenancy.homes(rt.config)
     stats: dict[CopyKey, DataStat] = {}
     for entry in entries:
         m = entry.manifest
         if m is None:
             continue
         for store in rt.stores:
+            if store.name not in homes.get(entry.source, ()):
+                continue  # outside the residency: never a copy to check or repair
             key = (entry.source, entry.id, store.name)
             if store.name in down:
                 # Each request would wait out its retries for nothing.
@@ -199,7 +211,7 @@ def observe(rt: Runtime, sources: Sequence[str] | None = None, *,
             if stats[key].error is not None:
                 down[store.name] = stats[key].error or ""
     return plan_replication(entries, [s.name for s in rt.stores], listing.region_errors, stats,
-                            trashed)
+                            trashed, homes)
 
 
 def _trashed(rt: Runtime, sources: Collection[str], down: dict[str, str]) -> set[CopyKey]:
@@ -387,6 +399,14 @@ def repair_one(rt: Runtime, repair: Repair) -> RepairOutcome:
         rt.record_event("replica.repair_failed", **out.to_dict())
         return out
     started = time.monotonic()
+    try:
+        # The same gate as a backup's, checked again now: the plan may be older
+        # than a residency added to the config since.
+        rt.check_residency(m.source, target.name, m.tenant)
+    except tenancy.ResidencyError as exc:
+        out.error = str(exc)
+        rt.record_event("replica.repair_failed", **out.to_dict())
+        return out
     if not repair.sources:
         out.error = "no healthy copy in any other region to repair from"
     for region in repair.sources:
@@ -476,7 +496,7 @@ class ReplicationReport:
         return not self.plan.region_errors and not self.remaining()
 
     def summary(self) -> dict[str, int]:
-        copies = len(self.plan.snapshots) * len(self.plan.regions)
+        copies = sum(len(s.expected) for s in self.plan.snapshots)
         pruned = sum(len(s.pruned) for s in self.plan.snapshots)
         before = copies - pruned - sum(len(s.problems) for s in self.plan.snapshots)
         # "complete" is the state after this run: what the operator needs to know.
@@ -497,7 +517,8 @@ class ReplicationReport:
             snapshots.append({
                 "source": s.source, "id": s.snapshot_id, "complete": s.complete,
                 "problems": s.problems, "repaired": repaired, "pruned": s.pruned,
-                "ok": len(s.complete) + len(repaired) + len(s.pruned) == len(self.plan.regions)})
+                "expected": s.expected, "outside_residency": s.outside,
+                "ok": len(s.complete) + len(repaired) + len(s.pruned) == len(s.expected)})
         return {
             "ok": self.ok, "repair": self.repair, "verified": self.verified,
             "regions": self.plan.regions, "region_errors": self.plan.region_errors,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import audit, statefs
+from . import audit, statefs, tenancy
 from . import config as config_mod
 from .audit_mirror import MirrorState, mirror
 from .config import Config
@@ -38,6 +39,17 @@ log = logging.getLogger("drdaemon")
 # Inside an audit batch, the log is mirrored at most this often (seconds) while
 # records arrive, so that hours of drills or repairs do not wait for the end.
 AUDIT_BATCH_MIRROR_INTERVAL = 60.0
+
+
+def _whoami() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry and no LOGNAME (a bare container)
+        return f"uid {os.getuid()}"
+
+
+_USER = _whoami()
+_HOST = socket.gethostname()
 
 
 def utcnow() -> datetime:
@@ -62,6 +74,52 @@ class Runtime:
     # mirrored, when it last mirrored.
     _audit_batch: threading.local = field(default_factory=threading.local, init=False,
                                           repr=False, compare=False)
+    # The config file as it is on disk now, if it changed since it was loaded
+    # (see configs_in_force): (stat key, config or None if it does not load).
+    _on_disk: tuple[tuple[int, int, int], Config | None] | None = field(
+        default=None, init=False, repr=False, compare=False)
+    _on_disk_lock: threading.Lock = field(default_factory=threading.Lock, init=False,
+                                          repr=False, compare=False)
+
+    def configs_in_force(self) -> list[Config]:
+        """The loaded config, plus the config file as it reads now if it changed since.
+
+        For the residency gate (tenancy.check_upload): a residency added to the
+        file under a running daemon binds it at once, before any reload. A file
+        that does not load now is passed over (and logged): `config check`
+        reports it, and one typo must not stop every backup.
+        """
+        path = self.config.path
+        try:
+            st = os.stat(path)
+        except OSError:
+            return [self.config]
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._on_disk_lock:
+            if self._on_disk is None or self._on_disk[0] != key:
+                self._on_disk = (key, self._reload())
+            fresh = self._on_disk[1]
+        return [self.config] if fresh is None or fresh == self.config else [self.config, fresh]
+
+    def check_residency(self, source: str, region: str, tenant_label: str) -> None:
+        """Defence in depth, called right before an upload to `region` begins: refuse
+        it (tenancy.ResidencyError, recorded in the audit log) unless the residency
+        allows it both in the loaded config and in the config file as it reads now."""
+        try:
+            for cfg in self.configs_in_force():
+                tenancy.check_upload(cfg, source, region, tenant_label)
+        except tenancy.ResidencyError as exc:
+            self.record_event("residency.refused", source=source, region=region,
+                              tenant=tenant_label, error=str(exc))
+            raise
+
+    def _reload(self) -> Config | None:
+        try:
+            return config_mod.load(self.config.path)
+        except Exception as exc:  # a config being edited: the loaded one still holds
+            log.warning("the config file %s does not load now (%s); the residency "
+                        "gate uses the loaded config", self.config.path, exc)
+            return None
 
     def recipient_labels(self) -> dict[str, str]:
         """How messages name each configured recipient, by fingerprint (keys.recipient_labels)."""
@@ -89,7 +147,7 @@ class Runtime:
         always, and the mirror waits for the batch to end (or for
         AUDIT_BATCH_MIRROR_INTERVAL since the batch last mirrored).
         """
-        audit.append(self, event, fields)
+        audit.append(self, event, self._attributed(fields))
         batch = self._audit_batch
         if not getattr(batch, "depth", 0):
             mirror(self)
@@ -97,6 +155,23 @@ class Runtime:
         batch.pending = True
         if time.monotonic() - batch.mirrored_at >= AUDIT_BATCH_MIRROR_INTERVAL:
             self._mirror_batch(batch)
+
+    def _attributed(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """`fields` with who acted (user, host) and whose data it touched (tenant,
+        from the config's source; tenants for a record naming several sources),
+        unless the event gave them: `drctl tenant access` reads them, and a record
+        keeps the tenant of a source that is later removed from the config."""
+        out = dict(fields)
+        out.setdefault("user", _USER)
+        out.setdefault("host", _HOST)
+        owners = {s.name: s.tenant for s in self.config.sources}
+        if "tenant" not in out and isinstance(out.get("source"), str) \
+                and out["source"] in owners:
+            out["tenant"] = owners[out["source"]]
+        if "tenants" not in out and isinstance(out.get("sources"), list):
+            out["tenants"] = sorted({t for n in out["sources"] if n in owners
+                                     for t in tenancy.label_tenants(owners[n])})
+        return out
 
     @contextmanager
     def audit_batch(self) -> Iterator[None]:

@@ -380,7 +380,18 @@ class Daemon:
                 ("replicate", cfg.replicate_schedule, lambda: run_replicate(rt, repair=True)),
                 ("verify", cfg.verify_schedule, lambda: run_verify(rt)),
                 ("audit", cfg.audit_schedule, lambda: audit_mirror.verify_everywhere(rt)),
+                # Data no configured source owns any more (inventory.py): one listing
+                # of sources/ per region, as often as replication checks the copies.
+                ("tenants", cfg.replicate_schedule, self.take_inventory),
                 *drill_jobs(rt)]  # one per tier: [drills] schedule or [drills.tiers.NAME]
+
+    def take_inventory(self) -> Any:
+        """List what every region holds by source; hand the unmanaged ones to the metrics."""
+        from .inventory import take
+
+        inv = take(self.rt)
+        metrics_feed.record_inventory(self.metrics, inv, self.rt.config.tenants)
+        return inv
 
     def stop(self) -> bool:
         """Start no new job, abort streams in flight, wait up to the grace period.

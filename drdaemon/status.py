@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from . import catalog, cron, slo, state
+from . import catalog, cron, slo, state, tenancy
 from .config import Config, SourceConfig
 from .manifest import Manifest
 from .retry import resume_at
@@ -73,7 +73,7 @@ def evaluate(config: Config, source: SourceConfig, snapshots: list[tuple[Manifes
     """Pure: the status of one source from its committed snapshots (manifest, regions)
     and the (id, reason) of those listed whose manifest no region can read."""
     rpo = config.tiers[source.tier].rpo
-    all_regions = [r.name for r in config.regions]
+    all_regions = tenancy.regions_for(config, source)  # its tenant's residency
     ordered = sorted(snapshots, key=lambda s: catalog.newness(s[0]))
     problems = []
     newest, regions = ordered[-1] if ordered else (None, [])
@@ -105,12 +105,14 @@ def evaluate(config: Config, source: SourceConfig, snapshots: list[tuple[Manifes
         tuple(unreadable))
 
 
-def source_statuses(rt: Runtime) -> tuple[list[SourceStatus], dict[str, str]]:
-    """Every configured source's status, and the regions that could not be listed."""
-    listing = catalog.list_snapshots(rt)
+def source_statuses(rt: Runtime, names: Sequence[str] | None = None
+                    ) -> tuple[list[SourceStatus], dict[str, str]]:
+    """Every configured source's status (or those `names`), and the regions that could
+    not be listed."""
+    listing = catalog.list_snapshots(rt, names[0] if names and len(names) == 1 else None)
     now = rt.clock()
     result = []
-    for src in rt.config.sources:
+    for src in rt.config.pick_sources(names):
         snaps = [(e.manifest, e.regions) for e in listing.snapshots
                  if e.source == src.name and e.manifest is not None]
         bad = [(e.id, e.why_unreadable()) for e in listing.unreadable if e.source == src.name]

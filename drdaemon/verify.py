@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, cast
 
 from pyrage import x25519
 
-from . import catalog
+from . import catalog, tenancy
 from . import facts as facts_object
 from .errors import DrError, IntegrityError, UsageError
 from .manifest import Manifest
@@ -166,11 +166,15 @@ def run_verify(rt: Runtime, sources: Sequence[str] | None = None, region: str | 
     single = next(iter(names)) if names and len(names) == 1 else None
     listing = catalog.list_snapshots(rt, single, region)
     report = VerifyReport(deep, region_errors=dict(listing.region_errors))
+    known = tenancy.homes(rt.config)
     with rt.audit_batch():  # a failure per copy, one mirror per region for the run
         for entry in listing.snapshots:
             if names is not None and entry.source not in names:
                 continue
-            for name in regions:
+            home = tenancy.regions_for_name(
+                rt.config, entry.source, entry.manifest.tenant if entry.manifest else None,
+                known)
+            for name in (r for r in regions if r in home):
                 check = _check_entry(rt, entry, name, listing.region_errors, deep,
                                      identities or ())
                 report.checks.append(check)
@@ -178,6 +182,7 @@ def run_verify(rt: Runtime, sources: Sequence[str] | None = None, region: str | 
                     rt.record_event("verify.failed", **check.to_dict(), deep=deep)
         rt.record_event("verify.finished", ok=report.ok, deep=deep,
                         checked=len(report.checks), failed=len(report.failures),
+                        sources=sorted({c.source for c in report.checks}),
                         region_errors=report.region_errors)
     return report
 

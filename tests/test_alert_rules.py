@@ -34,6 +34,7 @@ ALERTS = {
     "DrdaemonVerifyFailed": "verify-failed",
     "DrdaemonOrphanLost": "orphan-lost",
     "DrdaemonOrphanStuck": "orphan-stuck",
+    "DrdaemonUnmanagedDataPastErasure": "unmanaged-data",
     "DrdaemonDrillFailed": "drill-failed",
     "DrdaemonDrillMissing": "drill-missing",
     "DrdaemonDrillRTOOverTarget": "drill-rto-over-target",

@@ -199,7 +199,7 @@ def test_orphan_grace_default_global_and_per_source(base: Path) -> None:
     assert cfg.retention.orphan_grace == cfg.sources[0].retention.orphan_grace == timedelta(days=1)
     edit(base, "[pipeline]", '[retention]\norphan_grace = "6h"\n\n[pipeline]')
     edit(base, "[[sources]]", '[[sources]]\nname = "slow"\nkind = "directory"\n'
-         f'tenant = "uni-b"\ntier = "free"\npath = "{base.parent / "tree"}"\n'
+         f'tenant = "uni-a"\ntier = "free"\npath = "{base.parent / "tree"}"\n'
          'retention = { orphan_grace = "3d" }\n\n[[sources]]')
     cfg = config.load(base)
     assert cfg.retention.orphan_grace == timedelta(hours=6)

@@ -274,16 +274,20 @@ def test_dry_run_lists_everything_and_changes_nothing(world: World) -> None:
 def test_a_shared_source_refuses_erasure_naming_it_and_the_age_out_date(tmp_path: Path) -> None:
     tree = tmp_path / "shared"
     (tree / "b").mkdir(parents=True)
+    (tmp_path / "own-a").mkdir()
     setup = make_setup(tmp_path, [local_region("eu", tmp_path / "eu", "europe"),
                                   local_region("us", tmp_path / "us", "north-america")],
-                       [directory_source(SRC_A, tree, tenant=A),
-                        directory_source(SRC_B, tree / "b", tenant=B)])
+                       [directory_source(SRC_A, tmp_path / "own-a", tenant=A),
+                        f'[[sources]]\nname = "{SRC_B}"\nkind = "directory"\n'
+                        f'tenants = ["{A}", "{B}"]\ntier = "paid"\npath = "{tree}"\n'])
     result = CliRunner().invoke(drctl_cli, ["--config", str(setup.config), "tenant", "erase",
                                             A], obj={}, catch_exceptions=False)
     assert result.exit_code == 2
-    line = result.stderr.strip()
+    *warnings, line = result.stderr.strip().splitlines()
+    # The config's up-front warning about the promise, then the refusal.
+    assert any("its data sits in" in w for w in warnings)
     assert line.startswith(f"drctl: error: tenant {A} cannot be crypto-shredded alone")
-    assert f"{SRC_A} (with {B})" in line and f"{SRC_B} (with {B})" in line
+    assert f"{SRC_B} (with {B})" in line and f"{SRC_A} (with" not in line
     # 7 daily + 4 weekly + 3 monthly (31 days) = 128 days, then 7 in the trash
     by = (datetime.now(UTC) + timedelta(days=135)).strftime("%Y-%m-%d")
     assert f"age out under retention by {by}" in line

@@ -93,26 +93,28 @@ def test_html_is_self_contained_and_escapes_everything_from_storage() -> None:
     assert "0123456789abcdef" in render_html(cert()) and "Complete:" in render_html(cert())
 
 
-def src(name: str, tenant: str, *, dsn: str | None = None, path: str | None = None) -> SourceConfig:
+def src(name: str, tenant: str, *, dsn: str | None = None, path: str | None = None,
+        tenants: tuple[str, ...] = ()) -> SourceConfig:
     return SourceConfig(name, "postgres" if dsn else "directory", tenant, "paid", "@daily",
-                        dsn=dsn, path=Path(path) if path else None)
+                        dsn=dsn, path=Path(path) if path else None, tenants=tenants)
 
 
 def config(*sources: SourceConfig) -> Config:
     return Config("t.toml", None, None, None, {}, (), sources)  # type: ignore[arg-type]
 
 
-def test_shared_sources_same_database_or_nested_trees() -> None:
+def test_shared_sources_are_the_declared_ones_with_their_other_tenants() -> None:
+    # Undeclared overlaps never load (config check refuses them: tests/test_tenancy.py).
     cfg = config(src("a-db", "a", dsn="host=db1 port=5432 dbname=lms user=x"),
-                 src("b-db", "b", dsn="postgresql://y@db1:5432/lms"),
+                 src("lms", "a+b+e", dsn="postgresql://y@db1:5432/lms2", tenants=("a", "b", "e")),
                  src("c-db", "c", dsn="postgresql://y@db1:5432/other"),
-                 src("a-files", "a", path="/srv/files"),
-                 src("d-files", "d", path="/srv/files-d"),
-                 src("e-files", "e", path="/srv/files/e"))
-    assert [s.name for s in sources_of(cfg, "a")] == ["a-db", "a-files"]
+                 src("files", "d+e", path="/srv/files", tenants=("d", "e")))
+    assert [s.name for s in sources_of(cfg, "a")] == ["a-db", "lms"]
     shared = {s.source: s.others for s in shared_sources(cfg, "a")}
-    assert shared == {"a-db": ("b",), "b-db": ("b",), "a-files": ("e",), "e-files": ("e",)}
-    assert shared_sources(cfg, "c") == [] and shared_sources(cfg, "d") == []
+    assert shared == {"lms": ("b", "e")}
+    assert {s.source: s.others for s in shared_sources(cfg, "e")} == {
+        "lms": ("a", "b"), "files": ("d",)}
+    assert shared_sources(cfg, "c") == []
 
 
 @given(st.integers(0, 30), st.integers(0, 10), st.integers(0, 12), st.integers(0, 200),

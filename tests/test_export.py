@@ -16,7 +16,15 @@ from conftest import PgServer, S3Region
 from hypothesis import given
 from hypothesis import strategies as st
 from lms import TABLES, populate, table_rows
-from support import Setup, directory_source, flip_byte, make_setup, postgres_source, stored_key
+from support import (
+    Setup,
+    directory_source,
+    flip_byte,
+    local_region,
+    make_setup,
+    postgres_source,
+    stored_key,
+)
 from test_directory_roundtrip import assert_same_tree, make_tree
 
 from drdaemon import audit
@@ -337,3 +345,28 @@ def test_an_interrupted_export_leaves_nothing(setup: Setup, tmp_path: Path) -> N
                on_progress=interrupt)
     assert seen and not out.exists()
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_a_shared_source_is_refused_or_left_out_and_listed(tmp_path: Path) -> None:
+    own, shared = tmp_path / "own", tmp_path / "shared"
+    for folder in (own, shared):
+        folder.mkdir()
+        (folder / "a.txt").write_text(f"{folder.name}\n")
+    s = make_setup(tmp_path, [local_region("eu", tmp_path / "eu", "europe"),
+                              local_region("us", tmp_path / "us", "north-america")],
+                   [directory_source("own-files", own, tenant="uni-a"),
+                    '[[sources]]\nname = "shared-files"\nkind = "directory"\n'
+                    f'tenants = ["uni-a", "uni-b"]\ntier = "paid"\npath = "{shared}"\n'])
+    backup(s)
+    copy = tmp_path / "copy"
+    refused = s.drctl("tenant", "export", "uni-a", "--to", str(copy))
+    assert refused.exit_code == 2
+    assert "shared source(s) shared-files" in refused.stderr
+    assert not copy.exists()
+    out = s.drctl_json("tenant", "export", "uni-a", "--to", str(copy), "--without-shared")
+    assert [x["source"] for x in out["sources"]] == ["own-files"]
+    assert any("shared-files: NOT INCLUDED" in n for n in out["notes"])
+    doc = json.loads((copy / "MANIFEST.json").read_text())
+    assert [n["source"] for n in doc["not_included"]] == ["shared-files"]
+    assert sorted(p.name for p in copy.iterdir()) == [
+        "MANIFEST.json", "README.txt", "SHA256SUMS", "own-files.tar"]

@@ -677,7 +677,7 @@ def test_real_prometheus_scrapes_a_series_per_source(
 
         wait_for(lambda: rules() and all(r.get("health") == "ok" for r in rules()), 20,
                  "every rule evaluated")
-        assert len({r["name"] for r in rules()}) == 21
+        assert len({r["name"] for r in rules()}) == 22
         firing = {r["name"] for r in rules() if r.get("state") == "firing"}
         assert not firing & {"DrdaemonRPOBreached", "DrdaemonDown", "DrdaemonAbsent",
                              "DrdaemonSnapshotOverdue", "DrdaemonRegionMissingSnapshot",

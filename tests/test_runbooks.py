@@ -36,6 +36,7 @@ ALERT_RUNBOOKS = {
     "DrdaemonVerifyFailed": "verify-failed.md",
     "DrdaemonOrphanLost": "orphan-lost.md",
     "DrdaemonOrphanStuck": "orphan-stuck.md",
+    "DrdaemonUnmanagedDataPastErasure": "unmanaged-data.md",
     "DrdaemonDrillFailed": "drill-failed.md",
     "DrdaemonDrillMissing": "drill-missing.md",
     "DrdaemonDrillRTOOverTarget": "drill-rto-over-target.md",

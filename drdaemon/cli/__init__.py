@@ -6,12 +6,13 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from .. import tenancy
 from ..config import Config
 from ..errors import DrError, UsageError
 from ..runtime import Runtime, load_config, open_runtime
@@ -22,6 +23,9 @@ config_option = click.option(
     "--config", "config_path", metavar="PATH", envvar="DRDAEMON_CONFIG",
     help="Config file (default: $DRDAEMON_CONFIG, else the embedded demo config).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+tenant_option = click.option(
+    "--tenant", metavar="NAME",
+    help="Only this tenant's sources (its own and the shared ones holding its data).")
 identity_option = click.option(
     "--identity", "identity_file", type=click.Path(dir_okay=False, path_type=Path),
     metavar="FILE", help="age identity file (default: [keys] identity_file).")
@@ -80,6 +84,26 @@ def get_runtime(ctx: click.Context) -> Runtime:
         obj["runtime"] = open_runtime(get_config(ctx))
     runtime: Runtime = obj["runtime"]
     return runtime
+
+
+def chosen_sources(cfg: Config, sources: Sequence[str], tenant: str | None) -> list[str] | None:
+    """--source NAME... and --tenant NAME as source names (None: every source).
+
+    An unknown tenant, a tenant with no source, or a --source of another tenant
+    is a one-line UsageError (exit 2), never a silent run over fewer sources.
+    """
+    if tenant is None:
+        return [s.name for s in cfg.pick_sources(sources)] if sources else None
+    own = [s.name for s in tenancy.pick(cfg, tenant)]
+    if not own:
+        raise UsageError(f"tenant {tenant!r} has no configured source")
+    if not sources:
+        return own
+    other = [n for n in (s.name for s in cfg.pick_sources(sources)) if n not in own]
+    if other:
+        raise UsageError(f"source(s) {', '.join(other)} hold no data of tenant {tenant!r} "
+                         f"(its sources: {', '.join(own)})")
+    return list(dict.fromkeys(sources))
 
 
 def require(condition: bool, message: str) -> None:

@@ -11,7 +11,7 @@ from types import FrameType
 import click
 
 from .. import backup as backup_service
-from .. import catalog
+from .. import catalog, tenancy
 from .. import facts as facts_object
 from .. import restore as restore_service
 from ..errors import DrError, UsageError
@@ -25,6 +25,7 @@ from ..sources.pg_recreate import Policy
 from ..sources.tree_extract import interpreter_note
 from ..units import format_bytes, format_duration
 from . import (
+    chosen_sources,
     emit_json,
     get_config,
     get_runtime,
@@ -32,7 +33,9 @@ from . import (
     identity_option,
     json_option,
     root_group,
+    tenant_option,
 )
+from .tenant import restore_tenant, tenant_group, tenant_targets
 
 cli = root_group("Operate drdaemon: back up, list, restore and check snapshots.")
 
@@ -63,6 +66,12 @@ def config_check(ctx: click.Context, connect: bool, as_json: bool) -> None:
         "tiers": {t.name: {"rpo_seconds": t.rpo.total_seconds(),
                            "rto_seconds": t.rto.total_seconds()} for t in cfg.tiers.values()},
         "python_note": interpreter_note(),
+        "tenants": {n: {"tier": t.tier, "implicit": t.implicit,
+                        "residency": t.residency.to_dict() if t.residency else None,
+                        "regions": list(tenancy.allowed_regions(cfg, n)),
+                        "erase_after_days": t.erase_after.days,
+                        "sources": [s.name for s in tenancy.sources_of(cfg, n)]}
+                    for n, t in sorted(cfg.tenants.items())},
     }
     if connect:
         summary["privileges"] = [c.to_dict() for c in checks]
@@ -152,17 +161,18 @@ def _audit_new_key(ctx: click.Context, record: Callable[[Runtime], None]) -> Non
 @cli.command("backup")
 @click.option("--source", "sources", multiple=True, metavar="NAME",
               help="Source to snapshot (repeatable; default: all).")
+@tenant_option
 @click.option("--accept-shrink", is_flag=True,
               help="Commit even if a source shrank sharply against its newest snapshot "
                    "(max_shrink); only once you know the shrink is real. Needs --source.")
 @json_option
 @click.pass_context
 @handle_errors("drctl")
-def backup_cmd(ctx: click.Context, sources: tuple[str, ...], accept_shrink: bool,
-               as_json: bool) -> None:
+def backup_cmd(ctx: click.Context, sources: tuple[str, ...], tenant: str | None,
+               accept_shrink: bool, as_json: bool) -> None:
     """Take a snapshot now. Exit 1 if any source failed or is degraded."""
     rt = get_runtime(ctx)
-    chosen = rt.config.pick_sources(sources)
+    chosen = rt.config.pick_sources(chosen_sources(rt.config, sources, tenant))
     if not chosen:
         raise UsageError(f"{rt.config.path} configures no sources")
     if accept_shrink and not sources:
@@ -202,18 +212,31 @@ def snapshots_group() -> None:
 
 @snapshots_group.command("list")
 @click.option("--source", metavar="NAME", help="Only this source.")
+@tenant_option
 @click.option("--region", metavar="NAME", help="Only this region.")
 @json_option
 @click.pass_context
 @handle_errors("drctl")
-def snapshots_list(ctx: click.Context, source: str | None, region: str | None,
-                   as_json: bool) -> None:
+def snapshots_list(ctx: click.Context, source: str | None, tenant: str | None,
+                   region: str | None, as_json: bool) -> None:
     """List committed snapshots and the regions that hold each."""
     rt = get_runtime(ctx)
-    listing = catalog.list_snapshots(rt, source, region)
-    regions = [region] if region else [r.name for r in rt.config.regions]
+    names = chosen_sources(rt.config, [source] if source else [], tenant)
+    listing = catalog.list_snapshots(rt, names[0] if names and len(names) == 1 else None,
+                                     region)
+    if names is not None:
+        listing.snapshots = [e for e in listing.snapshots if e.source in names]
+    all_regions = [region] if region else [r.name for r in rt.config.regions]
+    known = tenancy.homes(rt.config)
+
+    def home(e: catalog.SnapshotEntry) -> list[str]:
+        """The regions the entry belongs in: its tenant's residency (tenancy.py)."""
+        allowed = tenancy.regions_for_name(rt.config, e.source,
+                                           e.manifest.tenant if e.manifest else None, known)
+        return [r for r in all_regions if r in allowed]
+
     if as_json:
-        emit_json({"snapshots": [e.to_dict(regions) for e in listing.snapshots],
+        emit_json({"snapshots": [e.to_dict(home(e)) for e in listing.snapshots],
                    "region_errors": listing.region_errors})
     else:
         click.echo(f"{'SOURCE':<20} {'ID':<26} {'CONSISTENT AT (UTC)':<20} {'SIZE':>10}  REGIONS")
@@ -221,7 +244,7 @@ def snapshots_list(ctx: click.Context, source: str | None, region: str | None,
             m = e.manifest
             when = m.consistency_time.strftime("%Y-%m-%d %H:%M:%S") if m else "UNREADABLE"
             size = format_bytes(m.size) if m else "?"
-            missing = [r for r in regions if r not in e.regions]
+            missing = [r for r in home(e) if r not in e.regions]
             where = ", ".join(e.regions) + (f"  (missing: {', '.join(missing)})"
                                             if missing else "")
             click.echo(f"{e.source:<20} {e.id:<26} {when:<20} {size:>10}  {where}")
@@ -259,8 +282,8 @@ def snapshots_show(ctx: click.Context, snapshot_id: str, source: str | None,
                 raise
     if entry is None or entry.manifest is None:
         raise UsageError(f"no snapshot {snapshot_id} of any source in any region")
-    regions = [r.name for r in rt.config.regions]
     m = entry.manifest
+    regions = tenancy.regions_for_name(rt.config, m.source, m.tenant)
     body = m.body()
     body["regions"] = entry.regions
     body["missing_regions"] = [r for r in regions if r not in entry.regions]
@@ -302,10 +325,17 @@ def _full_facts(rt: Runtime, regions: list[str], m: Manifest) -> dict[str, objec
 
 @cli.command("restore")
 @click.argument("snapshot", metavar="ID|latest")
-@click.option("--source", required=True, metavar="NAME", help="Source the snapshot belongs to.")
+@click.option("--source", metavar="NAME",
+              help="Source the snapshot belongs to (or --tenant).")
+@click.option("--tenant", metavar="NAME",
+              help="Restore 'latest' of each of the tenant's sources; --to is then a template "
+                   "with {source} (e.g. '/srv/restore/{source}', '{source}_restored').")
 @click.option("--to", "target", required=True, metavar="TARGET",
               help="postgres: a new database name on the source's server, or a DSN; "
-                   "directory: a new or empty folder.")
+                   "directory: a new or empty folder. With --tenant: a template with {source}.")
+@click.option("--to-db", "db_target", metavar="TEMPLATE",
+              help="With --tenant: the template for its postgres sources (default: --to), "
+                   "e.g. '{source}_restored' beside --to '/srv/restore/{source}'.")
 @click.option("--region", metavar="NAME",
               help="Restore from this region only (default: each region in turn).")
 @click.option("--force", is_flag=True, help="Replace a non-empty existing database.")
@@ -332,24 +362,40 @@ def _full_facts(rt: Runtime, regions: list[str], m: Manifest) -> dict[str, objec
 @json_option
 @click.pass_context
 @handle_errors("drctl")
-def restore_cmd(ctx: click.Context, snapshot: str, source: str, target: str,
-                region: str | None, force: bool, allow_older: bool, no_owner: bool,
-                identity_file: Path | None, jobs: int | None, scratch_dir: Path | None,
-                skip_missing_roles: bool, skip_missing_locale: bool,
-                as_json: bool) -> None:
-    """Restore a snapshot, verified end to end, falling back to other regions."""
+def restore_cmd(ctx: click.Context, snapshot: str, source: str | None, tenant: str | None,
+                target: str, db_target: str | None, region: str | None, force: bool,
+                allow_older: bool, no_owner: bool, identity_file: Path | None,
+                jobs: int | None, scratch_dir: Path | None, skip_missing_roles: bool,
+                skip_missing_locale: bool, as_json: bool) -> None:
+    """Restore a snapshot, verified end to end, falling back to other regions.
+
+    With --tenant: the latest snapshot of each of the tenant's sources, each into
+    the target its --to (or, for postgres, --to-db) template names; one failing
+    source never stops the others, exit 1 if any failed.
+    """
     rt = get_runtime(ctx)
+    if (source is None) == (tenant is None):
+        raise UsageError("give --source NAME or --tenant NAME (one of the two)")
+    targets = ({source: target} if source is not None else
+               tenant_targets(rt, tenant or "", snapshot, target, db_target))
     identities = identities_for(rt.config, identity_file, "restore")
-    line = ProgressLine(f"restore {source}")
-    try:
-        result = restore_service.restore(rt, identities, source, snapshot, target,
-                                         region=region, force=force, no_owner=no_owner,
-                                         jobs=jobs, scratch_dir=scratch_dir,
-                                         on_progress=line.update, allow_older=allow_older,
-                                         policy=Policy(skip_missing_roles,
-                                                       skip_missing_locale))
-    finally:
-        line.close()
+
+    def one(name: str) -> restore_service.RestoreResult:
+        line = ProgressLine(f"restore {name}")
+        try:
+            return restore_service.restore(rt, identities, name, snapshot, targets[name],
+                                           region=region, force=force, no_owner=no_owner,
+                                           jobs=jobs, scratch_dir=scratch_dir,
+                                           on_progress=line.update, allow_older=allow_older,
+                                           policy=Policy(skip_missing_roles,
+                                                         skip_missing_locale))
+        finally:
+            line.close()
+
+    if tenant is not None:
+        restore_tenant(targets, one, as_json)
+        return
+    result = one(source or "")
     if as_json:
         emit_json(result.to_dict())
         return
@@ -395,6 +441,6 @@ from .drill import drill_group  # noqa: E402 - registered after the group exists
 
 cli.add_command(drill_group)
 
-from .tenant import tenant_group  # noqa: E402 - registered after the group exists
-
+# The tenant commands (cli/tenant.py): list, show, access, export, offboard, hold,
+# release, erase. tenant_group is imported at the top (restore --tenant uses the module).
 cli.add_command(tenant_group)

@@ -17,7 +17,16 @@ from ..keys import identities_for
 from ..runtime import utcnow
 from ..state import write_atomic
 from ..units import against, duration, parse_duration, parse_iso_time, rate, size, when
-from . import emit_json, get_config, get_runtime, handle_errors, identity_option, json_option
+from . import (
+    chosen_sources,
+    emit_json,
+    get_config,
+    get_runtime,
+    handle_errors,
+    identity_option,
+    json_option,
+    tenant_option,
+)
 
 
 @click.group("drill")
@@ -42,20 +51,23 @@ def since_from(text: str, now: datetime) -> datetime:
 @drill_group.command("run")
 @click.option("--source", "sources", multiple=True, metavar="NAME",
               help="Source to drill (repeatable; default: all).")
+@tenant_option
 @click.option("--region", metavar="NAME",
-              help="Region to restore from (default: the first one that is not the primary).")
+              help="Region to restore from (default: the first one that is not the primary, "
+                   "among those the source's tenant's residency allows).")
 @identity_option
 @json_option
 @click.pass_context
 @handle_errors("drctl")
-def drill_run(ctx: click.Context, sources: tuple[str, ...], region: str | None,
-              identity_file: Path | None, as_json: bool) -> None:
+def drill_run(ctx: click.Context, sources: tuple[str, ...], tenant: str | None,
+              region: str | None, identity_file: Path | None, as_json: bool) -> None:
     """Restore each source's newest snapshot into scratch space, verify it, measure
     RTO and RPO against its tier, record the drill and remove the scratch copy.
     Exit 1 if any drill failed."""
     rt = get_runtime(ctx)
+    names = chosen_sources(rt.config, sources, tenant)
     identities = identities_for(rt.config, identity_file, "a drill")
-    run = drills.run_drills(rt, identities, list(sources), region=region)
+    run = drills.run_drills(rt, identities, names, region=region)
     if as_json:
         emit_json(run.to_dict())
     else:

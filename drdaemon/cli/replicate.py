@@ -12,7 +12,15 @@ from ..keys import identities_for
 from ..replicate import ReplicationReport, run_replicate
 from ..units import format_bytes
 from ..verify import VerifyReport, run_verify
-from . import emit_json, get_runtime, handle_errors, identity_option, json_option
+from . import (
+    chosen_sources,
+    emit_json,
+    get_runtime,
+    handle_errors,
+    identity_option,
+    json_option,
+    tenant_option,
+)
 
 source_option = click.option("--source", "sources", multiple=True, metavar="NAME",
                              help="Only this source (repeatable; default: all).")
@@ -20,6 +28,7 @@ source_option = click.option("--source", "sources", multiple=True, metavar="NAME
 
 @click.command("replicate")
 @source_option
+@tenant_option
 @click.option("--repair", is_flag=True,
               help="Copy each missing or broken copy from a region whose copy verifies.")
 @click.option("--verify", "verify_data", is_flag=True,
@@ -28,15 +37,16 @@ source_option = click.option("--source", "sources", multiple=True, metavar="NAME
 @json_option
 @click.pass_context
 @handle_errors("drctl")
-def replicate_cmd(ctx: click.Context, sources: tuple[str, ...], repair: bool,
-                  verify_data: bool, as_json: bool) -> None:
+def replicate_cmd(ctx: click.Context, sources: tuple[str, ...], tenant: str | None,
+                  repair: bool, verify_data: bool, as_json: bool) -> None:
     """Check that every snapshot is complete in every region; with --repair, fix it.
 
     Without --repair nothing is changed: the plan is printed. Exit 1 when any
     copy is still missing or broken after the run.
     """
     rt = get_runtime(ctx)
-    report = run_replicate(rt, list(sources) or None, repair=repair, verify=verify_data)
+    report = run_replicate(rt, chosen_sources(rt.config, sources, tenant), repair=repair,
+                           verify=verify_data)
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -83,6 +93,7 @@ def replication_lines(report: ReplicationReport) -> list[str]:
 
 @click.command("verify")
 @source_option
+@tenant_option
 @click.option("--region", metavar="NAME", help="Only this region (default: all).")
 @click.option("--deep", is_flag=True,
               help="Also decrypt and decompress each copy end to end (needs the identity).")
@@ -90,8 +101,9 @@ def replication_lines(report: ReplicationReport) -> list[str]:
 @json_option
 @click.pass_context
 @handle_errors("drctl")
-def verify_cmd(ctx: click.Context, sources: tuple[str, ...], region: str | None, deep: bool,
-               identity_file: Path | None, as_json: bool) -> None:
+def verify_cmd(ctx: click.Context, sources: tuple[str, ...], tenant: str | None,
+               region: str | None, deep: bool, identity_file: Path | None,
+               as_json: bool) -> None:
     """Stream every copy and check its size and sha256 against its manifest.
 
     Exit 1 on any missing, corrupt or unreadable copy.
@@ -102,7 +114,8 @@ def verify_cmd(ctx: click.Context, sources: tuple[str, ...], region: str | None,
         raise UsageError("--identity is only used with --deep")
     if deep:
         identities = identities_for(rt.config, identity_file, "--deep")
-    report = run_verify(rt, list(sources) or None, region, deep=deep, identities=identities)
+    report = run_verify(rt, chosen_sources(rt.config, sources, tenant), region, deep=deep,
+                        identities=identities)
     if as_json:
         emit_json(report.to_dict())
     else:

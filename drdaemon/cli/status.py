@@ -8,20 +8,22 @@ import click
 
 from ..status import source_statuses
 from ..units import format_duration
-from . import emit_json, get_runtime, handle_errors, json_option
+from . import chosen_sources, emit_json, get_runtime, handle_errors, json_option, tenant_option
 
 
 @click.command("status")
+@tenant_option
 @json_option
 @click.pass_context
 @handle_errors("drctl")
-def status_cmd(ctx: click.Context, as_json: bool) -> None:
+def status_cmd(ctx: click.Context, tenant: str | None, as_json: bool) -> None:
     """Per source: newest snapshot and its age against the RPO, regions, retention.
 
-    Exit 1 when any source is outside its RPO or missing a region.
+    Exit 1 when any source is outside its RPO or missing a region (a region its
+    tenant's residency allows).
     """
     rt = get_runtime(ctx)
-    statuses, region_errors = source_statuses(rt)
+    statuses, region_errors = source_statuses(rt, chosen_sources(rt.config, [], tenant))
     if as_json:
         emit_json({"sources": [s.to_dict() for s in statuses], "region_errors": region_errors,
                    "ok": all(s.ok for s in statuses) and not region_errors})

@@ -26,7 +26,7 @@ from typing import Any
 
 from pyrage import x25519
 
-from .. import catalog, slo
+from .. import catalog, slo, tenancy
 from ..catalog import SnapshotEntry
 from ..config import Config, SourceConfig
 from ..erasure import erasure_note
@@ -81,9 +81,11 @@ class DrillRun:
 # -- pure helpers --------------------------------------------------------------
 
 
-def default_region(config: Config) -> str:
-    """The region a drill reads from: the first that is not the primary (the first)."""
-    return config.regions[1].name
+def default_region(config: Config, source: SourceConfig | None = None) -> str:
+    """The region a drill reads from: the first that is not the primary (the first),
+    among the regions `source`'s tenant's residency allows (two at least: config)."""
+    home = tenancy.regions_for(config, source) if source is not None else ()
+    return home[1] if len(home) > 1 else config.regions[1].name
 
 
 # -- one drill -------------------------------------------------------------------
@@ -224,9 +226,10 @@ def run_drills(rt: Runtime, identities: Sequence[x25519.Identity] | None = None,
                tier: str | None = None) -> DrillRun:
     """Drill every chosen source (default: all, or all of `tier`) and record each drill.
 
-    `region` defaults to the first non-primary region; `identities` to the
-    configured identity file. One failing drill never stops the others. First,
-    scratch that killed drills left is removed (drill_scratch.clean_leftovers).
+    `region` defaults, per source, to the first non-primary region its tenant allows
+    (default_region); `identities` to the configured identity file. One failing
+    drill never stops the others. First, scratch that killed drills left is removed
+    (drill_scratch.clean_leftovers).
     """
     cfg = rt.config
     if sources:
@@ -235,7 +238,7 @@ def run_drills(rt: Runtime, identities: Sequence[x25519.Identity] | None = None,
         chosen = [s for s in cfg.sources if tier is None or s.tier == tier]
     if not chosen:
         raise UsageError("no source to drill" + (f" in tier {tier!r}" if tier else ""))
-    region = rt.store(region).name if region else default_region(cfg)
+    chosen_region = rt.store(region).name if region else None
     if identities is None:
         identities = identities_for(cfg, None, "a drill")
     tiers = {s.tier for s in chosen}
@@ -247,7 +250,8 @@ def run_drills(rt: Runtime, identities: Sequence[x25519.Identity] | None = None,
         # filled by leftovers would fail these drills for no fault of the backups.
         run = DrillRun(scratch=drill_scratch.clean_leftovers(rt, chosen))
         for src in chosen:
-            record = drill_source(rt, identities, src, region, snapshots)
+            record = drill_source(rt, identities, src,
+                                  chosen_region or default_region(cfg, src), snapshots)
             append_record(cfg.daemon.state_dir, record)
             rt.record_event("drill", **record.to_dict())
             run.records.append(record)

@@ -11,7 +11,8 @@ cache (:func:`families`).
 The package imports no service (backup, prune, catalog, status, ...): jobs
 depend on the metrics, never the other way round (tests/test_metrics_imports.py).
 
-- observations.py: the plain data jobs hand in, one type per kind of outcome;
+- observations.py: the plain data jobs hand in, one type per kind of outcome
+  (InventoryRun: data in storage that no configured source owns any more);
 - views.py: pure views (:func:`source_view`, :func:`failure_reason`,
   :func:`drill_views`, :func:`schedule_view`, :func:`audit_views`, :func:`orphan_views`);
 - state.py: :class:`MetricsState` and how each observation changes it;
@@ -33,6 +34,7 @@ from .observations import (
     AuditRun,
     CopyVerified,
     DrillRecordLike,
+    InventoryRun,
     ListedSnapshot,
     OrphanSeen,
     PruneRun,
@@ -42,6 +44,7 @@ from .observations import (
     SourceListing,
     StorageRefresh,
     TenantLifecycle,
+    UnmanagedSeen,
     VerifyRun,
 )
 from .persist import ORPHANS_FILE, load_orphans, orphans_path, save_orphans
@@ -71,9 +74,11 @@ __all__ = [
     "ERASURE_OUTCOMES", "FAILURE_REASONS", "ORPHANS_FILE", "PROMISED_SPAN", "REGION_LABELS",
     "SOURCE_LABELS", "TENANT_STATES",
     "AuditCopy", "AuditRun", "AuditView", "CopyVerified", "DrillRecordLike", "DrillView",
+    "InventoryRun",
     "ListedSnapshot", "MetricsServer", "MetricsState", "OrphanSeen", "OrphanView", "PruneRun",
     "RepairDone", "ReplicateRun", "SnapshotAttempt", "SourceInfo", "SourceListing",
     "SourceView", "StateCollector", "StorageRefresh", "TenantLifecycle",
+    "UnmanagedSeen",
     "VerifyRun", "WSGIServer", "__version__",
     "audit_views", "build_registry", "drill_views", "failure_reason", "families",
     "load_orphans", "orphan_views", "orphans_path", "parse_address", "retention_span_target",

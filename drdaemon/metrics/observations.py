@@ -56,6 +56,26 @@ class PruneRun:
 
 
 @dataclass(frozen=True)
+class UnmanagedSeen:
+    """A source found in storage but not in the config (inventory.py), as last listed."""
+
+    source: str
+    tenant: str  # its newest manifest's tenant label; "" if none could be read
+    bytes: int  # in every region together
+    newest: float | None  # creation time of its newest snapshot; None: no manifest seen
+    erase_after: float  # seconds: its tenant's erasure window (28 days if not configured)
+
+
+@dataclass(frozen=True)
+class InventoryRun:
+    """What one listing of every region's `sources/` found unmanaged; complete: every
+    region could be listed (else the last known unmanaged sources are kept)."""
+
+    unmanaged: tuple[UnmanagedSeen, ...] = ()
+    complete: bool = True
+
+
+@dataclass(frozen=True)
 class RepairDone:
     """One replica repair into `region`."""
 

@@ -74,7 +74,33 @@ def families(st: MetricsState, now: datetime) -> list[Metric]:
     out += _drill_families(st, lab)
     out += _audit_families(st)
     out += _tenant_families(st)
+    out += _unmanaged_families(st)
     return out
+
+
+def _unmanaged_families(st: MetricsState) -> list[Metric]:
+    """Data of sources no longer configured (inventory.py), as last listed; absent: none.
+
+    Labels: the source and the tenant its newest manifest names (bounded by what the
+    regions hold under `sources/`, which only drdaemon writes).
+    """
+    labels = ["source", "tenant"]
+    size = _gauge("drdaemon_unmanaged_bytes",
+                  "Bytes, in every region together, of a source found in storage but not in "
+                  "the config.", labels)
+    newest = _gauge("drdaemon_unmanaged_newest_snapshot_timestamp_seconds",
+                    "When the newest snapshot of that unmanaged source was begun.", labels)
+    window = _gauge("drdaemon_unmanaged_erase_after_seconds",
+                    "The erasure window of its tenant (erase_after; 28 days if the tenant is "
+                    "not configured): its data must be gone that long after it stopped.",
+                    labels)
+    for name, u in sorted(st.unmanaged.items()):
+        key = [name, u.tenant]
+        size.add_metric(key, u.bytes)
+        window.add_metric(key, u.erase_after)
+        if u.newest is not None:
+            newest.add_metric(key, u.newest)
+    return [size, newest, window]
 
 
 def _storage_families(st: MetricsState, now: datetime,
@@ -112,7 +138,7 @@ def _storage_families(st: MetricsState, now: datetime,
             last.add_metric([*labels, region], t)
         if v.holding_newest:
             # An unreachable region counts as missing, as in `drctl status`.
-            for region in st.regions:
+            for region in st.home(name, st.regions):  # its tenant's residency
                 present.add_metric([*labels, region], float(region in v.holding_newest))
             holding.add_metric(labels, len(v.holding_newest))
         for region, n in sorted(v.retained.items()):

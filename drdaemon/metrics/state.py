@@ -9,20 +9,22 @@ from __future__ import annotations
 import threading
 import zoneinfo
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from .. import __version__, cron
+from .. import __version__, cron, tenancy
 from ..config import Config
 from .observations import (
     AuditRun,
+    InventoryRun,
     PruneRun,
     ReplicateRun,
     SnapshotAttempt,
     StorageRefresh,
     TenantLifecycle,
+    UnmanagedSeen,
     VerifyRun,
 )
 from .views import (
@@ -71,6 +73,8 @@ class MetricsState:
     audit_mirrors: dict[str, AuditView] = field(default_factory=dict)
     tenants: dict[str, TenantLifecycle] = field(default_factory=dict)
     erasures: Counter[tuple[str, str]] = field(default_factory=Counter)  # (tenant, outcome)
+    # source -> what the last complete inventory found unmanaged (inventory.py)
+    unmanaged: dict[str, UnmanagedSeen] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @classmethod
@@ -79,7 +83,8 @@ class MetricsState:
             s.name, s.tenant, s.tier, s.kind,
             s.retention.daily + s.retention.weekly + s.retention.monthly,
             retention_span_target(s.retention).total_seconds(),
-            s.retention.orphan_grace.total_seconds()) for s in cfg.sources}
+            s.retention.orphan_grace.total_seconds(),
+            tenancy.regions_for(cfg, s)) for s in cfg.sources}
         tiers = {t.name: (t.rpo.total_seconds(), t.rto.total_seconds())
                  for t in cfg.tiers.values()}
         tz = zoneinfo.ZoneInfo(cfg.daemon.timezone)
@@ -122,6 +127,13 @@ class MetricsState:
                             if (k[0], k[1]) not in run.observed}
             self.orphans.update(orphan_views(run.orphans))
 
+    def record_inventory(self, run: InventoryRun) -> None:
+        """Keep what storage holds that the config does not name; a listing that missed
+        a region adds what it saw and forgets nothing."""
+        with self.lock:
+            seen = {u.source: u for u in run.unmanaged}
+            self.unmanaged = seen if run.complete else {**self.unmanaged, **seen}
+
     def record_replicate(self, run: ReplicateRun) -> None:
         """Count a replicate run's repairs by outcome."""
         with self.lock:
@@ -147,9 +159,16 @@ class MetricsState:
             # check time goes stale (DrdaemonAuditVerifyMissing).
             self.audit_mirrors.update(mirrors)
 
+    def home(self, source: str, regions: Sequence[str]) -> tuple[str, ...]:
+        """`regions` narrowed to those the source's tenant's residency allows."""
+        info = self.sources.get(source)
+        home = info.regions if info is not None else ()
+        return tuple(r for r in regions if not home or r in home)
+
     def record_refresh(self, refresh: StorageRefresh) -> None:
         """Keep what a storage refresh read (one source, or all with the drills)."""
-        views = {s.source: source_view(s, refresh.reachable) for s in refresh.sources}
+        views = {s.source: source_view(s, self.home(s.source, refresh.reachable))
+                 for s in refresh.sources}
         drills = None if refresh.drills is None else drill_views(refresh.drills)
         with self.lock:
             self.views.update(views)

@@ -34,6 +34,8 @@ class SourceInfo:
     retention_target: int  # snapshots kept at steady state (daily + weekly + monthly)
     retention_span: float  # seconds the oldest must reach at steady state; 0: no promise
     orphan_grace: float = ORPHAN_GRACE.total_seconds()  # [retention] orphan_grace
+    # The regions its snapshots belong in (its tenant's residency); () means all.
+    regions: tuple[str, ...] = ()
 
     @property
     def labels(self) -> list[str]:

@@ -180,6 +180,26 @@ def whole_sizes(found: Mapping[str, Any]) -> dict[str, int]:
             if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
 
 
+class SourceWhere(Protocol):
+    """Where a source's data is: all `data_place` reads (tenancy passes its own types)."""
+
+    @property
+    def dsn(self) -> str | None: ...
+    @property
+    def path(self) -> Path | None: ...
+
+
+@dataclass(frozen=True)
+class DataPlace:
+    """Where a source reads its data, so that two sources on the same data are found
+    (tenancy.overlaps): equal `key`s, or one's key among the other's `parents` (a tree
+    inside another), hold the same data; `what` says so in a sentence."""
+
+    key: tuple[str, ...]
+    parents: tuple[tuple[str, ...], ...] = ()
+    what: str = "the same data"
+
+
 # -- the kind --------------------------------------------------------------------
 
 
@@ -206,6 +226,10 @@ class SourceKind(Protocol):
     def detached_facts(self) -> tuple[str, ...]:
         """Facts kept in the facts object, not the manifest (facts.py)."""
     @property
+    def target_noun(self) -> str:
+        """What a restore target is: "database" (a name or DSN: `restore --to-db`) or
+        "folder" (a path)."""
+    @property
     def export_suffix(self) -> str:
         """The file name ending of its plaintext dump in a tenant export (export.py)."""
 
@@ -219,6 +243,9 @@ class SourceKind(Protocol):
 
     def load_instructions(self, file: str) -> list[str]:
         """How a customer loads that file with stock tools (README.txt lines)."""
+
+    def data_place(self, source: SourceWhere) -> DataPlace | None:
+        """Where `source` reads its data (None: nowhere comparable)."""
 
     def dump(self, source: SourceSettings, now: datetime | None,
              cancel: threading.Event | None) -> AbstractContextManager[Dump]:

@@ -18,6 +18,7 @@ from .base import (
     COUNT_MISMATCH,
     DIGEST_MISMATCH,
     MANIFEST_INVALID,
+    DataPlace,
     DrillPlace,
     DrillScratch,
     Dump,
@@ -26,6 +27,7 @@ from .base import (
     Sink,
     Snapshot,
     SourceSettings,
+    SourceWhere,
     whole_sizes,
 )
 from .directory import DirectorySink, dump, owner_problem, tree_facts
@@ -77,6 +79,7 @@ class DirectoryKind:
     takes_sql_checks = False
     detached_facts: tuple[str, ...] = ()
     export_suffix = ".tar"
+    target_noun = "folder"
 
     def plaintext_problem(self, head: bytes) -> str | None:
         if head[257:262] == b"ustar":
@@ -86,6 +89,13 @@ class DirectoryKind:
     def customer_facts(self, facts: Mapping[str, Any]) -> dict[str, Any]:
         # The counts and the digest; the rest is drill bookkeeping.
         return {k: facts[k] for k in CUSTOMER_FACTS if k in facts}
+
+    def data_place(self, source: SourceWhere) -> DataPlace | None:
+        if source.path is None:
+            return None
+        return DataPlace(("tree", str(source.path)),
+                         tuple(("tree", str(p)) for p in source.path.parents),
+                         "overlapping directory trees")
 
     def load_instructions(self, file: str) -> list[str]:
         return ["a POSIX (pax) tar of the folder; extract it with:",

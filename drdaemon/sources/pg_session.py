@@ -343,6 +343,22 @@ def with_stdio_buffer(argv: list[str], stream: str) -> list[str]:
     return [stdbuf, f"-{stream}{STDIO_BUFFER}", *argv] if stdbuf else argv
 
 
+def database_identity(dsn: str) -> tuple[str, str, str]:
+    """(host, port, dbname) of a libpq DSN: two sources on one database compare equal.
+
+    A service name stands for its host; libpq's defaults fill what is not given.
+    """
+    params = {k: str(v) for k, v in parse_dsn(dsn).items()}
+    host = params.get("host") or params.get("hostaddr") or ""
+    if not host and "service" in params:
+        host = "service:" + params["service"]
+    host = host.lower()
+    if host in ("127.0.0.1", "::1"):
+        host = "localhost"
+    dbname = params.get("dbname") or params.get("user") or ""
+    return host, params.get("port") or "5432", dbname
+
+
 def parse_dsn(value: str) -> dict[str, Any]:
     """The parameters of a libpq DSN; ValueError("not a valid DSN") that never echoes it
     (psycopg's own message may, and with it a password)."""

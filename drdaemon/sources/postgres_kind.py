@@ -16,8 +16,9 @@ from typing import Any
 
 from pyrage import x25519
 
-from . import pg_database, pg_drill, pg_recreate, pg_sink, postgres
+from . import pg_database, pg_drill, pg_recreate, pg_session, pg_sink, postgres
 from .base import (
+    DataPlace,
     DrillPlace,
     DrillScratch,
     Dump,
@@ -26,6 +27,7 @@ from .base import (
     Sink,
     Snapshot,
     SourceSettings,
+    SourceWhere,
     whole_sizes,
 )
 
@@ -47,6 +49,7 @@ class PostgresKind:
     # Per-table row counts outgrow a manifest past ~10,000 tables (facts.py).
     detached_facts = ("tables",)
     export_suffix = ".dump"
+    target_noun = "database"
 
     def plaintext_problem(self, head: bytes) -> str | None:
         if head.startswith(b"PGDMP"):
@@ -63,6 +66,15 @@ class PostgresKind:
             out.setdefault("table_count", len(out["tables"]))
             out.setdefault("row_total", sum(int(t["rows"] or 0) for t in out["tables"]))
         return out
+
+    def data_place(self, source: SourceWhere) -> DataPlace | None:
+        if not source.dsn:
+            return None
+        try:
+            host, port, dbname = pg_session.database_identity(source.dsn)
+        except ValueError:  # validated when loaded; an odd DSN matches nothing
+            return None
+        return DataPlace(("postgres", host, port, dbname), what="the same database")
 
     def load_instructions(self, file: str) -> list[str]:
         return ["a pg_dump custom archive; load it into a new database with:",

@@ -120,6 +120,7 @@ class NotesKind:
     takes_sql_checks = False
     detached_facts = ("names",)  # the file names leave the manifest for the facts object
     export_suffix = ".notes"
+    target_noun = "folder"
 
     def plaintext_problem(self, head: bytes) -> str | None:
         return None
@@ -129,6 +130,9 @@ class NotesKind:
 
     def load_instructions(self, file: str) -> list[str]:
         return [f"notes, one per line: cat {file}"]
+
+    def data_place(self, source: Any) -> None:
+        return None
 
     @contextlib.contextmanager
     def _dump(self, folder: Path) -> Iterator[Dump]:
