@@ -34,7 +34,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from pyrage import x25519
 
-from . import catalog, drill_scratch, slo
+from . import catalog, drill_scratch, slo, tenant_keys
 from . import facts as facts_object
 from .catalog import SnapshotEntry
 from .config import Config, DrillCheck, SourceConfig
@@ -363,6 +363,14 @@ def _restore_and_verify(d: _Drill, identities: Sequence[x25519.Identity]) -> Non
         return
     expected = _expected_facts(d, store, m)
     if expected is None:
+        return
+    try:  # the identities that open this snapshot: a tenant key is unwrapped here
+        identities = tenant_keys.snapshot_identities(d.rt, m, identities)
+    except UsageError as exc:
+        d.fail(NO_IDENTITY, str(exc))
+        return
+    except DrError as exc:
+        d.fail(CORRUPT, str(exc))
         return
     clock = _StreamClock()
     scratch = _Scratch(d, m, expected, identities)

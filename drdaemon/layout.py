@@ -197,3 +197,46 @@ def audit_mirror_folder(host: str, chain: str) -> str:
 def audit_segment_name(folder: str, first: int) -> str:
     """The segment of a mirrored chain that begins with record `first`."""
     return f"{folder}/{first:012d}.jsonl"
+
+
+# -- tenants: their keyrings (tenant_keys.py) and erasure certificates -------------
+
+TENANTS = "tenants"
+KEYS, ERASURE = "keys", "erasure"
+# A tenant key id: 16 hex of a hash of the tenant's public recipient (tenant_keys.key_id_of).
+KEY_ID_RE = re.compile(r"^[0-9a-f]{16}\Z")
+
+
+def tenant_prefix(tenant: str) -> str:
+    """Object-name prefix of everything drdaemon keeps about one tenant (not its snapshots)."""
+    return f"{TENANTS}/{tenant}/"
+
+
+def tenant_keys_prefix(tenant: str) -> str:
+    """Prefix to list to find a tenant's keyring: wrapped keys and their public records."""
+    return f"{tenant_prefix(tenant)}{KEYS}/"
+
+
+def tenant_key_object(tenant: str, key_id: str) -> str:
+    """The tenant's wrapped age identity: an age file encrypted to [keys] recipients."""
+    return f"{tenant_keys_prefix(tenant)}{key_id}.age"
+
+
+def tenant_key_record(tenant: str, key_id: str) -> str:
+    """The public record of a tenant key (recipient, creation), authenticated by the
+    manifest key."""
+    return f"{tenant_keys_prefix(tenant)}{key_id}.json"
+
+
+def parse_tenant_key_name(name: str) -> tuple[str, str] | None:
+    """(key id, "age" or "json") of a listed keyring object (by its last part), or None."""
+    base = name.rsplit("/", 1)[-1]
+    stem, dot, ext = base.rpartition(".")
+    if not dot or ext not in ("age", "json") or not KEY_ID_RE.match(stem):
+        return None
+    return stem, ext
+
+
+def erasure_certificate_object(tenant: str, at: str) -> str:
+    """An erasure certificate of the tenant (JSON), `at` a stamp."""
+    return f"{tenant_prefix(tenant)}{ERASURE}/{at}.json"

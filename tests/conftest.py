@@ -29,6 +29,7 @@ a separate Python process; :class:`MotoServerProcess` drives it with the same
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pwd
 import re
@@ -453,3 +454,17 @@ def moto_region_factory(
     finally:
         for server in servers:
             server.close()
+
+
+@pytest.fixture
+def lock_regions(s3_regions: list[S3Region]) -> list[S3Region]:
+    """The two moto regions, each with a fresh bucket created with Object Lock."""
+    out = []
+    for r in s3_regions:
+        locked = dataclasses.replace(r, bucket=r.bucket + "-lock")
+        create: dict[str, Any] = {"Bucket": locked.bucket, "ObjectLockEnabledForBucket": True}
+        if r.region != "us-east-1":
+            create["CreateBucketConfiguration"] = {"LocationConstraint": r.region}
+        r.client().create_bucket(**create)
+        out.append(locked)
+    return out

@@ -399,20 +399,6 @@ def test_unauthenticated_manifests_are_never_touched(local6: World) -> None:
     assert trash.exists()
 
 
-@pytest.fixture
-def lock_regions(s3_regions: list[S3Region]) -> list[S3Region]:
-    """The two moto regions, each with a fresh bucket created with Object Lock."""
-    out = []
-    for r in s3_regions:
-        locked = dataclasses.replace(r, bucket=r.bucket + "-lock")
-        create: dict[str, Any] = {"Bucket": locked.bucket, "ObjectLockEnabledForBucket": True}
-        if r.region != "us-east-1":
-            create["CreateBucketConfiguration"] = {"LocationConstraint": r.region}
-        r.client().create_bucket(**create)
-        out.append(locked)
-    return out
-
-
 def test_object_lock_buckets_lock_snapshots_and_prune_skips_them(
         tmp_path: Path, lock_regions: list[S3Region]) -> None:
     w = make_world(tmp_path, [r.toml() for r in lock_regions], 6,

@@ -1,0 +1,85 @@
+"""Snapshots as drdaemon wrote them before tenant keys (manifest versions 1 and 2), and the
+break-glass commands of runbooks/break-glass-restore.md, for tests of both formats."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pyrage
+from support import Setup
+
+from drdaemon import layout, manifest, tenant_keys
+from drdaemon.keys import fingerprint, load_identities, load_manifest_key
+from drdaemon.pipeline import parse_recipients
+from drdaemon.runtime import load_config, open_runtime
+from drdaemon.sources import pg_database
+
+
+def _get(region: Any, key: str) -> bytes:
+    return region.client().get_object(Bucket=region.bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
+
+
+def downgrade(setup: Setup, regions: list[Any], source: str, snap_id: str) -> manifest.Manifest:
+    """Rewrite snapshot `snap_id` in every region, in place, as a version 1/2 snapshot:
+    the same zstd stream encrypted to the global [keys] recipients, sealed settings too,
+    and a manifest without `tenant_key` (exactly what the encryption path wrote then)."""
+    mkey = load_manifest_key(setup.manifest_key)
+    rt = open_runtime(load_config(str(setup.config)))
+    m = manifest.parse(_get(regions[0], layout.manifest_object_name(source, snap_id)), mkey)
+    assert m.tenant_key is not None
+    tenant = tenant_keys.unwrap(rt, m.tenant, m.tenant_key.key_id,
+                                load_identities(setup.identity))
+    compressed = pyrage.decrypt(_get(regions[0], m.data_name), [tenant])
+    recipients = parse_recipients(rt.config.keys.recipients)
+    data = pyrage.encrypt(compressed, recipients)
+    facts = m.facts
+    db = facts.get("database")
+    if isinstance(db, dict) and pg_database.SEALED in db:
+        facts = {**facts, "database": pg_database.seal(pg_database.unseal(db, [tenant]),
+                                                       recipients)}
+    old = dataclasses.replace(m, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+                              recipients=tuple(fingerprint(r) for r in
+                                               rt.config.keys.recipients),
+                              facts=facts, tenant_key=None)
+    assert old.version in (manifest.VERSION, manifest.FACTS_OBJECT_VERSION)
+    for region in regions:
+        client = region.client()
+        client.put_object(Bucket=region.bucket, Key=m.data_name, Body=data)
+        client.put_object(Bucket=region.bucket, Key=layout.manifest_object_name(source, snap_id),
+                          Body=manifest.serialize(old, mkey))
+    return old
+
+
+def sh(command: str, cwd: Path) -> None:
+    """One runbook command, as on-call runs it (bash, pipefail)."""
+    subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=cwd, check=True)
+
+
+def break_glass_fetch(region: Any, source: str, snap_id: str, kind: str, work: Path) -> None:
+    """Runbook step 1-2: the manifest and the data object, downloaded as manifest.json and
+    snapshot.age (with the S3 client; the runbook uses `aws s3 cp`)."""
+    client = region.client()
+    client.download_file(region.bucket, layout.manifest_object_name(source, snap_id),
+                         str(work / "manifest.json"))
+    client.download_file(region.bucket, layout.data_object_name(source, snap_id, kind),
+                         str(work / "snapshot.age"))
+
+
+def break_glass_unwrap(region: Any, identity: Path, work: Path) -> Path:
+    """Runbook step 3 for a version-3 snapshot: find the tenant key by its name in the
+    manifest, download it and unwrap it with `age` and the ops/escrow identity."""
+    sh("jq -r '.data.encryption.tenant_key | \"tenants/\\(.tenant)/keys/\\(.key_id).age\"' "
+       "manifest.json > key-name", work)
+    name = (work / "key-name").read_text().strip()
+    region.client().download_file(region.bucket, name, str(work / "tenant-key.age"))
+    sh(f"(umask 077 && age -d -i {identity} tenant-key.age > tenant.key)", work)
+    return work / "tenant.key"
+
+
+def manifest_version(work: Path) -> int:
+    return int(json.loads((work / "manifest.json").read_text())["version"])
