@@ -12,12 +12,15 @@ from typing import Any
 
 import pyrage
 from support import Setup
+from test_runbooks import RUNBOOKS, sh_lines
 
 from drdaemon import layout, manifest, tenant_keys
 from drdaemon.keys import fingerprint, load_identities, load_manifest_key
 from drdaemon.pipeline import parse_recipients
 from drdaemon.runtime import load_config, open_runtime
 from drdaemon.sources import pg_database
+
+RUNBOOK = RUNBOOKS / "break-glass-restore.md"
 
 
 def _get(region: Any, key: str) -> bytes:
@@ -70,15 +73,37 @@ def break_glass_fetch(region: Any, source: str, snap_id: str, kind: str, work: P
                          str(work / "snapshot.age"))
 
 
+def runbook_command(start: str, **subs: str) -> str:
+    """The command of runbooks/break-glass-restore.md (a ```sh line) that begins with
+    `start`, with its placeholders replaced (`subs`: placeholder -> value)."""
+    [line] = [ln.text for ln in sh_lines(RUNBOOK) if ln.text.startswith(start)]
+    for placeholder, value in subs.items():
+        assert placeholder in line, f"{placeholder!r} is not in the runbook's {line!r}"
+        line = line.replace(placeholder, value)
+    return line
+
+
 def break_glass_unwrap(region: Any, identity: Path, work: Path) -> Path:
-    """Runbook step 3 for a version-3 snapshot: find the tenant key by its name in the
+    """The runbook's step for a version-3 snapshot: find the tenant key by its name in the
     manifest, download it and unwrap it with `age` and the ops/escrow identity."""
-    sh("jq -r '.data.encryption.tenant_key | \"tenants/\\(.tenant)/keys/\\(.key_id).age\"' "
-       "manifest.json > key-name", work)
+    sh(runbook_command("jq -r") + " > key-name", work)
     name = (work / "key-name").read_text().strip()
     region.client().download_file(region.bucket, name, str(work / "tenant-key.age"))
-    sh(f"(umask 077 && age -d -i {identity} tenant-key.age > tenant.key)", work)
+    sh(runbook_command("(umask 077 && age -d", **{"identity.txt": str(identity)}), work)
     return work / "tenant.key"
+
+
+def break_glass_restore(kind: str, identity: Path, work: Path, target: str,
+                        pg_restore: str = "pg_restore") -> None:
+    """The runbook's restore command, with `identity` (the unwrapped tenant key, or the
+    operator identity for versions 1 and 2) into `target` (a DSN, or an empty folder)."""
+    if kind == "postgres":
+        sh(runbook_command("age -d -i tenant.key snapshot.age | zstd -d | pg_restore --exit",
+                           **{"tenant.key": str(identity), "pg_restore": pg_restore,
+                              "lms_restored": f"'{target}'"}), work)
+    else:
+        sh(runbook_command("age -d -i tenant.key snapshot.age | zstd -d | tar -x",
+                           **{"tenant.key": str(identity), "restored": target}), work)
 
 
 def manifest_version(work: Path) -> int:

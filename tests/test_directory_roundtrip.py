@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 from conftest import S3Region
-from old_format import break_glass_fetch, break_glass_unwrap, downgrade, manifest_version, sh
+from old_format import (
+    break_glass_fetch,
+    break_glass_restore,
+    break_glass_unwrap,
+    downgrade,
+    manifest_version,
+)
 from support import (
     Setup,
     directory_source,
@@ -100,7 +106,7 @@ def test_break_glass_with_stock_age_zstd_tar(setup: Setup, tree: Path, tmp_path:
     tenant_key = break_glass_unwrap(region, setup.identity, work)
     out = tmp_path / "glass"
     out.mkdir()
-    sh(f"age -d -i {tenant_key} snapshot.age | zstd -d | tar -x -C {out}", work)
+    break_glass_restore("directory", tenant_key, work, str(out))
     assert_same_tree(tree, out)
 
     downgrade(setup, s3_regions, "lms-files", snap["snapshot_id"])
@@ -108,7 +114,7 @@ def test_break_glass_with_stock_age_zstd_tar(setup: Setup, tree: Path, tmp_path:
     assert manifest_version(work) == 1
     old = tmp_path / "glass-old"
     old.mkdir()
-    sh(f"age -d -i {setup.identity} snapshot.age | zstd -d | tar -x -C {old}", work)
+    break_glass_restore("directory", setup.identity, work, str(old))
     assert_same_tree(tree, old)
 
 

@@ -9,7 +9,14 @@ import psycopg
 import pytest
 from conftest import PgServer, S3Region
 from lms import TABLES, populate, table_rows
-from old_format import break_glass_fetch, break_glass_unwrap, downgrade, manifest_version, sh
+from old_format import (
+    break_glass_fetch,
+    break_glass_restore,
+    break_glass_unwrap,
+    downgrade,
+    manifest_version,
+    sh,
+)
 from support import Setup, flip_byte, make_setup, postgres_source, snapshot_keys, stored_key
 
 
@@ -118,8 +125,8 @@ def test_break_glass_with_stock_tools(setup: Setup, lms_dsn: str, pg_server: PgS
     assert tenant_key.stat().st_mode & 0o777 == 0o600
     with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
         conn.execute("CREATE DATABASE glass")
-    sh(f"age -d -i {tenant_key} snapshot.age | zstd -d | "
-       f"{pg_server.bin('pg_restore')} --exit-on-error -d '{pg_server.dsn('glass')}'", work)
+    break_glass_restore("postgres", tenant_key, work, pg_server.dsn("glass"),
+                        str(pg_server.bin("pg_restore")))
     assert table_rows(pg_server.dsn("glass")) == table_rows(lms_dsn)
     # The operator identity alone no longer opens a snapshot: only the tenant key does.
     with pytest.raises(subprocess.CalledProcessError):
@@ -139,8 +146,8 @@ def test_break_glass_old_format_with_old_commands(setup: Setup, lms_dsn: str,
     assert manifest_version(work) == 2
     with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
         conn.execute("CREATE DATABASE glass_old")
-    sh(f"age -d -i {setup.identity} snapshot.age | zstd -d | "
-       f"{pg_server.bin('pg_restore')} --exit-on-error -d '{pg_server.dsn('glass_old')}'", work)
+    break_glass_restore("postgres", setup.identity, work, pg_server.dsn("glass_old"),
+                        str(pg_server.bin("pg_restore")))
     assert table_rows(pg_server.dsn("glass_old")) == table_rows(lms_dsn)
 
 

@@ -8,16 +8,20 @@ import dataclasses
 import json
 import multiprocessing
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pyrage
 import pytest
-from conftest import S3Region
+from conftest import PgServer, S3Region
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lms import populate, table_rows
+from old_format import downgrade
 from pyrage import x25519
-from support import Setup, directory_source, make_setup
+from support import Setup, directory_source, make_setup, postgres_source
 
 from drdaemon import layout, manifest, statefs, tenant_keys
 from drdaemon.errors import IntegrityError
@@ -312,6 +316,53 @@ def test_concurrent_creation_ends_with_one_key(world: World, tmp_path: Path) -> 
     found = tenant_keys.survey(rt, "uni-c")
     assert len(found.records) == 2
     assert tenant_keys.ensure_key(rt, "uni-c") == tenant_keys.ensure_key(rt_b, "uni-c")
+
+
+def _setting(pg: PgServer, dbname: str) -> list[str]:
+    with psycopg.connect(pg.dsn()) as conn:
+        row = conn.execute("SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d "
+                           "ON d.oid = s.setdatabase WHERE d.datname = %s AND s.setrole = 0",
+                           (dbname,)).fetchone()
+    return list(row[0]) if row else []
+
+
+def test_old_format_restores_next_to_new(tmp_path: Path, pg_database: str, pg_server: PgServer,
+                                         s3_regions: list[S3Region]) -> None:
+    """A version-2 snapshot (encrypted to [keys] recipients, settings sealed to them) and a
+    version-3 one of the same database: restores with ops and escrow, drill, deep verify."""
+    populate(pg_database)
+    source_db = psycopg.conninfo.conninfo_to_dict(pg_database)["dbname"]
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {source_db} SET app.jwt_secret = 'hush'")
+    setup = make_setup(tmp_path, [r.toml() for r in s3_regions],
+                       [postgres_source("lms-db", pg_database)])
+    escrow, _ = add_escrow(setup, tmp_path)
+    [old] = setup.drctl_json("backup")
+    downgrade(setup, s3_regions, "lms-db", old["snapshot_id"])
+    [new] = setup.drctl_json("backup")
+    versions = {s: setup.drctl_json("snapshots", "show", s)["version"]
+                for s in (old["snapshot_id"], new["snapshot_id"])}
+    assert versions == {old["snapshot_id"]: 2, new["snapshot_id"]: 3}
+    expected = table_rows(pg_database)
+    made = []
+    try:
+        for snap, identity in ((old, setup.identity), (new, setup.identity), (old, escrow),
+                               (new, escrow)):
+            name = f"restored_{uuid.uuid4().hex[:10]}"
+            made.append(name)
+            setup.drctl_json("restore", snap["snapshot_id"], "--source", "lms-db", "--to",
+                             name, "--identity", str(identity))
+            assert table_rows(pg_server.dsn(name)) == expected
+            assert _setting(pg_server, name) == ["app.jwt_secret=hush"]
+    finally:
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+            for name in made:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    for identity in (setup.identity, escrow):
+        drill = setup.drctl("drill", "run", "--identity", str(identity), "--json")
+        assert drill.exit_code == 0, drill.output + drill.stderr
+        report = setup.drctl_json("verify", "--deep", "--identity", str(identity))
+        assert report["ok"] and len(report["copies"]) == 4
 
 
 # -- pure parts -------------------------------------------------------------------------
