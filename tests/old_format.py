@@ -23,21 +23,19 @@ from drdaemon.sources import pg_database
 RUNBOOK = RUNBOOKS / "break-glass-restore.md"
 
 
-def _get(region: Any, key: str) -> bytes:
-    return region.client().get_object(Bucket=region.bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
-
-
-def downgrade(setup: Setup, regions: list[Any], source: str, snap_id: str) -> manifest.Manifest:
+def downgrade(setup: Setup, source: str, snap_id: str) -> manifest.Manifest:
     """Rewrite snapshot `snap_id` in every region, in place, as a version 1/2 snapshot:
     the same zstd stream encrypted to the global [keys] recipients, sealed settings too,
     and a manifest without `tenant_key` (exactly what the encryption path wrote then)."""
     mkey = load_manifest_key(setup.manifest_key)
     rt = open_runtime(load_config(str(setup.config)))
-    m = manifest.parse(_get(regions[0], layout.manifest_object_name(source, snap_id)), mkey)
+    first = rt.stores[0]
+    m = manifest.parse(first.get_bytes(layout.manifest_object_name(source, snap_id),
+                                       manifest.MAX_MANIFEST_BYTES), mkey)
     assert m.tenant_key is not None
     tenant = tenant_keys.unwrap(rt, m.tenant, m.tenant_key.key_id,
                                 load_identities(setup.identity))
-    compressed = pyrage.decrypt(_get(regions[0], m.data_name), [tenant])
+    compressed = pyrage.decrypt(first.get_bytes(m.data_name, m.size), [tenant])
     recipients = parse_recipients(rt.config.keys.recipients)
     data = pyrage.encrypt(compressed, recipients)
     facts = m.facts
@@ -50,11 +48,10 @@ def downgrade(setup: Setup, regions: list[Any], source: str, snap_id: str) -> ma
                                                rt.config.keys.recipients),
                               facts=facts, tenant_key=None)
     assert old.version in (manifest.VERSION, manifest.FACTS_OBJECT_VERSION)
-    for region in regions:
-        client = region.client()
-        client.put_object(Bucket=region.bucket, Key=m.data_name, Body=data)
-        client.put_object(Bucket=region.bucket, Key=layout.manifest_object_name(source, snap_id),
-                          Body=manifest.serialize(old, mkey))
+    for store in rt.stores:
+        store.put_bytes(m.data_name, data)
+        store.put_bytes(layout.manifest_object_name(source, snap_id),
+                        manifest.serialize(old, mkey))
     return old
 
 

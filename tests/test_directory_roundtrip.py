@@ -109,7 +109,7 @@ def test_break_glass_with_stock_age_zstd_tar(setup: Setup, tree: Path, tmp_path:
     break_glass_restore("directory", tenant_key, work, str(out))
     assert_same_tree(tree, out)
 
-    downgrade(setup, s3_regions, "lms-files", snap["snapshot_id"])
+    downgrade(setup, "lms-files", snap["snapshot_id"])
     break_glass_fetch(region, "lms-files", snap["snapshot_id"], "directory", work)
     assert manifest_version(work) == 1
     old = tmp_path / "glass-old"

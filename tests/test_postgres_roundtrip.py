@@ -139,7 +139,7 @@ def test_break_glass_old_format_with_old_commands(setup: Setup, lms_dsn: str,
                                                   tmp_path: Path) -> None:
     """A snapshot written before tenant keys (version 1/2) restores with the old commands."""
     [snap] = setup.drctl_json("backup")
-    downgrade(setup, s3_regions, "lms-db", snap["snapshot_id"])
+    downgrade(setup, "lms-db", snap["snapshot_id"])
     region, work = s3_regions[1], tmp_path / "glass"
     work.mkdir()
     break_glass_fetch(region, "lms-db", snap["snapshot_id"], "postgres", work)

@@ -338,7 +338,7 @@ def test_old_format_restores_next_to_new(tmp_path: Path, pg_database: str, pg_se
                        [postgres_source("lms-db", pg_database)])
     escrow, _ = add_escrow(setup, tmp_path)
     [old] = setup.drctl_json("backup")
-    downgrade(setup, s3_regions, "lms-db", old["snapshot_id"])
+    downgrade(setup, "lms-db", old["snapshot_id"])
     [new] = setup.drctl_json("backup")
     versions = {s: setup.drctl_json("snapshots", "show", s)["version"]
                 for s in (old["snapshot_id"], new["snapshot_id"])}
