@@ -31,7 +31,7 @@ import os
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pyrage
@@ -91,12 +91,17 @@ def key_objects(tenant: str) -> str:
     return layout.tenant_keys_prefix(tenant)
 
 
-def encode_record(key: TenantKey, created: datetime, wrapped_to: Sequence[str],
+def created_stamp(at: datetime) -> str:
+    """A key's creation time as its record holds it (UTC, whole seconds)."""
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def encode_record(key: TenantKey, created: str, wrapped_to: Sequence[str],
                   mkey: ManifestKey) -> bytes:
-    """The public record of `key`, signed with the manifest key."""
+    """The public record of `key`, signed with the manifest key (`created`: created_stamp)."""
     body = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "tenant": key.tenant,
             "key_id": key.key_id, "recipient": key.recipient,
-            "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"), "wrapped_to": list(wrapped_to)}
+            "created": created, "wrapped_to": list(wrapped_to)}
     return json.dumps(signed(body, mkey), sort_keys=True, indent=1).encode() + b"\n"
 
 
@@ -245,26 +250,56 @@ def _make(rt: Runtime, tenant: str) -> None:
     """Make a tenant key: the wrapped identity first, then its record, state folder first."""
     ident = x25519.Identity.generate()
     key = TenantKey(tenant, key_id_of(str(ident.to_public())), str(ident.to_public()))
+    stored, failed = _store_wrapped(rt, key, ident, created_stamp(rt.clock()))
+    rt.record_event("tenant_key.created", tenant=tenant, key_id=key.key_id,
+                    recipient=key.recipient, fingerprint=key.fingerprint,
+                    wrapped_to=[fingerprint(r) for r in rt.config.keys.recipients],
+                    regions=stored, failed_regions=failed)
+
+
+def _store_wrapped(rt: Runtime, key: TenantKey, ident: x25519.Identity,
+                   created: str) -> tuple[list[str], dict[str, str]]:
+    """Wrap `ident` to the [keys] recipients and write it, then its record, to the state
+    folder and every region; (regions written, regions failed with why)."""
     operators = rt.config.keys.recipients
     wrapped = pyrage.encrypt(f"{ident}\n".encode(), parse_recipients(operators))
-    record = encode_record(key, rt.clock(), [fingerprint(r) for r in operators],
-                           rt.manifest_key)
-    objects = ((layout.tenant_key_object(tenant, key.key_id), wrapped),
-               (layout.tenant_key_record(tenant, key.key_id), record))
+    record = encode_record(key, created, [fingerprint(r) for r in operators], rt.manifest_key)
+    objects = ((layout.tenant_key_object(key.tenant, key.key_id), wrapped),
+               (layout.tenant_key_record(key.tenant, key.key_id), record))
     for name, blob in objects:
         statefs.write_atomic(rt.config.daemon.state_dir, name, blob)
     stored, failed = [], {}
-    for store in _regions(rt, tenant):
+    for store in _regions(rt, key.tenant):
         try:
             for name, blob in objects:
                 store.put_bytes(name, blob, retain_until=None)  # never locked: erasure
             stored.append(store.name)
         except StorageError as exc:
             failed[store.name] = str(exc)  # put back by the next ensure_key
-    rt.record_event("tenant_key.created", tenant=tenant, key_id=key.key_id,
-                    recipient=key.recipient, fingerprint=key.fingerprint,
-                    wrapped_to=[fingerprint(r) for r in operators], regions=stored,
-                    failed_regions=failed)
+    return stored, failed
+
+
+def rewrap(rt: Runtime, tenant: str, identities: Sequence[x25519.Identity]) -> list[str]:
+    """Wrap every key of `tenant` again, to today's [keys] recipients (after an operator
+    key was rotated); the key ids of the keys rewrapped. Each is unwrapped with
+    `identities` (audit-logged) and replaces its copies in the state folder and
+    every region; the tenant's snapshots are unchanged. A versioned bucket keeps
+    the old wrapped copies as noncurrent versions until its lifecycle rule expires
+    them (docs/format.md)."""
+    done = []
+    for kid, record in sorted(survey(rt, tenant).records.items()):
+        ident = unwrap(rt, tenant, kid, identities)
+        stored, failed = _store_wrapped(rt, record.key, ident, record.created)
+        rt.record_event("tenant_key.rewrapped", tenant=tenant, key_id=kid,
+                        wrapped_to=[fingerprint(r) for r in rt.config.keys.recipients],
+                        regions=stored, failed_regions=failed, user=getpass.getuser(),
+                        host=socket.gethostname())
+        if failed:
+            raise DrError(f"tenant {tenant}'s key {kid} was rewrapped but not in "
+                          + "; ".join(f"{k}: {v}" for k, v in failed.items())
+                          + ": run the command again when the region answers")
+        done.append(kid)
+    return done
 
 
 def _repair(rt: Runtime, chosen: KeyRecord, found: Survey) -> None:

@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import subprocess
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -192,9 +193,8 @@ def test_planted_and_tampered_records_are_never_encrypted_to(world: World,
     evil = generate_identity(attacker)
     forged_key = ManifestKey(b"\x01" * 32)
     evil_key = tenant_keys.TenantKey("uni-a", tenant_keys.key_id_of(evil), evil)
-    from datetime import UTC, datetime
-    planted = tenant_keys.encode_record(evil_key, datetime(2000, 1, 1, tzinfo=UTC),
-                                        [fingerprint(evil)], forged_key)
+    planted = tenant_keys.encode_record(evil_key, tenant_keys.created_stamp(
+        datetime(2000, 1, 1, tzinfo=UTC)), [fingerprint(evil)], forged_key)
     wrapped = pyrage.encrypt(b"x", [x25519.Recipient.from_str(world.setup.recipient)])
     for region in world.regions:
         s3_put(region, layout.tenant_key_record("uni-a", evil_key.key_id), planted)
@@ -318,6 +318,32 @@ def test_concurrent_creation_ends_with_one_key(world: World, tmp_path: Path) -> 
     assert tenant_keys.ensure_key(rt, "uni-c") == tenant_keys.ensure_key(rt_b, "uni-c")
 
 
+def test_rewrap_after_rotating_the_ops_key(world: World, tmp_path: Path) -> None:
+    results = world.backup()
+    old_ops = world.setup.identity
+    new_ops = tmp_path / "keys" / "ops-new.txt"
+    new_rec = generate_identity(new_ops)
+    text = world.setup.config.read_text()
+    world.setup.config.write_text(text.replace(world.setup.recipient, new_rec).replace(
+        str(old_ops), str(new_ops)))
+    out = world.setup.drctl_json("keys", "rewrap", "--identity", str(world.escrow))
+    assert sorted(out["rewrapped"]) == list(TENANTS)
+    for t in TENANTS:
+        [kid] = out["rewrapped"][t]
+        name = layout.tenant_key_object(t, kid)
+        record = json.loads((world.setup.state / layout.tenant_key_record(t, kid)).read_text())
+        assert sorted(record["wrapped_to"]) == sorted([fingerprint(new_rec),
+                                                       fingerprint(world.escrow_recipient)])
+        for blob in [(world.setup.state / name).read_bytes()] + [
+                s3_get(r, name) for r in world.regions]:
+            assert age_decrypt(old_ops, blob).returncode != 0
+            assert age_decrypt(new_ops, blob).returncode == 0
+    target = tmp_path / "after"
+    world.setup.drctl_json("restore", results["files-uni-a"]["snapshot_id"], "--source",
+                           "files-uni-a", "--to", str(target))  # the new ops identity
+    assert (target / "docs" / "secret.txt").is_file()
+
+
 def _setting(pg: PgServer, dbname: str) -> list[str]:
     with psycopg.connect(pg.dsn()) as conn:
         row = conn.execute("SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d "
@@ -371,11 +397,9 @@ MKEY = ManifestKey(b"\x07" * 32)
 
 
 def _record(tenant: str = "uni-a") -> tuple[tenant_keys.TenantKey, bytes]:
-    from datetime import UTC, datetime
     rec = str(x25519.Identity.generate().to_public())
     key = tenant_keys.TenantKey(tenant, tenant_keys.key_id_of(rec), rec)
-    return key, tenant_keys.encode_record(key, datetime(2026, 1, 1, tzinfo=UTC), ["sha256:x"],
-                                          MKEY)
+    return key, tenant_keys.encode_record(key, "2026-01-01T00:00:00Z", ["sha256:x"], MKEY)
 
 
 def test_record_round_trip_and_refusals() -> None:
@@ -422,7 +446,6 @@ def test_identity_from_plaintext() -> None:
 
 
 def test_manifest_version_3_names_the_tenant_key() -> None:
-    from datetime import UTC, datetime
     t = datetime(2026, 1, 1, tzinfo=UTC)
     m = manifest.Manifest(id="20260101T000000Z-00000000", source="s", tenant="uni-a",
                           tier="paid", kind="directory", consistency_time=t, started_at=t,
