@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import os
 import subprocess
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -389,6 +391,21 @@ def test_old_format_restores_next_to_new(tmp_path: Path, pg_database: str, pg_se
         assert drill.exit_code == 0, drill.output + drill.stderr
         report = setup.drctl_json("verify", "--deep", "--identity", str(identity))
         assert report["ok"] and len(report["copies"]) == 4
+
+
+def test_creation_waits_for_the_lock_and_reads_again(world: World) -> None:
+    """A process that found no key waits for the creation lock, then reads the keyring
+    again before it makes one: the key made meanwhile is the one it uses."""
+    config = str(world.setup.config)
+    rt = open_runtime(load_config(config))
+    with multiprocessing.get_context("fork").Pool(1) as pool:  # forked before the lock
+        with statefs.locked(world.setup.state, tenant_keys.CREATE_LOCK, os.O_RDWR):
+            pending = pool.apply_async(_ensure, (config,))
+            time.sleep(2)
+            assert not pending.ready()  # found no key, and waits for the lock
+            tenant_keys._make(rt, "uni-c")
+        kid = pending.get(timeout=120)
+    assert list(tenant_keys.survey(rt, "uni-c").records) == [kid]
 
 
 # -- pure parts -------------------------------------------------------------------------
