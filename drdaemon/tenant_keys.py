@@ -246,6 +246,15 @@ def ensure_key(rt: Runtime, tenant: str) -> TenantKey:
     return chosen.key
 
 
+def repair(rt: Runtime, tenant: str) -> None:
+    """Put `tenant`'s key copies back where they are missing (as ensure_key does), without
+    ever making a key: for replica repair, which copies snapshots that need one."""
+    found = survey(rt, tenant)
+    chosen = found.usable()
+    if chosen is not None:
+        _repair(rt, chosen, found)
+
+
 def _make(rt: Runtime, tenant: str) -> None:
     """Make a tenant key: the wrapped identity first, then its record, state folder first."""
     ident = x25519.Identity.generate()

@@ -292,6 +292,25 @@ def test_missing_copies_are_repaired_and_none_left_is_one_line(world: World,
         assert result.stderr.count("\n") == 1
 
 
+def test_replica_repair_puts_the_tenant_key_back_with_the_snapshot(world: World) -> None:
+    results = world.backup()
+    snap = world.show(results["files-uni-a"]["snapshot_id"])
+    kid = snap["data"]["encryption"]["tenant_key"]["key_id"]
+    us = world.regions[1]
+    client = us.client()
+    # The snapshot's locked versions stay; a delete marker hides them, as a lost copy looks.
+    for name in (snap["data"]["name"], layout.manifest_object_name("files-uni-a", snap["id"])):
+        client.delete_object(Bucket=us.bucket, Key=name)
+    for name in (layout.tenant_key_object("uni-a", kid), layout.tenant_key_record("uni-a", kid)):
+        for v in client.list_object_versions(Bucket=us.bucket, Prefix=name).get("Versions", []):
+            client.delete_object(Bucket=us.bucket, Key=name, VersionId=v["VersionId"])
+    assert keyring(us, "uni-a") == []
+    result = world.setup.drctl("replicate", "--repair")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert keyring(us, "uni-a") == [layout.tenant_key_object("uni-a", kid),
+                                    layout.tenant_key_record("uni-a", kid)]
+
+
 def _ensure(config: str) -> str:
     rt = open_runtime(load_config(config))
     return tenant_keys.ensure_key(rt, "uni-c").key_id
