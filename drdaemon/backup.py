@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from . import __version__, catalog, layout, manifest, shrink, state, tenancy
+from . import __version__, catalog, layout, manifest, shrink, state, tenancy, tenant_keys
 from . import facts as facts_object
 from .config import SourceConfig
 from .errors import Cancelled, DrError, ShrinkError, SourceError
 from .keys import fingerprint
-from .manifest import Manifest
+from .manifest import Manifest, TenantKeyRef
 from .pipeline import Stored, encrypt_and_upload, parse_recipients
 from .runtime import Runtime
 from .sources import kind_for
@@ -176,18 +176,21 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
             result.failed_regions.values()))
     try:
         with open_dump(source, rt.clock(), rt.stopping) as dump:
+            # Encrypted to the tenant's own key, made on its first need (public part
+            # only); once the source is known to be there.
+            key = tenant_keys.ensure_key(rt, source.tenant)
             stored = encrypt_and_upload(
-                dump.stream, uploads, cfg.keys.recipients, level=cfg.pipeline.zstd_level,
+                dump.stream, uploads, [key.recipient], level=cfg.pipeline.zstd_level,
                 threads=cfg.pipeline.zstd_threads, part_size=cfg.pipeline.part_size,
                 on_progress=on_progress, cancel=rt.stopping)
             facts = dump.finish()
             _check_shrink(source, baseline, facts, accept_shrink)
         # Facts that may hold secrets (database settings) are sealed like the dump.
-        facts = kind_for(source.kind).seal_facts(facts, parse_recipients(cfg.keys.recipients))
+        facts = kind_for(source.kind).seal_facts(facts, parse_recipients([key.recipient]))
         # Everything a reader will check is built and bounded before any
         # region commits: facts that cannot be stored fail the snapshot here.
         snap, detached = _draft_manifest(rt, source, snap_id, started, data_name,
-                                         dump.consistency_time, stored, facts)
+                                         dump.consistency_time, stored, facts, key)
     except BaseException:
         for up in uploads.values():
             up.abort()
@@ -236,7 +239,8 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
 
 def _draft_manifest(rt: Runtime, source: SourceConfig, snap_id: str, started: datetime,
                     data_name: str, consistency: datetime, stored: Stored,
-                    facts: dict[str, Any]) -> tuple[Manifest, facts_object.Encoded | None]:
+                    facts: dict[str, Any], key: tenant_keys.TenantKey
+                    ) -> tuple[Manifest, facts_object.Encoded | None]:
     """The snapshot's manifest and facts object, or FactsTooLarge if a reader would refuse
     either (the bounds are the readers' own: manifest.py, facts.py)."""
     cfg = rt.config
@@ -249,9 +253,10 @@ def _draft_manifest(rt: Runtime, source: SourceConfig, snap_id: str, started: da
         finished_at=rt.clock(), data_name=data_name, sha256=stored.sha256, size=stored.size,
         compressed_size=stored.compressed_size, plaintext_size=stored.plaintext_size,
         zstd_level=cfg.pipeline.zstd_level,
-        recipients=tuple(fingerprint(r) for r in cfg.keys.recipients),
+        recipients=(fingerprint(key.recipient),),
         facts=inline, drdaemon_version=__version__,
-        facts_object=encoded.ref if encoded is not None else None)
+        facts_object=encoded.ref if encoded is not None else None,
+        tenant_key=TenantKeyRef(key.tenant, key.key_id))
     facts_object.check_storable(manifest.serialize(snap, rt.manifest_key))
     return snap, encoded
 

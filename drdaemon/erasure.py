@@ -28,7 +28,6 @@ written everywhere.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext, suppress
@@ -68,8 +67,8 @@ class ErasureFailed(DrError):
 
 
 def derive_key_id(recipient: str) -> str:
-    """The key id of a tenant recipient (the tenant-key contract, docs/format.md)."""
-    return hashlib.sha256(b"drdaemon-tenant-key\0" + recipient.encode()).hexdigest()[:16]
+    """The key id of a tenant recipient (layout.tenant_key_id)."""
+    return layout.tenant_key_id(recipient)
 
 
 # -- the journal ------------------------------------------------------------------

@@ -41,7 +41,7 @@ from typing import Any, BinaryIO, cast
 import pyrage
 from pyrage import x25519
 
-from . import __version__, catalog, layout, tenancy
+from . import __version__, catalog, layout, tenancy, tenant_keys
 from . import facts as facts_object
 from .catalog import SnapshotEntry
 from .config import SourceConfig
@@ -386,7 +386,8 @@ def _export_one(rt: Runtime, identities: Sequence[x25519.Identity], source: Sour
                           f"is {source.kind}")
         sink = FileSink(staging / stored_as, recipient)
         try:
-            stream_into(store, m, identities, sink, progress, rt.recipient_labels())
+            opening = tenant_keys.snapshot_identities(rt, m, identities)  # a tenant key
+            stream_into(store, m, opening, sink, progress, rt.recipient_labels())
             problem = check_magic(m.kind, sink.plain.head)
             if problem:
                 raise DrError(f"snapshot {m.id} in region {store.name} {problem}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import audit, catalog, layout, tenancy
+from . import audit, catalog, layout, lifecycle, tenancy, tenant_keys
 from .errors import DrError, UsageError
 from .runtime import Runtime
 
@@ -176,11 +176,43 @@ def _strangers(configured: Mapping[str, object], inv: Inventory) -> list[str]:
 # -- tenant show -------------------------------------------------------------------
 
 # name -> (rt, tenant) -> that section of `tenant show`, or None while it has nothing to
-# say. The tenant-keys and lifecycle parts of the tenant lifecycle register theirs here
-# ("keys": key ids and recipient fingerprints; "lifecycle": offboarding, hold, erasure).
+# say: the keys (tenant_keys.py) and the lifecycle (lifecycle.py); another part of the
+# tenant lifecycle adds its own here.
 Section = Callable[[Runtime, str], dict[str, Any] | None]
-SECTIONS: dict[str, Section] = {}
 PLANNED_SECTIONS = ("keys", "lifecycle")
+
+
+def keys_section(rt: Runtime, tenant: str) -> dict[str, Any] | None:
+    """The tenant's keys: id, recipient fingerprint, when made, the operator recipients
+    it is wrapped to, and where a wrapped copy is (None: the tenant has no key yet)."""
+    found = tenant_keys.survey(rt, tenant)
+    if not found.records and not any(found.present.values()):
+        return None
+    keys = []
+    for kid in sorted({k for names in found.present.values() for k, _ in names}
+                      | set(found.records)):
+        rec = found.records.get(kid)
+        keys.append({
+            "key_id": kid,
+            "fingerprint": rec.key.fingerprint if rec else None,
+            "created": rec.created if rec else None,
+            "wrapped_to": list(rec.wrapped_to) if rec else [],
+            "wrapped_copies": sorted(w for w, names in found.present.items()
+                                     if (kid, "age") in names),
+        })
+    chosen = found.usable()
+    return {"keys": keys, "in_use": chosen.key.key_id if chosen else None,
+            "unreachable": dict(found.unreachable)}
+
+
+def lifecycle_section(rt: Runtime, tenant: str) -> dict[str, Any] | None:
+    """Offboarding, legal hold and erasure (lifecycle.describe); None while active."""
+    state = lifecycle.load(rt, tenant)
+    described = lifecycle.describe(state)
+    return described if described.get("state") != "active" else None
+
+
+SECTIONS: dict[str, Section] = {"keys": keys_section, "lifecycle": lifecycle_section}
 
 
 def known_tenant(rt: Runtime, tenant: str, inv: Inventory | None = None) -> None:

@@ -18,6 +18,7 @@ patterns live here once and nowhere else.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from collections.abc import Iterator, Mapping
@@ -222,11 +223,14 @@ def audit_segment_name(folder: str, first: int) -> str:
     return f"{folder}/{first:012d}.jsonl"
 
 
-# -- tenants: wrapped keys and erasure certificates (docs/format.md, "Tenants") -----
+# -- tenants: their keyrings (tenant_keys.py) and erasure certificates (erasure.py) ---
 
 TENANTS = "tenants"
+KEYS, ERASURE = "keys", "erasure"
+# A tenant key id: 16 hex of a hash of the tenant's public recipient (tenant_keys.key_id_of).
+KEY_ID_RE = re.compile(r"^[0-9a-f]{16}\Z")
 _CERTIFICATE_RE = re.compile(rf"^({STAMP_PATTERN})\.json\Z")
-_CERTIFICATE_NAME_RE = re.compile(rf"^{TENANTS}/([^/]+)/erasure/({STAMP_PATTERN})\.json\Z")
+_CERTIFICATE_NAME_RE = re.compile(rf"^{TENANTS}/([^/]+)/{ERASURE}/({STAMP_PATTERN})\.json\Z")
 
 
 def tenant_prefix(tenant: str) -> str:
@@ -235,23 +239,39 @@ def tenant_prefix(tenant: str) -> str:
 
 
 def tenant_keys_prefix(tenant: str) -> str:
-    """Prefix to list to find every copy of a tenant's wrapped keys."""
-    return f"{tenant_prefix(tenant)}keys/"
+    """Prefix to list to find a tenant's keyring: wrapped keys and their public records."""
+    return f"{tenant_prefix(tenant)}{KEYS}/"
 
 
 def tenant_key_object(tenant: str, key_id: str) -> str:
-    """The tenant's age identity, wrapped (age-encrypted to [keys] recipients)."""
+    """The tenant's wrapped age identity: an age file encrypted to [keys] recipients."""
     return f"{tenant_keys_prefix(tenant)}{key_id}.age"
 
 
 def tenant_key_record(tenant: str, key_id: str) -> str:
-    """The public record of a tenant key (its recipient), authenticated."""
+    """The public record of a tenant key (recipient, creation), authenticated by the
+    manifest key."""
     return f"{tenant_keys_prefix(tenant)}{key_id}.json"
+
+
+def tenant_key_id(recipient: str) -> str:
+    """A tenant key's id: 16 hex of sha256("drdaemon-tenant-key\\0" + its recipient), so a
+    key object whose identity does not derive its name is detected."""
+    return hashlib.sha256(b"drdaemon-tenant-key\0" + recipient.encode()).hexdigest()[:16]
+
+
+def parse_tenant_key_name(name: str) -> tuple[str, str] | None:
+    """(key id, "age" or "json") of a listed keyring object (by its last part), or None."""
+    base = name.rsplit("/", 1)[-1]
+    stem, dot, ext = base.rpartition(".")
+    if not dot or ext not in ("age", "json") or not KEY_ID_RE.match(stem):
+        return None
+    return stem, ext
 
 
 def erasure_prefix(tenant: str) -> str:
     """Prefix to list to find a tenant's erasure certificates."""
-    return f"{tenant_prefix(tenant)}erasure/"
+    return f"{tenant_prefix(tenant)}{ERASURE}/"
 
 
 def erasure_certificate_object(tenant: str, stamp: str) -> str:

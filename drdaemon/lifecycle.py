@@ -28,14 +28,14 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-from . import statefs
+from . import statefs, tenancy
 from .config import NAME_HINT, NAME_RE, Config, SourceConfig
 from .errors import UsageError
 from .runtime import Runtime
 
-# The contract's promise: every copy deleted within 4 weeks of the end of service.
-# The lead wires `[[tenants]] erase_after` (at most this) to replace it.
-DEFAULT_ERASE_AFTER = timedelta(days=28)
+# The contract's promise: every copy deleted within 4 weeks of the end of service
+# (a tenant's own `[[tenants]] erase_after`, at most this, when it has one).
+DEFAULT_ERASE_AFTER = tenancy.DEFAULT_ERASE_AFTER
 ERASE_LEAD = timedelta(days=1)  # carried out this long before the deadline
 DUE_SOON = timedelta(days=3)  # the "erasure due soon" warning window
 STATE_VERSION = 1

@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import IntegrityError
 from .keys import ManifestKey
-from .layout import is_snapshot_id
+from .layout import KEY_ID_RE, is_snapshot_id
 from .sources import is_kind
 from .units import parse_iso_time
 
@@ -29,7 +29,11 @@ FORMAT = "drdaemon.manifest"
 # version 1 (facts inline) stays readable everywhere.
 VERSION = 1
 FACTS_OBJECT_VERSION = 2
-VERSIONS = (VERSION, FACTS_OBJECT_VERSION)
+# Version 3 names the tenant key the snapshot is encrypted to (`encryption.tenant_key`,
+# tenant_keys.py); it may or may not have a facts object. Versions 1 and 2, encrypted
+# to the global [keys] recipients, stay readable everywhere.
+TENANT_KEY_VERSION = 3
+VERSIONS = (VERSION, FACTS_OBJECT_VERSION, TENANT_KEY_VERSION)
 # Shared by the writer (backup.py refuses to commit a larger one) and every reader.
 MAX_MANIFEST_BYTES = 1 << 20
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
@@ -47,6 +51,17 @@ class FactsRef:
     def body(self) -> dict[str, Any]:
         return {"name": self.name, "sha256": self.sha256, "size": self.size,
                 "plaintext_size": self.plaintext_size, "compression": "zstd"}
+
+
+@dataclass(frozen=True)
+class TenantKeyRef:
+    """The tenant key a version-3 snapshot is encrypted to (see tenant_keys.py)."""
+
+    tenant: str
+    key_id: str
+
+    def body(self) -> dict[str, Any]:
+        return {"tenant": self.tenant, "key_id": self.key_id}
 
 
 @dataclass(frozen=True)
@@ -70,10 +85,13 @@ class Manifest:
     recipients: tuple[str, ...]  # fingerprints, see keys.fingerprint
     facts: dict[str, Any] = field(default_factory=dict)
     drdaemon_version: str = ""
-    facts_object: FactsRef | None = None  # version 2 only
+    facts_object: FactsRef | None = None  # version 2, and version 3 where there is one
+    tenant_key: TenantKeyRef | None = None  # version 3 only
 
     @property
     def version(self) -> int:
+        if self.tenant_key is not None:
+            return TENANT_KEY_VERSION
         return VERSION if self.facts_object is None else FACTS_OBJECT_VERSION
 
     def object_names(self) -> tuple[str, ...]:
@@ -85,6 +103,10 @@ class Manifest:
     def body(self) -> dict[str, Any]:
         """The JSON body (without the MAC)."""
         extra = {} if self.facts_object is None else {"facts_object": self.facts_object.body()}
+        encryption: dict[str, Any] = {"algorithm": "age-x25519",
+                                      "recipients": list(self.recipients)}
+        if self.tenant_key is not None:
+            encryption["tenant_key"] = self.tenant_key.body()
         return {
             **extra,
             "format": FORMAT,
@@ -104,7 +126,7 @@ class Manifest:
                 "compressed_size": self.compressed_size,
                 "plaintext_size": self.plaintext_size,
                 "compression": {"algorithm": "zstd", "level": self.zstd_level},
-                "encryption": {"algorithm": "age-x25519", "recipients": list(self.recipients)},
+                "encryption": encryption,
             },
             "facts": self.facts,
             "drdaemon_version": self.drdaemon_version,
@@ -123,11 +145,38 @@ def _mac(body: dict[str, Any], key: ManifestKey) -> str:
     return hmac.new(key.secret, _canonical(body), hashlib.sha256).hexdigest()
 
 
+def signed(body: dict[str, Any], key: ManifestKey) -> dict[str, Any]:
+    """`body` with its `mac` field: how manifests, and records kept beside them (a
+    tenant key's public record), are authenticated."""
+    return dict(body, mac={"algorithm": "hmac-sha256", "key_id": key.key_id,
+                           "value": _mac(body, key)})
+
+
+def authenticated_body(doc: dict[str, Any], key: ManifestKey, what: str) -> dict[str, Any]:
+    """The body of an untrusted signed document `doc` (its `mac` removed), or
+    IntegrityError naming `what` if `key` did not sign exactly this body."""
+    body = dict(doc)
+    mac = body.pop("mac", None)
+    if not isinstance(mac, dict) or mac.get("algorithm") != "hmac-sha256":
+        raise IntegrityError(f"{what} carries no hmac-sha256 authentication")
+    if mac.get("key_id") != key.key_id:
+        raise IntegrityError(f"{what} was signed with another manifest key "
+                             f"(key id {str(mac.get('key_id'))[:16]!r}, ours {key.key_id!r})")
+    value = mac.get("value")
+    try:
+        expected = _mac(body, key)
+    except (UnicodeEncodeError, RecursionError):
+        # Lone surrogates or absurd nesting: nothing we wrote, so not authentic.
+        raise IntegrityError(f"{what} authentication failed: it was altered or forged") from None
+    if not isinstance(value, str) or not _HEX64.match(value) or \
+            not hmac.compare_digest(value, expected):
+        raise IntegrityError(f"{what} authentication failed: it was altered or forged")
+    return body
+
+
 def serialize(manifest: Manifest, key: ManifestKey) -> bytes:
     """Canonical JSON of the manifest with its MAC, ready to store."""
-    body = manifest.body()
-    doc = dict(body, mac={"algorithm": "hmac-sha256", "key_id": key.key_id,
-                          "value": _mac(body, key)})
+    doc = signed(manifest.body(), key)
     return json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False).encode() + b"\n"
 
 
@@ -146,22 +195,7 @@ def parse(raw: bytes, key: ManifestKey, *, source: str | None = None,
         raise IntegrityError("manifest is not valid JSON") from None
     if not isinstance(doc, dict):
         raise IntegrityError("manifest is not a JSON object")
-    mac = doc.pop("mac", None)
-    if not isinstance(mac, dict) or mac.get("algorithm") != "hmac-sha256":
-        raise IntegrityError("manifest carries no hmac-sha256 authentication")
-    if mac.get("key_id") != key.key_id:
-        raise IntegrityError(f"manifest was signed with another manifest key "
-                             f"(key id {str(mac.get('key_id'))[:16]!r}, ours {key.key_id!r})")
-    value = mac.get("value")
-    try:
-        expected = _mac(doc, key)
-    except (UnicodeEncodeError, RecursionError):
-        # Lone surrogates or absurd nesting: nothing we wrote, so not authentic.
-        raise IntegrityError("manifest authentication failed: it was altered or forged") from None
-    if not isinstance(value, str) or not _HEX64.match(value) or \
-            not hmac.compare_digest(value, expected):
-        raise IntegrityError("manifest authentication failed: it was altered or forged")
-    manifest = _from_body(doc)
+    manifest = _from_body(authenticated_body(doc, key, "manifest"))
     if source is not None and manifest.source != source:
         raise IntegrityError(f"manifest belongs to source {manifest.source!r}, "
                              f"found under {source!r}")
@@ -178,7 +212,8 @@ def _from_body(doc: dict[str, Any]) -> Manifest:
     if type(version) is not int or version not in VERSIONS:
         raise IntegrityError(f"manifest version {version!r} is not supported "
                              f"(this drdaemon reads versions {', '.join(map(str, VERSIONS))})")
-    if (version == FACTS_OBJECT_VERSION) != ("facts_object" in doc):
+    if version != TENANT_KEY_VERSION and \
+            (version == FACTS_OBJECT_VERSION) != ("facts_object" in doc):
         need = "needs" if version == FACTS_OBJECT_VERSION else "cannot have"
         raise IntegrityError(f"malformed manifest: a version {version} manifest {need} "
                              "facts_object")
@@ -195,10 +230,12 @@ def _from_body(doc: dict[str, Any]) -> Manifest:
             raise IntegrityError("malformed sha256 in manifest")
         enc = _get(data, "encryption", dict)
         recipients = _get(enc, "recipients", list)
+        tenant = _get(doc, "tenant", str)
+        tenant_key = _tenant_key(enc, version, tenant)
         return Manifest(
             id=snap_id,
             source=_get(doc, "source", str),
-            tenant=_get(doc, "tenant", str),
+            tenant=tenant,
             tier=_get(doc, "tier", str),
             kind=kind,
             consistency_time=_time(_get(doc, "consistency_time", str)),
@@ -214,6 +251,7 @@ def _from_body(doc: dict[str, Any]) -> Manifest:
             facts=_get(doc, "facts", dict),
             drdaemon_version=_get(doc, "drdaemon_version", str),
             facts_object=_facts_ref(doc) if "facts_object" in doc else None,
+            tenant_key=tenant_key,
         )
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise IntegrityError(f"malformed manifest: {exc}") from None
@@ -228,6 +266,25 @@ def _facts_ref(doc: dict[str, Any]) -> FactsRef:
         raise IntegrityError("unknown facts_object compression in manifest")
     return FactsRef(name=_get(ref, "name", str), sha256=sha, size=_count(ref, "size"),
                     plaintext_size=_count(ref, "plaintext_size"))
+
+
+def _tenant_key(enc: dict[str, Any], version: int, tenant: str) -> TenantKeyRef | None:
+    """The tenant key of a version-3 manifest's `encryption`; none before version 3."""
+    if version != TENANT_KEY_VERSION:
+        if "tenant_key" in enc:
+            raise IntegrityError(f"malformed manifest: a version {version} manifest cannot "
+                                 "have encryption.tenant_key")
+        return None
+    if "tenant_key" not in enc:
+        raise IntegrityError("malformed manifest: a version 3 manifest needs "
+                             "encryption.tenant_key")
+    ref = _get(enc, "tenant_key", dict)
+    key_id = _get(ref, "key_id", str)
+    if not KEY_ID_RE.match(key_id):
+        raise IntegrityError("malformed tenant key id in manifest")
+    if _get(ref, "tenant", str) != tenant:
+        raise IntegrityError("manifest names the key of another tenant than its own")
+    return TenantKeyRef(tenant=tenant, key_id=key_id)
 
 
 def _get(doc: dict[str, Any], key: str, kind: type) -> Any:

@@ -92,7 +92,7 @@ class OffboardReport:
 
 
 def offboard(rt: Runtime, tenant: str, end: date, *, force: bool = False,
-             erase_after: timedelta = lifecycle.DEFAULT_ERASE_AFTER,
+             erase_after: timedelta | None = None,
              return_copy: ReturnCopy | None = None,
              progress: Progress | None = None) -> OffboardReport:
     """Record the end of `tenant`'s service and take its final snapshots.
@@ -114,6 +114,9 @@ def offboard(rt: Runtime, tenant: str, end: date, *, force: bool = False,
     if lifecycle.end_instant(end) > now:
         raise UsageError(f"the end of service {end.isoformat()} is in the future: offboard "
                          "a tenant on or after its last day, so the final snapshot is final")
+    if erase_after is None:  # the tenant's own window ([[tenants]] erase_after, at most 28d)
+        configured = rt.config.tenants.get(tenant)
+        erase_after = configured.erase_after if configured else lifecycle.DEFAULT_ERASE_AFTER
     due = lifecycle.deadline(end, erase_after)
     unchanged = False
 

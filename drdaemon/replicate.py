@@ -37,7 +37,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from . import catalog, layout, locks, manifest, tenancy
+from . import catalog, layout, locks, manifest, tenancy, tenant_keys
 from . import facts as facts_object
 from .catalog import SnapshotEntry
 from .erasure import erasure_note
@@ -466,6 +466,10 @@ def execute(rt: Runtime, plan: ReplicationPlan) -> list[RepairOutcome]:
         if out.ok:
             healed.setdefault(snap, []).append(r.region)
         outcomes.append(out)
+    # A copied snapshot is of use in its region only with its tenant's key there too.
+    for tenant in sorted({o.repair.manifest.tenant_key.tenant for o in outcomes
+                          if o.ok and o.repair.manifest.tenant_key is not None}):
+        tenant_keys.repair(rt, tenant)
     return outcomes
 
 

@@ -23,7 +23,7 @@ import pyrage
 import zstandard
 from pyrage import x25519
 
-from . import statefs
+from . import statefs, tenant_keys
 from .catalog import SnapshotEntry, read_manifest, resolve_ref
 from .config import SourceConfig
 from .erasure import refuse_if_erased
@@ -100,6 +100,10 @@ def stream_into(store: ObjectStore, m: Manifest, identities: Sequence[x25519.Ide
             plain.flush()
         except pyrage.DecryptError as exc:
             if "no matching keys" in str(exc).lower():
+                if m.tenant_key is not None:
+                    # Given the very key the manifest names (tenant_keys.snapshot_identities):
+                    # the object is not the one recorded, as its sha256 shows.
+                    _read_to_the_end(reader)
                 raise UsageError(f"no identity given can decrypt {what}; it is encrypted to "
                                  f"{describe_recipients(m.recipients, labels or {})}: "
                                  "give the identity of one of these") from None
@@ -253,13 +257,20 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
             failed[store.name] = _region_problem(exc)
             continue
         try:
-            sink = open_sink(source, m, target, force, jobs, scratch, no_owner, policy,
-                             identities)
+            # The identities that open this snapshot: a tenant key is unwrapped here.
+            keys = tenant_keys.snapshot_identities(rt, m, identities)
+        except DrError as exc:  # no identity fits (UsageError: stop), or no copy fits here
+            if isinstance(exc, UsageError):
+                raise
+            failed[store.name] = _region_problem(exc)
+            continue
+        try:
+            sink = open_sink(source, m, target, force, jobs, scratch, no_owner, policy, keys)
         except SourceError as exc:  # cannot connect, create the staging database, ...
             raise _target_failure(rt, entry, source.name, target, store.name, str(exc),
                                   failed) from None
         try:
-            stream_into(store, m, identities, sink, on_progress, rt.recipient_labels())
+            stream_into(store, m, keys, sink, on_progress, rt.recipient_labels())
         except TargetError as exc:
             sink.discard()
             raise _target_failure(rt, entry, source.name, target, store.name, str(exc),

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, cast
 
 from pyrage import x25519
 
-from . import catalog, tenancy
+from . import catalog, tenancy, tenant_keys
 from . import facts as facts_object
 from .errors import DrError, IntegrityError, UsageError
 from .manifest import Manifest
@@ -167,6 +167,7 @@ def run_verify(rt: Runtime, sources: Sequence[str] | None = None, region: str | 
     listing = catalog.list_snapshots(rt, single, region)
     report = VerifyReport(deep, region_errors=dict(listing.region_errors))
     known = tenancy.homes(rt.config)
+    unwrapped: tenant_keys.Unwrapped = {}  # a tenant key is unwrapped once a run
     with rt.audit_batch():  # a failure per copy, one mirror per region for the run
         for entry in listing.snapshots:
             if names is not None and entry.source not in names:
@@ -176,7 +177,7 @@ def run_verify(rt: Runtime, sources: Sequence[str] | None = None, region: str | 
                 known)
             for name in (r for r in regions if r in home):
                 check = _check_entry(rt, entry, name, listing.region_errors, deep,
-                                     identities or ())
+                                     identities or (), unwrapped)
                 report.checks.append(check)
                 if not check.ok:
                     rt.record_event("verify.failed", **check.to_dict(), deep=deep)
@@ -189,7 +190,8 @@ def run_verify(rt: Runtime, sources: Sequence[str] | None = None, region: str | 
 
 def _check_entry(rt: Runtime, entry: catalog.SnapshotEntry, region: str,
                  region_errors: dict[str, str], deep: bool,
-                 identities: Sequence[x25519.Identity]) -> CopyCheck:
+                 identities: Sequence[x25519.Identity],
+                 unwrapped: tenant_keys.Unwrapped) -> CopyCheck:
     def result(status: str, reason: str | None = None, n: int = 0,
                seconds: float = 0.0) -> CopyCheck:
         return CopyCheck(entry.source, entry.id, region, status, reason, n, seconds)
@@ -205,5 +207,10 @@ def _check_entry(rt: Runtime, entry: catalog.SnapshotEntry, region: str,
         return result(MISSING, "no manifest in this region")
     assert m is not None  # a region is listed for an entry only with its manifest
     started = time.monotonic()
+    if deep:
+        try:  # the identities that open this snapshot: a tenant key is unwrapped here
+            identities = tenant_keys.snapshot_identities(rt, m, identities, unwrapped)
+        except DrError as exc:
+            return result(UNREADABLE, str(exc))
     status, reason = check_copy(rt.store(region), m, deep=deep, identities=identities)
     return result(status, reason, m.size if status == OK else 0, time.monotonic() - started)

@@ -89,9 +89,10 @@ def local_region(name: str, path: Path, continent: str) -> str:
 
 
 def snapshot_keys(client: Any, bucket: str) -> list[str]:
-    """Object keys of a bucket outside the audit mirror (audit/ records failures too)."""
+    """Object keys of a bucket outside the audit mirror (audit/ records failures too) and
+    the tenants' keyrings (tenants/: made at a tenant's first backup, failed or not)."""
     return [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])
-            if not o["Key"].startswith("audit/")]
+            if not o["Key"].startswith(("audit/", "tenants/"))]
 
 
 def stored_key(region: Any, suffix: str) -> str:

@@ -71,7 +71,8 @@ def verify_json(setup: Setup, *args: str, code: int) -> dict[str, Any]:
 
 @pytest.fixture
 def logged(setup: Setup, tmp_path: Path) -> Setup:
-    """Two backups, a restore and a verify, each through drctl: four real records."""
+    """Two backups, a restore and a verify, each through drctl: six real records (the
+    first backup makes the tenant's key, the restore unwraps it)."""
     for _ in range(2):
         assert setup.drctl("backup").exit_code == 0
     restored = setup.drctl("restore", "latest", "--source", "files", "--to",
@@ -104,19 +105,20 @@ def chain(n: int, key: bytes = KEY) -> list[bytes]:
 def test_real_events_verify_and_show(logged: Setup) -> None:
     out = logged.drctl("audit", "verify")
     assert out.exit_code == 0, out.output + out.stderr
-    assert out.stdout.startswith("OK: ") and "4 records verified" in out.stdout
+    assert out.stdout.startswith("OK: ") and "6 records verified" in out.stdout
     doc = verify_json(logged, code=0)
-    assert doc["ok"] and doc["records"] == 4 and doc["first_bad"] is None
+    assert doc["ok"] and doc["records"] == 6 and doc["first_bad"] is None
     assert doc["head"] == audit_chain.line_hash(lines_of(logged)[-1])
 
     shown = logged.drctl_json("audit", "show")
     events = [r["event"] for r in shown["records"]]
-    assert events == ["snapshot.committed", "snapshot.committed", "restore", "verify.finished"]
-    assert [r["seq"] for r in shown["records"]] == [0, 1, 2, 3]
+    assert events == ["tenant_key.created", "snapshot.committed", "snapshot.committed",
+                      "tenant_key.unwrapped", "restore", "verify.finished"]
+    assert [r["seq"] for r in shown["records"]] == [0, 1, 2, 3, 4, 5]
     assert shown["verification"]["ok"]
-    restore = shown["records"][2]
+    restore = shown["records"][4]
     assert restore["source"] == "files" and restore["region"] == "eu-local"
-    assert restore["snapshot_id"] in {r["snapshot_id"] for r in shown["records"][:2]}
+    assert restore["snapshot_id"] in {r["snapshot_id"] for r in shown["records"][1:3]}
 
     assert [r["event"] for r in logged.drctl_json("audit", "show", "--event", "snapshot.")[
         "records"]] == ["snapshot.committed"] * 2
@@ -227,11 +229,11 @@ def test_appending_after_a_cut_line_keeps_the_damage_visible(logged: Setup) -> N
     rt = open_runtime(load_config(logged.config))
     rt.record_event("test.after")
     after = lines_of(logged)
-    assert len(after) == 5 and after[3] == lines[-1][:20] + b"\n"
-    assert record(after[4])["seq"] == 4
-    assert record(after[4])["prev"] == audit_chain.line_hash(after[3])
+    assert len(after) == 7 and after[5] == lines[-1][:20] + b"\n"
+    assert record(after[6])["seq"] == 6
+    assert record(after[6])["prev"] == audit_chain.line_hash(after[5])
     result = audit.verify(rt)
-    assert not result.ok and result.first_bad == 3 and result.records == 3
+    assert not result.ok and result.first_bad == 5 and result.records == 5
 
 
 # -- concurrency ----------------------------------------------------------------------
@@ -289,13 +291,14 @@ def test_mirror_in_every_region_verifies_and_catches_rewrites(logged: Setup,
     for region in REGIONS:
         out = logged.drctl("audit", "verify", "--region", region)
         assert out.exit_code == 0, out.output + out.stderr
-        assert out.stdout.startswith(f"OK: region {region}: 4 records verified")
+        assert out.stdout.startswith(f"OK: region {region}: 6 records verified")
 
     # An intruder edits a region's copy: the MAC says so.
     copy = tmp_path / "us" / folder / "000000000000.jsonl"
     copy.write_bytes(copy.read_bytes().replace(b'"ok":true', b'"ok":false', 1))
     doc = verify_json(logged, "--region", "us-local", code=1)
-    assert doc["first_bad"] == 0 and "MAC" in doc["reason"]
+    # the first record with "ok" is the first snapshot's (record 0 made the tenant key)
+    assert doc["first_bad"] == 1 and "MAC" in doc["reason"]
 
     # An intruder on the host cuts the local log: alone it still verifies, but the
     # region's copy proves records went missing, and the mirror keeps its longer copy.
@@ -317,7 +320,8 @@ def test_mirror_to_s3_regions(tmp_path: Path, s3_regions: list[S3Region]) -> Non
         keys = [o["Key"] for o in r.client().list_objects_v2(
             Bucket=r.bucket, Prefix="dr/audit/")["Contents"]]
         assert len(keys) == 1 and keys[0].endswith("/000000000000.jsonl")
-        assert verify_json(setup, "--region", r.name, code=0)["records"] == 1
+        # the tenant key made, the snapshot committed
+        assert verify_json(setup, "--region", r.name, code=0)["records"] == 2
 
 
 def test_a_region_that_is_down_never_fails_an_event(tmp_path: Path,
@@ -498,14 +502,14 @@ def test_verify_everywhere_brings_a_new_region_up_to_date(logged: Setup,
     check = audit_mirror.verify_everywhere(rt)
     assert check.ok, check.to_dict()
     assert {r: v.records for r, v in check.regions.items()} == {
-        "eu-local": 4, "us-local": 4, "ap-local": 4}
+        "eu-local": 6, "us-local": 6, "ap-local": 6}
 
     # A local log that does not verify is not copied over the regions' evidence.
     lines = lines_of(logged)
     write_lines(logged, [*lines, lines[0]])  # a replayed record
     (tmp_path / "ap").rename(tmp_path / "ap-gone")
     check = audit_mirror.verify_everywhere(rt)
-    assert not check.ok and check.local.first_bad == 4
+    assert not check.ok and check.local.first_bad == 6
     assert check.regions["ap-local"].reason is not None
     assert "no copy" in check.regions["ap-local"].reason
     assert check.regions["eu-local"].ok  # behind the local log, and agrees with it

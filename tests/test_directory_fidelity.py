@@ -138,9 +138,13 @@ def test_stock_tar_reads_the_xattrs_acls_and_nanoseconds(setup: Setup, tmp_path:
     tree = tmp_path / "tree"
     setup.drctl_json("backup")
     [obj] = (tmp_path / "r-us").rglob("*.tar.zst.age")
+    [wrapped] = (tmp_path / "r-us").rglob("tenants/*/keys/*.age")  # the tenant's key
+    tenant_key = tmp_path / "tenant.key"
+    subprocess.run(f"(umask 077 && age -d -i {setup.identity} {wrapped} > {tenant_key})",
+                   shell=True, check=True)
     out = tmp_path / "glass"
     out.mkdir()
-    subprocess.run(f"age -d -i {setup.identity} {obj} | zstd -d | "
+    subprocess.run(f"age -d -i {tenant_key} {obj} | zstd -d | "
                    f"tar --xattrs --xattrs-include='*' --acls -xpf - -C {out}",
                    shell=True, check=True)
     report = out / "shared" / "report.txt"

@@ -10,6 +10,13 @@ from pathlib import Path
 
 import pytest
 from conftest import S3Region
+from old_format import (
+    break_glass_fetch,
+    break_glass_restore,
+    break_glass_unwrap,
+    downgrade,
+    manifest_version,
+)
 from support import (
     Setup,
     directory_source,
@@ -88,15 +95,27 @@ def test_backup_lists_and_restores_from_each_region(setup: Setup, tree: Path, tm
 
 def test_break_glass_with_stock_age_zstd_tar(setup: Setup, tree: Path, tmp_path: Path,
                                              s3_regions: list[S3Region]) -> None:
+    """runbooks/break-glass-restore.md: unwrap the tenant key with age, then age | zstd | tar;
+    a snapshot written before tenant keys (version 1) with the old commands."""
     [snap] = setup.drctl_json("backup")
     region = s3_regions[1]
-    obj = tmp_path / "object.age"
-    region.client().download_file(region.bucket, data_object(region, snap), str(obj))
+    work = tmp_path / "work"
+    work.mkdir()
+    break_glass_fetch(region, "lms-files", snap["snapshot_id"], "directory", work)
+    assert manifest_version(work) == 3
+    tenant_key = break_glass_unwrap(region, setup.identity, work)
     out = tmp_path / "glass"
     out.mkdir()
-    subprocess.run(f"age -d -i {setup.identity} {obj} | zstd -d | tar -x -C {out}",
-                   shell=True, check=True)
+    break_glass_restore("directory", tenant_key, work, str(out))
     assert_same_tree(tree, out)
+
+    downgrade(setup, "lms-files", snap["snapshot_id"])
+    break_glass_fetch(region, "lms-files", snap["snapshot_id"], "directory", work)
+    assert manifest_version(work) == 1
+    old = tmp_path / "glass-old"
+    old.mkdir()
+    break_glass_restore("directory", setup.identity, work, str(old))
+    assert_same_tree(tree, old)
 
 
 def test_restore_refuses_non_empty_target(setup: Setup, tmp_path: Path) -> None:
@@ -132,7 +151,7 @@ def test_restore_with_wrong_identity_is_refused(setup: Setup, tmp_path: Path) ->
     result = setup.drctl("restore", "latest", "--source", "lms-files", "--to", str(target),
                          "--identity", str(other))
     assert result.exit_code == 2
-    assert "no identity given can decrypt" in result.stderr
+    assert "no identity given can unwrap tenant uni-a's key" in result.stderr
     assert not target.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 

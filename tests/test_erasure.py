@@ -1,9 +1,9 @@
 """Crypto-shredding a tenant (drctl tenant erase, erasure.py), end to end on real storage.
 
 Two tenants back up small trees to two moto regions whose buckets have Object
-Lock (and so versioning). Their wrapped keys are planted where the tenant-key
-contract puts them (tenants/<t>/keys/<key_id>.age|.json in every region, with
-several versions and a delete marker, and in the state folder). Locks are set
+Lock (and so versioning). Their keys are the real ones their first backup made
+(tenants/<t>/keys/<key_id>.age|.json in every region and the state folder), with
+a second version and a rotated-away key under a delete marker added. Locks are set
 on chosen objects with a real, short retain-until date, since moto judges
 locks by the wall clock.
 """
@@ -23,18 +23,17 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pyrage
 import pytest
 from click.testing import CliRunner, Result
 from conftest import S3Region
-from pyrage import x25519
 from support import Clock, Setup, directory_source, local_region, lock_buckets, make_setup
 
-from drdaemon import backup, erasure, erasure_cert, layout, statefs
+from drdaemon import backup, erasure, erasure_cert, layout, lifecycle, statefs, tenant_keys
 from drdaemon.cli.drctl import cli as drctl_cli
 from drdaemon.config import load as load_config
 from drdaemon.keys import generate_identity
 from drdaemon.runtime import Runtime, open_runtime
+from drdaemon.scheduler import Daemon
 
 A, B = "uni-a", "uni-b"
 SRC_A, SRC_B = "a-files", "b-files"
@@ -64,34 +63,19 @@ class World:
         return out
 
 
-def plant_keys(rt: Runtime, tenant: str, ops_recipient: str,
-               regions: list[S3Region] | None = None, local: list[Path] | None = None) -> str:
-    """A tenant key, wrapped to the ops recipient, where the tenant-key contract keeps it."""
-    ident = x25519.Identity.generate()
-    recipient = str(ident.to_public())
-    key_id = erasure.derive_key_id(recipient)
-    wrapped = pyrage.encrypt(str(ident).encode() + b"\n",
-                             [x25519.Recipient.from_str(ops_recipient)])
-    record = json.dumps({"version": 1, "tenant": tenant, "key_id": key_id,
-                         "recipient": recipient, "created": "2031-03-01T00:00:00Z",
-                         "mac": "0" * 64}).encode()
+def plant_keys(rt: Runtime, tenant: str, regions: list[S3Region] | None = None) -> str:
+    """The tenant's real key (made by its first backup, tenant_keys.py), with what a
+    versioned bucket gathers over time: a second version of the wrapped key, and a
+    rotated-away key's object under a delete marker. Returns the key id."""
+    key_id = tenant_keys.ensure_key(rt, tenant).key_id
     age_name = layout.tenant_key_object(tenant, key_id)
-    json_name = layout.tenant_key_record(tenant, key_id)
     for r in regions or []:
         c = r.client()
-        c.put_object(Bucket=r.bucket, Key=age_name, Body=b"an older copy")
-        c.put_object(Bucket=r.bucket, Key=age_name, Body=wrapped)  # two versions
-        c.put_object(Bucket=r.bucket, Key=json_name, Body=record)
+        body = c.get_object(Bucket=r.bucket, Key=age_name)["Body"].read()
+        c.put_object(Bucket=r.bucket, Key=age_name, Body=body)  # two versions
         stale = layout.tenant_key_object(tenant, "0123456789abcdef")
         c.put_object(Bucket=r.bucket, Key=stale, Body=b"rotated away")
         c.delete_object(Bucket=r.bucket, Key=stale)  # a version under a delete marker
-    for root in local or []:
-        for name, data in ((age_name, wrapped), (json_name, record)):
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_bytes(data)
-    state = rt.config.daemon.state_dir
-    statefs.write_atomic(state, f"{statefs.tenant_keys_folder(tenant)}/{key_id}.age", wrapped)
-    statefs.write_atomic(state, f"{statefs.tenant_keys_folder(tenant)}/{key_id}.json", record)
     return key_id
 
 
@@ -124,7 +108,7 @@ def make_world(tmp_path: Path, regions: list[S3Region], snaps: int = 3,
             assert result.ok and result.snapshot_id, result.error or result.failed_regions
             ids[src.name].append(result.snapshot_id)
     clock.now = datetime.now(UTC)
-    keys = {t: plant_keys(rt, t, setup.recipient, regions) for t in (A, B)}
+    keys = {t: plant_keys(rt, t, regions) for t in (A, B)}
     return World(setup, rt, clock, regions, ids, keys)
 
 
@@ -225,6 +209,18 @@ def test_erase_destroys_every_key_copy_deletes_unlocked_and_certifies_it(
     ok = w.drctl("restore", "--source", SRC_B, "latest", "--to", str(tmp_path / "back-b"))
     assert ok.exit_code == 0, ok.output + ok.stderr
     assert (tmp_path / "back-b" / "notes.md").read_text().startswith("# beta")
+
+    # break-glass with stock tools fails too: the locked data object is encrypted to the
+    # tenant key alone, and no identity the operators hold opens it any more.
+    r = w.regions[0]
+    data_name = layout.data_object_name(SRC_A, newest, "directory")
+    blob = tmp_path / "locked.tar.zst.age"
+    blob.write_bytes(r.client().get_object(Bucket=r.bucket, Key=data_name)["Body"].read())
+    for identity in (w.setup.identity, escrow):
+        glass = subprocess.run(["age", "-d", "-i", str(identity), str(blob)],
+                               capture_output=True, timeout=60, check=False)
+        assert glass.returncode != 0 and glass.stdout == b""
+        assert b"no identity matched" in glass.stderr
 
     # prune: the locked objects stay while locked; once the lock ends they go, although
     # retention (7 daily) would keep every one of them, the newest first of all
@@ -367,7 +363,7 @@ class HoldingProxy:
         self.listener.close()
 
 
-def test_an_erasure_killed_mid_way_finishes_on_the_next_run(
+def test_an_erasure_killed_mid_way_is_finished_by_the_daemons_next_start(
         tmp_path: Path, s3_regions: list[S3Region]) -> None:
     buckets = lock_buckets(s3_regions)
     # key copies: 5 versions in the first region; the 8th version delete is mid step 2
@@ -394,10 +390,16 @@ def test_an_erasure_killed_mid_way_finishes_on_the_next_run(
         assert note is not None and "not finished" in note
 
         proxy.passthrough = True
-        done = subprocess.run([drctl, "tenant", "erase", A, "--json"], env=env,
-                              capture_output=True, text=True, timeout=300, check=False)
-        assert done.returncode == 0, done.stdout + done.stderr
-        cert = json.loads(done.stdout)
+        # The daemon's next start finishes it: the tenant was offboarded, its deadline
+        # is past, and the erasure job runs at start (scheduler.Daemon.erasure_job).
+        end = (datetime.now(UTC) - 40 * DAY).date()
+        lifecycle.save(w.rt, lifecycle.TenantState(A, end, lifecycle.deadline(end),
+                                                   final_snapshot_done=True))
+        daemon = Daemon(open_runtime(load_config(w.setup.config)))
+        assert daemon.erasure_job() == [A]
+        assert lifecycle.load(w.rt, A).erased
+        [finished] = erasure.certificates(w.rt, A)
+        cert = finished.body()
         assert cert["ok"] and cert["locked"] == []
         assert w.versions(layout.tenant_keys_prefix(A)) == set()
         assert w.versions(layout.source_prefix(SRC_A)) == set()
@@ -467,7 +469,7 @@ def test_repair_never_copies_an_erased_tenants_locked_snapshot_back(
     result = backup.snapshot(rt, rt.config.sources[0])
     assert result.ok and result.snapshot_id
     w = World(setup, rt, Clock(datetime.now(UTC)), locked_region, {SRC_A: [result.snapshot_id]},
-              {A: plant_keys(rt, A, setup.recipient, locked_region, [local])})
+              {A: plant_keys(rt, A, locked_region)})
     rt.clock = w.clock
     lock_snapshot(w, SRC_A, result.snapshot_id, datetime.now(UTC) + timedelta(hours=1))
     erased = w.drctl("tenant", "erase", A, "--json")

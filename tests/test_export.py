@@ -248,7 +248,7 @@ def test_bad_requests_exit_2_with_one_line(setup: Setup, tmp_path: Path) -> None
     stranger = tmp_path / "stranger.txt"
     generate_identity(stranger)
     cases.append((["tenant", "export", "uni-a", "--to", str(out), "--identity", str(stranger)],
-                  "no identity given can decrypt"))
+                  "no identity given can unwrap tenant uni-a's key"))
     for args, said in cases:
         result = setup.drctl(*args)
         assert result.exit_code == 2, (args, result.stderr)

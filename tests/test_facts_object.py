@@ -23,6 +23,7 @@ from conftest import PgServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lms import populate
+from old_format import downgrade
 from psycopg import sql
 from support import Setup, local_region, make_setup, postgres_source
 
@@ -35,6 +36,7 @@ from drdaemon.manifest import FactsRef, Manifest, parse, serialize
 from drdaemon.pipeline import Stored
 from drdaemon.runtime import open_runtime
 from drdaemon.sources import postgres
+from drdaemon.tenant_keys import TenantKey, key_id_of
 
 KEY = ManifestKey(secrets.token_bytes(32))
 SNAP_ID = "20261129T020000Z-0a1b2c3d"
@@ -181,10 +183,11 @@ def test_the_writer_refuses_a_manifest_no_reader_accepts_before_any_commit(
     rt = open_runtime(config_mod.load(setup.config))
     src = rt.config.sources[0]
     stored = Stored(sha256="ab" * 32, size=10, compressed_size=9, plaintext_size=8)
+    tenant_key = TenantKey("uni-a", key_id_of(setup.recipient), setup.recipient)
 
     def draft(found: dict[str, Any]) -> tuple[Manifest, facts.Encoded | None]:
         return backup._draft_manifest(rt, src, SNAP_ID, T, data_object_name("many", SNAP_ID,
-                                      "postgres"), T, stored, found)
+                                      "postgres"), T, stored, found, tenant_key)
 
     # 100,000 tables: a small manifest, the counts in the facts object.
     many = [{"schema": f"inst_{i // 100:04d}", "table": f"course_enrolments_{i:06d}",
@@ -248,7 +251,8 @@ def test_the_facts_object_is_verified_repaired_and_drilled(tmp_path: Path, lms: 
     assert drctl_ok(setup, "verify")["ok"]
 
     shown = drctl_ok(setup, "snapshots", "show", snap["snapshot_id"])
-    assert shown["version"] == 2 and len(shown["facts"]["tables"]) == 5
+    assert shown["version"] == 3 and shown["facts_object"]
+    assert len(shown["facts"]["tables"]) == 5
     assert restore_counts(setup, pg_server) == postgres.table_counts(lms)
     [record] = drctl_ok(setup, "drill", "run")["drills"]
     assert record["verified"] and record["evidence"]["tables"] == 5
@@ -259,6 +263,7 @@ def test_a_version_1_manifest_with_inline_tables_still_restores_and_drills(
     setup = make_setup(tmp_path, regions(tmp_path), [postgres_source("lms", lms)])
     [snap] = drctl_ok(setup, "backup")
     snap_id = snap["snapshot_id"]
+    downgrade(setup, "lms", snap_id)  # as written before tenant keys (version 2), then to 1
     key = load_manifest_key(setup.manifest_key)
     for region in ("eu", "us"):
         root = tmp_path / region

@@ -96,7 +96,7 @@ def test_twelve_thousand_tables_back_up_list_restore_and_drill(
                                 Key=layout.manifest_object_name("many", snap_id))["Body"].read()
         assert len(raw) < 4096
         doc = json.loads(raw)
-        assert doc["version"] == 2 and "tables" not in doc["facts"]
+        assert doc["version"] == 3 and "tables" not in doc["facts"]
         assert doc["facts"]["table_count"] == 12_000
         assert doc["facts"]["row_total"] == 12_000  # 4,000 tables each of 0, 1 and 2 rows
         ref = doc["facts_object"]

@@ -719,7 +719,9 @@ def test_the_daemons_audit_job_catches_an_edited_line(tmp_path: Path, trees: lis
                               sample(port, "drdaemon_audit_verified_ok")) == (records, ok),
                      what=f"an audit check with {records} records, ok={ok}")
 
-        run_audit_job(2, 1)  # a snapshot record of each source, in the log and both regions
+        # the key made for each tenant and a snapshot record of each source, in the log
+        # and both regions
+        run_audit_job(4, 1)
         for region in ("eu", "us"):
             assert sample(port, "drdaemon_audit_mirror_verified_ok", region=region) == 1
         checked = sample(port, "drdaemon_audit_last_verified_timestamp_seconds")
@@ -760,7 +762,8 @@ def test_the_audit_job_with_a_region_down(tmp_path: Path, trees: list[Path],
     far.server.stop()
     daemon.maintenance_job(name, check)
     get = metrics.build_registry(daemon.metrics, rt.clock).get_sample_value
-    assert get("drdaemon_audit_verified_ok") == 1 and get("drdaemon_audit_verified_records") == 1
+    # the tenant's key made, the snapshot committed
+    assert get("drdaemon_audit_verified_ok") == 1 and get("drdaemon_audit_verified_records") == 2
     assert get("drdaemon_audit_last_verified_timestamp_seconds") == T + 86400
     assert get("drdaemon_audit_mirror_last_verified_timestamp_seconds", {"region": "eu"}) == (
         T + 86400)

@@ -19,8 +19,9 @@ from psycopg import sql
 from pyrage import x25519
 from support import Setup, make_setup, postgres_source
 
-from drdaemon import layout, manifest
+from drdaemon import layout, manifest, tenant_keys
 from drdaemon.keys import load_identities, load_manifest_key
+from drdaemon.runtime import load_config, open_runtime
 from drdaemon.sources import pg_database
 
 OWNER = "lmsapp"
@@ -300,11 +301,16 @@ def test_drill_compares_properties_and_skips_absent_roles(
             f"privileges of {READER} granted by <owner>"} <= set(evidence["compared"])
     assert "owner" in evidence["skipped"] and "owner" not in evidence["compared"]
 
-    # A property the drill server cannot recreate is a difference, not a pass.
+    # A property the drill server cannot recreate is a difference, not a pass. The settings
+    # are sealed to the tenant's key (tenant_keys.py).
+    rt = open_runtime(load_config(str(setup.config)))
+    [key] = [r.key for r in tenant_keys.survey(rt, "uni-a").records.values()]
+    tenant = tenant_keys.unwrap(rt, "uni-a", key.key_id, load_identities(setup.identity))
+
     def add_setting(facts: dict[str, Any]) -> None:
-        db = pg_database.unseal(facts["database"], load_identities(setup.identity))
+        db = pg_database.unseal(facts["database"], [tenant])
         db["settings"].append("statement_timeout=forever")
-        facts["database"] = pg_database.seal(db, [x25519.Recipient.from_str(setup.recipient)])
+        facts["database"] = pg_database.seal(db, [x25519.Recipient.from_str(key.recipient)])
 
     forge(setup, s3_regions, snap["snapshot_id"], add_setting)
     code, out = run_drill(setup)

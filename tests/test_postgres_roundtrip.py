@@ -9,6 +9,14 @@ import psycopg
 import pytest
 from conftest import PgServer, S3Region
 from lms import TABLES, populate, table_rows
+from old_format import (
+    break_glass_fetch,
+    break_glass_restore,
+    break_glass_unwrap,
+    downgrade,
+    manifest_version,
+    sh,
+)
 from support import Setup, flip_byte, make_setup, postgres_source, snapshot_keys, stored_key
 
 
@@ -106,19 +114,41 @@ def test_corrupt_object_everywhere_leaves_no_database(setup: Setup, pg_server: P
 
 def test_break_glass_with_stock_tools(setup: Setup, lms_dsn: str, pg_server: PgServer,
                                       s3_regions: list[S3Region], tmp_path: Path) -> None:
-    setup.drctl_json("backup")
-    region = s3_regions[0]
-    client = region.client()
-    key = next(o["Key"] for o in client.list_objects_v2(Bucket=region.bucket)["Contents"]
-               if o["Key"].endswith(".pgdump.zst.age"))
-    obj = tmp_path / "snapshot.age"
-    client.download_file(region.bucket, key, str(obj))
+    """runbooks/break-glass-restore.md on a version-3 snapshot: unwrap the tenant key with
+    age and the ops identity, then age | zstd | pg_restore."""
+    [snap] = setup.drctl_json("backup")
+    region, work = s3_regions[1], tmp_path / "glass"
+    work.mkdir()
+    break_glass_fetch(region, "lms-db", snap["snapshot_id"], "postgres", work)
+    assert manifest_version(work) == 3
+    tenant_key = break_glass_unwrap(region, setup.identity, work)
+    assert tenant_key.stat().st_mode & 0o777 == 0o600
     with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
         conn.execute("CREATE DATABASE glass")
-    subprocess.run(f"age -d -i {setup.identity} {obj} | zstd -d | "
-                   f"{pg_server.bin('pg_restore')} --exit-on-error -d '{pg_server.dsn('glass')}'",
-                   shell=True, check=True)
+    break_glass_restore("postgres", tenant_key, work, pg_server.dsn("glass"),
+                        str(pg_server.bin("pg_restore")))
     assert table_rows(pg_server.dsn("glass")) == table_rows(lms_dsn)
+    # The operator identity alone no longer opens a snapshot: only the tenant key does.
+    with pytest.raises(subprocess.CalledProcessError):
+        sh(f"age -d -i {setup.identity} snapshot.age > /dev/null", work)
+
+
+def test_break_glass_old_format_with_old_commands(setup: Setup, lms_dsn: str,
+                                                  pg_server: PgServer,
+                                                  s3_regions: list[S3Region],
+                                                  tmp_path: Path) -> None:
+    """A snapshot written before tenant keys (version 1/2) restores with the old commands."""
+    [snap] = setup.drctl_json("backup")
+    downgrade(setup, "lms-db", snap["snapshot_id"])
+    region, work = s3_regions[1], tmp_path / "glass"
+    work.mkdir()
+    break_glass_fetch(region, "lms-db", snap["snapshot_id"], "postgres", work)
+    assert manifest_version(work) == 2
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE glass_old")
+    break_glass_restore("postgres", setup.identity, work, pg_server.dsn("glass_old"),
+                        str(pg_server.bin("pg_restore")))
+    assert table_rows(pg_server.dsn("glass_old")) == table_rows(lms_dsn)
 
 
 def test_source_down_commits_nothing(tmp_path: Path, pg_server: PgServer,

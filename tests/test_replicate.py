@@ -338,7 +338,7 @@ def test_verify_deep_finds_what_a_hash_cannot(setup: Setup, tmp_path: Path,
     generate_identity(other)
     report = run_json(setup, "verify", "--deep", "--identity", str(other), exit_code=1)
     assert {c["status"] for c in report["copies"]} == {"unreadable"}
-    assert "no identity given can decrypt" in report["copies"][0]["reason"]
+    assert "no identity given can unwrap tenant uni-a's key" in report["copies"][0]["reason"]
 
     # An authenticated manifest over bytes that are not an age file (as a
     # buggy writer could leave): the hash matches, only decryption tells.

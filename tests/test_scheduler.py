@@ -203,7 +203,7 @@ def test_sigterm_mid_upload_leaves_nothing_then_restart_resumes(
     proc = subprocess.Popen([exe, "--config", str(setup.config), "run"],
                             stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: any(o["Key"].endswith(".json") for o in
+        wait_for(lambda: any("/manifests/" in o["Key"] for o in
                              eu.list_objects_v2(Bucket=bucket).get("Contents", [])), 120)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -337,9 +337,10 @@ def test_a_shared_source_goes_where_all_its_tenants_allow_and_is_theirs(
         shown = json.loads(out.stdout)
         assert shown["shared_sources"] == ["lms-files"] and shown["regions"] == ["eu-1", "eu-2"]
         access = drctl(["--config", str(path), "tenant", "access", tenant, "--json"])
-        [record] = json.loads(access.stdout)["records"]
-        assert record["event"] == "snapshot.committed"
-        assert record["tenant"] == "uni-eu+college-x"
+        # the shared source's own key (made by its first backup), then the snapshot
+        made, record = json.loads(access.stdout)["records"]
+        assert made["event"] == "tenant_key.created" and record["event"] == "snapshot.committed"
+        assert made["tenant"] == record["tenant"] == "uni-eu+college-x"
 
 
 @given(st.lists(st.tuples(st.sampled_from(["directory", "postgres"]),

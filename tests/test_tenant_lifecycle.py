@@ -52,7 +52,8 @@ class World:
         return [e for e in map(json.loads, path.read_text().splitlines()) if e["event"] == kind]
 
 
-def make_world(tmp_path: Path, regions: list[str], days: int = 1, retention: str = "") -> World:
+def make_world(tmp_path: Path, regions: list[str], days: int = 1, retention: str = "",
+               extra: str = "") -> World:
     """Sources files-a, db-a (tenant uni-a) and files-b (uni-b), snapshotted daily from T0."""
     sources = []
     for name, tenant in (("files-a", "uni-a"), ("docs-a", "uni-a"), ("files-b", "uni-b")):
@@ -60,7 +61,7 @@ def make_world(tmp_path: Path, regions: list[str], days: int = 1, retention: str
         tree.mkdir()
         (tree / "notes.md").write_text(f"# {name}\n" * 50)
         sources.append(directory_source(name, tree, tenant=tenant) + retention)
-    setup = make_setup(tmp_path, regions, sources)
+    setup = make_setup(tmp_path, regions, sources, extra)
     time = [T0]
     rt = open_runtime(config_mod.load(setup.config), clock=lambda: time[0])
     for i in range(days):
@@ -93,6 +94,14 @@ def test_offboard_takes_final_snapshots_stops_scheduling_and_survives_a_restart(
     assert w.listed("files-b") == before["files-b"]
     [event] = w.events("tenant.offboard")
     assert event["tenant"] == "uni-a" and event["erase_due"] == "2031-03-30T00:00:00Z"
+    # `tenant show` carries the lifecycle and the keys the snapshots are encrypted to.
+    show = w.json("tenant", "show", "uni-a")
+    assert show["sections"]["lifecycle"]["state"] == "offboarded"
+    keys = show["sections"]["keys"]
+    [key] = keys["keys"]
+    assert keys["in_use"] == key["key_id"] and key["fingerprint"]
+    assert key["wrapped_copies"] == sorted(["eu", "us", "the state folder"])
+    assert w.json("tenant", "show", "uni-b")["sections"]["lifecycle"] is None  # active
 
     # The same end again: nothing new. Another end: refused, unless --force.
     again = w.json("tenant", "offboard", "uni-a", "--end", end.isoformat())
@@ -157,6 +166,16 @@ def test_offboard_writes_the_return_copy_from_the_final_snapshots(tmp_path: Path
     assert "last.md" in listing
     [event] = w.events("tenant.export")
     assert event["tenant"] == "uni-a"
+
+
+def test_the_deadline_is_the_tenants_own_erase_after(tmp_path: Path) -> None:
+    w = make_world(tmp_path, local_regions(tmp_path),
+                   extra='[[tenants]]\nname = "uni-a"\ntier = "paid"\nerase_after = 14\n')
+    w.time[0] = T0 + 2 * DAY
+    out = w.json("tenant", "offboard", "uni-a", "--end", "2031-03-02")
+    assert out["erase_due"] == "2031-03-16T00:00:00+00:00"  # 14 days, not the default 28
+    other = w.json("tenant", "offboard", "uni-b", "--end", "2031-03-02")
+    assert other["erase_due"] == "2031-03-30T00:00:00+00:00"  # an implicit tenant: 28
 
 
 def test_a_failed_final_snapshot_exits_1_and_running_again_finishes_it(tmp_path: Path) -> None:

@@ -240,11 +240,14 @@ def test_tenant_list_show_and_access(world: tuple[Setup, dict[str, S3Region]]) -
     setup.drctl_json("restore", "latest", "--source", "uni-eu-db", "--to", restored_db(setup))
     access = setup.drctl_json("tenant", "access", "uni-eu", "--since", "1d")
     events = [r["event"] for r in access["records"]]
-    assert events == ["snapshot.committed", "verify.finished", "restore"]
-    assert access["log_verified"] and access["records"][1]["deep"]
+    # the key made by the first backup; each read of the data unwraps it (tenant_keys.py)
+    assert events == ["tenant_key.created", "snapshot.committed", "tenant_key.unwrapped",
+                      "verify.finished", "tenant_key.unwrapped", "restore"]
+    assert access["log_verified"] and access["records"][3]["deep"]
     assert all(r["user"] and r["host"] for r in access["records"])
     # The departed tenant's records still name it, from the records themselves.
     gone_access = setup.drctl_json("tenant", "access", "college-x")
-    assert [r["event"] for r in gone_access["records"]] == ["snapshot.committed"]
-    assert gone_access["records"][0]["source"] == "college-files"
+    assert [r["event"] for r in gone_access["records"]] == ["tenant_key.created",
+                                                            "snapshot.committed"]
+    assert gone_access["records"][1]["source"] == "college-files"
     assert setup.drctl("tenant", "access", "nobody").exit_code == 2

@@ -11,7 +11,7 @@ from types import FrameType
 import click
 
 from .. import backup as backup_service
-from .. import catalog, tenancy
+from .. import catalog, tenancy, tenant_keys
 from .. import facts as facts_object
 from .. import restore as restore_service
 from ..errors import DrError, UsageError
@@ -138,6 +138,25 @@ def keys_manifest_key(ctx: click.Context, out: str) -> None:
     click.echo(key_id)
     _audit_new_key(ctx, lambda rt: record_key_generation(rt, "manifest-key", path,
                                                          manifest_key_id=key_id))
+
+
+@keys_group.command("rewrap")
+@identity_option
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def keys_rewrap(ctx: click.Context, identity_file: Path | None, as_json: bool) -> None:
+    """Wrap every tenant's key again to today's [keys] recipients (after rotating an
+    operator key); needs an identity the keys are wrapped to now (e.g. the escrow one)."""
+    rt = get_runtime(ctx)
+    identities = identities_for(rt.config, identity_file, "rewrapping tenant keys")
+    tenants = sorted({s.tenant for s in rt.config.sources})
+    done = {t: tenant_keys.rewrap(rt, t, identities) for t in tenants}
+    if as_json:
+        emit_json({"rewrapped": done})
+        return
+    for tenant, ids in done.items():
+        click.echo(f"{tenant}: {', '.join(ids) or 'no key yet'}")
 
 
 def _audit_new_key(ctx: click.Context, record: Callable[[Runtime], None]) -> None:

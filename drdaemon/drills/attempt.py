@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from pyrage import x25519
 
-from .. import catalog, slo
+from .. import catalog, slo, tenant_keys
 from .. import facts as facts_object
 from ..catalog import SnapshotEntry
 from ..config import SourceConfig
@@ -100,6 +100,14 @@ def restore_and_verify(d: Drill, identities: Sequence[x25519.Identity]) -> None:
         return
     expected = _expected_facts(d, store, m)
     if expected is None:
+        return
+    try:  # the identities that open this snapshot: a tenant key is unwrapped here
+        identities = tenant_keys.snapshot_identities(d.rt, m, identities)
+    except UsageError as exc:
+        d.fail(NO_IDENTITY, str(exc))
+        return
+    except DrError as exc:
+        d.fail(CORRUPT, str(exc))
         return
     clock = StreamClock()
     scratch = Scratch(d, m, expected, identities)

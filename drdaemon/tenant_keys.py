@@ -1,0 +1,456 @@
+"""Per-tenant keys (envelope encryption): each tenant's snapshots are encrypted to its own
+age recipient, and its private key exists only wrapped to the operator recipients.
+
+A tenant's keyring, in every region and in the state folder (docs/format.md,
+"Tenant keys")::
+
+    tenants/<tenant>/keys/<key_id>.age    the tenant's age identity, age-encrypted to
+                                          [keys] recipients (ops and escrow)
+    tenants/<tenant>/keys/<key_id>.json   its public record, authenticated with the
+                                          manifest key
+
+`key_id` is derived from the tenant's recipient, so an unwrapped identity is
+checked against the key id an authenticated manifest names: a planted wrapped
+key is refused, and a planted or altered record fails its MAC and is never
+encrypted to. Keyring objects are never written under Object Lock: destroying
+every copy is how a tenant is erased.
+
+Backups need only the public record (:func:`ensure_key`); restores, drills and
+deep verifies get the identities that open a snapshot from
+:func:`snapshot_identities`, the one place that unwraps (audit-logged).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyrage
+from pyrage import x25519
+
+from . import layout, statefs, tenancy
+from .erasure import erasure_note
+from .errors import DrError, IntegrityError, UsageError
+from .keys import ManifestKey, describe_recipients, fingerprint
+from .manifest import Manifest, authenticated_body, signed
+from .pipeline import parse_recipients
+from .runtime import Runtime
+from .storage import ObjectStore, StorageError
+
+log = logging.getLogger("drdaemon")
+
+RECORD_FORMAT = "drdaemon.tenant-key"
+RECORD_VERSION = 1
+# Both objects are a few hundred bytes; anything larger is not ours.
+MAX_KEY_OBJECT_BYTES = 64 << 10
+# One lock for making tenant keys on a state folder: creation is rare.
+CREATE_LOCK = statefs.lock_file("tenant-keys")
+STATE = "the state folder"
+
+
+@dataclass(frozen=True)
+class TenantKey:
+    """A tenant's public key: what backups encrypt to."""
+
+    tenant: str
+    key_id: str
+    recipient: str  # age1...
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.recipient)
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """An authenticated public record of a tenant key."""
+
+    key: TenantKey
+    created: str
+    wrapped_to: tuple[str, ...]  # fingerprints of the recipients the identity is wrapped to
+    raw: bytes  # as stored: repairs copy these bytes
+
+
+# -- pure ------------------------------------------------------------------------
+
+def key_id_of(recipient: str) -> str:
+    """The key id of a tenant recipient (layout.tenant_key_id, the one home of the rule)."""
+    return layout.tenant_key_id(recipient)
+
+
+def key_objects(tenant: str) -> str:
+    """The prefix to list for every keyring object of `tenant` (regions and state folder)."""
+    return layout.tenant_keys_prefix(tenant)
+
+
+def created_stamp(at: datetime) -> str:
+    """A key's creation time as its record holds it (UTC, whole seconds)."""
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def encode_record(key: TenantKey, created: str, wrapped_to: Sequence[str],
+                  mkey: ManifestKey) -> bytes:
+    """The public record of `key`, signed with the manifest key (`created`: created_stamp)."""
+    body = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "tenant": key.tenant,
+            "key_id": key.key_id, "recipient": key.recipient,
+            "created": created, "wrapped_to": list(wrapped_to)}
+    return json.dumps(signed(body, mkey), sort_keys=True, indent=1).encode() + b"\n"
+
+
+def parse_record(raw: bytes, mkey: ManifestKey, tenant: str, key_id: str) -> KeyRecord:
+    """An untrusted record found as `tenant`'s key `key_id`; IntegrityError unless the
+    manifest key signed it and it names exactly that tenant, key id and a recipient
+    whose key id that is."""
+    what = f"key record {key_id} of tenant {tenant}"
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise IntegrityError(f"{what} is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{what} is not a JSON object")
+    body = authenticated_body(doc, mkey, what)
+    recipient, created, wrapped = body.get("recipient"), body.get("created"), \
+        body.get("wrapped_to")
+    if body.get("format") != RECORD_FORMAT or body.get("version") != RECORD_VERSION \
+            or not isinstance(recipient, str) or not isinstance(created, str) \
+            or not isinstance(wrapped, list) or not all(isinstance(w, str) for w in wrapped):
+        raise IntegrityError(f"{what} is malformed")
+    if body.get("tenant") != tenant or body.get("key_id") != key_id \
+            or key_id_of(recipient) != key_id:
+        raise IntegrityError(f"{what} names another tenant or key")
+    try:
+        x25519.Recipient.from_str(recipient)
+    except Exception:
+        raise IntegrityError(f"{what} holds no age recipient") from None
+    return KeyRecord(TenantKey(tenant, key_id, recipient), created, tuple(wrapped), raw)
+
+
+def choose(records: Sequence[KeyRecord]) -> KeyRecord | None:
+    """The key every process uses when several exist (made at once on two hosts): the
+    oldest, then the smallest key id. Deterministic, so all converge on one."""
+    return min(records, key=lambda r: (r.created, r.key.key_id), default=None)
+
+
+def identity_from(plaintext: bytes) -> x25519.Identity | None:
+    """The identity in an unwrapped key's plaintext, or None if it holds none."""
+    try:
+        lines = [ln.strip() for ln in plaintext.decode().splitlines()]
+        found = [ln for ln in lines if ln and not ln.startswith("#")]
+        return x25519.Identity.from_str(found[0]) if len(found) == 1 else None
+    except Exception:
+        return None
+
+
+# -- the keyring as stored ---------------------------------------------------------
+
+@dataclass
+class Survey:
+    """What one look at the state folder and every region found of a tenant's keys."""
+
+    records: dict[str, KeyRecord] = field(default_factory=dict)  # key id -> record
+    # where ("the state folder" or a region) -> {(key id, "age"|"json")} present there
+    present: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+    unreachable: dict[str, str] = field(default_factory=dict)
+
+    def usable(self) -> KeyRecord | None:
+        """The key to encrypt to: authenticated, with a wrapped copy somewhere."""
+        wrapped = {kid for names in self.present.values() for kid, ext in names if ext == "age"}
+        return choose([r for kid, r in self.records.items() if kid in wrapped])
+
+
+def _regions(rt: Runtime, tenant: str) -> list[ObjectStore]:
+    """The regions that hold `tenant`'s keyring: those its residency allows (for a
+    shared source's label "a+b", those every one of its tenants allows)."""
+    allowed = set(tenancy.regions_for_tenants(rt.config, tenancy.label_tenants(tenant)))
+    return [s for s in rt.stores if s.name in allowed]
+
+
+def _read_state(rt: Runtime, name: str) -> bytes | None:
+    """A keyring file of the state folder, which uses the regions' names (docs/format.md)."""
+    try:
+        return statefs.read_bytes(rt.config.daemon.state_dir, name)
+    except FileNotFoundError:
+        return None
+
+
+def _names_in_state(rt: Runtime, tenant: str) -> set[tuple[str, str]]:
+    folder = key_objects(tenant).rstrip("/")
+    found = (layout.parse_tenant_key_name(n)
+             for n in statefs.list_names(rt.config.daemon.state_dir, folder))
+    return {f for f in found if f is not None}
+
+
+def _add_record(rt: Runtime, survey: Survey, tenant: str, kid: str, raw: bytes | None,
+                where: str) -> None:
+    if raw is None or kid in survey.records:
+        return
+    try:
+        survey.records[kid] = parse_record(raw, rt.manifest_key, tenant, kid)
+    except IntegrityError as exc:
+        # Never encrypted to: a planted record must not redirect encryption.
+        log.warning("ignoring %s in %s: %s", layout.tenant_key_record(tenant, kid), where, exc)
+
+
+def survey(rt: Runtime, tenant: str) -> Survey:
+    """Read `tenant`'s keyring from the state folder and every region it uses."""
+    out = Survey()
+    names = _names_in_state(rt, tenant)
+    out.present[STATE] = names
+    for kid, ext in sorted(names):
+        if ext == "json":
+            _add_record(rt, out, tenant, kid, _read_state(rt, layout.tenant_key_record(
+                tenant, kid)), STATE)
+    for store in _regions(rt, tenant):
+        try:
+            listed = {layout.parse_tenant_key_name(o.name) for o in
+                      store.list(key_objects(tenant))}
+            out.present[store.name] = {f for f in listed if f is not None}
+            for kid, ext in sorted(out.present[store.name]):
+                if ext == "json" and kid not in out.records:
+                    raw = store.get_bytes(layout.tenant_key_record(tenant, kid),
+                                          MAX_KEY_OBJECT_BYTES)
+                    _add_record(rt, out, tenant, kid, raw, f"region {store.name}")
+        except StorageError as exc:
+            out.unreachable[store.name] = str(exc)
+            out.present.pop(store.name, None)
+    return out
+
+
+def ensure_key(rt: Runtime, tenant: str) -> TenantKey:
+    """The key `tenant`'s snapshots are encrypted to: found, or made on first need.
+
+    Needs no private key. Making one is race-safe: under a lock in the state
+    folder the keyring is read again first, and when processes on two hosts
+    made one each, all use the same one (:func:`choose`) and both stay stored.
+    A copy missing in a region or the state folder is put back.
+    """
+    found = survey(rt, tenant)
+    if found.usable() is None:
+        with statefs.locked(rt.config.daemon.state_dir, CREATE_LOCK, os.O_RDWR):
+            found = survey(rt, tenant)  # another process may have made it meanwhile
+            if found.usable() is None:
+                if note := erasure_note(rt, tenant):
+                    # An erased tenant gets no new key: its sources should be gone.
+                    raise UsageError(f"{note}; remove its sources from the config")
+                _make(rt, tenant)
+                found = survey(rt, tenant)
+    chosen = found.usable()
+    if chosen is None:
+        raise DrError(f"tenant {tenant}'s new key could not be stored anywhere: "
+                      + "; ".join(f"{k}: {v}" for k, v in found.unreachable.items()))
+    _repair(rt, chosen, found)
+    return chosen.key
+
+
+def repair(rt: Runtime, tenant: str) -> None:
+    """Put `tenant`'s key copies back where they are missing (as ensure_key does), without
+    ever making a key: for replica repair, which copies snapshots that need one."""
+    found = survey(rt, tenant)
+    chosen = found.usable()
+    if chosen is not None:
+        _repair(rt, chosen, found)
+
+
+def _make(rt: Runtime, tenant: str) -> None:
+    """Make a tenant key: the wrapped identity first, then its record, state folder first."""
+    ident = x25519.Identity.generate()
+    key = TenantKey(tenant, key_id_of(str(ident.to_public())), str(ident.to_public()))
+    stored, failed = _store_wrapped(rt, key, ident, created_stamp(rt.clock()))
+    rt.record_event("tenant_key.created", tenant=tenant, key_id=key.key_id,
+                    recipient=key.recipient, fingerprint=key.fingerprint,
+                    wrapped_to=[fingerprint(r) for r in rt.config.keys.recipients],
+                    regions=stored, failed_regions=failed)
+
+
+def _store_wrapped(rt: Runtime, key: TenantKey, ident: x25519.Identity,
+                   created: str) -> tuple[list[str], dict[str, str]]:
+    """Wrap `ident` to the [keys] recipients and write it, then its record, to the state
+    folder and every region; (regions written, regions failed with why)."""
+    operators = rt.config.keys.recipients
+    wrapped = pyrage.encrypt(f"{ident}\n".encode(), parse_recipients(operators))
+    record = encode_record(key, created, [fingerprint(r) for r in operators], rt.manifest_key)
+    objects = ((layout.tenant_key_object(key.tenant, key.key_id), wrapped),
+               (layout.tenant_key_record(key.tenant, key.key_id), record))
+    for name, blob in objects:
+        statefs.write_atomic(rt.config.daemon.state_dir, name, blob)
+    stored, failed = [], {}
+    for store in _regions(rt, key.tenant):
+        try:
+            for name, blob in objects:
+                store.put_bytes(name, blob, retain_until=None)  # never locked: erasure
+            stored.append(store.name)
+        except StorageError as exc:
+            failed[store.name] = str(exc)  # put back by the next ensure_key
+    return stored, failed
+
+
+def rewrap(rt: Runtime, tenant: str, identities: Sequence[x25519.Identity]) -> list[str]:
+    """Wrap every key of `tenant` again, to today's [keys] recipients (after an operator
+    key was rotated); the key ids of the keys rewrapped. Each is unwrapped with
+    `identities` (audit-logged) and replaces its copies in the state folder and
+    every region; the tenant's snapshots are unchanged. A versioned bucket keeps
+    the old wrapped copies as noncurrent versions until its lifecycle rule expires
+    them (docs/format.md)."""
+    done = []
+    for kid, record in sorted(survey(rt, tenant).records.items()):
+        ident = unwrap(rt, tenant, kid, identities)
+        stored, failed = _store_wrapped(rt, record.key, ident, record.created)
+        rt.record_event("tenant_key.rewrapped", tenant=tenant, key_id=kid,
+                        wrapped_to=[fingerprint(r) for r in rt.config.keys.recipients],
+                        regions=stored, failed_regions=failed, user=getpass.getuser(),
+                        host=socket.gethostname())
+        if failed:
+            raise DrError(f"tenant {tenant}'s key {kid} was rewrapped but not in "
+                          + "; ".join(f"{k}: {v}" for k, v in failed.items())
+                          + ": run the command again when the region answers")
+        done.append(kid)
+    return done
+
+
+def _repair(rt: Runtime, chosen: KeyRecord, found: Survey) -> None:
+    """Put the chosen key's wrapped copy and record back where they are missing."""
+    key = chosen.key
+    wanted = ((key.key_id, "age"), (key.key_id, "json"))
+    for where, names in found.present.items():
+        missing = [w for w in wanted if w not in names]
+        if not missing:
+            continue
+        repaired = []
+        for kid, ext in missing:
+            name = (layout.tenant_key_object if ext == "age" else layout.tenant_key_record)(
+                key.tenant, kid)
+            blob = chosen.raw if ext == "json" else _wrapped_copy(rt, found, name, where)
+            if blob is None:
+                continue
+            try:
+                if where == STATE:
+                    statefs.write_atomic(rt.config.daemon.state_dir, name, blob)
+                else:
+                    rt.store(where).put_bytes(name, blob, retain_until=None)
+            except StorageError as exc:
+                log.warning("cannot put back %s in region %s: %s", name, where, exc)
+                continue
+            repaired.append(name)
+        if repaired:
+            rt.record_event("tenant_key.repaired", tenant=key.tenant, key_id=key.key_id,
+                            where=where, objects=repaired)
+
+
+def _wrapped_copy(rt: Runtime, found: Survey, name: str, missing_in: str) -> bytes | None:
+    """A wrapped key's bytes from the state folder, else from a region that has it.
+
+    Unverifiable without a private key, so a planted copy may be copied along;
+    unwrap checks each copy against its key id and tries the next.
+    """
+    copies = _copies(rt, name, [w for w in found.present if w != missing_in])
+    return next((blob for _where, blob in copies), None)
+
+
+def _copies(rt: Runtime, name: str, places: Sequence[str]) -> Iterator[tuple[str, bytes]]:
+    """(where, bytes) of each copy of object `name`, read lazily in the order given."""
+    for where in places:
+        if where == STATE:
+            blob = _read_state(rt, name)
+        else:
+            try:
+                blob = rt.store(where).get_bytes(name, MAX_KEY_OBJECT_BYTES)
+            except StorageError:  # NotFound included: try the next place
+                blob = None
+        if blob is not None:
+            yield where, blob
+
+
+# -- unwrapping: restores, drills, deep verifies ----------------------------------------
+
+# Tenant keys a run has unwrapped already, by (tenant, key id): a run over many
+# snapshots (verify --deep) unwraps each key once.
+Unwrapped = dict[tuple[str, str], x25519.Identity]
+
+
+def snapshot_identities(rt: Runtime, m: Manifest, identities: Sequence[x25519.Identity],
+                        unwrapped: Unwrapped | None = None) -> list[x25519.Identity]:
+    """The identities that open snapshot `m` (data and sealed facts), from the operator
+    `identities` given: those themselves for a version 1 or 2 snapshot, the unwrapped
+    tenant identity for version 3. UsageError (one line) when they cannot."""
+    ref = m.tenant_key
+    if ref is None:
+        return list(identities)
+    memo = {} if unwrapped is None else unwrapped
+    wanted = (ref.tenant, ref.key_id)
+    if wanted not in memo:
+        memo[wanted] = unwrap(rt, ref.tenant, ref.key_id, identities)
+    return [memo[wanted]]
+
+
+def unwrap(rt: Runtime, tenant: str, key_id: str,
+           identities: Sequence[x25519.Identity]) -> x25519.Identity:
+    """The tenant's identity `key_id`, unwrapped with the operator `identities` (ops or
+    escrow). Tries the state folder's copy, then each region's; audit-logs the outcome.
+
+    UsageError when no identity given fits (naming the recipients it is wrapped to),
+    or when no copy exists anywhere (naming the erasure, where there was one);
+    IntegrityError when every copy found holds another key (planted).
+    """
+    name = layout.tenant_key_object(tenant, key_id)
+    places = [STATE] + [s.name for s in _regions(rt, tenant)]
+    refused, bad = False, []
+    for where, blob in _copies(rt, name, places):
+        try:
+            plain = pyrage.decrypt(blob, list(identities))
+        except pyrage.DecryptError as exc:
+            if "no matching keys" in str(exc).lower():
+                refused = True
+            else:
+                bad.append(f"{where}: cannot be decrypted ({exc})")
+            continue
+        ident = identity_from(plain)
+        if ident is None or key_id_of(str(ident.to_public())) != key_id:
+            bad.append(f"{where}: holds another key than {key_id} (planted?)")
+            continue
+        _audit(rt, "tenant_key.unwrapped", tenant, key_id, copy=where)
+        return ident
+    reason = _unwrap_failure(rt, tenant, key_id, refused, bad)
+    _audit(rt, "tenant_key.unwrap_failed", tenant, key_id, reason=reason)
+    if bad and not refused:
+        raise IntegrityError(reason)
+    raise UsageError(reason)
+
+
+def _audit(rt: Runtime, event: str, tenant: str, key_id: str, **fields: Any) -> None:
+    rt.record_event(event, tenant=tenant, key_id=key_id, user=getpass.getuser(),
+                    host=socket.gethostname(), **fields)
+
+
+def _unwrap_failure(rt: Runtime, tenant: str, key_id: str, refused: bool,
+                    bad: list[str]) -> str:
+    """The one line saying why tenant `tenant`'s key `key_id` could not be unwrapped."""
+    if refused:
+        return (f"no identity given can unwrap tenant {tenant}'s key {key_id}; it is wrapped "
+                f"to {describe_recipients(_wrapped_to(rt, tenant, key_id), rt.recipient_labels())}"
+                ": give the identity of one of these")
+    if bad:
+        return f"no usable copy of tenant {tenant}'s key {key_id}: " + "; ".join(bad)
+    note = erasure_note(rt, tenant)
+    return note or (f"no copy of tenant {tenant}'s key {key_id} was found in any region or "
+                    "the state folder")
+
+
+def _wrapped_to(rt: Runtime, tenant: str, key_id: str) -> list[str]:
+    """Fingerprints a key is wrapped to, from its authenticated record (else [keys])."""
+    name = layout.tenant_key_record(tenant, key_id)
+    for _where, raw in _copies(rt, name, [STATE] + [s.name for s in _regions(rt, tenant)]):
+        try:
+            return list(parse_record(raw, rt.manifest_key, tenant, key_id).wrapped_to)
+        except IntegrityError:
+            continue
+    return [fingerprint(r) for r in rt.config.keys.recipients]
+
+
+
