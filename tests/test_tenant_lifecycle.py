@@ -255,6 +255,12 @@ def test_hold_puts_real_legal_holds_and_prune_waits_until_release(
     assert "files-a: not pruned, its tenant is under a legal hold" in w.drctl(
         "prune", "--dry-run").stdout
 
+    # An erasure waits for the hold too, by hand as by the daemon; nothing is touched.
+    refused = w.drctl("tenant", "erase", "uni-a")
+    assert refused.exit_code == 2 and "under legal hold (litigation hold, case 17" in (
+        refused.stderr)
+    assert len(w.listed("files-a")) == 5
+
     out = w.json("tenant", "release", "uni-a")
     assert out["state"] == "active" and out["hold"] is None
     for r in lock_regions:
