@@ -45,7 +45,7 @@ from . import __version__, catalog, layout, tenancy, tenant_keys
 from . import facts as facts_object
 from .catalog import SnapshotEntry
 from .config import SourceConfig
-from .erasure import refuse_if_erased
+from .erasure_records import refuse_if_erased
 from .errors import DrError, UsageError
 from .keys import fingerprint
 from .manifest import Manifest

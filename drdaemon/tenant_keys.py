@@ -36,7 +36,7 @@ import pyrage
 from pyrage import x25519
 
 from . import layout, statefs, tenancy
-from .erasure import erasure_note
+from .erasure_records import erasure_note
 from .errors import DrError, IntegrityError, UsageError
 from .keys import ManifestKey, describe_recipients, fingerprint
 from .manifest import Manifest, authenticated_body, signed
