@@ -460,6 +460,9 @@ from .drill import drill_group  # noqa: E402 - registered after the group exists
 
 cli.add_command(drill_group)
 
-# The tenant commands (cli/tenant.py): list, show, access, export, offboard, hold,
-# release, erase. tenant_group is imported at the top (restore --tenant uses the module).
+# The tenant commands (cli/tenant.py): list, show, access, export; offboard, hold,
+# release, erase join the group from cli/tenant_lifecycle.py. tenant_group is imported
+# at the top (restore --tenant uses the module).
+from . import tenant_lifecycle  # noqa: E402,F401 - registers its commands on tenant_group
+
 cli.add_command(tenant_group)
