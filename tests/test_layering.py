@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "drdaemon"
 
 SERVICES = {"backup", "restore", "prune", "trash", "replicate", "verify", "drills",
             "drill_scratch", "drill_records", "orphans", "catalog", "status", "audit",
-            "audit_mirror", "export", "offboarding", "erasure", "erasure_records",
-            "erasure_sweep", "inventory"}
+            "audit_mirror", "export", "export_doc", "export_files", "offboarding", "erasure",
+            "erasure_records", "erasure_sweep", "inventory"}
 ABOVE_SERVICES = ("drdaemon.cli", "drdaemon.scheduler", "drdaemon.metrics",
                   "drdaemon.metrics_feed")
 ADAPTER_PACKAGES = ("drdaemon.storage", "drdaemon.sources")

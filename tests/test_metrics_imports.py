@@ -22,7 +22,7 @@ FORBIDDEN = frozenset({
     "orphans", "pipeline", "prune", "prune_plan", "replicate", "report", "restore", "retention",
     "runtime", "scheduler", "shrink", "slo", "sources", "state", "status", "storage", "streams",
     "trash", "verify",
-    "export", "erasure", "erasure_records", "erasure_sweep",
+    "export", "export_doc", "export_files", "erasure", "erasure_records", "erasure_sweep",
 })
 
 
