@@ -31,6 +31,7 @@ from .runtime import Runtime
 from .sources import kind_for
 from .sources.base import Dump
 from .storage import StorageError, Upload
+from .tenant_key_record import TenantKey
 
 log = logging.getLogger("drdaemon")
 
@@ -239,7 +240,7 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
 
 def _draft_manifest(rt: Runtime, source: SourceConfig, snap_id: str, started: datetime,
                     data_name: str, consistency: datetime, stored: Stored,
-                    facts: dict[str, Any], key: tenant_keys.TenantKey
+                    facts: dict[str, Any], key: TenantKey
                     ) -> tuple[Manifest, facts_object.Encoded | None]:
     """The snapshot's manifest and facts object, or FactsTooLarge if a reader would refuse
     either (the bounds are the readers' own: manifest.py, facts.py)."""

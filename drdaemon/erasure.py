@@ -11,7 +11,7 @@ only wrapped (docs/format.md, "Tenants"). Erasure, in this order:
 2. delete every version of every snapshot object of the tenant's sources that
    no Object Lock holds, in every region, trash included - only names that
    match layout.py's patterns; a locked version stays (unreadable from step 1
-   on) and prune deletes it once its lock ends (:func:`sweep_erased`);
+   on) and prune deletes it once its lock ends (erasure_sweep.sweep_erased);
 3. check: list every region (all versions) and the state folder again; a key
    copy still there, or a place that could not be listed, fails the erasure;
 4. write the certificate (erasure_cert.py): JSON in the state folder and in
@@ -24,13 +24,18 @@ middle leaves it; the next run lists everything again, deletes what is left,
 and counts a journalled object that is no longer listed as deleted, so the
 certificate covers the whole erasure. The journal goes once the certificate is
 written everywhere.
+
+Reading erasures back (certificates, the journal, the note that refuses an
+erased tenant) is erasure_records.py; prune's sweep is erasure_sweep.py. This
+module stays a little over 400 lines: the four steps share the Run record and
+the journal, and are meant to be read in order, in one place.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, nullcontext, suppress
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -38,24 +43,22 @@ from typing import Any
 from . import layout, lifecycle, locks, statefs, tenancy
 from .config import NAME_HINT, NAME_RE
 from .erasure_cert import (
-    MAX_CERTIFICATE_BYTES,
     STATE_FOLDER,
     Check,
     DestroyedKey,
     ErasureCertificate,
     LockedObject,
     StoredObject,
-    parse,
     render_html,
     serialize,
 )
-from .errors import DrError, IntegrityError, UsageError
+from .erasure_records import Journal, journal_path, read_journal, state_certificates
+from .errors import DrError, UsageError
 from .keys import fingerprint
 from .runtime import Runtime
 from .storage import ObjectStore, ObjectVersion
-from .units import format_utc, parse_iso_time
+from .units import format_utc
 
-JOURNAL = "journal.jsonl"
 MAX_KEY_RECORD_BYTES = 64 << 10
 # Within a snapshot, the manifest goes first (the snapshot stops listing), the
 # trash entry last (while it stays, prune knows the id), as prune orders it.
@@ -71,56 +74,11 @@ def derive_key_id(recipient: str) -> str:
     return layout.tenant_key_id(recipient)
 
 
-# -- the journal ------------------------------------------------------------------
-
-def _journal_path(tenant: str) -> str:
-    return f"{statefs.erasure_folder(tenant)}/{JOURNAL}"
-
-
-@dataclass
-class Journal:
-    """What earlier, interrupted runs of this erasure did (empty for a new one)."""
-
-    started_at: datetime | None = None
-    sources: tuple[str, ...] = ()
-    keys: dict[str, DestroyedKey] = field(default_factory=dict)
-    intents: list[tuple[str, StoredObject]] = field(default_factory=list)  # (step, object)
-
-
-def _read_journal(rt: Runtime, tenant: str) -> Journal:
-    try:
-        raw = statefs.read_shared(rt.config.daemon.state_dir, _journal_path(tenant))
-    except FileNotFoundError:
-        return Journal()
-    j = Journal()
-    for line in raw.decode(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-            if "begin" in rec:
-                j.started_at = parse_iso_time(rec["begin"]["started_at"])
-                j.sources = tuple(rec["begin"]["sources"])
-            elif "key" in rec:
-                k = rec["key"]
-                j.keys[k["key_id"]] = DestroyedKey(k["key_id"], k["fingerprint"],
-                                                   bool(k["verified"]))
-            elif "delete" in rec:
-                o = rec["delete"]
-                j.intents.append((rec["step"], StoredObject(o["where"], o["name"],
-                                                            o["version_id"], o["size"])))
-        except (ValueError, KeyError, TypeError):
-            continue  # a line torn by a kill: the listing finds what it was about
-    return j
-
-
-def erasure_in_progress(rt: Runtime, tenant: str) -> bool:
-    """Whether an erasure of `tenant` began and has not finished (its journal is there)."""
-    return JOURNAL in statefs.list_names(rt.config.daemon.state_dir,
-                                         statefs.erasure_folder(tenant))
-
+# -- the journal (read back by erasure_records.py) ------------------------------------
 
 def _append(rt: Runtime, tenant: str, record: dict[str, Any]) -> None:
     line = json.dumps(record, sort_keys=True).encode() + b"\n"
-    with statefs.appending(rt.config.daemon.state_dir, _journal_path(tenant)) as fd:
+    with statefs.appending(rt.config.daemon.state_dir, journal_path(tenant)) as fd:
         statefs.write_all(fd, line)
 
 
@@ -382,10 +340,10 @@ def erase(rt: Runtime, tenant: str, dry_run: bool = False,
     if not NAME_RE.match(tenant):
         raise UsageError(f"invalid tenant name {tenant!r}: {NAME_HINT}")
     now = now or rt.clock()
-    journal = _read_journal(rt, tenant)
+    journal = read_journal(rt, tenant)
     configured = [s.name for s in tenancy.sources_of(rt.config, tenant)]
     # Sources an earlier erasure covered count too: the config may have dropped them.
-    earlier_sources = [s for c in _state_certificates(rt, tenant) for s in c.sources]
+    earlier_sources = [s for c in state_certificates(rt, tenant) for s in c.sources]
     sources = tuple(dict.fromkeys((*journal.sources, *earlier_sources, *configured)))
     if not sources:
         known = sorted({s.tenant for s in rt.config.sources}) or ["none"]
@@ -453,151 +411,7 @@ def _publish(rt: Runtime, cert: ErasureCertificate) -> None:
                     objects_locked=len(cert.locked), check=cert.check.summary(),
                     errors=list(cert.errors), certificate_not_written=failed)
     if cert.ok and not failed:
-        statefs.unlink(state_dir, _journal_path(cert.tenant))
+        statefs.unlink(state_dir, journal_path(cert.tenant))
     elif failed:
         raise ErasureFailed(f"erasure of {cert.tenant}: the certificate could not be written "
                             f"to {'; '.join(failed)}; run the erasure again")
-
-
-# -- reading erasures back --------------------------------------------------------------------
-
-def _state_certificates(rt: Runtime, tenant: str) -> Iterator[ErasureCertificate]:
-    state_dir = rt.config.daemon.state_dir
-    folder = statefs.erasure_folder(tenant)
-    for name in statefs.list_names(state_dir, folder):
-        if layout.certificate_stamp(name) is None:
-            continue
-        try:
-            yield parse(statefs.read_bytes(state_dir, f"{folder}/{name}"), rt.manifest_key,
-                        tenant)
-        except (IntegrityError, OSError):
-            continue
-
-
-def _region_certificates(rt: Runtime, tenant: str) -> list[ErasureCertificate]:
-    """The certificates of the first region that answers: each holds them all, and a
-    region that is down is waited for once, not once per region."""
-    for store in rt.stores:
-        found = []
-        try:
-            names = [i.name for i in store.list(layout.erasure_prefix(tenant))
-                     if layout.certificate_stamp(i.name) is not None]
-            for name in names:
-                with suppress(IntegrityError):
-                    found.append(parse(store.get_bytes(name, MAX_CERTIFICATE_BYTES),
-                                       rt.manifest_key, tenant))
-        except DrError:
-            continue
-        return found
-    return []
-
-
-def certificates(rt: Runtime, tenant: str) -> list[ErasureCertificate]:
-    """The tenant's authentic erasure certificates, oldest first: the state folder's,
-    else those of the first region that can be listed."""
-    found = list(_state_certificates(rt, tenant)) or _region_certificates(rt, tenant)
-    return sorted(found, key=lambda c: (c.started_at, c.finished_at))
-
-
-def erasure_note(rt: Runtime, tenant: str) -> str | None:
-    """One line naming the tenant's erasure and its certificate, or None if never erased.
-
-    An erasure begun and not finished (its journal in the state folder) counts:
-    some key copies may already be gone.
-    """
-    certs = certificates(rt, tenant)
-    if certs:
-        first = certs[0]
-        state = "" if certs[-1].ok else " (not complete: run drctl tenant erase again)"
-        return (f"tenant {tenant} was erased on {format_utc(first.started_at)[:10]}{state}; "
-                f"erasure certificate {first.name}: its keys are destroyed and its snapshots "
-                "cannot be restored, drilled or exported")
-    journal = _read_journal(rt, tenant)
-    if journal.started_at is not None:
-        return (f"tenant {tenant}: an erasure began on {format_utc(journal.started_at)} and is "
-                f"not finished (journal {statefs.erasure_folder(tenant)}/{JOURNAL}); run "
-                f"drctl tenant erase {tenant} to complete it")
-    return None
-
-
-def refuse_if_erased(rt: Runtime, tenant: str) -> None:
-    """Raise UsageError with :func:`erasure_note` if `tenant` was erased."""
-    note = erasure_note(rt, tenant)
-    if note:
-        raise UsageError(note)
-
-
-# -- prune's part -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Swept:
-    """One object of an erased tenant that prune deleted (or would, or could not)."""
-
-    tenant: str
-    source: str  # "" (and no region, name, snapshot id) for a failure to list
-    region: str
-    name: str
-    snapshot_id: str
-    status: str  # "done", "planned" or "failed"
-    detail: str
-
-
-def _region_erased_tenants(rt: Runtime) -> set[str]:
-    """Tenants with a certificate in the first region that can be listed."""
-    for store in rt.stores:
-        try:
-            names = [info.name for info in store.list(f"{layout.TENANTS}/")]
-        except DrError:
-            continue
-        return {p[0] for p in map(layout.parse_certificate_name, names) if p is not None}
-    return set()
-
-
-def erased_tenants(rt: Runtime) -> dict[str, tuple[str, ...]]:
-    """Tenant -> the sources its erasures covered, for every tenant with an authentic
-    certificate in the state folder or, for a host whose state folder was rebuilt,
-    in the regions: prune's sweep must not forget an erasure."""
-    here = set(statefs.list_names(rt.config.daemon.state_dir, layout.TENANTS))
-    regional = _region_erased_tenants(rt)
-    out: dict[str, tuple[str, ...]] = {}
-    for tenant in sorted(here | regional):
-        if not NAME_RE.match(tenant):
-            continue
-        certs = list(_state_certificates(rt, tenant)) or (
-            _region_certificates(rt, tenant) if tenant in regional else [])
-        sources = {s for c in certs if not c.dry_run for s in c.sources}
-        if sources:
-            out[tenant] = tuple(sorted(sources))
-    return out
-
-
-def sweep_erased(rt: Runtime, now: datetime, dry_run: bool,
-                 only: Collection[str] | None = None) -> list[Swept]:
-    """Delete what erasures left under Object Lock once the lock has ended.
-
-    Retention has no say: the tenant is erased, its newest and drill-verified
-    snapshots are no proof of anything any more. `only`: these sources alone
-    (a prune of chosen sources). Called by prune, under its lock.
-    """
-    swept: list[Swept] = []
-    for tenant, erased in erased_tenants(rt).items():
-        sources = [s for s in erased if only is None or s in only]
-        if not sources:
-            continue
-        run = Run(tenant, now, dry_run, journal=False)
-        delete_snapshot_objects(rt, run, sources)
-        for o in run.deleted:
-            parsed = layout.parse_object_name(o.name)
-            swept.append(Swept(tenant, parsed.source if parsed else "", o.where, o.name,
-                               parsed.snapshot_id if parsed else "",
-                               "planned" if dry_run else "done",
-                               f"{'would delete' if dry_run else 'deleted'} {o.name}"
-                               + (f" version {o.version_id}" if o.version_id else "")
-                               + f": tenant {tenant} was erased"))
-        swept += [Swept(tenant, "", "", "", "", "failed", e) for e in run.errors]
-        if run.deleted and not dry_run:
-            rt.record_event("tenant.erase.sweep", tenant=tenant,
-                            deleted=[f"{o.where}:{o.name}@{o.version_id}" for o in run.deleted],
-                            errors=list(run.errors))
-    return swept
-

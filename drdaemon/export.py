@@ -16,258 +16,39 @@ leaves nothing behind. With a recipient no plaintext of the tenant's data
 touches the disk: the small files are encrypted in memory, the data files
 through a pipe. Memory stays flat whatever the snapshot's size.
 
-Pure core: `file_name`, `sha256sums`, `manifest_doc`, `readme_text`,
-`check_magic`. Shell: `export`.
+What the files say (pure: `file_name`, `sha256sums`, `manifest_doc`,
+`readme_text`, `check_magic`): export_doc.py. The files on disk (the sink,
+staging, reading back, the rename into place): export_files.py. Here: choosing
+the snapshots and the service, `export`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import getpass
-import hashlib
-import io
-import json
-import os
-import secrets
 import shutil
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any
 
-import pyrage
 from pyrage import x25519
 
-from . import __version__, catalog, layout, tenancy, tenant_keys
+from . import catalog, layout, tenancy, tenant_keys
 from . import facts as facts_object
 from .catalog import SnapshotEntry
 from .config import SourceConfig
-from .erasure import refuse_if_erased
+from .erasure_records import refuse_if_erased
 from .errors import DrError, UsageError
+from .export_doc import ExportedSource, ExportResult, check_magic, file_name, kept_facts
+from .export_files import FileSink, move_into_place, staging_for, verify_written, write_side_files
 from .keys import fingerprint
 from .manifest import Manifest
 from .restore import TargetError, stream_into
 from .runtime import Runtime
-from .sources import kind_for
 from .storage import NotFound, ObjectStore
-from .streams import ThreadPipe
 
 Progress = Callable[[int, int], None]  # (bytes just read, total bytes of the whole export)
-
-FORMAT = "drdaemon.export"
-VERSION = 1
-MANIFEST_FILE = "MANIFEST.json"
-SUMS_FILE = "SHA256SUMS"
-# With a recipient: the checksums of the decrypted files, itself encrypted.
-CONTENTS_SUMS_FILE = "CONTENTS.SHA256SUMS"
-README_FILE = "README.txt"
-_READ = 1 << 20
-
-
-@dataclass
-class ExportedSource:
-    """One source's snapshot as written: the plaintext file and what was stored on disk."""
-
-    source: str
-    kind: str
-    snapshot_id: str
-    consistency_time: datetime
-    region: str
-    file: str  # the plaintext file's name (after `age -d` when encrypted)
-    size: int  # plaintext bytes
-    sha256: str  # of the plaintext
-    stored_as: str  # the file in DIR (`file` + ".age" when encrypted)
-    stored_size: int
-    stored_sha256: str
-    facts: dict[str, Any] = field(default_factory=dict)  # what MANIFEST.json tells
-    failed_regions: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "consistency_time": self.consistency_time.isoformat()}
-
-
-@dataclass
-class ExportResult:
-    tenant: str
-    destination: str
-    recipient_fingerprint: str | None
-    sources: list[ExportedSource]
-    files: dict[str, str]  # every file in the destination -> its sha256
-    seconds: float
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"tenant": self.tenant, "destination": self.destination,
-                "encrypted": self.recipient_fingerprint is not None,
-                "recipient_fingerprint": self.recipient_fingerprint,
-                "sources": [s.to_dict() for s in self.sources], "files": self.files,
-                "bytes": sum(s.size for s in self.sources), "seconds": self.seconds,
-                "notes": self.notes}
-
-
-# -- pure core --------------------------------------------------------------------------
-
-def file_name(source: str, kind: str) -> str:
-    """The plaintext file a source's snapshot becomes: `<source>.dump`, `<source>.tar`, ..."""
-    return source + kind_for(kind).export_suffix
-
-
-def sha256sums(files: Mapping[str, str]) -> str:
-    """`sha256sum` text for {name: sha256}, sorted by name (`sha256sum -c` reads it)."""
-    return "".join(f"{sha}  {name}\n" for name, sha in sorted(files.items()))
-
-
-def check_magic(kind: str, head: bytes) -> str | None:
-    """Why the first bytes of a plaintext are not the dump `kind` promises (None if they are)."""
-    return kind_for(kind).plaintext_problem(head)
-
-
-def kept_facts(kind: str, facts: Mapping[str, Any]) -> dict[str, Any]:
-    """The facts MANIFEST.json tells: row counts for postgres, counts and digest for trees."""
-    return kind_for(kind).customer_facts(facts)
-
-
-def manifest_doc(tenant: str, sources: Sequence[ExportedSource], created: datetime,
-                 recipient_fp: str | None, not_included: Sequence[str] = ()) -> dict[str, Any]:
-    """The MANIFEST.json of an export (docs/format.md, "Tenant export")."""
-    return {
-        "format": FORMAT, "version": VERSION, "tenant": tenant,
-        "created": created.astimezone(UTC).isoformat(),
-        "drdaemon_version": __version__,
-        "encrypted_to": recipient_fp,
-        "sources": [{
-            "source": s.source, "kind": s.kind, "snapshot_id": s.snapshot_id,
-            "consistency_time": s.consistency_time.astimezone(UTC).isoformat(),
-            "file": s.file, "size": s.size, "sha256": s.sha256,
-            "facts": s.facts,
-        } for s in sources],
-        "not_included": [{"source": n, "why": "a shared source: its snapshots hold other "
-                          "tenants' data"} for n in not_included],
-    }
-
-
-def readme_text(tenant: str, sources: Sequence[ExportedSource], encrypted: bool) -> str:
-    """README.txt: what the files are and how to load them with stock tools."""
-    lines = [f"Return copy of the data of tenant {tenant}, written by drdaemon {__version__}.",
-             ""]
-    if encrypted:
-        lines += [
-            "Every file but this one and SHA256SUMS is encrypted with age to your public key.",
-            "SHA256SUMS covers the encrypted files as they are here (and this README):",
-            "    sha256sum -c SHA256SUMS",
-            "Decrypt each file with your identity (private key), then check the plaintext:",
-            "    for f in *.age; do age -d -i KEY -o \"${f%.age}\" \"$f\"; done",
-            f"    sha256sum -c {CONTENTS_SUMS_FILE}",
-            f"{CONTENTS_SUMS_FILE} covers the decrypted files; {MANIFEST_FILE} says which",
-            "snapshot each file holds, its consistency time, sizes and row counts.",
-        ]
-    else:
-        lines += [
-            "SHA256SUMS covers every other file here; check them with:",
-            "    sha256sum -c SHA256SUMS",
-            f"{MANIFEST_FILE} says which snapshot each file holds, its consistency time,",
-            "sizes and row counts.",
-        ]
-    lines += ["", "Files:"]
-    for s in sources:
-        when = s.consistency_time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        lines.append(f"  {s.file}: source {s.source}, snapshot {s.snapshot_id}, "
-                     f"consistent at {when}")
-        lines += ["    " + line for line in kind_for(s.kind).load_instructions(s.file)]
-    return "\n".join(lines) + "\n"
-
-
-# -- checked files --------------------------------------------------------------------
-
-class _Hashing(io.RawIOBase):
-    """Writes through to `inner`, counting and hashing, keeping the first 512 bytes."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.sha = hashlib.sha256()
-        self.count = 0
-        self.head = b""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        chunk = bytes(data)
-        if len(self.head) < 512:
-            self.head += chunk[:512 - len(self.head)]
-        self.inner.write(chunk)
-        self.sha.update(chunk)
-        self.count += len(chunk)
-        return len(chunk)
-
-
-class FileSink:
-    """A restore.Sink that writes one export file (0600): the plaintext, or age of it.
-
-    With a recipient, the plaintext goes through a pipe to age's encryptor in a
-    thread and only ciphertext reaches the file.
-    """
-
-    def __init__(self, path: Path, recipient: x25519.Recipient | None) -> None:
-        self.path = path
-        self.notes: list[str] = []
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb", buffering=_READ)
-        self.stored = _Hashing(self._file)
-        self._pipe: ThreadPipe | None = None
-        if recipient is None:
-            self.plain = _Hashing(self.stored)
-        else:
-            stored = self.stored
-            self._pipe = ThreadPipe(lambda r: pyrage.encrypt_io(r, stored, [recipient]),
-                                    thread_writes=False, name="export-age")
-            self.plain = _Hashing(self._pipe.theirs)
-        self.writer = cast(BinaryIO, self.plain)
-
-    def complete(self) -> None:
-        """End the stream; raise if the encryptor or the disk failed."""
-        if self._pipe is not None:
-            self._pipe.join()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-
-    def commit(self) -> str:
-        return str(self.path)
-
-    def discard(self) -> None:
-        if self._pipe is not None:
-            with contextlib.suppress(Exception):
-                self._pipe.join()
-        with contextlib.suppress(OSError):
-            self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-
-def _hash_file(path: Path) -> tuple[str, int]:
-    """(sha256, size) of a file as it is on disk."""
-    sha = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_READ), b""):
-            sha.update(chunk)
-            size += len(chunk)
-    return sha.hexdigest(), size
-
-
-def _write_small(path: Path, data: bytes, recipient: x25519.Recipient | None) -> str:
-    """Write a small file (age-encrypted in memory when there is a recipient); its sha256."""
-    stored = data if recipient is None else pyrage.encrypt(data, [recipient])
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(stored)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return hashlib.sha256(stored).hexdigest()
 
 
 # -- choosing snapshots -----------------------------------------------------------------
@@ -410,56 +191,6 @@ def _export_one(rt: Runtime, identities: Sequence[x25519.Identity], source: Sour
                   f"region: {reasons}")
 
 
-def verify_written(staging: Path, expected: Mapping[str, str]) -> None:
-    """Read every written file back and compare its sha256 with what was written."""
-    present = sorted(p.name for p in staging.iterdir())
-    if present != sorted(expected):
-        raise DrError(f"the export folder holds {present}, expected {sorted(expected)}")
-    for name, sha in expected.items():
-        got, _ = _hash_file(staging / name)
-        if got != sha:
-            raise DrError(f"{name} read back does not match what was written (sha256 "
-                          f"{got[:16]}..., wrote {sha[:16]}...): the disk lost data")
-
-
-def _write_side_files(staging: Path, tenant: str, exported: Sequence[ExportedSource],
-                      recipient: x25519.Recipient | None, recipient_fp: str | None,
-                      now: datetime, not_included: Sequence[str] = ()) -> dict[str, str]:
-    """MANIFEST.json, README.txt, SHA256SUMS (and CONTENTS.SHA256SUMS); every file's sha256."""
-    enc = ".age" if recipient is not None else ""
-    doc = manifest_doc(tenant, exported, now, recipient_fp, not_included)
-    body = json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False).encode() + b"\n"
-    stored = {s.stored_as: s.stored_sha256 for s in exported}
-    plain = {s.file: s.sha256 for s in exported}
-    plain[MANIFEST_FILE] = hashlib.sha256(body).hexdigest()
-    stored[MANIFEST_FILE + enc] = _write_small(staging / (MANIFEST_FILE + enc), body, recipient)
-    if recipient is not None:
-        stored[CONTENTS_SUMS_FILE + enc] = _write_small(
-            staging / (CONTENTS_SUMS_FILE + enc), sha256sums(plain).encode(), recipient)
-    readme = readme_text(tenant, exported, recipient is not None).encode()
-    stored[README_FILE] = _write_small(staging / README_FILE, readme, None)
-    stored[SUMS_FILE] = _write_small(staging / SUMS_FILE, sha256sums(stored).encode(), None)
-    return stored
-
-
-def _staging_for(dest: Path) -> Path:
-    staging = dest.parent / f".{dest.name}.drdaemon-export-{secrets.token_hex(4)}.partial"
-    staging.mkdir(mode=0o700)
-    return staging
-
-
-def _move_into_place(staging: Path, dest: Path) -> None:
-    """Rename the verified staging folder to `dest` (rename(2) replaces an empty folder)."""
-    try:
-        os.rename(staging, dest)
-    except OSError as exc:
-        raise DrError(f"cannot move the export into {dest}: {exc.strerror or exc} (is it "
-                      "still an empty folder?)") from None
-    fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def export(rt: Runtime, identities: Sequence[x25519.Identity], tenant: str, dest: Path, *,
@@ -507,14 +238,14 @@ def export(rt: Runtime, identities: Sequence[x25519.Identity], tenant: str, dest
            "sources": [s.name for s, _ in chosen],
            "snapshot_ids": [e.id for _, e in chosen],
            "user": getpass.getuser(), "host": socket.gethostname()}
-    staging = _staging_for(dest)
+    staging = staging_for(dest)
     try:
         exported = [_export_one(rt, identities, src, entry, staging, customer, progress)
                     for src, entry in chosen]
-        files = _write_side_files(staging, tenant, exported, customer, recipient_fp,
+        files = write_side_files(staging, tenant, exported, customer, recipient_fp,
                                   rt.clock(), shared)
         verify_written(staging, files)
-        _move_into_place(staging, dest)
+        move_into_place(staging, dest)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, Exception):

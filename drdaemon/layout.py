@@ -227,7 +227,7 @@ def audit_segment_name(folder: str, first: int) -> str:
 
 TENANTS = "tenants"
 KEYS, ERASURE = "keys", "erasure"
-# A tenant key id: 16 hex of a hash of the tenant's public recipient (tenant_keys.key_id_of).
+# A tenant key id: 16 hex of a hash of the tenant's public recipient (tenant_key_record.key_id_of).
 KEY_ID_RE = re.compile(r"^[0-9a-f]{16}\Z")
 _CERTIFICATE_RE = re.compile(rf"^({STAMP_PATTERN})\.json\Z")
 _CERTIFICATE_NAME_RE = re.compile(rf"^{TENANTS}/([^/]+)/{ERASURE}/({STAMP_PATTERN})\.json\Z")

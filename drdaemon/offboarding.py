@@ -30,7 +30,7 @@ from . import catalog, export, layout, lifecycle, tenancy
 from .backup import BackupResult, snapshot
 from .config import SourceConfig
 from .errors import DrError, UsageError
-from .export import ExportResult
+from .export_doc import ExportResult
 from .lifecycle import Hold, TenantState
 from .runtime import Runtime
 from .units import format_utc

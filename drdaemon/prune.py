@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from . import catalog, erasure, layout, lifecycle, locks, orphans, retention, state
+from . import catalog, erasure_sweep, layout, lifecycle, locks, orphans, retention, state
 from .config import SourceConfig
 from .drills.records import newest_verified
 from .errors import DrError, IntegrityError, UsageError
@@ -158,10 +158,10 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
 def _sweep_erased(rt: Runtime, now: datetime, dry_run: bool,
                   sources: list[str] | None) -> list[Change]:
     """What erasures left under Object Lock, deleted once the lock ends, before and
-    whatever retention plans (erasure.sweep_erased): an erased tenant's newest or
+    whatever retention plans (erasure_sweep.sweep_erased): an erased tenant's newest or
     drill-verified snapshot proves nothing any more. Named `sources` alone, if any."""
     return [Change("erased", s.source, s.region, s.snapshot_id, s.status, s.detail)
-            for s in erasure.sweep_erased(rt, now, dry_run, sources)]
+            for s in erasure_sweep.sweep_erased(rt, now, dry_run, sources)]
 
 
 def _sweep_orphans(rt: Runtime, chosen: list[SourceConfig], report: PruneReport,

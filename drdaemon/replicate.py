@@ -40,7 +40,7 @@ from datetime import datetime
 from . import catalog, layout, locks, manifest, tenancy, tenant_keys
 from . import facts as facts_object
 from .catalog import SnapshotEntry
-from .erasure import erasure_note
+from .erasure_records import erasure_note
 from .errors import DrError, IntegrityError
 from .manifest import Manifest
 from .pipeline import FanOut

@@ -26,7 +26,7 @@ from pyrage import x25519
 from . import statefs, tenant_keys
 from .catalog import SnapshotEntry, read_manifest, resolve_ref
 from .config import SourceConfig
-from .erasure import refuse_if_erased
+from .erasure_records import refuse_if_erased
 from .errors import DrError, IntegrityError, SourceError, UsageError
 from .keys import describe_recipients
 from .manifest import Manifest

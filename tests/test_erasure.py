@@ -28,7 +28,7 @@ from click.testing import CliRunner, Result
 from conftest import S3Region
 from support import Clock, Setup, directory_source, local_region, lock_buckets, make_setup
 
-from drdaemon import backup, erasure, erasure_cert, layout, lifecycle, statefs, tenant_keys
+from drdaemon import backup, erasure_cert, erasure_records, layout, lifecycle, statefs, tenant_keys
 from drdaemon.cli.drctl import cli as drctl_cli
 from drdaemon.config import load as load_config
 from drdaemon.keys import generate_identity
@@ -194,9 +194,9 @@ def test_erase_destroys_every_key_copy_deletes_unlocked_and_certifies_it(
     assert record["tenant"] == A and record["ok"] and kid in record["key_ids"]
 
     # restores of the erased tenant fail with one line naming the erasure; B restores
-    note = erasure.erasure_note(w.rt, A)
+    note = erasure_records.erasure_note(w.rt, A)
     assert note is not None and name in note and "was erased on" in note
-    assert erasure.erasure_note(w.rt, B) is None
+    assert erasure_records.erasure_note(w.rt, B) is None
     escrow = tmp_path / "escrow.txt"
     generate_identity(escrow)
     for ident in ([], ["--identity", str(w.setup.identity)], ["--identity", str(escrow)]):
@@ -232,7 +232,7 @@ def test_erase_destroys_every_key_copy_deletes_unlocked_and_certifies_it(
     w.clock.now = datetime.now(UTC)
     # a host whose state folder was rebuilt still knows the erasure from the regions
     shutil.rmtree(w.setup.state / statefs.erasure_folder(A))
-    assert erasure.erasure_note(w.rt, A) == note
+    assert erasure_records.erasure_note(w.rt, A) == note
     other = w.drctl("prune", "--source", SRC_B, "--json")  # a prune of chosen sources only
     assert other.exit_code == 0, other.output
     assert {k for _, k, _ in w.versions(layout.source_prefix(SRC_A))} == locked_names
@@ -262,7 +262,7 @@ def test_dry_run_lists_everything_and_changes_nothing(world: World) -> None:
     assert w.versions("") == before
     assert sorted(p.relative_to(w.setup.state).as_posix()
                   for p in w.setup.state.rglob("*") if "audit" not in p.parts) == state_before
-    assert erasure.erasure_note(w.rt, A) is None
+    assert erasure_records.erasure_note(w.rt, A) is None
     as_json = w.drctl("tenant", "erase", A, "--dry-run", "--json")
     assert json.loads(as_json.stdout)["dry_run"] is True
 
@@ -383,10 +383,10 @@ def test_an_erasure_killed_mid_way_is_finished_by_the_daemons_next_start(
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         # mid-way: the journal is there, some objects went, restores already refuse
-        assert erasure.erasure_in_progress(w.rt, A)
+        assert erasure_records.erasure_in_progress(w.rt, A)
         remaining = w.versions(layout.source_prefix(SRC_A))
         assert remaining and remaining != objects_before
-        note = erasure.erasure_note(w.rt, A)
+        note = erasure_records.erasure_note(w.rt, A)
         assert note is not None and "not finished" in note
 
         proxy.passthrough = True
@@ -398,7 +398,7 @@ def test_an_erasure_killed_mid_way_is_finished_by_the_daemons_next_start(
         daemon = Daemon(open_runtime(load_config(w.setup.config)))
         assert daemon.erasure_job() == [A]
         assert lifecycle.load(w.rt, A).erased
-        [finished] = erasure.certificates(w.rt, A)
+        [finished] = erasure_records.certificates(w.rt, A)
         cert = finished.body()
         assert cert["ok"] and cert["locked"] == []
         assert w.versions(layout.tenant_keys_prefix(A)) == set()
@@ -410,8 +410,8 @@ def test_an_erasure_killed_mid_way_is_finished_by_the_daemons_next_start(
                                                                                   "json")})
         deleted = [(o["where"], o["name"], o["version_id"]) for o in cert["deleted"]]
         assert sorted(deleted) == sorted(objects_before)
-        assert not erasure.erasure_in_progress(w.rt, A)
-        assert "was erased on" in (erasure.erasure_note(w.rt, A) or "")
+        assert not erasure_records.erasure_in_progress(w.rt, A)
+        assert "was erased on" in (erasure_records.erasure_note(w.rt, A) or "")
         # the runbook drops the erased sources from the config: a rerun still knows them
         w.setup.config.write_text(config.replace(directory_source(SRC_A, tmp_path / "tree-a",
                                                                   tenant=A) + RETENTION, ""))
@@ -440,7 +440,7 @@ def test_a_key_copy_that_cannot_be_destroyed_fails_the_check_loudly_until_a_reru
     assert not cert["ok"] and not cert["check"]["ok"]
     assert [(o["where"], o["name"]) for o in cert["check"]["remaining"]] == [(r.name, name)]
     assert any(f"cannot delete {name}" in e for e in cert["errors"])
-    note = erasure.erasure_note(w.rt, A)
+    note = erasure_records.erasure_note(w.rt, A)
     assert note is not None and "not complete" in note
     text = w.drctl("tenant", "erase", A)
     assert text.exit_code == 1 and "check FAILED" in text.stdout
@@ -454,7 +454,7 @@ def test_a_key_copy_that_cannot_be_destroyed_fails_the_check_loudly_until_a_reru
     assert final["ok"] and final["started_at"] == cert["started_at"]  # the same erasure
     assert (r.name, name) in {(o["where"], o["name"]) for o in final["key_copies"]}
     assert w.versions(layout.tenant_keys_prefix(A)) == set()
-    assert not erasure.erasure_in_progress(w.rt, A)
+    assert not erasure_records.erasure_in_progress(w.rt, A)
 
 
 def test_repair_never_copies_an_erased_tenants_locked_snapshot_back(

@@ -29,7 +29,9 @@ from test_directory_roundtrip import assert_same_tree, make_tree
 
 from drdaemon import audit
 from drdaemon.errors import DrError
-from drdaemon.export import check_magic, export, kept_facts, sha256sums, verify_written
+from drdaemon.export import export
+from drdaemon.export_doc import check_magic, kept_facts, sha256sums
+from drdaemon.export_files import verify_written
 from drdaemon.keys import generate_identity, load_identities
 from drdaemon.runtime import load_config, open_runtime
 

@@ -22,7 +22,8 @@ FORBIDDEN = frozenset({
     "orphans", "pipeline", "prune", "prune_plan", "replicate", "report", "restore", "retention",
     "runtime", "scheduler", "shrink", "slo", "sources", "state", "status", "storage", "streams",
     "trash", "verify",
-    "export",
+    "export", "export_doc", "export_files", "erasure", "erasure_records", "erasure_sweep",
+    "tenant_keys", "tenant_key_record",
 })
 
 

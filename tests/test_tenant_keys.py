@@ -26,7 +26,7 @@ from old_format import downgrade
 from pyrage import x25519
 from support import Setup, directory_source, make_setup, postgres_source
 
-from drdaemon import layout, manifest, statefs, tenant_keys
+from drdaemon import layout, manifest, statefs, tenant_key_record, tenant_keys
 from drdaemon.errors import IntegrityError
 from drdaemon.keys import ManifestKey, fingerprint, generate_identity, load_manifest_key
 from drdaemon.runtime import load_config, open_runtime
@@ -194,8 +194,8 @@ def test_planted_and_tampered_records_are_never_encrypted_to(world: World,
     attacker = tmp_path / "attacker.txt"
     evil = generate_identity(attacker)
     forged_key = ManifestKey(b"\x01" * 32)
-    evil_key = tenant_keys.TenantKey("uni-a", tenant_keys.key_id_of(evil), evil)
-    planted = tenant_keys.encode_record(evil_key, tenant_keys.created_stamp(
+    evil_key = tenant_key_record.TenantKey("uni-a", tenant_key_record.key_id_of(evil), evil)
+    planted = tenant_key_record.encode_record(evil_key, tenant_key_record.created_stamp(
         datetime(2000, 1, 1, tzinfo=UTC)), [fingerprint(evil)], forged_key)
     wrapped = pyrage.encrypt(b"x", [x25519.Recipient.from_str(world.setup.recipient)])
     for region in world.regions:
@@ -217,7 +217,7 @@ def test_planted_and_tampered_records_are_never_encrypted_to(world: World,
     for region in world.regions:
         s3_put(region, rec_name, tampered)
     with pytest.raises(IntegrityError, match="authentication failed"):
-        tenant_keys.parse_record(tampered, load_manifest_key(world.setup.manifest_key),
+        tenant_key_record.parse_record(tampered, load_manifest_key(world.setup.manifest_key),
                                  "uni-a", good)
     results = world.backup()
     again = world.show(results["files-uni-a"]["snapshot_id"])["data"]["encryption"]
@@ -432,31 +432,31 @@ def test_creation_waits_for_the_lock_and_reads_again(world: World) -> None:
 MKEY = ManifestKey(b"\x07" * 32)
 
 
-def _record(tenant: str = "uni-a") -> tuple[tenant_keys.TenantKey, bytes]:
+def _record(tenant: str = "uni-a") -> tuple[tenant_key_record.TenantKey, bytes]:
     rec = str(x25519.Identity.generate().to_public())
-    key = tenant_keys.TenantKey(tenant, tenant_keys.key_id_of(rec), rec)
-    return key, tenant_keys.encode_record(key, "2026-01-01T00:00:00Z", ["sha256:x"], MKEY)
+    key = tenant_key_record.TenantKey(tenant, tenant_key_record.key_id_of(rec), rec)
+    return key, tenant_key_record.encode_record(key, "2026-01-01T00:00:00Z", ["sha256:x"], MKEY)
 
 
 def test_record_round_trip_and_refusals() -> None:
     key, raw = _record()
-    assert tenant_keys.parse_record(raw, MKEY, "uni-a", key.key_id).key == key
+    assert tenant_key_record.parse_record(raw, MKEY, "uni-a", key.key_id).key == key
     with pytest.raises(IntegrityError, match="another manifest key"):
-        tenant_keys.parse_record(raw, ManifestKey(b"\x08" * 32), "uni-a", key.key_id)
+        tenant_key_record.parse_record(raw, ManifestKey(b"\x08" * 32), "uni-a", key.key_id)
     with pytest.raises(IntegrityError, match="another tenant or key"):
-        tenant_keys.parse_record(raw, MKEY, "uni-b", key.key_id)
+        tenant_key_record.parse_record(raw, MKEY, "uni-b", key.key_id)
     with pytest.raises(IntegrityError, match="another tenant or key"):
-        tenant_keys.parse_record(raw, MKEY, "uni-a", "0" * 16)
+        tenant_key_record.parse_record(raw, MKEY, "uni-a", "0" * 16)
     # Signed, but the recipient is not the key id's: the key id is derived from it.
     doc = json.loads(raw)
     doc.pop("mac")
     doc["recipient"] = str(x25519.Identity.generate().to_public())
     with pytest.raises(IntegrityError, match="another tenant or key"):
-        tenant_keys.parse_record(json.dumps(manifest.signed(doc, MKEY)).encode(), MKEY,
+        tenant_key_record.parse_record(json.dumps(manifest.signed(doc, MKEY)).encode(), MKEY,
                                  "uni-a", key.key_id)
     for junk in (b"", b"[]", b"{", b"\xff"):
         with pytest.raises(IntegrityError):
-            tenant_keys.parse_record(junk, MKEY, "uni-a", key.key_id)
+            tenant_key_record.parse_record(junk, MKEY, "uni-a", key.key_id)
 
 
 @settings(max_examples=50, deadline=None)
@@ -465,20 +465,21 @@ def test_record_round_trip_and_refusals() -> None:
                 min_size=1, max_size=6, unique_by=lambda t: t[1]), st.randoms())
 def test_choose_is_the_same_whatever_the_order(entries: list[tuple[str, str]],
                                                rnd: Any) -> None:
-    records = [tenant_keys.KeyRecord(tenant_keys.TenantKey("t", kid, "age1x"), created, (), b"")
+    records = [tenant_key_record.KeyRecord(tenant_key_record.TenantKey("t", kid, "age1x"),
+                                           created, (), b"")
                for created, kid in entries]
     shuffled = list(records)
     rnd.shuffle(shuffled)
-    chosen = tenant_keys.choose(shuffled)
-    assert chosen == tenant_keys.choose(records)
+    chosen = tenant_key_record.choose(shuffled)
+    assert chosen == tenant_key_record.choose(records)
     assert chosen is not None and chosen.created == min(c for c, _ in entries)
 
 
 def test_identity_from_plaintext() -> None:
     ident = x25519.Identity.generate()
-    assert str(tenant_keys.identity_from(f"{ident}\n".encode())) == str(ident)
+    assert str(tenant_key_record.identity_from(f"{ident}\n".encode())) == str(ident)
     for junk in (b"", b"hello", f"{ident}\n{ident}\n".encode(), b"\xff\xfe"):
-        assert tenant_keys.identity_from(junk) is None
+        assert tenant_key_record.identity_from(junk) is None
 
 
 def test_manifest_version_3_names_the_tenant_key() -> None:

@@ -29,7 +29,7 @@ from pyrage import x25519
 from .. import catalog, slo, tenancy
 from ..catalog import SnapshotEntry
 from ..config import Config, SourceConfig
-from ..erasure import erasure_note
+from ..erasure_records import erasure_note
 from ..errors import UsageError, first_line
 from ..keys import identities_for
 from ..runtime import Runtime
