@@ -41,7 +41,14 @@ from .config import SourceConfig
 from .erasure_records import refuse_if_erased
 from .errors import DrError, UsageError
 from .export_doc import ExportedSource, ExportResult, check_magic, file_name, kept_facts
-from .export_files import FileSink, move_into_place, staging_for, verify_written, write_side_files
+from .export_files import (
+    FileSink,
+    move_into_place,
+    remove_stale_staging,
+    staging_for,
+    verify_written,
+    write_side_files,
+)
 from .keys import fingerprint
 from .manifest import Manifest
 from .restore import TargetError, stream_into
@@ -231,6 +238,7 @@ def export(rt: Runtime, identities: Sequence[x25519.Identity], tenant: str, dest
     recipient_fp = fingerprint(str(customer)) if customer is not None else None
     dest = dest.absolute()
     check_destination(dest)
+    stale = remove_stale_staging(dest)
     chosen = choose(rt, tenant, sources, snapshot_ids)
     total = sum(e.manifest.size for _, e in chosen if e.manifest is not None)
     progress = (lambda n, _t: on_progress(n, total)) if on_progress else None
@@ -256,6 +264,8 @@ def export(rt: Runtime, identities: Sequence[x25519.Identity], tenant: str, dest
     for s in exported:
         for region, why in s.failed_regions.items():
             result.notes.append(f"{s.source}: region {region} skipped: {why}")
+    result.notes += [f"removed {n}: the staging folder of an export that was killed"
+                     for n in stale]
     result.notes += [f"{n}: NOT INCLUDED: a shared source (its snapshots hold other tenants' "
                      "data)" for n in shared]
     rt.record_event("tenant.export", **who, files=files, not_included=shared,

@@ -11,7 +11,10 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
+import shutil
+import stat
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -159,9 +162,42 @@ def write_side_files(staging: Path, tenant: str, exported: Sequence[ExportedSour
 
 
 def staging_for(dest: Path) -> Path:
-    staging = dest.parent / f".{dest.name}.drdaemon-export-{secrets.token_hex(4)}.partial"
+    """A private staging folder beside `dest`; its name carries this process's id so that
+    a later export can tell the leftovers of a killed one (remove_stale_staging)."""
+    staging = dest.parent / (f".{dest.name}.drdaemon-export-{os.getpid()}-"
+                             f"{secrets.token_hex(4)}.partial")
     staging.mkdir(mode=0o700)
     return staging
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_staging(dest: Path) -> list[str]:
+    """Remove the staging folders beside `dest` that a killed export left (kill -9 gives
+    it no chance; they may hold plaintext): ours, not links, their process gone.
+    Returns the names removed."""
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.drdaemon-export-(\d+)-[0-9a-f]{{8}}"
+                         r"\.partial\Z")
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(dest.parent):
+            m = pattern.match(entry.name)
+            if m is None or _alive(int(m.group(1))):
+                continue
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            shutil.rmtree(entry.path)
+            removed.append(entry.name)
+    return removed
 
 
 def move_into_place(staging: Path, dest: Path) -> None:

@@ -349,6 +349,26 @@ def test_an_interrupted_export_leaves_nothing(setup: Setup, tmp_path: Path) -> N
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
 
 
+def test_the_staging_folder_of_a_killed_export_is_removed_by_the_next(
+        setup: Setup, tmp_path: Path) -> None:
+    backup(setup)
+    out = tmp_path / "return-copy"
+    dead = subprocess.Popen(["true"])  # a process id that has ended
+    dead.wait()
+    killed = tmp_path / f".return-copy.drdaemon-export-{dead.pid}-0123abcd.partial"
+    killed.mkdir(mode=0o700)
+    (killed / "lms-db.dump").write_bytes(b"PGDMP plaintext a kill -9 left behind")
+    running = tmp_path / f".return-copy.drdaemon-export-{os.getpid()}-4567cdef.partial"
+    running.mkdir(mode=0o700)  # an export still running (this process): left alone
+    other = tmp_path / f".elsewhere.drdaemon-export-{dead.pid}-89abcdef.partial"
+    other.mkdir(mode=0o700)  # another destination's: not this export's business
+    result = export(open_runtime(load_config(str(setup.config))),
+                    load_identities(setup.identity), "uni-a", out)
+    assert not killed.exists() and running.exists() and other.exists()
+    assert f"removed {killed.name}: the staging folder of an export that was killed" in (
+        result.notes)
+
+
 def test_a_shared_source_is_refused_or_left_out_and_listed(tmp_path: Path) -> None:
     own, shared = tmp_path / "own", tmp_path / "shared"
     for folder in (own, shared):
