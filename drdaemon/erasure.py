@@ -69,11 +69,6 @@ class ErasureFailed(DrError):
     """The erasure did not complete (the certificate says why); exit 1."""
 
 
-def derive_key_id(recipient: str) -> str:
-    """The key id of a tenant recipient (layout.tenant_key_id)."""
-    return layout.tenant_key_id(recipient)
-
-
 # -- the journal (read back by erasure_records.py) ------------------------------------
 
 def _append(rt: Runtime, tenant: str, record: dict[str, Any]) -> None:
@@ -148,7 +143,7 @@ def _describe_key(key_id: str, raw: bytes | None) -> DestroyedKey:
             raise ValueError
     except (ValueError, KeyError, TypeError):
         return DestroyedKey(key_id, None, False)
-    return DestroyedKey(key_id, fingerprint(recipient), derive_key_id(recipient) == key_id)
+    return DestroyedKey(key_id, fingerprint(recipient), layout.tenant_key_id(recipient) == key_id)
 
 
 def _state_key_copies(rt: Runtime, tenant: str) -> list[StoredObject]:

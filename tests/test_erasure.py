@@ -148,6 +148,22 @@ def test_erase_destroys_every_key_copy_deletes_unlocked_and_certifies_it(
     other_before = (w.versions(layout.source_prefix(SRC_B))
                     | w.versions(layout.tenant_keys_prefix(B)))
     assert len(keys_before) == 2 * 5  # per region: 2 versions, a record, a version + marker
+    # Before the erasure, break-glass works: unwrap the tenant key with the ops identity
+    # (runbooks/break-glass-restore.md), then open the data object with it.
+    r0 = w.regions[0]
+    wrapped = tmp_path / "wrapped-key.age"
+    wrapped.write_bytes(r0.client().get_object(
+        Bucket=r0.bucket, Key=layout.tenant_key_object(A, w.keys[A]))["Body"].read())
+    tenant_identity = tmp_path / "tenant-key.txt"
+    subprocess.run(["age", "-d", "-i", str(w.setup.identity), "-o", str(tenant_identity),
+                    str(wrapped)], check=True, capture_output=True, timeout=60)
+    blob = tmp_path / "locked.tar.zst.age"
+    blob.write_bytes(r0.client().get_object(
+        Bucket=r0.bucket, Key=layout.data_object_name(SRC_A, newest, "directory"))["Body"].read())
+    opened = subprocess.run(["age", "-d", "-i", str(tenant_identity), str(blob)],
+                            capture_output=True, timeout=60, check=False)
+    assert opened.returncode == 0 and opened.stdout
+    tenant_identity.unlink()
 
     result = w.drctl("tenant", "erase", A, "--json")
     assert result.exit_code == 0, result.output + result.stderr
@@ -210,12 +226,9 @@ def test_erase_destroys_every_key_copy_deletes_unlocked_and_certifies_it(
     assert ok.exit_code == 0, ok.output + ok.stderr
     assert (tmp_path / "back-b" / "notes.md").read_text().startswith("# beta")
 
-    # break-glass with stock tools fails too: the locked data object is encrypted to the
-    # tenant key alone, and no identity the operators hold opens it any more.
-    r = w.regions[0]
-    data_name = layout.data_object_name(SRC_A, newest, "directory")
-    blob = tmp_path / "locked.tar.zst.age"
-    blob.write_bytes(r.client().get_object(Bucket=r.bucket, Key=data_name)["Body"].read())
+    # break-glass with stock tools fails now: the wrapped key it starts from is gone (no
+    # version left, above), and the locked data object, encrypted to the tenant key alone,
+    # opens with no identity the operators hold.
     for identity in (w.setup.identity, escrow):
         glass = subprocess.run(["age", "-d", "-i", str(identity), str(blob)],
                                capture_output=True, timeout=60, check=False)
