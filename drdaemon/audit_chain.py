@@ -20,11 +20,12 @@ from typing import Any
 
 from . import layout
 from .keys import ManifestKey
+from .signing import ALGORITHM, PublicKey, SigningKey
 
 GENESIS = "0" * 64  # `prev` of the first record
 AUDIT_KEY_LABEL = b"drdaemon audit key v1"
 # Written by drdaemon itself; an event's own fields may not take these names.
-RESERVED = frozenset({"seq", "time", "event", "prev", "mac", "withheld"})
+RESERVED = frozenset({"seq", "time", "event", "prev", "mac", "sig", "withheld"})
 MAX_LINE = 1 << 20  # records are small: a longer line is damage, not data
 SEGMENT_RECORDS = 100  # records per mirrored object; a full segment is locked
 
@@ -58,14 +59,59 @@ def sign(body: Mapping[str, Any], key: bytes) -> str:
     return hmac.new(key, canonical(body), hashlib.sha256).hexdigest()
 
 
+@dataclass(frozen=True)
+class ChainKeys:
+    """What a chain's records may be checked with.
+
+    `hmac`: audit keys (`audit_key` of each manifest key in use; only the
+    operator holds them). `public`: Ed25519 public keys; anyone may hold them,
+    and a record signed with one of them proves itself without any secret.
+    """
+
+    hmac: tuple[bytes, ...] = ()
+    public: tuple[PublicKey, ...] = ()
+
+    @classmethod
+    def of(cls, keys: ChainKeys | bytes) -> ChainKeys:
+        """`keys` as ChainKeys (a bare bytes value is one audit key, as older callers pass)."""
+        return keys if isinstance(keys, ChainKeys) else cls(hmac=(keys,))
+
+
+def seal(body: Mapping[str, Any], signer: bytes | SigningKey) -> dict[str, Any]:
+    """`body` with its authentication: `sig` (Ed25519) for a signing key, else `mac`."""
+    if isinstance(signer, SigningKey):
+        return {**body, "sig": {"alg": ALGORITHM, "key": signer.fingerprint,
+                                "value": signer.sign_b64(canonical(body))}}
+    return {**body, "mac": sign(body, signer)}
+
+
 def make_line(seq: int, at: str, event: str, fields: Mapping[str, Any], prev: str,
-              key: bytes) -> bytes:
+              key: bytes | SigningKey) -> bytes:
     """One signed record as the line to append (plain JSON values in `fields`)."""
     clash = RESERVED & (fields.keys() - {"withheld"})
     if clash:
         raise ValueError(f"event {event!r} uses reserved field names {sorted(clash)}")
     body = {**fields, "seq": seq, "time": at, "event": event, "prev": prev}
-    return canonical({**body, "mac": sign(body, key)}) + b"\n"
+    return canonical(seal(body, key)) + b"\n"
+
+
+def authentic(doc: dict[str, Any], keys: ChainKeys) -> str | None:
+    """Why the record `doc` (parsed; its `mac`/`sig` are removed) is not authenticated
+    by `keys`; None when it is."""
+    mac, sig = doc.pop("mac", None), doc.pop("sig", None)
+    if sig is not None:
+        if mac is not None or not isinstance(sig, dict) or sig.get("alg") != ALGORITHM:
+            return "the record's signature is not an ed25519 signature"
+        key = next((k for k in keys.public if k.fingerprint == sig.get("key")), None)
+        if key is None:
+            return f"signed by {str(sig.get('key'))[:48]!r}, which is not a trusted public key"
+        if not key.verify_b64(canonical(doc), sig.get("value")):
+            return "signature does not match: the record was edited after it was signed"
+        return None
+    if not isinstance(mac, str) or not any(hmac.compare_digest(mac, sign(doc, k))
+                                           for k in keys.hmac):
+        return "MAC does not match: the record was edited, or written without the audit key"
+    return None
 
 
 @dataclass(frozen=True)
@@ -98,7 +144,7 @@ def split_lines(data: bytes) -> list[bytes]:
     return lines
 
 
-def check_line(line: bytes, seq: int, prev: str, key: bytes) -> str | None:
+def check_line(line: bytes, seq: int, prev: str, key: ChainKeys | bytes) -> str | None:
     """Why `line` is not record `seq` following a line hashing to `prev`; None if it is."""
     if not line.endswith(b"\n"):
         return "the line is incomplete: the log was cut short or a write was interrupted"
@@ -112,9 +158,9 @@ def check_line(line: bytes, seq: int, prev: str, key: bytes) -> str | None:
         return "not a JSON record"
     if canonical(doc) + b"\n" != line:
         return "not in canonical form: the line was edited"
-    mac = doc.pop("mac", None)
-    if not isinstance(mac, str) or not hmac.compare_digest(mac, sign(doc, key)):
-        return "MAC does not match: the record was edited, or written without the audit key"
+    why = authentic(doc, ChainKeys.of(key))
+    if why is not None:
+        return why
     got = doc.get("seq")
     if type(got) is not int or got != seq:
         return f"seq is {got!r}, expected {seq}: a record was removed, inserted or moved"
@@ -126,17 +172,17 @@ def check_line(line: bytes, seq: int, prev: str, key: bytes) -> str | None:
     return None
 
 
-def verify_lines(lines: Iterable[bytes], key: bytes) -> AuditVerification:
-    """Check a chain: each line canonical, signed with `key`, numbered and linked in order.
+def verify_lines(lines: Iterable[bytes], key: ChainKeys | bytes) -> AuditVerification:
+    """Check a chain: each line canonical, authenticated by `key`, numbered and linked in order.
 
     `lines` are the log's lines with their trailing b"\\n", as `split_lines`
     or iterating a file opened in binary mode gives them. A cut after a
     complete line cannot be seen from the lines alone: compare `head` with an
     earlier report or `records` with a region's mirror.
     """
-    prev, count = GENESIS, 0
+    prev, count, keys = GENESIS, 0, ChainKeys.of(key)
     for seq, line in enumerate(lines):
-        why = check_line(line, seq, prev, key)
+        why = check_line(line, seq, prev, keys)
         if why is not None:
             return AuditVerification(False, count, seq, why, prev)
         prev, count = line_hash(line), count + 1

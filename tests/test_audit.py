@@ -585,3 +585,23 @@ def test_segments_and_names() -> None:
     assert layout.host_label("../é") == "host"
     assert audit_chain.mirror_folder("h", lines[0]).startswith("audit/h/")
     assert audit_chain.split_lines(b"a\nb") == [b"a\n", b"b"] and audit_chain.split_lines(b"") == []
+
+
+def test_ed25519_records_verify_with_the_public_key_alone(tmp_path: Path) -> None:
+    from drdaemon.signing import generate_signing_key
+
+    signer = generate_signing_key(tmp_path / "signing.key")
+    lines, prev = [], audit_chain.GENESIS
+    for seq in range(3):
+        line = audit_chain.make_line(seq, f"2031-03-01T02:00:0{seq}+00:00", "test.event",
+                                     {"n": seq}, prev, signer)
+        lines.append(line)
+        prev = audit_chain.line_hash(line)
+    public = audit_chain.ChainKeys(public=(signer.public,))
+    assert audit_chain.verify_lines(lines, public).ok
+    # No secret verifies a signed record, and a secret does not replace the public key.
+    assert "not a trusted public key" in (audit_chain.verify_lines(lines, KEY).reason or "")
+    edited = [*lines[:1], lines[1].replace(b'"n":1', b'"n":7'), *lines[2:]]
+    result = audit_chain.verify_lines(edited, public)
+    assert (result.first_bad, result.records) == (1, 1)
+    assert "signature does not match" in (result.reason or "")
