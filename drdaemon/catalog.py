@@ -1,15 +1,20 @@
 """What snapshots exist: committed manifests, read and authenticated per region.
 
-Every reader (drctl, restore, verify, replicate, prune, drills) lists and
-authenticates afresh. Only the daemon's own bookkeeping, its metrics refresh
-and RPO watchdog, passes a :class:`ManifestCache`, so that a refresh every few
-minutes GETs only the manifests it has not authenticated before.
+Every reader (drctl, restore, verify, replicate, prune, drills) lists afresh
+and authenticates every manifest it uses, each time. What it need not do each
+time is download them: manifests are never rewritten, so the bytes of one
+already seen come from the state folder's DiskCache (and are authenticated
+again). The daemon's own bookkeeping, its metrics refresh and RPO watchdog,
+also passes a :class:`ManifestCache` of manifests authenticated before, so that
+a refresh every few minutes parses only what is new.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -17,11 +22,13 @@ from typing import TYPE_CHECKING
 from . import layout, manifest
 from .errors import DrError, IntegrityError, UsageError
 from .manifest import Manifest
-from .manifest_cache import CacheSlice, ManifestCache
+from .manifest_cache import DiskCache, ManifestCache
 from .storage import NotFound, ObjectInfo, ObjectStore, TooLarge
 
 if TYPE_CHECKING:
     from .runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,9 +118,31 @@ def read_manifest(rt: Runtime, store: ObjectStore, source: str, snapshot_id: str
     return manifest.parse(raw, rt.manifest_key, source=source, snapshot_id=snapshot_id)
 
 
+# GETs of one region's new manifests overlap up to this many (botocore keeps 10
+# connections per client; the listing itself is one request per 1,000 objects).
+READ_WORKERS = 8
+
+
+@dataclass
+class _RegionRead:
+    """What one region holds of the wanted sources: per (source, id), the listed object
+    and its authenticated manifest, or why it is not usable (None: deleted meanwhile)."""
+
+    found: dict[tuple[str, str], tuple[ObjectInfo, Manifest | str | None]] = \
+        field(default_factory=dict)
+    error: str | None = None
+
+
 def list_snapshots(rt: Runtime, source: str | None = None, region: str | None = None, *,
                    cache: ManifestCache | None = None) -> Listing:
     """Every committed snapshot of the configured sources, newest last.
+
+    Requests grow with pages of objects, not with sources: a region is listed
+    once (its whole `sources/` tree, 1,000 names a request, or one source's
+    manifests when `source` is given), the regions at the same time, and the
+    manifests not read before are fetched a few at a time. The entries are then
+    merged in the configured order of regions, so the outcome does not depend
+    on which region answered first.
 
     With `cache` (the daemon's metrics refresh and watchdog only), manifests
     already authenticated are taken from it instead of storage, and the
@@ -121,61 +150,119 @@ def list_snapshots(rt: Runtime, source: str | None = None, region: str | None = 
     """
     sources = [rt.config.source(source).name] if source else [s.name for s in rt.config.sources]
     stores = [rt.store(region)] if region else rt.stores
+    with ThreadPoolExecutor(max(1, len(stores)), thread_name_prefix="list") as pool:
+        reads = list(pool.map(lambda st: _read_region(rt, st, sources, cache), stores))
     entries: dict[tuple[str, str], SnapshotEntry] = {}
     region_errors: dict[str, str] = {}
-    for store in stores:
-        try:
-            for src in sources:
-                known = cache.slice(store.name, src) if cache is not None else None
-                seen: dict[str, tuple[tuple[int, str], Manifest]] = {}
-                for info in store.list(layout.manifests_prefix(src)):
-                    snap_id = layout.snapshot_id_from_manifest_name(info.name)
-                    if snap_id is None:
-                        continue
-                    entry = entries.setdefault((src, snap_id), SnapshotEntry(snap_id, src))
-                    _add_region(rt, store, entry, info, known, seen)
-                if cache is not None:
-                    cache.replace(store.name, src, seen)
-        except DrError as exc:
-            region_errors[store.name] = str(exc)
+    for store, read in zip(stores, reads, strict=True):
+        if read.error is not None:
+            region_errors[store.name] = read.error
+            continue
+        for (src, snap_id), (_info, got) in sorted(read.found.items()):
+            entry = entries.setdefault((src, snap_id), SnapshotEntry(snap_id, src))
+            if isinstance(got, Manifest):
+                _add_copy(store.name, entry, got)
+            elif got is not None:
+                entry.problems[store.name] = got
     ordered = sorted(entries.values(), key=lambda e: (e.source, e.id))
     return Listing(ordered, region_errors)
 
 
-def _add_region(rt: Runtime, store: ObjectStore, entry: SnapshotEntry, info: ObjectInfo,
-                known: CacheSlice | None,
-                seen: dict[str, tuple[tuple[int, str], Manifest]]) -> None:
-    """Add `store` to `entry` if its manifest authenticates; with a cache (`known`
-    not None), take it from there when size and version are unchanged and note
-    it in `seen`."""
-    listed = (info.size, info.version)
-    hit = known.get(info.name) if known is not None else None
-    if hit is not None and hit[0] == listed:
-        m = hit[1]
-    elif info.size > manifest.MAX_MANIFEST_BYTES:
-        # One snapshot no reader accepts must not hide the region's others.
-        entry.problems[store.name] = str(_too_large())
-        return
-    else:
+def _listed_manifests(store: ObjectStore, sources: list[str]) -> dict[tuple[str, str],
+                                                                       ObjectInfo]:
+    """(source, id) -> listed manifest object, for `sources`, from as few listings as can be."""
+    wanted = set(sources)
+    prefix = layout.manifests_prefix(sources[0]) if len(sources) == 1 else \
+        layout.SOURCES + "/"
+    found = {}
+    for info in store.list(prefix):
+        obj = layout.parse_object_name(info.name)
+        if obj is not None and obj.role == layout.MANIFESTS and obj.source in wanted:
+            found[(obj.source, obj.snapshot_id)] = info
+    return found
+
+
+def _read_region(rt: Runtime, store: ObjectStore, sources: list[str],
+                 cache: ManifestCache | None) -> _RegionRead:
+    """List one region and authenticate what it holds (never raises for the region)."""
+    read = _RegionRead()
+    if not sources:
+        return read
+    try:
+        listed = _listed_manifests(store, sources)
+    except DrError as exc:
+        read.error = str(exc)
+        return read
+    slices = {src: cache.slice(store.name, src) for src in sources} if cache else {}
+    todo = []
+    for key, info in listed.items():
+        hit = slices[key[0]].get(info.name) if cache else None
+        if hit is not None and hit[0] == (info.size, info.version):
+            read.found[key] = (info, hit[1])
+        elif info.size > manifest.MAX_MANIFEST_BYTES:
+            # One snapshot no reader accepts must not hide the region's others.
+            read.found[key] = (info, str(_too_large()))
+        else:
+            todo.append((key, info))
+    disk = DiskCache(rt.config.daemon.state_dir, store.name)
+    try:
+        with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix=f"read-{store.name}") as pool:
+            fetched = pool.map(lambda item: _fetch(rt, store, disk, *item), todo)
+            for (key, info), got in zip(todo, fetched, strict=True):
+                if cache is not None and isinstance(got, Manifest):
+                    got = dataclasses.replace(got, facts={})
+                read.found[key] = (info, got)
+    except DrError as exc:  # the region failed while being read: it is unreachable
+        return _RegionRead(error=str(exc))
+    if len(sources) == len(rt.config.sources):
+        disk.keep_only(DiskCache.entry(i.name, i.size, i.version) for i in listed.values())
+    if cache is not None:
+        seen: dict[str, dict[str, tuple[tuple[int, str], Manifest]]] = {s: {} for s in sources}
+        for (src, _), (info, got) in read.found.items():
+            if isinstance(got, Manifest):
+                # Authentic (a copy differing from another region's is still worth
+                # keeping: the comparison is made again on every listing).
+                seen[src][info.name] = ((info.size, info.version), got)
+        for src in sources:
+            cache.replace(store.name, src, seen[src])
+    return read
+
+
+def _fetch(rt: Runtime, store: ObjectStore, disk: DiskCache, key: tuple[str, str],
+           info: ObjectInfo) -> Manifest | str | None:
+    """One listed manifest, authenticated, from the disk cache or else from storage; why it
+    is not usable; None if deleted since it was listed."""
+    source, snap_id = key
+    cached = disk.get(info.name, info.size, info.version)
+    if cached is not None:
         try:
-            m = read_manifest(rt, store, entry.source, entry.id)
-        except NotFound:
-            return  # deleted between list and read
+            return manifest.parse(cached, rt.manifest_key, source=source, snapshot_id=snap_id)
         except IntegrityError as exc:
-            entry.problems[store.name] = str(exc)
-            return
-        if known is not None:
-            m = dataclasses.replace(m, facts={})
-    if known is not None:
-        # Authentic (a copy differing from another region's is still worth
-        # keeping: the comparison is made again on every listing). The same
-        # snapshot in every region shares one object.
-        seen[info.name] = (listed, entry.manifest if entry.manifest == m else m)
+            # Refused as a bucket's copy would be; storage may still hold a good one.
+            log.warning("manifest cache: %s of region %s refused (%s); read from storage",
+                        info.name, store.name, exc)
+            disk.drop(info.name, info.size, info.version)
+    try:
+        raw = store.get_bytes(info.name, manifest.MAX_MANIFEST_BYTES)
+    except TooLarge:
+        return str(_too_large())
+    except NotFound:
+        return None  # deleted between list and read
+    try:
+        m = manifest.parse(raw, rt.manifest_key, source=source, snapshot_id=snap_id)
+    except IntegrityError as exc:
+        return str(exc)
+    disk.put(info.name, info.size, info.version, raw)
+    return m
+
+
+def _add_copy(region: str, entry: SnapshotEntry, m: Manifest) -> None:
+    """Add `region`'s authenticated copy to `entry`, unless it differs from another's."""
     if entry.manifest is not None and entry.manifest.sha256 != m.sha256:
-        entry.problems[store.name] = "manifest differs from the other regions' copy"
+        entry.problems[region] = "manifest differs from the other regions' copy"
         return
     entry.manifest = entry.manifest or m
-    entry.regions.append(store.name)
+    entry.regions.append(region)
 
 
 def newest_manifest(rt: Runtime, source: str) -> Manifest | None:

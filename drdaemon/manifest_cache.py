@@ -1,4 +1,5 @@
-"""The daemon's cache of authenticated manifests, which catalog.list_snapshots fills.
+"""The caches of manifests that catalog.list_snapshots fills: the daemon's in memory,
+and every process's on disk in the state folder.
 
 Its own module so that the runtime, which holds one, needs nothing of the
 catalog (which needs the runtime).
@@ -6,10 +7,16 @@ catalog (which needs the runtime).
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
-from .manifest import Manifest
+from . import statefs
+from .manifest import MAX_MANIFEST_BYTES, Manifest
+
+log = logging.getLogger(__name__)
 
 # (object name -> ((listed size, version), authenticated manifest)) of one region and source
 CacheSlice = Mapping[str, tuple[tuple[int, str], Manifest]]
@@ -46,3 +53,74 @@ class ManifestCache:
     def __len__(self) -> int:
         with self._lock:
             return sum(len(s) for s in self._slices.values())
+
+
+class DiskCache:
+    """Manifests as stored in one region, kept in the state folder so that `drctl` and
+    a restarting daemon GET only the manifests they have not seen before.
+
+    An entry is named by the object's name, listed size and version (ETag, or
+    mtime and inode), so an object written again is never answered from the
+    cache. Entries are the stored bytes, not a verdict: every reader parses and
+    authenticates them again with the manifest key, so a tampered cache is
+    refused like a tampered bucket. The cache is a convenience: a state folder
+    it cannot be written to (another user's) costs GETs, never a failure.
+    """
+
+    def __init__(self, state_dir: Path, region: str) -> None:
+        self.state_dir = state_dir
+        self.folder = f"{statefs.MANIFEST_CACHE}/{region}"
+
+    @staticmethod
+    def entry(name: str, size: int, version: str) -> str:
+        """The cache file of one listed object."""
+        key = f"{name}\0{size}\0{version}".encode()
+        return hashlib.sha256(key).hexdigest()[:40] + ".json"
+
+    def get(self, name: str, size: int, version: str) -> bytes | None:
+        """The bytes stored for this listed object, if cached (unauthenticated!)."""
+        if size > MAX_MANIFEST_BYTES or not version:
+            return None
+        try:
+            data = statefs.read_bytes(self.state_dir,
+                                      f"{self.folder}/{self.entry(name, size, version)}")
+        except FileNotFoundError:
+            return None
+        except (OSError, statefs.UnsafeState) as exc:
+            log.warning("manifest cache not used: %s", exc)
+            return None
+        return data if len(data) == size else None
+
+    def put(self, name: str, size: int, version: str, raw: bytes) -> None:
+        """Keep `raw` (authenticated by the caller) for this listed object; best effort."""
+        if len(raw) != size or not version:
+            return
+        try:
+            statefs.write_atomic(self.state_dir,
+                                 f"{self.folder}/{self.entry(name, size, version)}", raw)
+        except (OSError, statefs.UnsafeState) as exc:
+            log.debug("manifest cache %s not written: %s", self.folder, exc)
+
+    def drop(self, name: str, size: int, version: str) -> None:
+        """Remove one entry (it failed authentication)."""
+        try:
+            statefs.unlink(self.state_dir, f"{self.folder}/{self.entry(name, size, version)}")
+        except (OSError, statefs.UnsafeState) as exc:
+            log.debug("manifest cache entry not removed: %s", exc)
+
+    def keep_only(self, entries: Iterable[str]) -> None:
+        """Remove every entry but `entries` (after a listing of everything configured),
+        so the cache never outgrows what the region holds."""
+        wanted = set(entries)
+        try:
+            names = statefs.list_names(self.state_dir, self.folder)
+        except (OSError, statefs.UnsafeState) as exc:
+            log.debug("manifest cache %s not listed: %s", self.folder, exc)
+            return
+        for name in names:
+            if name not in wanted and name.endswith(".json"):
+                try:
+                    statefs.unlink(self.state_dir, f"{self.folder}/{name}")
+                except (OSError, statefs.UnsafeState) as exc:
+                    log.debug("manifest cache entry not removed: %s", exc)
+                    return

@@ -108,7 +108,9 @@ class Daemon:
         self.scheduler = BackgroundScheduler(
             timezone=self.tz,
             executors={"snapshots": ThreadPoolExecutor(cfg.max_concurrent_snapshots),
-                       "default": ThreadPoolExecutor(2)},
+                       "default": ThreadPoolExecutor(2),
+                       # the first look at storage must not queue behind maintenance
+                       "startup": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600})
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
@@ -367,9 +369,20 @@ class Daemon:
                                name="rpo watchdog")
         self.scheduler.add_job(self.refresh_metrics, "interval",
                                seconds=metrics_feed.REFRESH_INTERVAL.total_seconds(), id="metrics",
-                               name="metrics refresh", next_run_time=datetime.now(self.tz))
+                               name="metrics refresh")
+        # Storage is listed once at start: the first full refresh fills the
+        # manifest cache, then the catch-up judges RPO from it without a GET.
+        self.scheduler.add_job(self.first_look, "date", run_date=datetime.now(self.tz),
+                               id="startup", name="first refresh and catch-up",
+                               executor="startup")
         self._serve_metrics()
         self.scheduler.start()
+
+    def first_look(self) -> None:
+        """The start's one read of storage: the metrics, then the catch-up from them, then
+        the retries of attempts a previous daemon left unfinished (catch-up first: a
+        source overdue now is snapshotted at once, not after a backoff)."""
+        self.refresh_metrics()
         self.catch_up()
         self.resume_retries()
 

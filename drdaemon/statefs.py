@@ -41,6 +41,7 @@ DRILL_SCRATCH = "drills/scratch"  # drills restore here unless [drills] scratch_
 INFLIGHT = "inflight"  # a marker per snapshot being uploaded (state.py)
 ORPHAN_SIGHTINGS = "prune/orphans.json"  # when each orphan was first seen (orphans.py)
 ORPHAN_METRICS = "prune/orphan-metrics.json"  # the last prune's orphan gauges (metrics)
+MANIFEST_CACHE = "cache/manifests"  # manifests as stored, by region (manifest_cache.py)
 RESTORE_SCRATCH = "restore"  # the scratch copy of `drctl restore --jobs`
 
 

@@ -21,9 +21,10 @@ from counting_store import CountingStore, count_calls, reset
 from support import Setup, directory_source, local_region, make_setup
 
 from drdaemon import config as config_mod
-from drdaemon import layout, manifest, metrics_feed, scheduler
+from drdaemon import layout, manifest, metrics_feed, scheduler, statefs
 from drdaemon.backup import snapshot
 from drdaemon.cli.drctl import cli as drctl_cli
+from drdaemon.manifest_cache import DiskCache
 from drdaemon.metrics import MetricsState
 from drdaemon.runtime import Runtime, open_runtime
 
@@ -107,12 +108,13 @@ def test_a_refresh_reads_only_manifests_it_has_not_read(world: World) -> None:
     assert len(w.rt.manifest_cache) == 8
     first = dict(st.views)
 
-    # Nothing new: every prefix is listed again, but no manifest is read.
+    # Nothing new: each region is listed again, once for every source, and no
+    # manifest is read.
     reset(w.stores)
     metrics_feed.refresh(w.rt, st)
     assert w.manifest_reads() == 0
     for s in w.stores.values():
-        assert s.count("list", "/manifests/") == len(SOURCES)
+        assert [k for k in s.calls if k[0] == "list"] == [("list", "sources/")]
     assert st.views == first
     # The RPO watchdog shares the cache.
     newest = scheduler.newest_consistency(w.rt)
@@ -191,7 +193,9 @@ def test_a_tampered_manifest_is_never_served_from_the_cache(world: World) -> Non
     reset(w.stores)
     listed = {e["id"]: e for e in w.drctl_json("snapshots", "list", "--source", "files-a")[
         "snapshots"]}
-    assert w.manifest_reads() == 4  # every copy, from storage
+    # drctl authenticates every copy, but downloads only the two never stored
+    # in the state folder's disk cache: the refused ones, which are never kept.
+    assert w.manifest_reads() == 2
     assert "authenticat" in listed[new]["problems"][eu], listed[new]["problems"]
     assert listed[new]["regions"] == [us]
     assert listed[old]["regions"] == [eu] and us in listed[old]["problems"]
@@ -199,3 +203,17 @@ def test_a_tampered_manifest_is_never_served_from_the_cache(world: World) -> Non
     assert shown["regions"] == [eu] and shown["missing_regions"] == [us]
     assert shown["facts"]["files"] == 1  # the whole manifest, not the cache's copy
     assert len(w.rt.manifest_cache) == cached  # drctl neither reads nor fills the cache
+
+    # A tampered disk cache is refused like a tampered bucket: the entry of the good
+    # eu copy of `old`, edited (same size), is dropped and the copy read from storage.
+    state = w.setup.state / statefs.MANIFEST_CACHE / eu
+    info = eu_store.stat(old_name)
+    entry = state / DiskCache.entry(old_name, info.size, info.version)
+    good = entry.read_bytes()
+    at = good.index(b'"sha256"') + 12
+    entry.write_bytes(good[:at] + (b"0" if good[at:at + 1] != b"0" else b"1") + good[at + 1:])
+    reset(w.stores)
+    again = w.drctl_json("snapshots", "show", old, "--source", "files-a")
+    assert again["regions"] == [eu] and again == shown
+    assert w.stores[eu].count("get_bytes", old_name) == 1
+    assert entry.read_bytes() == good  # put back from storage

@@ -138,6 +138,7 @@ def test_families_render_every_kind_of_state() -> None:
     assert get("drdaemon_job_next_run_timestamp_seconds", {"job_name": "prune"}) == T + 60
     assert get("drdaemon_snapshot_next_run_timestamp_seconds", db) == T + 120
     assert get("drdaemon_state_refresh_timestamp_seconds") == T - 10
+    assert get("drdaemon_state_complete") == 1
     assert get("drdaemon_region_reachable", {"region": "us"}) == 1
     assert get("drdaemon_orphan_objects", {**db, "region": "us", "verdict": "lost"}) == 1
     assert get("drdaemon_orphan_bytes", {**db, "region": "us", "verdict": "lost"}) == 4096
@@ -147,6 +148,14 @@ def test_families_render_every_kind_of_state() -> None:
     assert get("drdaemon_orphan_grace_seconds", files) == 86400  # the default
     # A source never refreshed has no storage series at all (not zeros that look real).
     assert get("drdaemon_retained_snapshots", {**files, "region": "eu"}) is None
+
+
+def test_a_partial_view_before_the_first_full_read_says_so() -> None:
+    st = sample_state()
+    st.refreshed_at = None  # only a one-source refresh so far, or none
+    get = registry_of(st).get_sample_value
+    assert get("drdaemon_state_complete") == 0
+    assert get("drdaemon_state_refresh_timestamp_seconds") is None
 
 
 def test_no_label_holds_a_snapshot_id_or_anything_unbounded() -> None:

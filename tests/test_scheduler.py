@@ -344,7 +344,8 @@ def test_backup_killed_mid_upload_is_retried_by_the_next_daemon(tmp_path: Path) 
     daemon = Daemon(rt)
     daemon.start()
     try:
-        assert daemon.scheduler.get_job("retry:files") is not None
+        # The start's first look at storage schedules it (after a 1 s backoff).
+        wait_for(lambda: daemon.scheduler.get_job("retry:files") is not None, 60)
         wait_for(lambda: len(manifests(tmp_path)) == 2, 120)
     finally:
         assert daemon.stop()

@@ -163,8 +163,14 @@ def _storage_families(st: MetricsState, now: datetime,
                        "When the cached storage state was last read in full.")
     if st.refreshed_at is not None:
         refreshed.add_metric([], st.refreshed_at)
+    # Before the first full read after a start, the per-source families above
+    # hold nothing or a part: say so rather than let a partial view look whole.
+    complete = _gauge("drdaemon_state_complete",
+                      "1 once storage has been read in full since the daemon started; "
+                      "0 while the first read is under way.")
+    complete.add_metric([], float(st.refreshed_at is not None))
     return [last, present, holding, retained, oldest, duration, *sizes.values(), attempt,
-            reach, refreshed, unreadable]
+            reach, refreshed, complete, unreadable]
 
 
 def _activity_families(st: MetricsState, lab: Callable[[str], list[str]]) -> list[Metric]:
