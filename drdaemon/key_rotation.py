@@ -192,7 +192,7 @@ def _rewrap_key(rt: Runtime, record: KeyRecord, places: list[str],
     for place in places:
         try:
             settled, seen = _settled(rt, place, stores.get(place), record, wanted)
-        except (StorageError, OSError) as exc:
+        except (DrError, OSError) as exc:
             out.errors.append(f"{place}: {exc}")
             continue
         old |= seen
