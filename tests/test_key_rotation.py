@@ -218,6 +218,14 @@ def test_rotate_key_old_snapshots_keep_opening_and_erasure_destroys_both(
         assert failed.exit_code != 0 and "was erased on" in failed.stderr
     again = w.setup.drctl("tenant", "rotate-key", "uni-a")
     assert again.exit_code == 2 and "was erased on" in again.stderr
+    # A rewrap passes the erased tenant over: nothing of its keys comes back.
+    out = w.setup.drctl_json("keys", "rewrap", "--identity", str(w.escrow))
+    assert "was erased on" in out["skipped"]["uni-a"]
+    assert (out["rewrapped"], out["unchanged"]) == (0, 1)  # uni-b's, wrapped as configured
+    assert statefs.list_names(w.setup.state, "tenants/uni-a/keys") == []
+    for r in w.regions:
+        assert "Versions" not in r.client().list_object_versions(
+            Bucket=r.bucket, Prefix=layout.tenant_keys_prefix("uni-a"))
 
 
 _STAMPS = st.datetimes(min_value=datetime(2025, 1, 1), max_value=datetime(2027, 1, 1),
