@@ -130,6 +130,9 @@ def _delete(rt: Runtime, run: Run, step: str, obj: StoredObject,
 # -- step 1: the keys -------------------------------------------------------------------
 
 def _key_id_of(name: str) -> str | None:
+    parsed = layout.parse_tenant_key_name(name)  # a rewrap's staged copy included
+    if parsed is not None:
+        return parsed[0]
     base = name.rsplit("/", 1)[-1]
     stem, dot, ext = base.rpartition(".")
     return stem if dot and ext in ("age", "json") and stem else None

@@ -183,24 +183,27 @@ PLANNED_SECTIONS = ("keys", "lifecycle")
 
 
 def keys_section(rt: Runtime, tenant: str) -> dict[str, Any] | None:
-    """The tenant's keys: id, recipient fingerprint, when made, the operator recipients
-    it is wrapped to, and where a wrapped copy is (None: the tenant has no key yet)."""
+    """The tenant's keys: id, whether it is the current one (new snapshots are encrypted
+    to it; the others open older snapshots), recipient fingerprint, when made, the
+    operator recipients it is wrapped to, and where a wrapped copy is (None: the tenant
+    has no key yet)."""
     found = tenant_keys.survey(rt, tenant)
     if not found.records and not any(found.present.values()):
         return None
     keys = []
+    chosen = found.usable()
     for kid in sorted({k for names in found.present.values() for k, _ in names}
                       | set(found.records)):
         rec = found.records.get(kid)
         keys.append({
             "key_id": kid,
+            "current": chosen is not None and chosen.key.key_id == kid,
             "fingerprint": rec.key.fingerprint if rec else None,
             "created": rec.created if rec else None,
             "wrapped_to": list(rec.wrapped_to) if rec else [],
             "wrapped_copies": sorted(w for w, names in found.present.items()
                                      if (kid, "age") in names),
         })
-    chosen = found.usable()
     return {"keys": keys, "in_use": chosen.key.key_id if chosen else None,
             "unreachable": dict(found.unreachable)}
 

@@ -260,11 +260,23 @@ def tenant_key_id(recipient: str) -> str:
     return hashlib.sha256(b"drdaemon-tenant-key\0" + recipient.encode()).hexdigest()[:16]
 
 
+def tenant_key_staged(tenant: str, key_id: str) -> str:
+    """A rewrap's new wrapped copy, written and verified before it replaces
+    :func:`tenant_key_object` (key_rotation.py; docs/format.md "Tenant keys")."""
+    return f"{tenant_keys_prefix(tenant)}{key_id}.{REWRAP}.age"
+
+
+REWRAP = "rewrap"
+
+
 def parse_tenant_key_name(name: str) -> tuple[str, str] | None:
-    """(key id, "age" or "json") of a listed keyring object (by its last part), or None."""
+    """(key id, "age", "json" or "rewrap") of a listed keyring object (by its last part),
+    or None."""
     base = name.rsplit("/", 1)[-1]
     stem, dot, ext = base.rpartition(".")
-    if not dot or ext not in ("age", "json") or not KEY_ID_RE.match(stem):
+    if dot and ext == "age" and stem.endswith(f".{REWRAP}"):
+        stem, ext = stem[:-len(REWRAP) - 1], REWRAP
+    if not dot or ext not in ("age", "json", REWRAP) or not KEY_ID_RE.match(stem):
         return None
     return stem, ext
 

@@ -43,6 +43,14 @@ class ProgressLine:
         self.stream.write("\r\x1b[K" + text)
         self.stream.flush()
 
+    def note(self, text: str) -> None:
+        """Redraw the line as `text` (counts rather than bytes: tenants, keys)."""
+        now = time.monotonic()
+        if self.enabled and now - self.drawn >= 0.1:
+            self.drawn = now
+            self.stream.write("\r\x1b[K" + text)
+            self.stream.flush()
+
     def close(self) -> None:
         if self.enabled and self.drawn:
             self.stream.write("\r\x1b[K")

@@ -1,8 +1,8 @@
 """A tenant key's public record, pure: the key and its record (docs/format.md,
 "Tenant keys"), encoding and parsing the record (authenticated with the manifest
-key), which key every process uses when several exist, and the identity in an
-unwrapped key. The keyring as stored is tenant_keys.py; unwrapping,
-tenant_key_unwrap.py.
+key), which key every process uses when several exist (the newest: :func:`choose`),
+and the identity in an unwrapped key. The keyring as stored and unwrapping are
+tenant_keys.py; rewrapping and rotation, key_rotation.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from pyrage import x25519
 
@@ -102,9 +102,28 @@ def parse_record(raw: bytes, mkey: ManifestKey, tenant: str, key_id: str) -> Key
 
 
 def choose(records: Sequence[KeyRecord]) -> KeyRecord | None:
-    """The key every process uses when several exist (made at once on two hosts): the
-    oldest, then the smallest key id. Deterministic, so all converge on one."""
-    return min(records, key=lambda r: (r.created, r.key.key_id), default=None)
+    """The key every process uses when several exist: the newest `created`, then the
+    largest key id. Deterministic (the records are authenticated and the same on every
+    host), so all converge on one: after `drctl tenant rotate-key` the new key (whose
+    stamp :func:`rotation_stamp` puts after every other), and after two hosts made a
+    first key at once, the later of the two. Every other key stays stored: older
+    snapshots name theirs and keep opening."""
+    return max(records, key=lambda r: (r.created, r.key.key_id), default=None)
+
+
+def rotation_stamp(now: datetime, records: Sequence[KeyRecord]) -> str:
+    """The `created` of a key made by a rotation: now, but at least one second after
+    every existing key's, so :func:`choose` picks it even on a host whose clock is behind
+    the one that made the current key (or within the second that made it)."""
+    stamp = created_stamp(now)
+    newest = max((r.created for r in records), default=None)
+    if newest is None or stamp > newest:
+        return stamp
+    try:
+        after = datetime.strptime(newest, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:  # authenticated but not ours to parse: fall back to now
+        return stamp
+    return created_stamp(after + timedelta(seconds=1))
 
 
 def identity_from(plaintext: bytes) -> x25519.Identity | None:

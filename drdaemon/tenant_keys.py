@@ -8,6 +8,8 @@ A tenant's keyring, in every region and in the state folder (docs/format.md,
                                           [keys] recipients (ops and escrow)
     tenants/<tenant>/keys/<key_id>.json   its public record, authenticated with the
                                           manifest key
+    tenants/<tenant>/keys/<key_id>.rewrap.age  while a rewrap works on it: the new
+                                          wrapped copy (key_rotation.py)
 
 `key_id` is derived from the tenant's recipient, so an unwrapped identity is
 checked against the key id an authenticated manifest names: a planted wrapped
@@ -18,12 +20,14 @@ every copy is how a tenant is erased.
 Backups need only the public record (:func:`ensure_key`); restores, drills and
 deep verifies get the identities that open a snapshot from
 :func:`snapshot_identities`, the one place that unwraps (audit-logged). The
-key's public record (pure: encoding, parsing, choosing) is tenant_key_record.py.
+key's public record (pure: encoding, parsing, choosing) is tenant_key_record.py;
+rewrapping and rotating keys, key_rotation.py.
 """
 
 from __future__ import annotations
 
 import getpass
+import itertools
 import logging
 import os
 import socket
@@ -80,11 +84,19 @@ class Survey:
         return choose([r for kid, r in self.records.items() if kid in wrapped])
 
 
-def _regions(rt: Runtime, tenant: str) -> list[ObjectStore]:
+def keyring_regions(rt: Runtime, tenant: str) -> list[ObjectStore]:
     """The regions that hold `tenant`'s keyring: those its residency allows (for a
     shared source's label "a+b", those every one of its tenants allows)."""
     allowed = set(tenancy.regions_for_tenants(rt.config, tenancy.label_tenants(tenant)))
     return [s for s in rt.stores if s.name in allowed]
+
+
+def writable_regions(rt: Runtime, tenant: str) -> list[ObjectStore]:
+    """:func:`keyring_regions` that the residency allows also in the config file as it
+    reads now (Runtime.configs_in_force): a rewrap writes nowhere else."""
+    names = tenancy.label_tenants(tenant)
+    allowed = [set(tenancy.regions_for_tenants(c, names)) for c in rt.configs_in_force()]
+    return [s for s in keyring_regions(rt, tenant) if all(s.name in a for a in allowed)]
 
 
 def _read_state(rt: Runtime, name: str) -> bytes | None:
@@ -122,7 +134,7 @@ def survey(rt: Runtime, tenant: str) -> Survey:
         if ext == "json":
             _add_record(rt, out, tenant, kid, _read_state(rt, layout.tenant_key_record(
                 tenant, kid)), STATE)
-    for store in _regions(rt, tenant):
+    for store in keyring_regions(rt, tenant):
         try:
             listed = {layout.parse_tenant_key_name(o.name) for o in
                       store.list(key_objects(tenant))}
@@ -173,15 +185,17 @@ def repair(rt: Runtime, tenant: str) -> None:
         _repair(rt, chosen, found)
 
 
-def _make(rt: Runtime, tenant: str) -> None:
-    """Make a tenant key: the wrapped identity first, then its record, state folder first."""
+def _make(rt: Runtime, tenant: str, created: str | None = None) -> TenantKey:
+    """Make a tenant key: the wrapped identity first, then its record, state folder first.
+    `created` (tenant_key_record.created_stamp) defaults to now."""
     ident = x25519.Identity.generate()
     key = TenantKey(tenant, key_id_of(str(ident.to_public())), str(ident.to_public()))
-    stored, failed = _store_wrapped(rt, key, ident, created_stamp(rt.clock()))
+    stored, failed = _store_wrapped(rt, key, ident, created or created_stamp(rt.clock()))
     rt.record_event("tenant_key.created", tenant=tenant, key_id=key.key_id,
                     recipient=key.recipient, fingerprint=key.fingerprint,
                     wrapped_to=[fingerprint(r) for r in rt.config.keys.recipients],
                     regions=stored, failed_regions=failed)
+    return key
 
 
 def _store_wrapped(rt: Runtime, key: TenantKey, ident: x25519.Identity,
@@ -196,7 +210,7 @@ def _store_wrapped(rt: Runtime, key: TenantKey, ident: x25519.Identity,
     for name, blob in objects:
         statefs.write_atomic(rt.config.daemon.state_dir, name, blob)
     stored, failed = [], {}
-    for store in _regions(rt, key.tenant):
+    for store in keyring_regions(rt, key.tenant):
         try:
             for name, blob in objects:
                 store.put_bytes(name, blob, retain_until=None)  # never locked: erasure
@@ -204,29 +218,6 @@ def _store_wrapped(rt: Runtime, key: TenantKey, ident: x25519.Identity,
         except StorageError as exc:
             failed[store.name] = str(exc)  # put back by the next ensure_key
     return stored, failed
-
-
-def rewrap(rt: Runtime, tenant: str, identities: Sequence[x25519.Identity]) -> list[str]:
-    """Wrap every key of `tenant` again, to today's [keys] recipients (after an operator
-    key was rotated); the key ids of the keys rewrapped. Each is unwrapped with
-    `identities` (audit-logged) and replaces its copies in the state folder and
-    every region; the tenant's snapshots are unchanged. A versioned bucket keeps
-    the old wrapped copies as noncurrent versions until its lifecycle rule expires
-    them (docs/format.md)."""
-    done = []
-    for kid, record in sorted(survey(rt, tenant).records.items()):
-        ident = unwrap(rt, tenant, kid, identities)
-        stored, failed = _store_wrapped(rt, record.key, ident, record.created)
-        rt.record_event("tenant_key.rewrapped", tenant=tenant, key_id=kid,
-                        wrapped_to=[fingerprint(r) for r in rt.config.keys.recipients],
-                        regions=stored, failed_regions=failed, user=getpass.getuser(),
-                        host=socket.gethostname())
-        if failed:
-            raise DrError(f"tenant {tenant}'s key {kid} was rewrapped but not in "
-                          + "; ".join(f"{k}: {v}" for k, v in failed.items())
-                          + ": run the command again when the region answers")
-        done.append(kid)
-    return done
 
 
 def _repair(rt: Runtime, chosen: KeyRecord, found: Survey) -> None:
@@ -313,10 +304,12 @@ def unwrap(rt: Runtime, tenant: str, key_id: str,
     or when no copy exists anywhere (naming the erasure, where there was one);
     IntegrityError when every copy found holds another key (planted).
     """
-    name = layout.tenant_key_object(tenant, key_id)
-    places = [STATE] + [s.name for s in _regions(rt, tenant)]
+    places = [STATE] + [s.name for s in keyring_regions(rt, tenant)]
     refused, bad = False, []
-    for where, blob in _copies(rt, name, places):
+    # A rewrap's staged copy (key_rotation.py) is tried after every settled one.
+    copies = itertools.chain(_copies(rt, layout.tenant_key_object(tenant, key_id), places),
+                             _copies(rt, layout.tenant_key_staged(tenant, key_id), places))
+    for where, blob in copies:
         try:
             plain = pyrage.decrypt(blob, list(identities))
         except pyrage.DecryptError as exc:
@@ -360,7 +353,7 @@ def _unwrap_failure(rt: Runtime, tenant: str, key_id: str, refused: bool,
 def _wrapped_to(rt: Runtime, tenant: str, key_id: str) -> list[str]:
     """Fingerprints a key is wrapped to, from its authenticated record (else [keys])."""
     name = layout.tenant_key_record(tenant, key_id)
-    for _where, raw in _copies(rt, name, [STATE] + [s.name for s in _regions(rt, tenant)]):
+    for _where, raw in _copies(rt, name, [STATE] + [s.name for s in keyring_regions(rt, tenant)]):
         try:
             return list(parse_record(raw, rt.manifest_key, tenant, key_id).wrapped_to)
         except IntegrityError:

@@ -24,6 +24,7 @@ FORBIDDEN = frozenset({
     "trash", "verify",
     "export", "export_doc", "export_files", "erasure", "erasure_records", "erasure_sweep",
     "tenant_keys", "tenant_key_record", "signing",
+    "key_rotation",
 })
 
 

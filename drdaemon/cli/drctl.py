@@ -11,10 +11,17 @@ from types import FrameType
 import click
 
 from .. import backup as backup_service
+from .. import key_rotation, tenancy
 from .. import restore as restore_service
-from .. import tenancy, tenant_keys
 from ..errors import DrError, UsageError
-from ..keys import fingerprint, generate_identity, generate_manifest_key, identities_for
+from ..keys import (
+    describe_recipients,
+    fingerprint,
+    generate_identity,
+    generate_manifest_key,
+    identities_for,
+    load_identities,
+)
 from ..progress import ProgressLine
 from ..runtime import Runtime, record_key_generation
 from ..sources import pg_roles
@@ -139,22 +146,48 @@ def keys_manifest_key(ctx: click.Context, out: str) -> None:
 
 
 @keys_group.command("rewrap")
-@identity_option
+@click.option("--identity", "identity_files", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="age identity file (repeatable; default: [keys] identity_file): one that "
+                   "opens the keys as wrapped now, and one of today's recipients.")
 @json_option
 @click.pass_context
 @handle_errors("drctl")
-def keys_rewrap(ctx: click.Context, identity_file: Path | None, as_json: bool) -> None:
-    """Wrap every tenant's key again to today's [keys] recipients (after rotating an
-    operator key); needs an identity the keys are wrapped to now (e.g. the escrow one)."""
+def keys_rewrap(ctx: click.Context, identity_files: tuple[Path, ...], as_json: bool) -> None:
+    """Wrap every tenant key again to today's [keys] recipients (after adding or removing
+    an operator recipient); no snapshot is touched. Resumable: run it again after any
+    interruption. Exit 1 naming each key that failed."""
     rt = get_runtime(ctx)
-    identities = identities_for(rt.config, identity_file, "rewrapping tenant keys")
-    tenants = sorted({s.tenant for s in rt.config.sources})
-    done = {t: tenant_keys.rewrap(rt, t, identities) for t in tenants}
+    identities = [i for f in identity_files for i in load_identities(f)] \
+        or identities_for(rt.config, None, "rewrapping tenant keys")
+    line = ProgressLine("rewrap")
+    report = key_rotation.rewrap(rt, identities, lambda n, total, tenant: line.note(
+        f"rewrap: tenant {n}/{total} {tenant}"))
+    line.close()
     if as_json:
-        emit_json({"rewrapped": done})
-        return
-    for tenant, ids in done.items():
-        click.echo(f"{tenant}: {', '.join(ids) or 'no key yet'}")
+        emit_json(report.to_dict())
+    else:
+        for text in rewrap_lines(report, rt.recipient_labels()):
+            click.echo(text)
+    if not report.ok:
+        sys.exit(1)
+
+
+def rewrap_lines(report: key_rotation.RewrapReport, labels: dict[str, str]) -> list[str]:
+    """The human summary of a rewrap: one line per key changed or failed, then totals."""
+    lines = []
+    for k in report.keys:
+        if k.outcome == "rewrapped":
+            lines.append(f"{k.tenant} key {k.key_id}: rewrapped in {', '.join(k.places)} "
+                         f"(was: {describe_recipients(k.old_wrapped_to, labels)})")
+        elif k.outcome == "failed":
+            lines.append(f"{k.tenant} key {k.key_id}: FAILED: {'; '.join(k.errors)}")
+    lines += [f"! {e}" for e in report.errors]
+    lines += [f"{t}: passed over: {why}" for t, why in report.skipped.items()]
+    lines.append(f"{report.count('rewrapped')} key(s) rewrapped, {report.count('unchanged')} "
+                 f"already wrapped to today's recipients, {report.count('failed')} failed; "
+                 f"recipients: {describe_recipients(report.wrapped_to, labels)}")
+    return lines
 
 
 def _audit_new_key(ctx: click.Context, record: Callable[[Runtime], None]) -> None:

@@ -157,10 +157,22 @@ def show_lines(out: dict[str, Any]) -> list[str]:
         lines.append(f"UNMANAGED  {', '.join(out['unmanaged_sources'])} (in storage, not in "
                      "the config)")
     for section, body in out["sections"].items():
-        lines.append(f"{section:<10} {body if body is not None else '-'}")
+        if section == "keys" and body:
+            lines += _key_lines(body)
+        else:
+            lines.append(f"{section:<10} {body if body is not None else '-'}")
     for r, why in out["region_errors"].items():
         lines.append(f"! region {r} could not be listed: {why}")
     return lines
+
+
+def _key_lines(body: dict[str, Any]) -> list[str]:
+    """One line per tenant key; the current one (new snapshots use it) marked."""
+    return [f"{'key':<10} {k['key_id']} {'current' if k.get('current') else 'older  '} "
+            f"created {k['created'] or '?'}; wrapped to {', '.join(k['wrapped_to']) or '?'}; "
+            f"copies in {', '.join(k['wrapped_copies']) or 'none'}" for k in body["keys"]] \
+        + [f"! keys in region {r} could not be read: {why}"
+           for r, why in body.get("unreachable", {}).items()]
 
 
 @tenant_group.command("access")

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .. import offboarding
+from .. import key_rotation, offboarding
 from ..erasure import erase
 from ..erasure_cert import ErasureCertificate
 from ..errors import UsageError
@@ -146,6 +146,23 @@ def tenant_hold(ctx: click.Context, tenant: str, reason: str, as_json: bool) -> 
     """Put a legal hold on a tenant: S3 legal holds on its objects in every region, prune and
     erasure suspended. Exit 1 if a region failed (the hold is recorded; run it again)."""
     _output_hold(offboarding.hold(get_runtime(ctx), tenant, reason), as_json)
+
+
+@tenant_group.command("rotate-key")
+@click.argument("tenant", metavar="NAME")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def tenant_rotate_key(ctx: click.Context, tenant: str, as_json: bool) -> None:
+    """Start a new key for the tenant's future snapshots (after a suspected exposure).
+    Older snapshots keep opening with their own key until they are pruned; erasure
+    destroys every key. Audit-logged."""
+    r = key_rotation.rotate_key(get_runtime(ctx), tenant)
+    if as_json:
+        emit_json(r.to_dict())
+        return
+    click.echo(f"tenant {r.tenant}: new key {r.key_id} (fingerprint {r.fingerprint}) is used "
+               f"from the next backup on; kept for older snapshots: {', '.join(r.old_key_ids)}")
 
 
 @tenant_group.command("release")
