@@ -4,7 +4,6 @@ matches them against (the log's head, the key's fingerprint, the newest anchor).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 from ..audit_chain import line_hash
 from ..errors import DrError, UsageError
 from ..runtime import Runtime
-from .records import DrillRecord, load_checked, load_records, records_path
+from .records import DrillRecord, load_checked, load_records, matches_audit, records_path
 from .report import ReportData
 
 
@@ -46,23 +45,7 @@ def audit_status(rt: Runtime, records: Sequence[DrillRecord]) -> dict[str, Any] 
             "drill_records": {i: {"seq": doc.get("seq"), "hash": h}
                               for i, (doc, h) in found.items()},
             "drills_unattested": [r.id for r in records
-                                  if not _attested(r, found.get(r.id, (None, ""))[0])]}
-
-
-# A record of any version names at least these; newer fields are compared when the
-# audit record has them too.
-_ATTESTED = ("source", "snapshot_id", "sha256", "ok", "verified", "reasons", "rto_seconds",
-             "rpo_seconds", "started_at")
-
-
-def _attested(record: DrillRecord, event: dict[str, Any] | None) -> bool:
-    """Whether every field of `record` equals its audit record's (fields the log
-    withheld as secret-looking aside)."""
-    if event is None or any(k not in event for k in _ATTESTED):
-        return False
-    withheld = {re.split(r"[.\[]", str(p), maxsplit=1)[0] for p in event.get("withheld", [])}
-    return all(event[k] == v for k, v in record.to_dict().items()
-               if k in event and k not in withheld)
+                                  if not matches_audit(r, found.get(r.id, (None, ""))[0])]}
 
 
 def newest_anchor(state_dir: Path) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
@@ -125,7 +126,7 @@ def append_record(state_dir: Path, record: DrillRecord,
         statefs.write_all(fd, line)
 
 
-def _lines(state_dir: Path) -> Iterator[tuple[dict[str, Any], DrillRecord]]:
+def parsed_lines(state_dir: Path) -> Iterator[tuple[dict[str, Any], DrillRecord]]:
     """Each line that parses as a drill record: (its JSON object, the record)."""
     path = records_path(state_dir)
     try:
@@ -153,7 +154,7 @@ def _wanted(record: DrillRecord, since: datetime | None, source: str | None) -> 
 def load_records(state_dir: Path, since: datetime | None = None,
                  source: str | None = None) -> list[DrillRecord]:
     """Recorded drills, oldest first; only those begun at/after `since`, of `source`."""
-    records = [r for _, r in _lines(state_dir) if _wanted(r, since, source)]
+    records = [r for _, r in parsed_lines(state_dir) if _wanted(r, since, source)]
     records.sort(key=lambda r: (r.started, r.id))
     return records
 
@@ -183,10 +184,26 @@ def check_line(doc: dict[str, Any], public: PublicKey) -> tuple[str, str | None]
 def load_checked(state_dir: Path, public: PublicKey, since: datetime | None = None
                  ) -> list[CheckedRecord]:
     """`load_records`, each with its signature checked against `public`, oldest first."""
-    out = [CheckedRecord(r, *check_line(doc, public)) for doc, r in _lines(state_dir)
+    out = [CheckedRecord(r, *check_line(doc, public)) for doc, r in parsed_lines(state_dir)
            if _wanted(r, since, None)]
     out.sort(key=lambda c: (c.record.started, c.record.id))
     return out
+
+
+# A record of any version names at least these; newer fields are compared when the
+# audit record has them too.
+_ATTESTED = ("source", "snapshot_id", "sha256", "ok", "verified", "reasons", "rto_seconds",
+             "rpo_seconds", "started_at")
+
+
+def matches_audit(record: DrillRecord, event: dict[str, Any] | None) -> bool:
+    """Pure: whether every field of `record` equals that of its `drill` audit record
+    `event` (fields the log withheld as secret-looking aside)."""
+    if event is None or any(k not in event for k in _ATTESTED):
+        return False
+    withheld = {re.split(r"[.\[]", str(p), maxsplit=1)[0] for p in event.get("withheld", [])}
+    return all(event[k] == v for k, v in record.to_dict().items()
+               if k in event and k not in withheld)
 
 
 def latest_restores(records: Iterable[DrillRecord], sources: Iterable[str]
