@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__, audit, layout, manifest
+from . import __version__, audit, layout, manifest, statefs
 from .audit_chain import canonical, verify_public
 from .drills.records import DrillRecord, check_line, parsed_lines
 from .errors import DrError, UsageError
@@ -152,12 +152,14 @@ def _add_manifest(rt: Runtime, record: DrillRecord, files: dict[str, bytes],
 
 
 def _anchor_files(state_dir: Path) -> dict[str, bytes]:
-    """The anchors of the log's head kept in the state folder (regular files only)."""
-    folder = state_dir / ANCHOR_DIR
-    if not folder.is_dir() or folder.is_symlink():
-        return {}
-    return {f"{ANCHORS}/{p.name}": p.read_bytes() for p in sorted(folder.iterdir())
-            if p.is_file() and not p.is_symlink()}
+    """The anchors of the log's head kept in `<state_dir>/audit-anchors/` (`<seq>.json`
+    and its time-stamp token `<seq>.tsr`), by their paths in the bundle.
+
+    Read through statefs (no link followed); the one place the bundle learns of
+    anchors, to be pointed at `anchors.load_all(state_dir)` when anchors.py is in.
+    """
+    return {f"{ANCHORS}/{n}": statefs.read_bytes(state_dir, f"{ANCHOR_DIR}/{n}")
+            for n in statefs.list_names(state_dir, ANCHOR_DIR) if n.endswith((".json", ".tsr"))}
 
 
 def _info(rt: Runtime, key: SigningKey, since: datetime | None, lines: list[bytes], head: str,

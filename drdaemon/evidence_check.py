@@ -173,7 +173,8 @@ def _check_drill(check: BundleCheck, n: int, line: bytes, public: PublicKey,
     try:
         doc = json.loads(line)
         record = DrillRecord.from_dict(doc)
-    except (ValueError, TypeError) as exc:
+        record.to_dict()  # fields of the wrong type (reasons not a list) fail here
+    except (ValueError, TypeError, AttributeError) as exc:
         check.problems.append(f"{where} is not a drill record: {exc}")
         return
     status, why = check_line(doc, public)

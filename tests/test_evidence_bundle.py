@@ -4,6 +4,7 @@ key, on a copy with no drdaemon key or config around; any edited file is caught 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -12,11 +13,15 @@ import subprocess
 from pathlib import Path
 
 from conftest import S3Region
+from hypothesis import given
+from hypothesis import strategies as st
 from support import Setup, directory_source, drctl, make_setup, run_cli
 
 from drdaemon import audit
 from drdaemon.audit_chain import GENESIS, RESERVED, line_hash, make_line, parse_records
 from drdaemon.audit_chain import verify_public as chain_verify_public
+from drdaemon.drills.records import DrillRecord, matches_audit
+from drdaemon.evidence_check import parse_sums
 from drdaemon.signing import SigningKey, generate_signing_key, load_signing_key, public_path
 
 
@@ -76,15 +81,19 @@ def test_bundle_checks_with_stock_tools_and_drctl(tmp_path: Path,
     [snap] = setup.drctl_json("backup")
     [drill] = setup.drctl_json("drill", "run")["drills"]
     sign_log_as_signing_will(setup.state, load_signing_key(key_file))
+    anchors = setup.state / "audit-anchors"  # as anchors.py keeps them
+    anchors.mkdir(mode=0o700)
+    (anchors / "000000000001.json").write_text('{"format":"drdaemon.audit-anchor"}')
 
     out = tmp_path / "out" / "bundle"
     out.parent.mkdir()
     result = setup.drctl("audit", "export", "--to", str(out), "--since", "90d", "--json")
     assert result.exit_code == 0, result.output + result.stderr
     made = json.loads(result.stdout)
-    assert made["ok"] and made["drills"] == 1 and made["manifests"] == 1, made
+    assert made["ok"] and (made["drills"], made["manifests"], made["anchors"]) == (1, 1, 1), made
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "SHA256SUMS", "SHA256SUMS.sig", "VERIFY.md", "audit/audit.jsonl", "bundle.json",
+        "SHA256SUMS", "SHA256SUMS.sig", "VERIFY.md", "anchors/000000000001.json",
+        "audit/audit.jsonl", "bundle.json",
         "drills/drills.jsonl", f"manifests/lms-files/{snap['snapshot_id']}.json",
         "signing-key.pub"]
     assert json.loads((out / "drills" / "drills.jsonl").read_text())["id"] == drill["id"]
@@ -106,13 +115,13 @@ def test_bundle_checks_with_stock_tools_and_drctl(tmp_path: Path,
     fingerprint, signature, sums = (c.stdout for c in checks)
     assert made["signing_key"] == "ed25519:" + fingerprint.strip()
     assert "Signature Verified Successfully" in signature
-    assert sums.count(": OK") == 6 and "FAILED" not in sums
+    assert sums.count(": OK") == 7 and "FAILED" not in sums
     env = {"HOME": str(auditor / "home"), "PATH": os.environ["PATH"]}
     proc = run_cli("drctl", "audit", "verify", "--bundle", str(pristine), "--public-key",
                    str(key), "--json", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     checked = json.loads(proc.stdout)
-    assert (checked["drills"], checked["manifests"], checked["files"]) == (1, 1, 6)
+    assert (checked["drills"], checked["manifests"], checked["files"]) == (1, 1, 7)
     assert checked["audit"]["head"] == made["head"]
 
     # Any file edited: both the stock tools and drctl say so.
@@ -142,3 +151,41 @@ def test_export_needs_a_signing_key_and_verify_needs_its_public_key(tmp_path: Pa
     assert not (tmp_path / "bundle").exists()
     result = drctl(["audit", "verify", "--bundle", str(tmp_path)])
     assert result.exit_code == 2 and "--public-key" in result.stderr
+
+
+NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._-", min_size=1, max_size=12)
+
+
+@given(st.lists(st.lists(NAME, min_size=1, max_size=3).map("/".join), unique=True, max_size=6),
+       st.sampled_from(["../x", "/etc/passwd", "a/../../b", "a//b", "a\\b", "a b", "a/"]))
+def test_sums_take_plain_relative_names_only(names: list[str], hostile: str) -> None:
+    """Every plain relative name round-trips; a name that could leave the bundle never does."""
+    names = [n for n in names if ".." not in n.split("/")]
+    text = "".join(f"{i:064x}  {n}\n" for i, n in enumerate(names))
+    assert parse_sums(text) == ({n: f"{i:064x}" for i, n in enumerate(names)}, [])
+    sums, problems = parse_sums(text + f"{0:064x}  {hostile}\n")
+    assert hostile not in sums and len(problems) == 1
+
+
+@given(st.sampled_from([f.name for f in dataclasses.fields(DrillRecord)
+                        if f.name != "reasons"]),
+       st.one_of(st.integers(), st.text(max_size=5), st.none(), st.booleans()))
+def test_a_drill_record_matches_its_audit_record_only_unchanged(name: str, value: object) -> None:
+    record = DrillRecord.from_dict(json.loads(REPORT_RECORD))
+    event = json.loads(json.dumps(record.to_dict()))
+    assert matches_audit(record, event)
+    edited = DrillRecord.from_dict({**record.to_dict(), name: value})
+    assert matches_audit(edited, event) == (edited.to_dict() == record.to_dict())
+    # Fields the log withheld as secret-looking are not compared; the rest still are.
+    assert matches_audit(edited, {**event, "withheld": [f"{name}[0]"]})
+
+
+REPORT_RECORD = json.dumps({
+    "id": "20261123T020000Z-00000001", "source": "lms-files", "tenant": "uni-a", "tier": "paid",
+    "region": "us-virginia", "snapshot_id": "20261123T010000Z-abcdef01", "sha256": "ab" * 32,
+    "started_at": "2026-11-23T02:00:00+00:00", "finished_at": "2026-11-23T02:00:05+00:00",
+    "ok": True, "reasons": [], "rto_seconds": 5.0, "rpo_seconds": 3600.0,
+    "worst_gap_seconds": None, "throughput_bytes_per_second": 1.0, "stored_bytes": 5,
+    "plaintext_bytes": 9, "rto_target_seconds": 86400.0, "rpo_target_seconds": 86400.0,
+    "projected_tier_rto_seconds": 5.0, "timings": {"download": 1.0}, "host": "dr-1",
+    "user": "ops", "manifest_key_id": "k1", "manifest_mac": "cd" * 32})

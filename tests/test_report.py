@@ -217,5 +217,6 @@ def test_unattested_and_unsigned_records_never_pass() -> None:
     assert doc["rejected"] == rejected and doc["signing_key"] == "ed25519:" + "1" * 32
     html = render_html(data)
     assert 'id="evidence" class="fail"' in html and ">UNATTESTED<" in html
+    assert html.count("UNATTESTED</title>") == 2  # its mark in both charts is no pass either
     unsigned = render(ReportData(NOW, None, shown, AUDIT_OK), "md")
     assert "Drill records are NOT signed" in unsigned

@@ -139,7 +139,7 @@ def parsed_lines(state_dir: Path) -> Iterator[tuple[dict[str, Any], DrillRecord]
         try:
             doc = json.loads(line)
             record = DrillRecord.from_dict(doc)
-            _ = record.started  # a record must have a readable start time
+            _ = record.started, record.to_dict()  # a start time; reasons a list
         except (ValueError, TypeError, AttributeError) as exc:
             log.warning("%s line %d is not a drill record, skipped: %s", path, n, exc)
             continue

@@ -300,9 +300,9 @@ def render_html(data: ReportData) -> str:
         drills=[_drill_row(data, r) for r in records], fail_colour=FAIL_COLOUR,
         drill_evidence=[drill_evidence(data, r) for r in records],
         charts=[chart("rto", "Recovery time (RTO) measured by each drill, against the tier "
-                      "target", records, colours),
+                      "target", records, colours, data.untrusted),
                 chart("rpo", "Data age at the drill (RPO), against the tier target", records,
-                      colours)])
+                      colours, data.untrusted)])
     return str(html)
 
 
@@ -336,9 +336,9 @@ _TICKS = (0.001, 0.01, 0.1, 1, 10, 60, 600, 3600, 6 * 3600, 86400, 2 * 86400, 7 
 
 
 def chart(metric: str, caption: str, records: Sequence[DrillRecord],
-          colours: dict[str, str]) -> dict[str, Any]:
+          colours: dict[str, str], untrusted: Collection[str] = ()) -> dict[str, Any]:
     """Measured `metric` ("rto" or "rpo") per drill over time, log scale, with target lines:
-    every coordinate and label the template draws."""
+    every coordinate and label the template draws (a drill in `untrusted` is not a pass)."""
     title = "RTO" if metric == "rto" else "RPO"
 
     def value(r: DrillRecord) -> float | None:
@@ -385,10 +385,12 @@ def chart(metric: str, caption: str, records: Sequence[DrillRecord],
     for r, t in zip(records, times, strict=True):
         v = value(r)
         tip = (f"{r.source} ({r.tier}) {when(r.started_at)}: {title} {duration(v)}, target "
-               f"{duration(target(r))}, {'PASS' if r.ok else 'FAIL'}"
+               f"{duration(target(r))}, "
+               f"{'FAIL' if not r.ok else 'UNATTESTED' if r.id in untrusted else 'PASS'}"
                + (f" — {'; '.join(r.reasons)}" if r.reasons else ""))
         out["marks"].append({"missing": v is None, "x": x(t),
-                             "y": _TOP + ph if v is None else y(v), "ok": r.ok,
+                             "y": _TOP + ph if v is None else y(v),
+                             "ok": r.ok and r.id not in untrusted,
                              "colour": colours[r.tier], "tip": tip})
     return out
 
