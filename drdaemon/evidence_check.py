@@ -23,6 +23,7 @@ from typing import Any
 from .audit_chain import parse_records, split_lines, verify_public
 from .drills.records import DrillRecord, check_line, matches_audit
 from .signing import PublicKey
+from .units import parse_iso_time
 
 SUMS = "SHA256SUMS"
 SUMS_SIG = "SHA256SUMS.sig"
@@ -157,8 +158,13 @@ def _check_contents(check: BundleCheck, contents: dict[str, bytes], public: Publ
                               f"{named}: records were added or removed")
     good = lines if result.first_bad is None else lines[:result.first_bad]
     events = {e.get("id"): e for e in parse_records(good) if e.get("event") == "drill"}
+    seen: set[str] = set()
     for n, line in enumerate(split_lines(contents.get(DRILLS, b"")), 1):
-        _check_drill(check, n, line, public, events, contents)
+        seen |= _check_drill(check, n, line, public, events, contents)
+    for i, e in events.items():
+        if i not in seen and _after(e.get("started_at"), info.get("since")):
+            check.notes.append(f"{'FAILED ' if e.get('ok') is False else ''}drill {i} (audit "
+                               f"record {e.get('seq')}) has no signed record in {DRILLS}")
     anchors = sorted(n for n in contents if n.startswith(ANCHORS + "/"))
     check.anchors = len(anchors)
     check.problems += anchor_problems(good, {n: contents[n] for n in anchors})
@@ -167,8 +173,17 @@ def _check_contents(check: BundleCheck, contents: dict[str, bytes], public: Publ
                            "proves that the log was not rewritten")
 
 
+def _after(at: object, since: object) -> bool:
+    """Whether the time `at` is at/after `since` (no `since`, or a bad time: True)."""
+    try:
+        return not since or parse_iso_time(str(at)) >= parse_iso_time(str(since))
+    except (ValueError, TypeError):
+        return True
+
+
 def _check_drill(check: BundleCheck, n: int, line: bytes, public: PublicKey,
-                 events: dict[Any, dict[str, Any]], contents: dict[str, bytes]) -> None:
+                 events: dict[Any, dict[str, Any]], contents: dict[str, bytes]) -> set[str]:
+    """Check one drill record line; the ids it accounts for (none if unreadable)."""
     where = f"{DRILLS} line {n}"
     try:
         doc = json.loads(line)
@@ -176,22 +191,22 @@ def _check_drill(check: BundleCheck, n: int, line: bytes, public: PublicKey,
         record.to_dict()  # fields of the wrong type (reasons not a list) fail here
     except (ValueError, TypeError, AttributeError) as exc:
         check.problems.append(f"{where} is not a drill record: {exc}")
-        return
+        return set()
     status, why = check_line(doc, public)
     if status != "signed":
         check.problems.append(f"{where} ({record.id}) is {status}: {why}")
-        return
+        return {record.id}
     if not matches_audit(record, events.get(record.id)):
         check.problems.append(f"{where} ({record.id}) does not match its drill record in "
                               f"{AUDIT_LOG} (or has none)")
-        return
+        return {record.id}
     check.drills += 1
     if not (record.snapshot_id and record.manifest_mac):
-        return
+        return {record.id}
     name = manifest_path(record.source, record.snapshot_id)
     if name not in contents:
         check.notes.append(f"{record.id}: no manifest {name} in the bundle (pruned since?)")
-        return
+        return {record.id}
     try:
         m = json.loads(contents[name])
         mac, sha = m["mac"], m["data"]["sha256"]
@@ -204,6 +219,7 @@ def _check_drill(check: BundleCheck, n: int, line: bytes, public: PublicKey,
     else:
         check.problems.append(f"{name} is not the manifest drill {record.id} read (its id, "
                               "sha256 or MAC differs)")
+    return {record.id}
 
 
 def anchor_problems(lines: list[bytes], anchors: dict[str, bytes]) -> list[str]:

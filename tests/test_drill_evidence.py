@@ -21,7 +21,7 @@ from drdaemon import audit, layout
 from drdaemon.signing import generate_signing_key, public_path
 
 EDITS = [("region", "eu-frankfurt"), ("rto_target_seconds", 10.0 ** 9), ("host", "elsewhere"),
-         ("sha256", "0" * 64), ("started_at", "2026-01-01T00:00:00+00:00")]
+         ("sha256", "0" * 64), ("started_at", "2000-01-01T00:00:00+00:00")]
 
 
 def report(setup: Setup) -> dict[str, Any]:
@@ -72,9 +72,12 @@ def test_edited_drill_records_never_pass(tmp_path: Path, s3_regions: list[S3Regi
     for field, value in EDITS:
         old = edit_line(records, 0, field, value)
         doc = report(setup)
-        assert doc["audit"]["drills_unattested"] == [d["id"]], field
-        assert [x["result"] for x in doc["drills"]] == ["UNATTESTED"], field
-        assert [s["passed"] for s in doc["summary"]] == [0], field
+        # Flagged as not matching its audit record or, moved out of the period, as
+        # missing from it; never a PASS.
+        flagged = doc["audit"]["drills_unattested"] + [x["id"] for x in doc["rejected"]]
+        assert flagged == [d["id"]], field
+        assert "PASS" not in [x["result"] for x in doc["drills"]], field
+        assert sum(s["passed"] for s in doc["summary"]) == 0, field
         records.write_bytes(old)
 
     # With a signing key: records are signed, and only signed ones are evidence.
@@ -111,6 +114,14 @@ def test_edited_drill_records_never_pass(tmp_path: Path, s3_regions: list[S3Regi
         md = setup.drctl("drill", "report", "--since", "3650d").stdout
         assert f"FORGED drill record {signed['id']}" in md and "| PASS |" not in md, field
         records.write_bytes(old)
+
+    # A drill removed from drills.jsonl is named from its audit record.
+    old = records.read_bytes()
+    records.write_bytes(old.splitlines(keepends=True)[0])
+    doc = report(setup)
+    assert doc["drills"] == [] and [(x["id"], x["status"]) for x in doc["rejected"]] == [
+        (unsigned["id"], "unsigned"), (signed["id"], "missing")]
+    records.write_bytes(old)
 
     # The report is signed: openssl checks it with the public key alone.
     out = tmp_path / "out" / "report.html"

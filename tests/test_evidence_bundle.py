@@ -5,6 +5,7 @@ key, on a copy with no drdaemon key or config around; any edited file is caught 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -136,6 +137,18 @@ def test_bundle_checks_with_stock_tools_and_drctl(tmp_path: Path,
         assert any(c.returncode != 0 for c in stock), name
         got = drctl(["audit", "verify", "--bundle", str(copy), "--public-key", str(key)])
         assert got.exit_code == 1 and "FAILED" in got.stdout, (name, got.stdout)
+    # The key holder drops the drill record and signs the list again: the log still has it.
+    dropped = auditor / "dropped"
+    shutil.copytree(pristine, dropped)
+    (dropped / "drills" / "drills.jsonl").write_bytes(b"")
+    sums = re.sub(r"\S+  drills/drills.jsonl",
+                  f"{hashlib.sha256(b'').hexdigest()}  drills/drills.jsonl",
+                  (dropped / "SHA256SUMS").read_text())
+    (dropped / "SHA256SUMS").write_text(sums)
+    (dropped / "SHA256SUMS.sig").write_bytes(load_signing_key(key_file).sign(sums.encode()))
+    got = drctl(["audit", "verify", "--bundle", str(dropped), "--public-key", str(key)])
+    assert f"drill {drill['id']} (audit record" in got.stdout, got.stdout
+    assert "has no signed record in drills/drills.jsonl" in got.stdout
     # A file added afterwards: drctl names it.
     (pristine / "drills" / "extra.jsonl").write_text("{}\n")
     got = drctl(["audit", "verify", "--bundle", str(pristine), "--public-key", str(key)])

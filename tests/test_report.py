@@ -200,7 +200,9 @@ def test_unattested_and_unsigned_records_never_pass() -> None:
     shown[0].config_sha256 = "f0" * 32
     rejected = [{"id": "20261001T000000Z-00000009", "source": "lms-db", "status": "forged",
                  "started_at": "2026-10-01T00:00:00+00:00",
-                 "why": "signature does not match: the record was edited after it was signed"}]
+                 "why": "signature does not match: the record was edited after it was signed"},
+                {"id": "20261002T000000Z-00000008", "source": "lms-db", "status": "missing",
+                 "started_at": "2026-10-02T00:00:00+00:00", "why": "removed"}]
     data = ReportData(NOW, None, shown, audit, signing_key="ed25519:" + "1" * 32,
                       rejected=rejected)
     [paid] = summarize(shown, data.untrusted)
@@ -208,6 +210,7 @@ def test_unattested_and_unsigned_records_never_pass() -> None:
     md = render(data, "md")
     assert "| UNATTESTED |" in md and md.count("| PASS |") == 1
     assert "FORGED drill record 20261001T000000Z-00000009" in md and "not counted" in md
+    assert "MISSING drill record 20261002T000000Z-00000008" in md
     assert "ab" * 32 in md and "ed25519:" + "1" * 32 in md and "Newest anchor: none" in md
     assert f"| `{shown[0].id}` | 41 | {'cd' * 32} | ops | db-1 | {'k' * 16}:{'ee' * 32} | " \
            f"9.9.9 | {'f0' * 32} |" in md

@@ -4,7 +4,7 @@ matches them against (the log's head, the key's fingerprint, the newest anchor).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,9 @@ from .records import DrillRecord, load_checked, load_records, matches_audit, rec
 from .report import ReportData
 
 
-def audit_status(rt: Runtime, records: Sequence[DrillRecord]) -> dict[str, Any] | None:
+def audit_status(rt: Runtime, records: Sequence[DrillRecord],
+                 in_period: Callable[[dict[str, Any]], bool] = lambda _: False,
+                 known: frozenset[str] = frozenset()) -> dict[str, Any] | None:
     """The audit chain's verification for a report, and which of `records` it attests.
 
     drills.jsonl is a convenience copy that anyone with the state folder could
@@ -24,6 +26,9 @@ def audit_status(rt: Runtime, records: Sequence[DrillRecord]) -> dict[str, Any] 
     A drill whose fields differ from its audit record's (or has none before
     the chain's first bad record) is listed in `drills_unattested`; each that
     has one gets its seq and line sha256 in `drill_records` (id -> {"seq", "hash"}).
+    `drills_missing`: the `drill` audit records `in_period` (judged by the audit
+    record's own fields) that neither `records` nor `known` holds: a drill removed
+    from drills.jsonl, or whose time was edited out of the period.
     """
     from .. import audit
 
@@ -33,19 +38,24 @@ def audit_status(rt: Runtime, records: Sequence[DrillRecord]) -> dict[str, Any] 
     except DrError as exc:
         return {"ok": False, "records": None, "first_bad": None, "reason": str(exc),
                 "head": None, "drills_checked": len(records), "drill_records": {},
-                "drills_unattested": [r.id for r in records]}
+                "drills_unattested": [r.id for r in records], "drills_missing": []}
     good = lines if result.first_bad is None else lines[:result.first_bad]
     trusted: dict[Any, tuple[dict[str, Any], str]] = {}
     for doc, line in zip(audit.parse_records(good), good, strict=True):
         if doc.get("event") == "drill":
             trusted[doc.get("id")] = (doc, line_hash(line))
     found = {r.id: trusted[r.id] for r in records if r.id in trusted}
+    shown = known | {r.id for r in records}
+    missing = [{"id": i, "source": doc.get("source"), "started_at": doc.get("started_at"),
+                "ok": doc.get("ok"), "seq": doc.get("seq")}
+               for i, (doc, _) in trusted.items() if i not in shown and in_period(doc)]
     return {"ok": bool(result.ok), "records": result.records, "first_bad": result.first_bad,
             "reason": result.reason, "head": result.head, "drills_checked": len(records),
             "drill_records": {i: {"seq": doc.get("seq"), "hash": h}
                               for i, (doc, h) in found.items()},
             "drills_unattested": [r.id for r in records
-                                  if not matches_audit(r, found.get(r.id, (None, ""))[0])]}
+                                  if not matches_audit(r, found.get(r.id, (None, ""))[0])],
+            "drills_missing": missing}
 
 
 def newest_anchor(state_dir: Path) -> dict[str, Any] | None:
@@ -71,6 +81,13 @@ def report_data(rt: Runtime, since: datetime | None, sources: Sequence[str] = ()
     def chosen(r: DrillRecord) -> bool:
         return (not names or r.source in names) and (drill_id is None or r.id == drill_id)
 
+    def in_period(event: dict[str, Any]) -> bool:
+        try:
+            record = DrillRecord.from_dict(event)
+            return chosen(record) and (since is None or record.started >= since)
+        except (ValueError, TypeError, AttributeError):
+            return False
+
     key = rt.signing_key
     rejected: list[dict[str, Any]] = []
     if key is None:
@@ -81,9 +98,15 @@ def report_data(rt: Runtime, since: datetime | None, sources: Sequence[str] = ()
         rejected = [{"id": c.record.id, "source": c.record.source,
                      "started_at": c.record.started_at, "status": c.status, "why": c.why}
                     for c in checked if c.status != "signed"]
+    audit = audit_status(rt, records, in_period, frozenset(x["id"] for x in rejected))
+    for x in (audit or {}).get("drills_missing", []):
+        rejected.append(dict(x, status="missing", why=(
+            f"{'a FAILED' if x.get('ok') is False else 'a'} drill recorded in the audit log "
+            f"(record {x.get('seq')}) has no record in the period in drills.jsonl: removed, "
+            "or its time edited")))
     if drill_id is not None and not records and not rejected:
         raise UsageError(f"no drill {drill_id!r} in {records_path(state_dir)}")
-    return ReportData(rt.clock(), since, records, audit_status(rt, records),
+    return ReportData(rt.clock(), since, records, audit,
                       str(records_path(state_dir)),
                       signing_key=key.fingerprint if key is not None else None,
                       rejected=rejected, anchor=newest_anchor(state_dir))

@@ -183,9 +183,13 @@ def check_line(doc: dict[str, Any], public: PublicKey) -> tuple[str, str | None]
 
 def load_checked(state_dir: Path, public: PublicKey, since: datetime | None = None
                  ) -> list[CheckedRecord]:
-    """`load_records`, each with its signature checked against `public`, oldest first."""
-    out = [CheckedRecord(r, *check_line(doc, public)) for doc, r in parsed_lines(state_dir)
-           if _wanted(r, since, None)]
+    """`load_records`, each with its signature checked against `public`, oldest first.
+
+    A forged record is returned whatever its start time says: that time is not
+    to be trusted either (moving a failed drill out of the period is an edit).
+    """
+    checked = (CheckedRecord(r, *check_line(doc, public)) for doc, r in parsed_lines(state_dir))
+    out = [c for c in checked if c.status == "forged" or _wanted(c.record, since, None)]
     out.sort(key=lambda c: (c.record.started, c.record.id))
     return out
 
