@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .audit_chain import parse_records, split_lines, verify_public
+from .audit_chain import GENESIS, line_hash, parse_records, split_lines, verify_public
 from .drills.records import DrillRecord, check_line, matches_audit
 from .signing import PublicKey
 from .units import parse_iso_time
@@ -152,9 +152,9 @@ def _check_contents(check: BundleCheck, contents: dict[str, bytes], public: Publ
     check.audit = result.to_dict()
     if not result.ok:
         check.problems.append(f"{AUDIT_LOG}: record {result.first_bad}: {result.reason}")
-    named = (info.get("audit") or {}).get("head")
-    if named != result.head:
-        check.problems.append(f"{AUDIT_LOG} ends at {result.head}, but {INFO} names head "
+    named, head = (info.get("audit") or {}).get("head"), line_hash(lines[-1]) if lines else GENESIS
+    if named != head:
+        check.problems.append(f"{AUDIT_LOG} ends at {head}, but {INFO} names head "
                               f"{named}: records were added or removed")
     good = lines if result.first_bad is None else lines[:result.first_bad]
     events = {e.get("id"): e for e in parse_records(good) if e.get("event") == "drill"}
