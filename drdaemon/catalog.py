@@ -12,6 +12,7 @@ a refresh every few minutes parses only what is new.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -110,12 +111,21 @@ def newness(m: Manifest) -> tuple[datetime, str]:
 def read_manifest(rt: Runtime, store: ObjectStore, source: str, snapshot_id: str) -> Manifest:
     """Fetch and authenticate one manifest; NotFound, StorageError or IntegrityError
     (also for one too large to read: that is the manifest's fault, not the region's)."""
+    return read_manifest_with_mac(rt, store, source, snapshot_id)[0]
+
+
+def read_manifest_with_mac(rt: Runtime, store: ObjectStore, source: str,
+                           snapshot_id: str) -> tuple[Manifest, dict[str, str]]:
+    """`read_manifest`, and the manifest's `mac` ({"key_id", "value"}) as stored: what a
+    drill record names so that an auditor can match it to the manifest in a bundle."""
     name = layout.manifest_object_name(source, snapshot_id)
     try:
         raw = store.get_bytes(name, manifest.MAX_MANIFEST_BYTES)
     except TooLarge:
         raise _too_large() from None
-    return manifest.parse(raw, rt.manifest_key, source=source, snapshot_id=snapshot_id)
+    m = manifest.parse(raw, rt.manifest_key, source=source, snapshot_id=snapshot_id)
+    mac = json.loads(raw)["mac"]  # authenticated just now: a dict with these strings
+    return m, {"key_id": str(mac["key_id"]), "value": str(mac["value"])}
 
 
 # GETs of one region's new manifests overlap up to this many (botocore keeps 10

@@ -98,6 +98,8 @@ class KeysConfig:
     # key on first run instead of failing on their absence.
     generate: bool
     names: dict[str, str] = field(default_factory=dict)  # recipient -> its name, if given
+    # The Ed25519 key that signs evidence (signing.py); None: evidence is HMAC only.
+    signing_key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -361,6 +363,7 @@ class _Parser:
         identity = t.take("identity_file", str, None)
         identity_path = self.resolve(identity) if identity else None
         mkey = self.resolve(t.take("manifest_key_file", str, what="a path to the manifest key"))
+        signing = t.take("signing_key_file", str, None, what="a path to the signing key")
         if not generate:
             if identity_path is not None and not identity_path.exists():
                 self.fail("keys.identity_file", "an existing file", str(identity_path))
@@ -368,7 +371,8 @@ class _Parser:
                 self.fail("keys.manifest_key_file", "an existing file "
                           "(make one with: drctl keys manifest-key --out FILE)", str(mkey))
         t.done()
-        return KeysConfig(tuple(recipients), identity_path, mkey, generate, names)
+        return KeysConfig(tuple(recipients), identity_path, mkey, generate, names,
+                          self.resolve(signing) if signing else None)
 
     def pipeline(self, t: Table) -> PipelineConfig:
         level = t.take("zstd_level", int, 3)

@@ -32,6 +32,7 @@ from .keys import (
     recipient_labels,
 )
 from .manifest_cache import ManifestCache
+from .signing import SigningKey, load_signing_key
 from .storage import ObjectStore, open_store
 
 log = logging.getLogger("drdaemon")
@@ -50,6 +51,11 @@ def _whoami() -> str:
 
 _USER = _whoami()
 _HOST = socket.gethostname()
+
+
+def current_user() -> str:
+    """Who this process runs as, as audit records name them."""
+    return _USER
 
 
 def utcnow() -> datetime:
@@ -80,6 +86,12 @@ class Runtime:
         default=None, init=False, repr=False, compare=False)
     _on_disk_lock: threading.Lock = field(default_factory=threading.Lock, init=False,
                                           repr=False, compare=False)
+
+    @property
+    def signing_key(self) -> SigningKey | None:
+        """The Ed25519 key that signs evidence (`[keys] signing_key_file`), or None."""
+        path = self.config.keys.signing_key_file
+        return load_signing_key(path) if path is not None else None
 
     def configs_in_force(self) -> list[Config]:
         """The loaded config, plus the config file as it reads now if it changed since.

@@ -25,6 +25,7 @@ FORBIDDEN = frozenset({
     "export", "export_doc", "export_files", "erasure", "erasure_records", "erasure_sweep",
     "tenant_keys", "tenant_key_record", "signing",
     "key_rotation",
+    "evidence", "evidence_check",
 })
 
 

@@ -101,10 +101,10 @@ def test_html_structure_and_escaping() -> None:
     doc = parse(html)
     assert html.startswith("<!DOCTYPE html>")
     assert {"audit", "summary", "charts", "drills", "summary-table", "drills-table",
-            "chart-rto", "chart-rpo", "audit-result"} <= doc.ids()
+            "chart-rto", "chart-rpo", "audit-result", "evidence-table"} <= doc.ids()
     assert doc.count("svg") == 2
-    assert doc.count("table") == 2
-    assert doc.count("tr") == 1 + 2 + 1 + 6  # headers, tiers, drills
+    assert doc.count("table") == 3
+    assert doc.count("tr") == 1 + 2 + 1 + 6 + 1 + 6  # headers, tiers, drills, evidence
     # One mark per drill in each chart; the unmeasured RTO is a triangle on the axis.
     assert doc.count("circle") == 6 + 5 and doc.count("path") == 1
     assert doc.count("polyline") == 2 * 2  # a target line per tier and chart
@@ -186,3 +186,40 @@ def test_chromium_renders_the_report(tmp_path: Path) -> None:
     assert doc.count("table", id="drills-table") == 1
     assert "Audit chain verified" in dom.stdout
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unattested_and_unsigned_records_never_pass() -> None:
+    """A drill its audit record does not back is UNATTESTED, not PASS, and not counted;
+    records left out for a bad signature are named; the evidence is printed."""
+    shown = [record(1), record(2)]
+    audit = dict(AUDIT_OK, head="ab" * 32, drills_checked=2,
+                 drills_unattested=[shown[1].id],
+                 drill_records={shown[0].id: {"seq": 41, "hash": "cd" * 32}})
+    shown[0].user, shown[0].host, shown[0].tool_version = "ops", "db-1", "9.9.9"
+    shown[0].manifest_key_id, shown[0].manifest_mac = "k" * 16, "ee" * 32
+    shown[0].config_sha256 = "f0" * 32
+    rejected = [{"id": "20261001T000000Z-00000009", "source": "lms-db", "status": "forged",
+                 "started_at": "2026-10-01T00:00:00+00:00",
+                 "why": "signature does not match: the record was edited after it was signed"},
+                {"id": "20261002T000000Z-00000008", "source": "lms-db", "status": "missing",
+                 "started_at": "2026-10-02T00:00:00+00:00", "why": "removed"}]
+    data = ReportData(NOW, None, shown, audit, signing_key="ed25519:" + "1" * 32,
+                      rejected=rejected)
+    [paid] = summarize(shown, data.untrusted)
+    assert (paid.drills, paid.passed, paid.ok) == (2, 1, False)
+    md = render(data, "md")
+    assert "| UNATTESTED |" in md and md.count("| PASS |") == 1
+    assert "FORGED drill record 20261001T000000Z-00000009" in md and "not counted" in md
+    assert "MISSING drill record 20261002T000000Z-00000008" in md
+    assert "ab" * 32 in md and "ed25519:" + "1" * 32 in md and "Newest anchor: none" in md
+    assert f"| `{shown[0].id}` | 41 | {'cd' * 32} | ops | db-1 | {'k' * 16}:{'ee' * 32} | " \
+           f"9.9.9 | {'f0' * 32} |" in md
+    doc = json.loads(render(data, "json"))
+    assert [d["result"] for d in doc["drills"]] == ["PASS", "UNATTESTED"]
+    assert doc["drills"][0]["audit_record"] == {"seq": 41, "hash": "cd" * 32}
+    assert doc["rejected"] == rejected and doc["signing_key"] == "ed25519:" + "1" * 32
+    html = render_html(data)
+    assert 'id="evidence" class="fail"' in html and ">UNATTESTED<" in html
+    assert html.count("UNATTESTED</title>") == 2  # its mark in both charts is no pass either
+    unsigned = render(ReportData(NOW, None, shown, AUDIT_OK), "md")
+    assert "Drill records are NOT signed" in unsigned

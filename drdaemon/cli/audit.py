@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
-from .. import audit, audit_mirror
+from .. import audit, audit_mirror, evidence
 from ..errors import UsageError
+from ..evidence_check import BundleCheck, verify_bundle
+from ..signing import load_public_key
 from ..units import parse_duration
 from . import emit_json, get_runtime, handle_errors, json_option
+from .drill import since_from
 
 # Shown in the record's own columns, or only of use to `verify`.
 _NOT_FIELDS = ("seq", "time", "event", "prev", "mac")
@@ -25,11 +29,24 @@ def audit_group() -> None:
 @audit_group.command("verify")
 @click.option("--region", metavar="NAME",
               help="Check this region's copy of the log (and that it agrees with the local one).")
+@click.option("--bundle", type=click.Path(path_type=Path), metavar="DIR",
+              help="Check an evidence bundle (drctl audit export) instead; needs --public-key "
+                   "and no config or secret.")
+@click.option("--public-key", "public_key", type=click.Path(path_type=Path), metavar="FILE",
+              help="The signing key's public half (PEM) to check with.")
 @json_option
 @click.pass_context
 @handle_errors("drctl")
-def verify_cmd(ctx: click.Context, region: str | None, as_json: bool) -> None:
+def verify_cmd(ctx: click.Context, region: str | None, bundle: Path | None,
+               public_key: Path | None, as_json: bool) -> None:
     """Check every record's MAC and the hash chain. Exit 1 naming the first bad record."""
+    if bundle is not None:
+        if public_key is None or region is not None:
+            raise UsageError("--bundle DIR takes --public-key FILE, and no --region")
+        if not bundle.is_dir():
+            raise UsageError(f"--bundle {bundle}: not a folder")
+        show_bundle_check(verify_bundle(bundle, load_public_key(public_key)), as_json)
+        return
     rt = get_runtime(ctx)
     result = audit_mirror.verify_mirror(rt, region) if region else audit.verify(rt)
     where = f"region {region}" if region else str(audit.log_path(rt.config.daemon.state_dir))
@@ -40,6 +57,54 @@ def verify_cmd(ctx: click.Context, region: str | None, as_json: bool) -> None:
     else:
         click.echo(f"FAILED: {where}: record {result.first_bad}: {result.reason} "
                    f"({result.records} records before it verified)")
+    if not result.ok:
+        sys.exit(1)
+
+
+def show_bundle_check(check: BundleCheck, as_json: bool) -> None:
+    """Print a bundle's check; exit 1 unless it verified."""
+    if as_json:
+        emit_json(check.to_dict())
+    else:
+        where = f"bundle {check.folder} (key {check.signer})"
+        audit_part = f"{check.audit.get('records')} audit records (head {check.audit.get('head')})"
+        counts = (f"{check.files} files, {audit_part}, {check.drills} drill records, "
+                  f"{check.manifests} manifests, {check.anchors} anchor files")
+        click.echo(f"OK: {where}: {counts}" if check.ok else f"FAILED: {where}: {counts}")
+        for p in check.problems:
+            click.echo(f"! {p}")
+        for n in check.notes:
+            click.echo(f"- {n}")
+    if not check.ok:
+        sys.exit(1)
+
+
+@audit_group.command("export")
+@click.option("--to", "dest", required=True, type=click.Path(path_type=Path), metavar="DIR",
+              help="A new or empty folder for the bundle.")
+@click.option("--since", metavar="WHEN",
+              help="Only drill records since then: a duration back (90d) or a date "
+                   "(default: all). The audit log is always whole.")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def export_cmd(ctx: click.Context, dest: Path, since: str | None, as_json: bool) -> None:
+    """Write an evidence bundle for auditors: the audit log, signed drill records, the
+    manifests they restored, anchors, the public key, SHA256SUMS(.sig) and VERIFY.md.
+    Exit 1 if the bundle does not verify with the public key (it is written all the same)."""
+    rt = get_runtime(ctx)
+    start = since_from(since, rt.clock()) if since else None
+    result = evidence.export_bundle(rt, dest, start)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        click.echo(f"wrote {result.folder}: {result.records} audit records (head "
+                   f"{result.head}), {result.drills} drill records, {result.manifests} "
+                   f"manifests, {result.anchors} anchor files; signed by {result.signing_key}")
+        for n in result.notes:
+            click.echo(f"- {n}")
+        for p in result.check.problems:
+            click.echo(f"! the bundle does not verify: {p}", err=True)
     if not result.ok:
         sys.exit(1)
 

@@ -127,14 +127,18 @@ def drill_list(ctx: click.Context, source: str | None, since: str | None,
               help="Only this source (repeatable; default: all).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS),
               help="html (default with -o FILE), md (default on standard output) or json.")
-@click.option("-o", "--output", metavar="FILE", default="-", show_default=True,
-              help="Where to write the report ('-': standard output).")
+@click.option("-o", "--output", "--out", metavar="FILE", default="-", show_default=True,
+              help="Where to write the report ('-': standard output). With a signing key, "
+                   "FILE.sig is its detached Ed25519 signature.")
 @click.pass_context
 @handle_errors("drctl")
 def drill_report(ctx: click.Context, drill_id: str | None, since: str, sources: tuple[str, ...],
                  fmt: str | None, output: str) -> None:
     """One self-contained report for auditors: a summary per tier, RTO and RPO charts
-    against the targets, every drill with its evidence, and the audit chain's verification."""
+    against the targets, every drill with its evidence, and the audit chain's verification.
+    With [keys] signing_key_file, only signed drill records count, and -o FILE also writes
+    FILE.sig (check: openssl pkeyutl -verify -pubin -inkey KEY.pub -rawin -in FILE
+    -sigfile FILE.sig)."""
     rt = get_runtime(ctx)
     start = None if drill_id else since_from(since, rt.clock())
     fmt = fmt or ("md" if output == "-" else "html")
@@ -145,5 +149,14 @@ def drill_report(ctx: click.Context, drill_id: str | None, since: str, sources: 
     path = Path(output)
     if path.is_dir():
         raise UsageError(f"-o {output}: is a folder; name a file")
-    write_atomic(path, text.encode())
-    click.echo(f"wrote {path}", err=True)
+    data = text.encode()
+    sig = attest.sign_report(rt, data)
+    sig_path = path.with_name(path.name + ".sig")
+    if sig is None:
+        # A signature left from an earlier report would no longer match: remove it.
+        sig_path.unlink(missing_ok=True)
+    write_atomic(path, data)
+    if sig is not None:
+        write_atomic(sig_path, sig)
+    click.echo(f"wrote {path}" + (f" and its signature {sig_path}" if sig else
+                                  " (not signed: no [keys] signing_key_file)"), err=True)

@@ -67,6 +67,7 @@ class Drill:
         self.timings: dict[str, float] = {}
         self.evidence: dict[str, Any] = {}
         self.manifest: Manifest | None = None
+        self.manifest_mac: dict[str, str] | None = None  # as stored: {"key_id", "value"}
         self.entry: SnapshotEntry | None = None
         self.scratch: str | None = None
         self.rto: float | None = None
@@ -81,7 +82,8 @@ def restore_and_verify(d: Drill, identities: Sequence[x25519.Identity]) -> None:
     store = d.rt.store(d.region)
     started = time.monotonic()
     try:
-        m = catalog.read_manifest(d.rt, store, d.source.name, d.entry.id)
+        m, d.manifest_mac = catalog.read_manifest_with_mac(d.rt, store, d.source.name,
+                                                           d.entry.id)
     except NotFound:
         d.fail(SNAPSHOT_MISSING, f"manifest of {d.entry.id} vanished from region {d.region}")
         return

@@ -2,9 +2,12 @@
 
 Each drill is one `DrillRecord`: a JSON line in `<state_dir>/drills/drills.jsonl`
 (schema in docs/format.md, "Drill records") and a `drill` record in the audit
-log, the tamper-evident copy. This module only stores and reads the lines; the
-drills themselves run in drills/run.py. Prune reads `newest_verified` to keep the
-proof that a restore works; metrics and reports read `load_records`.
+log, the tamper-evident copy. With a signing key configured each line carries
+`sig`, an Ed25519 signature over the rest (audit_chain.seal), so that an auditor
+holding only the public key can tell an edited line (`load_checked`). This
+module only stores and reads the lines; the drills themselves run in
+drills/run.py. Prune reads `newest_verified` to keep the proof that a restore
+works; metrics read `load_records`, reports `load_checked`.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .. import statefs
+from ..audit_chain import ChainKeys, authentic, canonical, seal
+from ..signing import PublicKey, SigningKey
 from ..units import parse_iso_time
 
 log = logging.getLogger("drdaemon")
@@ -67,6 +73,12 @@ class DrillRecord:
     notes: list[str] = field(default_factory=list)
     host: str = ""
     restore_model: dict[str, Any] | None = None  # the tier's model behind the projection
+    # Evidence an auditor matches against other records (docs/format.md, "Drill records"):
+    user: str = ""  # who ran the drill (the daemon's user for scheduled drills)
+    tool_version: str = ""  # drdaemon's version
+    config_sha256: str | None = None  # of the config file's bytes when the drill ran
+    manifest_key_id: str | None = None  # the key id and MAC of the manifest the drill read
+    manifest_mac: str | None = None
 
     @property
     def reason_codes(self) -> list[str]:
@@ -90,13 +102,23 @@ def records_path(state_dir: Path) -> Path:
     return state_dir / RECORDS
 
 
-def append_record(state_dir: Path, record: DrillRecord) -> None:
-    """Append one JSON line under an exclusive lock, fsynced.
+def signed_line(record: DrillRecord, signer: SigningKey | None) -> bytes:
+    """The JSON line stored for `record`: with `sig` over the rest when a signing key is
+    given (canonical form, so that the signed bytes are what a checker rebuilds)."""
+    body = json.loads(json.dumps(record.to_dict(), default=str))
+    if signer is None:
+        return (json.dumps(body, sort_keys=True) + "\n").encode()
+    return canonical(seal(body, signer)) + b"\n"
+
+
+def append_record(state_dir: Path, record: DrillRecord,
+                  signer: SigningKey | None = None) -> None:
+    """Append one JSON line (signed by `signer`, if given) under an exclusive lock, fsynced.
 
     The daemon and a person may drill at once: the lock keeps lines whole. A
     line torn by a crash is closed off so that the next one starts clean.
     """
-    line = (json.dumps(record.to_dict(), sort_keys=True, default=str) + "\n").encode()
+    line = signed_line(record, signer)
     with statefs.appending(state_dir, RECORDS) as fd:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -104,31 +126,88 @@ def append_record(state_dir: Path, record: DrillRecord) -> None:
         statefs.write_all(fd, line)
 
 
-def load_records(state_dir: Path, since: datetime | None = None,
-                 source: str | None = None) -> list[DrillRecord]:
-    """Recorded drills, oldest first; only those begun at/after `since`, of `source`."""
+def parsed_lines(state_dir: Path) -> Iterator[tuple[dict[str, Any], DrillRecord]]:
+    """Each line that parses as a drill record: (its JSON object, the record)."""
     path = records_path(state_dir)
     try:
         raw = statefs.read_shared(state_dir, RECORDS)
     except FileNotFoundError:
-        return []
-    records = []
+        return
     for n, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = DrillRecord.from_dict(json.loads(line))
-            started = record.started
+            doc = json.loads(line)
+            record = DrillRecord.from_dict(doc)
+            _ = record.started, record.to_dict()  # a start time; reasons a list
         except (ValueError, TypeError, AttributeError) as exc:
             log.warning("%s line %d is not a drill record, skipped: %s", path, n, exc)
             continue
-        if since is not None and started < since:
-            continue
-        if source is not None and record.source != source:
-            continue
-        records.append(record)
+        yield doc, record
+
+
+def _wanted(record: DrillRecord, since: datetime | None, source: str | None) -> bool:
+    return (since is None or record.started >= since) and \
+        (source is None or record.source == source)
+
+
+def load_records(state_dir: Path, since: datetime | None = None,
+                 source: str | None = None) -> list[DrillRecord]:
+    """Recorded drills, oldest first; only those begun at/after `since`, of `source`."""
+    records = [r for _, r in parsed_lines(state_dir) if _wanted(r, since, source)]
     records.sort(key=lambda r: (r.started, r.id))
     return records
+
+
+@dataclass(frozen=True)
+class CheckedRecord:
+    """A drill record and whether its line proves itself with the public key.
+
+    `status`: "signed" (its `sig` verifies), "unsigned" (no `sig`) or "forged"
+    (a `sig` that does not verify: edited after signing, or another key's);
+    `why` says what is wrong for the latter two.
+    """
+
+    record: DrillRecord
+    status: str
+    why: str | None = None
+
+
+def check_line(doc: dict[str, Any], public: PublicKey) -> tuple[str, str | None]:
+    """(status, why) of one parsed drill record line against `public` (CheckedRecord)."""
+    if "sig" not in doc:
+        return "unsigned", "the record carries no signature"
+    why = authentic(dict(doc), ChainKeys(public=(public,)))
+    return ("signed", None) if why is None else ("forged", why)
+
+
+def load_checked(state_dir: Path, public: PublicKey, since: datetime | None = None
+                 ) -> list[CheckedRecord]:
+    """`load_records`, each with its signature checked against `public`, oldest first.
+
+    A forged record is returned whatever its start time says: that time is not
+    to be trusted either (moving a failed drill out of the period is an edit).
+    """
+    checked = (CheckedRecord(r, *check_line(doc, public)) for doc, r in parsed_lines(state_dir))
+    out = [c for c in checked if c.status == "forged" or _wanted(c.record, since, None)]
+    out.sort(key=lambda c: (c.record.started, c.record.id))
+    return out
+
+
+# A record of any version names at least these; newer fields are compared when the
+# audit record has them too.
+_ATTESTED = ("source", "snapshot_id", "sha256", "ok", "verified", "reasons", "rto_seconds",
+             "rpo_seconds", "started_at")
+
+
+def matches_audit(record: DrillRecord, event: dict[str, Any] | None) -> bool:
+    """Pure: whether every field of `record` equals that of its `drill` audit record
+    `event` (fields the log withheld as secret-looking aside)."""
+    if event is None or any(k not in event for k in _ATTESTED):
+        return False
+    withheld = {re.split(r"[.\[]", str(p), maxsplit=1)[0] for p in event.get("withheld", [])}
+    return all(event[k] == v for k, v in record.to_dict().items()
+               if k in event and k not in withheld)
 
 
 def latest_restores(records: Iterable[DrillRecord], sources: Iterable[str]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -42,9 +42,31 @@ class ReportData:
     generated_at: datetime
     since: datetime | None
     records: Sequence[DrillRecord]
-    # {"ok", "records", "first_bad", "reason"} of the audit chain; None: no audit log
+    # {"ok", "records", "first_bad", "reason", "head", "drill_records", "drills_unattested"}
+    # of the audit chain (drills.attest.audit_status); None: no audit log
     audit: dict[str, Any] | None
     records_path: str = ""
+    signing_key: str | None = None  # fingerprint of the key the records are checked with
+    # records left out because their signature is missing or wrong: id, source,
+    # started_at, status ("unsigned" / "forged"), why
+    rejected: Sequence[dict[str, Any]] = ()
+    anchor: dict[str, Any] | None = None  # the newest anchor of the log (attest.newest_anchor)
+
+    @property
+    def untrusted(self) -> frozenset[str]:
+        """Ids of shown drills the audit log does not attest: never a PASS."""
+        return frozenset((self.audit or {}).get("drills_unattested") or ())
+
+    def result(self, r: DrillRecord) -> str:
+        """PASS, FAIL, or UNATTESTED (a passed drill its audit record does not back)."""
+        if not r.ok:
+            return "FAIL"
+        return "UNATTESTED" if r.id in self.untrusted else "PASS"
+
+    def audit_record(self, r: DrillRecord) -> dict[str, Any]:
+        """{"seq", "hash"} of the drill's `drill` audit record ({} if none attests it)."""
+        found = (self.audit or {}).get("drill_records") or {}
+        return dict(found.get(r.id) or {})
 
 
 @dataclass(frozen=True)
@@ -67,8 +89,12 @@ class TierSummary:
         return self.drills > 0 and self.passed == self.drills
 
 
-def summarize(records: Sequence[DrillRecord]) -> list[TierSummary]:
-    """Per tier: drills run and passed, worst RTO/RPO against the (newest) targets."""
+def summarize(records: Sequence[DrillRecord],
+              untrusted: Collection[str] = ()) -> list[TierSummary]:
+    """Per tier: drills run and passed, worst RTO/RPO against the (newest) targets.
+
+    A drill in `untrusted` (not attested by the audit log) never counts as passed.
+    """
     out = []
     for tier in sorted({r.tier for r in records}):
         rs = sorted((r for r in records if r.tier == tier), key=lambda r: r.started_at)
@@ -76,7 +102,8 @@ def summarize(records: Sequence[DrillRecord]) -> list[TierSummary]:
                      if r.projected_tier_rto_seconds is not None]
         out.append(TierSummary(
             tier=tier, sources=tuple(sorted({r.source for r in rs})), drills=len(rs),
-            passed=sum(r.ok for r in rs), verified=sum(r.verified for r in rs),
+            passed=sum(r.ok and r.id not in untrusted for r in rs),
+            verified=sum(r.verified for r in rs),
             worst_rto=_max(r.rto_seconds for r in rs), rto_target=rs[-1].rto_target_seconds,
             worst_rpo=_max(r.rpo_seconds for r in rs), rpo_target=rs[-1].rpo_target_seconds,
             projected=projected[-1] if projected else None,
@@ -150,6 +177,41 @@ def timings_text(r: DrillRecord) -> str:
     return ", ".join(shown) or "—"
 
 
+def evidence_lines(data: ReportData) -> list[str]:
+    """What an auditor matches this report against: the log's head, the signing key,
+    the newest anchor, and every record left out for a missing or wrong signature."""
+    head = (data.audit or {}).get("head")
+    out = [f"Audit log head (sha256 of the last record that verified): {head or 'none'}."]
+    out.append(f"Drill records are checked with signing key {data.signing_key}; only records "
+               "whose signature verifies are shown and counted." if data.signing_key else
+               "Drill records are NOT signed: set [keys] signing_key_file so that they and "
+               "this report can be checked with a public key.")
+    a = data.anchor
+    out.append(f"Newest anchor: record {a.get('seq')} (head {a.get('head')}) at {a.get('time')}"
+               + (f", time-stamped {a['tsa_time']}" if a.get("tsa_time") else "")
+               + (f", kept in {', '.join(a.get('where') or [])}" if a.get("where") else "")
+               + "." if a else "Newest anchor: none (the log's head is anchored nowhere).")
+    for x in data.rejected:
+        out.append(f"{str(x.get('status')).upper()} drill record {x.get('id')} "
+                   f"({x.get('source')}, {x.get('started_at')}): {x.get('why')}; "
+                   "not evidence, not counted.")
+    return out
+
+
+def drill_evidence(data: ReportData, r: DrillRecord) -> dict[str, str]:
+    """One drill's evidence row: its audit record, who ran it where, what it read, how."""
+    found = data.audit_record(r)
+    mac = f"{r.manifest_key_id}:{r.manifest_mac}" if r.manifest_mac else "—"
+    return {"id": r.id, "audit_seq": str(found.get("seq", "—")),
+            "audit_hash": str(found.get("hash", "—")), "user": r.user or "—",
+            "host": r.host or "—", "manifest_mac": mac, "version": r.tool_version or "—",
+            "config": r.config_sha256 or "—"}
+
+
+_EVIDENCE_COLUMNS = ("id", "audit_seq", "audit_hash", "user", "host", "manifest_mac", "version",
+                     "config")
+
+
 # -- JSON and Markdown --------------------------------------------------------------
 
 
@@ -159,8 +221,13 @@ def render_json(data: ReportData) -> str:
         "since": data.since.isoformat() if data.since else None,
         "records_path": data.records_path,
         "audit": data.audit,
-        "summary": [dict(asdict(s), ok=s.ok) for s in summarize(data.records)],
-        "drills": [r.to_dict() for r in data.records],
+        "signing_key": data.signing_key,
+        "anchor": data.anchor,
+        "rejected": list(data.rejected),
+        "summary": [dict(asdict(s), ok=s.ok)
+                    for s in summarize(data.records, data.untrusted)],
+        "drills": [dict(r.to_dict(), result=data.result(r), audit_record=data.audit_record(r))
+                   for r in data.records],
     }
     return json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n"
 
@@ -182,10 +249,11 @@ def render_markdown(data: ReportData) -> str:
              f"Generated {when(data.generated_at.isoformat())}; drills since "
              f"{when(data.since.isoformat()) if data.since else 'the first record'}: "
              f"{len(data.records)}.", "", "## Audit log", "", _md(audit_line(data.audit)[1]),
+             "", *[f"- {_md(x)}" for x in evidence_lines(data)],
              "", "## Summary per tier", "",
              "| tier | drills | passed | worst RTO / target | worst RPO / target | "
              "projected tier RTO | worst gap |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for s in summarize(data.records):
+    for s in summarize(data.records, data.untrusted):
         lines.append(f"| {_md(s.tier)} | {s.drills} | {s.passed} | "
                      f"{_md(against(s.worst_rto, s.rto_target))} | "
                      f"{_md(against(s.worst_rpo, s.rpo_target))} | "
@@ -197,10 +265,17 @@ def render_markdown(data: ReportData) -> str:
     for r in data.records:
         lines.append("| " + " | ".join(_md(c) for c in (
             when(r.started_at), r.source, r.tier, r.region, r.snapshot_id or "—",
-            r.sha256 or "—", "PASS" if r.ok else "FAIL",
+            r.sha256 or "—", data.result(r),
             against(r.rto_seconds, r.rto_target_seconds),
             against(r.rpo_seconds, r.rpo_target_seconds), rate(r.throughput_bytes_per_second),
             timings_text(r), evidence_text(r), "; ".join(r.reasons) or "—")) + " |")
+    lines += ["", "## Evidence per drill", "",
+              "| drill | audit seq | audit record sha256 | user | host | manifest key id:MAC | "
+              "drdaemon | config sha256 |", "| --- " * 8 + "|"]
+    for r in data.records:
+        row = drill_evidence(data, r)
+        lines.append(f"| `{_md(row['id'])}` | "
+                     + " | ".join(_md(row[c]) for c in _EVIDENCE_COLUMNS[1:]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -218,14 +293,16 @@ def render_html(data: ReportData) -> str:
     html = render_template("report.html.j2",
         generated=when(data.generated_at.isoformat()),
         since=when(data.since.isoformat()) if data.since else "the first record",
-        passed=sum(r.ok for r in records), records_path=data.records_path,
-        audit_class=audit_class, audit_text=audit_text,
-        tiers=[_tier_row(s) for s in summarize(records)],
-        drills=[_drill_row(r) for r in records], fail_colour=FAIL_COLOUR,
+        passed=sum(data.result(r) == "PASS" for r in records), records_path=data.records_path,
+        audit_class=audit_class, audit_text=audit_text, evidence=evidence_lines(data),
+        evidence_class="fail" if data.rejected else "ok" if data.signing_key else "warn",
+        tiers=[_tier_row(s) for s in summarize(records, data.untrusted)],
+        drills=[_drill_row(data, r) for r in records], fail_colour=FAIL_COLOUR,
+        drill_evidence=[drill_evidence(data, r) for r in records],
         charts=[chart("rto", "Recovery time (RTO) measured by each drill, against the tier "
-                      "target", records, colours),
+                      "target", records, colours, data.untrusted),
                 chart("rpo", "Data age at the drill (RPO), against the tier target", records,
-                      colours)])
+                      colours, data.untrusted)])
     return str(html)
 
 
@@ -237,9 +314,10 @@ def _tier_row(s: TierSummary) -> dict[str, object]:
             "last": when(s.last_drill)}
 
 
-def _drill_row(r: DrillRecord) -> dict[str, object]:
-    return {"id": r.id, "started": when(r.started_at), "source": r.source, "tenant": r.tenant,
-            "kind": r.kind, "tier": r.tier, "region": r.region,
+def _drill_row(data: ReportData, r: DrillRecord) -> dict[str, object]:
+    return {"id": r.id, "result": data.result(r), "started": when(r.started_at),
+            "source": r.source, "tenant": r.tenant, "kind": r.kind,
+            "tier": r.tier, "region": r.region,
             "snapshot": r.snapshot_id or "—", "consistent": when(r.consistency_time),
             "sha256": r.sha256 or "—", "ok": r.ok, "verified": r.verified,
             "rto": against(r.rto_seconds, r.rto_target_seconds),
@@ -258,9 +336,9 @@ _TICKS = (0.001, 0.01, 0.1, 1, 10, 60, 600, 3600, 6 * 3600, 86400, 2 * 86400, 7 
 
 
 def chart(metric: str, caption: str, records: Sequence[DrillRecord],
-          colours: dict[str, str]) -> dict[str, Any]:
+          colours: dict[str, str], untrusted: Collection[str] = ()) -> dict[str, Any]:
     """Measured `metric` ("rto" or "rpo") per drill over time, log scale, with target lines:
-    every coordinate and label the template draws."""
+    every coordinate and label the template draws (a drill in `untrusted` is not a pass)."""
     title = "RTO" if metric == "rto" else "RPO"
 
     def value(r: DrillRecord) -> float | None:
@@ -307,10 +385,12 @@ def chart(metric: str, caption: str, records: Sequence[DrillRecord],
     for r, t in zip(records, times, strict=True):
         v = value(r)
         tip = (f"{r.source} ({r.tier}) {when(r.started_at)}: {title} {duration(v)}, target "
-               f"{duration(target(r))}, {'PASS' if r.ok else 'FAIL'}"
+               f"{duration(target(r))}, "
+               f"{'FAIL' if not r.ok else 'UNATTESTED' if r.id in untrusted else 'PASS'}"
                + (f" — {'; '.join(r.reasons)}" if r.reasons else ""))
         out["marks"].append({"missing": v is None, "x": x(t),
-                             "y": _TOP + ph if v is None else y(v), "ok": r.ok,
+                             "y": _TOP + ph if v is None else y(v),
+                             "ok": r.ok and r.id not in untrusted,
                              "colour": colours[r.tier], "tip": tip})
     return out
 

@@ -17,6 +17,7 @@ tamper-evident copy).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -26,13 +27,13 @@ from typing import Any
 
 from pyrage import x25519
 
-from .. import catalog, slo, tenancy
+from .. import __version__, catalog, slo, tenancy
 from ..catalog import SnapshotEntry
 from ..config import Config, SourceConfig
 from ..erasure_records import erasure_note
 from ..errors import UsageError, first_line
 from ..keys import identities_for
-from ..runtime import Runtime
+from ..runtime import Runtime, current_user
 from ..sources.base import MANIFEST_INVALID
 from . import scratch as drill_scratch
 from .attempt import (
@@ -167,6 +168,16 @@ def _choose(d: Drill, snapshots: _Catalog) -> bool:
     return True
 
 
+def config_sha256(config: Config) -> str | None:
+    """sha256 of the config file's bytes (None if it cannot be read now): which
+    settings a drill ran under, for an auditor to match against the file."""
+    try:
+        with open(config.path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
 def _record(d: Drill, snapshots: _Catalog) -> DrillRecord:
     rt, entry = d.rt, d.entry
     # The drill region's own manifest when it was read, else the catalog's copy.
@@ -215,7 +226,10 @@ def _record(d: Drill, snapshots: _Catalog) -> DrillRecord:
         consistency_time=m.consistency_time.isoformat() if m else None,
         newest_snapshot_id=newest.id if newest and entry and newest.id != entry.id else None,
         scratch=d.scratch, evidence=d.evidence, notes=d.notes, host=socket.gethostname(),
-        restore_model=model.to_dict() if model is not None else None)
+        restore_model=model.to_dict() if model is not None else None,
+        user=current_user(), tool_version=__version__, config_sha256=config_sha256(rt.config),
+        manifest_key_id=d.manifest_mac["key_id"] if d.manifest_mac else None,
+        manifest_mac=d.manifest_mac["value"] if d.manifest_mac else None)
 
 
 # -- the service -------------------------------------------------------------------
@@ -249,10 +263,11 @@ def run_drills(rt: Runtime, identities: Sequence[x25519.Identity] | None = None,
         # What killed drills left goes first: a drill server or scratch folder
         # filled by leftovers would fail these drills for no fault of the backups.
         run = DrillRun(scratch=drill_scratch.clean_leftovers(rt, chosen))
+        signer = rt.signing_key
         for src in chosen:
             record = drill_source(rt, identities, src,
                                   chosen_region or default_region(cfg, src), snapshots)
-            append_record(cfg.daemon.state_dir, record)
+            append_record(cfg.daemon.state_dir, record, signer)
             rt.record_event("drill", **record.to_dict())
             run.records.append(record)
     return run
