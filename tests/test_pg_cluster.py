@@ -141,7 +141,8 @@ def test_round_trip_to_a_started_data_directory_and_by_break_glass(
     port = find_free_port()
     out = setup.drctl_json("restore", "latest", "--source", "cluster", "--to-datadir",
                            str(target), "--start", "--port", str(port))
-    assert out["target"] == f"{target} (running on 127.0.0.1:{port})"
+    assert out["target"] == str(target)
+    assert any(f"started with pg_ctl on 127.0.0.1:{port}" in n for n in out["notes"])
     st = target.stat()
     assert stat.S_IMODE(st.st_mode) == 0o700
     if OS_USER:

@@ -166,8 +166,10 @@ def dump(dsn: str, retention: str = "slot",
                 databases = [{"name": n, "size": int(s)}
                              for n, s in conn.execute(_DATABASES).fetchall()]
             except psycopg.Error as exc:
+                hint = (" (grant the role pg_read_all_stats, see docs/postgres-roles.md)"
+                        if isinstance(exc, psycopg.errors.InsufficientPrivilege) else "")
                 raise SourceError(f"listing the databases of {where} failed: "
-                                  f"{first_line(exc)}") from None
+                                  f"{first_line(exc)}{hint}") from None
             done = True
             return {"server_version": version, "server_version_num": int(version_num),
                     "system_identifier": str(system_id), "bootstrap_superuser": superuser,

@@ -124,7 +124,9 @@ class ClusterSink:
             return str(self.target)
         srv.pg_ctl_start(self.target, self.owner, int(self.facts["server_version_num"]),
                          self.start_port)
-        return f"{self.target} (running on 127.0.0.1:{self.start_port})"
+        self.notes.append(f"started with pg_ctl on 127.0.0.1:{self.start_port} (TCP only, "
+                          f"archive_mode=off); stop it with: pg_ctl stop -D {self.target}")
+        return str(self.target)
 
     def discard(self) -> None:
         with contextlib.suppress(Exception):
