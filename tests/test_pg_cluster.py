@@ -308,7 +308,8 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile
 @pytest.mark.parametrize("member", [
     _member("../escape"), _member("/etc/evil"), _member("dev", tarfile.CHRTYPE),
     _member("hard", tarfile.LNKTYPE, "PG_VERSION"), _member("fifo", tarfile.FIFOTYPE),
-], ids=["dotdot", "absolute", "device", "hardlink", "fifo"])
+    _member("pg_wal", tarfile.SYMTYPE, "/etc"),
+], ids=["dotdot", "absolute", "device", "hardlink", "fifo", "symlink"])
 def test_a_hostile_tar_member_is_refused(tmp_path: Path, member: tarfile.TarInfo) -> None:
     target = tmp_path / "data"
     sink = ClusterSink(target, "20260101T000000Z-00000000", {}, None, 1 << 20)

@@ -49,6 +49,7 @@ from .base import (
     whole_sizes,
 )
 from .directory import remove_tree
+from .tree_meta import short_name
 
 CUSTOMER_FACTS = ("server_version", "system_identifier", "start_lsn", "end_lsn", "databases")
 
@@ -61,6 +62,20 @@ def check_datadir(target: Path) -> None:
                                                     or any(target.iterdir()))):
         raise UsageError(f"restore target {target} exists and is not an empty folder; "
                          "choose a new or empty folder")
+
+
+def refuse_links(root: Path) -> None:
+    """HostileEntry for a symbolic link anywhere in an extracted data directory: the
+    extractor never follows one, but a server started on it would (pg_basebackup writes
+    none: pg_wal as a folder, tablespaces are refused)."""
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                rel = os.path.relpath(path, root)
+                raise tree_extract.HostileEntry(
+                    f"refused a hostile tar entry: {short_name(rel)}: a data directory from "
+                    "pg_basebackup holds no symbolic links")
 
 
 class ClusterSink:
@@ -100,6 +115,7 @@ class ClusterSink:
 
     def complete(self) -> None:
         self._pipe.join()
+        refuse_links(self.staging)
         os.chmod(self.staging, 0o700)  # PostgreSQL refuses a group- or world-readable one
         srv.give_to(self.staging, self.owner)
         self.notes.extend(srv.fill_config(self.staging, self.owner))
