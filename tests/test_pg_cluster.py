@@ -167,6 +167,9 @@ def test_round_trip_to_a_started_data_directory_and_by_break_glass(
     assert refused.exit_code == 2 and "not an empty folder" in refused.stderr
     refused = setup.drctl("restore", "latest", "--source", "cluster", "--to", str(target))
     assert refused.exit_code == 2 and "give --to-datadir DIR" in refused.stderr
+    refused = setup.drctl("restore", "latest", "--source", "cluster", "--to-datadir",
+                          str(reachable_dir / "other"), "--port", "5999")
+    assert refused.exit_code == 2 and "--start and --port N go together" in refused.stderr
 
     # Break-glass (runbooks/break-glass-restore.md): stock age, zstd, tar and pg_ctl.
     work = tmp_path / "work"
