@@ -145,6 +145,10 @@ class SourceConfig:
     # session has locked before the snapshot fails, naming the table and holder.
     lock_wait_timeout: timedelta = timedelta(minutes=5)
     on_unreadable: str = "fail"  # directory: "fail" or "skip" (and list) unreadable entries
+    # postgres-cluster: the OS user a restored copy is given to and runs as when
+    # drdaemon runs as root (None: "postgres"); how the server keeps the backup's WAL.
+    os_user: str | None = None
+    wal_retention: str = "slot"
     # Every tenant whose data the source holds: (tenant,), or several for a shared
     # source, whose `tenant` is then their label "a+b" (tenancy.shared_label).
     tenants: tuple[str, ...] = ()
@@ -157,6 +161,7 @@ class DrillCheck:
     source: str
     sql: str
     min: float
+    database: str | None = None  # postgres-cluster: the database it runs in ("postgres")
 
 
 @dataclass(frozen=True)
@@ -429,8 +434,9 @@ class _Parser:
             if not query.strip():
                 self.fail(c.key("sql"), "a scalar SQL query", query)
             minimum = c.convert("min", _number, 1.0, what="a number")
+            database = c.take("database", str, None)
             c.done()
-            checks.append(DrillCheck(source, query, minimum))
+            checks.append(DrillCheck(source, query, minimum, database))
         t.done()
         return DrillsConfig(dsn, schedule, per_tier, tuple(checks),
                             self.resolve(scratch) if scratch else None)
@@ -513,6 +519,13 @@ class _Parser:
             if on_unreadable not in ("fail", "skip"):
                 self.fail(t.key("on_unreadable"), "'fail' or 'skip'", on_unreadable)
             return on_unreadable
+        if key == "os_user":
+            return t.take("os_user", str, None)
+        if key == "wal_retention":
+            retention = t.take("wal_retention", str, "slot")
+            if retention not in ("slot", "wal_keep_size"):
+                self.fail(t.key("wal_retention"), "'slot' or 'wal_keep_size'", retention)
+            return retention
         raise AssertionError(f"a source kind takes {key!r}, which the schema does not know")
 
     def name(self, t: Table) -> str:

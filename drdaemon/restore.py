@@ -60,15 +60,18 @@ class RestoreResult:
 def open_sink(source: SourceConfig, m: Manifest, target: str, force: bool,
               jobs: int | None = None, scratch_dir: Path | None = None,
               no_owner: bool = False, policy: Policy | None = None,
-              identities: Sequence[x25519.Identity] = ()) -> Sink:
+              identities: Sequence[x25519.Identity] = (), start_port: int | None = None,
+              owner: str | None = None) -> Sink:
     """A staged restore target for the snapshot's kind (`jobs`: parallel pg_restore;
     `no_owner`: objects owned by the restoring role, no GRANT/REVOKE; `policy`: what a
     postgres target may lack of the recorded database properties; `identities` open
-    their sealed settings)."""
+    their sealed settings; `start_port`: a restored cluster is started on that port;
+    `owner`: the OS user a restored cluster is given to)."""
     if m.kind != source.kind:
         raise UsageError(f"snapshot {m.id} is a {m.kind} snapshot, source {source.name} "
                          f"is {source.kind}")
-    options = RestoreOptions(force, jobs, scratch_dir, no_owner, policy, identities)
+    options = RestoreOptions(force, jobs, scratch_dir, no_owner, policy, identities,
+                             start_port, owner)
     return kind_for(source.kind).open_sink(source, m, target, options)
 
 
@@ -208,7 +211,8 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
             target: str, *, region: str | None = None, force: bool = False,
             no_owner: bool = False, jobs: int | None = None, scratch_dir: Path | None = None,
             on_progress: Progress | None = None, policy: Policy | None = None,
-            allow_older: bool = False) -> RestoreResult:
+            allow_older: bool = False, start_port: int | None = None,
+            owner: str | None = None) -> RestoreResult:
     """Restore snapshot `ref` of a source to `target`, falling back across regions.
 
     "latest" never falls back to an older snapshot silently: when the newest
@@ -222,12 +226,16 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
     `scratch_dir` (default: the state folder's `restore/`) for `pg_restore --jobs`.
     `policy` (postgres only): what to do where the target lacks a role or locale
     the snapshot's database properties need (default: stop and say so).
+    `start_port` (postgres-cluster only): start the restored cluster on 127.0.0.1 at
+    that port; `owner` (postgres-cluster only): the OS user it is given to.
     """
     source = rt.config.source(source_name)
     refuse_if_erased(rt, source.tenant)  # whatever identity was given
     kind = kind_for(source.kind)
     for flag, option, given in (("--jobs", "jobs", jobs is not None),
-                                ("--no-owner", "no_owner", no_owner)):
+                                ("--no-owner", "no_owner", no_owner),
+                                ("--start", "start", start_port is not None),
+                                ("--owner", "owner", owner is not None)):
         if given and option not in kind.restore_options:
             raise UsageError(f"{flag} applies to {_kinds_taking(option)} sources only; "
                              f"{source.name} is a {source.kind} source")
@@ -265,7 +273,8 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
             failed[store.name] = _region_problem(exc)
             continue
         try:
-            sink = open_sink(source, m, target, force, jobs, scratch, no_owner, policy, keys)
+            sink = open_sink(source, m, target, force, jobs, scratch, no_owner, policy, keys,
+                             start_port, owner)
         except SourceError as exc:  # cannot connect, create the staging database, ...
             raise _target_failure(rt, entry, source.name, target, store.name, str(exc),
                                   failed) from None

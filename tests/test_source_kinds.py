@@ -113,7 +113,7 @@ def kind_switches(root: Path, names: frozenset[str]) -> list[str]:
     return found
 
 
-BUILT_IN = frozenset({"postgres", "directory"})
+BUILT_IN = frozenset({"postgres", "directory", "postgres-cluster"})
 
 
 def test_no_module_outside_sources_switches_on_a_kind() -> None:

@@ -24,7 +24,8 @@ from ..keys import (
 )
 from ..progress import ProgressLine
 from ..runtime import Runtime, record_key_generation
-from ..sources import pg_roles
+from ..sources import kind_for, pg_roles
+from ..sources.base import DATADIR
 from ..sources.directory import facts_lines
 from ..sources.pg_recreate import Policy
 from ..sources.tree_extract import interpreter_note
@@ -262,9 +263,20 @@ def backup_cmd(ctx: click.Context, sources: tuple[str, ...], tenant: str | None,
 @click.option("--tenant", metavar="NAME",
               help="Restore 'latest' of each of the tenant's sources; --to is then a template "
                    "with {source} (e.g. '/srv/restore/{source}', '{source}_restored').")
-@click.option("--to", "target", required=True, metavar="TARGET",
+@click.option("--to", "target", metavar="TARGET",
               help="postgres: a new database name on the source's server, or a DSN; "
                    "directory: a new or empty folder. With --tenant: a template with {source}.")
+@click.option("--to-datadir", "datadir", metavar="DIR",
+              help="postgres-cluster: a new or empty folder for the restored data directory "
+                   "(made 0700, given to the server's OS user).")
+@click.option("--start", "start", is_flag=True,
+              help="postgres-cluster: start the restored cluster with pg_ctl on 127.0.0.1 "
+                   "at --port.")
+@click.option("--port", type=click.IntRange(1, 65535), metavar="N",
+              help="postgres-cluster: the port for --start.")
+@click.option("--owner", metavar="USER",
+              help="postgres-cluster, as root: the unprivileged OS user that owns and runs "
+                   "the restored cluster (default: the source's os_user, else postgres).")
 @click.option("--to-db", "db_target", metavar="TEMPLATE",
               help="With --tenant: the template for its postgres sources (default: --to), "
                    "e.g. '{source}_restored' beside --to '/srv/restore/{source}'.")
@@ -295,7 +307,8 @@ def backup_cmd(ctx: click.Context, sources: tuple[str, ...], tenant: str | None,
 @click.pass_context
 @handle_errors("drctl")
 def restore_cmd(ctx: click.Context, snapshot: str, source: str | None, tenant: str | None,
-                target: str, db_target: str | None, region: str | None, force: bool,
+                target: str | None, datadir: str | None, start: bool, port: int | None,
+                owner: str | None, db_target: str | None, region: str | None, force: bool,
                 allow_older: bool, no_owner: bool, identity_file: Path | None,
                 jobs: int | None, scratch_dir: Path | None, skip_missing_roles: bool,
                 skip_missing_locale: bool, as_json: bool) -> None:
@@ -308,6 +321,12 @@ def restore_cmd(ctx: click.Context, snapshot: str, source: str | None, tenant: s
     rt = get_runtime(ctx)
     if (source is None) == (tenant is None):
         raise UsageError("give --source NAME or --tenant NAME (one of the two)")
+    if start != (port is not None):
+        raise UsageError("--start and --port N go together")
+    if source is not None:
+        target = datadir_target(rt, source, target, datadir)
+    elif datadir is not None or target is None:
+        raise UsageError("with --tenant give --to TEMPLATE (--to-datadir is for one source)")
     targets = ({source: target} if source is not None else
                tenant_targets(rt, tenant or "", snapshot, target, db_target))
     identities = identities_for(rt.config, identity_file, "restore")
@@ -320,7 +339,8 @@ def restore_cmd(ctx: click.Context, snapshot: str, source: str | None, tenant: s
                                            jobs=jobs, scratch_dir=scratch_dir,
                                            on_progress=line.update, allow_older=allow_older,
                                            policy=Policy(skip_missing_roles,
-                                                         skip_missing_locale))
+                                                         skip_missing_locale),
+                                           start_port=port, owner=owner)
         finally:
             line.close()
 
@@ -337,6 +357,18 @@ def restore_cmd(ctx: click.Context, snapshot: str, source: str | None, tenant: s
         click.echo(f"note: {note}", err=True)
     click.echo(f"restored {result.snapshot_id} of {result.source} from region {result.region} "
                f"to {result.target} ({format_bytes(result.bytes)} in {result.seconds:.1f}s)")
+
+
+def datadir_target(rt: Runtime, source: str, target: str | None, datadir: str | None) -> str:
+    """The target of one source's restore: --to, or --to-datadir for a kind whose target
+    is a data directory (and only for one)."""
+    wants_datadir = kind_for(rt.config.source(source).kind).target_noun == DATADIR
+    if (target is None) == (datadir is None):
+        raise UsageError("give --to-datadir DIR" if wants_datadir else "give --to TARGET")
+    if wants_datadir != (datadir is not None):
+        raise UsageError(f"source {source}: give --to-datadir DIR" if wants_datadir else
+                         "--to-datadir applies to data directory sources only; give --to")
+    return datadir or target or ""
 
 
 from .status import status_cmd  # noqa: E402 - registered after the group exists

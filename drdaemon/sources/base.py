@@ -69,6 +69,10 @@ class SourceSettings(Protocol):
     def lock_wait_timeout(self) -> timedelta: ...
     @property
     def on_unreadable(self) -> str: ...
+    @property
+    def os_user(self) -> str | None: ...
+    @property
+    def wal_retention(self) -> str: ...
 
 
 class Snapshot(Protocol):
@@ -84,8 +88,10 @@ class Snapshot(Protocol):
 
 @dataclass(frozen=True)
 class RestoreOptions:
-    """How `drctl restore` asked for the copy. `jobs`, `no_owner` and `policy` are
-    options a kind takes only if it names them in `restore_options`."""
+    """How `drctl restore` asked for the copy. `jobs`, `no_owner`, `policy`, `start`
+    (`start_port`: start the restored copy on that port) and `owner` (the OS user a
+    restored copy is given to) are options a kind takes only if it names them in
+    `restore_options`."""
 
     force: bool = False
     jobs: int | None = None
@@ -93,6 +99,8 @@ class RestoreOptions:
     no_owner: bool = False
     policy: Any = None  # the kind's own: what a target may lack (pg_recreate.Policy)
     identities: Sequence[x25519.Identity] = ()
+    start_port: int | None = None
+    owner: str | None = None
 
 
 # -- drills --------------------------------------------------------------------
@@ -123,6 +131,9 @@ class SqlCheck(Protocol):
     def sql(self) -> str: ...
     @property
     def min(self) -> float: ...
+    @property
+    def database(self) -> str | None:
+        """The database it runs in, for a kind that holds several (None: the default)."""
 
 
 @dataclass
@@ -200,6 +211,10 @@ class DataPlace:
     what: str = "the same data"
 
 
+# A kind whose restore target is a data directory: `drctl restore --to-datadir`.
+DATADIR = "data directory"
+
+
 # -- the kind --------------------------------------------------------------------
 
 
@@ -218,7 +233,8 @@ class SourceKind(Protocol):
         """The kind-specific [[sources]] keys it takes (config.py parses them)."""
     @property
     def restore_options(self) -> frozenset[str]:
-        """The options of RestoreOptions it takes beyond `force`: "jobs", "no_owner"."""
+        """The options of RestoreOptions it takes beyond `force`: "jobs", "no_owner",
+        "policy", "start", "owner"."""
     @property
     def takes_sql_checks(self) -> bool:
         """Whether [[drills.checks]] may name its sources."""
@@ -227,8 +243,8 @@ class SourceKind(Protocol):
         """Facts kept in the facts object, not the manifest (facts.py)."""
     @property
     def target_noun(self) -> str:
-        """What a restore target is: "database" (a name or DSN: `restore --to-db`) or
-        "folder" (a path)."""
+        """What a restore target is: "database" (a name or DSN: `restore --to-db`),
+        "folder" (a path) or DATADIR (a path: `restore --to-datadir`)."""
     @property
     def export_suffix(self) -> str:
         """The file name ending of its plaintext dump in a tenant export (export.py)."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pyrage import x25519
 
 from ..errors import SourceError, UsageError, first_line
@@ -129,6 +129,10 @@ def run_check(dsn: str, check: SqlCheck) -> dict[str, Any]:
     """Run one user check, read-only, in the restored database."""
     result: dict[str, Any] = {"sql": check.sql, "min": check.min, "value": None, "ok": False,
                               "detail": ""}
+    if check.database is not None and check.database != conninfo_to_dict(dsn).get("dbname"):
+        result["detail"] = (f"names database {check.database!r}: a postgres source's checks "
+                            "run in its own database (leave `database` out)")
+        return result
     try:
         with psycopg.connect(dsn, connect_timeout=30, autocommit=False) as conn:
             conn.read_only = True
