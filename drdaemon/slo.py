@@ -143,12 +143,13 @@ def rto_split(*, manifest: float, prepare: float, first_byte: float, stream: flo
     """The PHASES of a streaming restore from what a drill measured (seconds).
 
     Reading, decrypting, decompressing and restoring overlap in one stream, so
-    each moment is charged to the stage that held it up: `download` is the
-    manifest fetch, the time to the first byte and the time blocked reading
-    the object; `restore` is creating the scratch target, the time blocked
-    writing into pg_restore/tar and finishing after the stream; what is left
-    of the stream is age, zstd and hashing (`decrypt_decompress`); `verify`
-    is checking the restored copy. The four add up to the RTO.
+    each moment is charged to the stage that held it up: `download` is
+    fetching the manifest (and the tenant key that opens it), the time to the
+    first byte and the time blocked reading the object; `restore` is creating
+    the scratch target, the time blocked writing into pg_restore/tar and
+    finishing after the stream; what is left of the stream is age, zstd and
+    hashing (`decrypt_decompress`); `verify` is checking the restored copy.
+    The four add up to the RTO.
     """
     decrypt = max(stream - first_byte - read_wait - write_wait - restore_finish, 0.0)
     return {"download": manifest + first_byte + read_wait, "decrypt_decompress": decrypt,
