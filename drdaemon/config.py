@@ -98,6 +98,9 @@ class KeysConfig:
     # key on first run instead of failing on their absence.
     generate: bool
     names: dict[str, str] = field(default_factory=dict)  # recipient -> its name, if given
+    # The Ed25519 key that signs the audit log (signing.py); None: HMAC only, and
+    # nobody without the manifest key can check the evidence.
+    signing_key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -367,8 +370,14 @@ class _Parser:
             if not mkey.exists():
                 self.fail("keys.manifest_key_file", "an existing file "
                           "(make one with: drctl keys manifest-key --out FILE)", str(mkey))
+        signing = t.take("signing_key_file", str, None)
+        signing_path = self.resolve(signing) if signing else None
+        if not generate and signing_path is not None and not signing_path.exists():
+            self.fail("keys.signing_key_file", "an existing file "
+                      "(make one with: drctl keys signing-key --out FILE)", str(signing_path))
         t.done()
-        return KeysConfig(tuple(recipients), identity_path, mkey, generate, names)
+        return KeysConfig(tuple(recipients), identity_path, mkey, generate, names,
+                          signing_path)
 
     def pipeline(self, t: Table) -> PipelineConfig:
         level = t.take("zstd_level", int, 3)

@@ -24,7 +24,7 @@ from . import config as config_mod
 from .audit_mirror import MirrorState, mirror
 from .config import Config
 from .keys import (
-    ManifestKey,
+    ManifestKeySet,
     ensure_generated_keys,
     fingerprint,
     load_identities,
@@ -32,6 +32,7 @@ from .keys import (
     recipient_labels,
 )
 from .manifest_cache import ManifestCache
+from .signing import SigningKey, generate_signing_key, load_signing_key
 from .storage import ObjectStore, open_store
 
 log = logging.getLogger("drdaemon")
@@ -59,9 +60,11 @@ def utcnow() -> datetime:
 
 @dataclass
 class Runtime:
+    """A config with its regions opened; its secret keys are read when first used, so a
+    check that needs none (`drctl audit verify --public-key`) never reads them."""
+
     config: Config
     stores: list[ObjectStore]
-    manifest_key: ManifestKey
     clock: Callable[[], datetime] = field(default=utcnow)
     # Set when the daemon is asked to stop: streams in flight abort cleanly.
     stopping: threading.Event = field(default_factory=threading.Event)
@@ -80,6 +83,32 @@ class Runtime:
         default=None, init=False, repr=False, compare=False)
     _on_disk_lock: threading.Lock = field(default_factory=threading.Lock, init=False,
                                           repr=False, compare=False)
+    # The key files as loaded (see manifest_key, signing_key): once per runtime.
+    _keys: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _keys_lock: threading.Lock = field(default_factory=threading.Lock, init=False,
+                                       repr=False, compare=False)
+
+    @property
+    def manifest_key(self) -> ManifestKeySet:
+        """The manifest keys ([keys] manifest_key_file): the current one signs, retired
+        ones verify."""
+        with self._keys_lock:
+            if "manifest" not in self._keys:
+                self._keys["manifest"] = load_manifest_key(self.config.keys.manifest_key_file)
+            key: ManifestKeySet = self._keys["manifest"]
+        return key
+
+    @property
+    def signing_key(self) -> SigningKey | None:
+        """The Ed25519 key that signs the audit log ([keys] signing_key_file), if any."""
+        path = self.config.keys.signing_key_file
+        if path is None:
+            return None
+        with self._keys_lock:
+            if "signing" not in self._keys:
+                self._keys["signing"] = load_signing_key(path)
+            key: SigningKey = self._keys["signing"]
+        return key
 
     def configs_in_force(self) -> list[Config]:
         """The loaded config, plus the config file as it reads now if it changed since.
@@ -214,15 +243,23 @@ def load_config(path: str | None) -> Config:
     return config_mod.load(config_mod.resolve_config_path(path))
 
 
-def open_runtime(config: Config, clock: Callable[[], datetime] = utcnow) -> Runtime:
-    """Generate first-run keys where the config asks for it, then open every region."""
+def open_runtime(config: Config, clock: Callable[[], datetime] = utcnow, *,
+                 secrets: bool = True) -> Runtime:
+    """Generate first-run keys where the config asks for it, load them, then open every
+    region. With `secrets=False`, no key is made or read (an auditor's check): the
+    runtime reads a key only if something uses it."""
     # First: the demo config keeps its generated keys in the state folder.
     statefs.prepare(config.daemon.state_dir)
-    made = _keys_to_generate(config)
-    config = ensure_generated_keys(config)
-    key = load_manifest_key(Path(config.keys.manifest_key_file))
+    made = _keys_to_generate(config) if secrets else []
+    if secrets:
+        config = ensure_generated_keys(config)
+        signing = config.keys.signing_key_file
+        if "signing-key" in made and signing is not None:
+            generate_signing_key(signing)
     stores = [open_store(r) for r in config.regions]
-    rt = Runtime(config, stores, key, clock)
+    rt = Runtime(config, stores, clock)
+    if secrets:
+        rt.manifest_key, rt.signing_key  # noqa: B018 - a bad key file fails here, at once
     if made:
         _record_generated_keys(rt, made)
     return rt
@@ -233,7 +270,8 @@ def _keys_to_generate(config: Config) -> list[str]:
     keys = config.keys
     if not keys.generate:
         return []
-    files = {"identity": keys.identity_file, "manifest-key": keys.manifest_key_file}
+    files = {"identity": keys.identity_file, "manifest-key": keys.manifest_key_file,
+             "signing-key": keys.signing_key_file}
     return [what for what, path in files.items() if path is not None and not path.exists()]
 
 
@@ -245,16 +283,19 @@ def _record_generated_keys(rt: Runtime, made: list[str]) -> None:
                                         load_identities(rt.config.keys.identity_file))
     if "manifest-key" in made:
         fields["manifest_key_id"] = rt.manifest_key.key_id
+    if "signing-key" in made and rt.signing_key is not None:
+        fields["signing_key"] = rt.signing_key.fingerprint
     rt.record_event("key.generated", **fields)
 
 
 def record_key_generation(rt: Runtime, what: str, path: Path, *, recipient: str | None = None,
-                          manifest_key_id: str | None = None) -> None:
+                          manifest_key_id: str | None = None,
+                          signing_key: str | None = None) -> None:
     """Audit a key that `drctl keys` made: its public facts and where it was written.
 
-    `what` is "identity" (with its `recipient`) or "manifest-key" (with its key
-    id); never the key itself. The record is signed with this runtime's manifest
-    key, which need not be the key just made.
+    `what` is "identity" (with its `recipient`), "manifest-key" (with its key
+    id) or "signing-key" (with its fingerprint); never the key itself. The
+    record is signed with this runtime's keys, which need not be the key just made.
     """
     fields: dict[str, Any] = {"generated": [what], "path": str(path.absolute()),
                               "user": getpass.getuser(), "host": socket.gethostname()}
@@ -263,4 +304,6 @@ def record_key_generation(rt: Runtime, what: str, path: Path, *, recipient: str 
         fields["fingerprint"] = fingerprint(recipient)
     if manifest_key_id is not None:
         fields["manifest_key_id"] = manifest_key_id
+    if signing_key is not None:
+        fields["signing_key"] = signing_key
     rt.record_event("key.generated", **fields)

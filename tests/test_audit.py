@@ -591,16 +591,19 @@ def test_ed25519_records_verify_with_the_public_key_alone(tmp_path: Path) -> Non
     from drdaemon.signing import generate_signing_key
 
     signer = generate_signing_key(tmp_path / "signing.key")
+    # A new signed log opens with the handover to its key (test_audit_signing.py).
     lines, prev = [], audit_chain.GENESIS
     for seq in range(3):
-        line = audit_chain.make_line(seq, f"2031-03-01T02:00:0{seq}+00:00", "test.event",
-                                     {"n": seq}, prev, signer)
+        event, fields = (("test.event", {"n": seq}) if seq else
+                         (audit_chain.HANDOVER, audit_chain.handover_fields(signer.public)))
+        line = audit_chain.make_line(seq, f"2031-03-01T02:00:0{seq}+00:00", event,
+                                     fields, prev, signer)
         lines.append(line)
         prev = audit_chain.line_hash(line)
     public = audit_chain.ChainKeys(public=(signer.public,))
     assert audit_chain.verify_lines(lines, public).ok
-    # No secret verifies a signed record, and a secret does not replace the public key.
-    assert "not a trusted public key" in (audit_chain.verify_lines(lines, KEY).reason or "")
+    # No secret proves a signed record, and a secret does not replace the public key.
+    assert "no record is proven" in (audit_chain.verify_lines(lines, KEY).reason or "")
     edited = [*lines[:1], lines[1].replace(b'"n":1', b'"n":7'), *lines[2:]]
     result = audit_chain.verify_lines(edited, public)
     assert (result.first_bad, result.records) == (1, 1)

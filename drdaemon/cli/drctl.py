@@ -17,6 +17,7 @@ from ..errors import DrError, UsageError
 from ..keys import fingerprint, generate_identity, generate_manifest_key, identities_for
 from ..progress import ProgressLine
 from ..runtime import Runtime, record_key_generation
+from ..signing import generate_signing_key, public_path
 from ..sources import pg_roles
 from ..sources.directory import facts_lines
 from ..sources.pg_recreate import Policy
@@ -136,6 +137,28 @@ def keys_manifest_key(ctx: click.Context, out: str) -> None:
     click.echo(key_id)
     _audit_new_key(ctx, lambda rt: record_key_generation(rt, "manifest-key", path,
                                                          manifest_key_id=key_id))
+
+
+@keys_group.command("signing-key")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the Ed25519 signing key (created 0600, never overwritten); "
+                   "its public key goes to FILE.pub.")
+@click.pass_context
+@handle_errors("drctl")
+def keys_signing_key(ctx: click.Context, out: str) -> None:
+    """Write a new Ed25519 key for signing the audit log (set [keys] signing_key_file to it)
+    and its public key (FILE.pub, for auditors); print its fingerprint.
+
+    With a config (--config or $DRDAEMON_CONFIG), the fingerprint and the path are
+    recorded in its audit log.
+    """
+    path = Path(out)
+    key = generate_signing_key(path)
+    click.echo(key.fingerprint)
+    click.echo(f"public key {public_path(path)} (give it to auditors: drctl audit verify "
+               "--public-key FILE)", err=True)
+    _audit_new_key(ctx, lambda rt: record_key_generation(rt, "signing-key", path,
+                                                         signing_key=key.fingerprint))
 
 
 @keys_group.command("rewrap")
