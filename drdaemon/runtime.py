@@ -21,6 +21,7 @@ from typing import Any
 
 from . import audit, statefs, tenancy
 from . import config as config_mod
+from . import keys as keys_mod
 from .audit_mirror import MirrorState, mirror
 from .config import Config
 from .keys import (
@@ -307,3 +308,18 @@ def record_key_generation(rt: Runtime, what: str, path: Path, *, recipient: str 
     if signing_key is not None:
         fields["signing_key"] = signing_key
     rt.record_event("key.generated", **fields)
+
+
+def rotate_manifest_key(rt: Runtime, out: Path) -> ManifestKeySet:
+    """Write to `out` a key set with a new current key and this runtime's keys retired,
+    and record `key.rotated` with the old and new key ids.
+
+    The record is authenticated by this runtime, i.e. with the old key (or the
+    signing key): the audit chain crosses the rotation, and what the old key
+    signed keeps verifying with the new set.
+    """
+    old = rt.manifest_key
+    new = keys_mod.rotate_manifest_key(old, out, rt.clock())
+    rt.record_event("key.rotated", old_key_id=old.key_id, new_key_id=new.key_id,
+                    retired=[k.key_id for k in new.retired], path=str(out.absolute()))
+    return new

@@ -16,7 +16,7 @@ from .. import tenancy, tenant_keys
 from ..errors import DrError, UsageError
 from ..keys import fingerprint, generate_identity, generate_manifest_key, identities_for
 from ..progress import ProgressLine
-from ..runtime import Runtime, record_key_generation
+from ..runtime import Runtime, record_key_generation, rotate_manifest_key
 from ..signing import generate_signing_key, public_path
 from ..sources import pg_roles
 from ..sources.directory import facts_lines
@@ -31,6 +31,7 @@ from . import (
     handle_errors,
     identity_option,
     json_option,
+    require,
     root_group,
     tenant_option,
 )
@@ -121,22 +122,45 @@ def keys_generate(ctx: click.Context, out: str) -> None:
                                                          recipient=recipient))
 
 
-@keys_group.command("manifest-key")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+@keys_group.group("manifest-key", invoke_without_command=True)
+@click.option("--out", "out", type=click.Path(dir_okay=False),
               help="Where to write the manifest key (created 0600, never overwritten).")
 @click.pass_context
 @handle_errors("drctl")
-def keys_manifest_key(ctx: click.Context, out: str) -> None:
-    """Write a new manifest authentication key and print its key id.
+def keys_manifest_key(ctx: click.Context, out: str | None) -> None:
+    """Write a new manifest authentication key and print its key id (`rotate`: replace
+    the configured one, keeping it to verify what it signed).
 
     With a config (--config or $DRDAEMON_CONFIG), the key id and the path are
     recorded in its audit log.
     """
-    path = Path(out)
+    if ctx.invoked_subcommand is not None:
+        require(out is None, "--out goes after the subcommand: drctl keys manifest-key "
+                             f"{ctx.invoked_subcommand} --out FILE")
+        return
+    require(out is not None, "drctl keys manifest-key needs --out FILE")
+    path = Path(out or "")
     key_id = generate_manifest_key(path).key_id
     click.echo(key_id)
     _audit_new_key(ctx, lambda rt: record_key_generation(rt, "manifest-key", path,
                                                          manifest_key_id=key_id))
+
+
+@keys_manifest_key.command("rotate")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the new key set (created 0600, never overwritten).")
+@click.pass_context
+@handle_errors("drctl")
+def keys_manifest_key_rotate(ctx: click.Context, out: Path) -> None:
+    """Write a new manifest key set: a new current key, and every key of [keys]
+    manifest_key_file retired (they still verify what they signed). Records
+    `key.rotated`; then point manifest_key_file at FILE and restart the daemon.
+    Prints the new key id.
+    """
+    keys = rotate_manifest_key(get_runtime(ctx), out)
+    click.echo(keys.key_id)
+    click.echo(f"next: set [keys] manifest_key_file = \"{out.absolute()}\" and restart the "
+               f"daemon; retired: {', '.join(k.key_id for k in keys.retired)}", err=True)
 
 
 @keys_group.command("signing-key")
