@@ -9,6 +9,7 @@ must be private to their owner (mode 0600); we refuse them otherwise.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 from collections.abc import Mapping, Sequence
@@ -109,6 +110,41 @@ def write_private_file(path: Path, content: str) -> None:
         fh.write(content)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+# Beside a key file `drctl keys` could not record in an audit log (no loadable
+# config): who made it, where and when, until the first runtime using the key
+# records it (runtime.record_first_use) and removes the note.
+UNRECORDED_SUFFIX = ".unrecorded"
+_NOTE_FIELDS = ("made_at", "user", "host")
+MAX_NOTE_BYTES = 4096
+
+
+def unrecorded_path(key_path: Path) -> Path:
+    """Where the note of an unrecorded key file is kept: beside it."""
+    return key_path.with_name(key_path.name + UNRECORDED_SUFFIX)
+
+
+def note_unrecorded(key_path: Path, made_at: datetime, user: str, host: str) -> None:
+    """Leave the note that `key_path` was made but not yet recorded (public facts only)."""
+    note = {"made_at": format_utc(made_at), "user": user, "host": host}
+    write_private_file(unrecorded_path(key_path), json.dumps(note, sort_keys=True) + "\n")
+
+
+def read_unrecorded(key_path: Path) -> dict[str, str] | None:
+    """The note beside `key_path` (its string facts; {} if it is damaged), or None if none."""
+    try:
+        with unrecorded_path(key_path).open("rb") as fh:
+            raw = fh.read(MAX_NOTE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw) if len(raw) <= MAX_NOTE_BYTES else {}
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        doc = {}
+    if not isinstance(doc, dict):
+        return {}
+    return {k: v[:200] for k, v in doc.items() if k in _NOTE_FIELDS and isinstance(v, str)}
 
 
 def generate_identity(path: Path) -> str:

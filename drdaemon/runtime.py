@@ -30,7 +30,9 @@ from .keys import (
     fingerprint,
     load_identities,
     load_manifest_key,
+    read_unrecorded,
     recipient_labels,
+    unrecorded_path,
 )
 from .manifest_cache import ManifestCache
 from .signing import SigningKey, generate_signing_key, load_signing_key
@@ -43,14 +45,15 @@ log = logging.getLogger("drdaemon")
 AUDIT_BATCH_MIRROR_INTERVAL = 60.0
 
 
-def _whoami() -> str:
+def whoami() -> str:
+    """The running user's name (the uid where there is none)."""
     try:
         return getpass.getuser()
     except Exception:  # no passwd entry and no LOGNAME (a bare container)
         return f"uid {os.getuid()}"
 
 
-_USER = _whoami()
+_USER = whoami()
 _HOST = socket.gethostname()
 
 
@@ -263,6 +266,8 @@ def open_runtime(config: Config, clock: Callable[[], datetime] = utcnow, *,
         rt.manifest_key, rt.signing_key  # noqa: B018 - a bad key file fails here, at once
     if made:
         _record_generated_keys(rt, made)
+    if secrets:
+        record_first_use(rt)
     return rt
 
 
@@ -289,17 +294,46 @@ def _record_generated_keys(rt: Runtime, made: list[str]) -> None:
     rt.record_event("key.generated", **fields)
 
 
+def record_first_use(rt: Runtime) -> None:
+    """Record the key files of this config that `drctl keys` made without a loadable
+    config (a note beside them, keys.note_unrecorded): `key.generated` with the
+    maker's user, host and time, then the note is removed (a crash in between
+    records the key twice, never not at all)."""
+    keys = rt.config.keys
+    for what, path in (("identity", keys.identity_file),
+                       ("manifest-key", keys.manifest_key_file),
+                       ("signing-key", keys.signing_key_file)):
+        note = read_unrecorded(path) if path is not None else None
+        if path is None or note is None:
+            continue
+        if what == "identity":
+            recipient = ", ".join(str(i.to_public()) for i in load_identities(path))
+            record_key_generation(rt, what, path, recipient=recipient, note=note)
+        elif what == "manifest-key":
+            record_key_generation(rt, what, path, manifest_key_id=rt.manifest_key.key_id,
+                                  note=note)
+        elif rt.signing_key is not None:
+            record_key_generation(rt, what, path, signing_key=rt.signing_key.fingerprint,
+                                  note=note)
+        unrecorded_path(path).unlink(missing_ok=True)
+
+
 def record_key_generation(rt: Runtime, what: str, path: Path, *, recipient: str | None = None,
-                          manifest_key_id: str | None = None,
-                          signing_key: str | None = None) -> None:
+                          manifest_key_id: str | None = None, signing_key: str | None = None,
+                          note: dict[str, str] | None = None) -> None:
     """Audit a key that `drctl keys` made: its public facts and where it was written.
 
     `what` is "identity" (with its `recipient`), "manifest-key" (with its key
     id) or "signing-key" (with its fingerprint); never the key itself. The
     record is signed with this runtime's keys, which need not be the key just made.
+    `note`: the key was made earlier without a loadable config, by the user on
+    the host at the time it names; recorded now, at its first use.
     """
     fields: dict[str, Any] = {"generated": [what], "path": str(path.absolute()),
                               "user": getpass.getuser(), "host": socket.gethostname()}
+    if note is not None:
+        fields.update(note)
+        fields["recorded"] = "at first use: made without a loadable config"
     if recipient is not None:
         fields["recipient"] = recipient
         fields["fingerprint"] = fingerprint(recipient)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,9 +15,16 @@ from .. import backup as backup_service
 from .. import restore as restore_service
 from .. import tenancy, tenant_keys
 from ..errors import DrError, UsageError
-from ..keys import fingerprint, generate_identity, generate_manifest_key, identities_for
+from ..keys import (
+    fingerprint,
+    generate_identity,
+    generate_manifest_key,
+    identities_for,
+    note_unrecorded,
+    unrecorded_path,
+)
 from ..progress import ProgressLine
-from ..runtime import Runtime, record_key_generation, rotate_manifest_key
+from ..runtime import Runtime, record_key_generation, rotate_manifest_key, utcnow, whoami
 from ..signing import generate_signing_key, public_path
 from ..sources import pg_roles
 from ..sources.directory import facts_lines
@@ -118,7 +126,7 @@ def keys_generate(ctx: click.Context, out: str) -> None:
     # fingerprint, which manifests and "no identity" errors name the key by.
     click.echo(f"fingerprint {fingerprint(recipient)} (manifests and errors name this key "
                "by it; in the config: { recipient = \"age1...\", name = \"ops\" })", err=True)
-    _audit_new_key(ctx, lambda rt: record_key_generation(rt, "identity", path,
+    _audit_new_key(ctx, path, lambda rt: record_key_generation(rt, "identity", path,
                                                          recipient=recipient))
 
 
@@ -142,7 +150,7 @@ def keys_manifest_key(ctx: click.Context, out: str | None) -> None:
     path = Path(out or "")
     key_id = generate_manifest_key(path).key_id
     click.echo(key_id)
-    _audit_new_key(ctx, lambda rt: record_key_generation(rt, "manifest-key", path,
+    _audit_new_key(ctx, path, lambda rt: record_key_generation(rt, "manifest-key", path,
                                                          manifest_key_id=key_id))
 
 
@@ -181,7 +189,7 @@ def keys_signing_key(ctx: click.Context, out: str) -> None:
     click.echo(key.fingerprint)
     click.echo(f"public key {public_path(path)} (give it to auditors: drctl audit verify "
                "--public-key FILE)", err=True)
-    _audit_new_key(ctx, lambda rt: record_key_generation(rt, "signing-key", path,
+    _audit_new_key(ctx, path, lambda rt: record_key_generation(rt, "signing-key", path,
                                                          signing_key=key.fingerprint))
 
 
@@ -204,20 +212,24 @@ def keys_rewrap(ctx: click.Context, identity_file: Path | None, as_json: bool) -
         click.echo(f"{tenant}: {', '.join(ids) or 'no key yet'}")
 
 
-def _audit_new_key(ctx: click.Context, record: Callable[[Runtime], None]) -> None:
-    """Record a key just written in the config's audit log, or say in one line why not.
+def _audit_new_key(ctx: click.Context, path: Path, record: Callable[[Runtime], None]) -> None:
+    """Record a key just written in the config's audit log, or say in one line why not
+    and leave a note beside the key: the first config that uses it records it.
 
     The key exists either way, so this never changes the exit code: keys are
     often made before there is a config (or on the offline machine that keeps them).
     """
-    if not ctx.ensure_object(dict).get("config_path"):
-        click.echo("note: not recorded in an audit log: no config given (--config or "
-                   "$DRDAEMON_CONFIG)", err=True)
-        return
-    try:
-        record(get_runtime(ctx))
-    except (DrError, OSError) as exc:
-        click.echo(f"note: not recorded in an audit log: {exc}", err=True)
+    why = "no config given (--config or $DRDAEMON_CONFIG)"
+    if ctx.ensure_object(dict).get("config_path"):
+        try:
+            record(get_runtime(ctx))
+            return
+        except (DrError, OSError) as exc:
+            why = str(exc)
+    note_unrecorded(path, utcnow(), whoami(), socket.gethostname())
+    click.echo(f"note: not recorded in an audit log yet: {why}; the first config that uses "
+               f"this key records it ({unrecorded_path(path).name} beside it until then)",
+               err=True)
 
 
 # -- backup -----------------------------------------------------------------
