@@ -242,9 +242,10 @@ class Runtime:
         mirror(self)
 
 
-def load_config(path: str | None) -> Config:
-    """Load the config named by --config, $DRDAEMON_CONFIG or the embedded default."""
-    return config_mod.load(config_mod.resolve_config_path(path))
+def load_config(path: str | None, *, key_files: bool = True) -> Config:
+    """Load the config named by --config, $DRDAEMON_CONFIG or the embedded default
+    (`key_files=False`: its key files need not exist, see config.load)."""
+    return config_mod.load(config_mod.resolve_config_path(path), key_files=key_files)
 
 
 def open_runtime(config: Config, clock: Callable[[], datetime] = utcnow, *,

@@ -224,16 +224,19 @@ def test_drctl_signs_the_log_and_an_auditor_checks_it_with_no_secret(setup: Setu
     assert own.exit_code == 0, own.output
     assert json.loads(own.stdout)["signer"] == public.fingerprint
 
-    # The auditor: no manifest key at all (here: the file no longer holds one).
+    # The auditor: no secret at all (the key files the config names are absent).
     secret = setup.manifest_key.read_bytes()
-    setup.manifest_key.write_text("not a key\n")
+    setup.manifest_key.unlink()
+    signing.rename(tmp_path / "away.key")
     pub = str(signing.with_name("signing.key.pub"))
     for where in ((), ("--region", "us-local")):
         checked = setup.drctl("audit", "verify", "--public-key", pub, *where, "--json")
         assert checked.exit_code == 0, checked.output + checked.stderr
         doc = json.loads(checked.stdout)
         assert (doc["ok"], doc["records"], doc["unproven"]) == (True, len(lines), cross + 1)
-    assert setup.drctl("audit", "verify").exit_code == 2  # the secret path needs the key
+    assert setup.drctl("audit", "verify").exit_code == 2  # the secret path needs the keys
+    setup.manifest_key.write_text("not a key\n")  # present but unreadable as a key: unread
+    assert setup.drctl("audit", "verify", "--public-key", pub).exit_code == 0
 
     # A record forged with the audit key after the crossover: caught with the public key.
     mkey = _manifest_key_from(secret, tmp_path)

@@ -43,7 +43,7 @@ def verify_cmd(ctx: click.Context, region: str | None, public_key: Path | None,
     if public_key is not None:
         public = load_public_key(public_key)
         # No key file is made or read on this path: the auditor holds no secret.
-        rt = open_runtime(get_config(ctx), secrets=False)
+        rt = open_runtime(get_config(ctx, key_files=False), secrets=False)
         result = _verify(rt, region, public)
     else:
         rt = get_runtime(ctx)
