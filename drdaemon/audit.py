@@ -58,17 +58,20 @@ class AuditContext(Protocol):
     def manifest_key(self) -> ManifestKey: ...
     @property
     def signing_key(self) -> SigningKey | None: ...
+    @property
+    def retired_signing_keys(self) -> tuple[SigningKey, ...]: ...
 
     def clock(self) -> datetime: ...
 
 
 def chain_keys(rt: AuditContext) -> ChainKeys:
     """What this runtime checks its chains with: the audit key of every manifest key it
-    holds (retired ones verify records from before a rotation), and its signing key's
-    public half."""
+    holds (retired ones verify records from before a rotation), and the public half of
+    its signing keys (the current one, and earlier ones kept after it)."""
     signer = rt.signing_key
+    signers = (signer, *rt.retired_signing_keys) if signer is not None else ()
     return ChainKeys(hmac=tuple(audit_key(k) for k in rt.manifest_key.verifying_keys),
-                     public=(signer.public,) if signer is not None else ())
+                     public=tuple(k.public for k in signers))
 
 
 def log_path(state_dir: Path) -> Path:
@@ -130,9 +133,9 @@ def append(rt: AuditContext, event: str, fields: Mapping[str, Any]) -> int:
     MAC'd with the audit key); return its seq.
 
     The first record a signing key signs follows the HANDOVER record naming it,
-    MAC'd with the audit key (or, opening a new log, signed by the key itself).
-    A log signed by another key than the configured one, or none, is refused
-    (DrError): the verifier would reject the record.
+    authenticated by the signer before (`_handed_over_by`). A log signed by a
+    key neither configured nor kept after it in the key file, or signed while
+    no key is configured, is refused (DrError): the verifier would reject the record.
 
     The exclusive flock covers reading the last line and writing the new one,
     so the daemon and any drctl process append one after the other and never
@@ -150,30 +153,40 @@ def append(rt: AuditContext, event: str, fields: Mapping[str, Any]) -> int:
         seq, prev, last = _next_position(fd)
         at = rt.clock().isoformat()
         in_force = _signer_in_force(last)
-        key: bytes | SigningKey = mac_key
-        if signer is not None:
-            key = signer
-            if in_force != signer.fingerprint:
-                # The crossover: the signer before (the audit key; for a new log the
-                # new key itself) names the new key, which signs from the next record.
-                if in_force is not None:
-                    raise _cannot_hand_over(in_force, signer)
-                handover = make_line(seq, at, HANDOVER, handover_fields(signer.public), prev,
-                                     signer if not last else mac_key)
-                statefs.write_all(fd, handover)
-                seq, prev = seq + 1, line_hash(handover)
-        elif in_force is not None:
-            raise DrError(f"the audit log is signed by {in_force}, but no signing key is "
-                          "configured: set [keys] signing_key_file to that key (a record "
-                          f"with only a MAC would be a downgrade); {event} not recorded")
-        statefs.write_all(fd, make_line(seq, at, event, clean, prev, key))
+        if signer is None:
+            if in_force is not None:
+                raise DrError(f"the audit log is signed by {in_force}, but no signing key is "
+                              "configured: set [keys] signing_key_file to that key (a record "
+                              f"with only a MAC would be a downgrade); {event} not recorded")
+            statefs.write_all(fd, make_line(seq, at, event, clean, prev, mac_key))
+            return seq
+        if in_force != signer.fingerprint:
+            handover = make_line(seq, at, HANDOVER, handover_fields(signer.public), prev,
+                                 _handed_over_by(rt, signer, in_force, mac_key if last else None))
+            statefs.write_all(fd, handover)
+            seq, prev = seq + 1, line_hash(handover)
+        statefs.write_all(fd, make_line(seq, at, event, clean, prev, signer))
     return seq
+
+
+def _handed_over_by(rt: AuditContext, signer: SigningKey, in_force: str | None,
+                    mac_key: bytes | None) -> bytes | SigningKey:
+    """Who authenticates the handover to `signer`: the signer in force (the audit key,
+    `mac_key`, after MAC'd records; an earlier signing key kept in the key file after
+    the current one), or the new key itself opening a new log (`mac_key` None)."""
+    if in_force is None:
+        return mac_key if mac_key is not None else signer
+    previous = next((k for k in rt.retired_signing_keys if k.fingerprint == in_force), None)
+    if previous is None:
+        raise _cannot_hand_over(in_force, signer)
+    return previous
 
 
 def _cannot_hand_over(in_force: str, signer: SigningKey) -> DrError:
     return DrError(f"the audit log is signed by {in_force}, not by the configured signing "
-                   f"key {signer.fingerprint}: only {in_force} can hand the log over "
-                   "(docs/format.md, \"Audit log\"); set [keys] signing_key_file back to it")
+                   f"key {signer.fingerprint}: only {in_force} can hand the log over; keep "
+                   "it in [keys] signing_key_file after the new key (docs/format.md, "
+                   "\"Signed records and the crossover\")")
 
 
 def read_lines(state_dir: Path) -> list[bytes]:

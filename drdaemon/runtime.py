@@ -35,7 +35,7 @@ from .keys import (
     unrecorded_path,
 )
 from .manifest_cache import ManifestCache
-from .signing import SigningKey, generate_signing_key, load_signing_key
+from .signing import SigningKey, generate_signing_key, load_signing_keys
 from .storage import ObjectStore, open_store
 
 log = logging.getLogger("drdaemon")
@@ -105,14 +105,24 @@ class Runtime:
     @property
     def signing_key(self) -> SigningKey | None:
         """The Ed25519 key that signs the audit log ([keys] signing_key_file), if any."""
+        keys = self._signing_keys()
+        return keys[0] if keys else None
+
+    @property
+    def retired_signing_keys(self) -> tuple[SigningKey, ...]:
+        """Earlier signing keys kept after the current one in its file: one of them
+        signs the audit log's handover to the current key."""
+        return self._signing_keys()[1:]
+
+    def _signing_keys(self) -> tuple[SigningKey, ...]:
         path = self.config.keys.signing_key_file
         if path is None:
-            return None
+            return ()
         with self._keys_lock:
             if "signing" not in self._keys:
-                self._keys["signing"] = load_signing_key(path)
-            key: SigningKey = self._keys["signing"]
-        return key
+                self._keys["signing"] = tuple(load_signing_keys(path))
+            keys: tuple[SigningKey, ...] = self._keys["signing"]
+        return keys
 
     def configs_in_force(self) -> list[Config]:
         """The loaded config, plus the config file as it reads now if it changed since.

@@ -164,7 +164,7 @@ def test_a_new_log_opens_with_a_handover_signed_by_its_key(signers: list[Signing
     assert "fingerprint" in (verify_lines(odd, KEY).reason or "")
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(data=st.data())
 def test_any_changed_byte_in_a_crossing_chain_fails_the_public_check(
         data: st.DataObject) -> None:
@@ -298,3 +298,22 @@ def test_the_log_refuses_to_downgrade_and_the_demo_config_makes_a_signing_key(
     with pytest.raises(DrError, match="hand the log over"):
         audit.append(rt, "test.event", {})
     assert len(audit.read_lines(state)) == 2
+
+    # The new key first, the old one kept after it: the old key hands the log over.
+    first = load_public_key(state / "keys" / "signing.key.pub")
+    both = tmp_path / "both.key"
+    both.write_bytes(other.read_bytes() + (state / "keys" / "signing.key").read_bytes())
+    both.chmod(0o600)
+    config.write_text(text.replace(f"{state}/keys/signing.key", str(both)))
+    rt = open_runtime(load_config(config))
+    assert rt.signing_key is not None and rt.signing_key.fingerprint != first.fingerprint
+    assert audit.append(rt, "test.event", {}) == 3
+    lines = audit.read_lines(state)
+    handover = json.loads(lines[2])
+    assert handover["event"] == audit_chain.HANDOVER and \
+        handover["fingerprint"] == rt.signing_key.fingerprint
+    assert handover["sig"]["key"] == first.fingerprint
+    assert verify_public(lines, first).ok and verify_public(lines, first).unproven == 0
+    assert verify_public(lines, rt.signing_key.public).unproven == 3
+    assert audit.verify(rt).signer == rt.signing_key.fingerprint
+    assert audit.verify(rt).unproven == 0  # the old key, kept in the file, proves its records
