@@ -273,12 +273,12 @@ def open_runtime(config: Config, clock: Callable[[], datetime] = utcnow, *,
             generate_signing_key(signing)
     stores = [open_store(r) for r in config.regions]
     rt = Runtime(config, stores, clock)
-    if secrets:
-        rt.manifest_key, rt.signing_key  # noqa: B018 - a bad key file fails here, at once
+    if not secrets:
+        return rt
+    _ = (rt.manifest_key, rt.signing_key)  # a bad key file fails here, at once
     if made:
         _record_generated_keys(rt, made)
-    if secrets:
-        record_first_use(rt)
+    record_first_use(rt)
     return rt
 
 
