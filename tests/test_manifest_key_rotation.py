@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from support import Setup, directory_source, local_region, make_setup
+from support import Setup, directory_source, drctl, local_region, make_setup
 
 from drdaemon import erasure_cert, keys, layout, manifest
 from drdaemon.errors import IntegrityError, UsageError
@@ -152,3 +152,14 @@ def test_a_damaged_key_set_file_is_refused_without_echoing_it(tmp_path: Path) ->
         with pytest.raises(UsageError) as err:
             load_manifest_key(path)
         assert "bb" * 8 not in str(err.value) and "aa" * 8 not in str(err.value)
+
+
+def test_a_key_made_without_a_config_is_noted_and_a_stale_note_never_fails_it(
+        tmp_path: Path) -> None:
+    made = drctl(["keys", "manifest-key", "--out", str(tmp_path / "m.key")])
+    assert made.exit_code == 0 and "m.key.unrecorded beside it" in made.stderr
+    assert set(keys.read_unrecorded(tmp_path / "m.key") or {}) == {"made_at", "user", "host"}
+    (tmp_path / "s.key.unrecorded").write_text("stale")
+    made = drctl(["keys", "signing-key", "--out", str(tmp_path / "s.key")])
+    assert made.exit_code == 0 and "nor noted beside the key" in made.stderr
+    assert (tmp_path / "s.key.pub").exists()

@@ -226,7 +226,12 @@ def _audit_new_key(ctx: click.Context, path: Path, record: Callable[[Runtime], N
             return
         except (DrError, OSError) as exc:
             why = str(exc)
-    note_unrecorded(path, utcnow(), whoami(), socket.gethostname())
+    try:
+        note_unrecorded(path, utcnow(), whoami(), socket.gethostname())
+    except (DrError, OSError) as exc:  # e.g. a stale note of a key removed since
+        click.echo(f"note: not recorded in an audit log: {why}; nor noted beside the key: "
+                   f"{exc}", err=True)
+        return
     click.echo(f"note: not recorded in an audit log yet: {why}; the first config that uses "
                f"this key records it ({unrecorded_path(path).name} beside it until then)",
                err=True)
