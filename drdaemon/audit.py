@@ -1,4 +1,4 @@
-"""The tamper-evident audit log: a hash chain of HMAC-signed JSON lines in the state folder.
+"""The tamper-evident audit log: a hash chain of signed JSON lines in the state folder.
 
 Auditors must be able to tell that nobody edited, removed or reordered what
 drdaemon recorded: someone who can write the file (or a bucket) but does not
@@ -23,19 +23,25 @@ from typing import Any, Protocol
 from . import statefs
 from .audit_chain import (
     GENESIS,
+    HANDOVER,
     RESERVED,
     AuditVerification,
+    ChainKeys,
     audit_key,
+    handover_fields,
     line_hash,
     make_line,
     parse_records,
     select,
+    signer_of,
     split_lines,
     verify_lines,
 )
 from .audit_secrets import known_secrets, plain_fields
 from .config import Config
+from .errors import DrError
 from .keys import ManifestKey
+from .signing import SigningKey
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +56,22 @@ class AuditContext(Protocol):
     def config(self) -> Config: ...
     @property
     def manifest_key(self) -> ManifestKey: ...
+    @property
+    def signing_key(self) -> SigningKey | None: ...
+    @property
+    def retired_signing_keys(self) -> tuple[SigningKey, ...]: ...
 
     def clock(self) -> datetime: ...
+
+
+def chain_keys(rt: AuditContext) -> ChainKeys:
+    """What this runtime checks its chains with: the audit key of every manifest key it
+    holds (retired ones verify records from before a rotation), and the public half of
+    its signing keys (the current one, and earlier ones kept after it)."""
+    signer = rt.signing_key
+    signers = (signer, *rt.retired_signing_keys) if signer is not None else ()
+    return ChainKeys(hmac=tuple(audit_key(k) for k in rt.manifest_key.verifying_keys),
+                     public=tuple(k.public for k in signers))
 
 
 def log_path(state_dir: Path) -> Path:
@@ -72,11 +92,11 @@ def _last_line(fd: int, size: int) -> bytes:
     return buf
 
 
-def _next_position(fd: int) -> tuple[int, str]:
-    """seq and prev of the record to append to the open, locked log."""
+def _next_position(fd: int) -> tuple[int, str, bytes]:
+    """seq and prev of the record to append to the open, locked log, and the last line."""
     size = os.fstat(fd).st_size
     if size == 0:
-        return 0, GENESIS
+        return 0, GENESIS, b""
     last = _last_line(fd, size)
     if not last.endswith(b"\n"):
         # A write was cut short (crash, full disk). End the damaged line so it
@@ -92,11 +112,30 @@ def _next_position(fd: int) -> tuple[int, str]:
     except (ValueError, KeyError, TypeError, RecursionError):
         # The last line is damaged: in a sound log seq is the line number.
         seq = statefs.read_all(fd).count(b"\n") - 1
-    return seq + 1, line_hash(last)
+    return seq + 1, line_hash(last), last
+
+
+def _signer_in_force(last: bytes) -> str | None:
+    """The fingerprint that must sign the record after `last` (None: a MAC)."""
+    try:
+        doc = json.loads(last) if last else {}
+    except (ValueError, RecursionError):
+        return None  # a damaged line: `verify` reports it; nothing to track from it
+    if not isinstance(doc, dict):
+        return None
+    if doc.get("event") == HANDOVER and isinstance(doc.get("fingerprint"), str):
+        return str(doc["fingerprint"])
+    return signer_of(doc)
 
 
 def append(rt: AuditContext, event: str, fields: Mapping[str, Any]) -> int:
-    """Append one signed record to the local log; return its seq.
+    """Append one record to the local log, signed with the runtime's signing key (else
+    MAC'd with the audit key); return its seq.
+
+    The first record a signing key signs follows the HANDOVER record naming it,
+    authenticated by the signer before (`_handed_over_by`). A log signed by a
+    key neither configured nor kept after it in the key file, or signed while
+    no key is configured, is refused (DrError): the verifier would reject the record.
 
     The exclusive flock covers reading the last line and writing the new one,
     so the daemon and any drctl process append one after the other and never
@@ -109,11 +148,45 @@ def append(rt: AuditContext, event: str, fields: Mapping[str, Any]) -> int:
     if "withheld" in clean:
         log.warning("audit record %s: withheld %s: it looked like a secret", event,
                     ", ".join(clean["withheld"]))
-    key = audit_key(rt.manifest_key)
+    mac_key, signer = audit_key(rt.manifest_key), rt.signing_key
     with statefs.appending(rt.config.daemon.state_dir, LOG) as fd:
-        seq, prev = _next_position(fd)
-        statefs.write_all(fd, make_line(seq, rt.clock().isoformat(), event, clean, prev, key))
+        seq, prev, last = _next_position(fd)
+        at = rt.clock().isoformat()
+        in_force = _signer_in_force(last)
+        if signer is None:
+            if in_force is not None:
+                raise DrError(f"the audit log is signed by {in_force}, but no signing key is "
+                              "configured: set [keys] signing_key_file to that key (a record "
+                              f"with only a MAC would be a downgrade); {event} not recorded")
+            statefs.write_all(fd, make_line(seq, at, event, clean, prev, mac_key))
+            return seq
+        if in_force != signer.fingerprint:
+            handover = make_line(seq, at, HANDOVER, handover_fields(signer.public), prev,
+                                 _handed_over_by(rt, signer, in_force, mac_key if last else None))
+            statefs.write_all(fd, handover)
+            seq, prev = seq + 1, line_hash(handover)
+        statefs.write_all(fd, make_line(seq, at, event, clean, prev, signer))
     return seq
+
+
+def _handed_over_by(rt: AuditContext, signer: SigningKey, in_force: str | None,
+                    mac_key: bytes | None) -> bytes | SigningKey:
+    """Who authenticates the handover to `signer`: the signer in force (the audit key,
+    `mac_key`, after MAC'd records; an earlier signing key kept in the key file after
+    the current one), or the new key itself opening a new log (`mac_key` None)."""
+    if in_force is None:
+        return mac_key if mac_key is not None else signer
+    previous = next((k for k in rt.retired_signing_keys if k.fingerprint == in_force), None)
+    if previous is None:
+        raise _cannot_hand_over(in_force, signer)
+    return previous
+
+
+def _cannot_hand_over(in_force: str, signer: SigningKey) -> DrError:
+    return DrError(f"the audit log is signed by {in_force}, not by the configured signing "
+                   f"key {signer.fingerprint}: only {in_force} can hand the log over; keep "
+                   "it in [keys] signing_key_file after the new key (docs/format.md, "
+                   "\"Signed records and the crossover\")")
 
 
 def read_lines(state_dir: Path) -> list[bytes]:
@@ -126,7 +199,7 @@ def read_lines(state_dir: Path) -> list[bytes]:
 
 def verify(rt: AuditContext) -> AuditVerification:
     """Verify the local audit log of this runtime's state folder."""
-    return verify_lines(read_lines(rt.config.daemon.state_dir), audit_key(rt.manifest_key))
+    return verify_lines(read_lines(rt.config.daemon.state_dir), chain_keys(rt))
 
 
 def show(rt: AuditContext, since: timedelta | None = None,
@@ -134,6 +207,6 @@ def show(rt: AuditContext, since: timedelta | None = None,
     """The local log's records (newer than `since`, events starting with `prefix`), and
     whether the log verifies, from one read."""
     lines = read_lines(rt.config.daemon.state_dir)
-    check = verify_lines(lines, audit_key(rt.manifest_key))
+    check = verify_lines(lines, chain_keys(rt))
     cutoff = rt.clock() - since if since is not None else None
     return select(parse_records(lines), cutoff, prefix), check

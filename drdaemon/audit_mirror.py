@@ -19,13 +19,13 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from . import layout, statefs
-from .audit import AuditContext, log_path, read_lines, verify
+from .audit import AuditContext, chain_keys, log_path, read_lines, verify
 from .audit_chain import (
     GENESIS,
     MAX_LINE,
     SEGMENT_RECORDS,
     AuditVerification,
-    audit_key,
+    ChainKeys,
     line_hash,
     mirror_folder,
     segments,
@@ -117,11 +117,13 @@ def read_mirror(store: ObjectStore, folder: str) -> list[bytes]:
     return lines
 
 
-def verify_mirror(rt: MirrorContext, region: str) -> AuditVerification:
+def verify_mirror(rt: MirrorContext, region: str,
+                  keys: ChainKeys | None = None) -> AuditVerification:
     """Verify a region's copy of this host's log, and that it agrees with the local log.
 
     A copy behind the local log is fine (the mirror is best effort); a copy
-    that differs, or holds records the local log lost, is not.
+    that differs, or holds records the local log lost, is not. `keys`: what
+    to check it with (default: the runtime's, audit.chain_keys).
     """
     store = rt.store(region)
     state_dir = rt.config.daemon.state_dir
@@ -135,7 +137,7 @@ def verify_mirror(rt: MirrorContext, region: str) -> AuditVerification:
     if not mirrored:
         return AuditVerification(False, 0, 0, f"region {region} holds no copy of this log "
                                               f"({folder}/)")
-    result = verify_lines(mirrored, audit_key(rt.manifest_key))
+    result = verify_lines(mirrored, keys if keys is not None else chain_keys(rt))
     upto = result.records if result.ok else (result.first_bad or 0)
     for seq in range(min(upto, len(local))):
         if mirrored[seq] != local[seq]:

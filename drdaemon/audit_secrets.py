@@ -74,4 +74,5 @@ def plain_fields(fields: Mapping[str, Any], known: Sequence[str] = ()) -> dict[s
 
 def known_secrets(manifest_key: ManifestKey) -> tuple[str, ...]:
     """Key material the runtime holds, which must never be written into a record."""
-    return (manifest_key.secret.hex(), audit_key(manifest_key).hex())
+    return tuple(h for k in manifest_key.verifying_keys
+                 for h in (k.secret.hex(), audit_key(k).hex()))

@@ -98,7 +98,8 @@ class KeysConfig:
     # key on first run instead of failing on their absence.
     generate: bool
     names: dict[str, str] = field(default_factory=dict)  # recipient -> its name, if given
-    # The Ed25519 key that signs evidence (signing.py); None: evidence is HMAC only.
+    # The Ed25519 key that signs the audit log (signing.py); None: HMAC only, and
+    # nobody without the manifest key can check the evidence.
     signing_key_file: Path | None = None
 
 
@@ -231,8 +232,11 @@ def resolve_config_path(explicit: str | None) -> Path:
     return Path(env) if env else default_config_path()
 
 
-def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a configuration file; raise ConfigError on any problem."""
+def load(path: str | os.PathLike[str], *, key_files: bool = True) -> Config:
+    """Read and validate a configuration file; raise ConfigError on any problem.
+
+    `key_files=False`: do not require the key files to exist (a check that reads
+    no secret, such as an auditor's `drctl audit verify --public-key`)."""
     path = Path(path)
     try:
         # Owned by the running user or root, nobody else can write it or a folder
@@ -245,12 +249,13 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{path}: cannot read config file: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return _Parser(path).config(raw)
+    return _Parser(path, key_files).config(raw)
 
 
 class _Parser:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key_files: bool = True) -> None:
         self.path = path
+        self.key_files = key_files
         self.base = path.resolve().parent
         self.warnings: list[str] = []
 
@@ -368,16 +373,21 @@ class _Parser:
         identity = t.take("identity_file", str, None)
         identity_path = self.resolve(identity) if identity else None
         mkey = self.resolve(t.take("manifest_key_file", str, what="a path to the manifest key"))
-        signing = t.take("signing_key_file", str, None, what="a path to the signing key")
-        if not generate:
+        if not generate and self.key_files:
             if identity_path is not None and not identity_path.exists():
                 self.fail("keys.identity_file", "an existing file", str(identity_path))
             if not mkey.exists():
                 self.fail("keys.manifest_key_file", "an existing file "
                           "(make one with: drctl keys manifest-key --out FILE)", str(mkey))
+        signing = t.take("signing_key_file", str, None)
+        signing_path = self.resolve(signing) if signing else None
+        if not generate and self.key_files and signing_path is not None \
+                and not signing_path.exists():
+            self.fail("keys.signing_key_file", "an existing file "
+                      "(make one with: drctl keys signing-key --out FILE)", str(signing_path))
         t.done()
         return KeysConfig(tuple(recipients), identity_path, mkey, generate, names,
-                          self.resolve(signing) if signing else None)
+                          signing_path)
 
     def pipeline(self, t: Table) -> PipelineConfig:
         level = t.take("zstd_level", int, 3)

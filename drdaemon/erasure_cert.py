@@ -172,9 +172,11 @@ def parse(raw: bytes, key: ManifestKey, tenant: str | None = None) -> ErasureCer
     try:
         doc = json.loads(raw)
         mac = doc.pop("mac")
-        if (not isinstance(mac, dict) or mac.get("key_id") != key.key_id
-                or not isinstance(mac.get("value"), str)
-                or not hmac.compare_digest(mac["value"], _mac(doc, key))):
+        # Any key of a key set that the MAC names by id: a retired key still
+        # verifies the certificates it signed.
+        signer = key.for_id(mac.get("key_id")) if isinstance(mac, dict) else None
+        if (signer is None or not isinstance(mac.get("value"), str)
+                or not hmac.compare_digest(mac["value"], _mac(doc, signer))):
             raise IntegrityError("erasure certificate authentication failed: altered, forged "
                                  "or signed with another manifest key")
         check = doc["check"]

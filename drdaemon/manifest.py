@@ -154,17 +154,21 @@ def signed(body: dict[str, Any], key: ManifestKey) -> dict[str, Any]:
 
 def authenticated_body(doc: dict[str, Any], key: ManifestKey, what: str) -> dict[str, Any]:
     """The body of an untrusted signed document `doc` (its `mac` removed), or
-    IntegrityError naming `what` if `key` did not sign exactly this body."""
+    IntegrityError naming `what` if `key` did not sign exactly this body. For a
+    keys.ManifestKeySet, any key of the set (current or retired) that the MAC
+    names by id; a key id not in the set is refused."""
     body = dict(doc)
     mac = body.pop("mac", None)
     if not isinstance(mac, dict) or mac.get("algorithm") != "hmac-sha256":
         raise IntegrityError(f"{what} carries no hmac-sha256 authentication")
-    if mac.get("key_id") != key.key_id:
+    signer = key.for_id(mac.get("key_id"))
+    if signer is None:
+        ours = ", ".join(repr(k.key_id) for k in key.verifying_keys)
         raise IntegrityError(f"{what} was signed with another manifest key "
-                             f"(key id {str(mac.get('key_id'))[:16]!r}, ours {key.key_id!r})")
+                             f"(key id {str(mac.get('key_id'))[:16]!r}, ours {ours})")
     value = mac.get("value")
     try:
-        expected = _mac(body, key)
+        expected = _mac(body, signer)
     except (UnicodeEncodeError, RecursionError):
         # Lone surrogates or absurd nesting: nothing we wrote, so not authentic.
         raise IntegrityError(f"{what} authentication failed: it was altered or forged") from None

@@ -21,18 +21,21 @@ from typing import Any
 
 from . import audit, statefs, tenancy
 from . import config as config_mod
+from . import keys as keys_mod
 from .audit_mirror import MirrorState, mirror
 from .config import Config
 from .keys import (
-    ManifestKey,
+    ManifestKeySet,
     ensure_generated_keys,
     fingerprint,
     load_identities,
     load_manifest_key,
+    read_unrecorded,
     recipient_labels,
+    unrecorded_path,
 )
 from .manifest_cache import ManifestCache
-from .signing import SigningKey, load_signing_key
+from .signing import SigningKey, generate_signing_key, load_signing_keys
 from .storage import ObjectStore, open_store
 
 log = logging.getLogger("drdaemon")
@@ -42,14 +45,15 @@ log = logging.getLogger("drdaemon")
 AUDIT_BATCH_MIRROR_INTERVAL = 60.0
 
 
-def _whoami() -> str:
+def whoami() -> str:
+    """The running user's name (the uid where there is none)."""
     try:
         return getpass.getuser()
     except Exception:  # no passwd entry and no LOGNAME (a bare container)
         return f"uid {os.getuid()}"
 
 
-_USER = _whoami()
+_USER = whoami()
 _HOST = socket.gethostname()
 
 
@@ -65,9 +69,11 @@ def utcnow() -> datetime:
 
 @dataclass
 class Runtime:
+    """A config with its regions opened; its secret keys are read when first used, so a
+    check that needs none (`drctl audit verify --public-key`) never reads them."""
+
     config: Config
     stores: list[ObjectStore]
-    manifest_key: ManifestKey
     clock: Callable[[], datetime] = field(default=utcnow)
     # Set when the daemon is asked to stop: streams in flight abort cleanly.
     stopping: threading.Event = field(default_factory=threading.Event)
@@ -86,12 +92,42 @@ class Runtime:
         default=None, init=False, repr=False, compare=False)
     _on_disk_lock: threading.Lock = field(default_factory=threading.Lock, init=False,
                                           repr=False, compare=False)
+    # The key files as loaded (see manifest_key, signing_key): once per runtime.
+    _keys: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _keys_lock: threading.Lock = field(default_factory=threading.Lock, init=False,
+                                       repr=False, compare=False)
+
+    @property
+    def manifest_key(self) -> ManifestKeySet:
+        """The manifest keys ([keys] manifest_key_file): the current one signs, retired
+        ones verify."""
+        with self._keys_lock:
+            if "manifest" not in self._keys:
+                self._keys["manifest"] = load_manifest_key(self.config.keys.manifest_key_file)
+            key: ManifestKeySet = self._keys["manifest"]
+        return key
 
     @property
     def signing_key(self) -> SigningKey | None:
-        """The Ed25519 key that signs evidence (`[keys] signing_key_file`), or None."""
+        """The Ed25519 key that signs the audit log ([keys] signing_key_file), if any."""
+        keys = self._signing_keys()
+        return keys[0] if keys else None
+
+    @property
+    def retired_signing_keys(self) -> tuple[SigningKey, ...]:
+        """Earlier signing keys kept after the current one in its file: one of them
+        signs the audit log's handover to the current key."""
+        return self._signing_keys()[1:]
+
+    def _signing_keys(self) -> tuple[SigningKey, ...]:
         path = self.config.keys.signing_key_file
-        return load_signing_key(path) if path is not None else None
+        if path is None:
+            return ()
+        with self._keys_lock:
+            if "signing" not in self._keys:
+                self._keys["signing"] = tuple(load_signing_keys(path))
+            keys: tuple[SigningKey, ...] = self._keys["signing"]
+        return keys
 
     def configs_in_force(self) -> list[Config]:
         """The loaded config, plus the config file as it reads now if it changed since.
@@ -221,22 +257,33 @@ class Runtime:
         mirror(self)
 
 
-def load_config(path: str | None) -> Config:
-    """Load the config named by --config, $DRDAEMON_CONFIG or the embedded default."""
-    return config_mod.load(config_mod.resolve_config_path(path))
+def load_config(path: str | None, *, key_files: bool = True) -> Config:
+    """Load the config named by --config, $DRDAEMON_CONFIG or the embedded default
+    (`key_files=False`: its key files need not exist, see config.load)."""
+    return config_mod.load(config_mod.resolve_config_path(path), key_files=key_files)
 
 
-def open_runtime(config: Config, clock: Callable[[], datetime] = utcnow) -> Runtime:
-    """Generate first-run keys where the config asks for it, then open every region."""
+def open_runtime(config: Config, clock: Callable[[], datetime] = utcnow, *,
+                 secrets: bool = True) -> Runtime:
+    """Generate first-run keys where the config asks for it, load them, then open every
+    region. With `secrets=False`, no key is made or read (an auditor's check): the
+    runtime reads a key only if something uses it."""
     # First: the demo config keeps its generated keys in the state folder.
     statefs.prepare(config.daemon.state_dir)
-    made = _keys_to_generate(config)
-    config = ensure_generated_keys(config)
-    key = load_manifest_key(Path(config.keys.manifest_key_file))
+    made = _keys_to_generate(config) if secrets else []
+    if secrets:
+        config = ensure_generated_keys(config)
+        signing = config.keys.signing_key_file
+        if "signing-key" in made and signing is not None:
+            generate_signing_key(signing)
     stores = [open_store(r) for r in config.regions]
-    rt = Runtime(config, stores, key, clock)
+    rt = Runtime(config, stores, clock)
+    if not secrets:
+        return rt
+    _ = (rt.manifest_key, rt.signing_key)  # a bad key file fails here, at once
     if made:
         _record_generated_keys(rt, made)
+    record_first_use(rt)
     return rt
 
 
@@ -245,7 +292,8 @@ def _keys_to_generate(config: Config) -> list[str]:
     keys = config.keys
     if not keys.generate:
         return []
-    files = {"identity": keys.identity_file, "manifest-key": keys.manifest_key_file}
+    files = {"identity": keys.identity_file, "manifest-key": keys.manifest_key_file,
+             "signing-key": keys.signing_key_file}
     return [what for what, path in files.items() if path is not None and not path.exists()]
 
 
@@ -257,22 +305,71 @@ def _record_generated_keys(rt: Runtime, made: list[str]) -> None:
                                         load_identities(rt.config.keys.identity_file))
     if "manifest-key" in made:
         fields["manifest_key_id"] = rt.manifest_key.key_id
+    if "signing-key" in made and rt.signing_key is not None:
+        fields["signing_key"] = rt.signing_key.fingerprint
     rt.record_event("key.generated", **fields)
 
 
+def record_first_use(rt: Runtime) -> None:
+    """Record the key files of this config that `drctl keys` made without a loadable
+    config (a note beside them, keys.note_unrecorded): `key.generated` with the
+    maker's user, host and time, then the note is removed (a crash in between
+    records the key twice, never not at all)."""
+    keys = rt.config.keys
+    for what, path in (("identity", keys.identity_file),
+                       ("manifest-key", keys.manifest_key_file),
+                       ("signing-key", keys.signing_key_file)):
+        note = read_unrecorded(path) if path is not None else None
+        if path is None or note is None:
+            continue
+        if what == "identity":
+            recipient = ", ".join(str(i.to_public()) for i in load_identities(path))
+            record_key_generation(rt, what, path, recipient=recipient, note=note)
+        elif what == "manifest-key":
+            record_key_generation(rt, what, path, manifest_key_id=rt.manifest_key.key_id,
+                                  note=note)
+        elif rt.signing_key is not None:
+            record_key_generation(rt, what, path, signing_key=rt.signing_key.fingerprint,
+                                  note=note)
+        unrecorded_path(path).unlink(missing_ok=True)
+
+
 def record_key_generation(rt: Runtime, what: str, path: Path, *, recipient: str | None = None,
-                          manifest_key_id: str | None = None) -> None:
+                          manifest_key_id: str | None = None, signing_key: str | None = None,
+                          note: dict[str, str] | None = None) -> None:
     """Audit a key that `drctl keys` made: its public facts and where it was written.
 
-    `what` is "identity" (with its `recipient`) or "manifest-key" (with its key
-    id); never the key itself. The record is signed with this runtime's manifest
-    key, which need not be the key just made.
+    `what` is "identity" (with its `recipient`), "manifest-key" (with its key
+    id) or "signing-key" (with its fingerprint); never the key itself. The
+    record is signed with this runtime's keys, which need not be the key just made.
+    `note`: the key was made earlier without a loadable config, by the user on
+    the host at the time it names; recorded now, at its first use.
     """
     fields: dict[str, Any] = {"generated": [what], "path": str(path.absolute()),
                               "user": getpass.getuser(), "host": socket.gethostname()}
+    if note is not None:
+        fields.update(note)
+        fields["recorded"] = "at first use: made without a loadable config"
     if recipient is not None:
         fields["recipient"] = recipient
         fields["fingerprint"] = fingerprint(recipient)
     if manifest_key_id is not None:
         fields["manifest_key_id"] = manifest_key_id
+    if signing_key is not None:
+        fields["signing_key"] = signing_key
     rt.record_event("key.generated", **fields)
+
+
+def rotate_manifest_key(rt: Runtime, out: Path) -> ManifestKeySet:
+    """Write to `out` a key set with a new current key and this runtime's keys retired,
+    and record `key.rotated` with the old and new key ids.
+
+    The record is authenticated by this runtime, i.e. with the old key (or the
+    signing key): the audit chain crosses the rotation, and what the old key
+    signed keeps verifying with the new set.
+    """
+    old = rt.manifest_key
+    new = keys_mod.rotate_manifest_key(old, out, rt.clock())
+    rt.record_event("key.rotated", old_key_id=old.key_id, new_key_id=new.key_id,
+                    retired=[k.key_id for k in new.retired], path=str(out.absolute()))
+    return new

@@ -120,7 +120,21 @@ def generate_signing_key(path: Path) -> SigningKey:
 
 
 def load_signing_key(path: Path) -> SigningKey:
-    """Load a private signing key file (0600, trusted folders: filetrust rules)."""
+    """Load a private signing key file (0600, trusted folders: filetrust rules): its
+    first (current) key."""
+    return load_signing_keys(path)[0]
+
+
+_PEM_END = b"-----END PRIVATE KEY-----"
+
+
+def load_signing_keys(path: Path) -> list[SigningKey]:
+    """Every key of a private signing key file, the current one first.
+
+    After changing the signing key, the file holds the new key's PEM block,
+    then the old one's: the old key then signs the audit log's handover to the
+    new one (audit.append), and may be dropped from the file after that.
+    """
     try:
         data = read_trusted(path, "signing key file", private=True)
     except FileNotFoundError:
@@ -128,14 +142,19 @@ def load_signing_key(path: Path) -> SigningKey:
     except OSError as exc:
         raise UsageError(f"cannot read signing key file {path}: "
                          f"{exc.__class__.__name__}") from None
-    try:
-        private = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        # Never echo the content: it is a private key.
-        raise UsageError(f"signing key file {path} does not hold a PEM private key") from None
-    if not isinstance(private, Ed25519PrivateKey):
-        raise UsageError(f"signing key file {path} does not hold an Ed25519 key")
-    return SigningKey(private)
+    blocks = [b + _PEM_END for b in data.split(_PEM_END)[:-1]] or [data]
+    keys = []
+    for block in blocks:
+        try:
+            private = serialization.load_pem_private_key(block.strip(), password=None)
+        except (ValueError, TypeError):
+            # Never echo the content: it is a private key.
+            raise UsageError(f"signing key file {path} does not hold a PEM private "
+                             "key") from None
+        if not isinstance(private, Ed25519PrivateKey):
+            raise UsageError(f"signing key file {path} does not hold an Ed25519 key")
+        keys.append(SigningKey(private))
+    return keys
 
 
 def parse_public_key(data: bytes, what: str) -> PublicKey:

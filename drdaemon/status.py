@@ -105,6 +105,15 @@ def evaluate(config: Config, source: SourceConfig, snapshots: list[tuple[Manifes
         tuple(unreadable))
 
 
+NO_SIGNING_KEY = ("evidence is not publicly verifiable: set [keys] signing_key_file "
+                  "(make one with: drctl keys signing-key --out FILE)")
+
+
+def warnings(config: Config) -> list[str]:
+    """What is wrong with the setup as a whole, though every source may be fine."""
+    return [] if config.keys.signing_key_file is not None else [NO_SIGNING_KEY]
+
+
 def source_statuses(rt: Runtime, names: Sequence[str] | None = None
                     ) -> tuple[list[SourceStatus], dict[str, str]]:
     """Every configured source's status (or those `names`), and the regions that could

@@ -455,8 +455,9 @@ def test_drctl_keys_without_a_usable_config_say_so_and_succeed(tmp_path: Path) -
     assert made.stdout.startswith("age1") and made.stdout.count("\n") == 1
     fingerprint_line, note = made.stderr.splitlines(keepends=True)
     assert fingerprint_line.startswith(f"fingerprint {keys.fingerprint(made.stdout.strip())} ")
-    assert note == ("note: not recorded in an audit log: no config given "
-                    "(--config or $DRDAEMON_CONFIG)\n")
+    assert note == ("note: not recorded in an audit log yet: no config given "
+                    "(--config or $DRDAEMON_CONFIG); the first config that uses this key "
+                    "records it (id.txt.unrecorded beside it until then)\n")
     # No config: nothing touched the embedded demo's state folder.
     assert not (Path(os.environ["HOME"]) / ".local").exists()
 
@@ -465,8 +466,27 @@ def test_drctl_keys_without_a_usable_config_say_so_and_succeed(tmp_path: Path) -
     made = run_cli("drctl", "keys", "manifest-key", "--out", str(tmp_path / "m.key"), env=env)
     assert made.returncode == 0, made.stderr
     assert made.stderr.count("\n") == 1 and made.stderr.startswith(
-        "note: not recorded in an audit log: ") and "config file not found" in made.stderr
+        "note: not recorded in an audit log yet: ") and "config file not found" in made.stderr
     assert not (tmp_path / "state").exists()
+
+    # The config comes: the first runtime that uses the keys records them, once.
+    recipient = str(keys.load_identities(tmp_path / "id.txt")[0].to_public())
+    (tmp_path / "drdaemon.toml").write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n\n[keys]\n'
+        f'recipients = ["{recipient}"]\nidentity_file = "{tmp_path / "id.txt"}"\n'
+        f'manifest_key_file = "{tmp_path / "m.key"}"\n\n'
+        + local_region("eu-local", tmp_path / "eu", "europe")
+        + local_region("us-local", tmp_path / "us", "north-america"))
+    rt = open_runtime(load_config(tmp_path / "drdaemon.toml"))
+    first = [record(line) for line in audit.read_lines(tmp_path / "state")]
+    assert [r["generated"] for r in first] == [["identity"], ["manifest-key"]]
+    assert first[0]["recipient"] == recipient
+    assert first[1]["manifest_key_id"] == rt.manifest_key.key_id
+    assert all(r["recorded"].startswith("at first use") and r["made_at"] and r["host"]
+               for r in first)
+    assert not keys.unrecorded_path(tmp_path / "m.key").exists()
+    open_runtime(load_config(tmp_path / "drdaemon.toml"))
+    assert len(audit.read_lines(tmp_path / "state")) == 2 and audit.verify(rt).ok
 
 
 def test_the_manifest_key_of_a_new_setup_begins_its_audit_chain(tmp_path: Path) -> None:
@@ -591,16 +611,19 @@ def test_ed25519_records_verify_with_the_public_key_alone(tmp_path: Path) -> Non
     from drdaemon.signing import generate_signing_key
 
     signer = generate_signing_key(tmp_path / "signing.key")
+    # A new signed log opens with the handover to its key (test_audit_signing.py).
     lines, prev = [], audit_chain.GENESIS
     for seq in range(3):
-        line = audit_chain.make_line(seq, f"2031-03-01T02:00:0{seq}+00:00", "test.event",
-                                     {"n": seq}, prev, signer)
+        event, fields = (("test.event", {"n": seq}) if seq else
+                         (audit_chain.HANDOVER, audit_chain.handover_fields(signer.public)))
+        line = audit_chain.make_line(seq, f"2031-03-01T02:00:0{seq}+00:00", event,
+                                     fields, prev, signer)
         lines.append(line)
         prev = audit_chain.line_hash(line)
     public = audit_chain.ChainKeys(public=(signer.public,))
     assert audit_chain.verify_lines(lines, public).ok
-    # No secret verifies a signed record, and a secret does not replace the public key.
-    assert "not a trusted public key" in (audit_chain.verify_lines(lines, KEY).reason or "")
+    # No secret proves a signed record, and a secret does not replace the public key.
+    assert "no record is proven" in (audit_chain.verify_lines(lines, KEY).reason or "")
     edited = [*lines[:1], lines[1].replace(b'"n":1', b'"n":7'), *lines[2:]]
     result = audit_chain.verify_lines(edited, public)
     assert (result.first_bad, result.records) == (1, 1)

@@ -165,10 +165,12 @@ def test_fuzzed_values_fail_cleanly(base: Path, key: str, value: object) -> None
 def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
     """config/example.toml stays true to the code (key files pointed at real ones)."""
     from drdaemon.keys import generate_identity, generate_manifest_key
+    from drdaemon.signing import generate_signing_key
 
     example = Path(__file__).parent.parent / "config" / "example.toml"
     generate_identity(tmp_path / "identity.txt")
     generate_manifest_key(tmp_path / "manifest.key")
+    generate_signing_key(tmp_path / "signing.key")
     copy = tmp_path / "example.toml"
     copy.write_text(example.read_text().replace("/etc/drdaemon/", f"{tmp_path}/"))
     cfg = config.load(copy)

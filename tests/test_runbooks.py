@@ -55,11 +55,6 @@ DISASTER_RUNBOOKS = [
 ]
 REQUIRED_HEADINGS = ("Symptoms", "Impact", "Diagnose", "Fix", "Confirm recovery", "Whom to tell")
 PROGRAMS: dict[str, click.Group] = {"drctl": drctl_cli, "drdaemon": drdaemon_cli}
-# drctl groups being added in parallel (issue: drills, audit log): their lines are skipped
-# until the group exists, then checked like every other line.
-PENDING_GROUPS = {"drill", "audit"}
-# drctl commands being added in parallel (issue 15: manifest-key rotation), skipped likewise.
-PENDING_COMMANDS = {("keys", "manifest-key", "rotate")}
 
 
 def runbook_files() -> list[Path]:
@@ -174,12 +169,6 @@ def test_command_line_is_real(line: Line) -> None:
     p = parse(line)
     assert p.path, f"{line}: no subcommand"
     group = PROGRAMS[p.program]
-    if p.program == "drctl" and p.path[0] in PENDING_GROUPS and p.path[0] not in group.commands:
-        pytest.skip(f"drctl {p.path[0]} does not exist yet")
-    for pending in PENDING_COMMANDS:
-        if p.program == "drctl" and words(line.text)[1:1 + len(pending)] == list(pending) \
-                and not _exists(group, pending):
-            pytest.skip(f"drctl {' '.join(pending)} does not exist yet")
     # Options before the subcommand (e.g. --config) first, then the subcommand's own.
     for prefix in sorted(p.options, key=len):
         name = " ".join((p.program, *prefix))
@@ -196,13 +185,6 @@ def test_command_line_is_real(line: Line) -> None:
         leaf.make_context(" ".join([p.program, *p.path]), list(p.leaf_args), obj={})
     except click.ClickException as exc:
         pytest.fail(f"{line}\ndoes not parse: {exc.format_message()}")
-
-
-def _exists(group: click.Group, path: tuple[str, ...]) -> bool:
-    cmd: click.Command | None = group
-    for name in path:
-        cmd = cmd.commands.get(name) if isinstance(cmd, click.Group) else None
-    return cmd is not None
 
 
 def alert_rules() -> list[tuple[str, str | None]]:

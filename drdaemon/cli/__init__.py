@@ -65,11 +65,12 @@ def handle_errors(prog: str) -> Callable[[F], F]:
     return wrap
 
 
-def get_config(ctx: click.Context) -> Config:
-    """Load (once per invocation) and validate the config; print its warnings."""
+def get_config(ctx: click.Context, *, key_files: bool = True) -> Config:
+    """Load (once per invocation) and validate the config; print its warnings.
+    `key_files=False`: the key files need not exist (a check that reads no secret)."""
     obj = ctx.ensure_object(dict)
     if "config" not in obj:
-        cfg = load_config(obj.get("config_path"))
+        cfg = load_config(obj.get("config_path"), key_files=key_files)
         for warning in cfg.warnings:
             click.echo(warning, err=True)
         obj["config"] = cfg

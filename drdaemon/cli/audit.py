@@ -10,15 +10,17 @@ from typing import Any
 import click
 
 from .. import audit, audit_mirror, evidence
+from ..audit_chain import AuditVerification, ChainKeys, verify_public
 from ..errors import UsageError
 from ..evidence_check import BundleCheck, verify_bundle
-from ..signing import load_public_key
+from ..runtime import Runtime, open_runtime
+from ..signing import PublicKey, load_public_key
 from ..units import parse_duration
-from . import emit_json, get_runtime, handle_errors, json_option
+from . import emit_json, get_config, get_runtime, handle_errors, json_option
 from .drill import since_from
 
 # Shown in the record's own columns, or only of use to `verify`.
-_NOT_FIELDS = ("seq", "time", "event", "prev", "mac")
+_NOT_FIELDS = ("seq", "time", "event", "prev", "mac", "sig")
 
 
 @click.group("audit")
@@ -32,14 +34,17 @@ def audit_group() -> None:
 @click.option("--bundle", type=click.Path(path_type=Path), metavar="DIR",
               help="Check an evidence bundle (drctl audit export) instead; needs --public-key "
                    "and no config or secret.")
-@click.option("--public-key", "public_key", type=click.Path(path_type=Path), metavar="FILE",
-              help="The signing key's public half (PEM) to check with.")
+@click.option("--public-key", "public_key", metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Check with this Ed25519 public key alone (an auditor's check): no secret "
+                   "is read; records before the first one it proves are counted as unproven.")
 @json_option
 @click.pass_context
 @handle_errors("drctl")
 def verify_cmd(ctx: click.Context, region: str | None, bundle: Path | None,
                public_key: Path | None, as_json: bool) -> None:
-    """Check every record's MAC and the hash chain. Exit 1 naming the first bad record."""
+    """Check every record's signature or MAC, who may sign it, and the hash chain. Exit 1
+    naming the first bad record."""
     if bundle is not None:
         if public_key is None or region is not None:
             raise UsageError("--bundle DIR takes --public-key FILE, and no --region")
@@ -47,13 +52,24 @@ def verify_cmd(ctx: click.Context, region: str | None, bundle: Path | None,
             raise UsageError(f"--bundle {bundle}: not a folder")
         show_bundle_check(verify_bundle(bundle, load_public_key(public_key)), as_json)
         return
-    rt = get_runtime(ctx)
-    result = audit_mirror.verify_mirror(rt, region) if region else audit.verify(rt)
+    if public_key is not None:
+        public = load_public_key(public_key)
+        # No key file is made or read on this path: the auditor holds no secret.
+        rt = open_runtime(get_config(ctx, key_files=False), secrets=False)
+        result = _verify(rt, region, public)
+    else:
+        rt = get_runtime(ctx)
+        result = _verify(rt, region, None)
     where = f"region {region}" if region else str(audit.log_path(rt.config.daemon.state_dir))
     if as_json:
         emit_json(dict(result.to_dict(), where=where))
     elif result.ok:
-        click.echo(f"OK: {where}: {result.records} records verified (head {result.head})")
+        signer = f", signed by {result.signer}" if result.signer else ""
+        click.echo(f"OK: {where}: {result.records} records verified (head {result.head}"
+                   f"{signer})")
+        if result.unproven:
+            click.echo(f"note: the first {result.unproven} records precede the first record "
+                       "the key proves; their chain links were checked", err=True)
     else:
         click.echo(f"FAILED: {where}: record {result.first_bad}: {result.reason} "
                    f"({result.records} records before it verified)")
@@ -107,6 +123,16 @@ def export_cmd(ctx: click.Context, dest: Path, since: str | None, as_json: bool)
             click.echo(f"! the bundle does not verify: {p}", err=True)
     if not result.ok:
         sys.exit(1)
+
+
+def _verify(rt: Runtime, region: str | None, public: PublicKey | None) -> AuditVerification:
+    """The local log or a region's copy, checked with `public` alone, else the runtime's keys."""
+    if region:
+        keys = ChainKeys(public=(public,)) if public is not None else None
+        return audit_mirror.verify_mirror(rt, region, keys)
+    if public is not None:
+        return verify_public(audit.read_lines(rt.config.daemon.state_dir), public)
+    return audit.verify(rt)
 
 
 @audit_group.command("show")

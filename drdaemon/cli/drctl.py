@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +22,12 @@ from ..keys import (
     generate_manifest_key,
     identities_for,
     load_identities,
+    note_unrecorded,
+    unrecorded_path,
 )
 from ..progress import ProgressLine
-from ..runtime import Runtime, record_key_generation
+from ..runtime import Runtime, record_key_generation, rotate_manifest_key, utcnow, whoami
+from ..signing import generate_signing_key, public_path
 from ..sources import kind_for, pg_roles
 from ..sources.base import DATADIR
 from ..sources.directory import facts_lines
@@ -38,6 +42,7 @@ from . import (
     handle_errors,
     identity_option,
     json_option,
+    require,
     root_group,
     tenant_option,
 )
@@ -124,26 +129,71 @@ def keys_generate(ctx: click.Context, out: str) -> None:
     # fingerprint, which manifests and "no identity" errors name the key by.
     click.echo(f"fingerprint {fingerprint(recipient)} (manifests and errors name this key "
                "by it; in the config: { recipient = \"age1...\", name = \"ops\" })", err=True)
-    _audit_new_key(ctx, lambda rt: record_key_generation(rt, "identity", path,
+    _audit_new_key(ctx, path, lambda rt: record_key_generation(rt, "identity", path,
                                                          recipient=recipient))
 
 
-@keys_group.command("manifest-key")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+@keys_group.group("manifest-key", invoke_without_command=True)
+@click.option("--out", "out", type=click.Path(dir_okay=False),
               help="Where to write the manifest key (created 0600, never overwritten).")
 @click.pass_context
 @handle_errors("drctl")
-def keys_manifest_key(ctx: click.Context, out: str) -> None:
-    """Write a new manifest authentication key and print its key id.
+def keys_manifest_key(ctx: click.Context, out: str | None) -> None:
+    """Write a new manifest authentication key and print its key id (`rotate`: replace
+    the configured one, keeping it to verify what it signed).
 
     With a config (--config or $DRDAEMON_CONFIG), the key id and the path are
     recorded in its audit log.
     """
-    path = Path(out)
+    if ctx.invoked_subcommand is not None:
+        require(out is None, "--out goes after the subcommand: drctl keys manifest-key "
+                             f"{ctx.invoked_subcommand} --out FILE")
+        return
+    require(out is not None, "drctl keys manifest-key needs --out FILE")
+    path = Path(out or "")
     key_id = generate_manifest_key(path).key_id
     click.echo(key_id)
-    _audit_new_key(ctx, lambda rt: record_key_generation(rt, "manifest-key", path,
+    _audit_new_key(ctx, path, lambda rt: record_key_generation(rt, "manifest-key", path,
                                                          manifest_key_id=key_id))
+
+
+@keys_manifest_key.command("rotate")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the new key set (created 0600, never overwritten).")
+@click.pass_context
+@handle_errors("drctl")
+def keys_manifest_key_rotate(ctx: click.Context, out: Path) -> None:
+    """Write a new manifest key set: a new current key, and every key of [keys]
+    manifest_key_file retired (they still verify what they signed). Records
+    `key.rotated`; then point manifest_key_file at FILE and restart the daemon.
+    Prints the new key id.
+    """
+    keys = rotate_manifest_key(get_runtime(ctx), out)
+    click.echo(keys.key_id)
+    click.echo(f"next: set [keys] manifest_key_file = \"{out.absolute()}\" and restart the "
+               f"daemon; retired: {', '.join(k.key_id for k in keys.retired)}", err=True)
+
+
+@keys_group.command("signing-key")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the Ed25519 signing key (created 0600, never overwritten); "
+                   "its public key goes to FILE.pub.")
+@click.pass_context
+@handle_errors("drctl")
+def keys_signing_key(ctx: click.Context, out: str) -> None:
+    """Write a new Ed25519 key for signing the audit log (set [keys] signing_key_file to it)
+    and its public key (FILE.pub, for auditors); print its fingerprint.
+
+    With a config (--config or $DRDAEMON_CONFIG), the fingerprint and the path are
+    recorded in its audit log.
+    """
+    path = Path(out)
+    key = generate_signing_key(path)
+    click.echo(key.fingerprint)
+    click.echo(f"public key {public_path(path)} (give it to auditors: drctl audit verify "
+               "--public-key FILE)", err=True)
+    _audit_new_key(ctx, path, lambda rt: record_key_generation(rt, "signing-key", path,
+                                                         signing_key=key.fingerprint))
 
 
 @keys_group.command("rewrap")
@@ -191,20 +241,29 @@ def rewrap_lines(report: key_rotation.RewrapReport, labels: dict[str, str]) -> l
     return lines
 
 
-def _audit_new_key(ctx: click.Context, record: Callable[[Runtime], None]) -> None:
-    """Record a key just written in the config's audit log, or say in one line why not.
+def _audit_new_key(ctx: click.Context, path: Path, record: Callable[[Runtime], None]) -> None:
+    """Record a key just written in the config's audit log, or say in one line why not
+    and leave a note beside the key: the first config that uses it records it.
 
     The key exists either way, so this never changes the exit code: keys are
     often made before there is a config (or on the offline machine that keeps them).
     """
-    if not ctx.ensure_object(dict).get("config_path"):
-        click.echo("note: not recorded in an audit log: no config given (--config or "
-                   "$DRDAEMON_CONFIG)", err=True)
-        return
+    why = "no config given (--config or $DRDAEMON_CONFIG)"
+    if ctx.ensure_object(dict).get("config_path"):
+        try:
+            record(get_runtime(ctx))
+            return
+        except (DrError, OSError) as exc:
+            why = str(exc)
     try:
-        record(get_runtime(ctx))
-    except (DrError, OSError) as exc:
-        click.echo(f"note: not recorded in an audit log: {exc}", err=True)
+        note_unrecorded(path, utcnow(), whoami(), socket.gethostname())
+    except (DrError, OSError) as exc:  # e.g. a stale note of a key removed since
+        click.echo(f"note: not recorded in an audit log: {why}; nor noted beside the key: "
+                   f"{exc}", err=True)
+        return
+    click.echo(f"note: not recorded in an audit log yet: {why}; the first config that uses "
+               f"this key records it ({unrecorded_path(path).name} beside it until then)",
+               err=True)
 
 
 # -- backup -----------------------------------------------------------------

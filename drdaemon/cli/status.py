@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..status import source_statuses
+from ..status import source_statuses, warnings
 from ..units import format_duration
 from . import chosen_sources, emit_json, get_runtime, handle_errors, json_option, tenant_option
 
@@ -24,8 +24,10 @@ def status_cmd(ctx: click.Context, tenant: str | None, as_json: bool) -> None:
     """
     rt = get_runtime(ctx)
     statuses, region_errors = source_statuses(rt, chosen_sources(rt.config, [], tenant))
+    warned = warnings(rt.config)
     if as_json:
         emit_json({"sources": [s.to_dict() for s in statuses], "region_errors": region_errors,
+                   "warnings": warned,
                    "ok": all(s.ok for s in statuses) and not region_errors})
     else:
         for s in statuses:
@@ -43,5 +45,7 @@ def status_cmd(ctx: click.Context, tenant: str | None, as_json: bool) -> None:
                 click.echo(f"     last failure {s.last_failure}: {s.last_error}")
         for r, why in region_errors.items():
             click.echo(f"! region {r} could not be listed: {why}")
+        for w in warned:
+            click.echo(f"WARNING: {w}", err=True)
     if region_errors or not all(s.ok for s in statuses):
         sys.exit(1)

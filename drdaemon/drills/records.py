@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import statefs
-from ..audit_chain import ChainKeys, authentic, canonical, seal
+from ..audit_chain import canonical, seal, signature_problem
 from ..signing import PublicKey, SigningKey
 from ..units import parse_iso_time
 
@@ -177,7 +177,7 @@ def check_line(doc: dict[str, Any], public: PublicKey) -> tuple[str, str | None]
     """(status, why) of one parsed drill record line against `public` (CheckedRecord)."""
     if "sig" not in doc:
         return "unsigned", "the record carries no signature"
-    why = authentic(dict(doc), ChainKeys(public=(public,)))
+    why = signature_problem(doc, public)
     return ("signed", None) if why is None else ("forged", why)
 
 
