@@ -84,8 +84,10 @@ class Snapshot(Protocol):
 
 @dataclass(frozen=True)
 class RestoreOptions:
-    """How `drctl restore` asked for the copy. `jobs`, `no_owner` and `policy` are
-    options a kind takes only if it names them in `restore_options`."""
+    """How `drctl restore` asked for the copy. `jobs`, `no_owner`, `policy` and
+    `with_roles` are options a kind takes only if it names them in `restore_options`
+    (`with_roles`: create the roles the snapshot names that the target lacks first;
+    the snapshot's facts are then complete, its facts object's too)."""
 
     force: bool = False
     jobs: int | None = None
@@ -93,6 +95,7 @@ class RestoreOptions:
     no_owner: bool = False
     policy: Any = None  # the kind's own: what a target may lack (pg_recreate.Policy)
     identities: Sequence[x25519.Identity] = ()
+    with_roles: bool = False
 
 
 # -- drills --------------------------------------------------------------------
@@ -218,7 +221,8 @@ class SourceKind(Protocol):
         """The kind-specific [[sources]] keys it takes (config.py parses them)."""
     @property
     def restore_options(self) -> frozenset[str]:
-        """The options of RestoreOptions it takes beyond `force`: "jobs", "no_owner"."""
+        """The options of RestoreOptions it takes beyond `force`: "jobs", "no_owner",
+        "with_roles"."""
     @property
     def takes_sql_checks(self) -> bool:
         """Whether [[drills.checks]] may name its sources."""
