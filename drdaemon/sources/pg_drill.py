@@ -106,14 +106,15 @@ class DrillSink(pg_sink.PostgresSink):
     created_roles: list[str]
 
     def discard(self) -> None:
-        super().discard()
-        if not getattr(self, "created_roles", None):
-            return
-        with pg_session.connect(self.admin_dsn, autocommit=True) as conn:
-            problems = pg_role_copy.drop(conn, self.created_roles)
-        if problems:
-            raise SourceError("; ".join(problems))
-        self.created_roles = []
+        try:
+            super().discard()
+        finally:  # the roles go even if the database could not (they own nothing else)
+            if getattr(self, "created_roles", None):
+                with pg_session.connect(self.admin_dsn, autocommit=True) as conn:
+                    problems = pg_role_copy.drop(conn, self.created_roles)
+                self.created_roles = []
+                if problems:
+                    raise SourceError("; ".join(problems))
 
 
 def compare_tables(expected: Any, got: list[dict[str, Any]]) -> list[str]:
