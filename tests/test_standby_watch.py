@@ -50,7 +50,10 @@ def test_a_real_replica_streams_then_stalls_then_goes_missing(tmp_path: Path) ->
             f'standby_dsn = "{replica.dsn()}"\nmax_lag = "1m"\nmax_lag_bytes = "1MiB"\n'))
         clock = Clock(datetime.now(UTC))
         daemon = Daemon(open_runtime(config_mod.load(setup.config), clock=clock))
+        # Commits flushed at once (the test server has synchronous_commit off), so that
+        # "caught up" means this transaction was replayed.
         with psycopg.connect(primary.dsn(), autocommit=True) as conn:
+            conn.execute("SET synchronous_commit = on")
             conn.execute("CREATE TABLE marks (n int)")
         s = poll_until(daemon, lambda s: s.streaming and s.lag_bytes == 0, "caught up")
         assert s.up and s.lag_seconds == 0 and not s.paused and s.problems == ()
@@ -63,7 +66,8 @@ def test_a_real_replica_streams_then_stalls_then_goes_missing(tmp_path: Path) ->
         with psycopg.connect(replica.dsn(), autocommit=True) as conn:
             conn.execute("SELECT pg_wal_replay_pause()")
         with psycopg.connect(primary.dsn(), autocommit=True) as conn:
-            conn.execute("INSERT INTO marks SELECT generate_series(1, 20000)")
+            conn.execute("SET synchronous_commit = on")
+            conn.execute("INSERT INTO marks SELECT generate_series(1, 50000)")
         first = poll_until(daemon, lambda s: s.paused and s.stalled_since is not None,
                            "waiting to replay")
         assert first.stalled_seconds == 0 and first.lag_bytes and first.lag_bytes > 1 << 20
