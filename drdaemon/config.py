@@ -27,6 +27,7 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlparse
 
 from . import config_tenants, cron, tenancy
+from .config_standbys import StandbyConfig, parse_standbys
 from .config_table import NAME_HINT, NAME_RE, Said, Table
 from .errors import ConfigError
 from .filetrust import read_trusted
@@ -150,6 +151,7 @@ class SourceConfig:
     # drdaemon runs as root (None: "postgres"); how the server keeps the backup's WAL.
     os_user: str | None = None
     wal_retention: str = "slot"
+    standby_dsn: str | None = None  # postgres: its server's hot standby (config_standbys.py)
     # Every tenant whose data the source holds: (tenant,), or several for a shared
     # source, whose `tenant` is then their label "a+b" (tenancy.shared_label).
     tenants: tuple[str, ...] = ()
@@ -194,6 +196,7 @@ class Config:
     # [[tenants]] by name, plus an implicit entry for each tenant a source names
     # without one (tenancy.TenantConfig.implicit).
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
+    standbys: tuple[StandbyConfig, ...] = ()  # [[standbys]] and the sources' standby_dsn
 
     def source(self, name: str) -> SourceConfig:
         """The source called `name`, or a UsageError listing the known ones."""
@@ -289,10 +292,12 @@ class _Parser:
                                tenants)
         drills = self.drills(Table(self, "drills", top.take("drills", dict, {})), tiers,
                              sources, daemon.timezone)
+        standbys = parse_standbys(self, top.take("standbys", list, []), sources,
+                                  _dsn_without_password)
         top.done()
         tenants = config_tenants.implicit_tenants([s.tenants for s in sources], tenants)
         cfg = Config(str(self.path), daemon, keys, pipeline, tiers, regions, sources,
-                     (), retention, drills, tenants)
+                     (), retention, drills, tenants, standbys)
         problems = tenancy.config_problems(cfg)
         if problems:
             raise ConfigError(f"{self.path}: {problems[0]}")
@@ -509,6 +514,10 @@ class _Parser:
 
     def source_key(self, t: Table, key: str) -> Any:
         """One kind-specific key of a [[sources]] entry (SourceKind.config_keys)."""
+        if key == "standby_dsn":
+            return t.convert("standby_dsn", _dsn_without_password, None,
+                             what="a libpq DSN of the hot standby without a password",
+                             echo=False)
         if key == "dsn":
             return t.convert("dsn", _dsn_without_password,
                              what="a libpq DSN without a password (use PGPASSFILE "

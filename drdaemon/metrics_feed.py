@@ -33,6 +33,7 @@ from .metrics import (
     ReplicateRun,
     SnapshotAttempt,
     SourceListing,
+    StandbySeen,
     StorageRefresh,
     TenantLifecycle,
     UnmanagedSeen,
@@ -42,11 +43,19 @@ from .metrics import (
 from .prune import PruneReport
 from .replicate import ReplicationReport
 from .runtime import Runtime
+from .standby import StandbyStatus
 from .verify import VerifyReport
 
 log = logging.getLogger("drdaemon")
 
 REFRESH_INTERVAL = timedelta(minutes=5)
+
+
+def standby_seen(s: StandbyStatus) -> StandbySeen:
+    """A hot standby's status (standby.py) as the metrics keep it."""
+    return StandbySeen(s.name, s.source or "", s.up, s.state, s.lag_bytes, s.lag_seconds,
+                       s.paused, s.stalled_seconds, s.max_lag_bytes, s.max_lag_seconds,
+                       s.polled_at.timestamp())
 
 
 def snapshot_attempt(result: BackupResult) -> SnapshotAttempt:

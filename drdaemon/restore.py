@@ -10,6 +10,7 @@ at once and says what the target lacks.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import re
 import socket
@@ -23,6 +24,7 @@ import pyrage
 import zstandard
 from pyrage import x25519
 
+from . import facts as facts_object
 from . import statefs, tenant_keys
 from .catalog import SnapshotEntry, read_manifest, resolve_ref
 from .config import SourceConfig
@@ -61,17 +63,19 @@ def open_sink(source: SourceConfig, m: Manifest, target: str, force: bool,
               jobs: int | None = None, scratch_dir: Path | None = None,
               no_owner: bool = False, policy: Policy | None = None,
               identities: Sequence[x25519.Identity] = (), start_port: int | None = None,
-              owner: str | None = None) -> Sink:
+              owner: str | None = None, with_roles: bool = False) -> Sink:
     """A staged restore target for the snapshot's kind (`jobs`: parallel pg_restore;
     `no_owner`: objects owned by the restoring role, no GRANT/REVOKE; `policy`: what a
     postgres target may lack of the recorded database properties; `identities` open
     their sealed settings; `start_port`: a restored cluster is started on that port;
-    `owner`: the OS user a restored cluster is given to)."""
+    `owner`: the OS user a restored cluster is given to; `with_roles`: create the roles
+    the snapshot names that the target lacks first, `m`'s facts then complete, its
+    facts object's too)."""
     if m.kind != source.kind:
         raise UsageError(f"snapshot {m.id} is a {m.kind} snapshot, source {source.name} "
                          f"is {source.kind}")
     options = RestoreOptions(force, jobs, scratch_dir, no_owner, policy, identities,
-                             start_port, owner)
+                             start_port=start_port, owner=owner, with_roles=with_roles)
     return kind_for(source.kind).open_sink(source, m, target, options)
 
 
@@ -209,7 +213,8 @@ def _region_problem(exc: DrError) -> str:
 
 def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str, ref: str,
             target: str, *, region: str | None = None, force: bool = False,
-            no_owner: bool = False, jobs: int | None = None, scratch_dir: Path | None = None,
+            no_owner: bool = False, with_roles: bool = False, jobs: int | None = None,
+            scratch_dir: Path | None = None,
             on_progress: Progress | None = None, policy: Policy | None = None,
             allow_older: bool = False, start_port: int | None = None,
             owner: str | None = None) -> RestoreResult:
@@ -222,6 +227,8 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
     A failure on the target (a missing role, no CREATEDB, the database in use)
     stops at once: another region's copy would fail the same way.
     `no_owner` (postgres only): pg_restore --no-owner --no-privileges.
+    `with_roles` (postgres only): first create the roles the snapshot carries that the
+    target server lacks (pg_role_copy.py); the result's notes say what it did.
     `jobs` (postgres only): the verified dump goes to a private file in
     `scratch_dir` (default: the state folder's `restore/`) for `pg_restore --jobs`.
     `policy` (postgres only): what to do where the target lacks a role or locale
@@ -235,7 +242,8 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
     for flag, option, given in (("--jobs", "jobs", jobs is not None),
                                 ("--no-owner", "no_owner", no_owner),
                                 ("--start", "start", start_port is not None),
-                                ("--owner", "owner", owner is not None)):
+                                ("--owner", "owner", owner is not None),
+                                ("--with-roles", "with_roles", with_roles)):
         if given and option not in kind.restore_options:
             raise UsageError(f"{flag} applies to {_kinds_taking(option)} sources only; "
                              f"{source.name} is a {source.kind} source")
@@ -272,9 +280,15 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
                 raise
             failed[store.name] = _region_problem(exc)
             continue
+        if with_roles:  # the sealed roles are in the facts object
+            try:
+                m = dataclasses.replace(m, facts=facts_object.full_facts(store, m))
+            except DrError as exc:
+                failed[store.name] = _region_problem(exc)
+                continue
         try:
             sink = open_sink(source, m, target, force, jobs, scratch, no_owner, policy, keys,
-                             start_port, owner)
+                             start_port, owner, with_roles)
         except SourceError as exc:  # cannot connect, create the staging database, ...
             raise _target_failure(rt, entry, source.name, target, store.name, str(exc),
                                   failed) from None

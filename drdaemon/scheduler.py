@@ -36,6 +36,7 @@ from . import (
     metrics,
     metrics_feed,
     slo,
+    standby,
     state,
 )
 from .backup import BackupResult, snapshot
@@ -117,6 +118,7 @@ class Daemon:
         self._idle = threading.Condition(self._busy_lock)
         self.attempts: dict[str, int] = {}
         self.metrics = metrics.MetricsState.from_config(rt.config)
+        self.standbys: dict[str, standby.StandbyStatus] = {}  # as last polled
         metrics.load_orphans(cfg.state_dir, self.metrics)
         self._metrics_server: metrics.WSGIServer | None = None
 
@@ -160,6 +162,23 @@ class Daemon:
         if self.scheduler.running and not self.rt.stopping.is_set():
             self.refresh_metrics(source.name)  # that source only: one prefix per region
         return result
+
+    def standby_job(self) -> list[standby.StandbyStatus]:
+        """Poll every hot standby (standby.py) into the metrics; log a line for each new
+        problem; never raises."""
+        try:
+            polled = standby.poll(self.rt.config, self.standbys, self.rt.clock())
+        except Exception:  # a bug must not kill the job thread
+            log.exception("standby watch crashed", extra={"job": "standby"})
+            return []
+        for s in polled:
+            before = self.standbys.get(s.name)
+            for problem in s.problems:
+                if before is None or problem not in before.problems:
+                    log.warning("%s", problem, extra={"job": "standby", "standby": s.name})
+        self.standbys = {s.name: s for s in polled}
+        self.metrics.record_standbys(metrics_feed.standby_seen(s) for s in polled)
+        return polled
 
     def _still_scheduled(self, source: SourceConfig) -> bool:
         try:
@@ -375,6 +394,10 @@ class Daemon:
         self.scheduler.add_job(self.first_look, "date", run_date=datetime.now(self.tz),
                                id="startup", name="first refresh and catch-up",
                                executor="startup")
+        if self.rt.config.standbys:
+            self.scheduler.add_job(self.standby_job, "interval",
+                                   seconds=standby.POLL_INTERVAL.total_seconds(), id="standby",
+                                   name="standby watch", next_run_time=datetime.now(self.tz))
         self._serve_metrics()
         self.scheduler.start()
 

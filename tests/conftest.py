@@ -212,6 +212,46 @@ def pg_cluster(extra_conf: str = "") -> Iterator[PgServer]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def pg_replica(primary: PgServer) -> Iterator[PgServer]:
+    """A streaming hot standby of `primary` (`pg_basebackup -R`, which initdb's trust
+    pg_hba allows) on a port of its own while the block runs; `stop()` it with pg_ctl."""
+    assert primary.data_dir is not None
+    bin_dir = primary.bin_dir
+    as_user = _unprivileged_user() if os.geteuid() == 0 else None
+    base = Path(tempfile.mkdtemp(prefix="drdaemon-pgr-"))
+    data = base / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(HOME=str(base), LC_ALL="C", TZ="UTC")
+    if as_user is not None:
+        os.chown(base, as_user.pw_uid, as_user.pw_gid)
+    server = PgServer(host="127.0.0.1", port=find_free_port(), user="postgres",
+                      bin_dir=bin_dir, data_dir=data)
+    try:
+        _run([str(bin_dir / "pg_basebackup"), "-D", str(data), "-R", "-X", "stream",
+              "-c", "fast", "-h", primary.host, "-p", str(primary.port), "-U", "postgres",
+              "--no-sync"], as_user=as_user, env=env)
+        with (data / "postgresql.conf").open("a") as conf:
+            conf.write(f"\nport = {server.port}\nunix_socket_directories = '{base}'\n"
+                       "hot_standby = on\n")
+        _run([str(bin_dir / "pg_ctl"), "start", "-D", str(data), "-l", str(base / "log"),
+              "-w", "-t", "60"], as_user=as_user, env=env, log=base / "log")
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            _run([str(bin_dir / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w"],
+                 as_user=as_user, env=env)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def stop_server(server: PgServer) -> None:
+    """Stop a server made by pg_cluster or pg_replica (immediate shutdown)."""
+    as_user = _unprivileged_user() if os.geteuid() == 0 else None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    _run([str(server.bin("pg_ctl")), "stop", "-D", str(server.data_dir), "-m", "immediate",
+          "-w"], as_user=as_user, env=env)
+
+
 @pytest.fixture
 def pg_database(pg_server: PgServer) -> Iterator[str]:
     """DSN of a fresh, empty database on ``pg_server``; dropped (WITH (FORCE)) afterwards."""

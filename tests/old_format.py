@@ -14,6 +14,7 @@ import pyrage
 from support import Setup
 from test_runbooks import RUNBOOKS, sh_lines
 
+from drdaemon import facts as facts_mod
 from drdaemon import layout, manifest, tenant_keys
 from drdaemon.keys import fingerprint, load_identities, load_manifest_key
 from drdaemon.pipeline import parse_recipients
@@ -43,13 +44,23 @@ def downgrade(setup: Setup, source: str, snap_id: str) -> manifest.Manifest:
     if isinstance(db, dict) and pg_database.SEALED in db:
         facts = {**facts, "database": pg_database.seal(pg_database.unseal(db, [tenant]),
                                                        recipients)}
+    # Snapshots of then carried no roles (pg_role_copy.py): nor does the facts object.
+    facts = {k: v for k, v in facts.items() if k != "roles"}
+    ref, encoded = m.facts_object, None
+    if ref is not None:
+        detached = facts_mod.decode(first.get_bytes(ref.name, ref.size), m)
+        detached.pop("globals", None)
+        encoded = facts_mod.encode(source, snap_id, detached)
+        ref = encoded.ref
     old = dataclasses.replace(m, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
                               recipients=tuple(fingerprint(r) for r in
                                                rt.config.keys.recipients),
-                              facts=facts, tenant_key=None)
+                              facts=facts, tenant_key=None, facts_object=ref)
     assert old.version in (manifest.VERSION, manifest.FACTS_OBJECT_VERSION)
     for store in rt.stores:
         store.put_bytes(m.data_name, data)
+        if encoded is not None:
+            store.put_bytes(encoded.ref.name, encoded.blob)
         store.put_bytes(layout.manifest_object_name(source, snap_id),
                         manifest.serialize(old, mkey))
     return old

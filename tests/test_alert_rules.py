@@ -44,6 +44,9 @@ ALERTS = {
     "DrdaemonAuditVerifyMissing": "audit-verify-missing",
     "DrdaemonTenantErasureDueSoon": "tenant-erasure-due",
     "DrdaemonTenantErasureOverdue": "tenant-erasure-overdue",
+    "DrdaemonStandbyMissing": "standby-lag",
+    "DrdaemonStandbyLagging": "standby-lag",
+    "DrdaemonStandbyNotReplaying": "standby-lag",
     "DrdaemonDown": "daemon-down",
     "DrdaemonAbsent": "daemon-absent",
 }

@@ -26,6 +26,7 @@ FORBIDDEN = frozenset({
     "tenant_keys", "tenant_key_record", "signing",
     "key_rotation",
     "evidence", "evidence_check",
+    "standby",
 })
 
 

@@ -15,6 +15,7 @@ from old_format import (
     break_glass_unwrap,
     downgrade,
     manifest_version,
+    runbook_command,
     sh,
 )
 from support import Setup, flip_byte, make_setup, postgres_source, snapshot_keys, stored_key
@@ -128,6 +129,11 @@ def test_break_glass_with_stock_tools(setup: Setup, lms_dsn: str, pg_server: PgS
     break_glass_restore("postgres", tenant_key, work, pg_server.dsn("glass"),
                         str(pg_server.bin("pg_restore")))
     assert table_rows(pg_server.dsn("glass")) == table_rows(lms_dsn)
+    # The roles the database names, sealed in the facts object: opened with stock tools.
+    region.client().download_file(region.bucket, stored_key(region, ".json.zst"),
+                                  str(work / "ID.json.zst"))
+    sh(runbook_command("zstd -dc ID.json.zst | jq", **{"tenant.key": str(tenant_key)}), work)
+    assert "CREATE ROLE postgres;" in (work / "roles.sql").read_text()  # the database's owner
     # The operator identity alone no longer opens a snapshot: only the tenant key does.
     with pytest.raises(subprocess.CalledProcessError):
         sh(f"age -d -i {setup.identity} snapshot.age > /dev/null", work)

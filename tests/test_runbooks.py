@@ -46,6 +46,9 @@ ALERT_RUNBOOKS = {
     "DrdaemonAuditVerifyMissing": "audit-verify-missing.md",
     "DrdaemonTenantErasureDueSoon": "tenant-erasure-due.md",
     "DrdaemonTenantErasureOverdue": "tenant-erasure-overdue.md",
+    "DrdaemonStandbyMissing": "standby-lag.md",
+    "DrdaemonStandbyLagging": "standby-lag.md",
+    "DrdaemonStandbyNotReplaying": "standby-lag.md",
     "DrdaemonDown": "daemon-down.md",
     "DrdaemonAbsent": "daemon-absent.md",
 }

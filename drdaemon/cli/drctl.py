@@ -347,6 +347,10 @@ def backup_cmd(ctx: click.Context, sources: tuple[str, ...], tenant: str | None,
                    "--no-owner --no-privileges (objects belong to the restoring role, no "
                    "GRANT/REVOKE). List the roles a snapshot needs: "
                    "runbooks/restore-one-database.md.")
+@click.option("--with-roles", is_flag=True,
+              help="postgres: first create the roles the snapshot names that the target "
+                   "server lacks (with their password hashes and memberships; existing roles "
+                   "are left alone), then restore with owners and privileges.")
 @click.option("--allow-older", is_flag=True,
               help="With 'latest': if the newest snapshot cannot be read in any region, "
                    "restore the newest readable one (and say which) instead of refusing.")
@@ -368,7 +372,8 @@ def backup_cmd(ctx: click.Context, sources: tuple[str, ...], tenant: str | None,
 def restore_cmd(ctx: click.Context, snapshot: str, source: str | None, tenant: str | None,
                 target: str | None, datadir: str | None, start: bool, port: int | None,
                 owner: str | None, db_target: str | None, region: str | None, force: bool,
-                allow_older: bool, no_owner: bool, identity_file: Path | None,
+                allow_older: bool, no_owner: bool, with_roles: bool,
+                identity_file: Path | None,
                 jobs: int | None, scratch_dir: Path | None, skip_missing_roles: bool,
                 skip_missing_locale: bool, as_json: bool) -> None:
     """Restore a snapshot, verified end to end, falling back to other regions.
@@ -395,6 +400,7 @@ def restore_cmd(ctx: click.Context, snapshot: str, source: str | None, tenant: s
         try:
             return restore_service.restore(rt, identities, name, snapshot, targets[name],
                                            region=region, force=force, no_owner=no_owner,
+                                           with_roles=with_roles,
                                            jobs=jobs, scratch_dir=scratch_dir,
                                            on_progress=line.update, allow_older=allow_older,
                                            policy=Policy(skip_missing_roles,

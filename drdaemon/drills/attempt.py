@@ -7,6 +7,7 @@ service (drills/run.py) chooses the snapshot and makes the record.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -232,8 +233,10 @@ class Scratch:
             server_dsn=config.drills.postgres_dsn,
             checks=[c for c in config.drills.checks if c.source == d.source.name])
         try:
-            copy = kind_for(d.source.kind).open_scratch(d.source, self.m, place,
-                                                        self.identities)
+            # Every fact, the facts object's too (e.g. the roles a drill may create).
+            copy = kind_for(d.source.kind).open_scratch(
+                d.source, dataclasses.replace(self.m, facts=self.facts), place,
+                self.identities)
         except DrillFailure as exc:
             d.fail(exc.code, exc.detail)
             return None

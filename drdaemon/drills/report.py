@@ -158,6 +158,11 @@ def evidence_text(r: DrillRecord) -> str:
                      f"{_count(e.get('directories', '?'), 'folder')}, "
                      f"{_count(e.get('symlinks', '?'), 'link')}, {size(e.get('bytes'))}, "
                      f"digest {e.get('digest', '?')}")
+    owners = e.get("owners")
+    if isinstance(owners, dict):
+        with_owners = owners.get("mode") == "owners"
+        parts.append("restored with owners" if with_owners else
+                     "restored without owners (--no-owner)")
     for c in e.get("checks", []):
         parts.append(f"check {c.get('sql')!r} = {c.get('value')} (min {c.get('min')}): "
                      + ("ok" if c.get("ok") else "FAILED"))

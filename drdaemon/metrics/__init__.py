@@ -12,7 +12,8 @@ The package imports no service (backup, prune, catalog, status, ...): jobs
 depend on the metrics, never the other way round (tests/test_metrics_imports.py).
 
 - observations.py: the plain data jobs hand in, one type per kind of outcome
-  (InventoryRun: data in storage that no configured source owns any more);
+  (InventoryRun: data in storage that no configured source owns any more; StandbySeen:
+  a hot standby as the last poll judged it);
 - views.py: pure views (:func:`source_view`, :func:`failure_reason`,
   :func:`drill_views`, :func:`schedule_view`, :func:`audit_views`, :func:`orphan_views`);
 - state.py: :class:`MetricsState` and how each observation changes it;
@@ -42,6 +43,7 @@ from .observations import (
     ReplicateRun,
     SnapshotAttempt,
     SourceListing,
+    StandbySeen,
     StorageRefresh,
     TenantLifecycle,
     UnmanagedSeen,
@@ -55,6 +57,7 @@ from .views import (
     ERASURE_OUTCOMES,
     FAILURE_REASONS,
     PROMISED_SPAN,
+    STANDBY_STATES,
     TENANT_STATES,
     AuditView,
     DrillView,
@@ -72,12 +75,12 @@ from .views import (
 
 __all__ = [
     "ERASURE_OUTCOMES", "FAILURE_REASONS", "ORPHANS_FILE", "PROMISED_SPAN", "REGION_LABELS",
-    "SOURCE_LABELS", "TENANT_STATES",
+    "SOURCE_LABELS", "STANDBY_STATES", "TENANT_STATES",
     "AuditCopy", "AuditRun", "AuditView", "CopyVerified", "DrillRecordLike", "DrillView",
     "InventoryRun",
     "ListedSnapshot", "MetricsServer", "MetricsState", "OrphanSeen", "OrphanView", "PruneRun",
     "RepairDone", "ReplicateRun", "SnapshotAttempt", "SourceInfo", "SourceListing",
-    "SourceView", "StateCollector", "StorageRefresh", "TenantLifecycle",
+    "SourceView", "StandbySeen", "StateCollector", "StorageRefresh", "TenantLifecycle",
     "UnmanagedSeen",
     "VerifyRun", "WSGIServer", "__version__",
     "audit_views", "build_registry", "drill_views", "failure_reason", "families",

@@ -23,6 +23,23 @@ class SnapshotAttempt:
 
 
 @dataclass(frozen=True)
+class StandbySeen:
+    """One hot standby as the last poll judged it (standby.py); None: unknown."""
+
+    standby: str
+    source: str  # the postgres source on its primary; "" if none is named
+    up: bool
+    state: str  # one of views.STANDBY_STATES
+    lag_bytes: int | None
+    lag_seconds: float | None
+    paused: bool
+    stalled_seconds: float
+    max_lag_bytes: int
+    max_lag_seconds: float
+    polled_at: float
+
+
+@dataclass(frozen=True)
 class TenantLifecycle:
     """One tenant's lifecycle state, as the refresh read it from the state folder."""
 

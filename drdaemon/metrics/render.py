@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .state import MetricsState
-from .views import ERASURE_OUTCOMES, FAILURE_REASONS, TENANT_STATES
+from .views import ERASURE_OUTCOMES, FAILURE_REASONS, STANDBY_STATES, TENANT_STATES
 
 SOURCE_LABELS = ("source", "tenant", "tier")
 REGION_LABELS = (*SOURCE_LABELS, "region")
@@ -75,7 +75,46 @@ def families(st: MetricsState, now: datetime) -> list[Metric]:
     out += _audit_families(st)
     out += _tenant_families(st)
     out += _unmanaged_families(st)
+    out += _standby_families(st)
     return out
+
+
+def _standby_families(st: MetricsState) -> list[Metric]:
+    """Hot standbys as the daemon's last poll judged them (standby.py); a lag that could
+    not be read is left out rather than shown as 0."""
+    labels = ["standby", "source"]
+
+    def g(name: str, doc: str, extra: Sequence[str] = ()) -> GaugeMetricFamily:
+        return _gauge(f"drdaemon_standby_{name}", doc, [*labels, *extra])
+
+    up = g("up", "1 if the hot standby answers and is in recovery, else 0.")
+    state = g("replication_state", "1 for the primary's pg_stat_replication state of the "
+              "standby (absent: the primary lists none), 0 for the others.", ["state"])
+    lag_b = g("lag_bytes", "WAL bytes between the primary's position and the standby's "
+              "replay position.")
+    lag_s = g("lag_seconds", "Seconds since the last transaction the standby replayed, "
+              "0 when nothing received waits.")
+    paused = g("replay_paused", "1 while the standby's replay is paused, else 0.")
+    stalled = g("replay_stalled_seconds", "How long the standby's replay position has not "
+                "moved while WAL waits to be replayed (0: moving or caught up).")
+    max_b = g("max_lag_bytes", "The standby's lag bound in bytes (max_lag_bytes).")
+    max_s = g("max_lag_seconds", "The standby's lag bound in seconds (max_lag).")
+    polled = g("last_poll_timestamp_seconds", "When the daemon last polled the standby.")
+    for name, s in sorted(st.standbys.items()):
+        key = [name, s.source]
+        up.add_metric(key, float(s.up))
+        for each in STANDBY_STATES:
+            state.add_metric([*key, each], float(s.state == each))
+        if s.lag_bytes is not None:
+            lag_b.add_metric(key, s.lag_bytes)
+        if s.lag_seconds is not None:
+            lag_s.add_metric(key, s.lag_seconds)
+        paused.add_metric(key, float(s.paused))
+        stalled.add_metric(key, s.stalled_seconds)
+        max_b.add_metric(key, s.max_lag_bytes)
+        max_s.add_metric(key, s.max_lag_seconds)
+        polled.add_metric(key, s.polled_at)
+    return [up, state, lag_b, lag_s, paused, stalled, max_b, max_s, polled]
 
 
 def _unmanaged_families(st: MetricsState) -> list[Metric]:

@@ -22,6 +22,7 @@ from .observations import (
     PruneRun,
     ReplicateRun,
     SnapshotAttempt,
+    StandbySeen,
     StorageRefresh,
     TenantLifecycle,
     UnmanagedSeen,
@@ -75,6 +76,7 @@ class MetricsState:
     erasures: Counter[tuple[str, str]] = field(default_factory=Counter)  # (tenant, outcome)
     # source -> what the last complete inventory found unmanaged (inventory.py)
     unmanaged: dict[str, UnmanagedSeen] = field(default_factory=dict)
+    standbys: dict[str, StandbySeen] = field(default_factory=dict)  # by standby name
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @classmethod
@@ -182,6 +184,12 @@ class MetricsState:
         views = {t.tenant: t for t in tenants}
         with self.lock:
             self.tenants = views
+
+    def record_standbys(self, seen: Iterable[StandbySeen]) -> None:
+        """Replace every hot standby's state with what a poll judged."""
+        views = {s.standby: s for s in seen}
+        with self.lock:
+            self.standbys = views
 
     def record_erasure(self, tenant: str, outcome: str) -> None:
         """Count what the erasure job did with one due erasure."""

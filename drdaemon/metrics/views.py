@@ -21,6 +21,8 @@ FAILURE_REASONS = ("source", "storage", "cancelled", "shrunk", "other")
 # A tenant's lifecycle states (lifecycle.STATES) and the erasure job's outcomes.
 TENANT_STATES = ("active", "offboarded", "held", "erased")
 ERASURE_OUTCOMES = ("done", "failed")
+# pg_stat_replication.state of a hot standby, "absent" if its primary lists none (standby.py).
+STANDBY_STATES = ("startup", "catchup", "streaming", "backup", "stopping", "absent")
 
 
 @dataclass(frozen=True)

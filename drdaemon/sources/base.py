@@ -89,9 +89,10 @@ class Snapshot(Protocol):
 @dataclass(frozen=True)
 class RestoreOptions:
     """How `drctl restore` asked for the copy. `jobs`, `no_owner`, `policy`, `start`
-    (`start_port`: start the restored copy on that port) and `owner` (the OS user a
-    restored copy is given to) are options a kind takes only if it names them in
-    `restore_options`."""
+    (`start_port`: start the restored copy on that port), `owner` (the OS user a
+    restored copy is given to) and `with_roles` (create the roles the snapshot names
+    that the target lacks first; the snapshot's facts are then complete, its facts
+    object's too) are options a kind takes only if it names them in `restore_options`."""
 
     force: bool = False
     jobs: int | None = None
@@ -101,6 +102,7 @@ class RestoreOptions:
     identities: Sequence[x25519.Identity] = ()
     start_port: int | None = None
     owner: str | None = None
+    with_roles: bool = False
 
 
 # -- drills --------------------------------------------------------------------
@@ -234,7 +236,7 @@ class SourceKind(Protocol):
     @property
     def restore_options(self) -> frozenset[str]:
         """The options of RestoreOptions it takes beyond `force`: "jobs", "no_owner",
-        "policy", "start", "owner"."""
+        "policy", "start", "owner", "with_roles"."""
     @property
     def takes_sql_checks(self) -> bool:
         """Whether [[drills.checks]] may name its sources."""

@@ -18,8 +18,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pyrage import x25519
 
-from ..errors import SourceError, UsageError, first_line
-from . import pg_sink, postgres
+from ..errors import DrError, SourceError, UsageError, first_line
+from . import pg_role_copy, pg_session, pg_sink, postgres
 from .base import (
     CHECK_FAILED,
     COUNT_MISMATCH,
@@ -36,10 +36,85 @@ from .base import (
 )
 from .pg_recreate import Policy, Recreation
 
-# A drill server need not know the source's roles: ownership and grants are
-# not what a drill proves, and restoring them could fail for reasons no
-# disaster would have.
+# Where the drill server cannot give the objects their owners (it lacks the roles
+# and may not create them), the drill restores without owners and grants and
+# says so: a drill server need not know the application's roles.
 DRILL_RESTORE_OPTIONS = ("--no-owner", "--no-privileges")
+OWNERS, NO_OWNER = "owners", "no-owner"
+
+
+@dataclass
+class OwnersMode:
+    """How a drill restored ownership: `mode` (OWNERS or NO_OWNER) and why; the roles it
+    created on the drill server (NOLOGIN, no password; dropped after the drill)."""
+
+    mode: str
+    why: str
+    created: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "why": self.why, "created_roles": self.created}
+
+    def note(self) -> str:
+        if self.mode == OWNERS:
+            return f"restored with owners and privileges: {self.why}"
+        return f"restored with --no-owner --no-privileges: {self.why}"
+
+
+def owners_mode(admin_dsn: str, sealed: Any,
+                identities: Sequence[x25519.Identity]) -> OwnersMode:
+    """Restore with owners where the drill server allows it: it has every role the
+    snapshot names and the drill role may act as each, or the drill role is a superuser
+    and creates the missing ones from the snapshot's roles."""
+    try:
+        roles = pg_role_copy.unseal(sealed, identities)
+    except UsageError as exc:
+        raise DrillFailure(NO_IDENTITY, str(exc)) from None
+    except DrError as exc:
+        raise DrillFailure(MANIFEST_INVALID, str(exc)) from None
+    if roles is None:
+        return OwnersMode(NO_OWNER, "the snapshot carries no roles (taken by an older "
+                          "drdaemon)", [])
+    needed = [str(r) for r in roles.get("needed") or []]
+    try:
+        with pg_session.connect(admin_dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT rolsuper, ARRAY(SELECT rolname::text FROM pg_roles WHERE rolname = "
+                "ANY(%s) AND NOT pg_has_role(current_user, oid, 'MEMBER')) FROM pg_roles "
+                "WHERE rolname = current_user", (needed,)).fetchone()
+            assert row is not None
+            superuser, foreign = bool(row[0]), list(row[1])
+            missing = sorted(set(needed) - pg_role_copy.existing_roles(conn))
+            if not missing and (superuser or not foreign):
+                return OwnersMode(OWNERS, "the drill server has every role the snapshot "
+                                  "names", [])
+            if not superuser:
+                lacks = (f"lacks the roles {', '.join(missing)}" if missing else
+                         f"the drill role is no member of {', '.join(foreign)}")
+                return OwnersMode(NO_OWNER, f"the drill server {lacks} and the drill role is "
+                                  "no superuser", [])
+            made = pg_role_copy.create(conn, roles, only=missing, login=False)
+    except SourceError as exc:
+        return OwnersMode(NO_OWNER, f"the roles could not be created: {exc}", [])
+    return OwnersMode(OWNERS, "created the missing roles " + ", ".join(made.plan.create)
+                      + " (NOLOGIN, no password; dropped after the drill)", made.plan.create)
+
+
+class DrillSink(pg_sink.PostgresSink):
+    """The scratch database; discarding it also drops the roles the drill created."""
+
+    created_roles: list[str]
+
+    def discard(self) -> None:
+        try:
+            super().discard()
+        finally:  # the roles go even if the database could not (they own nothing else)
+            if getattr(self, "created_roles", None):
+                with pg_session.connect(self.admin_dsn, autocommit=True) as conn:
+                    problems = pg_role_copy.drop(conn, self.created_roles)
+                self.created_roles = []
+                if problems:
+                    raise SourceError("; ".join(problems))
 
 
 def compare_tables(expected: Any, got: list[dict[str, Any]]) -> list[str]:
@@ -81,11 +156,23 @@ def open_scratch(source: SourceSettings, snapshot: Snapshot, place: DrillPlace,
                                          identities)
     except UsageError as exc:  # its sealed settings: no identity fits
         raise DrillFailure(NO_IDENTITY, str(exc)) from None
-    sink = pg_sink.PostgresSink(base, make_conninfo(base, dbname=name), False,
-                                 staging_prefix=prefix,
-                                 restore_options=DRILL_RESTORE_OPTIONS, recreate=recreate)
+    owners = owners_mode(make_conninfo(base, dbname="postgres"), snapshot.facts.get("globals"),
+                         identities)
+    try:
+        sink = DrillSink(base, make_conninfo(base, dbname=name), False, staging_prefix=prefix,
+                         restore_options=() if owners.mode == OWNERS else DRILL_RESTORE_OPTIONS,
+                         recreate=recreate)
+    except BaseException:
+        if owners.created:
+            with pg_session.connect(make_conninfo(base, dbname="postgres"),
+                                    autocommit=True) as conn:
+                pg_role_copy.drop(conn, owners.created)
+        raise
+    sink.created_roles = list(owners.created)
+    sink.notes.append(owners.note())
     return PostgresScratch(sink, postgres.describe(sink.staging_dsn),
-                           {"server": postgres.describe(sink.admin_dsn)}, tuple(place.checks))
+                           {"server": postgres.describe(sink.admin_dsn),
+                            "owners": owners.to_dict()}, tuple(place.checks))
 
 
 @dataclass

@@ -23,7 +23,7 @@ from psycopg.conninfo import make_conninfo
 
 from ..errors import Cancelled, DrError, SourceError, first_line
 from ..streams import StderrTail
-from . import pg_database, pg_session
+from . import pg_database, pg_role_copy, pg_session
 from .base import Dump
 from .pg_session import child_env, describe, describe_connection, tool, with_stdio_buffer
 
@@ -130,8 +130,10 @@ def dump(dsn: str, *, lock_wait_timeout: timedelta = LOCK_WAIT_TIMEOUT,
             "current_setting('server_version'), pg_database_size(current_database()), "
             "current_database()").fetchone()
         assert row is not None
-        snapshot, consistency, version, db_size, _ = row
+        snapshot, consistency, version, db_size, dbname = row
         database = pg_database.capture(conn).to_facts()  # in the same snapshot
+        # The roles it names (server-wide, so not part of the exported snapshot).
+        roles = pg_role_copy.capture(conn, make_conninfo(dsn, application_name=app), dbname)
         proc = subprocess.Popen(
             with_stdio_buffer([pg_dump, "--format=custom", "--compress=0",
                                 f"--snapshot={snapshot}", "--no-password",
@@ -177,7 +179,7 @@ def dump(dsn: str, *, lock_wait_timeout: timedelta = LOCK_WAIT_TIMEOUT,
                               + _lock_hint(dsn, str(counted["error"])))
             done = True
             return {"database": database, "server_version": version,
-                    "database_size": db_size, "tables": counted["tables"]}
+                    "database_size": db_size, "tables": counted["tables"], "globals": roles}
 
         assert proc.stdout is not None
         yield Dump(cast(BinaryIO, proc.stdout), consistency, finish)

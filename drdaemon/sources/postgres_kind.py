@@ -14,9 +14,11 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
 
+from psycopg.conninfo import make_conninfo
 from pyrage import x25519
 
-from . import pg_database, pg_drill, pg_recreate, pg_session, pg_sink, postgres
+from ..errors import DrError, UsageError
+from . import pg_database, pg_drill, pg_recreate, pg_role_copy, pg_session, pg_sink, postgres
 from .base import (
     DataPlace,
     DrillPlace,
@@ -39,15 +41,17 @@ CUSTOMER_FACTS = ("server_version", "database_size", "table_count", "row_total")
 
 
 class PostgresKind:
-    """A PostgreSQL database (`dsn`, `lock_wait_timeout`)."""
+    """A PostgreSQL database (`dsn`, `lock_wait_timeout`; `standby_dsn`: its server's hot
+    standby, watched by standby.py)."""
 
     name = "postgres"
     dump_format = "pgdump"
-    config_keys = ("dsn", "lock_wait_timeout")
-    restore_options = frozenset({"jobs", "no_owner", "policy"})
+    config_keys = ("dsn", "lock_wait_timeout", "standby_dsn")
+    restore_options = frozenset({"jobs", "no_owner", "policy", "with_roles"})
     takes_sql_checks = True
-    # Per-table row counts outgrow a manifest past ~10,000 tables (facts.py).
-    detached_facts = ("tables",)
+    # Per-table row counts outgrow a manifest past ~10,000 tables (facts.py); the
+    # sealed roles (pg_role_copy.py) are only read by restores and drills.
+    detached_facts = ("tables", "globals")
     export_suffix = ".dump"
     target_noun = "database"
 
@@ -90,15 +94,19 @@ class PostgresKind:
 
     def seal_facts(self, facts: dict[str, Any],
                    recipients: Sequence[x25519.Recipient]) -> dict[str, Any]:
-        # Database settings may hold secrets: sealed like the dump.
-        return pg_database.seal_facts(facts, recipients)
+        # Database settings and role password hashes may hold secrets: sealed like the dump.
+        return pg_role_copy.seal(pg_database.seal_facts(facts, recipients), recipients)
 
     def detached_summary(self, detached: dict[str, Any]) -> dict[str, Any]:
         # The shrink guard and status compare these in place of `tables`.
+        out: dict[str, Any] = {}
         tables = detached.get("tables")
-        if tables is None:
-            return {}
-        return {"table_count": len(tables), "row_total": sum(int(t["rows"]) for t in tables)}
+        if tables is not None:
+            out.update(table_count=len(tables), row_total=sum(int(t["rows"]) for t in tables))
+        roles = detached.get("globals")
+        if isinstance(roles, dict):  # how many roles, and whether with their passwords
+            out["roles"] = {"count": roles.get("role_count"), "passwords": roles.get("passwords")}
+        return out
 
     def measures(self, facts: Mapping[str, Any]) -> dict[str, int]:
         """The rows of every table (`row_total`, or the sum of the per-table counts of
@@ -117,6 +125,8 @@ class PostgresKind:
     def open_sink(self, source: SourceSettings, snapshot: Snapshot, target: str,
                   options: RestoreOptions) -> Sink:
         assert source.dsn is not None
+        created = _create_roles(source.dsn, snapshot, target, options) \
+            if options.with_roles else None
         recreate = pg_recreate.Recreation.from_facts(snapshot.facts.get("database"),
                                                      options.policy, options.identities)
         sink = pg_sink.PostgresSink(
@@ -126,6 +136,8 @@ class PostgresKind:
         if options.no_owner:
             sink.notes.append("restored with --no-owner: every object belongs to the restoring "
                               "role and no GRANT or REVOKE was applied")
+        if created is not None:
+            sink.notes.extend(created.notes())
         return sink
 
     def open_scratch(self, source: SourceSettings, snapshot: Snapshot, place: DrillPlace,
@@ -135,6 +147,25 @@ class PostgresKind:
     def clean_leftovers(self, sources: Sequence[SourceSettings], server_dsn: str | None,
                         judge: LeftoverJudge) -> None:
         pg_drill.clean_leftovers(sources, server_dsn, judge)
+
+
+def _create_roles(source_dsn: str, snapshot: Snapshot, target: str,
+                  options: RestoreOptions) -> pg_role_copy.Created:
+    """--with-roles: the roles the snapshot names that the target server lacks, created
+    before anything else (they stay if the restore then fails: a retry needs them)."""
+    if options.no_owner:
+        raise UsageError("--with-roles and --no-owner contradict each other: choose one")
+    roles = pg_role_copy.unseal(snapshot.facts.get("globals"), options.identities)
+    if roles is None:
+        raise UsageError(f"snapshot {snapshot.id} carries no roles (taken by an older "
+                         "drdaemon): create them on the target first, or restore with "
+                         "--no-owner")
+    dsn = pg_sink.target_dsn(source_dsn, target)
+    try:
+        with pg_session.connect(make_conninfo(dsn, dbname="postgres"), autocommit=True) as conn:
+            return pg_role_copy.create(conn, roles)
+    except DrError as exc:
+        raise type(exc)(f"--with-roles on {postgres.describe(dsn)}: {exc}") from None
 
 
 POSTGRES = PostgresKind()
