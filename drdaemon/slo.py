@@ -81,7 +81,7 @@ def throughput(nbytes: int, seconds: float) -> float | None:
     return nbytes / seconds
 
 
-_MAX_SECONDS = timedelta.max.total_seconds() - 86400
+MAX_SECONDS = timedelta.max.total_seconds() - 86400
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def projected_tier_rto(stored_bytes: Iterable[int], model: RestoreModel | None
         return None
     total = sum(model.seconds(b) for b in stored_bytes)
     # Absurd inputs (a byte drilled in minutes, terabytes projected) must not crash.
-    return timedelta(seconds=min(total, _MAX_SECONDS))
+    return timedelta(seconds=min(total, MAX_SECONDS))
 
 
 def rto_split(*, manifest: float, prepare: float, first_byte: float, stream: float,

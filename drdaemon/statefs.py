@@ -42,6 +42,7 @@ INFLIGHT = "inflight"  # a marker per snapshot being uploaded (state.py)
 ORPHAN_SIGHTINGS = "prune/orphans.json"  # when each orphan was first seen (orphans.py)
 ORPHAN_METRICS = "prune/orphan-metrics.json"  # the last prune's orphan gauges (metrics)
 RESTORE_SCRATCH = "restore"  # the scratch copy of `drctl restore --jobs`
+RECOVERY = "recovery"  # what each `drctl recovery run` finished (recovery.py)
 
 
 def lock_file(name: str) -> str:
