@@ -13,6 +13,7 @@ is recorded there. The run is audit-logged (`recovery.started`,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -51,7 +52,8 @@ def make_plan(rt: Runtime, *, lost: Sequence[str] = (), parallel: int = 1) -> Re
     if unknown:
         raise UsageError(f"no region named {', '.join(map(repr, unknown))} (regions: "
                          f"{', '.join(sorted(names))})")
-    listing = catalog.list_snapshots(rt)
+    # A region named lost is not waited for (a stopped endpoint takes retries to fail).
+    listing = catalog.list_snapshots(without(rt, lost))
     listed: dict[str, list[catalog.SnapshotEntry]] = {}
     for e in listing.snapshots:
         listed.setdefault(e.source, []).append(e)
@@ -60,6 +62,14 @@ def make_plan(rt: Runtime, *, lost: Sequence[str] = (), parallel: int = 1) -> Re
                                [s.name for s in rt.config.sources])
     return recovery_plan.build_plan(sources, restores, parallel=parallel,
                                     lost=[*lost, *listing.region_errors])
+
+
+def without(rt: Runtime, lost: Sequence[str]) -> Runtime:
+    """`rt` with the stores of the `lost` regions left out: nothing reads from, lists or
+    mirrors the audit log to a region that is gone (each attempt would wait for retries)."""
+    if not lost:
+        return rt
+    return dataclasses.replace(rt, stores=[s for s in rt.stores if s.name not in lost])
 
 
 # -- targets ----------------------------------------------------------------------
@@ -176,6 +186,7 @@ def run_plan(rt: Runtime, identities: Sequence[x25519.Identity], plan: RecoveryP
     same targets finished is skipped. Never raises for a failed restore (see
     `failed`); UsageError for a wrong identity stops the run.
     """
+    rt = without(rt, plan.lost_regions)
     state_dir = rt.config.daemon.state_dir
     key = run_key(targets)
     earlier = finished(state_dir, key)
