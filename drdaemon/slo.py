@@ -8,13 +8,15 @@ The definitions (README, "Drills"; docs/architecture.md):
   set of snapshots (the worst-case RPO over the period they cover, as far as
   the snapshots still retained can show it).
 - **RTO measured**: wall time from the start of a restore to a verified copy.
-- **Projected tier RTO**: how long the whole tier would take, restored one
-  source after another, if a region were lost now: the sum, over the newest
-  snapshot of every source of the tier, of a restore model's time for its
-  stored bytes. The model (:class:`RestoreModel`) is a fixed cost per
-  restore plus bytes over a throughput, fitted to the latest drill of every
-  source of the tier together, so neither a tiny database (all set-up
-  overhead) nor the newest drill alone decides the tier's figure.
+- **Projected tier RTO**: when the tier's last restore would end if a region
+  were lost now and every source were restored in the recovery plan's order,
+  paid tiers first (recovery_plan.py, which schedules with the model below):
+  for the first tier, the sum over its sources of the model's time for their
+  newest snapshot's stored bytes (`projected_tier_rto`). The model
+  (:class:`RestoreModel`) is a fixed cost per restore plus bytes over a
+  throughput, fitted to the latest drill of every source of the tier
+  together, so neither a tiny database (all set-up overhead) nor the newest
+  drill alone decides the tier's figure.
 
 A value over its target is a failure; equal to it is still inside it (an
 RPO of "24h" promises at most 24 hours of lost data). Nothing here reads a

@@ -20,6 +20,10 @@ from lms import populate
 from psycopg import sql
 from support import directory_source, make_setup, postgres_source
 
+from drdaemon import config as config_mod
+from drdaemon import metrics, metrics_feed
+from drdaemon.runtime import open_runtime
+
 
 def _drctl_process(config: Path, *args: str) -> subprocess.Popen[str]:
     bindir = Path(sys.executable).parent
@@ -82,6 +86,12 @@ def _run(setup: Any, eu: Any, pg_server: PgServer, tmp_path: Path) -> None:
     assert last["source"] == "free-db"
     assert last["projected_tier_rto_seconds"] == pytest.approx(tiers["free"]["eta"], rel=1e-6)
     assert last["projected_tier_rto_seconds"] > paid_rto * 0.5  # the paid ones count
+    # The daemon exports the same plan's ETAs.
+    cfg = config_mod.load(setup.config)
+    st = metrics.MetricsState.from_config(cfg)
+    metrics_feed.refresh(open_runtime(cfg), st)
+    assert st.plan_tier_eta == pytest.approx({t: tiers[t]["eta"] for t in tiers}, rel=1e-6)
+    assert set(st.plan_source_eta) == set(order)
 
     eu.server.stop()  # the primary region is gone
     md = setup.drctl("recovery", "plan", "--lost-region", "eu-frankfurt", "--parallel", "2")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -119,3 +120,21 @@ def test_list_scheduling_starts_never_decrease_and_no_lane_idles(durations: list
     # Makespan is within list scheduling's bound: average load plus the longest job.
     if durations:
         assert max(e for _, _, e in slots) <= sum(durations) / lanes + max(durations) + 1e-6
+
+
+def test_paid_is_a_tier_setting_default_true_but_for_free_and_trial(tmp_path: Path) -> None:
+    from support import directory_source, local_region, make_setup
+
+    from drdaemon import config as config_mod
+    setup = make_setup(tmp_path, [local_region("eu", tmp_path / "eu", "europe"),
+                                  local_region("us", tmp_path / "us", "north-america")],
+                       [directory_source("a", tmp_path)],
+                       extra='[tiers.trial]\nrpo = "24h"\nrto = "72h"\n'
+                             '[tiers.gold]\nrto = "4h"\nrpo = "1h"\n'
+                             '[tiers.bronze]\nrto = "4h"\nrpo = "1h"\npaid = false\n')
+    tiers = config_mod.load(setup.config).tiers
+    assert {n: t.paid for n, t in tiers.items()} == {
+        "paid": True, "free": False, "trial": False, "gold": True, "bronze": False}
+    setup.config.write_text(setup.config.read_text().replace("paid = false", 'paid = "no"'))
+    with pytest.raises(config_mod.ConfigError, match=r"tiers\.bronze\.paid"):
+        config_mod.load(setup.config)

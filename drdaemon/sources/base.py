@@ -93,6 +93,12 @@ class RestoreOptions:
     no_owner: bool = False
     policy: Any = None  # the kind's own: what a target may lack (pg_recreate.Policy)
     identities: Sequence[x25519.Identity] = ()
+    # A staging database's name starts with this (it names the restoring process,
+    # drills/scratch.py); None: the kind's default.
+    staging_prefix: str | None = None
+    # Before staging, a kind that stages outside the target's folder removes there
+    # what killed restores left, judged by this (drills/scratch.py).
+    leftovers: LeftoverJudge | None = None
 
 
 # -- drills --------------------------------------------------------------------

@@ -91,7 +91,9 @@ class PostgresSink:
         self.dsn = target_dsn(source_dsn, target)
         self.name = str(conninfo_to_dict(self.dsn)["dbname"])
         self.admin_dsn = make_conninfo(self.dsn, dbname="postgres")
-        self.staging = f"{staging_prefix}{secrets.token_hex(6)}"
+        # 63 bytes at most: a prefix that names its process leaves room for 10 hex.
+        room = min(6, (63 - len(staging_prefix)) // 2)
+        self.staging = f"{staging_prefix}{secrets.token_hex(room)}"
         self.staging_dsn = make_conninfo(self.dsn, dbname=self.staging)
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr: StderrTail | None = None
