@@ -45,8 +45,8 @@ Say = Callable[[str], None]
 def make_plan(rt: Runtime, *, lost: Sequence[str] = (), parallel: int = 1) -> RecoveryPlan:
     """The plan for restoring every source now. A region that cannot be listed counts as
     lost too (the plan names it), so a plan made during the outage needs no flag."""
-    if parallel < 1:
-        raise UsageError("--parallel must be at least 1")
+    if not 1 <= parallel <= recovery_plan.MAX_PARALLEL:
+        raise UsageError(f"--parallel must be 1 to {recovery_plan.MAX_PARALLEL}")
     names = {r.name for r in rt.config.regions}
     unknown = [r for r in lost if r not in names]
     if unknown:

@@ -33,6 +33,7 @@ from .config import Config
 from .slo import RestoreModel, fit_restore_model
 from .units import duration, format_bytes
 
+MAX_PARALLEL = 256  # restores at once: more than any server or link takes
 NO_COPY = "no-copy"  # reason code: no region that is left holds a readable snapshot
 
 
@@ -202,8 +203,8 @@ def build_plan(sources: Sequence[PlanSource], restores: Mapping[str, tuple[int, 
     drill (drills/records.latest_restores). Without any, the plan still gives
     copies and order, and no ETA.
     """
-    if parallel < 1:
-        raise ValueError("parallel must be at least 1")
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise ValueError(f"parallel must be 1 to {MAX_PARALLEL}")
     lost_regions = tuple(sorted(set(lost)))
     models = tier_models(sources, restores)
     chosen = {s.name: choose_copy(s, lost_regions) for s in sources}

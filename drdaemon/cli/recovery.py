@@ -9,7 +9,7 @@ import click
 
 from .. import recovery
 from ..keys import identities_for
-from ..recovery_plan import render_json, render_markdown
+from ..recovery_plan import MAX_PARALLEL, render_json, render_markdown
 from ..sources.pg_recreate import Policy
 from ..units import duration
 from . import emit_json, get_runtime, handle_errors, identity_option, json_option
@@ -18,7 +18,8 @@ lost_option = click.option(
     "--lost-region", "lost", multiple=True, metavar="NAME",
     help="A region that is gone (repeatable); regions that cannot be listed count as lost too.")
 parallel_option = click.option(
-    "--parallel", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+    "--parallel", type=click.IntRange(min=1, max=MAX_PARALLEL), default=1, show_default=True,
+    metavar="N",
     help="Restores that run at once.")
 
 
