@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pyrage import x25519
 
 from . import catalog, recovery_plan, statefs
@@ -36,6 +35,7 @@ from .restore import restore
 from .runtime import Runtime
 from .sources import kind_for
 from .sources.pg_recreate import Policy
+from .sources.pg_sink import database_on
 
 log = logging.getLogger("drdaemon")
 
@@ -81,11 +81,6 @@ def targets_for(rt: Runtime, plan: RecoveryPlan, to_server: str | None, to_dir: 
     on `to_server`, or the folder `to_dir/<source>`, as its kind restores into."""
     if "{source}" not in db_name:
         raise UsageError(f"--db-name must hold {{source}} (got {db_name!r})")
-    if to_server is not None:
-        try:
-            conninfo_to_dict(to_server)
-        except Exception:  # psycopg's ProgrammingError; the text may echo a password
-            raise UsageError("--to-server is not a valid connection string") from None
     out: dict[str, str] = {}
     for item in plan.items:
         if item.problem:
@@ -96,7 +91,7 @@ def targets_for(rt: Runtime, plan: RecoveryPlan, to_server: str | None, to_dir: 
             if to_server is None:
                 raise UsageError(f"source {item.source} restores into a database: give "
                                  "--to-server DSN")
-            target = make_conninfo(to_server, dbname=db_name.replace("{source}", item.source))
+            target = database_on(to_server, db_name.replace("{source}", item.source))
         else:
             if to_dir is None:
                 raise UsageError(f"source {item.source} restores into a folder: give "

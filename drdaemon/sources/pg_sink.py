@@ -51,6 +51,15 @@ def target_dsn(source_dsn: str, target: str) -> str:
     return make_conninfo(source_dsn, dbname=target)
 
 
+def database_on(server: str, name: str) -> str:
+    """The DSN of database `name` on the server DSN `server` (`drctl recovery run
+    --to-server`); UsageError, never echoing it, if `server` is no connection string."""
+    try:
+        return make_conninfo(server, dbname=name)
+    except psycopg.Error:
+        raise UsageError("--to-server is not a valid connection string") from None
+
+
 def unnamed_file(folder: Path) -> int:
     """A new 0600 file in `folder` that has no name: an open descriptor only.
 
