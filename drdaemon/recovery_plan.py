@@ -26,11 +26,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Any, Protocol
 
 from . import tenancy
 from .config import Config
-from .slo import RestoreModel, fit_restore_model
+from .slo import RestoreModel, fit_restore_model, over
 from .units import duration, format_bytes
 
 MAX_PARALLEL = 256  # restores at once: more than any server or link takes
@@ -88,7 +89,7 @@ class TierEta:
     rto_target: float
     sources: int
     eta: float | None  # when its last restore ends; None: no drill measured a restore
-    ok: bool | None  # eta within target; None when unknown
+    ok: bool | None  # eta within target and every source restorable; None when unknown
     unrestorable: tuple[str, ...] = ()  # sources with no copy left: the tier is not whole
 
 
@@ -246,9 +247,11 @@ def _tiers(sources: Sequence[PlanSource], items: Sequence[PlanItem], known: bool
         mine = [i for i in items if i.tier == tier]
         ends = [i.eta for i in mine if i.eta is not None]
         eta = max(ends, default=0.0) if known else None
-        out.append(TierEta(tier, s.paid, s.rto_target, len(mine), eta,
-                           None if eta is None else not eta > s.rto_target,
-                           tuple(i.source for i in mine if i.problem)))
+        missing = tuple(i.source for i in mine if i.problem)
+        # A tier with a source that has no copy left cannot be whole, in time or ever.
+        ok = (False if missing else None if eta is None
+              else not over(timedelta(seconds=eta), timedelta(seconds=s.rto_target)))
+        out.append(TierEta(tier, s.paid, s.rto_target, len(mine), eta, ok, missing))
     return tuple(out)
 
 
@@ -256,7 +259,9 @@ def _tiers(sources: Sequence[PlanSource], items: Sequence[PlanItem], known: bool
 
 
 def _when(seconds: float | None) -> str:
-    return "unknown (no drill)" if seconds is None else duration(seconds)
+    if seconds is None:
+        return "unknown (no drill)"
+    return "0s" if seconds == 0 else duration(seconds)
 
 
 def render_markdown(plan: RecoveryPlan) -> str:
@@ -266,9 +271,10 @@ def render_markdown(plan: RecoveryPlan) -> str:
              "| tier | paid | sources | ETA | RTO target | verdict |",
              "| --- | --- | --- | --- | --- | --- |"]
     for t in plan.tiers:
-        verdict = ("unknown" if t.ok is None else "inside" if t.ok else "OVER")
         if t.unrestorable:
-            verdict += f"; {len(t.unrestorable)} without a copy"
+            verdict = f"INCOMPLETE: {len(t.unrestorable)} source(s) without a copy"
+        else:
+            verdict = "unknown" if t.ok is None else "inside" if t.ok else "OVER"
         lines.append(f"| {t.tier} | {'yes' if t.paid else 'no'} | {t.sources} | "
                      f"{_when(t.eta)} | {duration(t.rto_target)} | {verdict} |")
     lines += ["", "| # | source | tier | tenant | snapshot | region | size | lane | start | ETA |",
@@ -279,7 +285,7 @@ def render_markdown(plan: RecoveryPlan) -> str:
                          f"{i.problem} | | | | | |")
             continue
         lane = "" if i.lane is None else str(i.lane + 1)
-        start = "" if i.start is None else duration(i.start)
+        start = "" if i.start is None else _when(i.start)
         lines.append(f"| {i.order} | {i.source} | {i.tier} | {i.tenant} | {i.snapshot_id} | "
                      f"{i.region} | {format_bytes(i.stored_bytes or 0)} | {lane} | {start} | "
                      f"{_when(i.eta)} |")

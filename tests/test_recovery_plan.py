@@ -52,8 +52,9 @@ def test_a_lost_region_is_skipped_and_the_newest_copy_left_is_chosen() -> None:
     gone = plan.item("gone").problem
     assert gone is not None and gone.startswith(rp.NO_COPY)
     assert plan.tiers[0].unrestorable == ("gone",) and plan.tiers[0].eta is None
+    assert plan.tiers[0].ok is False  # the tier cannot be whole
     text = rp.render_markdown(plan)
-    assert "unknown (no drill)" in text and "no-copy" in text
+    assert "unknown (no drill)" in text and "no-copy" in text and "INCOMPLETE" in text
 
 
 def test_a_tier_over_its_target_is_judged_over() -> None:
