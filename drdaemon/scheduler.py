@@ -323,9 +323,10 @@ class Daemon:
         old, because it may belong to a live process on another host.
         """
         done = uploads.abort_stale(self.rt, self.rt.clock() - STALE_UPLOAD_AGE)
-        if done.uploads:
-            log.info("aborted %d stale incomplete upload(s)", done.uploads,
-                     extra={"job": "cleanup", "aborted": done.uploads})
+        for region, n in done.by_region.items():
+            if n:
+                log.info("aborted %d stale incomplete upload(s) in %s", n, region,
+                         extra={"job": "cleanup", "region": region, "aborted": n})
 
     def start(self) -> None:
         """Schedule every job and start the timer (returns at once)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from . import layout, state
@@ -46,17 +46,22 @@ def gone(marker: state.InflightMarker) -> bool:
 
 @dataclass
 class Aborted:
-    uploads: int = 0
+    by_region: dict[str, int] = field(default_factory=dict)  # uploads aborted
     snapshots: tuple[str, ...] = ()  # whose markers were forgotten
     errors: tuple[str, ...] = ()
+
+    @property
+    def uploads(self) -> int:
+        return sum(self.by_region.values())
 
 
 def _abort(rt: Runtime, abandoned: set[str], should_abort: Callable[[str, datetime], bool]
            ) -> Aborted:
-    n, errors = 0, []
+    n: dict[str, int] = {}
+    errors = []
     for store in rt.stores:
         try:
-            n += store.cleanup_incomplete(should_abort)
+            n[store.name] = store.cleanup_incomplete(should_abort)
         except DrError as exc:
             errors.append(f"{store.name}: {exc}")
             log.warning("cannot clean stale uploads in %s: %s", store.name, exc)
