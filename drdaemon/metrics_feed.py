@@ -186,14 +186,19 @@ def _tenants(rt: Runtime, st: MetricsState) -> None:
 
 def _plan_etas(rt: Runtime, listed: Mapping[str, Sequence[catalog.SnapshotEntry]],
                records: Sequence[DrillRecordLike], unreachable: Iterable[str]
-               ) -> tuple[dict[str, float], dict[str, float]]:
+               ) -> tuple[dict[str, float] | None, dict[str, float] | None]:
     """The recovery plan's ETA per tier and per source, as `drctl recovery plan` gives it
-    now (regions that cannot be listed count as lost; one restore at a time)."""
+    now (regions that cannot be listed count as lost; one restore at a time); None, None
+    (the last ones kept) if it cannot be made."""
     restores = drill_records.latest_restores(
         [r for r in records if isinstance(r, drill_records.DrillRecord)],
         [s.name for s in rt.config.sources])
-    plan = recovery_plan.build_plan(recovery_plan.plan_sources(rt.config, listed), restores,
-                                    lost=unreachable)
+    try:
+        plan = recovery_plan.build_plan(recovery_plan.plan_sources(rt.config, listed),
+                                        restores, lost=unreachable)
+    except Exception as exc:  # a bug here must not stop the other metrics
+        log.warning("cannot make the recovery plan for metrics: %s", exc)
+        return None, None
     return ({t.tier: t.eta for t in plan.tiers if t.eta is not None},
             {i.source: i.eta for i in plan.items if i.eta is not None})
 
