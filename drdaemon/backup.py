@@ -20,9 +20,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from . import __version__, catalog, layout, manifest, shrink, state, tenancy, tenant_keys
+from . import (
+    __version__,
+    catalog,
+    layout,
+    manifest,
+    shrink,
+    state,
+    tenancy,
+    tenant_keys,
+    uploads,
+)
 from . import facts as facts_object
 from .config import SourceConfig
+from .drills import scratch as drill_scratch
 from .errors import Cancelled, DrError, ShrinkError, SourceError
 from .keys import fingerprint
 from .manifest import Manifest, TenantKeyRef
@@ -128,7 +139,11 @@ def _snapshot(rt: Runtime, source: SourceConfig, result: BackupResult,
     snap_id = layout.new_snapshot_id(started)
     result.snapshot_id = snap_id
     data_name = layout.data_object_name(source.name, snap_id, source.kind)
-    with state.inflight(cfg.daemon.state_dir, snap_id):
+    # What a killed backup of this source left open goes first (not only at the
+    # next daemon start); this one's marker names its process for the next.
+    uploads.abort_abandoned(rt, source.name)
+    owner = drill_scratch.this_process(started).token
+    with state.inflight(cfg.daemon.state_dir, snap_id, owner, source.name):
         _upload_and_commit(rt, source, result, snap_id, started, data_name, on_progress,
                            accept_shrink)
 

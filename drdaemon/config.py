@@ -40,6 +40,8 @@ DEFAULT_TIERS = {
     "paid": (timedelta(hours=24), timedelta(hours=24)),
     "free": (timedelta(hours=24), timedelta(hours=48)),
 }
+# Tiers restored after the paid ones by default (`[tiers.NAME] paid` overrides).
+UNPAID_TIERS = frozenset({"free", "trial"})
 ENV_CONFIG = "DRDAEMON_CONFIG"
 # Orphan data objects (orphans.py) are deleted once an earlier prune saw them
 # orphaned this long ago. Never shorter: a backup on another host may be about
@@ -116,6 +118,9 @@ class TierConfig(Targets):
     """A tier's recovery objectives (slo.Targets, the one type every judgement takes)."""
 
     name: str = ""
+    # Restored first on the worst day (recovery_plan.py): every tier but the
+    # unpaid ones ("free", "trial") unless `[tiers.NAME] paid` says otherwise.
+    paid: bool = True
 
 
 @dataclass(frozen=True)
@@ -408,7 +413,8 @@ class _Parser:
         return PipelineConfig(level, threads, part)
 
     def tiers(self, t: Table) -> dict[str, TierConfig]:
-        tiers = {name: TierConfig(rpo, rto, name) for name, (rpo, rto) in DEFAULT_TIERS.items()}
+        tiers = {name: TierConfig(rpo, rto, name, name not in UNPAID_TIERS)
+                 for name, (rpo, rto) in DEFAULT_TIERS.items()}
         for name in list(t.data):
             sub = Table(self, f"tiers.{name}", t.take(name, dict))
             if not NAME_RE.match(name):
@@ -417,8 +423,9 @@ class _Parser:
             what = "a duration like 90m, 24h or 14d"
             rpo = sub.convert("rpo", parse_duration, rpo_d if rpo_d else ..., what=what)
             rto = sub.convert("rto", parse_duration, rto_d if rto_d else ..., what=what)
+            paid = sub.take("paid", bool, name not in UNPAID_TIERS)
             sub.done()
-            tiers[name] = TierConfig(rpo, rto, name)
+            tiers[name] = TierConfig(rpo, rto, name, paid)
         return tiers
 
     def drills(self, t: Table, tiers: dict[str, TierConfig],

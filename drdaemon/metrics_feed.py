@@ -11,10 +11,10 @@ maintenance job and every :data:`REFRESH_INTERVAL` for everything.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 
-from . import audit_mirror, catalog, lifecycle, state, status, tenancy
+from . import audit_mirror, catalog, lifecycle, recovery_plan, state, status, tenancy
 from .backup import BackupResult
 from .drills import records as drill_records
 from .inventory import Inventory
@@ -168,7 +168,10 @@ def refresh(rt: Runtime, st: MetricsState, source: str | None = None) -> None:
             outcome.last_attempt is not None or outcome.unfinished, outcome.pending_retry))
     reachable = tuple(r for r in st.regions if r not in listing.region_errors)
     drills = None if source else _drill_records(rt)
-    st.record_refresh(StorageRefresh(now.timestamp(), reachable, tuple(sources), drills))
+    tiers, etas = (None, None) if source else _plan_etas(rt, by_source, drills or [],
+                                                          listing.region_errors)
+    st.record_refresh(StorageRefresh(now.timestamp(), reachable, tuple(sources), drills,
+                                     tiers, etas))
     if source is None:
         _tenants(rt, st)
 
@@ -188,6 +191,25 @@ def _tenants(rt: Runtime, st: MetricsState) -> None:
         log.warning("cannot read the tenants' lifecycle for metrics: %s", exc)
         return
     st.record_tenants(tenant_lifecycle(s) for s in states)
+
+
+def _plan_etas(rt: Runtime, listed: Mapping[str, Sequence[catalog.SnapshotEntry]],
+               records: Sequence[DrillRecordLike], unreachable: Iterable[str]
+               ) -> tuple[dict[str, float] | None, dict[str, float] | None]:
+    """The recovery plan's ETA per tier and per source, as `drctl recovery plan` gives it
+    now (regions that cannot be listed count as lost; one restore at a time); None, None
+    (the last ones kept) if it cannot be made."""
+    restores = drill_records.latest_restores(
+        [r for r in records if isinstance(r, drill_records.DrillRecord)],
+        [s.name for s in rt.config.sources])
+    try:
+        plan = recovery_plan.build_plan(recovery_plan.plan_sources(rt.config, listed),
+                                        restores, lost=unreachable)
+    except Exception as exc:  # a bug here must not stop the other metrics
+        log.warning("cannot make the recovery plan for metrics: %s", exc)
+        return None, None
+    return ({t.tier: t.eta for t in plan.tiers if t.eta is not None},
+            {i.source: i.eta for i in plan.items if i.eta is not None})
 
 
 def _drill_records(rt: Runtime) -> list[DrillRecordLike]:

@@ -26,15 +26,17 @@ from pyrage import x25519
 
 from . import facts as facts_object
 from . import statefs, tenant_keys
-from .catalog import SnapshotEntry, read_manifest, resolve_ref
+from .catalog import Resolved, SnapshotEntry, read_manifest, resolve_ref
 from .config import SourceConfig
+from .drills import scratch as scratch_names
+from .drills.scratch import Cleanup
 from .erasure_records import refuse_if_erased
 from .errors import DrError, IntegrityError, SourceError, UsageError
 from .keys import describe_recipients
 from .manifest import Manifest
 from .runtime import Runtime
 from .sources import kind_for, kinds
-from .sources.base import RestoreOptions, Sink
+from .sources.base import LeftoverJudge, RestoreOptions, Sink
 from .sources.pg_recreate import Policy
 from .storage import NotFound, ObjectStore, StorageError
 from .streams import LimitWriter, VerifyingReader, buffered, first_error
@@ -63,19 +65,23 @@ def open_sink(source: SourceConfig, m: Manifest, target: str, force: bool,
               jobs: int | None = None, scratch_dir: Path | None = None,
               no_owner: bool = False, policy: Policy | None = None,
               identities: Sequence[x25519.Identity] = (), start_port: int | None = None,
-              owner: str | None = None, with_roles: bool = False) -> Sink:
+              owner: str | None = None, with_roles: bool = False,
+              staging_prefix: str | None = None,
+              leftovers: LeftoverJudge | None = None) -> Sink:
     """A staged restore target for the snapshot's kind (`jobs`: parallel pg_restore;
     `no_owner`: objects owned by the restoring role, no GRANT/REVOKE; `policy`: what a
     postgres target may lack of the recorded database properties; `identities` open
     their sealed settings; `start_port`: a restored cluster is started on that port;
     `owner`: the OS user a restored cluster is given to; `with_roles`: create the roles
     the snapshot names that the target lacks first, `m`'s facts then complete, its
-    facts object's too)."""
+    facts object's too; `staging_prefix`: names the staging after this process;
+    `leftovers`: judges what killed restores left beside the target, removed first)."""
     if m.kind != source.kind:
         raise UsageError(f"snapshot {m.id} is a {m.kind} snapshot, source {source.name} "
                          f"is {source.kind}")
     options = RestoreOptions(force, jobs, scratch_dir, no_owner, policy, identities,
-                             start_port=start_port, owner=owner, with_roles=with_roles)
+                             start_port=start_port, owner=owner, with_roles=with_roles,
+                             staging_prefix=staging_prefix, leftovers=leftovers)
     return kind_for(source.kind).open_sink(source, m, target, options)
 
 
@@ -257,6 +263,25 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
                               if jobs is not None else state_dir / statefs.RESTORE_SCRATCH)
     stores = [rt.store(region)] if region is not None else list(rt.stores)
     chosen = resolve_ref(rt, source.name, ref, allow_older=allow_older)
+    # What killed restores and drills left on the target's server goes (their
+    # owners' liveness judged as drill scratch is); this restore's own staging is
+    # kept from any other cleanup in this process while it runs.
+    judge, cleaned = scratch_names.leftover_judge(rt)
+    scratch_names.begin_use()
+    try:
+        return _restore_from(rt, identities, source, chosen, target, stores, force, no_owner,
+                             jobs, scratch, on_progress, policy, region, judge, cleaned,
+                             with_roles=with_roles, start_port=start_port, owner=owner)
+    finally:
+        scratch_names.end_use()
+
+
+def _restore_from(rt: Runtime, identities: Sequence[x25519.Identity], source: SourceConfig,
+                  chosen: Resolved, target: str, stores: list[ObjectStore], force: bool,
+                  no_owner: bool, jobs: int | None, scratch: Path,
+                  on_progress: Progress | None, policy: Policy | None, region: str | None,
+                  judge: LeftoverJudge, cleaned: Cleanup, *, with_roles: bool,
+                  start_port: int | None, owner: str | None) -> RestoreResult:
     entry = chosen.entry
     older = chosen.note()
     failed: dict[str, str] = {}
@@ -288,7 +313,9 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
                 continue
         try:
             sink = open_sink(source, m, target, force, jobs, scratch, no_owner, policy, keys,
-                             start_port, owner, with_roles)
+                             start_port, owner, with_roles,
+                             scratch_names.staging_prefix(scratch_names.this_process(
+                                 rt.clock())), judge)
         except SourceError as exc:  # cannot connect, create the staging database, ...
             raise _target_failure(rt, entry, source.name, target, store.name, str(exc),
                                   failed) from None
@@ -320,9 +347,11 @@ def restore(rt: Runtime, identities: Sequence[x25519.Identity], source_name: str
         except BaseException:
             sink.discard()
             raise
+        removed = [f"removed the {x.kind} {x.scratch} left by {x.owner} ({x.reason})"
+                   for x in cleaned.removed]
         result = RestoreResult(source.name, m.id, store.name, where, m.size,
                                time.monotonic() - started, failed,
-                               ([older] if older else []) + list(sink.notes),
+                               ([older] if older else []) + removed + list(sink.notes),
                                [e.id for e in chosen.skipped])
         rt.record_event("restore", user=getpass.getuser(), host=socket.gethostname(),
                         **result.to_dict())

@@ -38,6 +38,7 @@ from . import (
     slo,
     standby,
     state,
+    uploads,
 )
 from .backup import BackupResult, snapshot
 from .config import SourceConfig
@@ -342,27 +343,11 @@ class Daemon:
         dead pid) go at once; any other incomplete upload only once it is a day
         old, because it may belong to a live process on another host.
         """
-        state_dir = self.rt.config.daemon.state_dir
-        abandoned = state.abandoned_snapshots(state_dir)
-        cutoff = self.rt.clock() - STALE_UPLOAD_AGE
-
-        def should_abort(name: str, begun: datetime) -> bool:
-            snap_id = name.rsplit("/", 1)[-1].split(".", 1)[0]
-            return snap_id in abandoned or begun < cutoff
-
-        clean = True
-        for store in self.rt.stores:
-            try:
-                n = store.cleanup_incomplete(should_abort)
-            except DrError as exc:
-                clean = False
-                log.warning("cannot clean stale uploads in %s: %s", store.name, exc)
-                continue
+        done = uploads.abort_stale(self.rt, self.rt.clock() - STALE_UPLOAD_AGE)
+        for region, n in done.by_region.items():
             if n:
-                log.info("aborted %d stale incomplete upload(s) in %s", n, store.name,
-                         extra={"job": "cleanup", "region": store.name, "aborted": n})
-        if clean:
-            state.forget_abandoned(state_dir, abandoned)
+                log.info("aborted %d stale incomplete upload(s) in %s", n, region,
+                         extra={"job": "cleanup", "region": region, "aborted": n})
 
     def start(self) -> None:
         """Schedule every job and start the timer (returns at once)."""

@@ -8,13 +8,15 @@ The definitions (README, "Drills"; docs/architecture.md):
   set of snapshots (the worst-case RPO over the period they cover, as far as
   the snapshots still retained can show it).
 - **RTO measured**: wall time from the start of a restore to a verified copy.
-- **Projected tier RTO**: how long the whole tier would take, restored one
-  source after another, if a region were lost now: the sum, over the newest
-  snapshot of every source of the tier, of a restore model's time for its
-  stored bytes. The model (:class:`RestoreModel`) is a fixed cost per
-  restore plus bytes over a throughput, fitted to the latest drill of every
-  source of the tier together, so neither a tiny database (all set-up
-  overhead) nor the newest drill alone decides the tier's figure.
+- **Projected tier RTO**: when the tier's last restore would end if a region
+  were lost now and every source were restored in the recovery plan's order,
+  paid tiers first (recovery_plan.py, which schedules with the model below):
+  for the first tier, the sum over its sources of the model's time for their
+  newest snapshot's stored bytes (`projected_tier_rto`). The model
+  (:class:`RestoreModel`) is a fixed cost per restore plus bytes over a
+  throughput, fitted to the latest drill of every source of the tier
+  together, so neither a tiny database (all set-up overhead) nor the newest
+  drill alone decides the tier's figure.
 
 A value over its target is a failure; equal to it is still inside it (an
 RPO of "24h" promises at most 24 hours of lost data). Nothing here reads a
@@ -81,7 +83,7 @@ def throughput(nbytes: int, seconds: float) -> float | None:
     return nbytes / seconds
 
 
-_MAX_SECONDS = timedelta.max.total_seconds() - 86400
+MAX_SECONDS = timedelta.max.total_seconds() - 86400
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def projected_tier_rto(stored_bytes: Iterable[int], model: RestoreModel | None
         return None
     total = sum(model.seconds(b) for b in stored_bytes)
     # Absurd inputs (a byte drilled in minutes, terabytes projected) must not crash.
-    return timedelta(seconds=min(total, _MAX_SECONDS))
+    return timedelta(seconds=min(total, MAX_SECONDS))
 
 
 def rto_split(*, manifest: float, prepare: float, first_byte: float, stream: float,

@@ -137,33 +137,53 @@ def record_outcome(state_dir: Path, source: str, at: datetime, ok: bool, error: 
     _write(state_dir, source, new)
 
 
+@dataclass(frozen=True)
+class InflightMarker:
+    """Who uploads a snapshot: its process id, and (from this version on) the owner
+    token that also names its start time and host (drills/scratch.py) and its source."""
+
+    snapshot_id: str
+    pid: int
+    owner: str = ""
+    source: str = ""
+
+
 @contextmanager
-def inflight(state_dir: Path, snapshot_id: str) -> Iterator[None]:
+def inflight(state_dir: Path, snapshot_id: str, owner: str = "",
+             source: str = "") -> Iterator[None]:
     """Mark a snapshot's uploads as in flight by this process for the duration.
 
     If the process is killed (even with SIGKILL) the marker stays and names a
-    dead pid: the next start then knows those uploads are abandoned and aborts
-    them at once, instead of waiting for them to age out.
+    dead process: the next daemon start, or the next `drctl backup` of the same
+    `source` (uploads.py), then knows those uploads are abandoned and aborts them
+    at once, instead of waiting for them to age out. Lines: pid, `owner`, `source`.
     """
     marker = statefs.inflight_marker(snapshot_id)
-    statefs.write_atomic(state_dir, marker, f"{os.getpid()}\n".encode())
+    statefs.write_atomic(state_dir, marker, f"{os.getpid()}\n{owner}\n{source}\n".encode())
     try:
         yield
     finally:
         statefs.unlink(state_dir, marker)
 
 
-def abandoned_snapshots(state_dir: Path) -> set[str]:
-    """Ids of snapshots whose uploading process died (see `forget_abandoned`)."""
-    found = set()
+def inflight_markers(state_dir: Path) -> list[InflightMarker]:
+    """Every in-flight marker (pid 0 for one that cannot be read: its process is unknown)."""
+    found = []
     for name in statefs.list_names(state_dir, statefs.INFLIGHT):
         try:
-            pid = int(statefs.read_bytes(state_dir, statefs.inflight_marker(name)).strip())
+            lines = statefs.read_bytes(state_dir, statefs.inflight_marker(name)).decode()
+            fields = [*lines.splitlines(), "", "", ""]
+            found.append(InflightMarker(name, int(fields[0].strip()), fields[1].strip(),
+                                        fields[2].strip()))
         except (OSError, ValueError):
-            pid = 0
-        if pid <= 0 or not _alive(pid):
-            found.add(name)
+            found.append(InflightMarker(name, 0))
     return found
+
+
+def abandoned_snapshots(state_dir: Path) -> set[str]:
+    """Ids of snapshots whose uploading process is gone by its pid (see `forget_abandoned`;
+    uploads.py also checks the start time and host the owner token names)."""
+    return {m.snapshot_id for m in inflight_markers(state_dir) if m.pid <= 0 or not _alive(m.pid)}
 
 
 def live_inflight(state_dir: Path) -> set[str]:
@@ -176,6 +196,11 @@ def forget_abandoned(state_dir: Path, snapshot_ids: set[str]) -> None:
     """Drop the markers of abandoned snapshots once their uploads are aborted."""
     for snap_id in snapshot_ids:
         statefs.unlink(state_dir, statefs.inflight_marker(snap_id))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with `pid` runs (someone else's included)."""
+    return _alive(pid)
 
 
 def _alive(pid: int) -> bool:

@@ -43,6 +43,7 @@ ORPHAN_SIGHTINGS = "prune/orphans.json"  # when each orphan was first seen (orph
 ORPHAN_METRICS = "prune/orphan-metrics.json"  # the last prune's orphan gauges (metrics)
 MANIFEST_CACHE = "cache/manifests"  # manifests as stored, by region (manifest_cache.py)
 RESTORE_SCRATCH = "restore"  # the scratch copy of `drctl restore --jobs`
+RECOVERY = "recovery"  # what each `drctl recovery run` finished (recovery.py)
 
 
 def lock_file(name: str) -> str:

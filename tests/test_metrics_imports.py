@@ -27,6 +27,7 @@ FORBIDDEN = frozenset({
     "key_rotation",
     "evidence", "evidence_check",
     "standby",
+    "recovery", "recovery_plan", "uploads",
 })
 
 

@@ -52,7 +52,8 @@ def test_region_lost_runbook_runs_in_order(tmp_path: Path, pg_database: str,
 
     kinds = {"lms-db": "postgres", "lms-files": "directory"}
     new_dsn = f"{pg_server.host} port={pg_server.port}"
-    restored_files = tmp_path / "restored-files"
+    restored_root = tmp_path / "restored"
+    restored_files = restored_root / "lms-files"  # `recovery run --to-dir`: one per source
 
     def run(commands: list[tuple[str, int]]) -> list[list[str]]:
         ran = []
@@ -66,6 +67,8 @@ def test_region_lost_runbook_runs_in_order(tmp_path: Path, pg_database: str,
                 sources = list(kinds) if "SOURCE" in command else [""]
             for source in sources:
                 args = [a.replace("SURVIVING_REGION", "us-virginia").replace("SOURCE", source)
+                        .replace("LOST_REGION", "eu-frankfurt")
+                        .replace("/srv/restore", str(restored_root))
                         .replace("NEW_DB_HOST", new_dsn).replace("DBNAME", "lms_restored")
                         .replace("USER", pg_server.user)
                         .replace("/srv/moodledata/TENANT", str(restored_files))
@@ -78,11 +81,11 @@ def test_region_lost_runbook_runs_in_order(tmp_path: Path, pg_database: str,
         return ran
 
     ran = run(runbook_commands("## Diagnose", "3. Back up the new systems"))
-    assert len(ran) >= 8, ran
-    # The restores really happened, from the surviving region.
-    assert ran.count(["restore", "latest"]) == 2
+    assert len(ran) >= 7, ran
+    # The plan came first; the restores really happened, from the surviving region.
+    assert ran[0] == ["recovery", "plan"] and ran.count(["recovery", "run"]) == 1
     assert (restored_files / "course" / "intro.html").read_text() == "<p>hello</p>"
-    with psycopg.connect(pg_server.dsn("lms_restored")) as conn:
+    with psycopg.connect(pg_server.dsn("lms-db")) as conn:
         assert conn.execute("SELECT count(*) FROM users").fetchone() == (200,)
 
     # Fix step 3 as written: sources point at the new systems, a new region on a third
@@ -91,7 +94,7 @@ def test_region_lost_runbook_runs_in_order(tmp_path: Path, pg_database: str,
     config = setup.config.read_text()
     assert eu.toml() in config and pg_database in config
     setup.config.write_text(config.replace(eu.toml(), paris.toml())
-                            .replace(pg_database, pg_server.dsn("lms_restored"))
+                            .replace(pg_database, pg_server.dsn("lms-db"))
                             .replace(f'path = "{files}"', f'path = "{restored_files}"'))
     run(runbook_commands("3. Back up the new systems", "## Confirm recovery"))
     run(runbook_commands("## Confirm recovery", "## Whom to tell"))

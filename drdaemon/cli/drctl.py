@@ -480,3 +480,7 @@ cli.add_command(snapshots_group)
 from . import tenant_lifecycle  # noqa: E402,F401 - registers its commands on tenant_group
 
 cli.add_command(tenant_group)
+
+from .recovery import recovery_group  # noqa: E402 - registered after the group exists
+
+cli.add_command(recovery_group)

@@ -211,8 +211,9 @@ def matches_audit(record: DrillRecord, event: dict[str, Any] | None) -> bool:
 
 
 def latest_restores(records: Iterable[DrillRecord], sources: Iterable[str]
-                    ) -> list[tuple[int, float]]:
-    """Pure: (stored bytes, RTO seconds) of the latest verified drill of each of `sources`."""
+                    ) -> dict[str, tuple[int, float]]:
+    """Pure: by source, (stored bytes, RTO seconds) of the latest verified drill of each
+    of `sources` that has one (the restore measurements recovery_plan.py models)."""
     wanted = set(sources)
     latest: dict[str, DrillRecord] = {}
     for r in records:
@@ -221,7 +222,8 @@ def latest_restores(records: Iterable[DrillRecord], sources: Iterable[str]
         if r.source not in latest or (r.started, r.id) >= (latest[r.source].started,
                                                               latest[r.source].id):
             latest[r.source] = r
-    return [(int(r.stored_bytes or 0), float(r.rto_seconds or 0)) for r in latest.values()]
+    return {name: (int(r.stored_bytes or 0), float(r.rto_seconds or 0))
+            for name, r in latest.items()}
 
 
 def newest_verified(state_dir: Path) -> dict[str, str]:

@@ -27,7 +27,7 @@ from typing import Any
 
 from pyrage import x25519
 
-from .. import __version__, catalog, slo, tenancy
+from .. import __version__, catalog, recovery_plan, slo, tenancy
 from ..catalog import SnapshotEntry
 from ..config import Config, SourceConfig
 from ..erasure_records import erasure_note
@@ -188,22 +188,8 @@ def _record(d: Drill, snapshots: _Catalog) -> DrillRecord:
     rto = d.rto if d.verified else None
     rate = slo.throughput(m.size, rto) if m is not None and rto else None
     plain_rate = slo.throughput(m.plaintext_size, rto) if m is not None and rto else None
-    sizes = []
-    tier_sources = [s.name for s in rt.config.sources if s.tier == d.source.tier]
-    for name in tier_sources:
-        newest = snapshots.newest(name)
-        if newest is not None and newest.manifest is not None:
-            sizes.append(newest.manifest.size)
-        elif rate is not None:
-            d.notes.append(f"source {name} of tier {d.source.tier} has no snapshot: "
-                           "the projected tier RTO leaves it out")
-    model = None
-    if m is not None and rto and rate is not None:
-        # One model for the tier: this drill with every other source's latest.
-        others = [n for n in tier_sources if n != d.source.name]
-        model = slo.fit_restore_model(
-            [*latest_restores(load_records(rt.config.daemon.state_dir), others), (m.size, rto)])
-    projected = slo.projected_tier_rto(sizes, model)
+    projected, model = _projection(d, snapshots, m.size if m is not None else None,
+                                   rto if rate is not None else None)
     d.reasons.extend(slo.evaluate(d.targets, rto=timedelta(seconds=rto) if rto else None,
                                   rpo=rpo, projected=projected))
     newest = snapshots.newest(d.source.name)
@@ -232,6 +218,33 @@ def _record(d: Drill, snapshots: _Catalog) -> DrillRecord:
         manifest_mac=d.manifest_mac["value"] if d.manifest_mac else None)
 
 
+def _projection(d: Drill, snapshots: _Catalog, stored: int | None, rto: float | None
+                ) -> tuple[timedelta | None, slo.RestoreModel | None]:
+    """The drilled tier's ETA in the recovery plan (recovery_plan.py: paid tiers first, one
+    restore at a time), with this drill as its source's latest restore; and the tier's model.
+
+    None unless this drill measured a restore: an old figure must not pass as today's.
+    """
+    rt, tier = d.rt, d.source.tier
+    if stored is None or rto is None:
+        return None, None
+    for s in rt.config.sources:
+        if s.tier == tier and snapshots.newest(s.name) is None:
+            d.notes.append(f"source {s.name} of tier {tier} has no snapshot: "
+                           "the projected tier RTO leaves it out")
+    sources = recovery_plan.plan_sources(rt.config, snapshots.entries)
+    restores = latest_restores(load_records(rt.config.daemon.state_dir),
+                               [s.name for s in rt.config.sources])
+    restores[d.source.name] = (stored, rto)
+    plan = recovery_plan.build_plan(sources, restores)
+    eta = plan.tier_eta(tier)
+    model = recovery_plan.tier_models(sources, restores).get(tier)
+    if eta is None:
+        return None, model
+    # Absurd inputs (a byte drilled in minutes, terabytes projected) must not crash.
+    return timedelta(seconds=min(eta, slo.MAX_SECONDS)), model
+
+
 # -- the service -------------------------------------------------------------------
 
 
@@ -255,8 +268,8 @@ def run_drills(rt: Runtime, identities: Sequence[x25519.Identity] | None = None,
     chosen_region = rt.store(region).name if region else None
     if identities is None:
         identities = identities_for(cfg, None, "a drill")
-    tiers = {s.tier for s in chosen}
-    snapshots = _Catalog.read(rt, [s.name for s in cfg.sources if s.tier in tiers])
+    # Every source: the tier's projection is its ETA in the plan, after the tiers ahead.
+    snapshots = _Catalog.read(rt, [s.name for s in cfg.sources])
     # One mirror of the audit log for the run (and at most one a minute while
     # it lasts: Runtime.audit_batch), not one per removal and drill.
     with rt.audit_batch():

@@ -55,12 +55,14 @@ from .. import statefs
 from ..config import Config, SourceConfig
 from ..runtime import Runtime
 from ..sources import kind_for
+from ..sources.base import LeftoverJudge
 from ..sources.directory import remove_tree
 from ..units import format_duration
 
 log = logging.getLogger("drdaemon")
 
 SCRATCH_DB_PREFIX = "drdaemon_drill_"
+STAGING_DB_PREFIX = "drdaemon_restore_"  # `drctl restore`'s staging database (pg_sink.py)
 SCRATCH_DIR_PREFIX = "drdaemon-drill-"
 # A drill of another host or boot cannot be checked: its scratch is removed
 # only once older than twice the slowest tier's RTO target, and never sooner.
@@ -68,8 +70,11 @@ MIN_UNKNOWN_OWNER_AGE = timedelta(days=2)
 
 _TOKEN = r"(?P<day>\d{6})_(?P<inc>[0-9a-f]{8})_(?P<pid>\d{1,7})_(?P<start>\d{1,11})"
 _SOURCE = r"(?P<source>[a-z0-9][a-z0-9._-]{0,62})"
+_TOKEN_RE = re.compile(_TOKEN)
 _DB_RE = re.compile(rf"drdaemon_drill_{_TOKEN}_[0-9a-f]{{12}}")
 _LEGACY_DB_RE = re.compile(r"drdaemon_drill_[0-9a-f]{12}")
+# Staging names of earlier versions (drdaemon_restore_<12 hex>) tell nothing: untouched.
+_STAGING_RE_DB = re.compile(rf"drdaemon_restore_{_TOKEN}_[0-9a-f]{{10,12}}")
 _DIR_RE = re.compile(rf"drdaemon-drill-{_TOKEN}-{_SOURCE}-[a-z0-9_]{{8}}")
 _LEGACY_DIR_RE = re.compile(rf"drdaemon-drill-{_SOURCE}-[a-z0-9_]{{8}}")
 # What a directory drill writes into its folder: DirectorySink's staging folder.
@@ -91,6 +96,12 @@ class Owner:
     @property
     def token(self) -> str:
         return f"{self.day:%y%m%d}_{self.incarnation}_{self.pid}_{self.start}"
+
+    @classmethod
+    def from_token(cls, token: str) -> Owner | None:
+        """The owner a `token` names (None if it is not one)."""
+        match = _TOKEN_RE.fullmatch(token)
+        return cls.parse(match) if match else None
 
     @classmethod
     def parse(cls, match: re.Match[str]) -> Owner | None:
@@ -136,6 +147,11 @@ def this_process(now: datetime) -> Owner:
 def database_prefix(owner: Owner) -> str:
     """Scratch database names start with this; PostgresSink adds 12 hex (63 bytes at most)."""
     return f"{SCRATCH_DB_PREFIX}{owner.token}_"
+
+
+def staging_prefix(owner: Owner) -> str:
+    """A restore's staging database names start with this; PostgresSink adds 10 hex."""
+    return f"{STAGING_DB_PREFIX}{owner.token}_"
 
 
 def folder_prefix(owner: Owner, source: str) -> str:
@@ -250,6 +266,18 @@ def ensure_scratch_root(config: Config) -> Path:
     return config.drills.scratch_dir
 
 
+def leftover_judge(rt: Runtime) -> tuple[LeftoverJudge, Cleanup]:
+    """For a restore: the judge of the scratch and staging databases killed drills and
+    restores left on its target's server (sources.base.RestoreOptions.leftovers), and
+    what it removed and kept."""
+    now = rt.clock()
+    here = this_process(now)
+    if process_start(here.pid) is None:  # no /proc: nothing here can be checked
+        here = replace(here, incarnation="")
+    out = Cleanup()
+    return _Databases(_Context(rt, here, now, unknown_owner_age(rt.config), out)), out
+
+
 def clean_leftovers(rt: Runtime, sources: Sequence[SourceConfig]) -> Cleanup:
     """Remove the scratch that killed drills left: in the scratch folder, and where
     the kinds of `sources` keep theirs (postgres: the drill servers). Never raises
@@ -284,9 +312,12 @@ class _Context:
         return judge(owner, self.here, running, _drilling_here(), self.now, self.min_age)
 
     def removed(self, item: Leftover) -> None:
-        log.warning("removed drill scratch %s left by %s: %s", item.scratch, item.owner,
-                    item.reason)
-        self.rt.record_event("drill.scratch_removed", **item.to_dict())
+        staging = item.kind.startswith("restore")
+        log.warning("removed %s %s left by %s: %s",
+                    "restore staging" if staging else "drill scratch", item.scratch,
+                    item.owner, item.reason)
+        self.rt.record_event("restore.staging_removed" if staging else "drill.scratch_removed",
+                             **item.to_dict())
         self.out.removed.append(item)
 
     def kept(self, item: Leftover) -> None:
@@ -299,18 +330,25 @@ class _Context:
 
 
 class _Databases:
-    """The verdicts a kind asks for on the scratch databases it finds (base.LeftoverJudge)."""
+    """The verdicts a kind asks for on the scratch databases it finds (base.LeftoverJudge):
+    drills' scratch databases and `drctl restore`'s staging databases, by the same rules."""
 
-    database_like = "drdaemon\\_drill\\_%"  # SCRATCH_DB_PREFIX, as a LIKE pattern
+    # SCRATCH_DB_PREFIX and STAGING_DB_PREFIX: names that match neither pattern
+    # (verdict None) are never touched.
+    database_like = "drdaemon\\_%"
 
     def __init__(self, ctx: _Context) -> None:
         self.ctx = ctx
+        self.kind = "database"
 
     def verdict(self, name: str, where: str) -> tuple[bool, str, str] | None:
-        match = _DB_RE.fullmatch(name)
+        staging = name.startswith(STAGING_DB_PREFIX)
+        # What kept/removed, called next for this name, report it as.
+        self.kind = "restore staging database" if staging else "database"
+        match = (_STAGING_RE_DB if staging else _DB_RE).fullmatch(name)
         owner = Owner.parse(match) if match else None
         if owner is None:
-            if _LEGACY_DB_RE.fullmatch(name):
+            if not staging and _LEGACY_DB_RE.fullmatch(name):
                 self.kept(where, "unknown (a name of an earlier version)",
                           "the name tells neither its process nor its age: drop it by "
                           "hand when no drill runs")
@@ -318,10 +356,10 @@ class _Databases:
         return self.ctx.verdict(owner)
 
     def kept(self, where: str, who: str, why: str) -> None:
-        self.ctx.kept(Leftover("database", where, who, why))
+        self.ctx.kept(Leftover(self.kind, where, who, why))
 
     def removed(self, where: str, who: str, why: str) -> None:
-        self.ctx.removed(Leftover("database", where, who, why))
+        self.ctx.removed(Leftover(self.kind, where, who, why))
 
     def error(self, text: str) -> None:
         self.ctx.error(text)

@@ -188,3 +188,7 @@ class StorageRefresh:
     sources: tuple[SourceListing, ...]
     # The drill records of configured sources: a full refresh only (None: one source).
     drills: Sequence[DrillRecordLike] | None = None
+    # The recovery plan's ETA (seconds after a recovery would begin) per tier and per
+    # source, from recovery_plan.py (a full refresh only; empty without any drill).
+    plan_tier_eta: Mapping[str, float] | None = None
+    plan_source_eta: Mapping[str, float] | None = None

@@ -325,7 +325,17 @@ def _drill_families(st: MetricsState, lab: Callable[[str], list[str]]) -> list[M
                        ["tier"])
     for tier, seconds in sorted(st.projected_rto.items()):
         projected.add_metric([tier], seconds)
-    return [when, ok, rto, rpo, rto_target, rpo_target, projected]
+    plan_tier = _gauge("drdaemon_recovery_plan_tier_eta_seconds",
+                       "When the tier's last restore would end if every source were restored "
+                       "now, paid tiers first, one at a time (drctl recovery plan).", ["tier"])
+    for tier, seconds in sorted(st.plan_tier_eta.items()):
+        plan_tier.add_metric([tier], seconds)
+    plan_source = _gauge("drdaemon_recovery_plan_source_eta_seconds",
+                         "When the source's restore would end in the recovery plan.",
+                         SOURCE_LABELS)
+    for name, seconds in sorted(st.plan_source_eta.items()):
+        plan_source.add_metric(lab(name), seconds)
+    return [when, ok, rto, rpo, rto_target, rpo_target, projected, plan_tier, plan_source]
 
 
 def _audit_families(st: MetricsState) -> list[Metric]:

@@ -65,6 +65,8 @@ class MetricsState:
     verify_failed_copies: dict[tuple[str, str], int] = field(default_factory=dict)  # last run
     drills: dict[str, DrillView] = field(default_factory=dict)
     projected_rto: dict[str, float] = field(default_factory=dict)
+    plan_tier_eta: dict[str, float] = field(default_factory=dict)  # recovery_plan.py
+    plan_source_eta: dict[str, float] = field(default_factory=dict)
     drill_intervals: dict[str, float] = field(default_factory=dict)  # tier -> longest cron gap
     running: Counter[str] = field(default_factory=Counter)
     job_next_run: dict[str, float] = field(default_factory=dict)
@@ -178,6 +180,9 @@ class MetricsState:
             if drills is not None:  # a full refresh
                 self.refreshed_at = refresh.at
                 self.drills, self.projected_rto = drills
+            if refresh.plan_tier_eta is not None:
+                self.plan_tier_eta = dict(refresh.plan_tier_eta)
+                self.plan_source_eta = dict(refresh.plan_source_eta or {})
 
     def record_tenants(self, tenants: Iterable[TenantLifecycle]) -> None:
         """Replace every tenant's lifecycle state with what a refresh read."""

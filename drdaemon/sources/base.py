@@ -103,6 +103,12 @@ class RestoreOptions:
     start_port: int | None = None
     owner: str | None = None
     with_roles: bool = False
+    # A staging database's name starts with this (it names the restoring process,
+    # drills/scratch.py); None: the kind's default.
+    staging_prefix: str | None = None
+    # Before staging, a kind that stages outside the target's folder removes there
+    # what killed restores left, judged by this (drills/scratch.py).
+    leftovers: LeftoverJudge | None = None
 
 
 # -- drills --------------------------------------------------------------------

@@ -250,10 +250,11 @@ def clean_leftovers(sources: Sequence[SourceSettings], server_dsn: str | None,
         if s.dsn is not None:
             servers[make_conninfo(server_dsn or s.dsn, dbname="postgres")] = None
     for admin in servers:
-        _clean_server(judge, admin)
+        clean_server(judge, admin)
 
 
-def _clean_server(judge: LeftoverJudge, admin: str) -> None:
+def clean_server(judge: LeftoverJudge, admin: str) -> None:
+    """Drop the scratch and staging databases on server `admin` that `judge` finds removable."""
     # Listing comes first and every verdict after it: a drill that makes its
     # scratch later is not listed, one that made it earlier is seen running.
     try:

@@ -51,6 +51,15 @@ def target_dsn(source_dsn: str, target: str) -> str:
     return make_conninfo(source_dsn, dbname=target)
 
 
+def database_on(server: str, name: str) -> str:
+    """The DSN of database `name` on the server DSN `server` (`drctl recovery run
+    --to-server`); UsageError, never echoing it, if `server` is no connection string."""
+    try:
+        return make_conninfo(server, dbname=name)
+    except psycopg.Error:
+        raise UsageError("--to-server is not a valid connection string") from None
+
+
 def unnamed_file(folder: Path) -> int:
     """A new 0600 file in `folder` that has no name: an open descriptor only.
 
@@ -91,7 +100,9 @@ class PostgresSink:
         self.dsn = target_dsn(source_dsn, target)
         self.name = str(conninfo_to_dict(self.dsn)["dbname"])
         self.admin_dsn = make_conninfo(self.dsn, dbname="postgres")
-        self.staging = f"{staging_prefix}{secrets.token_hex(6)}"
+        # 63 bytes at most: a prefix that names its process leaves room for 10 hex.
+        room = min(6, (63 - len(staging_prefix)) // 2)
+        self.staging = f"{staging_prefix}{secrets.token_hex(room)}"
         self.staging_dsn = make_conninfo(self.dsn, dbname=self.staging)
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr: StderrTail | None = None

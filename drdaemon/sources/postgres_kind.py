@@ -129,8 +129,13 @@ class PostgresKind:
             if options.with_roles else None
         recreate = pg_recreate.Recreation.from_facts(snapshot.facts.get("database"),
                                                      options.policy, options.identities)
+        if options.leftovers is not None:
+            # The target's server is where a killed restore left its staging database.
+            pg_drill.clean_server(options.leftovers, make_conninfo(
+                pg_sink.target_dsn(source.dsn, target), dbname="postgres"))
+        prefix = {"staging_prefix": options.staging_prefix} if options.staging_prefix else {}
         sink = pg_sink.PostgresSink(
-            source.dsn, target, options.force, jobs=options.jobs,
+            source.dsn, target, options.force, jobs=options.jobs, **prefix,
             scratch_dir=options.scratch_dir, size_hint=snapshot.plaintext_size,
             restore_options=NO_OWNER_OPTIONS if options.no_owner else (), recreate=recreate)
         if options.no_owner:
