@@ -89,7 +89,8 @@ def audit_run(check: audit_mirror.AuditCheck) -> AuditRun:
     """Pure: an audit check's local log and each region whose copy was read."""
     return AuditRun(check.checked_at.timestamp(),
                     AuditCopy(check.local.ok, check.local.records),
-                    {r: AuditCopy(v.ok, v.records) for r, v in check.regions.items()})
+                    {r: AuditCopy(v.ok, v.records, len(v.other_chains))
+                     for r, v in check.regions.items()})
 
 
 def inventory_run(inv: Inventory, tenants: Mapping[str, tenancy.TenantConfig]) -> InventoryRun:

@@ -23,7 +23,8 @@ ABOVE_SERVICES = ("drdaemon.cli", "drdaemon.scheduler", "drdaemon.metrics",
 ADAPTER_PACKAGES = ("drdaemon.storage", "drdaemon.sources")
 ADAPTER_MODULES = {"pipeline", "streams", "statefs", "locks", "filetrust", "manifest_cache"}
 # Pure cores split out of a service: no I/O, so neither a service nor an adapter.
-PURE_MODULES = {"prune_plan", "audit_chain", "audit_secrets", "pages", "tenant_key_record"}
+PURE_MODULES = {"prune_plan", "audit_chain", "audit_segments", "audit_secrets", "pages",
+                "tenant_key_record"}
 
 
 def module_name(path: Path) -> str:

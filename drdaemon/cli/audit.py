@@ -33,13 +33,21 @@ def verify_cmd(ctx: click.Context, region: str | None, as_json: bool) -> None:
     rt = get_runtime(ctx)
     result = audit_mirror.verify_mirror(rt, region) if region else audit.verify(rt)
     where = f"region {region}" if region else str(audit.log_path(rt.config.daemon.state_dir))
+    chain, problems = ((result.chain, result.problems)
+                       if isinstance(result, audit_mirror.RegionAudit) else (result, ()))
     if as_json:
         emit_json(dict(result.to_dict(), where=where))
     elif result.ok:
         click.echo(f"OK: {where}: {result.records} records verified (head {result.head})")
+    elif not chain.ok:
+        click.echo(f"FAILED: {where}: record {chain.first_bad}: {chain.reason} "
+                   f"({chain.records} records before it verified)")
     else:
-        click.echo(f"FAILED: {where}: record {result.first_bad}: {result.reason} "
-                   f"({result.records} records before it verified)")
+        click.echo(f"FAILED: {where}: {chain.records} records verified (head {chain.head}), "
+                   "but:")
+    if not as_json:
+        for problem in problems:
+            click.echo(f"  - {problem}")
     if not result.ok:
         sys.exit(1)
 

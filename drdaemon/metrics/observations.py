@@ -110,6 +110,7 @@ class AuditCopy:
 
     ok: bool  # the chain verified (and, for a region, agreed with the local log)
     records: int  # records that verified, up to the first bad one
+    other_chains: int = 0  # a region: this host's chains there other than the local log's
 
 
 @dataclass(frozen=True)

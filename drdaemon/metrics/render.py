@@ -301,10 +301,14 @@ def _audit_families(st: MetricsState) -> list[Metric]:
     mirror_when = _gauge("drdaemon_audit_mirror_last_verified_timestamp_seconds",
                          "When the region's copy of the audit log was last read and checked.",
                          ["region"])
+    others = _gauge("drdaemon_audit_other_chains",
+                    "Chains of this host's audit log in the region other than the local "
+                    "log's: the local log was wiped and begun anew, or replaced.", ["region"])
     for region, v in sorted(st.audit_mirrors.items()):
         mirror_ok.add_metric([region], float(v.ok))
         mirror_when.add_metric([region], v.checked_at)
-    return [ok, when, records, mirror_ok, mirror_when]
+        others.add_metric([region], v.other_chains)
+    return [ok, when, records, mirror_ok, mirror_when, others]
 
 
 def _tenant_families(st: MetricsState) -> list[Metric]:
