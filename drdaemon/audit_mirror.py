@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from . import layout, statefs
+from . import anchors, layout, statefs
 from .audit import AuditContext, read_lines, verify
 from .audit_chain import (
     GENESIS,
@@ -139,8 +139,9 @@ def read_mirror(store: ObjectStore, folder: str) -> list[bytes]:
 
 
 @dataclass(frozen=True)
-class RegionAudit:
-    """A region's copy of this host's log, checked, and every chain folder the region holds.
+class CopyAudit:
+    """A copy of this host's log checked: a region's, with every chain folder the region
+    holds, or the local log (`verify_local`: `problems` from the anchors only).
 
     `chain` is the region's copy of the local log's chain, verified and compared
     with the local log; `problems` what else is wrong: a gap or fork in that
@@ -182,7 +183,7 @@ class RegionAudit:
 
 
 def verify_mirror(rt: MirrorContext, region: str,
-                  keys: ChainKeys | bytes | None = None) -> RegionAudit:
+                  keys: ChainKeys | bytes | None = None) -> CopyAudit:
     """Verify a region's copy of this host's log, that it agrees with the local log, and
     that the region holds no other chain of this host.
 
@@ -209,14 +210,30 @@ def verify_mirror(rt: MirrorContext, region: str,
             f"another chain of this host in region {region}: {other}/ ({what}), which the "
             "local log does not extend: the local log was " +
             ("wiped" if not local else "wiped and begun anew, or replaced by a rewritten chain"))
+    # The region's anchors of this host, against the local log: the region's copy may
+    # lag behind them, and it must agree with the local log (below) anyway.
+    problems += anchors.check_with(rt, local, anchors.load_stored(store, host))
     if current is None:
-        return RegionAudit(AuditVerification(True, 0), tuple(problems), tuple(others),
+        return CopyAudit(AuditVerification(True, 0), tuple(problems), tuple(others),
                            len(folders))
     mirrored, gaps = _read_folder(store, folders.get(current))
     problems[:0] = gaps
     local = read_lines(state_dir)  # read after the mirror: it can only have grown since
     chain = _compare(mirrored, local, keys, region, current)
-    return RegionAudit(chain, tuple(problems), tuple(others), len(folders))
+    return CopyAudit(chain, tuple(problems), tuple(others), len(folders))
+
+
+def verify_local(rt: MirrorContext) -> CopyAudit:
+    """`drctl audit verify`: the local log's chain, and that it extends every anchored head
+    the state folder and the witness bucket hold."""
+    lines = read_lines(rt.config.daemon.state_dir)
+    problems = anchors.check_local(rt, lines)
+    try:
+        problems += anchors.check_witness(rt, lines)
+    except StorageError as exc:
+        problems.append(f"the witness bucket could not be read, its anchors were not checked: "
+                        f"{exc}")
+    return CopyAudit(verify(rt), tuple(problems))
 
 
 def _compare(mirrored: list[bytes], local: list[bytes], keys: ChainKeys | bytes, region: str,
@@ -256,16 +273,23 @@ class AuditCheck:
 
     checked_at: datetime
     local: AuditVerification
-    regions: dict[str, RegionAudit] = field(default_factory=dict)
+    regions: dict[str, CopyAudit] = field(default_factory=dict)
     unreachable: dict[str, str] = field(default_factory=dict)
+    # The local log against the anchors of the state folder and the witness.
+    local_problems: tuple[str, ...] = ()
+
+    @property
+    def local_ok(self) -> bool:
+        return self.local.ok and not self.local_problems
 
     @property
     def ok(self) -> bool:
-        return self.local.ok and all(r.ok for r in self.regions.values())
+        return self.local_ok and all(r.ok for r in self.regions.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "checked_at": self.checked_at.isoformat(),
-                "local": self.local.to_dict(),
+                "local": {**self.local.to_dict(), "ok": self.local_ok,
+                          "problems": list(self.local_problems)},
                 "regions": {name: r.to_dict() for name, r in self.regions.items()},
                 "unreachable": dict(self.unreachable)}
 
@@ -281,8 +305,14 @@ def verify_everywhere(rt: MirrorContext) -> AuditCheck:
     """
     checked_at = rt.clock()
     local = verify(rt)
-    regions: dict[str, RegionAudit] = {}
+    regions: dict[str, CopyAudit] = {}
     unreachable: dict[str, str] = {}
+    lines = read_lines(rt.config.daemon.state_dir)
+    local_problems = anchors.check_local(rt, lines)
+    try:
+        local_problems += anchors.check_witness(rt, lines)
+    except StorageError as exc:
+        unreachable["witness"] = str(exc) or exc.__class__.__name__
     if local.records and local.ok:
         mirror(rt)  # best effort; a cut local log never replaces a longer copy
     for store in rt.stores:
@@ -290,4 +320,4 @@ def verify_everywhere(rt: MirrorContext) -> AuditCheck:
             regions[store.name] = verify_mirror(rt, store.name)
         except StorageError as exc:
             unreachable[store.name] = str(exc) or exc.__class__.__name__
-    return AuditCheck(checked_at, local, regions, unreachable)
+    return AuditCheck(checked_at, local, regions, unreachable, tuple(local_problems))

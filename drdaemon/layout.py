@@ -279,6 +279,16 @@ def audit_anchor_name(folder: str, seq: int, suffix: str) -> str:
     return f"{folder}/{seq:012d}.{suffix}"
 
 
+_AUDIT_ANCHOR_RE = re.compile(
+    rf"^{AUDIT_MIRROR}/{AUDIT_ANCHORS}/([a-z0-9._-]+)/([0-9a-f]{{16}})/(\d{{12}})\.(json|tsr)\Z")
+
+
+def parse_audit_anchor(name: str) -> tuple[str, str, int, str] | None:
+    """(host, chain, seq, suffix) of an anchor's object name; None if it is not one."""
+    m = _AUDIT_ANCHOR_RE.match(name)
+    return (m.group(1), m.group(2), int(m.group(3)), m.group(4)) if m else None
+
+
 # -- tenants: their keyrings (tenant_keys.py) and erasure certificates (erasure.py) ---
 
 TENANTS = "tenants"

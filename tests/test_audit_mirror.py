@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from forgery import rechain
 from hypothesis import given
 from hypothesis import strategies as st
 from support import Setup, directory_source, local_region, make_setup
@@ -46,24 +47,6 @@ def record_events(rt: Runtime, n: int) -> None:
     for i in range(n):
         rt.record_event("drill" if i == 2 else "test.event", n=i,
                         **({"ok": False} if i == 2 else {}))
-
-
-def rechain(lines: list[bytes], key: bytes, drop: int,
-            first_time: str | None = None) -> list[bytes]:
-    """The log without record `drop`, every later record renumbered and re-linked with the
-    audit key and its original time: what an operator holding every key can write."""
-    out: list[bytes] = []
-    prev = audit_chain.GENESIS
-    for i, line in enumerate(lines):
-        if i == drop:
-            continue
-        doc = json.loads(line)
-        fields = {k: v for k, v in doc.items() if k not in audit_chain.RESERVED}
-        at = first_time if (first_time and not out) else doc["time"]
-        new = audit_chain.make_line(len(out), at, doc["event"], fields, prev, key)
-        out.append(new)
-        prev = audit_chain.line_hash(new)
-    return out
 
 
 def audit_key_of(setup: Setup) -> bytes:

@@ -16,12 +16,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "drdaemon"
 
 SERVICES = {"backup", "restore", "prune", "trash", "replicate", "verify", "drills",
             "drill_scratch", "drill_records", "orphans", "catalog", "status", "audit",
-            "audit_mirror", "export", "export_doc", "export_files", "offboarding", "erasure",
+            "audit_mirror", "anchors", "export", "export_doc", "export_files", "offboarding",
+            "erasure",
             "erasure_records", "erasure_sweep", "inventory", "tenant_keys"}
 ABOVE_SERVICES = ("drdaemon.cli", "drdaemon.scheduler", "drdaemon.metrics",
                   "drdaemon.metrics_feed")
 ADAPTER_PACKAGES = ("drdaemon.storage", "drdaemon.sources")
-ADAPTER_MODULES = {"pipeline", "streams", "statefs", "locks", "filetrust", "manifest_cache"}
+ADAPTER_MODULES = {"pipeline", "streams", "statefs", "locks", "filetrust", "manifest_cache",
+                   "tsa"}
 # Pure cores split out of a service: no I/O, so neither a service nor an adapter.
 PURE_MODULES = {"prune_plan", "audit_chain", "audit_segments", "audit_secrets", "pages",
                 "tenant_key_record"}

@@ -320,10 +320,10 @@ def test_audit_checks_render_and_an_unreadable_region_keeps_its_last_result() ->
     get = registry_of(st).get_sample_value
     assert get("drdaemon_audit_verified_ok") is None  # never checked: absent, not a false 0
     ok = audit_chain.AuditVerification(True, 40)
-    copy = audit_mirror.RegionAudit(ok)
+    copy = audit_mirror.CopyAudit(ok)
     record(st, audit_mirror.AuditCheck(NOW - timedelta(days=1), ok, {"eu": copy, "us": copy}))
     bad = audit_chain.AuditVerification(False, 12, 12, "MAC does not match")
-    differs = audit_mirror.RegionAudit(
+    differs = audit_mirror.CopyAudit(
         audit_chain.AuditVerification(False, 12, 12, "differs from the local log"),
         ("another chain of this host",), ("audit/h/0123456789abcdef",))
     record(st, audit_mirror.AuditCheck(NOW, bad, {"eu": differs}, {"us": "connection refused"}))
@@ -682,7 +682,7 @@ def test_real_prometheus_scrapes_a_series_per_source(
 
         wait_for(lambda: rules() and all(r.get("health") == "ok" for r in rules()), 20,
                  "every rule evaluated")
-        assert len({r["name"] for r in rules()}) == 22
+        assert len({r["name"] for r in rules()}) == 23
         firing = {r["name"] for r in rules() if r.get("state") == "firing"}
         assert not firing & {"DrdaemonRPOBreached", "DrdaemonDown", "DrdaemonAbsent",
                              "DrdaemonSnapshotOverdue", "DrdaemonRegionMissingSnapshot",

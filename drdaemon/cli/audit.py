@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .. import audit, audit_mirror
+from .. import anchors, audit, audit_mirror
 from ..errors import UsageError
 from ..units import parse_duration
 from . import emit_json, get_runtime, handle_errors, json_option
@@ -31,10 +31,9 @@ def audit_group() -> None:
 def verify_cmd(ctx: click.Context, region: str | None, as_json: bool) -> None:
     """Check every record's MAC and the hash chain. Exit 1 naming the first bad record."""
     rt = get_runtime(ctx)
-    result = audit_mirror.verify_mirror(rt, region) if region else audit.verify(rt)
+    result = audit_mirror.verify_mirror(rt, region) if region else audit_mirror.verify_local(rt)
     where = f"region {region}" if region else str(audit.log_path(rt.config.daemon.state_dir))
-    chain, problems = ((result.chain, result.problems)
-                       if isinstance(result, audit_mirror.RegionAudit) else (result, ()))
+    chain, problems = result.chain, result.problems
     if as_json:
         emit_json(dict(result.to_dict(), where=where))
     elif result.ok:
@@ -49,6 +48,32 @@ def verify_cmd(ctx: click.Context, region: str | None, as_json: bool) -> None:
         for problem in problems:
             click.echo(f"  - {problem}")
     if not result.ok:
+        sys.exit(1)
+
+
+@audit_group.command("anchor")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def anchor_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Anchor the log's head now ([audit] tsa_url, [audit.witness], every region), as the
+    daemon does every [audit] anchor_every. Exit 1 if a place could not be written."""
+    rt = get_runtime(ctx)
+    if not rt.config.audit.anchoring:
+        raise UsageError("no anchor configured: set [audit] tsa_url or [audit.witness]")
+    report = anchors.anchor(rt)
+    if as_json:
+        emit_json(report.to_dict())
+    elif report.anchor is None:
+        click.echo("nothing to anchor: the audit log is empty")
+    else:
+        a = report.anchor
+        click.echo(f"{'anchored' if report.made else 'already anchored'}: record {a.seq} "
+                   f"(head {a.head}) in {', '.join(a.where)}"
+                   + (f"; TSA time {a.tsa_time}" if a.tsa_time else ""))
+    for place, why in sorted(report.failures.items()):
+        click.echo(f"FAILED: {place}: {why}", err=True)
+    if not report.ok:
         sys.exit(1)
 
 

@@ -114,6 +114,16 @@ class AuditCopy:
 
 
 @dataclass(frozen=True)
+class AnchorRun:
+    """An anchoring run: when, the newest anchor's own time, and where it failed."""
+
+    checked_at: float
+    anchored: bool  # the log's head is anchored everywhere configured (or there is no log)
+    newest: float | None  # the time of the anchor covering the head, if any
+    failures: tuple[str, ...] = ()  # places not written or stamped: tsa, state, a region, ...
+
+
+@dataclass(frozen=True)
 class AuditRun:
     """An audit check: the local log and each region whose copy could be read."""
 
