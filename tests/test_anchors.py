@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import S3Region
 from forgery import rechain
 from local_tsa import LocalTsa, local_tsa, make_ca
 from support import Setup, directory_source, local_region, make_setup
@@ -208,3 +209,33 @@ def test_audit_config(tmp_path: Path, tsa_server: LocalTsa) -> None:
     witness = load_config(cfg('[audit.witness]\nkind = "s3"\nbucket = "w"\n'))
     assert witness.audit.anchoring and witness.audit.witness is not None
     assert witness.audit.witness.bucket == "w" and witness.audit.witness.name == "witness"
+
+
+def test_the_witness_bucket_keeps_anchors_under_object_lock(
+        tmp_path: Path, lock_regions: list[S3Region]) -> None:
+    """No time-stamping authority: the witness alone (an S3 bucket with Object Lock)."""
+    w = lock_regions[1]
+    witness = (f'[audit.witness]\nkind = "s3"\nbucket = "{w.bucket}"\nregion = "{w.region}"\n'
+               f'endpoint_url = "{w.endpoint_url}"\nprefix = "witness"\n')
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    setup = make_setup(tmp_path, [local_region("eu-local", tmp_path / "eu", "europe"),
+                                  local_region("us-local", tmp_path / "us", "north-america")],
+                       [directory_source("files", tree)], extra=witness)
+    rt = runtime(setup)
+    rt.record_event("test.event", n=0)
+    out = setup.drctl("audit", "anchor")
+    assert out.exit_code == 0, out.output + out.stderr
+    assert out.stdout.startswith("anchored: record 0") and "witness" in out.stdout
+    keys = [o["Key"] for o in w.client().list_objects_v2(
+        Bucket=w.bucket, Prefix="witness/audit/anchors/")["Contents"]]
+    assert [k.rsplit("/", 1)[1] for k in keys] == ["000000000000.json"]
+    head = w.client().head_object(Bucket=w.bucket, Key=keys[0])
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+    assert setup.drctl("audit", "verify").exit_code == 0
+    log_file(setup).write_bytes(b"")  # wiped
+    for p in (setup.state / "audit-anchors").iterdir():
+        p.unlink()
+    out = setup.drctl("audit", "verify")
+    assert out.exit_code == 1 and "rewrite: anchored record 0" in out.stdout
+    assert "in witness" in out.stdout and "the log was wiped or replaced" in out.stdout
