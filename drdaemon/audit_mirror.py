@@ -32,6 +32,7 @@ from .audit_chain import (
     audit_key,
     line_hash,
     mirror_folder,
+    parse_records,
     split_lines,
     verify_lines,
 )
@@ -43,7 +44,7 @@ from .audit_segments import (
     new_spans,
     to_read,
 )
-from .errors import DrError
+from .errors import DrError, UsageError
 from .storage import ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class MirrorContext(AuditContext, Protocol):
     def audit_mirror(self) -> MirrorState: ...
 
     def store(self, region: str) -> ObjectStore: ...
+
+    def record_event(self, event: str, **fields: Any) -> None: ...
 
 
 def mirror(rt: MirrorContext) -> dict[str, str]:
@@ -201,9 +204,19 @@ def verify_mirror(rt: MirrorContext, region: str,
     current = mirror_folder(host, local[0]) if local else None
     problems: list[str] = []
     others = sorted(f for f, c in folders.items() if c.host == host and f != current)
-    for other in others:
+    accepted = accepted_chains(local)
+    held_anchors = anchors.load_stored(store, host)
+    for other in list(others):
         lines, _ = _read_folder(store, folders[other])
         seen = verify_lines(lines, keys)
+        if seen.ok and accepted.get(other) == (seen.records, seen.head):
+            # Accepted as it is (`accept_chain`): its anchors are checked against it.
+            others.remove(other)
+            chain_id = other.rsplit("/", 1)[1]
+            problems += anchors.check_with(rt, lines,
+                                           [a for a in held_anchors if a.chain == chain_id])
+            held_anchors = [a for a in held_anchors if a.chain != chain_id]
+            continue
         what = (f"{seen.records} records, head {seen.head}" if seen.ok else
                 f"{len(lines)} records, not verifying from record {seen.first_bad}")
         problems.append(
@@ -212,15 +225,51 @@ def verify_mirror(rt: MirrorContext, region: str,
             ("wiped" if not local else "wiped and begun anew, or replaced by a rewritten chain"))
     # The region's anchors of this host, against the local log: the region's copy may
     # lag behind them, and it must agree with the local log (below) anyway.
-    problems += anchors.check_with(rt, local, anchors.load_stored(store, host))
+    problems += anchors.check_with(rt, local, held_anchors)
     if current is None:
         return CopyAudit(AuditVerification(True, 0), tuple(problems), tuple(others),
-                           len(folders))
+                         len(folders))
     mirrored, gaps = _read_folder(store, folders.get(current))
     problems[:0] = gaps
     local = read_lines(state_dir)  # read after the mirror: it can only have grown since
     chain = _compare(mirrored, local, keys, region, current)
     return CopyAudit(chain, tuple(problems), tuple(others), len(folders))
+
+
+CHAIN_ACCEPTED = "audit.chain.accepted"
+
+
+def accepted_chains(lines: Sequence[bytes]) -> dict[str, tuple[object, object]]:
+    """folder -> (records, head) of each earlier chain of this host the log accepted."""
+    return {str(r["folder"]): (r.get("records"), r.get("head")) for r in parse_records(lines)
+            if r.get("event") == CHAIN_ACCEPTED and isinstance(r.get("folder"), str)}
+
+
+def accept_chain(rt: MirrorContext, region: str, folder: str, reason: str) -> dict[str, Any]:
+    """Record that `folder`, an earlier chain of this host in `region`, is known: the log was
+    lost and begun anew (an incident), not rewritten. From then on `verify_mirror` no longer
+    reports that chain as long as it stays as it is now (its records and head); its own
+    anchors are checked against it. The record names the chain for auditors."""
+    if not reason.strip():
+        raise UsageError("--reason is required: the incident that lost the log")
+    store = rt.store(region)
+    host = layout.host_label(socket.gethostname())
+    local = read_lines(rt.config.daemon.state_dir)
+    chain = _listed(store, layout.AUDIT_MIRROR + "/").get(folder)
+    if chain is None or chain.host != host:
+        raise UsageError(f"region {region} holds no chain {folder}/ of this host")
+    if local and folder == mirror_folder(host, local[0]):
+        raise UsageError(f"{folder}/ is the local log's own chain")
+    lines, gaps = _read_folder(store, chain)
+    seen = verify_lines(lines, audit_key(rt.manifest_key))
+    if not seen.ok or gaps:
+        raise UsageError(f"{folder}/ in region {region} does not verify "
+                         f"({seen.reason or gaps[0]}): it is evidence of tampering, not an "
+                         "earlier chain to accept")
+    fields = {"folder": folder, "region": region, "records": seen.records, "head": seen.head,
+              "reason": reason}
+    rt.record_event(CHAIN_ACCEPTED, **fields)
+    return fields
 
 
 def verify_local(rt: MirrorContext) -> CopyAudit:

@@ -216,3 +216,40 @@ def test_gaps_and_forks_are_named() -> None:
         is None
     assert layout.parse_audit_segment("audit/h/0123456789abcdef/000000000001.jsonl") == \
         layout.AuditSegmentName("h", "0123456789abcdef", 1, None)
+
+
+def test_an_earlier_chain_accepted_after_an_incident_is_no_longer_reported(
+        setup: Setup, tmp_path: Path) -> None:
+    rt = runtime(setup)
+    record_events(rt, 2)
+    old = folder_of(audit.read_lines(setup.state))
+    log_file(setup).unlink()
+    rt = runtime(setup)
+    rt.record_event("daemon.started")
+    assert not audit_mirror.verify_mirror(rt, "eu-local").ok
+
+    bad = setup.drctl("audit", "accept-chain", old, "--region", "eu-local", "--reason", " ")
+    assert bad.exit_code == 2
+    done = setup.drctl("audit", "accept-chain", old + "/", "--region", "eu-local",
+                       "--reason", "INC-42: state disk lost")
+    assert done.exit_code == 0, done.output + done.stderr
+    assert done.stdout.startswith(f"accepted: {old}/ in region eu-local: 2 records")
+    [accepted] = [json.loads(line) for line in audit.read_lines(setup.state)
+                  if b"audit.chain.accepted" in line]
+    assert accepted["reason"] == "INC-42: state disk lost" and accepted["records"] == 2
+    for region in REGIONS:
+        check = audit_mirror.verify_mirror(rt, region)
+        assert check.ok and check.other_chains == (), check.to_dict()
+
+    # The accepted chain changes afterwards (a record added to it): reported again.
+    segment = tmp_path / "us" / old / "000000000002-000000000002.jsonl"
+    lines = [p.read_bytes() for p in sorted((tmp_path / "us" / old).iterdir())]
+    prev = audit_chain.line_hash(lines[-1])
+    segment.write_bytes(audit_chain.make_line(2, "2031-01-01T00:00:00+00:00", "test.event", {},
+                                              prev, audit_key_of(setup)))
+    check = audit_mirror.verify_mirror(rt, "us-local")
+    assert not check.ok and check.other_chains == (old,)
+    assert audit_mirror.verify_mirror(rt, "eu-local").ok
+    refused = setup.drctl("audit", "accept-chain", folder_of(audit.read_lines(setup.state)),
+                          "--region", "eu-local", "--reason", "x")
+    assert refused.exit_code == 2 and "own chain" in refused.stderr

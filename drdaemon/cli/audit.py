@@ -51,6 +51,26 @@ def verify_cmd(ctx: click.Context, region: str | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+@audit_group.command("accept-chain")
+@click.argument("folder")
+@click.option("--region", required=True, metavar="NAME", help="The region holding the chain.")
+@click.option("--reason", required=True, help="The incident that lost the log: audit-logged.")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def accept_chain_cmd(ctx: click.Context, folder: str, region: str, reason: str,
+                     as_json: bool) -> None:
+    """Accept FOLDER (audit/HOST/CHAIN, as `audit verify --region` names it), an earlier
+    chain of this host, as lost rather than rewritten: recorded in the log; reported again
+    if the chain changes."""
+    fields = audit_mirror.accept_chain(get_runtime(ctx), region, folder.rstrip("/"), reason)
+    if as_json:
+        emit_json(fields)
+    else:
+        click.echo(f"accepted: {fields['folder']}/ in region {region}: {fields['records']} "
+                   f"records, head {fields['head']}")
+
+
 @audit_group.command("anchor")
 @json_option
 @click.pass_context
