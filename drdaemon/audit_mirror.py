@@ -1,10 +1,13 @@
 """The audit log's copies in the regions, and the scheduled check of every copy.
 
-The local log (audit.py) is mirrored to every region, segment by segment, where
-Object Lock keeps finished segments beyond the reach of whoever controls this
-host (`mirror`); a region's copy is read back and compared with the local log
-(`verify_mirror`); the daemon's scheduled check does both for every region
-(`verify_everywhere`). The layout is in docs/format.md ("Audit log").
+The local log (audit.py) is mirrored to every region as segments written once,
+where Object Lock keeps each beyond the reach of whoever controls this host
+(`mirror`; which segments, pure, in audit_segments.py); a region's copy is read
+back and compared with the local log, and every chain folder the region holds
+is looked at, so that a log wiped and begun anew, or a rewritten chain beside
+the old one, shows (`verify_mirror`); the daemon's scheduled check does both
+for every region (`verify_everywhere`). The layout is in docs/format.md
+("Audit log").
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from . import layout, statefs
-from .audit import AuditContext, chain_keys, log_path, read_lines, verify
+from . import anchors, layout, statefs
+from .audit import AuditContext, chain_keys, read_lines, verify
 from .audit_chain import (
     GENESIS,
     MAX_LINE,
@@ -28,9 +31,17 @@ from .audit_chain import (
     ChainKeys,
     line_hash,
     mirror_folder,
-    segments,
+    parse_records,
     split_lines,
     verify_lines,
+)
+from .audit_segments import (
+    ChainFolder,
+    assemble,
+    chain_folders,
+    held_records,
+    new_spans,
+    to_read,
 )
 from .errors import DrError, UsageError
 from .storage import ObjectStore, StorageError
@@ -58,31 +69,33 @@ class MirrorContext(AuditContext, Protocol):
 
     def store(self, region: str) -> ObjectStore: ...
 
+    def record_event(self, event: str, **fields: Any) -> None: ...
+
 
 def mirror(rt: MirrorContext) -> dict[str, str]:
     """Copy the local log to every region, best effort; return the regions that failed.
 
-    Only segments that grew are written; a full segment is written once more
-    with the Object Lock horizon where the bucket has Object Lock. A region that
-    fails is logged and left alone for RETRY_REGION_AFTER seconds: this never
-    raises for a region, so recording an event never fails because of one.
+    Each region gets the records it lacks as new segments, written once with
+    the Object Lock horizon where the bucket has Object Lock (one LIST and
+    usually one PUT per region). A region that fails is logged and left alone
+    for RETRY_REGION_AFTER seconds: this never raises for a region, so
+    recording an event never fails because of one.
     """
     state_dir = rt.config.daemon.state_dir
     failed: dict[str, str] = {}
-    # Serialised so that a slower mirror never replaces a newer copy with an older one.
+    # Serialised so that two mirrors never write the same records twice.
     with statefs.locked(state_dir, statefs.AUDIT_MIRROR_LOCK, os.O_RDWR):
         lines = read_lines(state_dir)
         if not lines:
             return failed
         folder = mirror_folder(socket.gethostname(), lines[0])
-        parts = list(segments(lines))
         lock_until = rt.config.retention.lock_until(rt.clock())
         for store in rt.stores:
             now = time.monotonic()
             if rt.audit_mirror.retry_at.get(store.name, 0.0) > now:
                 continue
             try:
-                _mirror_to(store, folder, parts, lock_until)
+                _mirror_to(store, folder, lines, lock_until)
             except Exception as exc:  # any failure of one region: see the docstring
                 why = str(exc) or exc.__class__.__name__
                 failed[store.name] = why
@@ -92,52 +105,192 @@ def mirror(rt: MirrorContext) -> dict[str, str]:
     return failed
 
 
-def _mirror_to(store: ObjectStore, folder: str, parts: list[tuple[int, bytes, bool]],
+def _mirror_to(store: ObjectStore, folder: str, lines: Sequence[bytes],
                lock_until: datetime | None) -> None:
-    held = {info.name: info.size for info in store.list(folder + "/")}
-    for first, data, full in parts:
-        name = layout.audit_segment_name(folder, first)
-        size = held.get(name)
-        if size == len(data):
-            continue
-        if size is not None and size > len(data):
-            # The region holds more of this chain than the local log: the local
-            # log was cut. A shorter copy must never replace the longer one.
-            raise DrError(f"{name} holds {size} bytes but the local log only {len(data)}; "
-                          "the local log was cut: run drctl audit verify --region "
-                          f"{store.name}")
-        store.put_bytes(name, data, retain_until=lock_until if full else None)
+    segs = _listed(store, folder + "/").get(folder)
+    held = held_records(segs.segments if segs else (), lines)
+    if held > len(lines):
+        # The region holds more of this chain than the local log: the local log
+        # was cut. Its copy stays as it is: it is the evidence.
+        raise DrError(f"region {store.name} holds more of {folder}/ than the local log's "
+                      f"{len(lines)} records: the local log was cut: run drctl audit verify "
+                      f"--region {store.name}")
+    for first, last in new_spans(segs.segments if segs else (), held, len(lines)):
+        store.put_bytes(layout.audit_span_name(folder, first, last),
+                        b"".join(lines[first:last + 1]), retain_until=lock_until)
+
+
+def _listed(store: ObjectStore, prefix: str) -> dict[str, ChainFolder]:
+    return chain_folders((info.name, info.size) for info in store.list(prefix))
+
+
+def _read_folder(store: ObjectStore, segs: ChainFolder | None) -> tuple[list[bytes], list[str]]:
+    parts = [(s, split_lines(store.get_bytes(s.name, SEGMENT_RECORDS * MAX_LINE)))
+             for s in to_read(segs.segments if segs else ())]
+    return assemble(parts)
 
 
 def read_mirror(store: ObjectStore, folder: str) -> list[bytes]:
-    """A region's copy of a chain, segment after segment."""
-    lines: list[bytes] = []
-    for info in sorted(store.list(folder + "/"), key=lambda i: i.name):
-        lines += split_lines(store.get_bytes(info.name, SEGMENT_RECORDS * MAX_LINE))
-    return lines
+    """A region's copy of one chain folder (`audit/<host>/<chain>`), all its lines in order.
+
+    Segments of both layouts are read; a gap or a fork leaves the lines as the
+    segments hold them, so that checking them fails there
+    (`verify_mirror` names it).
+    """
+    return _read_folder(store, _listed(store, folder + "/").get(folder))[0]
+
+
+@dataclass(frozen=True)
+class CopyAudit:
+    """A copy of this host's log checked: a region's, with every chain folder the region
+    holds, or the local log (`verify_local`: `problems` from the anchors only).
+
+    `chain` is the region's copy of the local log's chain, verified and compared
+    with the local log; `problems` what else is wrong: a gap or fork in that
+    copy, another chain of this host (the local log was wiped and begun anew,
+    or replaced by a rewritten chain), a region holding this host's chain while
+    the local log is empty. `other_chains` are the folders of this host's
+    other chains; `chains` counts every host's chain folders the region holds.
+    """
+
+    chain: AuditVerification
+    problems: tuple[str, ...] = ()
+    other_chains: tuple[str, ...] = ()
+    chains: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.chain.ok and not self.problems
+
+    @property
+    def records(self) -> int:
+        return self.chain.records
+
+    @property
+    def head(self) -> str:
+        return self.chain.head
+
+    @property
+    def first_bad(self) -> int | None:
+        return self.chain.first_bad
+
+    @property
+    def reason(self) -> str | None:
+        return self.chain.reason or (self.problems[0] if self.problems else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.chain.to_dict(), "ok": self.ok, "reason": self.reason,
+                "problems": list(self.problems), "other_chains": list(self.other_chains),
+                "chains": self.chains}
 
 
 def verify_mirror(rt: MirrorContext, region: str,
-                  keys: ChainKeys | None = None) -> AuditVerification:
-    """Verify a region's copy of this host's log, and that it agrees with the local log.
+                  keys: ChainKeys | bytes | None = None) -> CopyAudit:
+    """Verify a region's copy of this host's log, that it agrees with the local log, and
+    that the region holds no other chain of this host.
 
-    A copy behind the local log is fine (the mirror is best effort); a copy
-    that differs, or holds records the local log lost, is not. `keys`: what
-    to check it with (default: the runtime's, audit.chain_keys).
+    One listing of `audit/` shows every chain folder of every host. A copy
+    behind the local log is fine (the mirror is best effort); a copy that
+    differs, holds records the local log lost, has a gap or a fork, or another
+    chain of this host beside it, is not. `keys` default to the runtime's (audit.chain_keys).
     """
     store = rt.store(region)
+    keys = chain_keys(rt) if keys is None else keys
     state_dir = rt.config.daemon.state_dir
     local = read_lines(state_dir)
-    if not local:
-        raise UsageError(f"no audit log in {log_path(state_dir)}: nothing to compare "
-                         f"region {region} with")
-    folder = mirror_folder(socket.gethostname(), local[0])
-    mirrored = read_mirror(store, folder)
+    host = layout.host_label(socket.gethostname())
+    folders = _listed(store, layout.AUDIT_MIRROR + "/")
+    current = mirror_folder(host, local[0]) if local else None
+    problems: list[str] = []
+    others = sorted(f for f, c in folders.items() if c.host == host and f != current)
+    accepted = accepted_chains(local)
+    held_anchors = anchors.load_stored(store, host)
+    for other in list(others):
+        lines, _ = _read_folder(store, folders[other])
+        seen = verify_lines(lines, keys)
+        if seen.ok and accepted.get(other) == (seen.records, seen.head):
+            # Accepted as it is (`accept_chain`): its anchors are checked against it.
+            others.remove(other)
+            chain_id = other.rsplit("/", 1)[1]
+            problems += anchors.check_with(rt, lines,
+                                           [a for a in held_anchors if a.chain == chain_id])
+            held_anchors = [a for a in held_anchors if a.chain != chain_id]
+            continue
+        what = (f"{seen.records} records, head {seen.head}" if seen.ok else
+                f"{len(lines)} records, not verifying from record {seen.first_bad}")
+        problems.append(
+            f"another chain of this host in region {region}: {other}/ ({what}), which the "
+            "local log does not extend: the local log was " +
+            ("wiped" if not local else "wiped and begun anew, or replaced by a rewritten chain"))
+    # The region's anchors of this host, against the local log: the region's copy may
+    # lag behind them, and it must agree with the local log (below) anyway.
+    problems += anchors.check_with(rt, local, held_anchors)
+    if current is None:
+        return CopyAudit(AuditVerification(True, 0), tuple(problems), tuple(others),
+                         len(folders))
+    mirrored, gaps = _read_folder(store, folders.get(current))
+    problems[:0] = gaps
     local = read_lines(state_dir)  # read after the mirror: it can only have grown since
+    chain = _compare(mirrored, local, keys, region, current)
+    return CopyAudit(chain, tuple(problems), tuple(others), len(folders))
+
+
+CHAIN_ACCEPTED = "audit.chain.accepted"
+
+
+def accepted_chains(lines: Sequence[bytes]) -> dict[str, tuple[object, object]]:
+    """folder -> (records, head) of each earlier chain of this host the log accepted."""
+    return {str(r["folder"]): (r.get("records"), r.get("head")) for r in parse_records(lines)
+            if r.get("event") == CHAIN_ACCEPTED and isinstance(r.get("folder"), str)}
+
+
+def accept_chain(rt: MirrorContext, region: str, folder: str, reason: str) -> dict[str, Any]:
+    """Record that `folder`, an earlier chain of this host in `region`, is known: the log was
+    lost and begun anew (an incident), not rewritten. From then on `verify_mirror` no longer
+    reports that chain as long as it stays as it is now (its records and head); its own
+    anchors are checked against it. The record names the chain for auditors."""
+    if not reason.strip():
+        raise UsageError("--reason is required: the incident that lost the log")
+    store = rt.store(region)
+    host = layout.host_label(socket.gethostname())
+    local = read_lines(rt.config.daemon.state_dir)
+    chain = _listed(store, layout.AUDIT_MIRROR + "/").get(folder)
+    if chain is None or chain.host != host:
+        raise UsageError(f"region {region} holds no chain {folder}/ of this host")
+    if local and folder == mirror_folder(host, local[0]):
+        raise UsageError(f"{folder}/ is the local log's own chain")
+    lines, gaps = _read_folder(store, chain)
+    seen = verify_lines(lines, chain_keys(rt))
+    if not seen.ok or gaps:
+        raise UsageError(f"{folder}/ in region {region} does not verify "
+                         f"({seen.reason or gaps[0]}): it is evidence of tampering, not an "
+                         "earlier chain to accept")
+    fields = {"folder": folder, "region": region, "records": seen.records, "head": seen.head,
+              "reason": reason}
+    rt.record_event(CHAIN_ACCEPTED, **fields)
+    return fields
+
+
+def verify_local(rt: MirrorContext, chain: AuditVerification | None = None) -> CopyAudit:
+    """`drctl audit verify`: the local log's chain (`chain`: as checked already, e.g. with
+    a public key alone), and that it extends every anchored head the state folder and the
+    witness bucket hold."""
+    lines = read_lines(rt.config.daemon.state_dir)
+    problems = anchors.check_local(rt, lines)
+    try:
+        problems += anchors.check_witness(rt, lines)
+    except StorageError as exc:
+        problems.append(f"the witness bucket could not be read, its anchors were not checked: "
+                        f"{exc}")
+    return CopyAudit(chain if chain is not None else verify(rt), tuple(problems))
+
+
+def _compare(mirrored: list[bytes], local: list[bytes], keys: ChainKeys | bytes, region: str,
+             folder: str) -> AuditVerification:
     if not mirrored:
         return AuditVerification(False, 0, 0, f"region {region} holds no copy of this log "
                                               f"({folder}/)")
-    result = verify_lines(mirrored, keys if keys is not None else chain_keys(rt))
+    result = verify_lines(mirrored, keys)
     upto = result.records if result.ok else (result.first_bad or 0)
     for seq in range(min(upto, len(local))):
         if mirrored[seq] != local[seq]:
@@ -163,21 +316,29 @@ class AuditCheck:
     the regions whose copy was read and compared with the local log;
     `unreachable` the regions that could not be read, which says nothing about
     the log (metrics keep their last result, so a long outage shows as a stale
-    check). With no local log there is no chain to compare, so no region either.
+    check). With no local log the regions are still read: a region holding a
+    chain of this host shows that the log was wiped.
     """
 
     checked_at: datetime
     local: AuditVerification
-    regions: dict[str, AuditVerification] = field(default_factory=dict)
+    regions: dict[str, CopyAudit] = field(default_factory=dict)
     unreachable: dict[str, str] = field(default_factory=dict)
+    # The local log against the anchors of the state folder and the witness.
+    local_problems: tuple[str, ...] = ()
+
+    @property
+    def local_ok(self) -> bool:
+        return self.local.ok and not self.local_problems
 
     @property
     def ok(self) -> bool:
-        return self.local.ok and all(r.ok for r in self.regions.values())
+        return self.local_ok and all(r.ok for r in self.regions.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "checked_at": self.checked_at.isoformat(),
-                "local": self.local.to_dict(),
+                "local": {**self.local.to_dict(), "ok": self.local_ok,
+                          "problems": list(self.local_problems)},
                 "regions": {name: r.to_dict() for name, r in self.regions.items()},
                 "unreachable": dict(self.unreachable)}
 
@@ -193,14 +354,19 @@ def verify_everywhere(rt: MirrorContext) -> AuditCheck:
     """
     checked_at = rt.clock()
     local = verify(rt)
-    regions: dict[str, AuditVerification] = {}
+    regions: dict[str, CopyAudit] = {}
     unreachable: dict[str, str] = {}
-    if local.records or not local.ok:  # there is a log: lines verified, or a bad one
-        if local.ok:
-            mirror(rt)  # best effort; a cut local log never replaces a longer copy
-        for store in rt.stores:
-            try:
-                regions[store.name] = verify_mirror(rt, store.name)
-            except StorageError as exc:
-                unreachable[store.name] = str(exc) or exc.__class__.__name__
-    return AuditCheck(checked_at, local, regions, unreachable)
+    lines = read_lines(rt.config.daemon.state_dir)
+    local_problems = anchors.check_local(rt, lines)
+    try:
+        local_problems += anchors.check_witness(rt, lines)
+    except StorageError as exc:
+        unreachable["witness"] = str(exc) or exc.__class__.__name__
+    if local.records and local.ok:
+        mirror(rt)  # best effort; a cut local log never replaces a longer copy
+    for store in rt.stores:
+        try:
+            regions[store.name] = verify_mirror(rt, store.name)
+        except StorageError as exc:
+            unreachable[store.name] = str(exc) or exc.__class__.__name__
+    return AuditCheck(checked_at, local, regions, unreachable, tuple(local_problems))

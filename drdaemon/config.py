@@ -136,6 +136,22 @@ class RegionConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """[audit]: where the audit log's head is anchored outside the operator's reach
+    (anchors.py): an RFC 3161 time-stamping authority and/or a witness bucket."""
+
+    tsa_url: str | None = None
+    tsa_ca_file: Path | None = None  # the CA certificate(s) a token must chain to
+    tsa_certs_file: Path | None = None  # intermediates, untrusted (openssl -untrusted)
+    witness: RegionConfig | None = None  # [audit.witness]: a bucket another account owns
+    anchor_every: timedelta = timedelta(hours=1)
+
+    @property
+    def anchoring(self) -> bool:
+        return self.tsa_url is not None or self.witness is not None
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     name: str
     kind: str
@@ -202,6 +218,7 @@ class Config:
     # without one (tenancy.TenantConfig.implicit).
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
     standbys: tuple[StandbyConfig, ...] = ()  # [[standbys]] and the sources' standby_dsn
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def source(self, name: str) -> SourceConfig:
         """The source called `name`, or a UsageError listing the known ones."""
@@ -299,10 +316,11 @@ class _Parser:
                              sources, daemon.timezone)
         standbys = parse_standbys(self, top.take("standbys", list, []), sources,
                                   _dsn_without_password)
+        audit = self.audit(Table(self, "audit", top.take("audit", dict, {})))
         top.done()
         tenants = config_tenants.implicit_tenants([s.tenants for s in sources], tenants)
         cfg = Config(str(self.path), daemon, keys, pipeline, tiers, regions, sources,
-                     (), retention, drills, tenants, standbys)
+                     (), retention, drills, tenants, standbys=standbys, audit=audit)
         problems = tenancy.config_problems(cfg)
         if problems:
             raise ConfigError(f"{self.path}: {problems[0]}")
@@ -463,6 +481,44 @@ class _Parser:
         return DrillsConfig(dsn, schedule, per_tier, tuple(checks),
                             self.resolve(scratch) if scratch else None)
 
+    def audit(self, t: Table) -> AuditConfig:
+        url = t.take("tsa_url", str, None)
+        if url is not None and not re.match(r"^https?://[^\s/]+", url):
+            self.fail(t.key("tsa_url"), "an http:// or https:// URL", url)
+        ca = t.take("tsa_ca_file", str, None)
+        certs = t.take("tsa_certs_file", str, None)
+        if url is not None and ca is None:
+            self.fail(t.key("tsa_ca_file"), "the TSA's CA certificate file (PEM) with tsa_url",
+                      Said("nothing"))
+        every = t.convert("anchor_every", parse_duration, timedelta(hours=1),
+                          what="a duration like 30m, 1h or 6h")
+        if every < timedelta(minutes=1):
+            self.fail(t.key("anchor_every"), "at least 1m", every)
+        witness = None
+        if "witness" in t.data:
+            w = Table(self, t.key("witness"), t.take("witness", dict))
+            witness = self.region_table(w, "witness", w.take("kind", str), "")
+        t.done()
+        return AuditConfig(url, self.resolve(ca) if ca else None,
+                           self.resolve(certs) if certs else None, witness, every)
+
+    def region_table(self, t: Table, name: str, kind: str, continent: str) -> RegionConfig:
+        """The rest of a region's table (or the witness's): where its objects are."""
+        if kind == "s3":
+            endpoint = t.take("endpoint_url", str, None)
+            if endpoint is not None:
+                self.check_endpoint(t.key("endpoint_url"), endpoint)
+            reg = RegionConfig(name, kind, continent, bucket=t.take("bucket", str),
+                               region=t.take("region", str, None), endpoint_url=endpoint,
+                               prefix=self.prefix(t))
+        elif kind == "local":
+            reg = RegionConfig(name, kind, continent, path=self.resolve(t.take("path", str)),
+                               prefix=self.prefix(t))
+        else:
+            self.fail(t.key("kind"), "'s3' or 'local'", kind)
+        t.done()
+        return reg
+
     def regions(self, items: list[Any]) -> tuple[RegionConfig, ...]:
         regions = []
         for i, item in enumerate(items):
@@ -471,20 +527,7 @@ class _Parser:
             kind = t.take("kind", str)
             continent = t.convert("continent", tenancy.continent,
                                   what=f"one of {', '.join(tenancy.CONTINENTS)}")
-            if kind == "s3":
-                endpoint = t.take("endpoint_url", str, None)
-                if endpoint is not None:
-                    self.check_endpoint(t.key("endpoint_url"), endpoint)
-                reg = RegionConfig(name, kind, continent, bucket=t.take("bucket", str),
-                                   region=t.take("region", str, None), endpoint_url=endpoint,
-                                   prefix=self.prefix(t))
-            elif kind == "local":
-                reg = RegionConfig(name, kind, continent, path=self.resolve(t.take("path", str)),
-                                   prefix=self.prefix(t))
-            else:
-                self.fail(t.key("kind"), "'s3' or 'local'", kind)
-            t.done()
-            regions.append(reg)
+            regions.append(self.region_table(t, name, kind, continent))
         self.unique("regions", [r.name for r in regions])
         if len(regions) < 2:
             self.fail("regions", "at least two [[regions]] (copies on two continents)",

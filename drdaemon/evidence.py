@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__, audit, layout, manifest, statefs
+from . import __version__, anchors, audit, layout, manifest, statefs
 from .audit_chain import GENESIS, canonical, line_hash
 from .drills.records import DrillRecord, check_line, parsed_lines
 from .errors import DrError, UsageError
@@ -43,7 +43,7 @@ from .export_files import move_into_place, remove_stale_staging, staging_for
 from .runtime import Runtime
 from .signing import SigningKey
 
-ANCHOR_DIR = "audit-anchors"  # in the state folder (anchors.py writes it)
+ANCHOR_DIR = anchors.FOLDER  # in the state folder (anchors.py writes it)
 
 
 @dataclass
@@ -155,8 +155,8 @@ def _anchor_files(state_dir: Path) -> dict[str, bytes]:
     """The anchors of the log's head kept in `<state_dir>/audit-anchors/` (`<seq>.json`
     and its time-stamp token `<seq>.tsr`), by their paths in the bundle.
 
-    Read through statefs (no link followed); the one place the bundle learns of
-    anchors, to be pointed at `anchors.load_all(state_dir)` when anchors.py is in.
+    Read through statefs (no link followed), as the files are: the bundle carries
+    the anchors' exact bytes, which `openssl ts -verify -data` checks.
     """
     return {f"{ANCHORS}/{n}": statefs.read_bytes(state_dir, f"{ANCHOR_DIR}/{n}")
             for n in statefs.list_names(state_dir, ANCHOR_DIR) if n.endswith((".json", ".tsr"))}

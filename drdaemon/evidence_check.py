@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import anchors as anchor_docs
 from .audit_chain import GENESIS, line_hash, parse_records, split_lines, verify_public
 from .drills.records import DrillRecord, check_line, matches_audit
 from .signing import PublicKey
@@ -223,11 +224,16 @@ def _check_drill(check: BundleCheck, n: int, line: bytes, public: PublicKey,
 
 
 def anchor_problems(lines: list[bytes], anchors: dict[str, bytes]) -> list[str]:
-    """What the bundle's anchors say is wrong with the log `lines` ("rewrite: ...").
-
-    The one place the bundle check learns about anchors: point it at
-    `anchors.check_extends` once anchors.py is in; until then the anchors are
-    carried in the bundle (and checked with `openssl ts -verify`, VERIFY.md) but
-    not compared with the log here.
+    """What the bundle's anchors say is wrong with the log `lines` ("rewrite: ..."), by
+    `anchors.check_extends`: the log must extend every anchored head. The tokens' own
+    signatures are the TSA's, checked against the TSA's CA certificate, which the
+    auditor holds and drctl does not: VERIFY.md runs `openssl ts -verify` for that.
     """
-    return []
+    found, problems = [], []
+    for name in sorted(n for n in anchors if n.endswith(".json")):
+        token = anchors.get(name.removesuffix(".json") + ".tsr")
+        try:
+            found.append(anchor_docs.parse(anchors[name], token, ["bundle"]))
+        except ValueError as exc:
+            problems.append(f"{name} is not an anchor: {exc}")
+    return problems + anchor_docs.check_extends(lines, found, None)

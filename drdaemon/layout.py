@@ -8,7 +8,9 @@ every region::
     sources/<source>/facts/<id>.json.zst              facts object (manifest version 2)
     sources/<source>/manifests/<id>.json              manifest: its presence commits
     sources/<source>/trash/<id>.<when>.json           manifest of a pruned snapshot
-    audit/<host>/<chain>/<first seq>.jsonl            audit log mirror (audit_mirror.py)
+    audit/<host>/<chain>/<first>-<last seq>.jsonl     audit log mirror (audit_mirror.py;
+                                                      before: <first seq>.jsonl)
+    audit/anchors/<host>/<chain>/<seq>.json|.tsr      an anchored head (anchors.py)
     tenants/<tenant>/keys/<key_id>.age|.json          a tenant's wrapped key (never locked)
     tenants/<tenant>/erasure/<stamp>.json             an erasure certificate (erasure.py)
 
@@ -219,8 +221,72 @@ def audit_mirror_folder(host: str, chain: str) -> str:
 
 
 def audit_segment_name(folder: str, first: int) -> str:
-    """The segment of a mirrored chain that begins with record `first`."""
+    """The older layout's segment (up to 100 records, grown in place) that begins with
+    record `first`: still read, no longer written."""
     return f"{folder}/{first:012d}.jsonl"
+
+
+def audit_span_name(folder: str, first: int, last: int) -> str:
+    """The segment holding records `first` to `last` (inclusive), written once."""
+    return f"{folder}/{first:012d}-{last:012d}.jsonl"
+
+
+_AUDIT_SEGMENT_RE = re.compile(r"^([a-z0-9._-]+)/([0-9a-f]{16})/(\d{12})(?:-(\d{12}))?\.jsonl\Z")
+
+
+@dataclass(frozen=True)
+class AuditSegmentName:
+    """A mirrored segment's name, read back: whose chain, which records.
+
+    `last` is None for the older layout, whose name gives only the first record.
+    """
+
+    host: str
+    chain: str
+    first: int
+    last: int | None
+
+    @property
+    def folder(self) -> str:
+        return f"{AUDIT_MIRROR}/{self.host}/{self.chain}"
+
+
+def parse_audit_segment(name: str) -> AuditSegmentName | None:
+    """`name` (relative to the region's prefix) as a mirrored segment; None if it is not one
+    (anchors under audit/anchors/ are not: they are one folder deeper)."""
+    if not name.startswith(AUDIT_MIRROR + "/"):
+        return None
+    m = _AUDIT_SEGMENT_RE.match(name[len(AUDIT_MIRROR) + 1:])
+    if m is None:
+        return None
+    first = int(m.group(3))
+    last = int(m.group(4)) if m.group(4) is not None else None
+    if last is not None and last < first:
+        return None
+    return AuditSegmentName(m.group(1), m.group(2), first, last)
+
+
+AUDIT_ANCHORS = "anchors"
+
+
+def audit_anchor_folder(host: str, chain: str) -> str:
+    """Where the anchors of one host's chain are kept in a region or a witness bucket."""
+    return f"{AUDIT_MIRROR}/{AUDIT_ANCHORS}/{host_label(host)}/{chain}"
+
+
+def audit_anchor_name(folder: str, seq: int, suffix: str) -> str:
+    """An anchor of record `seq` (`suffix` "json": the anchor, "tsr": its time-stamp token)."""
+    return f"{folder}/{seq:012d}.{suffix}"
+
+
+_AUDIT_ANCHOR_RE = re.compile(
+    rf"^{AUDIT_MIRROR}/{AUDIT_ANCHORS}/([a-z0-9._-]+)/([0-9a-f]{{16}})/(\d{{12}})\.(json|tsr)\Z")
+
+
+def parse_audit_anchor(name: str) -> tuple[str, str, int, str] | None:
+    """(host, chain, seq, suffix) of an anchor's object name; None if it is not one."""
+    m = _AUDIT_ANCHOR_RE.match(name)
+    return (m.group(1), m.group(2), int(m.group(3)), m.group(4)) if m else None
 
 
 # -- tenants: their keyrings (tenant_keys.py) and erasure certificates (erasure.py) ---

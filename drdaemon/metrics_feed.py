@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from . import audit_mirror, catalog, lifecycle, recovery_plan, state, status, tenancy
+from . import anchors, audit_mirror, catalog, lifecycle, recovery_plan, state, status, tenancy
 from .backup import BackupResult
 from .drills import records as drill_records
 from .inventory import Inventory
 from .manifest import Manifest
 from .metrics import (
+    AnchorRun,
     AuditCopy,
     AuditRun,
     CopyVerified,
@@ -97,8 +98,21 @@ def verify_run(report: VerifyReport) -> VerifyRun:
 def audit_run(check: audit_mirror.AuditCheck) -> AuditRun:
     """Pure: an audit check's local log and each region whose copy was read."""
     return AuditRun(check.checked_at.timestamp(),
-                    AuditCopy(check.local.ok, check.local.records),
-                    {r: AuditCopy(v.ok, v.records) for r, v in check.regions.items()})
+                    AuditCopy(check.local_ok, check.local.records),
+                    {r: AuditCopy(v.ok, v.records, len(v.other_chains))
+                     for r, v in check.regions.items()})
+
+
+def anchor_run(report: anchors.AnchorReport) -> AnchorRun:
+    """Pure: an anchoring run's outcome."""
+    newest = None
+    if report.anchor is not None:
+        try:
+            newest = datetime.fromisoformat(report.anchor.time).timestamp()
+        except ValueError:
+            newest = None
+    return AnchorRun(report.checked_at.timestamp(), report.ok, newest,
+                     tuple(sorted(report.failures)))
 
 
 def inventory_run(inv: Inventory, tenants: Mapping[str, tenancy.TenantConfig]) -> InventoryRun:
@@ -125,6 +139,8 @@ def record_report(st: MetricsState, report: object) -> None:
         st.record_verify(verify_run(report))
     elif isinstance(report, audit_mirror.AuditCheck):
         st.record_audit(audit_run(report))
+    elif isinstance(report, anchors.AnchorReport):
+        st.record_anchor(anchor_run(report))
 
 
 def record_inventory(st: MetricsState, inv: Inventory,

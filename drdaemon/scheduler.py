@@ -27,6 +27,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import (
+    anchors,
     audit_mirror,
     catalog,
     cron,
@@ -304,8 +305,8 @@ class Daemon:
         except Exception:
             log.exception("%s crashed", name, extra={"job": name, "ok": False})
         # Prune, repair and drills change what every source holds; the audit
-        # check changes nothing in storage and records its own metrics above.
-        if not self.rt.stopping.is_set() and name != "audit":
+        # check and the anchor job change no snapshot and record their own metrics above.
+        if not self.rt.stopping.is_set() and name not in ("audit", "anchor"):
             self.refresh_metrics()
 
     def _keep_orphan_gauges(self) -> None:
@@ -364,6 +365,13 @@ class Daemon:
             first = {"next_run_time": datetime.now(self.tz)} if name == "audit" else {}
             self.scheduler.add_job(self.maintenance_job, cron.trigger(expr, self.tz, cfg.jitter),
                                    args=(name, fn), id=name, name=name, **first)
+        anchoring = self.anchoring()
+        if anchoring is not None:
+            every, anchor = anchoring
+            self.scheduler.add_job(self.maintenance_job, "interval",
+                                   seconds=every.total_seconds(), args=("anchor", anchor),
+                                   id="anchor", name="audit anchor",
+                                   next_run_time=datetime.now(self.tz))
         self.scheduler.add_job(self.erasure_job, cron.trigger(ERASURE_SCHEDULE, self.tz,
                                                               cfg.jitter),
                                id="erasure", name="erasure deadlines",
@@ -410,6 +418,14 @@ class Daemon:
                 # of sources/ per region, as often as replication checks the copies.
                 ("tenants", cfg.replicate_schedule, self.take_inventory),
                 *drill_jobs(rt)]  # one per tier: [drills] schedule or [drills.tiers.NAME]
+
+    def anchoring(self) -> tuple[timedelta, Callable[[], Any]] | None:
+        """How often, and the job that anchors the audit log's head (none configured: None)."""
+        cfg = self.rt.config.audit
+        if not cfg.anchoring:
+            return None
+        rt = self.rt
+        return cfg.anchor_every, lambda: anchors.anchor(rt)
 
     def take_inventory(self) -> Any:
         """List what every region holds by source; hand the unmanaged ones to the metrics."""

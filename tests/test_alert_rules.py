@@ -42,6 +42,7 @@ ALERTS = {
     "DrdaemonProjectedRTOOverTarget": "projected-rto-over-target",
     "DrdaemonAuditChainBroken": "audit-chain-broken",
     "DrdaemonAuditVerifyMissing": "audit-verify-missing",
+    "DrdaemonAuditAnchorMissing": "audit-anchor-missing",
     "DrdaemonTenantErasureDueSoon": "tenant-erasure-due",
     "DrdaemonTenantErasureOverdue": "tenant-erasure-overdue",
     "DrdaemonStandbyMissing": "standby-lag",

@@ -275,8 +275,15 @@ def test_two_processes_appending_at_once_keep_one_chain(setup: Setup, tmp_path: 
         mirrored = verify_json(setup, "--region", region, code=0)
         assert mirrored["records"] == 2 * each and mirrored["head"] == doc["head"]
     folder = audit_chain.mirror_folder(socket.gethostname(), lines_of(setup)[0])
-    assert sorted(p.name for p in (tmp_path / "eu" / folder).iterdir()) == [
-        "000000000000.jsonl", "000000000100.jsonl"]
+    names = sorted(p.name for p in (tmp_path / "eu" / folder).iterdir())
+    # Each mirror wrote the records it found new, once; the first 100 again as one
+    # whole block, which a reader reads instead of the smaller ones.
+    assert "000000000000-000000000099.jsonl" in names
+    assert len(names) > 3 and names[-1].endswith(f"-{2 * each - 1:012d}.jsonl")
+    # The runbook's way back from a region's copy (audit-chain-broken.md, Fix 2).
+    restored = subprocess.run(["sh", "-c", "cat *.jsonl | awk '!seen[$0]++'"],
+                              cwd=tmp_path / "eu" / folder, capture_output=True, check=True)
+    assert restored.stdout == log_file(setup).read_bytes()
 
 
 # -- the mirror -----------------------------------------------------------------------
@@ -286,15 +293,16 @@ def test_mirror_in_every_region_verifies_and_catches_rewrites(logged: Setup,
                                                               tmp_path: Path) -> None:
     local = lines_of(logged)
     folder = audit_chain.mirror_folder(socket.gethostname(), local[0])
-    for root in ("eu", "us"):
-        assert (tmp_path / root / folder / "000000000000.jsonl").read_bytes() == b"".join(local)
+    rt = open_runtime(load_config(logged.config))
     for region in REGIONS:
+        assert audit_mirror.read_mirror(rt.store(region), folder) == local
         out = logged.drctl("audit", "verify", "--region", region)
         assert out.exit_code == 0, out.output + out.stderr
         assert out.stdout.startswith(f"OK: region {region}: 6 records verified")
 
     # An intruder edits a region's copy: the MAC says so.
-    copy = tmp_path / "us" / folder / "000000000000.jsonl"
+    copy = next(p for p in sorted((tmp_path / "us" / folder).iterdir())
+                if b'"ok":true' in p.read_bytes())
     copy.write_bytes(copy.read_bytes().replace(b'"ok":true', b'"ok":false', 1))
     doc = verify_json(logged, "--region", "us-local", code=1)
     # the first record with "ok" is the first snapshot's (record 0 made the tenant key)
@@ -306,21 +314,31 @@ def test_mirror_in_every_region_verifies_and_catches_rewrites(logged: Setup,
     assert verify_json(logged, code=0)["records"] == 2
     doc = verify_json(logged, "--region", "eu-local", code=1)
     assert doc["first_bad"] == 2 and "local log was cut" in doc["reason"]
-    rt = open_runtime(load_config(logged.config))
+    held = sorted((tmp_path / "eu" / folder).iterdir())
     assert set(audit_mirror.mirror(rt)) == set(REGIONS)
-    assert (tmp_path / "eu" / folder / "000000000000.jsonl").read_bytes() == b"".join(local)
+    assert sorted((tmp_path / "eu" / folder).iterdir()) == held
+    assert audit_mirror.read_mirror(rt.store("eu-local"), folder) == local
 
 
-def test_mirror_to_s3_regions(tmp_path: Path, s3_regions: list[S3Region]) -> None:
+def test_mirror_to_s3_regions_locks_every_segment_at_once(
+        tmp_path: Path, lock_regions: list[S3Region]) -> None:
     tree = make_tree(tmp_path / "tree")
-    setup = make_setup(tmp_path, [r.toml(prefix="dr") for r in s3_regions],
+    setup = make_setup(tmp_path, [r.toml(prefix="dr") for r in lock_regions],
                        [directory_source("files", tree)])
     assert setup.drctl("backup").exit_code == 0
-    for r in s3_regions:
-        keys = [o["Key"] for o in r.client().list_objects_v2(
+    for r in lock_regions:
+        client = r.client()
+        keys = [o["Key"] for o in client.list_objects_v2(
             Bucket=r.bucket, Prefix="dr/audit/")["Contents"]]
-        assert len(keys) == 1 and keys[0].endswith("/000000000000.jsonl")
-        # the tenant key made, the snapshot committed
+        # the tenant key made, the snapshot committed: each mirrored when recorded, as a
+        # segment of the new records only, locked from the start and never written again
+        assert [k.rsplit("/", 1)[1] for k in keys] == [
+            "000000000000-000000000000.jsonl", "000000000001-000000000001.jsonl"]
+        for key in keys:
+            head = client.head_object(Bucket=r.bucket, Key=key)
+            assert head["ObjectLockMode"] == "COMPLIANCE"
+            versions = client.list_object_versions(Bucket=r.bucket, Prefix=key)["Versions"]
+            assert len(versions) == 1
         assert verify_json(setup, "--region", r.name, code=0)["records"] == 2
 
 
@@ -361,7 +379,7 @@ def test_no_secret_in_the_log_or_its_mirrors(logged: Setup, tmp_path: Path) -> N
                audit_chain.audit_key(mkey).hex()]
     files = [log_file(logged), *(tmp_path / "eu" / "audit").rglob("*.jsonl"),
              *(tmp_path / "us" / "audit").rglob("*.jsonl")]
-    assert len(files) == 3
+    assert len(files) == 1 + 2 * 6  # the log, and each record in each region
     for f in files:
         text = f.read_text().lower()
         assert not [n for n in needles if n.lower() in text], f
@@ -506,10 +524,12 @@ def test_the_manifest_key_of_a_new_setup_begins_its_audit_chain(tmp_path: Path) 
     assert audit.verify(rt).ok
 
 
-def test_verify_everywhere_without_a_log_compares_no_region(setup: Setup) -> None:
+def test_verify_everywhere_without_a_log_finds_no_chain_in_the_regions(setup: Setup) -> None:
     rt = open_runtime(load_config(setup.config))
     check = audit_mirror.verify_everywhere(rt)
-    assert check.ok and check.local.records == 0 and check.regions == {}
+    assert check.ok and check.local.records == 0
+    assert {r: (v.ok, v.records, v.chains) for r, v in check.regions.items()} == {
+        r: (True, 0, 0) for r in REGIONS}
     assert check.to_dict()["local"]["ok"] is True
 
 

@@ -18,14 +18,15 @@ SERVICES = {"backup", "restore", "prune", "trash", "replicate", "verify", "drill
             "drill_scratch", "drill_records", "orphans", "catalog", "status", "audit",
             "audit_mirror", "export", "export_doc", "export_files", "offboarding", "erasure",
             "erasure_records", "erasure_sweep", "inventory", "tenant_keys", "key_rotation",
-            "evidence", "evidence_check", "standby", "recovery", "uploads"}
+            "evidence", "evidence_check", "standby", "recovery", "uploads", "anchors"}
 ABOVE_SERVICES = ("drdaemon.cli", "drdaemon.scheduler", "drdaemon.metrics",
                   "drdaemon.metrics_feed")
 ADAPTER_PACKAGES = ("drdaemon.storage", "drdaemon.sources")
-ADAPTER_MODULES = {"pipeline", "streams", "statefs", "locks", "filetrust", "manifest_cache"}
+ADAPTER_MODULES = {"pipeline", "streams", "statefs", "locks", "filetrust", "manifest_cache",
+                   "tsa"}
 # Pure cores split out of a service: no I/O, so neither a service nor an adapter.
 PURE_MODULES = {"prune_plan", "audit_chain", "audit_secrets", "pages", "tenant_key_record",
-                "recovery_plan"}
+                "recovery_plan", "audit_segments"}
 
 
 def module_name(path: Path) -> str:

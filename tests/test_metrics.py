@@ -330,9 +330,12 @@ def test_audit_checks_render_and_an_unreadable_region_keeps_its_last_result() ->
     get = registry_of(st).get_sample_value
     assert get("drdaemon_audit_verified_ok") is None  # never checked: absent, not a false 0
     ok = audit_chain.AuditVerification(True, 40)
-    record(st, audit_mirror.AuditCheck(NOW - timedelta(days=1), ok, {"eu": ok, "us": ok}))
+    copy = audit_mirror.CopyAudit(ok)
+    record(st, audit_mirror.AuditCheck(NOW - timedelta(days=1), ok, {"eu": copy, "us": copy}))
     bad = audit_chain.AuditVerification(False, 12, 12, "MAC does not match")
-    differs = audit_chain.AuditVerification(False, 12, 12, "differs from the local log")
+    differs = audit_mirror.CopyAudit(
+        audit_chain.AuditVerification(False, 12, 12, "differs from the local log"),
+        ("another chain of this host",), ("audit/h/0123456789abcdef",))
     record(st, audit_mirror.AuditCheck(NOW, bad, {"eu": differs}, {"us": "connection refused"}))
     get = registry_of(st).get_sample_value
     assert get("drdaemon_audit_verified_ok") == 0
@@ -340,6 +343,8 @@ def test_audit_checks_render_and_an_unreadable_region_keeps_its_last_result() ->
     assert get("drdaemon_audit_last_verified_timestamp_seconds") == T
     assert get("drdaemon_audit_mirror_verified_ok", {"region": "eu"}) == 0
     assert get("drdaemon_audit_mirror_last_verified_timestamp_seconds", {"region": "eu"}) == T
+    assert get("drdaemon_audit_other_chains", {"region": "eu"}) == 1
+    assert get("drdaemon_audit_other_chains", {"region": "us"}) == 0
     # us could not be read: it says nothing about the log, and its check time goes stale.
     assert get("drdaemon_audit_mirror_verified_ok", {"region": "us"}) == 1
     assert get("drdaemon_audit_mirror_last_verified_timestamp_seconds", {"region": "us"}) == (
@@ -762,10 +767,10 @@ def test_the_audit_job_with_a_region_down(tmp_path: Path, trees: list[Path],
     rt = open_runtime(config_mod.load(setup.config), clock=lambda: clock[0])
     daemon = Daemon(rt)
     [(name, check)] = [(n, fn) for n, _, fn in daemon._maintenance() if n == "audit"]
-    daemon.maintenance_job(name, check)  # no log yet: nothing to compare in the regions
+    daemon.maintenance_job(name, check)  # no log yet: the regions hold no chain of this host
     get = metrics.build_registry(daemon.metrics, rt.clock).get_sample_value
     assert get("drdaemon_audit_verified_ok") == 1 and get("drdaemon_audit_verified_records") == 0
-    assert get("drdaemon_audit_mirror_verified_ok", {"region": "us"}) is None
+    assert get("drdaemon_audit_mirror_verified_ok", {"region": "us"}) == 1
 
     assert daemon.snapshot_job(rt.config.sources[0]) is not None
     daemon.maintenance_job(name, check)

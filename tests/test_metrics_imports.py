@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "drdaemon" / "metrics"
 # the daemon. The metrics package may use the model and utilities only (config, cron,
 # statefs, units, errors, filetrust, the package's own modules).
 FORBIDDEN = frozenset({
-    "audit", "audit_chain", "audit_mirror", "audit_secrets", "backup", "catalog", "cli",
+    "audit", "audit_chain", "audit_mirror", "audit_secrets", "audit_segments", "backup",
+    "catalog", "cli",
     "drill_records", "drill_scratch", "drills", "keys", "locks", "manifest", "metrics_feed",
     "orphans", "pipeline", "prune", "prune_plan", "replicate", "report", "restore", "retention",
     "runtime", "scheduler", "shrink", "slo", "sources", "state", "status", "storage", "streams",
@@ -28,6 +29,7 @@ FORBIDDEN = frozenset({
     "evidence", "evidence_check",
     "standby",
     "recovery", "recovery_plan", "uploads",
+    "anchors", "tsa",
 })
 
 

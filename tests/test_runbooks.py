@@ -44,6 +44,7 @@ ALERT_RUNBOOKS = {
     "DrdaemonProjectedRTOOverTarget": "projected-rto-over-target.md",
     "DrdaemonAuditChainBroken": "audit-chain-broken.md",
     "DrdaemonAuditVerifyMissing": "audit-verify-missing.md",
+    "DrdaemonAuditAnchorMissing": "audit-anchor-missing.md",
     "DrdaemonTenantErasureDueSoon": "tenant-erasure-due.md",
     "DrdaemonTenantErasureOverdue": "tenant-erasure-overdue.md",
     "DrdaemonStandbyMissing": "standby-lag.md",

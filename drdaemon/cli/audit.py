@@ -9,8 +9,9 @@ from typing import Any
 
 import click
 
-from .. import audit, audit_mirror, evidence
-from ..audit_chain import AuditVerification, ChainKeys, verify_public
+from .. import anchors, audit, audit_mirror, evidence
+from ..audit_chain import ChainKeys, verify_public
+from ..audit_mirror import CopyAudit
 from ..errors import UsageError
 from ..evidence_check import BundleCheck, verify_bundle
 from ..runtime import Runtime, open_runtime
@@ -61,18 +62,25 @@ def verify_cmd(ctx: click.Context, region: str | None, bundle: Path | None,
         rt = get_runtime(ctx)
         result = _verify(rt, region, None)
     where = f"region {region}" if region else str(audit.log_path(rt.config.daemon.state_dir))
+    chain, problems = result.chain, result.problems
     if as_json:
         emit_json(dict(result.to_dict(), where=where))
     elif result.ok:
-        signer = f", signed by {result.signer}" if result.signer else ""
+        signer = f", signed by {chain.signer}" if chain.signer else ""
         click.echo(f"OK: {where}: {result.records} records verified (head {result.head}"
                    f"{signer})")
-        if result.unproven:
-            click.echo(f"note: the first {result.unproven} records precede the first record "
+        if chain.unproven:
+            click.echo(f"note: the first {chain.unproven} records precede the first record "
                        "the key proves; their chain links were checked", err=True)
+    elif not chain.ok:
+        click.echo(f"FAILED: {where}: record {chain.first_bad}: {chain.reason} "
+                   f"({chain.records} records before it verified)")
     else:
-        click.echo(f"FAILED: {where}: record {result.first_bad}: {result.reason} "
-                   f"({result.records} records before it verified)")
+        click.echo(f"FAILED: {where}: {chain.records} records verified (head {chain.head}), "
+                   "but:")
+    if not as_json:
+        for problem in problems:
+            click.echo(f"  - {problem}")
     if not result.ok:
         sys.exit(1)
 
@@ -125,14 +133,62 @@ def export_cmd(ctx: click.Context, dest: Path, since: str | None, as_json: bool)
         sys.exit(1)
 
 
-def _verify(rt: Runtime, region: str | None, public: PublicKey | None) -> AuditVerification:
-    """The local log or a region's copy, checked with `public` alone, else the runtime's keys."""
+def _verify(rt: Runtime, region: str | None, public: PublicKey | None) -> CopyAudit:
+    """The local log or a region's copy, with what the anchors say, checked with `public`
+    alone, else the runtime's keys."""
     if region:
         keys = ChainKeys(public=(public,)) if public is not None else None
         return audit_mirror.verify_mirror(rt, region, keys)
     if public is not None:
-        return verify_public(audit.read_lines(rt.config.daemon.state_dir), public)
-    return audit.verify(rt)
+        return audit_mirror.verify_local(rt, verify_public(
+            audit.read_lines(rt.config.daemon.state_dir), public))
+    return audit_mirror.verify_local(rt)
+
+
+@audit_group.command("accept-chain")
+@click.argument("folder")
+@click.option("--region", required=True, metavar="NAME", help="The region holding the chain.")
+@click.option("--reason", required=True, help="The incident that lost the log: audit-logged.")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def accept_chain_cmd(ctx: click.Context, folder: str, region: str, reason: str,
+                     as_json: bool) -> None:
+    """Accept FOLDER (audit/HOST/CHAIN, as `audit verify --region` names it), an earlier
+    chain of this host, as lost rather than rewritten: recorded in the log; reported again
+    if the chain changes."""
+    fields = audit_mirror.accept_chain(get_runtime(ctx), region, folder.rstrip("/"), reason)
+    if as_json:
+        emit_json(fields)
+    else:
+        click.echo(f"accepted: {fields['folder']}/ in region {region}: {fields['records']} "
+                   f"records, head {fields['head']}")
+
+
+@audit_group.command("anchor")
+@json_option
+@click.pass_context
+@handle_errors("drctl")
+def anchor_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Anchor the log's head now ([audit] tsa_url, [audit.witness], every region), as the
+    daemon does every [audit] anchor_every. Exit 1 if a place could not be written."""
+    rt = get_runtime(ctx)
+    if not rt.config.audit.anchoring:
+        raise UsageError("no anchor configured: set [audit] tsa_url or [audit.witness]")
+    report = anchors.anchor(rt)
+    if as_json:
+        emit_json(report.to_dict())
+    elif report.anchor is None:
+        click.echo("nothing to anchor: the audit log is empty")
+    else:
+        a = report.anchor
+        click.echo(f"{'anchored' if report.made else 'already anchored'}: record {a.seq} "
+                   f"(head {a.head}) in {', '.join(a.where)}"
+                   + (f"; TSA time {a.tsa_time}" if a.tsa_time else ""))
+    for place, why in sorted(report.failures.items()):
+        click.echo(f"FAILED: {place}: {why}", err=True)
+    if not report.ok:
+        sys.exit(1)
 
 
 @audit_group.command("show")

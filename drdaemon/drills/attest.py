@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .. import anchors
 from ..audit_chain import line_hash
 from ..errors import DrError, UsageError
 from ..runtime import Runtime
@@ -60,12 +61,12 @@ def audit_status(rt: Runtime, records: Sequence[DrillRecord],
 
 def newest_anchor(state_dir: Path) -> dict[str, Any] | None:
     """The newest anchor of the audit log's head, as a report shows it ({"seq", "head",
-    "time", "tsa_time", "where"}), or None if there is none.
-
-    The one place reports learn of anchors: point it at `anchors.newest(state_dir)`
-    when anchors.py is in (until then no anchor is known, and the report says so).
-    """
-    return None
+    "time", "tsa_time", "where"}), or None if there is none."""
+    a = anchors.newest(state_dir)
+    if a is None:
+        return None
+    return {"seq": a.seq, "head": a.head, "time": a.time, "tsa_time": a.tsa_time,
+            "where": list(a.where)}
 
 
 def report_data(rt: Runtime, since: datetime | None, sources: Sequence[str] = (),

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from .. import __version__
 from .observations import (
+    AnchorRun,
     AuditCopy,
     AuditRun,
     CopyVerified,
@@ -76,7 +77,8 @@ from .views import (
 __all__ = [
     "ERASURE_OUTCOMES", "FAILURE_REASONS", "ORPHANS_FILE", "PROMISED_SPAN", "REGION_LABELS",
     "SOURCE_LABELS", "STANDBY_STATES", "TENANT_STATES",
-    "AuditCopy", "AuditRun", "AuditView", "CopyVerified", "DrillRecordLike", "DrillView",
+    "AnchorRun", "AuditCopy", "AuditRun", "AuditView", "CopyVerified", "DrillRecordLike",
+    "DrillView",
     "InventoryRun",
     "ListedSnapshot", "MetricsServer", "MetricsState", "OrphanSeen", "OrphanView", "PruneRun",
     "RepairDone", "ReplicateRun", "SnapshotAttempt", "SourceInfo", "SourceListing",

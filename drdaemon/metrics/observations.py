@@ -127,6 +127,17 @@ class AuditCopy:
 
     ok: bool  # the chain verified (and, for a region, agreed with the local log)
     records: int  # records that verified, up to the first bad one
+    other_chains: int = 0  # a region: this host's chains there other than the local log's
+
+
+@dataclass(frozen=True)
+class AnchorRun:
+    """An anchoring run: when, the newest anchor's own time, and where it failed."""
+
+    checked_at: float
+    anchored: bool  # the log's head is anchored everywhere configured (or there is no log)
+    newest: float | None  # the time of the anchor covering the head, if any
+    failures: tuple[str, ...] = ()  # places not written or stamped: tsa, state, a region, ...
 
 
 @dataclass(frozen=True)

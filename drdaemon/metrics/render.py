@@ -356,10 +356,33 @@ def _audit_families(st: MetricsState) -> list[Metric]:
     mirror_when = _gauge("drdaemon_audit_mirror_last_verified_timestamp_seconds",
                          "When the region's copy of the audit log was last read and checked.",
                          ["region"])
+    others = _gauge("drdaemon_audit_other_chains",
+                    "Chains of this host's audit log in the region other than the local "
+                    "log's: the local log was wiped and begun anew, or replaced.", ["region"])
     for region, v in sorted(st.audit_mirrors.items()):
         mirror_ok.add_metric([region], float(v.ok))
         mirror_when.add_metric([region], v.checked_at)
-    return [ok, when, records, mirror_ok, mirror_when]
+        others.add_metric([region], v.other_chains)
+    return [ok, when, records, mirror_ok, mirror_when, others, *_anchor_families(st)]
+
+
+def _anchor_families(st: MetricsState) -> list[Metric]:
+    anchored = _gauge("drdaemon_audit_anchored_timestamp_seconds",
+                      "When the anchor job last left the audit log's head anchored everywhere "
+                      "configured (time-stamp, state folder, regions, witness).")
+    newest = _gauge("drdaemon_audit_anchor_newest_timestamp_seconds",
+                    "The time of the newest anchor of the audit log's head.")
+    failures = CounterMetricFamily("drdaemon_audit_anchor_failures",
+                                   "Anchor runs that could not stamp or write the anchor, by "
+                                   "place (tsa, state, log, witness or a region).",
+                                   labels=["place"])
+    if st.anchored_at is not None:
+        anchored.add_metric([], st.anchored_at)
+    if st.anchor_newest is not None:
+        newest.add_metric([], st.anchor_newest)
+    for place, n in sorted(st.anchor_failures.items()):
+        failures.add_metric([place], n)
+    return [anchored, newest, failures]
 
 
 def _tenant_families(st: MetricsState) -> list[Metric]:

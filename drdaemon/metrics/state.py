@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from .. import __version__, cron, tenancy
 from ..config import Config
 from .observations import (
+    AnchorRun,
     AuditRun,
     InventoryRun,
     PruneRun,
@@ -74,6 +75,9 @@ class MetricsState:
     job_last_run: dict[str, tuple[float, bool]] = field(default_factory=dict)
     audit_local: AuditView | None = None  # None until the first audit check
     audit_mirrors: dict[str, AuditView] = field(default_factory=dict)
+    anchored_at: float | None = None  # the last anchor run that left the head anchored
+    anchor_newest: float | None = None  # the time of the newest anchor
+    anchor_failures: Counter[str] = field(default_factory=Counter)  # place -> failed runs
     tenants: dict[str, TenantLifecycle] = field(default_factory=dict)
     erasures: Counter[tuple[str, str]] = field(default_factory=Counter)  # (tenant, outcome)
     # source -> what the last complete inventory found unmanaged (inventory.py)
@@ -162,6 +166,15 @@ class MetricsState:
             # A region that could not be read keeps its last result, and its
             # check time goes stale (DrdaemonAuditVerifyMissing).
             self.audit_mirrors.update(mirrors)
+
+    def record_anchor(self, run: AnchorRun) -> None:
+        """Keep an anchoring run's outcome; count where it failed."""
+        with self.lock:
+            if run.anchored:
+                self.anchored_at = run.checked_at
+            if run.newest is not None:
+                self.anchor_newest = run.newest
+            self.anchor_failures.update(run.failures)
 
     def home(self, source: str, regions: Sequence[str]) -> tuple[str, ...]:
         """`regions` narrowed to those the source's tenant's residency allows."""

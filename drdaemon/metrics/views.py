@@ -172,13 +172,15 @@ class AuditView:
     checked_at: float  # Unix seconds
     ok: bool  # the chain verified (and, for a region, agreed with the local log)
     records: int  # records that verified, up to the first bad one
+    other_chains: int = 0  # a region: this host's chains there other than the local log's
 
 
 def audit_views(check: AuditRun) -> tuple[AuditView, dict[str, AuditView]]:
     """Pure: the local log's view and each region's whose copy could be read."""
     t = check.checked_at
     local = AuditView(t, check.local.ok, check.local.records)
-    return local, {r: AuditView(t, v.ok, v.records) for r, v in check.regions.items()}
+    return local, {r: AuditView(t, v.ok, v.records, v.other_chains)
+                   for r, v in check.regions.items()}
 
 
 @dataclass(frozen=True)
