@@ -296,11 +296,15 @@ def test_prune_trashes_the_manifest_first_and_purges_the_facts_object_with_the_d
     source = postgres_source("lms", lms) + (
         "[sources.retention]\ndaily = 1\nweekly = 0\nmonthly = 0\n")
     setup = make_setup(tmp_path, regions(tmp_path), [source])
-    clock = _Clock(T)
+    # Prune judges min_age by when the objects were written (real time), so the
+    # test's clock runs ahead of the real one rather than at a fixed date.
+    t0 = (datetime.now(UTC) + timedelta(days=2)).replace(hour=2, minute=0, second=0,
+                                                         microsecond=0)
+    clock = _Clock(t0)
     rt = open_runtime(config_mod.load(setup.config), clock=clock)
     ids = []
     for day in range(2):
-        clock.now = T + timedelta(days=day)
+        clock.now = t0 + timedelta(days=day)
         result = backup.snapshot(rt, rt.config.sources[0])
         assert result.ok and result.snapshot_id is not None, result.error
         ids.append(result.snapshot_id)
@@ -310,7 +314,7 @@ def test_prune_trashes_the_manifest_first_and_purges_the_facts_object_with_the_d
         root = tmp_path / region
         return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
-    clock.now = T + timedelta(days=1, hours=2)
+    clock.now = t0 + timedelta(days=1, hours=2)
     assert prune.run_prune(rt).ok
     for region in ("eu", "us"):
         held = names(region)
