@@ -155,15 +155,18 @@ def test_rewritten_with_the_signing_key_and_checked_with_the_public_key_alone(
     signer = generate_signing_key(tmp_path / "signing.key")
     lines: list[bytes] = []
     prev = audit_chain.GENESIS
-    for seq, (event, fields) in enumerate([("snapshot.committed", {"source": "db"}),
-                                            ("drill", {"source": "db", "ok": False}),
-                                            ("snapshot.committed", {"source": "db"})]):
+    # A signed log opens with the handover to its key (audit_chain.HANDOVER).
+    for seq, (event, fields) in enumerate([(audit_chain.HANDOVER,
+                                            audit_chain.handover_fields(signer.public)),
+                                           ("snapshot.committed", {"source": "db"}),
+                                           ("drill", {"source": "db", "ok": False}),
+                                           ("snapshot.committed", {"source": "db"})]):
         line = audit_chain.make_line(seq, f"2031-03-01T02:00:0{seq}+00:00", event, fields,
                                      prev, signer)
         lines.append(line)
         prev = audit_chain.line_hash(line)
     chain = anchors.chain_of(lines) or ""
-    raw = anchors.document("dr-1", chain, 2, audit_chain.line_hash(lines[2]),
+    raw = anchors.document("dr-1", chain, 3, audit_chain.line_hash(lines[3]),
                            datetime(2031, 3, 1, 2, 1, tzinfo=UTC))
     token = tsa.request(tsa_server.url, raw)
     anchored = [anchors.parse(raw, token, ["witness"])]
@@ -171,13 +174,13 @@ def test_rewritten_with_the_signing_key_and_checked_with_the_public_key_alone(
     assert audit_chain.verify_lines(lines, public).ok
     assert anchors.check_extends(lines, anchored, tsa_server.ca) == []
 
-    forged = rechain(lines, signer, drop=1)
+    forged = rechain(lines, signer, drop=2)
     assert audit_chain.verify_lines(forged, public).ok  # the key alone cannot tell
     [problem] = anchors.check_extends(forged, anchored, tsa_server.ca)
-    assert problem.startswith("rewrite: anchored record 2 ")
+    assert problem.startswith("rewrite: anchored record 3 ")
     assert f"TSA time {anchored[0].tsa_time}" in problem and "in witness" in problem
     # Cut to before the anchor, or replaced by another chain: a rewrite too.
-    assert "beyond the log's 2 records" in anchors.check_extends(lines[:2], anchored, None)[0]
+    assert "beyond the log's 3 records" in anchors.check_extends(lines[:3], anchored, None)[0]
     assert "belongs to chain" in anchors.check_extends([], anchored, None)[0]
 
     # A token made up by the operator (his own CA) or over other bytes does not verify.
