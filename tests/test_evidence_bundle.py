@@ -10,7 +10,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 from conftest import S3Region
@@ -18,12 +20,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import Setup, directory_source, drctl, make_setup, run_cli
 
-from drdaemon import audit
-from drdaemon.audit_chain import GENESIS, RESERVED, line_hash, make_line, parse_records
-from drdaemon.audit_chain import verify_public as chain_verify_public
+from drdaemon import anchors, audit
+from drdaemon.audit_chain import line_hash
 from drdaemon.drills.records import DrillRecord, matches_audit
 from drdaemon.evidence_check import parse_sums
-from drdaemon.signing import SigningKey, generate_signing_key, load_signing_key, public_path
+from drdaemon.signing import generate_signing_key, load_signing_key, public_path
 
 
 def with_signing_key(setup: Setup) -> Path:
@@ -33,26 +34,6 @@ def with_signing_key(setup: Setup) -> Path:
     setup.config.write_text(setup.config.read_text().replace(
         mkey, mkey + f'signing_key_file = "{key}"\n'))
     return key
-
-
-def sign_log_as_signing_will(state: Path, key: SigningKey) -> None:
-    """TEST STAND-IN until helper "signing" lands (audit.append signing with the signing
-    key): the log as that append writes it, a handover record `audit.signing-key` first,
-    then every record signed with the key. With "signing" merged the log already
-    verifies with the public key and this does nothing."""
-    lines = audit.read_lines(state)
-    if chain_verify_public(lines, key.public).ok:
-        return
-    docs = parse_records(lines)
-    bodies = [("audit.signing-key", docs[0]["time"],
-               {"fingerprint": key.fingerprint, "public_key": key.public.pem().decode()})]
-    bodies += [(d["event"], d["time"], {k: v for k, v in d.items()
-                                        if k not in RESERVED or k == "withheld"}) for d in docs]
-    out, prev = [], GENESIS
-    for seq, (event, at, fields) in enumerate(bodies):
-        out.append(make_line(seq, at, event, fields, prev, key))
-        prev = line_hash(out[-1])
-    audit.log_path(state).write_bytes(b"".join(out))
 
 
 def verify_commands(bundle: Path) -> list[str]:
@@ -81,10 +62,14 @@ def test_bundle_checks_with_stock_tools_and_drctl(tmp_path: Path,
     key_file = with_signing_key(setup)
     [snap] = setup.drctl_json("backup")
     [drill] = setup.drctl_json("drill", "run")["drills"]
-    sign_log_as_signing_will(setup.state, load_signing_key(key_file))
-    anchors = setup.state / "audit-anchors"  # as anchors.py keeps them
-    anchors.mkdir(mode=0o700)
-    (anchors / "000000000001.json").write_text('{"format":"drdaemon.audit-anchor"}')
+    # An anchor of record 1, as the anchor job keeps it in the state folder (its
+    # time-stamp token is another test's matter: tests/test_anchors.py).
+    lines = audit.read_lines(setup.state)
+    anchor = anchors.document(socket.gethostname(), anchors.chain_of(lines) or "", 1,
+                              line_hash(lines[1]), datetime.now(UTC))
+    folder = setup.state / anchors.FOLDER
+    folder.mkdir(mode=0o700)
+    (folder / "000000000001.json").write_bytes(anchor)
 
     out = tmp_path / "out" / "bundle"
     out.parent.mkdir()
