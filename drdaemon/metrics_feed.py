@@ -25,10 +25,12 @@ from .metrics import (
     CopyVerified,
     DrillRecordLike,
     InventoryRun,
+    KeysRun,
     ListedSnapshot,
     MetricsState,
     OrphanSeen,
     PruneRun,
+    RecipientSeen,
     RepairDone,
     ReplicateRun,
     SnapshotAttempt,
@@ -39,6 +41,7 @@ from .metrics import (
     VerifyRun,
     failure_reason,
 )
+from .proof_log import KeysCheck
 from .prune import PruneReport
 from .replicate import ReplicationReport
 from .runtime import Runtime
@@ -92,6 +95,13 @@ def audit_run(check: audit_mirror.AuditCheck) -> AuditRun:
                     {r: AuditCopy(v.ok, v.records) for r, v in check.regions.items()})
 
 
+def keys_run(check: KeysCheck) -> KeysRun:
+    """Pure: a keys check's recipients (when each was last proven) and missing wrappings."""
+    return KeysRun(tuple(RecipientSeen(r.name, r.fingerprint, r.last_proven.timestamp()
+                                       if r.last_proven else None) for r in check.recipients),
+                   dict(check.missing))
+
+
 def inventory_run(inv: Inventory, tenants: Mapping[str, tenancy.TenantConfig]) -> InventoryRun:
     """Pure: the unmanaged sources an inventory found, each with its tenant's erasure
     window (the shortest of a shared label's tenants; the default if none is configured)."""
@@ -116,6 +126,8 @@ def record_report(st: MetricsState, report: object) -> None:
         st.record_verify(verify_run(report))
     elif isinstance(report, audit_mirror.AuditCheck):
         st.record_audit(audit_run(report))
+    elif isinstance(report, KeysCheck):
+        st.record_keys(keys_run(report))
 
 
 def record_inventory(st: MetricsState, inv: Inventory,

@@ -64,7 +64,7 @@ BAD = [
     ('part_size = "5MiB"', 'part_size = "1MiB"', ["pipeline.part_size", "5MiB"]),
     ('name = "us"', 'name = "eu"', ["regions[1].name", "duplicate 'eu'"]),
     ('kind = "local"', 'kind = "ftp"', ["regions[0].kind", "'s3' or 'local'"]),
-    ('recipients = ["', 'recipients = ["age1nope", "', ["keys.recipients[0]", "age"]),
+    ('recipients = [', 'recipients = ["age1nope", ', ["keys.recipients[0]", "age"]),
     ('recipients = [', 'recipients = [] #', ["keys.recipients", "at least one"]),
     ('manifest_key_file = "', 'manifest_key_file = "/nonexistent', ["keys.manifest_key_file",
                                                                     "existing file"]),

@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "drdaemon"
 SERVICES = {"backup", "restore", "prune", "trash", "replicate", "verify", "drills",
             "drill_scratch", "drill_records", "orphans", "catalog", "status", "audit",
             "audit_mirror", "export", "export_doc", "export_files", "offboarding", "erasure",
-            "erasure_records", "erasure_sweep", "inventory", "tenant_keys"}
+            "erasure_records", "erasure_sweep", "inventory", "tenant_keys",
+            "key_proof", "proof_log"}
 ABOVE_SERVICES = ("drdaemon.cli", "drdaemon.scheduler", "drdaemon.metrics",
                   "drdaemon.metrics_feed")
 ADAPTER_PACKAGES = ("drdaemon.storage", "drdaemon.sources")

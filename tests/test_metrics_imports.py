@@ -23,7 +23,7 @@ FORBIDDEN = frozenset({
     "runtime", "scheduler", "shrink", "slo", "sources", "state", "status", "storage", "streams",
     "trash", "verify",
     "export", "export_doc", "export_files", "erasure", "erasure_records", "erasure_sweep",
-    "tenant_keys", "tenant_key_record",
+    "tenant_keys", "tenant_key_record", "key_proof", "proof_log",
 })
 
 

@@ -95,7 +95,7 @@ def config_check(ctx: click.Context, connect: bool, as_json: bool) -> None:
 
 @cli.group("keys")
 def keys_group() -> None:
-    """Make key material."""
+    """Make, prove and rewrap key material."""
 
 
 @keys_group.command("generate")
@@ -350,3 +350,7 @@ cli.add_command(snapshots_group)
 from . import tenant_lifecycle  # noqa: E402,F401 - registers its commands on tenant_group
 
 cli.add_command(tenant_group)
+
+from .keys_prove import keys_prove  # noqa: E402 - registered after the group exists
+
+keys_group.add_command(keys_prove)

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from pyrage import x25519
 
-from .. import catalog, slo, tenant_keys
+from .. import catalog, key_proof, slo, tenant_keys
 from .. import facts as facts_object
 from ..catalog import SnapshotEntry
 from ..config import SourceConfig
@@ -102,13 +102,16 @@ def restore_and_verify(d: Drill, identities: Sequence[x25519.Identity]) -> None:
     if expected is None:
         return
     try:  # the identities that open this snapshot: a tenant key is unwrapped here
-        identities = tenant_keys.snapshot_identities(d.rt, m, identities)
+        operators, identities = identities, tenant_keys.snapshot_identities(d.rt, m, identities)
     except UsageError as exc:
         d.fail(NO_IDENTITY, str(exc))
         return
     except DrError as exc:
         d.fail(CORRUPT, str(exc))
         return
+    if m.tenant_key is not None:  # a side effect: the operator recipient opened that key
+        key_proof.record_drill_unwrap(d.rt, m.tenant_key.tenant, m.tenant_key.key_id,
+                                      operators)
     clock = StreamClock()
     scratch = Scratch(d, m, expected, identities)
     try:

@@ -12,7 +12,8 @@ The package imports no service (backup, prune, catalog, status, ...): jobs
 depend on the metrics, never the other way round (tests/test_metrics_imports.py).
 
 - observations.py: the plain data jobs hand in, one type per kind of outcome
-  (InventoryRun: data in storage that no configured source owns any more);
+  (InventoryRun: data in storage that no configured source owns any more; KeysRun:
+  when each operator recipient was last proven, tenant keys lacking one);
 - views.py: pure views (:func:`source_view`, :func:`failure_reason`,
   :func:`drill_views`, :func:`schedule_view`, :func:`audit_views`, :func:`orphan_views`);
 - state.py: :class:`MetricsState` and how each observation changes it;
@@ -35,9 +36,11 @@ from .observations import (
     CopyVerified,
     DrillRecordLike,
     InventoryRun,
+    KeysRun,
     ListedSnapshot,
     OrphanSeen,
     PruneRun,
+    RecipientSeen,
     RepairDone,
     ReplicateRun,
     SnapshotAttempt,
@@ -74,9 +77,9 @@ __all__ = [
     "ERASURE_OUTCOMES", "FAILURE_REASONS", "ORPHANS_FILE", "PROMISED_SPAN", "REGION_LABELS",
     "SOURCE_LABELS", "TENANT_STATES",
     "AuditCopy", "AuditRun", "AuditView", "CopyVerified", "DrillRecordLike", "DrillView",
-    "InventoryRun",
+    "InventoryRun", "KeysRun",
     "ListedSnapshot", "MetricsServer", "MetricsState", "OrphanSeen", "OrphanView", "PruneRun",
-    "RepairDone", "ReplicateRun", "SnapshotAttempt", "SourceInfo", "SourceListing",
+    "RecipientSeen", "RepairDone", "ReplicateRun", "SnapshotAttempt", "SourceInfo", "SourceListing",
     "SourceView", "StateCollector", "StorageRefresh", "TenantLifecycle",
     "UnmanagedSeen",
     "VerifyRun", "WSGIServer", "__version__",

@@ -75,7 +75,33 @@ def families(st: MetricsState, now: datetime) -> list[Metric]:
     out += _audit_families(st)
     out += _tenant_families(st)
     out += _unmanaged_families(st)
+    out += _key_families(st)
     return out
+
+
+def _key_families(st: MetricsState) -> list[Metric]:
+    """The operator recipients (ops, escrow): when each was last proven to open every
+    tenant key, and the tenant keys not wrapped to one; from the last keys check."""
+    labels = ["recipient", "fingerprint"]
+    max_age = _gauge("drdaemon_recipient_proof_max_age_seconds",
+                     "How long a configured recipient may go without a proof that its "
+                     "identity opens every tenant key ([keys] proof_max_age).", labels)
+    proven = _gauge("drdaemon_recipient_last_proven_timestamp_seconds",
+                    "When the recipient's identity was last shown to open what it must "
+                    "(drctl keys prove, the daemon's keys job, a drill); absent: never.",
+                    labels)
+    missing = _gauge("drdaemon_tenant_keys_missing_recipient",
+                     "Keys of the tenant not wrapped to the configured recipient "
+                     "(from the keys' records).", ["tenant", *labels])
+    if st.keys is not None:
+        names = {r.fingerprint: r.name for r in st.keys.recipients}
+        for r in st.keys.recipients:
+            max_age.add_metric([r.name, r.fingerprint], st.proof_max_age)
+            if r.last_proven is not None:
+                proven.add_metric([r.name, r.fingerprint], r.last_proven)
+        for (tenant, fp), n in sorted(st.keys.missing.items()):
+            missing.add_metric([tenant, names.get(fp, ""), fp], n)
+    return [max_age, proven, missing]
 
 
 def _unmanaged_families(st: MetricsState) -> list[Metric]:

@@ -19,6 +19,7 @@ from ..config import Config
 from .observations import (
     AuditRun,
     InventoryRun,
+    KeysRun,
     PruneRun,
     ReplicateRun,
     SnapshotAttempt,
@@ -75,6 +76,8 @@ class MetricsState:
     erasures: Counter[tuple[str, str]] = field(default_factory=Counter)  # (tenant, outcome)
     # source -> what the last complete inventory found unmanaged (inventory.py)
     unmanaged: dict[str, UnmanagedSeen] = field(default_factory=dict)
+    proof_max_age: float = 90 * 86400.0  # [keys] proof_max_age
+    keys: KeysRun | None = None  # None until the first keys check
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @classmethod
@@ -93,7 +96,8 @@ class MetricsState:
                                             start).total_seconds()
                      for tier in sorted({s.tier for s in cfg.sources})}
         return cls(sources, tuple(r.name for r in cfg.regions), tiers,
-                   drill_intervals=intervals)
+                   drill_intervals=intervals,
+                   proof_max_age=cfg.keys.proof_max_age.total_seconds())
 
     @contextmanager
     def job(self, name: str, now: Callable[[], datetime]) -> Iterator[None]:
@@ -182,6 +186,11 @@ class MetricsState:
         views = {t.tenant: t for t in tenants}
         with self.lock:
             self.tenants = views
+
+    def record_keys(self, run: KeysRun) -> None:
+        """Keep what the daemon's keys check found."""
+        with self.lock:
+            self.keys = run
 
     def record_erasure(self, tenant: str, outcome: str) -> None:
         """Count what the erasure job did with one due erasure."""
