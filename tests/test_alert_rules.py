@@ -44,6 +44,8 @@ ALERTS = {
     "DrdaemonAuditVerifyMissing": "audit-verify-missing",
     "DrdaemonTenantErasureDueSoon": "tenant-erasure-due",
     "DrdaemonTenantErasureOverdue": "tenant-erasure-overdue",
+    "DrdaemonRecipientUnproven": "escrow-drill",
+    "DrdaemonTenantKeyMissingRecipient": "escrow-drill",
     "DrdaemonDown": "daemon-down",
     "DrdaemonAbsent": "daemon-absent",
 }

@@ -46,6 +46,8 @@ ALERT_RUNBOOKS = {
     "DrdaemonAuditVerifyMissing": "audit-verify-missing.md",
     "DrdaemonTenantErasureDueSoon": "tenant-erasure-due.md",
     "DrdaemonTenantErasureOverdue": "tenant-erasure-overdue.md",
+    "DrdaemonRecipientUnproven": "escrow-drill.md",
+    "DrdaemonTenantKeyMissingRecipient": "escrow-drill.md",
     "DrdaemonDown": "daemon-down.md",
     "DrdaemonAbsent": "daemon-absent.md",
 }
