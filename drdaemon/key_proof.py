@@ -146,6 +146,9 @@ def judge(identities: Sequence[x25519.Identity], sealed: Iterable[Sealed],
     for ident in identities:
         fp = fingerprint(str(ident.to_public()))
         proof = RecipientProof(fp, names.get(fp, "not in [keys] recipients"))
+        if not items:  # opening nothing proves nothing
+            proof.failures.append("nothing to open: no tenant key and no single-key "
+                                  "snapshot was found in any region")
         for s in items:
             if s.blob is None:
                 proof.failures.append(f"{s.what}: {s.why}")

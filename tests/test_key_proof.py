@@ -118,6 +118,10 @@ def test_prove_passes_for_ops_and_escrow_and_names_a_key_without_escrow(
 
 def test_single_key_snapshots_are_proven_by_their_header(setup: Setup, tmp_path: Path,
                                                          s3_regions: list[S3Region]) -> None:
+    missing = setup.drctl("keys", "prove", "--identity", str(tmp_path / "nope.txt"))
+    assert missing.exit_code == 2 and missing.stderr.count("\n") == 1
+    code, out = prove(setup, setup.identity)  # before any backup: nothing proves it
+    assert code == 1 and out["recipients"][0]["failures"][0].startswith("nothing to open")
     [snap] = setup.drctl_json("backup", "--source", "files-uni-a")
     downgrade(setup, "files-uni-a", snap["snapshot_id"])  # a version-1 snapshot
     for identity in (setup.identity, setup.escrow):
