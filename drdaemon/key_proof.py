@@ -207,7 +207,8 @@ def single_key_headers(rt: Runtime) -> list[Sealed]:
     """The age header of the newest snapshot of each configured source, where that
     snapshot is of the older single-key format (encrypted to [keys] recipients): read
     from each region that holds it, with one ranged read each."""
-    listing = catalog.list_snapshots(rt)
+    # The daemon's cache spares a GET of every manifest it authenticated before.
+    listing = catalog.list_snapshots(rt, cache=rt.manifest_cache)
     configured = {s.name for s in rt.config.sources}
     out = [Sealed(f"region {r}", None, f"cannot be listed ({why})")
            for r, why in sorted(listing.region_errors.items())]
