@@ -68,6 +68,8 @@ class DaemonConfig:
     verify_schedule: str = "0 5 * * 0"
     # The audit log and its copy in every region are checked daily (and at start).
     audit_schedule: str = "45 5 * * *"
+    # The identity the daemon holds is proven daily (and at start): proof_log.py.
+    prove_schedule: str = "15 5 * * *"
     # Optional: an advisory lock in this PostgreSQL database, so that daemons on
     # two hosts with the same config never both run jobs.
     lock_dsn: str | None = None
@@ -104,6 +106,8 @@ class KeysConfig:
     # The Ed25519 key that signs the audit log (signing.py); None: HMAC only, and
     # nobody without the manifest key can check the evidence.
     signing_key_file: Path | None = None
+    # A recipient not proven (drctl keys prove) for longer than this alerts.
+    proof_max_age: timedelta = timedelta(days=90)
 
 
 @dataclass(frozen=True)
@@ -354,7 +358,8 @@ class _Parser:
                     prune_schedule=cron("prune_schedule"),
                     replicate_schedule=cron("replicate_schedule"),
                     verify_schedule=cron("verify_schedule"),
-                    audit_schedule=cron("audit_schedule"))
+                    audit_schedule=cron("audit_schedule"),
+                    prove_schedule=cron("prove_schedule"))
         t.done()
         return d
 
@@ -398,6 +403,10 @@ class _Parser:
             recipients.append(rec)
         if not recipients and not generate:
             self.fail("keys.recipients", "at least one age recipient", "an empty list")
+        max_age = t.convert("proof_max_age", parse_duration, timedelta(days=90),
+                            what="a duration like 90d")
+        if max_age <= timedelta(0):
+            self.fail(t.key("proof_max_age"), "a positive duration like 90d", max_age)
         identity = t.take("identity_file", str, None)
         identity_path = self.resolve(identity) if identity else None
         mkey = self.resolve(t.take("manifest_key_file", str, what="a path to the manifest key"))
@@ -415,7 +424,7 @@ class _Parser:
                       "(make one with: drctl keys signing-key --out FILE)", str(signing_path))
         t.done()
         return KeysConfig(tuple(recipients), identity_path, mkey, generate, names,
-                          signing_path)
+                          signing_path, max_age)
 
     def pipeline(self, t: Table) -> PipelineConfig:
         level = t.take("zstd_level", int, 3)

@@ -26,10 +26,12 @@ from .metrics import (
     CopyVerified,
     DrillRecordLike,
     InventoryRun,
+    KeysRun,
     ListedSnapshot,
     MetricsState,
     OrphanSeen,
     PruneRun,
+    RecipientSeen,
     RepairDone,
     ReplicateRun,
     SnapshotAttempt,
@@ -41,6 +43,7 @@ from .metrics import (
     VerifyRun,
     failure_reason,
 )
+from .proof_log import KeysCheck
 from .prune import PruneReport
 from .replicate import ReplicationReport
 from .runtime import Runtime
@@ -115,6 +118,13 @@ def anchor_run(report: anchors.AnchorReport) -> AnchorRun:
                      tuple(sorted(report.failures)))
 
 
+def keys_run(check: KeysCheck) -> KeysRun:
+    """Pure: a keys check's recipients (when each was last proven) and missing wrappings."""
+    return KeysRun(tuple(RecipientSeen(r.name, r.fingerprint, r.last_proven.timestamp()
+                                       if r.last_proven else None) for r in check.recipients),
+                   dict(check.missing))
+
+
 def inventory_run(inv: Inventory, tenants: Mapping[str, tenancy.TenantConfig]) -> InventoryRun:
     """Pure: the unmanaged sources an inventory found, each with its tenant's erasure
     window (the shortest of a shared label's tenants; the default if none is configured)."""
@@ -141,6 +151,8 @@ def record_report(st: MetricsState, report: object) -> None:
         st.record_audit(audit_run(report))
     elif isinstance(report, anchors.AnchorReport):
         st.record_anchor(anchor_run(report))
+    elif isinstance(report, KeysCheck):
+        st.record_keys(keys_run(report))
 
 
 def record_inventory(st: MetricsState, inv: Inventory,

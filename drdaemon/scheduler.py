@@ -36,6 +36,7 @@ from . import (
     locks,
     metrics,
     metrics_feed,
+    proof_log,
     slo,
     standby,
     state,
@@ -289,7 +290,8 @@ class Daemon:
         return [s.name for s in due]
 
     def maintenance_job(self, name: str, fn: Callable[[], Any]) -> None:
-        """Run prune/replicate/verify/audit/drills; log one line with its outcome; never raises."""
+        """Run prune/replicate/verify/audit/keys/drills; log one line with its outcome; never
+        raises."""
         try:
             with self.metrics.job(name, self.rt.clock):
                 report = fn()
@@ -304,9 +306,10 @@ class Daemon:
             log.error("%s failed: %s", name, exc, extra={"job": name, "ok": False})
         except Exception:
             log.exception("%s crashed", name, extra={"job": name, "ok": False})
-        # Prune, repair and drills change what every source holds; the audit
-        # check and the anchor job change no snapshot and record their own metrics above.
-        if not self.rt.stopping.is_set() and name not in ("audit", "anchor"):
+        # Prune, repair and drills change what every source holds; the audit check,
+        # the anchor job and the keys check change no snapshot and record their own
+        # metrics above.
+        if not self.rt.stopping.is_set() and name not in ("audit", "anchor", "keys"):
             self.refresh_metrics()
 
     def _keep_orphan_gauges(self) -> None:
@@ -376,6 +379,11 @@ class Daemon:
                                                               cfg.jitter),
                                id="erasure", name="erasure deadlines",
                                next_run_time=datetime.now(self.tz))
+        # The keys metrics at start too, from what the logs say: the daemon's own proof
+        # waits for prove_schedule (a restart adds no record to the audit log).
+        self.scheduler.add_job(self.maintenance_job, "date", run_date=datetime.now(self.tz),
+                               args=("keys", lambda: proof_log.check(self.rt, prove_own=False)),
+                               id="keys:start", name="keys (at start)")
         self.scheduler.add_job(self.catch_up, "interval",
                                seconds=WATCHDOG_INTERVAL.total_seconds(), id="watchdog",
                                name="rpo watchdog")
@@ -414,6 +422,9 @@ class Daemon:
                 ("replicate", cfg.replicate_schedule, lambda: run_replicate(rt, repair=True)),
                 ("verify", cfg.verify_schedule, lambda: run_verify(rt)),
                 ("audit", cfg.audit_schedule, lambda: audit_mirror.verify_everywhere(rt)),
+                # Prove the identity the daemon holds; read every recipient's last proof,
+                # also those mirrored from other hosts (the offline escrow machine).
+                ("keys", cfg.prove_schedule, lambda: proof_log.check(rt)),
                 # Data no configured source owns any more (inventory.py): one listing
                 # of sources/ per region, as often as replication checks the copies.
                 ("tenants", cfg.replicate_schedule, self.take_inventory),

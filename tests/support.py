@@ -19,13 +19,16 @@ from drdaemon.keys import generate_identity, generate_manifest_key
 
 @dataclass
 class Setup:
-    """A config on disk with its key files."""
+    """A config on disk with its key files: two operator recipients, as recommended,
+    ops (`identity`, the config's identity_file) and an offline escrow one (`escrow`)."""
 
     config: Path
     identity: Path
     manifest_key: Path
     recipient: str
     state: Path
+    escrow: Path
+    escrow_recipient: str
 
     def drctl(self, *args: str) -> Result:
         return drctl([ "--config", str(self.config), *args])
@@ -58,19 +61,23 @@ def make_setup(tmp: Path, regions: list[str], sources: list[str], extra: str = "
     keys = tmp / "keys"
     identity = keys / "identity.txt"
     mkey = keys / "manifest.key"
+    escrow = keys / "escrow.txt"
     recipient = generate_identity(identity)
+    escrow_recipient = generate_identity(escrow)
     generate_manifest_key(mkey)
     state = tmp / "state"
     text = (
         f'[daemon]\nstate_dir = "{state}"\n{daemon}\n'
-        f'[keys]\nrecipients = ["{recipient}"]\nidentity_file = "{identity}"\n'
+        f'[keys]\nrecipients = [{{ recipient = "{recipient}", name = "ops" }}, '
+        f'{{ recipient = "{escrow_recipient}", name = "escrow" }}]\n'
+        f'identity_file = "{identity}"\n'
         f'manifest_key_file = "{mkey}"\n\n'
         '[pipeline]\nzstd_level = 3\nzstd_threads = 0\npart_size = "5MiB"\n\n'
         + extra + "\n" + "\n".join(regions) + "\n" + "\n".join(sources)
     )
     config = tmp / "drdaemon.toml"
     config.write_text(text)
-    return Setup(config, identity, mkey, recipient, state)
+    return Setup(config, identity, mkey, recipient, state, escrow, escrow_recipient)
 
 
 def directory_source(name: str, path: Path, tier: str = "paid", tenant: str = "uni-a") -> str:

@@ -48,6 +48,8 @@ ALERTS = {
     "DrdaemonStandbyMissing": "standby-lag",
     "DrdaemonStandbyLagging": "standby-lag",
     "DrdaemonStandbyNotReplaying": "standby-lag",
+    "DrdaemonRecipientUnproven": "escrow-drill",
+    "DrdaemonTenantKeyMissingRecipient": "escrow-drill",
     "DrdaemonDown": "daemon-down",
     "DrdaemonAbsent": "daemon-absent",
 }

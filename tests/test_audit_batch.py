@@ -212,7 +212,8 @@ def test_repair_drill_and_verify_runs_mirror_once_per_region(tmp_path: Path) -> 
     assert [r.verified for r in run.records] == [True] * 3
     for region, p in proxies.items():
         assert (mirror_lists(p), mirror_puts(p)) == (1, 1)
-        assert mirrored_records(rt, region) == before + 9  # a drill and a key unwrap each
+        # a drill, a key unwrap and the proof of the recipient that unwrapped it, each
+        assert mirrored_records(rt, region) == before + 12
 
     # Two copies lost in eu: verify records a failure per copy, mirrored once.
     for name in names[:2]:
@@ -222,9 +223,9 @@ def test_repair_drill_and_verify_runs_mirror_once_per_region(tmp_path: Path) -> 
     checked = run_verify(rt)
     assert len(checked.failures) == 2
     records = audit_chain.parse_records(audit.read_lines(setup.state))
-    events = [r["event"] for r in records[before + 9:]]
+    events = [r["event"] for r in records[before + 12:]]
     assert events == ["verify.failed", "verify.failed", "verify.finished"]
     for region, p in proxies.items():
         assert (mirror_lists(p), mirror_puts(p)) == (1, 1)
-        assert mirrored_records(rt, region) == before + 12
+        assert mirrored_records(rt, region) == before + 15
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from support import directory_source, drctl, local_region, make_setup
 
 WORDS = ["backup", "restore", "snapshots", "list", "show", "status", "prune", "replicate",
-         "verify", "config", "check", "keys", "generate", "latest", "--source", "--to",
+         "verify", "config", "check", "keys", "generate", "prove", "latest", "--source", "--to",
          "--region", "--force", "--json", "--dry-run", "--undo", "--id", "--deep",
          "--identity", "files", "nope", "eu", "../../etc", "20261123T000000Z-00000000", "",
          "--out", "-x", "\x00", "é"]

@@ -96,14 +96,15 @@ def test_backup_lists_and_restores_from_each_region(setup: Setup, tree: Path, tm
 def test_break_glass_with_stock_age_zstd_tar(setup: Setup, tree: Path, tmp_path: Path,
                                              s3_regions: list[S3Region]) -> None:
     """runbooks/break-glass-restore.md: unwrap the tenant key with age, then age | zstd | tar;
-    a snapshot written before tenant keys (version 1) with the old commands."""
+    a snapshot written before tenant keys (version 1) with the old commands. With the
+    offline escrow identity alone: the day the ops key is gone."""
     [snap] = setup.drctl_json("backup")
     region = s3_regions[1]
     work = tmp_path / "work"
     work.mkdir()
     break_glass_fetch(region, "lms-files", snap["snapshot_id"], "directory", work)
     assert manifest_version(work) == 3
-    tenant_key = break_glass_unwrap(region, setup.identity, work)
+    tenant_key = break_glass_unwrap(region, setup.escrow, work)
     out = tmp_path / "glass"
     out.mkdir()
     break_glass_restore("directory", tenant_key, work, str(out))
@@ -114,7 +115,7 @@ def test_break_glass_with_stock_age_zstd_tar(setup: Setup, tree: Path, tmp_path:
     assert manifest_version(work) == 1
     old = tmp_path / "glass-old"
     old.mkdir()
-    break_glass_restore("directory", setup.identity, work, str(old))
+    break_glass_restore("directory", setup.escrow, work, str(old))
     assert_same_tree(tree, old)
 
 
@@ -323,13 +324,9 @@ def test_manifest_refused_in_one_region_removes_its_data_and_commits_the_others(
 
 
 def test_wrong_identity_error_names_the_configured_keys(setup: Setup, tmp_path: Path) -> None:
-    from drdaemon.keys import fingerprint, generate_identity
+    from drdaemon.keys import fingerprint
 
-    escrow = generate_identity(tmp_path / "escrow.txt")
-    text = setup.config.read_text()
-    named = (f'recipients = [{{ recipient = "{setup.recipient}", name = "ops" }}, '
-             f'{{ recipient = "{escrow}", name = "escrow" }}]')
-    setup.config.write_text(text.replace(f'recipients = ["{setup.recipient}"]', named))
+    escrow = setup.escrow_recipient  # make_setup names both: ops and escrow
     setup.drctl_json("backup")
     keygen = setup.drctl("keys", "generate", "--out", str(tmp_path / "other.txt"))
     assert keygen.exit_code == 0 and keygen.stdout.startswith("age1")

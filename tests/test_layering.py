@@ -18,7 +18,8 @@ SERVICES = {"backup", "restore", "prune", "trash", "replicate", "verify", "drill
             "drill_scratch", "drill_records", "orphans", "catalog", "status", "audit",
             "audit_mirror", "export", "export_doc", "export_files", "offboarding", "erasure",
             "erasure_records", "erasure_sweep", "inventory", "tenant_keys", "key_rotation",
-            "evidence", "evidence_check", "standby", "recovery", "uploads", "anchors"}
+            "evidence", "evidence_check", "standby", "recovery", "uploads", "anchors",
+            "key_proof", "proof_log"}
 ABOVE_SERVICES = ("drdaemon.cli", "drdaemon.scheduler", "drdaemon.metrics",
                   "drdaemon.metrics_feed")
 ADAPTER_PACKAGES = ("drdaemon.storage", "drdaemon.sources")

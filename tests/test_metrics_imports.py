@@ -30,6 +30,7 @@ FORBIDDEN = frozenset({
     "standby",
     "recovery", "recovery_plan", "uploads",
     "anchors", "tsa",
+    "key_proof", "proof_log",
 })
 
 

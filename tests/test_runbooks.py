@@ -50,6 +50,8 @@ ALERT_RUNBOOKS = {
     "DrdaemonStandbyMissing": "standby-lag.md",
     "DrdaemonStandbyLagging": "standby-lag.md",
     "DrdaemonStandbyNotReplaying": "standby-lag.md",
+    "DrdaemonRecipientUnproven": "escrow-drill.md",
+    "DrdaemonTenantKeyMissingRecipient": "escrow-drill.md",
     "DrdaemonDown": "daemon-down.md",
     "DrdaemonAbsent": "daemon-absent.md",
 }

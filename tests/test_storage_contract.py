@@ -24,7 +24,7 @@ from botocore.config import Config as BotoConfig
 from conftest import S3Region
 
 from drdaemon.errors import UsageError
-from drdaemon.storage import NotFound, ObjectInfo, ObjectStore, StorageError
+from drdaemon.storage import NotFound, ObjectInfo, ObjectStore, StorageError, read_head
 from drdaemon.storage.local import LocalStore
 from drdaemon.storage.s3 import S3Store
 
@@ -285,6 +285,22 @@ def test_get_bytes_refuses_an_object_larger_than_max_size(case: Case) -> None:
     store.put_bytes("one", b"1")
     with pytest.raises(StorageError):
         store.get_bytes("one", 0)
+
+
+def test_read_head_returns_the_first_bytes_only(case: Case) -> None:
+    store, data = case.store, blob(300_000, seed=7)
+    store.put_bytes("big", data)
+    store.put_bytes("small", b"tiny")
+    seen: list[dict[str, Any]] = []
+    if isinstance(store, S3Store):  # the bytes asked for, not the object: a ranged GET
+        store.client.meta.events.register(
+            "before-call.s3.GetObject", lambda params, **_: seen.append(params))
+    assert read_head(store, "big", 1000) == data[:1000]
+    assert read_head(store, "small", 1000) == b"tiny"
+    assert [p["headers"].get("Range") for p in seen] == (
+        ["bytes=0-999"] * 2 if isinstance(store, S3Store) else [])
+    with pytest.raises(NotFound):
+        read_head(store, "absent", 10)
 
 
 def test_an_object_written_again_has_a_new_version(case: Case) -> None:

@@ -51,15 +51,8 @@ class World:
 
 
 def add_escrow(setup: Setup, tmp: Path) -> tuple[Path, str]:
-    """A second operator recipient (escrow), named, next to the ops one."""
-    escrow = tmp / "keys" / "escrow.txt"
-    rec = generate_identity(escrow)
-    text = setup.config.read_text().replace(
-        f'recipients = ["{setup.recipient}"]',
-        f'recipients = [{{ recipient = "{setup.recipient}", name = "ops" }}, '
-        f'{{ recipient = "{rec}", name = "escrow" }}]')
-    setup.config.write_text(text)
-    return escrow, rec
+    """The second operator recipient (escrow), named, next to the ops one (make_setup)."""
+    return setup.escrow, setup.escrow_recipient
 
 
 def make_world(tmp_path: Path, regions: list[S3Region]) -> World:

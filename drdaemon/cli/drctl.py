@@ -108,7 +108,7 @@ def config_check(ctx: click.Context, connect: bool, as_json: bool) -> None:
 
 @cli.group("keys")
 def keys_group() -> None:
-    """Make key material."""
+    """Make, prove and rewrap key material."""
 
 
 @keys_group.command("generate")
@@ -481,6 +481,8 @@ from . import tenant_lifecycle  # noqa: E402,F401 - registers its commands on te
 
 cli.add_command(tenant_group)
 
+from .keys_prove import keys_prove  # noqa: E402 - registered after the group exists
 from .recovery import recovery_group  # noqa: E402 - registered after the group exists
 
 cli.add_command(recovery_group)
+keys_group.add_command(keys_prove)

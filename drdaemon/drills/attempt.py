@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from pyrage import x25519
 
-from .. import catalog, slo, tenant_keys
+from .. import catalog, key_proof, slo, tenant_keys
 from .. import facts as facts_object
 from ..catalog import SnapshotEntry
 from ..config import SourceConfig
@@ -109,7 +109,7 @@ def restore_and_verify(d: Drill, identities: Sequence[x25519.Identity]) -> None:
     # phases still add up to the RTO.
     unwrap = time.monotonic()
     try:
-        identities = tenant_keys.snapshot_identities(d.rt, m, identities)
+        operators, identities = identities, tenant_keys.snapshot_identities(d.rt, m, identities)
     except UsageError as exc:
         d.fail(NO_IDENTITY, str(exc))
         return
@@ -146,6 +146,11 @@ def restore_and_verify(d: Drill, identities: Sequence[x25519.Identity]) -> None:
         mark = time.monotonic()
         scratch.remove()
         d.timings["cleanup"] = time.monotonic() - mark
+        if m.tenant_key is not None:
+            # A side effect, recorded outside the timed phases: the operator
+            # recipient opened that tenant key.
+            key_proof.record_drill_unwrap(d.rt, m.tenant_key.tenant, m.tenant_key.key_id,
+                                          operators)
 
 
 def _expected_facts(d: Drill, store: ObjectStore, m: Manifest) -> dict[str, Any] | None:

@@ -13,7 +13,8 @@ depend on the metrics, never the other way round (tests/test_metrics_imports.py)
 
 - observations.py: the plain data jobs hand in, one type per kind of outcome
   (InventoryRun: data in storage that no configured source owns any more; StandbySeen:
-  a hot standby as the last poll judged it);
+  a hot standby as the last poll judged it; KeysRun: when each operator recipient was
+  last proven, tenant keys lacking one);
 - views.py: pure views (:func:`source_view`, :func:`failure_reason`,
   :func:`drill_views`, :func:`schedule_view`, :func:`audit_views`, :func:`orphan_views`);
 - state.py: :class:`MetricsState` and how each observation changes it;
@@ -37,9 +38,11 @@ from .observations import (
     CopyVerified,
     DrillRecordLike,
     InventoryRun,
+    KeysRun,
     ListedSnapshot,
     OrphanSeen,
     PruneRun,
+    RecipientSeen,
     RepairDone,
     ReplicateRun,
     SnapshotAttempt,
@@ -79,10 +82,11 @@ __all__ = [
     "SOURCE_LABELS", "STANDBY_STATES", "TENANT_STATES",
     "AnchorRun", "AuditCopy", "AuditRun", "AuditView", "CopyVerified", "DrillRecordLike",
     "DrillView",
-    "InventoryRun",
+    "InventoryRun", "KeysRun",
     "ListedSnapshot", "MetricsServer", "MetricsState", "OrphanSeen", "OrphanView", "PruneRun",
-    "RepairDone", "ReplicateRun", "SnapshotAttempt", "SourceInfo", "SourceListing",
-    "SourceView", "StandbySeen", "StateCollector", "StorageRefresh", "TenantLifecycle",
+    "RecipientSeen", "RepairDone", "ReplicateRun", "SnapshotAttempt", "SourceInfo",
+    "SourceListing", "SourceView", "StandbySeen", "StateCollector", "StorageRefresh",
+    "TenantLifecycle",
     "UnmanagedSeen",
     "VerifyRun", "WSGIServer", "__version__",
     "audit_views", "build_registry", "drill_views", "failure_reason", "families",

@@ -150,6 +150,24 @@ class AuditRun:
 
 
 @dataclass(frozen=True)
+class RecipientSeen:
+    """A configured operator recipient and its newest successful proof (None: never)."""
+
+    name: str
+    fingerprint: str
+    last_proven: float | None
+
+
+@dataclass(frozen=True)
+class KeysRun:
+    """The daemon's keys check (proof_log.py): every configured recipient, and per
+    (tenant, recipient fingerprint) how many of the tenant's keys are not wrapped to it."""
+
+    recipients: tuple[RecipientSeen, ...]
+    missing: Mapping[tuple[str, str], int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ListedSnapshot:
     """One snapshot with a readable manifest, as a storage listing found it."""
 

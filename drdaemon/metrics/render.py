@@ -76,6 +76,7 @@ def families(st: MetricsState, now: datetime) -> list[Metric]:
     out += _tenant_families(st)
     out += _unmanaged_families(st)
     out += _standby_families(st)
+    out += _key_families(st)
     return out
 
 
@@ -115,6 +116,31 @@ def _standby_families(st: MetricsState) -> list[Metric]:
         max_s.add_metric(key, s.max_lag_seconds)
         polled.add_metric(key, s.polled_at)
     return [up, state, lag_b, lag_s, paused, stalled, max_b, max_s, polled]
+
+
+def _key_families(st: MetricsState) -> list[Metric]:
+    """The operator recipients (ops, escrow): when each was last proven to open every
+    tenant key, and the tenant keys not wrapped to one; from the last keys check."""
+    labels = ["recipient", "fingerprint"]
+    max_age = _gauge("drdaemon_recipient_proof_max_age_seconds",
+                     "How long a configured recipient may go without a proof that its "
+                     "identity opens every tenant key ([keys] proof_max_age).", labels)
+    proven = _gauge("drdaemon_recipient_last_proven_timestamp_seconds",
+                    "When the recipient's identity was last shown to open what it must "
+                    "(drctl keys prove, the daemon's keys job, a drill); absent: never.",
+                    labels)
+    missing = _gauge("drdaemon_tenant_keys_missing_recipient",
+                     "Keys of the tenant not wrapped to the configured recipient "
+                     "(from the keys' records).", ["tenant", *labels])
+    if st.keys is not None:
+        names = {r.fingerprint: r.name for r in st.keys.recipients}
+        for r in st.keys.recipients:
+            max_age.add_metric([r.name, r.fingerprint], st.proof_max_age)
+            if r.last_proven is not None:
+                proven.add_metric([r.name, r.fingerprint], r.last_proven)
+        for (tenant, fp), n in sorted(st.keys.missing.items()):
+            missing.add_metric([tenant, names.get(fp, ""), fp], n)
+    return [max_age, proven, missing]
 
 
 def _unmanaged_families(st: MetricsState) -> list[Metric]:

@@ -20,6 +20,7 @@ from .observations import (
     AnchorRun,
     AuditRun,
     InventoryRun,
+    KeysRun,
     PruneRun,
     ReplicateRun,
     SnapshotAttempt,
@@ -83,6 +84,8 @@ class MetricsState:
     # source -> what the last complete inventory found unmanaged (inventory.py)
     unmanaged: dict[str, UnmanagedSeen] = field(default_factory=dict)
     standbys: dict[str, StandbySeen] = field(default_factory=dict)  # by standby name
+    proof_max_age: float = 90 * 86400.0  # [keys] proof_max_age
+    keys: KeysRun | None = None  # None until the first keys check
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @classmethod
@@ -101,7 +104,8 @@ class MetricsState:
                                             start).total_seconds()
                      for tier in sorted({s.tier for s in cfg.sources})}
         return cls(sources, tuple(r.name for r in cfg.regions), tiers,
-                   drill_intervals=intervals)
+                   drill_intervals=intervals,
+                   proof_max_age=cfg.keys.proof_max_age.total_seconds())
 
     @contextmanager
     def job(self, name: str, now: Callable[[], datetime]) -> Iterator[None]:
@@ -208,6 +212,11 @@ class MetricsState:
         views = {s.standby: s for s in seen}
         with self.lock:
             self.standbys = views
+
+    def record_keys(self, run: KeysRun) -> None:
+        """Keep what the daemon's keys check found."""
+        with self.lock:
+            self.keys = run
 
     def record_erasure(self, tenant: str, outcome: str) -> None:
         """Count what the erasure job did with one due erasure."""

@@ -12,12 +12,14 @@ from .base import (
     TooLarge,
     Upload,
     check_name,
+    read_head,
 )
 from .local import LocalStore
 from .s3 import S3Store
 
 __all__ = ["NotFound", "ObjectInfo", "ObjectStore", "ObjectVersion", "StorageError", "TooLarge",
-           "Upload", "check_name", "open_store"]
+           "Upload", "check_name", "open_store",
+           "read_head"]
 
 
 def open_store(region: RegionConfig) -> ObjectStore:

@@ -71,6 +71,13 @@ def read_bounded(store: ObjectStore, name: str, max_size: int) -> bytes:
     return data
 
 
+def read_head(store: ObjectStore, name: str, size: int) -> bytes:
+    """At most the first `size` bytes of an object, fetched as such (an S3 ranged GET):
+    for reading an age header without downloading the snapshot behind it."""
+    with store.open_read(name, length=size) as fh:
+        return fh.read(size)
+
+
 # (object name the upload would create, when it began) -> abort it?
 AbortRule = Callable[[str, datetime], bool]
 
@@ -99,7 +106,9 @@ class ObjectStore(Protocol):
 
     def put_bytes(self, name: str, data: bytes, retain_until: datetime | None = None) -> None: ...
 
-    def open_read(self, name: str) -> BinaryIO: ...
+    # `length`: the reader wants at most that many bytes from the start (read_head);
+    # a store may then fetch only those (S3: a ranged GET).
+    def open_read(self, name: str, length: int | None = None) -> BinaryIO: ...
 
     def get_bytes(self, name: str, max_size: int) -> bytes: ...
 

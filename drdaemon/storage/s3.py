@@ -259,9 +259,10 @@ class S3Store:
         except (BotoCoreError, ClientError) as exc:
             raise self.error("write", name, exc) from None
 
-    def open_read(self, name: str) -> BinaryIO:
+    def open_read(self, name: str, length: int | None = None) -> BinaryIO:
+        ranged = {} if length is None else {"Range": f"bytes=0-{max(length, 1) - 1}"}
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(name), **ranged)
         except (BotoCoreError, ClientError) as exc:
             raise self.error("read", name, exc) from None
         return io.BufferedReader(_Body(self, name, resp["Body"]), buffer_size=1 << 20)
