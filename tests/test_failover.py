@@ -35,6 +35,8 @@ BIN = Path(sys.executable).parent
 INTERVAL = 1  # [daemon] takeover_interval in these tests, seconds
 # A standby takes over within two intervals of the lock's release, plus its own start.
 TAKEOVER_BOUND = 2 * INTERVAL + 8
+# Big enough to be caught mid-upload (5 MiB parts), small enough to upload fast.
+BIG_MIB = 25
 
 
 def wait_for(cond, timeout: float = 60.0) -> None:
@@ -136,19 +138,28 @@ def open_uploads(region: S3Region) -> list[dict]:
     return region.client().list_multipart_uploads(Bucket=region.bucket).get("Uploads", [])
 
 
-def test_standby_takes_over_when_the_active_is_killed_mid_upload(
-        tmp_path: Path, s3_regions: list[S3Region], pg_server, running: list[Host]) -> None:
+def active_and_standby(tmp_path: Path, s3_regions: list[S3Region], pg_server,
+                       running: list[Host], lock: str, more: tuple[str, ...] | list[str] = ()
+                       ) -> tuple[Host, Host]:
+    """Two hosts on the two S3 regions with a big source (and `more`): the first one
+    started is active, the second waits."""
     setup = make_setup(tmp_path, [r.toml() for r in s3_regions],
-                       [directory_source("big", big_tree(tmp_path, 40)),
-                        directory_source("small", small_tree(tmp_path))],
-                       daemon=lock_daemon_config(pg_server, "failover-kill"))
+                       [directory_source("big", big_tree(tmp_path, BIG_MIB)), *more],
+                       daemon=lock_daemon_config(pg_server, lock))
     a, b = hosts(tmp_path, setup)
     running += [a, b]
     a.start()
     wait_for(lambda: a.active() == 1)
     b.start()
     wait_for(lambda: b.active() == 0)
-    assert b.said("standby: the cluster lock 'failover-kill' is held by drdaemon daemon")
+    return a, b
+
+
+def test_standby_takes_over_when_the_active_is_killed_mid_upload(
+        tmp_path: Path, s3_regions: list[S3Region], pg_server, running: list[Host]) -> None:
+    a, b = active_and_standby(tmp_path, s3_regions, pg_server, running, "failover-kill",
+                              [directory_source("small", small_tree(tmp_path))])
+    wait_for(lambda: b.said("standby: the cluster lock 'failover-kill' is held by drdaemon daemon"))
     wait_for(lambda: any("/big/" in u["Key"] for u in open_uploads(s3_regions[0])))
 
     a.stop(signal.SIGKILL)
@@ -170,15 +181,7 @@ def test_standby_takes_over_when_the_active_is_killed_mid_upload(
 
 def test_a_holder_that_loses_its_lock_never_commits(
         tmp_path: Path, s3_regions: list[S3Region], pg_server, running: list[Host]) -> None:
-    setup = make_setup(tmp_path, [r.toml() for r in s3_regions],
-                       [directory_source("big", big_tree(tmp_path, 40))],
-                       daemon=lock_daemon_config(pg_server, "failover-lost"))
-    a, b = hosts(tmp_path, setup)
-    running += [a, b]
-    a.start()
-    wait_for(lambda: a.active() == 1)
-    b.start()
-    wait_for(lambda: b.active() == 0)
+    a, b = active_and_standby(tmp_path, s3_regions, pg_server, running, "failover-lost")
     wait_for(lambda: open_uploads(s3_regions[0]) != [])
 
     # The lock server ends the holder's session (as a restart or a cut connection would).

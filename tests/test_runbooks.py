@@ -51,6 +51,7 @@ ALERT_RUNBOOKS = {
     "DrdaemonStandbyLagging": "standby-lag.md",
     "DrdaemonStandbyNotReplaying": "standby-lag.md",
     "DrdaemonDown": "daemon-down.md",
+    "DrdaemonNoActive": "failover.md",
     "DrdaemonAbsent": "daemon-absent.md",
 }
 DISASTER_RUNBOOKS = [
