@@ -168,15 +168,21 @@ class ClusterLock:
 
 @contextmanager
 def hold_in_postgres(dsn: str, name: str) -> Iterator[None]:
-    """Hold a PostgreSQL advisory lock named `name` for the block, or raise Locked.
+    """Hold a PostgreSQL advisory lock named `name` for the block, or raise Locked at once
+    (`drdaemon run --once`; the long-running daemon waits instead, see ClusterLock).
 
     The state-folder lock only sees one host; daemons started on two hosts with
     the same config meet here. The session lock ends with the connection, so a
     crashed daemon never leaves it held.
     """
-    from .sources.pg_session import advisory_lock, describe
+    from .sources.pg_lock import LockSession
+    from .sources.pg_session import describe
 
-    with advisory_lock(dsn, name) as taken:
-        if not taken:
-            raise Locked(f"another drdaemon holds the lock {name!r} in {describe(dsn)}")
+    session = LockSession(dsn, name)
+    try:
+        if not session.try_take():
+            raise Locked(f"another drdaemon holds the lock {name!r} in {describe(dsn)}: "
+                         f"{session.holder()}")
         yield
+    finally:
+        session.close()
