@@ -26,9 +26,10 @@ from conftest import S3Region, find_free_port
 from support import Setup, directory_source, drctl, local_region, make_setup, snapshot_keys
 
 from drdaemon import config as config_mod
-from drdaemon import locks
+from drdaemon import locks, state
 from drdaemon.backup import snapshot
 from drdaemon.runtime import open_runtime
+from drdaemon.scheduler import Daemon
 from drdaemon.sources.pg_lock import lock_key
 
 BIN = Path(sys.executable).parent
@@ -223,6 +224,34 @@ def test_the_commit_is_fenced_when_the_lock_is_gone(tmp_path: Path, pg_server) -
     assert "no longer holds the cluster lock 'fence-check'" in (result.error or "")
     assert len(list((tmp_path / "r-eu").glob("sources/files/manifests/*.json"))) == 1
     assert len(list((tmp_path / "r-eu").glob("sources/files/data/*"))) == 1
+
+
+def test_taking_the_lock_aborts_the_previous_holders_uploads(tmp_path: Path) -> None:
+    """moto dates every upload 2010, so the day-old rule aborts all there: this is the
+    rule itself, on local regions, where an upload's age is its temporary file's."""
+    setup = make_setup(tmp_path, two_local_regions(tmp_path),
+                       [directory_source("files", small_tree(tmp_path))])
+    rt = open_runtime(config_mod.load(setup.config))
+    eu = rt.store("eu")
+    # Begun by the previous holder, on another host: no marker in this state folder.
+    theirs = eu.begin_upload("sources/files/data/20261130T000000Z-0000aaaa.tar.zst.age")
+    theirs.write_part(b"x")
+    # Begun by a live process on this host (a drctl backup): not the previous holder's.
+    ours = eu.begin_upload("sources/files/data/20261130T000000Z-0000bbbb.tar.zst.age")
+    ours.write_part(b"y")
+
+    def open_ones() -> list[str]:
+        return sorted(p.name for p in (tmp_path / "r-eu").rglob(".drdaemon-tmp-*"))
+
+    with state.inflight(setup.state, "20261130T000000Z-0000bbbb", "", "files"):
+        daemon = Daemon(rt)
+        daemon.clean_stale_uploads()  # no cluster lock: the day-old rule only
+        assert len(open_ones()) == 2
+        daemon.lock_taken_at = rt.clock() + timedelta(seconds=1)
+        daemon.clean_stale_uploads()
+        assert [n for n in open_ones() if "0000aaaa" in n] == []
+        assert [n for n in open_ones() if "0000bbbb" in n] != []
+    ours.abort()
 
 
 def test_standby_stops_at_once_on_sigterm(tmp_path: Path, pg_server,
