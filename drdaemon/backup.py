@@ -41,7 +41,7 @@ from .pipeline import Stored, encrypt_and_upload, parse_recipients
 from .runtime import Runtime
 from .sources import kind_for
 from .sources.base import Dump
-from .storage import StorageError, Upload
+from .storage import ObjectStore, StorageError, Upload
 from .tenant_key_record import TenantKey
 
 log = logging.getLogger("drdaemon")
@@ -220,6 +220,14 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
             uploads[name].abort()
             raise
 
+    # Fencing: a daemon that lost the cluster lock commits nothing (another host may
+    # be active now); checked before the data is completed and again before the manifest.
+    try:
+        rt.fence(f"the commit of snapshot {snap_id} of {source.name}")
+    except DrError:
+        for up in uploads.values():
+            up.abort()
+        raise
     # Regions commit side by side: completing a large multipart upload can take
     # seconds per region, and one slow region must not hold up the others.
     errors = _each_region([n for n in uploads if n not in stored.failed], commit)
@@ -239,11 +247,15 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
         except StorageError:
             # Without its manifest the data object is an orphan: remove it now
             # if the region lets us; the replica repair copies it later.
-            for orphan in snap.object_names():
-                with contextlib.suppress(DrError):
-                    store.delete(orphan)
+            _remove_objects(store, snap)
             raise
 
+    try:
+        rt.fence(f"the manifest of snapshot {snap_id} of {source.name}")
+    except DrError:
+        for name in committed:  # completed data without a manifest: an orphan
+            _remove_objects(rt.store(name), snap)
+        raise
     errors = _each_region(committed, publish)
     result.failed_regions.update(errors)
     result.regions.extend(n for n in committed if n not in errors)
@@ -251,6 +263,13 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
         raise StorageError("no region committed the snapshot: " + "; ".join(
             f"{k}: {v}" for k, v in result.failed_regions.items()))
     result.manifest = snap
+
+
+def _remove_objects(store: ObjectStore, snap: Manifest) -> None:
+    """Best effort: the objects of a snapshot whose manifest will not be written."""
+    for orphan in snap.object_names():
+        with contextlib.suppress(DrError):
+            store.delete(orphan)
 
 
 def _draft_manifest(rt: Runtime, source: SourceConfig, snap_id: str, started: datetime,

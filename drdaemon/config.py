@@ -34,7 +34,7 @@ from .filetrust import read_trusted
 from .slo import Targets
 from .sources import is_kind, kind_for, kinds
 from .tenancy import TenantConfig
-from .units import parse_duration, parse_size
+from .units import format_duration, parse_duration, parse_size
 
 DEFAULT_TIERS = {
     "paid": (timedelta(hours=24), timedelta(hours=24)),
@@ -74,6 +74,11 @@ class DaemonConfig:
     # two hosts with the same config never both run jobs.
     lock_dsn: str | None = None
     lock_name: str = "drdaemon"
+    # With lock_dsn: how often a standby tries the lock and the active checks it
+    # holds it (the takeover bound is about two of these), and how long a deleting
+    # command waits for another host's deletions (`<lock_name>:deletions`).
+    takeover_interval: timedelta = timedelta(seconds=5)
+    deletions_lock_wait: timedelta = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -352,7 +357,15 @@ class _Parser:
         lock_dsn = t.convert("lock_dsn", _dsn_without_password, None,
                              what="a libpq DSN without a password", echo=False)
         lock_name = t.take("lock_name", str, d.lock_name)
-        d = replace(d, lock_dsn=lock_dsn, lock_name=lock_name)
+        takeover = t.convert("takeover_interval", parse_duration, d.takeover_interval,
+                             what=what)
+        if not timedelta(seconds=1) <= takeover <= timedelta(minutes=5):
+            self.fail(t.key("takeover_interval"), "a duration from 1s to 5m",
+                      format_duration(takeover))
+        deletions_wait = t.convert("deletions_lock_wait", parse_duration,
+                                   d.deletions_lock_wait, what=what)
+        d = replace(d, lock_dsn=lock_dsn, lock_name=lock_name, takeover_interval=takeover,
+                    deletions_lock_wait=deletions_wait)
         d = replace(d, max_concurrent_snapshots=concurrent, jitter=jitter, shutdown_grace=grace,
                     retry_backoff=backoff,
                     prune_schedule=cron("prune_schedule"),

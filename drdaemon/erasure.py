@@ -355,10 +355,11 @@ def erase(rt: Runtime, tenant: str, dry_run: bool = False,
                          f"`drctl tenant release {tenant}`")
     started = journal.started_at or now
     run = Run(tenant, now, dry_run, journal=not dry_run)
-    state_dir = rt.config.daemon.state_dir
     lock: AbstractContextManager[object] = (
-        nullcontext() if dry_run else locks.deletions_lock(state_dir))
+        nullcontext() if dry_run else locks.deletions_for(rt.config.daemon))
     with rt.audit_batch(), lock:
+        if not dry_run:  # a daemon that lost the cluster lock erases nothing
+            rt.fence(f"the erasure of tenant {tenant}")
         if not dry_run and journal.started_at is None:
             _append(rt, tenant, {"begin": {"started_at": format_utc(started),
                                            "sources": list(sources)}})

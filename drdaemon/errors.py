@@ -35,6 +35,11 @@ class Cancelled(DrError):
     """The daemon is shutting down: the stream was stopped and every upload aborted."""
 
 
+class Fenced(Cancelled):
+    """This daemon no longer holds the cluster lock (`[daemon] lock_dsn`): a commit or a
+    deletion it was about to make is refused, since another host may be active now."""
+
+
 def first_line(exc: BaseException, empty: str | None = None) -> str:
     """The first line of an error's message, for a one-line report; `empty` (default:
     the exception's class name) when it has no message."""

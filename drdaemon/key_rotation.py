@@ -152,7 +152,7 @@ def rewrap(rt: Runtime, identities: Sequence[x25519.Identity],
             + "): give one of them too (--identity is repeatable), so each new wrapped copy "
               "is opened before the old one is removed")
     report = RewrapReport(wanted)
-    with locks.deletions_lock(rt.config.daemon.state_dir), rt.audit_batch():
+    with locks.deletions_for(rt.config.daemon), rt.audit_batch():
         tenants = keyring_tenants(rt)
         for n, tenant in enumerate(tenants):
             if progress:

@@ -116,9 +116,11 @@ def run_prune(rt: Runtime, sources: list[str] | None = None, *, dry_run: bool = 
         newest_verified(rt.config.daemon.state_dir).values())
     tz = ZoneInfo(rt.config.daemon.timezone)  # day/week/month as the operator's calendar
     lock: AbstractContextManager[object] = (
-        contextlib.nullcontext() if dry_run else locks.deletions_lock(rt.config.daemon.state_dir))
+        contextlib.nullcontext() if dry_run else locks.deletions_for(rt.config.daemon))
     # One mirror of the audit log for the whole run, not one per deletion.
     with rt.audit_batch(), lock:
+        if not dry_run:  # a daemon that lost the cluster lock deletes nothing
+            rt.fence("prune")
         now = rt.clock()
         swept = _sweep_erased(rt, now, dry_run, sources or None)
         inputs: list[RegionInput] = []

@@ -544,6 +544,7 @@ def run_replicate(rt: Runtime, sources: list[str] | None = None, *, repair: bool
         return ReplicationReport(observe(rt, sources, verify_data=verify), [], repair, verify)
     # Planned under the lock too: what a prune changed before we got it counts.
     # One mirror of the audit log for the whole run, not one per repair.
-    with rt.audit_batch(), locks.deletions_lock(rt.config.daemon.state_dir):
+    with rt.audit_batch(), locks.deletions_for(rt.config.daemon):
         plan = observe(rt, sources, verify_data=verify)
+        rt.fence("replica repair")  # a daemon that lost the cluster lock repairs nothing
         return ReplicationReport(plan, execute(rt, plan), repair, verify)

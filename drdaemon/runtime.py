@@ -79,6 +79,10 @@ class Runtime:
     stopping: threading.Event = field(default_factory=threading.Event)
     # Regions whose audit mirror failed are tried again later, not on every event.
     audit_mirror: MirrorState = field(default_factory=MirrorState)
+    # Called right before a manifest commit or a deletion, with what is about to be
+    # done: the daemon's cluster lock check (locks.ClusterLock.fence) raises Fenced
+    # once this host no longer holds the lock; a no-op without `[daemon] lock_dsn`.
+    fence: Callable[[str], None] = field(default=lambda _what: None)
     # Manifests the daemon's metrics refresh and watchdog authenticated before
     # (manifest_cache.ManifestCache); every other reader goes to storage.
     manifest_cache: ManifestCache = field(default_factory=ManifestCache)

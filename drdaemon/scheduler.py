@@ -124,6 +124,8 @@ class Daemon:
         self.standbys: dict[str, standby.StandbyStatus] = {}  # as last polled
         metrics.load_orphans(cfg.state_dir, self.metrics)
         self._metrics_server: metrics.WSGIServer | None = None
+        # When this daemon took the cluster lock ([daemon] lock_dsn), if it has one.
+        self.lock_taken_at: datetime | None = None
 
     # -- jobs ---------------------------------------------------------------
 
@@ -326,11 +328,12 @@ class Daemon:
         except Exception:  # stale metrics are better than a dead job thread
             log.exception("cannot refresh metrics", extra={"job": "metrics"})
 
-    def _serve_metrics(self) -> None:
+    def _serve_metrics(self, standby: bool = False) -> None:
         address = self.rt.config.daemon.metrics_address
+        registry = (metrics.standby_registry() if standby
+                    else metrics.build_registry(self.metrics, self.rt.clock))
         try:
-            self._metrics_server = metrics.serve(
-                address, metrics.build_registry(self.metrics, self.rt.clock))
+            self._metrics_server = metrics.serve(address, registry)
         except OSError as exc:
             # Backups matter more than their metrics: carry on, loudly; the
             # DrdaemonDown/DrdaemonAbsent alerts tell on-call nobody can scrape us.
@@ -345,13 +348,53 @@ class Daemon:
 
         Uploads of snapshots whose process died (an in-flight marker naming a
         dead pid) go at once; any other incomplete upload only once it is a day
-        old, because it may belong to a live process on another host.
+        old, because it may belong to a live process on another host, unless this
+        daemon holds the cluster lock: then every upload begun before it took the
+        lock (but those of live processes here) was its predecessor's, and goes.
         """
-        done = uploads.abort_stale(self.rt, self.rt.clock() - STALE_UPLOAD_AGE)
+        done = uploads.abort_stale(self.rt, self.rt.clock() - STALE_UPLOAD_AGE,
+                                   self.lock_taken_at)
         for region, n in done.by_region.items():
             if n:
                 log.info("aborted %d stale incomplete upload(s) in %s", n, region,
                          extra={"job": "cleanup", "region": region, "aborted": n})
+
+    def stand_by(self, cluster: locks.ClusterLock, stop: threading.Event) -> bool:
+        """Wait, serving `drdaemon_active 0`, until this daemon takes the cluster lock
+        (True) or `stop` is set (False)."""
+        self._serve_metrics(standby=True)
+
+        def waiting(holder: str) -> None:
+            log.info("standby: the cluster lock %r is held by %s; trying it every %ds",
+                     cluster.name, holder, int(cluster.interval.total_seconds()),
+                     extra={"job": "lock", "active": False})
+
+        try:
+            if not cluster.wait_until_taken(stop, waiting):
+                return False
+        finally:
+            if self._metrics_server is not None:
+                metrics.shutdown(self._metrics_server)
+                self._metrics_server = None
+        self.lock_taken_at = self.rt.clock()
+        self.rt.fence = cluster.fence
+        log.info("active: took the cluster lock %r", cluster.name,
+                 extra={"job": "lock", "active": True})
+        return True
+
+    def watch_lock(self, cluster: locks.ClusterLock, stop: threading.Event) -> None:
+        """Check every takeover interval that the cluster lock is still held; on loss
+        stop taking jobs, abort the streams in flight (their commits are fenced too)
+        and set `stop`. Runs in its own thread until `stop`."""
+        while not stop.wait(cluster.interval.total_seconds()):
+            if not cluster.still_held():
+                log.critical("lost the cluster lock %r (connection lost or ended): no new "
+                             "job starts, uploads in flight are aborted before their "
+                             "manifests; exiting, to come back as a standby", cluster.name,
+                             extra={"job": "lock", "active": False})
+                self.rt.stopping.set()
+                stop.set()
+                return
 
     def start(self) -> None:
         """Schedule every job and start the timer (returns at once)."""
@@ -468,7 +511,7 @@ def run_daemon(rt: Runtime, *, once: bool = False) -> None:
     cfg = rt.config.daemon
     with contextlib.ExitStack() as held:
         held.enter_context(locks.hold(cfg.state_dir, "daemon"))
-        if cfg.lock_dsn:
+        if cfg.lock_dsn and once:  # a one-off run never waits: it is refused
             held.enter_context(locks.hold_in_postgres(cfg.lock_dsn, cfg.lock_name))
         if once:
             daemon = Daemon(rt)
@@ -477,10 +520,14 @@ def run_daemon(rt: Runtime, *, once: bool = False) -> None:
             if not all(r is not None and r.ok for r in results):
                 raise DrError("some snapshots failed (see the log above)")
             return
-        _run_forever(rt)
+        cluster = None
+        if cfg.lock_dsn:
+            cluster = locks.ClusterLock(cfg.lock_dsn, cfg.lock_name, cfg.takeover_interval)
+            held.callback(cluster.close)
+        _run_forever(rt, cluster)
 
 
-def _run_forever(rt: Runtime) -> None:
+def _run_forever(rt: Runtime, cluster: locks.ClusterLock | None = None) -> None:
     daemon = Daemon(rt)
     stop = threading.Event()
 
@@ -490,12 +537,19 @@ def _run_forever(rt: Runtime) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if cluster is not None:
+        if not daemon.stand_by(cluster, stop):
+            log.info("drdaemon stopped (standby)")
+            return
+        threading.Thread(target=daemon.watch_lock, args=(cluster, stop), name="lock-watch",
+                         daemon=True).start()
     daemon.start()
     log.info("drdaemon started: %d source(s), %d region(s)", len(rt.config.sources),
              len(rt.config.regions), extra={"pid": os.getpid()})
     if (note := interpreter_note()) is not None:
         log.warning("%s", note)
     stop.wait()
+    lost = cluster is not None and cluster.lost.is_set()
     if daemon.stop():
         log.info("drdaemon stopped")
     else:
@@ -503,4 +557,7 @@ def _run_forever(rt: Runtime) -> None:
         # upload stays incomplete and invisible, and is cleaned at next start.
         log.warning("jobs still running after the grace period; exiting anyway")
         logging.shutdown()
-        os._exit(0)
+        os._exit(1 if lost else 0)
+    if lost:
+        # Non-zero, so that the service manager restarts it: it comes back a standby.
+        raise DrError("lost the cluster lock; stopped (restart to stand by again)")

@@ -217,7 +217,7 @@ def undo_prune(rt: Runtime, sources: list[str] | None = None,
                          "20261123T020000Z-1a2b3c4d")
     chosen = rt.config.pick_sources(sources)
     report = UndoReport()
-    with rt.audit_batch(), locks.deletions_lock(rt.config.daemon.state_dir):
+    with rt.audit_batch(), locks.deletions_for(rt.config.daemon):
         found: list[tuple[ObjectStore, TrashEntry]] = []
         for src in chosen:
             for store in rt.stores:

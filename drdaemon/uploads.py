@@ -10,7 +10,8 @@ A backup marks each snapshot it uploads (state.inflight: pid, owner token, sourc
 
 A marker's process is gone when, on this host and boot (the owner token's
 incarnation, drills/scratch.py), no process runs with its pid and start time;
-a marker of another host or boot is left to the daemon's day-old rule, a marker
+a marker of another host or boot is left to the daemon's day-old rule (or, with a
+cluster lock, to the rule of the daemon that takes the lock: see abort_stale), a marker
 of an earlier version (pid only) is judged by its pid alone. A marker is forgotten
 once every region was cleaned of its uploads.
 """
@@ -89,9 +90,22 @@ def abort_abandoned(rt: Runtime, source: str) -> Aborted:
     return done
 
 
-def abort_stale(rt: Runtime, cutoff: datetime) -> Aborted:
-    """Daemon start: abort the uploads of every gone process, and any begun before `cutoff`."""
-    abandoned = {m.snapshot_id for m in state.inflight_markers(rt.config.daemon.state_dir)
-                 if gone(m)}
-    return _abort(rt, abandoned,
-                  lambda name, begun: _snapshot_of(name) in abandoned or begun < cutoff)
+def abort_stale(rt: Runtime, cutoff: datetime, taken_at: datetime | None = None) -> Aborted:
+    """Daemon start: abort the uploads of every gone process, and any begun before `cutoff`.
+
+    `taken_at`: when this daemon took the cluster lock (`[daemon] lock_dsn`). Every
+    upload begun before then, except those of live processes on this host, is
+    also aborted: their daemon lost the lock (died, or was fenced) and will never
+    commit them, and its in-flight markers live in another host's state folder.
+    """
+    state_dir = rt.config.daemon.state_dir
+    abandoned = {m.snapshot_id for m in state.inflight_markers(state_dir) if gone(m)}
+    ours = state.live_inflight(state_dir) if taken_at is not None else set()
+
+    def stale(name: str, begun: datetime) -> bool:
+        snap = _snapshot_of(name)
+        if snap in abandoned or begun < cutoff:
+            return True
+        return taken_at is not None and begun < taken_at and snap not in ours
+
+    return _abort(rt, abandoned, stale)

@@ -51,6 +51,7 @@ ALERTS = {
     "DrdaemonRecipientUnproven": "escrow-drill",
     "DrdaemonTenantKeyMissingRecipient": "escrow-drill",
     "DrdaemonDown": "daemon-down",
+    "DrdaemonNoActive": "failover",
     "DrdaemonAbsent": "daemon-absent",
 }
 
@@ -107,9 +108,11 @@ def test_exactly_the_agreed_alerts_each_with_severity_summary_and_runbook() -> N
         name, labels, notes = r["alert"], r.get("labels", {}), r.get("annotations", {})
         assert labels.get("severity") in ("critical", "warning"), name
         assert notes.get("summary") and notes.get("description"), name
-        # Alerts about a source or a tier say which; the daemon alerts say which host.
+        # Alerts about a source or a tier say which; the daemon alerts say which host
+        # (but the two about every host: none scraped, none active).
         assert re.search(r"\$labels\.(source|tier|tenant|instance)", notes["summary"]) or (
-            name == "DrdaemonAbsent"), f"{name}: summary names no source or tier"
+            name in ("DrdaemonAbsent", "DrdaemonNoActive")), \
+            f"{name}: summary names no source or tier"
         url = notes.get("runbook_url", "")
         assert url == f"{RUNBOOK_BASE}runbooks/{ALERTS[name]}.md", f"{name}: {url}"
         # The tail resolves to a runbook in this repository.
@@ -135,6 +138,8 @@ def metrics_names(module: Any) -> set[str]:
     names = set()
     for fam in module.families(st, datetime.now(UTC)):
         names.add(fam.name + ("_total" if fam.type == "counter" else ""))
+    # drdaemon_active: both an active daemon's registry and a standby's render it.
+    names |= {fam.name for fam in module.standby_registry().collect()}
     return names
 
 

@@ -272,6 +272,9 @@ def test_fuzzed_retention_values_fail_cleanly(base: Path, key: str, value: objec
     ("[retention]", "daily = 0\nweekly = 0\nmonthly = 0", "retention.daily"),
     ("[daemon]", 'prune_schedule = "whenever"', "daemon.prune_schedule"),
     ("[daemon]", "max_concurrent_snapshots = 0", "daemon.max_concurrent_snapshots"),
+    ("[daemon]", 'takeover_interval = "0s"', "daemon.takeover_interval"),
+    ("[daemon]", 'takeover_interval = "1h"', "daemon.takeover_interval"),
+    ("[daemon]", 'deletions_lock_wait = "soon"', "daemon.deletions_lock_wait"),
 ])
 def test_bad_retention_and_schedules(base: Path, table: str, line: str, key: str) -> None:
     anchor = "[daemon]" if table == "[daemon]" else "[pipeline]"

@@ -53,6 +53,7 @@ ALERT_RUNBOOKS = {
     "DrdaemonRecipientUnproven": "escrow-drill.md",
     "DrdaemonTenantKeyMissingRecipient": "escrow-drill.md",
     "DrdaemonDown": "daemon-down.md",
+    "DrdaemonNoActive": "failover.md",
     "DrdaemonAbsent": "daemon-absent.md",
 }
 DISASTER_RUNBOOKS = [

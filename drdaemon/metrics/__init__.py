@@ -18,7 +18,8 @@ depend on the metrics, never the other way round (tests/test_metrics_imports.py)
 - views.py: pure views (:func:`source_view`, :func:`failure_reason`,
   :func:`drill_views`, :func:`schedule_view`, :func:`audit_views`, :func:`orphan_views`);
 - state.py: :class:`MetricsState` and how each observation changes it;
-- render.py: :func:`families`, :class:`StateCollector`, :func:`build_registry`;
+- render.py: :func:`families`, :class:`StateCollector`, :func:`build_registry`,
+  :func:`standby_registry` (`drdaemon_active`);
 - persist.py: the orphan gauges kept in the state folder across restarts;
 - server.py: the bounded /metrics HTTP server (:func:`serve`, :func:`shutdown`).
 
@@ -54,7 +55,14 @@ from .observations import (
     VerifyRun,
 )
 from .persist import ORPHANS_FILE, load_orphans, orphans_path, save_orphans
-from .render import REGION_LABELS, SOURCE_LABELS, StateCollector, build_registry, families
+from .render import (
+    REGION_LABELS,
+    SOURCE_LABELS,
+    StateCollector,
+    build_registry,
+    families,
+    standby_registry,
+)
 from .server import MetricsServer, WSGIServer, parse_address, serve, shutdown
 from .state import MetricsState
 from .views import (
@@ -91,5 +99,5 @@ __all__ = [
     "VerifyRun", "WSGIServer", "__version__",
     "audit_views", "build_registry", "drill_views", "failure_reason", "families",
     "load_orphans", "orphan_views", "orphans_path", "parse_address", "retention_span_target",
-    "save_orphans", "schedule_view", "serve", "shutdown", "source_view",
+    "save_orphans", "schedule_view", "serve", "shutdown", "source_view", "standby_registry",
 ]

@@ -449,10 +449,35 @@ class StateCollector(Collector):
             return families(self.state, self.clock())
 
 
+class RoleCollector(Collector):
+    """`drdaemon_active`: 1 for the daemon that runs the jobs, 0 for a standby waiting
+    for the cluster lock (`[daemon] lock_dsn`)."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "drdaemon_active", "1 if this daemon runs the jobs (it holds the cluster lock, or "
+            "none is configured); 0 while it waits as a standby.", value=int(self.active))
+
+
 def build_registry(st: MetricsState, clock: Callable[[], datetime]) -> CollectorRegistry:
-    """A registry with drdaemon's collector and the process and platform collectors."""
+    """A registry with drdaemon's collector, `drdaemon_active` 1, and the process and
+    platform collectors."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StateCollector(st, clock))
+    registry.register(RoleCollector(True))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+def standby_registry() -> CollectorRegistry:
+    """What a standby serves: `drdaemon_active` 0 and its process; no backup metrics,
+    which are the active daemon's to report."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RoleCollector(False))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry

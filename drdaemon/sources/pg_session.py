@@ -10,15 +10,13 @@ nothing stays waiting on the server after drdaemon has moved on.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from ..errors import DrError, SourceError, first_line
+from ..errors import SourceError, first_line
 from ..units import format_duration
 
 CONNECT_TIMEOUT = 30
@@ -299,26 +297,6 @@ class Guard:
         self._done.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-
-
-@contextmanager
-def advisory_lock(dsn: str, name: str) -> Iterator[bool]:
-    """Try a session-level advisory lock named `name` in the server at `dsn`; yield
-    whether it was taken. It ends with the connection, so a crashed holder never
-    leaves it held (locks.hold_in_postgres). DrError if the server is unreachable.
-    """
-    key = int.from_bytes(hashlib.sha256(f"drdaemon:{name}".encode()).digest()[:8], "big",
-                         signed=True)
-    try:
-        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
-    except psycopg.Error as exc:
-        raise DrError(f"cannot reach the lock database {describe(dsn)}: "
-                          f"{first_line(exc, 'error')}") from None
-    try:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-        yield bool(row and row[0])
-    finally:
-        conn.close()
 
 
 def tool(name: str) -> str:
