@@ -297,13 +297,9 @@ def _each_region(names: list[str], step: Callable[[str], None]) -> dict[str, str
 def backup(rt: Runtime, sources: list[SourceConfig],
            on_progress: Callable[[str, int], None] | None = None, *,
            accept_shrink: bool = False) -> list[BackupResult]:
-    """Snapshot each source in turn; one failing source never stops the others.
-
-    The audit log is mirrored once per region for the run (Runtime.audit_batch).
-    """
+    """Snapshot each source in turn; one failing source never stops the others."""
     results = []
-    with rt.audit_batch():
-        for src in sources:
-            progress = (lambda n, s=src.name: on_progress(s, n)) if on_progress else None
-            results.append(snapshot(rt, src, progress, accept_shrink=accept_shrink))
+    for src in sources:
+        progress = (lambda n, s=src.name: on_progress(s, n)) if on_progress else None
+        results.append(snapshot(rt, src, progress, accept_shrink=accept_shrink))
     return results
