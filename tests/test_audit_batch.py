@@ -229,3 +229,19 @@ def test_repair_drill_and_verify_runs_mirror_once_per_region(tmp_path: Path) -> 
         assert (mirror_lists(p), mirror_puts(p)) == (1, 1)
         assert mirrored_records(rt, region) == before + 15
 
+
+
+def test_a_backup_of_several_sources_mirrors_once_per_region(tmp_path: Path) -> None:
+    # drctl backup of many sources (a day's snapshots run by hand): one mirror segment
+    # per region for the run, not a LIST and a PUT per region after every snapshot.
+    names = ["files-a", "files-b", "files-c"]
+    setup = local_setup(tmp_path, names)
+    result = setup.drctl("backup")
+    assert result.exit_code == 0, result.output
+    rt = open_runtime(load_config(setup.config))
+    records = len(audit.read_lines(setup.state))
+    assert records >= 3
+    for region in ("eu", "us"):
+        segments = [p for p in (tmp_path / region / "audit").rglob("*") if p.is_file()]
+        assert len(segments) == 1, segments
+        assert mirrored_records(rt, region) == records
