@@ -215,9 +215,12 @@ def _read_region(rt: Runtime, store: ObjectStore, sources: list[str],
         else:
             todo.append((key, info))
     disk = DiskCache(rt.config.daemon.state_dir, store.name)
+    # The cache folder is opened once for every entry (not once an entry).
+    stored = disk.get_many((info.name, info.size, info.version) for _, info in todo)
     try:
         with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix=f"read-{store.name}") as pool:
-            fetched = pool.map(lambda item: _fetch(rt, store, disk, *item), todo)
+            fetched = pool.map(lambda item: _fetch(rt, store, disk, item[0], item[1],
+                                                   stored.get(item[1].name)), todo)
             for (key, info), got in zip(todo, fetched, strict=True):
                 if cache is not None and isinstance(got, Manifest):
                     got = dataclasses.replace(got, facts={})
@@ -239,11 +242,10 @@ def _read_region(rt: Runtime, store: ObjectStore, sources: list[str],
 
 
 def _fetch(rt: Runtime, store: ObjectStore, disk: DiskCache, key: tuple[str, str],
-           info: ObjectInfo) -> Manifest | str | None:
-    """One listed manifest, authenticated, from the disk cache or else from storage; why it
-    is not usable; None if deleted since it was listed."""
+           info: ObjectInfo, cached: bytes | None) -> Manifest | str | None:
+    """One listed manifest, authenticated: from `cached` (its bytes in the disk cache),
+    else from storage; why it is not usable; None if deleted since it was listed."""
     source, snap_id = key
-    cached = disk.get(info.name, info.size, info.version)
     if cached is not None:
         try:
             return manifest.parse(cached, rt.manifest_key, source=source, snapshot_id=snap_id)

@@ -77,27 +77,28 @@ class DiskCache:
         key = f"{name}\0{size}\0{version}".encode()
         return hashlib.sha256(key).hexdigest()[:40] + ".json"
 
-    def get(self, name: str, size: int, version: str) -> bytes | None:
-        """The bytes stored for this listed object, if cached (unauthenticated!)."""
-        if size > MAX_MANIFEST_BYTES or not version:
-            return None
+    def get_many(self, listed: Iterable[tuple[str, int, str]]) -> dict[str, bytes]:
+        """The bytes stored for the listed objects (name, size, version) that are cached,
+        read through one descriptor of the cache folder: name -> bytes (unauthenticated!)."""
+        wanted = {self.entry(n, size, v): (n, size) for n, size, v in listed
+                  if size <= MAX_MANIFEST_BYTES and v}
         try:
-            data = statefs.read_bytes(self.state_dir,
-                                      f"{self.folder}/{self.entry(name, size, version)}")
-        except FileNotFoundError:
-            return None
+            found = statefs.read_many(self.state_dir, self.folder, wanted)
         except (OSError, statefs.UnsafeState) as exc:
             log.warning("manifest cache not used: %s", exc)
-            return None
-        return data if len(data) == size else None
+            return {}
+        return {wanted[e][0]: data for e, data in found.items() if len(data) == wanted[e][1]}
 
     def put(self, name: str, size: int, version: str, raw: bytes) -> None:
         """Keep `raw` (authenticated by the caller) for this listed object; best effort."""
         if len(raw) != size or not version:
             return
         try:
+            # Not fsynced: an entry a crash cut short fails authentication when read
+            # and is fetched from the region again.
             statefs.write_atomic(self.state_dir,
-                                 f"{self.folder}/{self.entry(name, size, version)}", raw)
+                                 f"{self.folder}/{self.entry(name, size, version)}", raw,
+                                 durable=False)
         except (OSError, statefs.UnsafeState) as exc:
             log.debug("manifest cache %s not written: %s", self.folder, exc)
 

@@ -23,7 +23,7 @@ import fcntl
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
 
@@ -225,6 +225,26 @@ def read_bytes(state_dir: Path, rel: str) -> bytes:
         return fh.read()
 
 
+def read_many(state_dir: Path, rel: str, names: Iterable[str]) -> dict[str, bytes]:
+    """The content of each of `names` in the state folder `rel` that exists, read through
+    one descriptor of the folder (the folders above it are opened and checked once, not
+    once a file); none if the folder does not exist. Each file is checked as
+    `read_bytes` checks it."""
+    found: dict[str, bytes] = {}
+    try:
+        with folder(state_dir, rel, create=False) as dfd:
+            for name in names:
+                try:
+                    fd = _open_in(dfd, name, state_dir / rel / name, os.O_RDONLY, 0)
+                except FileNotFoundError:
+                    continue
+                with os.fdopen(fd, "rb") as fh:
+                    found[name] = fh.read()
+    except FileNotFoundError:
+        pass
+    return found
+
+
 def read_all(fd: int) -> bytes:
     """Everything in the open file `fd` (as long as it was when the read began)."""
     size = os.fstat(fd).st_size
@@ -281,11 +301,13 @@ def read_shared(state_dir: Path, rel: str) -> bytes:
         os.close(fd)
 
 
-def write_atomic(state_dir: Path, rel: str, data: bytes) -> None:
+def write_atomic(state_dir: Path, rel: str, data: bytes, *, durable: bool = True) -> None:
     """Replace the state file `rel` with `data`: readers see the old or the new file.
 
     The temp file is made and renamed inside the folder's descriptor, so a
-    folder swapped for a link meanwhile cannot redirect the write.
+    folder swapped for a link meanwhile cannot redirect the write. `durable`:
+    fsync the file and the folder (a cache whose entries are checked on every
+    read can do without, and a crash then costs it an entry at most).
     """
     parent, name = _split(rel)
     with folder(state_dir, parent) as dfd:
@@ -296,13 +318,15 @@ def write_atomic(state_dir: Path, rel: str, data: bytes) -> None:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    os.fsync(fh.fileno())
             os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
             with suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=dfd)
             raise
-        os.fsync(dfd)
+        if durable:
+            os.fsync(dfd)
 
 
 def unlink(state_dir: Path, rel: str) -> None:

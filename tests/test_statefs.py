@@ -192,3 +192,17 @@ def test_the_state_folder_is_made_private_and_a_sound_one_is_used(setup: Setup) 
         assert folder.stat().st_mode & 0o777 == 0o700, folder
     assert len(drill_records.load_records(setup.state)) == 1
     assert state.read_outcome(setup.state, "files").last_success
+
+
+def test_read_many_reads_through_one_folder_and_refuses_a_planted_link(
+        setup: Setup, outside: Path) -> None:
+    state = setup.state
+    statefs.write_atomic(state, "cache/manifests/eu/a.json", b"A", durable=False)
+    statefs.write_atomic(state, "cache/manifests/eu/b.json", b"B")
+    assert statefs.read_many(state, "cache/manifests/eu", ["a.json", "b.json", "gone.json"]) \
+        == {"a.json": b"A", "b.json": b"B"}
+    assert statefs.read_many(state, "cache/manifests/us", ["a.json"]) == {}
+    (outside / "secret").write_bytes(b"not ours")
+    (state / "cache" / "manifests" / "eu" / "c.json").symlink_to(outside / "secret")
+    with pytest.raises(statefs.UnsafeState, match="symbolic link"):
+        statefs.read_many(state, "cache/manifests/eu", ["c.json"])
