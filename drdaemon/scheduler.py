@@ -124,6 +124,8 @@ class Daemon:
         self.standbys: dict[str, standby.StandbyStatus] = {}  # as last polled
         metrics.load_orphans(cfg.state_dir, self.metrics)
         self._metrics_server: metrics.WSGIServer | None = None
+        # Set once the start's first look at storage (refresh, catch-up, retries) is done.
+        self.first_look_done = threading.Event()
         # When this daemon took the cluster lock ([daemon] lock_dsn), if it has one.
         self.lock_taken_at: datetime | None = None
 
@@ -449,9 +451,12 @@ class Daemon:
         """The start's one read of storage: the metrics, then the catch-up from them, then
         the retries of attempts a previous daemon left unfinished (catch-up first: a
         source overdue now is snapshotted at once, not after a backoff)."""
-        self.refresh_metrics()
-        self.catch_up()
-        self.resume_retries()
+        try:
+            self.refresh_metrics()
+            self.catch_up()
+            self.resume_retries()
+        finally:
+            self.first_look_done.set()
 
     def _maintenance(self) -> list[tuple[str, str, Callable[[], Any]]]:
         from .drills.run import drill_jobs
