@@ -619,12 +619,18 @@ def report(args: argparse.Namespace, sc: dict[str, Scenario], db_size: int,
     lines += [f"Whole run: {(time.monotonic() - t0) / 60:.1f} min.", "", ""]
     text = "\n".join(lines)
     print(text)
-    out = args.out or ROOT / "bench" / "results" / f"{date.today():%Y-%m-%d}.md"
+    append_results(text, args.out)
+
+
+def append_results(text: str, out: Path | None = None) -> None:
+    """Append `text` to the day's results file (or `out`), headed when it is new; the one
+    writer of bench/results/ for run.py and its siblings."""
+    out = out or ROOT / "bench" / "results" / f"{date.today():%Y-%m-%d}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         if f.tell() == 0:
             f.write(f"# Benchmark results {date.today():%Y-%m-%d}\n\n"
-                    "Produced by `bench/run.py` (see bench/README.md).\n\n")
+                    "Produced by `bench/run.py` and its siblings (see bench/README.md).\n\n")
         f.write(text)
 
 

@@ -36,7 +36,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from datetime import date, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ import boto3
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import run  # noqa: E402  (bench/run.py: servers, timing, machine)
-from run import MIB, ROOT, VENV_BIN  # noqa: E402
+from run import MIB, VENV_BIN  # noqa: E402
 
 from drdaemon.keys import generate_identity, generate_manifest_key  # noqa: E402
 from drdaemon.statefs import MANIFEST_CACHE  # noqa: E402
@@ -458,13 +458,7 @@ def report(args: argparse.Namespace, r: dict[str, Any], t0: float,
     lines += [f"Whole run: {(time.monotonic() - t0) / 60:.1f} min.", "", ""]
     text = "\n".join(lines)
     print(text)
-    out = args.out or ROOT / "bench" / "results" / f"{date.today():%Y-%m-%d}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        if f.tell() == 0:
-            f.write(f"# Benchmark results {date.today():%Y-%m-%d}\n\n"
-                    "Produced by `bench/run.py` and its siblings (see bench/README.md).\n\n")
-        f.write(text)
+    run.append_results(text, args.out)
 
 
 if __name__ == "__main__":
