@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import layout, statefs, tsa
-from .audit import AuditContext, read_lines, verify
+from .audit import AuditContext, chain_label, read_lines, verify
 from .audit_chain import canonical, line_hash
 from .storage import ObjectStore, open_store
 from .storage.base import read_bounded
@@ -195,7 +194,7 @@ def check_witness(rt: AnchorContext, lines: Sequence[bytes]) -> list[str]:
     witness = rt.config.audit.witness
     if witness is None:
         return []
-    return check_with(rt, lines, load_stored(open_store(witness), socket.gethostname()))
+    return check_with(rt, lines, load_stored(open_store(witness), chain_label(rt.config.daemon)))
 
 
 # -- the daemon's job --------------------------------------------------------------------
@@ -241,7 +240,7 @@ def anchor(rt: AnchorContext) -> AnchorReport:
     last = newest(state_dir)
     if last is not None and (last.chain, last.seq, last.head) == (chain, seq, head):
         return AnchorReport(now, last)
-    host = socket.gethostname()
+    host = chain_label(rt.config.daemon)
     raw = document(host, chain, seq, head, now)
     failures: dict[str, str] = {}
     token = _stamp(rt, raw, failures)

@@ -2,8 +2,10 @@
 
 Auditors must be able to tell that nobody edited, removed or reordered what
 drdaemon recorded: someone who can write the file (or a bucket) but does not
-hold the audit key cannot rebuild a consistent chain. This module is the local
-log: `append` (under an exclusive flock), `read_lines`, `verify` and `show`.
+hold the audit key cannot rebuild a consistent chain. This module is the log:
+`append` (one appender at a time), `read_lines`, `verify` and `show`; its lines
+live in the state folder or, with `[daemon] lock_dsn`, in the cluster's shared
+state (shared_state.py: one chain for every host of the cluster).
 The records and the chain check are audit_chain.py (pure), the secret sweep
 applied to every record audit_secrets.py, and the copies in every region with
 the daemon's scheduled check of them audit_mirror.py; the layout is in
@@ -14,13 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import statefs
+from . import layout, shared_state, statefs
 from .audit_chain import (
     GENESIS,
     HANDOVER,
@@ -38,7 +40,7 @@ from .audit_chain import (
     verify_lines,
 )
 from .audit_secrets import known_secrets, plain_fields
-from .config import Config
+from .config import Config, DaemonConfig
 from .errors import DrError
 from .keys import ManifestKey
 from .signing import SigningKey
@@ -78,41 +80,19 @@ def log_path(state_dir: Path) -> Path:
     return state_dir / LOG
 
 
-def _last_line(fd: int, size: int) -> bytes:
-    """The file's last line (with its newline, if it has one), read from the end."""
-    start, step, buf = size, 4096, b""
-    while start > 0:
-        n = min(step, start)
-        start -= n
-        buf = os.pread(fd, n, start) + buf
-        cut = buf.rfind(b"\n", 0, len(buf) - 1)
-        if cut >= 0:
-            return buf[cut + 1:]
-        step *= 2
-    return buf
-
-
-def _next_position(fd: int) -> tuple[int, str, bytes]:
-    """seq and prev of the record to append to the open, locked log, and the last line."""
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return 0, GENESIS, b""
-    last = _last_line(fd, size)
-    if not last.endswith(b"\n"):
-        # A write was cut short (crash, full disk). End the damaged line so it
-        # stays where it is, for `verify` to report, and the chain goes on after it.
-        log.warning("audit log ends with an incomplete record; it is kept and will be "
-                    "reported by `drctl audit verify`")
-        statefs.write_all(fd, b"\n")
-        last += b"\n"
+def _next_position(last: bytes, count: Callable[[], int]) -> tuple[int, str]:
+    """seq and prev of the record to append after the log's `last` line (b"": none);
+    `count()` is the number of lines, asked only if the last line is damaged."""
+    if not last:
+        return 0, GENESIS
     try:
         seq = json.loads(last)["seq"]
         if type(seq) is not int:
             raise TypeError(seq)
     except (ValueError, KeyError, TypeError, RecursionError):
         # The last line is damaged: in a sound log seq is the line number.
-        seq = statefs.read_all(fd).count(b"\n") - 1
-    return seq + 1, line_hash(last), last
+        seq = count() - 1
+    return seq + 1, line_hash(last)
 
 
 def _signer_in_force(last: bytes) -> str | None:
@@ -137,9 +117,10 @@ def append(rt: AuditContext, event: str, fields: Mapping[str, Any]) -> int:
     key neither configured nor kept after it in the key file, or signed while
     no key is configured, is refused (DrError): the verifier would reject the record.
 
-    The exclusive flock covers reading the last line and writing the new one,
-    so the daemon and any drctl process append one after the other and never
-    fork the chain; fsync makes a record durable before the caller goes on.
+    The store's lock (an exclusive flock; in PostgreSQL, the key's advisory
+    transaction lock) covers reading the last line and writing the new one, so the
+    daemon and any drctl process, on any host of a cluster, append one after the
+    other and never fork the chain; a record is durable before the caller goes on.
     """
     clash = RESERVED & fields.keys()
     if clash:
@@ -149,8 +130,10 @@ def append(rt: AuditContext, event: str, fields: Mapping[str, Any]) -> int:
         log.warning("audit record %s: withheld %s: it looked like a secret", event,
                     ", ".join(clean["withheld"]))
     mac_key, signer = audit_key(rt.manifest_key), rt.signing_key
-    with statefs.appending(rt.config.daemon.state_dir, LOG) as fd:
-        seq, prev, last = _next_position(fd)
+    appended: list[int] = []
+
+    def make(last: bytes, count: Callable[[], int]) -> bytes:
+        seq, prev = _next_position(last, count)
         at = rt.clock().isoformat()
         in_force = _signer_in_force(last)
         if signer is None:
@@ -158,15 +141,18 @@ def append(rt: AuditContext, event: str, fields: Mapping[str, Any]) -> int:
                 raise DrError(f"the audit log is signed by {in_force}, but no signing key is "
                               "configured: set [keys] signing_key_file to that key (a record "
                               f"with only a MAC would be a downgrade); {event} not recorded")
-            statefs.write_all(fd, make_line(seq, at, event, clean, prev, mac_key))
-            return seq
+            appended.append(seq)
+            return make_line(seq, at, event, clean, prev, mac_key)
+        handover = b""
         if in_force != signer.fingerprint:
             handover = make_line(seq, at, HANDOVER, handover_fields(signer.public), prev,
                                  _handed_over_by(rt, signer, in_force, mac_key if last else None))
-            statefs.write_all(fd, handover)
             seq, prev = seq + 1, line_hash(handover)
-        statefs.write_all(fd, make_line(seq, at, event, clean, prev, signer))
-    return seq
+        appended.append(seq)
+        return handover + make_line(seq, at, event, clean, prev, signer)
+
+    _store(rt).append(LOG, make)
+    return appended[-1]
 
 
 def _handed_over_by(rt: AuditContext, signer: SigningKey, in_force: str | None,
@@ -190,11 +176,22 @@ def _cannot_hand_over(in_force: str, signer: SigningKey) -> DrError:
 
 
 def read_lines(state_dir: Path) -> list[bytes]:
-    """The local log's lines (none if there is no log yet)."""
-    try:
-        return split_lines(statefs.read_shared(state_dir, LOG))
-    except FileNotFoundError:
-        return []
+    """The log's lines (none if there is no log yet): the state folder's, or with
+    `[daemon] lock_dsn` the cluster's one chain (shared_state.py)."""
+    return split_lines(shared_state.at(state_dir).read_log(LOG))
+
+
+def _store(rt: AuditContext) -> shared_state.StateStore:
+    return shared_state.at(rt.config.daemon.state_dir)
+
+
+def chain_label(daemon: DaemonConfig) -> str:
+    """Who the log's chain belongs to, as the mirror's and the anchors' folder names it
+    (`audit/<label>/<chain>/`): the host name, or with `[daemon] lock_dsn` the cluster's
+    (`cluster-<lock_name>`), whichever host of it writes (docs/format.md)."""
+    if daemon.lock_dsn is not None:
+        return layout.host_label(f"cluster-{daemon.lock_name}")
+    return layout.host_label(socket.gethostname())
 
 
 def verify(rt: AuditContext) -> AuditVerification:

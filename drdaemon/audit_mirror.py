@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from . import anchors, layout, statefs
-from .audit import AuditContext, chain_keys, read_lines, verify
+from .audit import AuditContext, chain_keys, chain_label, read_lines, verify
 from .audit_chain import (
     GENESIS,
     MAX_LINE,
@@ -88,7 +87,7 @@ def mirror(rt: MirrorContext) -> dict[str, str]:
         lines = read_lines(state_dir)
         if not lines:
             return failed
-        folder = mirror_folder(socket.gethostname(), lines[0])
+        folder = mirror_folder(chain_label(rt.config.daemon), lines[0])
         lock_until = rt.config.retention.lock_until(rt.clock())
         for store in rt.stores:
             now = time.monotonic()
@@ -198,7 +197,7 @@ def verify_mirror(rt: MirrorContext, region: str,
     keys = chain_keys(rt) if keys is None else keys
     state_dir = rt.config.daemon.state_dir
     local = read_lines(state_dir)
-    host = layout.host_label(socket.gethostname())
+    host = chain_label(rt.config.daemon)
     folders = _listed(store, layout.AUDIT_MIRROR + "/")
     current = mirror_folder(host, local[0]) if local else None
     problems: list[str] = []
@@ -252,7 +251,7 @@ def accept_chain(rt: MirrorContext, region: str, folder: str, reason: str) -> di
     if not reason.strip():
         raise UsageError("--reason is required: the incident that lost the log")
     store = rt.store(region)
-    host = layout.host_label(socket.gethostname())
+    host = chain_label(rt.config.daemon)
     local = read_lines(rt.config.daemon.state_dir)
     chain = _listed(store, layout.AUDIT_MIRROR + "/").get(folder)
     if chain is None or chain.host != host:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from . import layout, lifecycle, locks, statefs, tenancy
+from . import layout, lifecycle, locks, shared_state, statefs, tenancy
 from .config import NAME_HINT, NAME_RE
 from .erasure_cert import (
     STATE_FOLDER,
@@ -73,8 +73,8 @@ class ErasureFailed(DrError):
 
 def _append(rt: Runtime, tenant: str, record: dict[str, Any]) -> None:
     line = json.dumps(record, sort_keys=True).encode() + b"\n"
-    with statefs.appending(rt.config.daemon.state_dir, journal_path(tenant)) as fd:
-        statefs.write_all(fd, line)
+    shared_state.at(rt.config.daemon.state_dir).append(journal_path(tenant),
+                                                       lambda _last, _count: line)
 
 
 # -- what there is ------------------------------------------------------------------
@@ -392,10 +392,10 @@ def _record_in_lifecycle(rt: Runtime, cert: ErasureCertificate) -> None:
 def _publish(rt: Runtime, cert: ErasureCertificate) -> None:
     """Step 4: the certificate everywhere, the audit record, then the journal goes."""
     raw = serialize(cert, rt.manifest_key)
-    state_dir = rt.config.daemon.state_dir
+    state = shared_state.at(rt.config.daemon.state_dir)
     folder = statefs.erasure_folder(cert.tenant)
-    statefs.write_atomic(state_dir, f"{folder}/{cert.stamp}.json", raw)
-    statefs.write_atomic(state_dir, f"{folder}/{cert.stamp}.html", render_html(cert).encode())
+    state.write(f"{folder}/{cert.stamp}.json", raw)
+    state.write(f"{folder}/{cert.stamp}.html", render_html(cert).encode())
     failed = []
     for store in rt.stores:
         try:
@@ -410,7 +410,7 @@ def _publish(rt: Runtime, cert: ErasureCertificate) -> None:
                     objects_locked=len(cert.locked), check=cert.check.summary(),
                     errors=list(cert.errors), certificate_not_written=failed)
     if cert.ok and not failed:
-        statefs.unlink(state_dir, journal_path(cert.tenant))
+        state.delete(journal_path(cert.tenant))
     elif failed:
         raise ErasureFailed(f"erasure of {cert.tenant}: the certificate could not be written "
                             f"to {'; '.join(failed)}; run the erasure again")

@@ -14,7 +14,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from . import layout, statefs
+from . import layout, shared_state, statefs
 from .config import NAME_RE
 from .erasure_cert import (
     MAX_CERTIFICATE_BYTES,
@@ -27,7 +27,7 @@ from .errors import DrError, IntegrityError, UsageError
 from .runtime import Runtime
 from .units import format_utc, parse_iso_time
 
-JOURNAL = "journal.jsonl"
+JOURNAL = statefs.ERASURE_JOURNAL
 
 
 # -- the journal ------------------------------------------------------------------
@@ -47,10 +47,7 @@ class Journal:
 
 
 def read_journal(rt: Runtime, tenant: str) -> Journal:
-    try:
-        raw = statefs.read_shared(rt.config.daemon.state_dir, journal_path(tenant))
-    except FileNotFoundError:
-        return Journal()
+    raw = shared_state.at(rt.config.daemon.state_dir).read_log(journal_path(tenant))
     j = Journal()
     for line in raw.decode(errors="replace").splitlines():
         try:
@@ -73,21 +70,22 @@ def read_journal(rt: Runtime, tenant: str) -> Journal:
 
 def erasure_in_progress(rt: Runtime, tenant: str) -> bool:
     """Whether an erasure of `tenant` began and has not finished (its journal is there)."""
-    return JOURNAL in statefs.list_names(rt.config.daemon.state_dir,
-                                         statefs.erasure_folder(tenant))
+    return JOURNAL in shared_state.at(rt.config.daemon.state_dir).children(
+        statefs.erasure_folder(tenant))
 
 
 # -- reading erasures back --------------------------------------------------------------------
 
 def state_certificates(rt: Runtime, tenant: str) -> Iterator[ErasureCertificate]:
-    state_dir = rt.config.daemon.state_dir
+    store = shared_state.at(rt.config.daemon.state_dir)
     folder = statefs.erasure_folder(tenant)
-    for name in statefs.list_names(state_dir, folder):
+    for name in store.children(folder):
         if layout.certificate_stamp(name) is None:
             continue
         try:
-            yield parse(statefs.read_bytes(state_dir, f"{folder}/{name}"), rt.manifest_key,
-                        tenant)
+            raw = store.read(f"{folder}/{name}")
+            if raw is not None:
+                yield parse(raw, rt.manifest_key, tenant)
         except (IntegrityError, OSError):
             continue
 
@@ -160,7 +158,7 @@ def erased_tenants(rt: Runtime) -> dict[str, tuple[str, ...]]:
     """Tenant -> the sources its erasures covered, for every tenant with an authentic
     certificate in the state folder or, for a host whose state folder was rebuilt,
     in the regions: prune's sweep must not forget an erasure."""
-    here = set(statefs.list_names(rt.config.daemon.state_dir, layout.TENANTS))
+    here = set(shared_state.at(rt.config.daemon.state_dir).children(layout.TENANTS))
     regional = _region_erased_tenants(rt)
     out: dict[str, tuple[str, ...]] = {}
     for tenant in sorted(here | regional):

@@ -6,9 +6,11 @@ decisions over it: :func:`deadline`, :func:`state_name`, :func:`is_due`,
 :func:`describe`.
 
 Imperative shell: the state lives in the state folder as
-``tenants/<tenant>/lifecycle.json`` (statefs; written atomically). Every
-read-modify-write goes through :func:`update`, under a flock on
-``tenants/<tenant>/lifecycle.lock``, and keeps what it does not own: the
+``tenants/<tenant>/lifecycle.json`` (statefs; written atomically) or, with
+``[daemon] lock_dsn``, under the same key in the cluster's shared state
+(shared_state.py). Every read-modify-write goes through :func:`update`, under
+the store's lock (a flock on ``tenants/<tenant>/lifecycle.lock``, or the key's
+advisory transaction lock in PostgreSQL), and keeps what it does not own: the
 erasure service records its progress under the ``"erasure"`` key of the same
 file, and unknown keys there or at the top level survive every save.
 
@@ -21,14 +23,13 @@ deadline is ``end + erase_after``. The daemon carries an erasure out from
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-from . import statefs, tenancy
+from . import shared_state, statefs, tenancy
 from .config import NAME_HINT, NAME_RE, Config, SourceConfig
 from .errors import UsageError
 from .runtime import Runtime
@@ -161,10 +162,6 @@ def state_file(tenant: str) -> str:
     return statefs.tenant_lifecycle_file(check_tenant(tenant))
 
 
-def _lock_file(tenant: str) -> str:
-    return statefs.tenant_lifecycle_lock(check_tenant(tenant))
-
-
 def check_tenant(tenant: str) -> str:
     """A tenant name as the config allows it (it names a folder), else UsageError."""
     if not NAME_RE.match(tenant):
@@ -220,9 +217,11 @@ def to_dict(s: TenantState, keep: dict[str, Any] | None = None) -> dict[str, Any
 
 
 def _read_raw(state_dir: Path, tenant: str) -> dict[str, Any]:
-    try:
-        raw = statefs.read_bytes(state_dir, state_file(tenant))
-    except FileNotFoundError:
+    return _parse_raw(tenant, shared_state.at(state_dir).read(state_file(tenant)))
+
+
+def _parse_raw(tenant: str, raw: bytes | None) -> dict[str, Any]:
+    if raw is None:
         return {}
     if len(raw) > MAX_STATE_BYTES:
         raise UsageError(f"state folder: {state_file(tenant)} is larger than "
@@ -254,28 +253,30 @@ def update(rt: Runtime, tenant: str,
 
     `change` may raise (a refusal): then nothing is written.
     """
-    state_dir = rt.config.daemon.state_dir
-    with statefs.locked(state_dir, _lock_file(tenant), os.O_RDWR):
-        raw = _read_raw(state_dir, tenant)
+    done: list[TenantState] = []
+
+    def write(old: bytes | None) -> bytes:
+        raw = _parse_raw(tenant, old)
         new = change(from_dict(tenant, raw))
         if new.tenant != tenant:
             raise ValueError(f"state of {new.tenant} saved as {tenant}")
-        statefs.write_atomic(state_dir, state_file(tenant),
-                             (json.dumps(to_dict(new, raw), indent=2, sort_keys=True)
-                              + "\n").encode())
-    return new
+        done.append(new)
+        return (json.dumps(to_dict(new, raw), indent=2, sort_keys=True) + "\n").encode()
+
+    shared_state.at(rt.config.daemon.state_dir).update(state_file(tenant), write)
+    return done[-1]
 
 
 def recorded_tenants(rt: Runtime) -> list[str]:
     """Tenants with a lifecycle file in the state folder (configured or not)."""
-    state_dir = rt.config.daemon.state_dir
-    return [t for t in statefs.list_names(state_dir, "tenants")
-            if NAME_RE.match(t) and _recorded(state_dir, t)]
+    store = shared_state.at(rt.config.daemon.state_dir)
+    return [t for t in store.children(statefs.TENANTS)
+            if NAME_RE.match(t) and _recorded(store, t)]
 
 
-def _recorded(state_dir: Path, tenant: str) -> bool:
+def _recorded(store: shared_state.StateStore, tenant: str) -> bool:
     folder, name = state_file(tenant).rsplit("/", 1)
-    return name in statefs.list_names(state_dir, folder)
+    return name in store.children(folder)
 
 
 def configured_tenants(cfg: Config) -> list[str]:

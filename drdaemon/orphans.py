@@ -23,7 +23,8 @@ and a backup or repair on another host does the same with a name we cannot
 see coming. So an orphan is deleted only when (1) an *earlier* prune on this
 state folder already found it without any manifest or trash entry, at least
 the grace period ago (first sightings are kept in
-``<state_dir>/prune/orphans.json``), (2) its snapshot began at least the grace
+``<state_dir>/prune/orphans.json``, or with ``lock_dsn`` the cluster's shared
+state), (2) its snapshot began at least the grace
 period ago, (3) no live process on this host has it in flight (state.inflight),
 (4) S3 Object Lock no longer holds it, and (5) the same safety net as
 retention allows it. Just before the delete every region is asked once more
@@ -51,7 +52,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from . import audit, layout, retention, state, statefs
+from . import audit, layout, retention, shared_state, state, statefs
 from .config import MAX_ORPHAN_GRACE as MAX_ORPHAN_GRACE
 from .config import MIN_ORPHAN_GRACE as MIN_ORPHAN_GRACE
 from .config import ORPHAN_GRACE as ORPHAN_GRACE
@@ -253,7 +254,10 @@ SEEN_FILE = statefs.ORPHAN_SIGHTINGS
 def load_seen(state_dir: Path) -> dict[tuple[str, str], datetime]:
     """(region, name) -> first sighting as an orphan. Unreadable means none: later, not sooner."""
     try:
-        doc = json.loads(statefs.read_bytes(state_dir, SEEN_FILE))
+        raw = shared_state.at(state_dir).read(SEEN_FILE)
+        if raw is None:
+            return {}
+        doc = json.loads(raw)
         return {(str(region), str(name)): datetime.fromisoformat(at).astimezone(UTC)
                 for region, names in doc["seen"].items() for name, at in names.items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
@@ -280,8 +284,8 @@ def save_seen(state_dir: Path, old: Mapping[tuple[str, str], datetime],
     seen: dict[str, dict[str, str]] = {}
     for (region, name), at in sorted(new.items()):
         seen.setdefault(region, {})[name] = at.isoformat()
-    statefs.write_atomic(state_dir, SEEN_FILE,
-                         json.dumps({"version": 1, "seen": seen}, indent=1).encode())
+    shared_state.at(state_dir).write(
+        SEEN_FILE, json.dumps({"version": 1, "seen": seen}, indent=1).encode())
 
 
 # -- imperative shell --------------------------------------------------------

@@ -15,7 +15,6 @@ The daemon's `keys` job (:func:`check`) first proves the identity it holds
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -116,7 +115,7 @@ def proof_records(rt: Runtime, unreadable: dict[str, str]) -> list[dict[str, Any
     """Every `keys.proven` record of the local log and of every other chain mirrored in
     any region (one LIST of `audit/` per region); each chain as far as it verifies."""
     local = audit.read_lines(rt.config.daemon.state_dir)
-    mine = mirror_folder(socket.gethostname(), local[0]) if local else None
+    mine = mirror_folder(audit.chain_label(rt.config.daemon), local[0]) if local else None
     records = _proofs(_verified(local, rt))
     seen = {mine}
     for store in rt.stores:

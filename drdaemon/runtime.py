@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import audit, statefs, tenancy
+from . import audit, shared_state, statefs, tenancy
 from . import config as config_mod
 from . import keys as keys_mod
 from .audit_mirror import MirrorState, mirror
@@ -173,6 +173,11 @@ class Runtime:
                         "gate uses the loaded config", self.config.path, exc)
             return None
 
+    @property
+    def state(self) -> shared_state.StateStore:
+        """Where the state that survives a failover lives (shared_state.py)."""
+        return shared_state.at(self.config.daemon.state_dir)
+
     def recipient_labels(self) -> dict[str, str]:
         """How messages name each configured recipient, by fingerprint (keys.recipient_labels)."""
         return recipient_labels(self.config.keys.recipients, self.config.keys.names)
@@ -274,6 +279,9 @@ def open_runtime(config: Config, clock: Callable[[], datetime] = utcnow, *,
     runtime reads a key only if something uses it."""
     # First: the demo config keeps its generated keys in the state folder.
     statefs.prepare(config.daemon.state_dir)
+    # Then where the shared state lives (with lock_dsn: in PostgreSQL, begun once),
+    # before anything is recorded.
+    begun = shared_state.begin(config.daemon)
     made = _keys_to_generate(config) if secrets else []
     if secrets:
         config = ensure_generated_keys(config)
@@ -285,6 +293,9 @@ def open_runtime(config: Config, clock: Callable[[], datetime] = utcnow, *,
     if not secrets:
         return rt
     _ = (rt.manifest_key, rt.signing_key)  # a bad key file fails here, at once
+    if begun is not None and begun.imported is not None:
+        rt.record_event("state.imported", where=begun.where, imported=begun.imported,
+                        state_dir=str(config.daemon.state_dir))
     if made:
         _record_generated_keys(rt, made)
     record_first_use(rt)

@@ -1,7 +1,10 @@
-"""Small local state the daemon keeps between runs: each source's last outcome.
+"""Small state the daemon keeps between runs: each source's last outcome.
 
-Written atomically (temp file, fsync, rename), one JSON file per source, so a
-crash never leaves a half-written record and `drctl status` can tell the last
+One JSON document per source (`sources/<source>.json`), in the state folder or,
+with `[daemon] lock_dsn`, in the cluster's shared state (shared_state.py), so the
+host that takes over retries what the old active left failed. Each change is a
+read-modify-write under the store's lock, so a crash never leaves a half-written
+record and `drctl status` can tell the last
 failure without scanning logs. The start of every attempt is written too: an
 attempt that started and never recorded an end (SIGKILL, power loss, a daemon
 that gave up waiting at shutdown) is an unfinished attempt, which the next
@@ -12,15 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import statefs
+from . import shared_state, statefs
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Outcome:
     last_started: str | None = None  # start of the newest attempt, finished or not
     failures: int = 0  # consecutive failed attempts since the last success
     started_pid: int | None = None  # the process that began the newest attempt
+    started_host: str | None = None  # where it runs (a pid means nothing elsewhere)
     running: bool = False  # not stored: that attempt is still open in a live process
 
     @property
@@ -92,11 +97,15 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def read_outcome(state_dir: Path, source: str) -> Outcome:
-    """The recorded outcome of `source` (empty if none or unreadable)."""
+_HOST = socket.gethostname()
+
+
+def parse_outcome(raw: bytes | None) -> Outcome:
+    """Pure: a stored outcome document (empty if none or unreadable), `running` unset."""
+    if raw is None:
+        return Outcome()
     try:
-        doc: dict[str, Any] = json.loads(statefs.read_bytes(state_dir,
-                                                            statefs.outcome_file(source)))
+        doc: dict[str, Any] = json.loads(raw)
         fields = {k: doc[k] for k in Outcome.__dataclass_fields__ if k in doc and k != "running"}
         out = Outcome(**fields)
         for stamp in (out.last_attempt, out.last_started, out.last_failure):
@@ -104,37 +113,53 @@ def read_outcome(state_dir: Path, source: str) -> Outcome:
                 _when(stamp)  # an unparseable stamp makes the record unreadable
         if not isinstance(out.failures, int) or not isinstance(out.started_pid, int | None):
             return Outcome()
-        if out.open and out.started_pid is not None and _alive(out.started_pid):
-            return replace(out, running=True)
         return out
-    except (OSError, ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError):
         return Outcome()
 
 
-def _write(state_dir: Path, source: str, outcome: Outcome) -> None:
-    doc = asdict(outcome)
-    del doc["running"]
-    statefs.write_atomic(state_dir, statefs.outcome_file(source),
-                         json.dumps(doc, indent=1).encode())
+def read_outcome(state_dir: Path, source: str) -> Outcome:
+    """The recorded outcome of `source` (empty if none or unreadable); `running` when
+    its open attempt's process is alive on this host."""
+    try:
+        out = parse_outcome(shared_state.at(state_dir).read(statefs.outcome_file(source)))
+    except OSError:
+        return Outcome()
+    here = out.started_host in (None, _HOST)
+    if out.open and here and out.started_pid is not None and _alive(out.started_pid):
+        return replace(out, running=True)
+    return out
+
+
+def _update(state_dir: Path, source: str, change: Callable[[Outcome], Outcome]) -> None:
+    def write(raw: bytes | None) -> bytes:
+        doc = asdict(change(parse_outcome(raw)))
+        del doc["running"]
+        return json.dumps(doc, indent=1).encode()
+
+    shared_state.at(state_dir).update(statefs.outcome_file(source), write)
 
 
 def record_start(state_dir: Path, source: str, at: datetime) -> None:
     """Record that an attempt of `source` begins now in this process (see Outcome.unfinished)."""
-    _write(state_dir, source, replace(read_outcome(state_dir, source),
-                                      last_started=at.isoformat(), started_pid=os.getpid()))
+    _update(state_dir, source, lambda old: replace(
+        old, last_started=at.isoformat(), started_pid=os.getpid(), started_host=_HOST))
 
 
 def record_outcome(state_dir: Path, source: str, at: datetime, ok: bool, error: str) -> None:
     """Record the end of one snapshot attempt of `source`."""
-    old = read_outcome(state_dir, source)
     stamp = at.isoformat()
-    new = Outcome(stamp, stamp if ok else old.last_success,
-                  old.last_failure if ok else stamp,
-                  (error or None) if not ok else old.last_error,
-                  # An end stamped before its start (a clock step) must not look unfinished.
-                  min(old.last_started, stamp, key=_when) if old.last_started else None,
-                  0 if ok else old.failures + 1, old.started_pid)
-    _write(state_dir, source, new)
+
+    def ended(old: Outcome) -> Outcome:
+        return Outcome(stamp, stamp if ok else old.last_success,
+                       old.last_failure if ok else stamp,
+                       (error or None) if not ok else old.last_error,
+                       # An end stamped before its start (a clock step) must not look
+                       # unfinished.
+                       min(old.last_started, stamp, key=_when) if old.last_started else None,
+                       0 if ok else old.failures + 1, old.started_pid, old.started_host)
+
+    _update(state_dir, source, ended)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,9 @@ ORPHAN_METRICS = "prune/orphan-metrics.json"  # the last prune's orphan gauges (
 MANIFEST_CACHE = "cache/manifests"  # manifests as stored, by region (manifest_cache.py)
 RESTORE_SCRATCH = "restore"  # the scratch copy of `drctl restore --jobs`
 RECOVERY = "recovery"  # what each `drctl recovery run` finished (recovery.py)
+OUTCOMES = "sources"  # each source's last outcome (state.py)
+TENANTS = "tenants"  # each tenant's lifecycle, keys and erasures
+ERASURE_JOURNAL = "journal.jsonl"  # an erasure begun and not finished (erasure.py)
 
 
 def lock_file(name: str) -> str:
@@ -53,7 +56,7 @@ def lock_file(name: str) -> str:
 
 def outcome_file(source: str) -> str:
     """The last outcome of one source's snapshots (state.py)."""
-    return f"sources/{source}.json"
+    return f"{OUTCOMES}/{source}.json"
 
 
 def tenant_lifecycle_file(tenant: str) -> str:

@@ -24,7 +24,7 @@ ABOVE_SERVICES = ("drdaemon.cli", "drdaemon.scheduler", "drdaemon.metrics",
                   "drdaemon.metrics_feed")
 ADAPTER_PACKAGES = ("drdaemon.storage", "drdaemon.sources")
 ADAPTER_MODULES = {"pipeline", "streams", "statefs", "locks", "filetrust", "manifest_cache",
-                   "tsa"}
+                   "tsa", "shared_state"}
 # Pure cores split out of a service: no I/O, so neither a service nor an adapter.
 PURE_MODULES = {"prune_plan", "audit_chain", "audit_secrets", "pages", "tenant_key_record",
                 "recovery_plan", "audit_segments"}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .. import shared_state
 from ..drills import attest
 from ..drills import records as drill_records
 from ..drills import run as drills
@@ -109,6 +110,7 @@ def drill_list(ctx: click.Context, source: str | None, since: str | None,
     if source is not None:
         cfg.source(source)
     start = since_from(since, utcnow()) if since else None
+    shared_state.begin(cfg.daemon)  # with lock_dsn, the cluster's records
     records = drill_records.load_records(cfg.daemon.state_dir, start, source)
     if as_json:
         emit_json({"drills": [r.to_dict() for r in records]})

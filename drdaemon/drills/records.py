@@ -1,7 +1,9 @@
 """Drill records: what each restore drill found, kept as JSON lines in the state folder.
 
 Each drill is one `DrillRecord`: a JSON line in `<state_dir>/drills/drills.jsonl`
-(schema in docs/format.md, "Drill records") and a `drill` record in the audit
+(schema in docs/format.md, "Drill records"; with `[daemon] lock_dsn`, the same
+lines in the cluster's shared state, shared_state.py, so prune's protection and
+the report survive a failover) and a `drill` record in the audit
 log, the tamper-evident copy. With a signing key configured each line carries
 `sig`, an Ed25519 signature over the rest (audit_chain.seal), so that an auditor
 holding only the public key can tell an edited line (`load_checked`). This
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -22,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import statefs
+from .. import shared_state, statefs
 from ..audit_chain import canonical, seal, signature_problem
 from ..signing import PublicKey, SigningKey
 from ..units import parse_iso_time
@@ -113,26 +114,20 @@ def signed_line(record: DrillRecord, signer: SigningKey | None) -> bytes:
 
 def append_record(state_dir: Path, record: DrillRecord,
                   signer: SigningKey | None = None) -> None:
-    """Append one JSON line (signed by `signer`, if given) under an exclusive lock, fsynced.
+    """Append one JSON line (signed by `signer`, if given) under the store's lock, durably.
 
     The daemon and a person may drill at once: the lock keeps lines whole. A
     line torn by a crash is closed off so that the next one starts clean.
     """
     line = signed_line(record, signer)
-    with statefs.appending(state_dir, RECORDS) as fd:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            line = b"\n" + line
-        statefs.write_all(fd, line)
+    shared_state.at(state_dir).append(RECORDS, lambda _last, _count: line)
 
 
 def parsed_lines(state_dir: Path) -> Iterator[tuple[dict[str, Any], DrillRecord]]:
     """Each line that parses as a drill record: (its JSON object, the record)."""
-    path = records_path(state_dir)
-    try:
-        raw = statefs.read_shared(state_dir, RECORDS)
-    except FileNotFoundError:
-        return
+    store = shared_state.at(state_dir)
+    path = store.where + ": " + RECORDS
+    raw = store.read_log(RECORDS)
     for n, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
