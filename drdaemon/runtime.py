@@ -293,7 +293,7 @@ def open_runtime(config: Config, clock: Callable[[], datetime] = utcnow, *,
     if not secrets:
         return rt
     _ = (rt.manifest_key, rt.signing_key)  # a bad key file fails here, at once
-    if begun is not None and begun.imported is not None:
+    if begun is not None and begun.imported is not None and any(begun.imported.values()):
         rt.record_event("state.imported", where=begun.where, imported=begun.imported,
                         state_dir=str(config.daemon.state_dir))
     if made:

@@ -275,7 +275,9 @@ def begin(daemon: DaemonConfig) -> Begun | None:
         return None
     start()
     got = Begun(store.where, getattr(store, "imported", None), getattr(store, "begun_by", {}))
-    if got.imported is not None:
+    if got.imported is not None and not any(got.imported.values()):
+        log.info("%s begun (this host's state folder held nothing to import)", got.where)
+    elif got.imported is not None:
         log.warning("%s was empty: imported this host's state folder %s into it (%s)",
                     got.where, daemon.state_dir,
                     ", ".join(f"{k}: {v}" for k, v in sorted(got.imported.items())))

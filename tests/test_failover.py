@@ -298,3 +298,75 @@ def _drctl_json(config: Path, *args: str) -> dict:
     out = drctl(["--config", str(config), *args, "--json"])
     assert out.exit_code == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def test_the_new_active_continues_the_old_ones_state_and_audit_chain(
+        tmp_path: Path, pg_server, running: list[Host]) -> None:
+    """With lock_dsn, what the killed active recorded (a source's failures, a drill, an
+    orphan sighting, an offboarding, the audit chain) is where the standby reads it."""
+    from drdaemon import lifecycle, shared_state
+    from drdaemon.drills.records import newest_verified
+
+    (tmp_path / "c").mkdir()
+    setup = make_setup(tmp_path, two_local_regions(tmp_path),
+                       [directory_source("small", small_tree(tmp_path)),
+                        directory_source("broken", tmp_path / "missing"),
+                        directory_source("leaving", small_tree(tmp_path / "c"), tenant="uni-c")],
+                       daemon=lock_daemon_config(pg_server, "continues"))
+    a, b = hosts(tmp_path, setup)
+    running += [a, b]
+    a.start()
+    wait_for(lambda: a.active() == 1)
+    a_state, b_state = (config_mod.load(h.config).daemon for h in (a, b))
+    for d in (a_state, b_state):  # this process reads each host's state as it would
+        shared_state.open_for(d)
+    wait_for(lambda: state.read_outcome(a_state.state_dir, "broken").failures == 1
+             and state.read_outcome(a_state.state_dir, "small").last_success is not None)
+    assert drctl(["--config", str(a.config), "backup", "--source", "broken"]).exit_code != 0
+    assert state.read_outcome(a_state.state_dir, "broken").failures == 2
+    ran = drctl(["--config", str(a.config), "drill", "run", "--source", "small", "--json"])
+    drilled = json.loads(ran.stdout)
+    assert drilled["drills"][0]["verified"], drilled
+    orphan = "sources/small/data/20261101T000000Z-0000dead.tar.zst.age"
+    (tmp_path / "r-eu" / orphan).write_bytes(b"left behind")
+    seen = _orphan_first_seen(a.config, orphan)
+    end = (lifecycle.datetime.now(lifecycle.UTC) - timedelta(days=1)).date().isoformat()
+    offboarded = drctl(["--config", str(a.config), "tenant", "offboard", "uni-c", "--end", end])
+    assert offboarded.exit_code == 0, offboarded.output + offboarded.stderr
+    before = _drctl_json(a.config, "audit", "verify")
+    assert before["ok"], before
+
+    b.start()
+    wait_for(lambda: b.active() == 0)
+    a.stop(signal.SIGKILL)
+    wait_for(lambda: b.active() == 1, TAKEOVER_BOUND)
+    # (a) the source's failures go on from the old active's count
+    assert state.read_outcome(b_state.state_dir, "broken").failures >= 2
+    # (b) the drill record: listed, and protecting its snapshot from prune
+    listed = _drctl_json(b.config, "drill", "list")["drills"]
+    assert [d["id"] for d in listed] == [drilled["drills"][0]["id"]]
+    assert newest_verified(b_state.state_dir) == {"small": drilled["drills"][0]["snapshot_id"]}
+    # (c) the orphan was first seen when the old active saw it
+    assert _orphan_first_seen(b.config, orphan) == seen
+    # (d) the offboarded tenant's erasure deadline
+    rt_b = open_runtime(config_mod.load(b.config))
+    assert lifecycle.load(rt_b, "uni-c").erase_due == lifecycle.deadline(
+        lifecycle.date.fromisoformat(end))
+    # (e) one chain: the new active's records follow the old one's, on either host
+    assert drctl(["--config", str(b.config), "backup", "--source", "small"]).exit_code == 0
+    for h in (a, b):
+        after = _drctl_json(h.config, "audit", "verify")
+        assert after["ok"], after
+        assert after["records"] > before["records"]
+    lines = shared_state.at(b_state.state_dir).read_log("audit/audit.jsonl").splitlines()
+    events = [json.loads(x)["event"] for x in lines[before["records"]:]]
+    assert "snapshot.committed" in events
+    assert b.stop() == 0
+
+
+def _orphan_first_seen(config: Path, name: str) -> str:
+    report = _drctl_json(config, "prune")
+    found = [o["first_seen"] for p in report["orphans"] for o in p["objects"]
+             if o["name"] == name]
+    assert found, report["orphans"]
+    return found[0]

@@ -6,6 +6,7 @@ lock database (tests/conftest.py's pg_server)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import subprocess
@@ -30,8 +31,12 @@ import sys
 from datetime import UTC, datetime
 from drdaemon import audit, config, state
 from drdaemon.runtime import open_runtime
+import os, time
 rt = open_runtime(config.load(sys.argv[1]))
-what, n = sys.argv[2], int(sys.argv[3])
+what, n, ready = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+open(ready + sys.argv[1][-6:-5], "w").close()  # both start together (host0.toml, host1.toml)
+while not all(os.path.exists(ready + i) for i in "01"):
+    time.sleep(0.01)
 for i in range(n):
     if what == "audit":
         audit.append(rt, "test.record", {"i": i, "by": sys.argv[1]})
@@ -65,7 +70,8 @@ def _cluster_setup(tmp_path: Path, pg_server, name: str) -> tuple[Setup, list[Pa
 
 
 def _race(hosts: list[Path], what: str) -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(h), what, str(N)],
+    ready = str(hosts[0].parent / f"ready-{what}-")
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(h), what, str(N), ready],
                               stderr=subprocess.PIPE) for h in hosts]
     for p in procs:
         _, err = p.communicate(timeout=120)
@@ -85,6 +91,8 @@ def test_two_hosts_appending_at_once_write_one_chain(tmp_path: Path, pg_server) 
         assert {r["by"] for r in mine} == {str(h) for h in hosts}
         for by in hosts:  # each host's records in the order it made them
             assert [r["i"] for r in mine if r["by"] == str(by)] == list(range(N))
+        switches = sum(x["by"] != y["by"] for x, y in itertools.pairwise(mine))
+        assert switches > 1, "the two hosts did not append at once"
         # Nothing went to the host's own state folder.
         assert not (rt.config.daemon.state_dir / "audit" / "audit.jsonl").exists()
 
