@@ -80,6 +80,11 @@ def log_path(state_dir: Path) -> Path:
     return state_dir / LOG
 
 
+def log_where(state_dir: Path) -> str:
+    """Where the log lives, for messages: its file, or the cluster state holding it."""
+    return shared_state.describe(state_dir, LOG)
+
+
 def _next_position(last: bytes, count: Callable[[], int]) -> tuple[int, str]:
     """seq and prev of the record to append after the log's `last` line (b"": none);
     `count()` is the number of lines, asked only if the last line is damaged."""

@@ -217,6 +217,15 @@ def importable(state_dir: Path) -> Seed:
     return seed
 
 
+def describe(state_dir: Path, key: str) -> str:
+    """Where `key` of `state_dir`'s store lives, for messages: the file's path, or the
+    cluster state and the key."""
+    store = at(state_dir)
+    if isinstance(store, FolderStore):
+        return str(state_dir / key)
+    return f"{store.where}, {key}"
+
+
 # -- which store a state folder uses ------------------------------------------------
 
 # state folder -> (what opened it: lock_dsn and lock_name, or None; the store)

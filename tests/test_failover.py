@@ -346,6 +346,8 @@ def test_the_new_active_continues_the_old_ones_state_and_audit_chain(
     listed = _drctl_json(b.config, "drill", "list")["drills"]
     assert [d["id"] for d in listed] == [drilled["drills"][0]["id"]]
     assert newest_verified(b_state.state_dir) == {"small": drilled["drills"][0]["snapshot_id"]}
+    report = drctl(["--config", str(b.config), "drill", "report", "--format", "json"])
+    assert report.exit_code == 0 and drilled["drills"][0]["id"] in report.stdout, report.stderr
     # (c) the orphan was first seen when the old active saw it
     assert _orphan_first_seen(b.config, orphan) == seen
     # (d) the offboarded tenant's erasure deadline

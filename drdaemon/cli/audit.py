@@ -61,7 +61,7 @@ def verify_cmd(ctx: click.Context, region: str | None, bundle: Path | None,
     else:
         rt = get_runtime(ctx)
         result = _verify(rt, region, None)
-    where = f"region {region}" if region else str(audit.log_path(rt.config.daemon.state_dir))
+    where = f"region {region}" if region else audit.log_where(rt.config.daemon.state_dir)
     chain, problems = result.chain, result.problems
     if as_json:
         emit_json(dict(result.to_dict(), where=where))

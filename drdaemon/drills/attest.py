@@ -13,7 +13,7 @@ from .. import anchors
 from ..audit_chain import line_hash
 from ..errors import DrError, UsageError
 from ..runtime import Runtime
-from .records import DrillRecord, load_checked, load_records, matches_audit, records_path
+from .records import DrillRecord, load_checked, load_records, matches_audit, records_where
 from .report import ReportData
 
 
@@ -106,9 +106,9 @@ def report_data(rt: Runtime, since: datetime | None, sources: Sequence[str] = ()
             f"(record {x.get('seq')}) has no record in the period in drills.jsonl: removed, "
             "or its time edited")))
     if drill_id is not None and not records and not rejected:
-        raise UsageError(f"no drill {drill_id!r} in {records_path(state_dir)}")
+        raise UsageError(f"no drill {drill_id!r} in {records_where(state_dir)}")
     return ReportData(rt.clock(), since, records, audit,
-                      str(records_path(state_dir)),
+                      records_where(state_dir),
                       signing_key=key.fingerprint if key is not None else None,
                       rejected=rejected, anchor=newest_anchor(state_dir))
 

@@ -103,6 +103,11 @@ def records_path(state_dir: Path) -> Path:
     return state_dir / RECORDS
 
 
+def records_where(state_dir: Path) -> str:
+    """Where the records live, for messages and reports: the file, or the cluster state."""
+    return shared_state.describe(state_dir, RECORDS)
+
+
 def signed_line(record: DrillRecord, signer: SigningKey | None) -> bytes:
     """The JSON line stored for `record`: with `sig` over the rest when a signing key is
     given (canonical form, so that the signed bytes are what a checker rebuilds)."""
