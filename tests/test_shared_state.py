@@ -19,9 +19,10 @@ from support import Setup, directory_source, drctl, local_region, make_setup
 
 from drdaemon import audit, lifecycle, orphans, shared_state, state
 from drdaemon import config as config_mod
-from drdaemon.audit_chain import verify_lines
+from drdaemon.audit_chain import HANDOVER, verify_lines
 from drdaemon.drills import records as drill_records
 from drdaemon.runtime import open_runtime
+from drdaemon.signing import generate_signing_key
 
 N = 40  # records (or updates) each process makes
 
@@ -53,13 +54,19 @@ def _tree(tmp_path: Path) -> Path:
     return tree
 
 
-def _cluster_setup(tmp_path: Path, pg_server, name: str) -> tuple[Setup, list[Path]]:
-    """One config on a lock database, and two host configs differing by state folder."""
+def _cluster_setup(tmp_path: Path, pg_server, name: str,
+                   signed: bool = False) -> tuple[Setup, list[Path]]:
+    """One config on a lock database, and two host configs differing by state folder;
+    `signed`: with a signing key (one for both hosts, as they share the config)."""
     setup = make_setup(tmp_path, [local_region("eu", tmp_path / "r-eu", "europe"),
                                   local_region("us", tmp_path / "r-us", "north-america")],
                        [directory_source("files", _tree(tmp_path))],
                        daemon=f'lock_dsn = "{pg_server.dsn()}"\nlock_name = "{name}"\n')
     text = setup.config.read_text()
+    if signed:
+        key = tmp_path / "keys" / "signing.key"
+        generate_signing_key(key)
+        text = text.replace("[keys]\n", f'[keys]\nsigning_key_file = "{key}"\n')
     hosts = []
     for i in range(2):
         cfg = tmp_path / f"host{i}.toml"
@@ -79,13 +86,16 @@ def _race(hosts: list[Path], what: str) -> None:
 
 
 def test_two_hosts_appending_at_once_write_one_chain(tmp_path: Path, pg_server) -> None:
-    _, hosts = _cluster_setup(tmp_path, pg_server, "chain-race")
+    _, hosts = _cluster_setup(tmp_path, pg_server, "chain-race", signed=True)
     _race(hosts, "audit")
     for cfg in hosts:  # either host reads the one chain, every record of both
         rt = open_runtime(config_mod.load(cfg))
         lines = audit.read_lines(rt.config.daemon.state_dir)
         check = verify_lines(lines, audit.chain_keys(rt))
         assert check.ok, check.reason
+        # One signing key for both: one handover to it, whichever host appended first.
+        assert [json.loads(x)["event"] for x in lines].count(HANDOVER) == 1
+        assert check.signer == rt.signing_key.fingerprint
         mine = [json.loads(line) for line in lines if b'"test.record"' in line]
         assert len(mine) == 2 * N
         assert {r["by"] for r in mine} == {str(h) for h in hosts}

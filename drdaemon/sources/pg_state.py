@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS drdaemon_state_lines (
   cluster text NOT NULL, key text NOT NULL, n bigint NOT NULL, line bytea NOT NULL,
   PRIMARY KEY (cluster, key, n));
 """
+# No step of the shared state takes this long unless something is wrong.
+STATEMENT_TIMEOUT_MS = 60_000
 # The row that says the cluster state was begun (and from which state folder).
 META = ".cluster/begun.json"
 
@@ -81,9 +83,13 @@ class PgStateStore:
     def _connect(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
             try:
+                # Keepalives and a statement timeout: a lost server or a stuck lock
+                # holder fails a step with one line instead of hanging a job.
                 self._conn = psycopg.connect(
                     self.dsn, connect_timeout=CONNECT_TIMEOUT,
-                    application_name=f"drdaemon state {socket.gethostname()}"[:63])
+                    application_name=f"drdaemon state {socket.gethostname()}"[:63],
+                    keepalives=1, keepalives_idle=5, keepalives_interval=5,
+                    keepalives_count=3, options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}")
             except psycopg.Error as exc:
                 raise DrError(f"cannot reach the {self.where}: "
                               f"{first_line(exc, 'error')}") from None
