@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from . import layout, lifecycle, locks, shared_state, statefs, tenancy
+from . import layout, lifecycle, locks, statefs, tenancy
 from .config import NAME_HINT, NAME_RE
 from .erasure_cert import (
     STATE_FOLDER,
@@ -73,7 +73,7 @@ class ErasureFailed(DrError):
 
 def _append(rt: Runtime, tenant: str, record: dict[str, Any]) -> None:
     line = json.dumps(record, sort_keys=True).encode() + b"\n"
-    shared_state.at(rt.config.daemon.state_dir).append(journal_path(tenant),
+    rt.state.append(journal_path(tenant),
                                                        lambda _last, _count: line)
 
 
@@ -392,7 +392,7 @@ def _record_in_lifecycle(rt: Runtime, cert: ErasureCertificate) -> None:
 def _publish(rt: Runtime, cert: ErasureCertificate) -> None:
     """Step 4: the certificate everywhere, the audit record, then the journal goes."""
     raw = serialize(cert, rt.manifest_key)
-    state = shared_state.at(rt.config.daemon.state_dir)
+    state = rt.state
     folder = statefs.erasure_folder(cert.tenant)
     state.write(f"{folder}/{cert.stamp}.json", raw)
     state.write(f"{folder}/{cert.stamp}.html", render_html(cert).encode())

@@ -14,7 +14,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from . import layout, shared_state, statefs
+from . import layout, statefs
 from .config import NAME_RE
 from .erasure_cert import (
     MAX_CERTIFICATE_BYTES,
@@ -47,7 +47,7 @@ class Journal:
 
 
 def read_journal(rt: Runtime, tenant: str) -> Journal:
-    raw = shared_state.at(rt.config.daemon.state_dir).read_log(journal_path(tenant))
+    raw = rt.state.read_log(journal_path(tenant))
     j = Journal()
     for line in raw.decode(errors="replace").splitlines():
         try:
@@ -70,14 +70,14 @@ def read_journal(rt: Runtime, tenant: str) -> Journal:
 
 def erasure_in_progress(rt: Runtime, tenant: str) -> bool:
     """Whether an erasure of `tenant` began and has not finished (its journal is there)."""
-    return JOURNAL in shared_state.at(rt.config.daemon.state_dir).children(
+    return JOURNAL in rt.state.children(
         statefs.erasure_folder(tenant))
 
 
 # -- reading erasures back --------------------------------------------------------------------
 
 def state_certificates(rt: Runtime, tenant: str) -> Iterator[ErasureCertificate]:
-    store = shared_state.at(rt.config.daemon.state_dir)
+    store = rt.state
     folder = statefs.erasure_folder(tenant)
     for name in store.children(folder):
         if layout.certificate_stamp(name) is None:
@@ -158,7 +158,7 @@ def erased_tenants(rt: Runtime) -> dict[str, tuple[str, ...]]:
     """Tenant -> the sources its erasures covered, for every tenant with an authentic
     certificate in the state folder or, for a host whose state folder was rebuilt,
     in the regions: prune's sweep must not forget an erasure."""
-    here = set(shared_state.at(rt.config.daemon.state_dir).children(layout.TENANTS))
+    here = set(rt.state.children(layout.TENANTS))
     regional = _region_erased_tenants(rt)
     out: dict[str, tuple[str, ...]] = {}
     for tenant in sorted(here | regional):

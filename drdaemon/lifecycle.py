@@ -26,7 +26,6 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
-from pathlib import Path
 from typing import Any
 
 from . import shared_state, statefs, tenancy
@@ -216,10 +215,6 @@ def to_dict(s: TenantState, keep: dict[str, Any] | None = None) -> dict[str, Any
     return out
 
 
-def _read_raw(state_dir: Path, tenant: str) -> dict[str, Any]:
-    return _parse_raw(tenant, shared_state.at(state_dir).read(state_file(tenant)))
-
-
 def _parse_raw(tenant: str, raw: bytes | None) -> dict[str, Any]:
     if raw is None:
         return {}
@@ -239,7 +234,7 @@ def _parse_raw(tenant: str, raw: bytes | None) -> dict[str, Any]:
 
 def load(rt: Runtime, tenant: str) -> TenantState:
     """The tenant's state (a fresh, active one if nothing was recorded)."""
-    return from_dict(tenant, _read_raw(rt.config.daemon.state_dir, tenant))
+    return from_dict(tenant, _parse_raw(tenant, rt.state.read(state_file(tenant))))
 
 
 def save(rt: Runtime, state: TenantState) -> None:
@@ -263,13 +258,13 @@ def update(rt: Runtime, tenant: str,
         done.append(new)
         return (json.dumps(to_dict(new, raw), indent=2, sort_keys=True) + "\n").encode()
 
-    shared_state.at(rt.config.daemon.state_dir).update(state_file(tenant), write)
+    rt.state.update(state_file(tenant), write)
     return done[-1]
 
 
 def recorded_tenants(rt: Runtime) -> list[str]:
     """Tenants with a lifecycle file in the state folder (configured or not)."""
-    store = shared_state.at(rt.config.daemon.state_dir)
+    store = rt.state
     return [t for t in store.children(statefs.TENANTS)
             if NAME_RE.match(t) and _recorded(store, t)]
 

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import statefs
 
@@ -87,6 +87,12 @@ class StateStore(Protocol):
 
     def children(self, folder: str) -> list[str]:
         """The names directly under `folder` (values, logs or folders), sorted."""
+        ...
+
+    def begin(self) -> tuple[dict[str, int] | None, dict[str, Any]] | None:
+        """Use the store for the first time in this process (see `begin` below): None
+        for a store with nothing to begin, else (what this process imported, or None if
+        the state was begun before; who began it)."""
         ...
 
 
@@ -162,6 +168,9 @@ class FolderStore:
 
     def children(self, folder: str) -> list[str]:
         return statefs.list_names(self.state_dir, folder)
+
+    def begin(self) -> None:
+        return None  # statefs.prepare made the folder
 
 
 # -- the first use of a cluster state: what a host's state folder holds -----------
@@ -268,7 +277,7 @@ class Begun:
 
     where: str
     imported: dict[str, int] | None  # what this process imported; None: begun before
-    by: dict[str, object]  # who began it: host, state folder, time, what it imported
+    by: dict[str, Any]  # who began it: host, state folder, time, what it imported
 
 
 def begin(daemon: DaemonConfig) -> Begun | None:
@@ -279,11 +288,10 @@ def begin(daemon: DaemonConfig) -> Begun | None:
     its history is not the cluster's (docs/reliability.md, "Moving to a cluster").
     None without `lock_dsn`."""
     store = open_for(daemon)
-    start = getattr(store, "begin", None)
-    if start is None:
+    begun = store.begin()
+    if begun is None:
         return None
-    start()
-    got = Begun(store.where, getattr(store, "imported", None), getattr(store, "begun_by", {}))
+    got = Begun(store.where, *begun)
     if got.imported is not None and not any(got.imported.values()):
         log.info("%s begun (this host's state folder held nothing to import)", got.where)
     elif got.imported is not None:

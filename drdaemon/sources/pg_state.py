@@ -129,12 +129,13 @@ class PgStateStore:
 
     # -- the first use ------------------------------------------------------------------
 
-    def begin(self) -> None:
+    def begin(self) -> tuple[dict[str, int] | None, dict[str, Any]]:
         """Make the tables if missing; if this cluster's state is empty, import the local
         state folder (`seed`) in the same transaction, under the cluster-wide lock
-        `<lock_name>:state`, so that two hosts starting at once import one folder."""
+        `<lock_name>:state`, so that two hosts starting at once import one folder.
+        Returns (what was imported, None if the state was begun before; who began it)."""
         with self._mutex:
-            self._begun = True
+            self._begun, self.imported = True, None
             conn = self._connect()
             try:
                 with conn.transaction(), conn.cursor() as cur:
@@ -146,13 +147,14 @@ class PgStateStore:
                                       "key = %s", (self.cluster, META)).fetchone()
                     if row is not None:
                         self.begun_by = json.loads(bytes(row[0]))
-                        return
-                    self.imported = self._import(cur)
+                    else:
+                        self.imported = self._import(cur)
             except psycopg.Error as exc:
                 self._begun = False
                 if conn.closed or conn.broken:
                     self._conn = None
                 raise DrError(f"on the {self.where}: {first_line(exc, 'error')}") from None
+        return self.imported, self.begun_by
 
     def _import(self, cur: psycopg.Cursor[Any]) -> dict[str, int]:
         values, logs = self._seed()
