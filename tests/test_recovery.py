@@ -84,13 +84,14 @@ def _run(setup: Any, eu: Any, pg_server: PgServer, tmp_path: Path) -> None:
     assert tiers["free"]["eta"] > tiers["paid"]["eta"] > 0
     last = drills[-1]  # free-db, drilled last: every source's latest drill is known
     assert last["source"] == "free-db"
-    assert last["projected_tier_rto_seconds"] == pytest.approx(tiers["free"]["eta"], rel=1e-6)
+    # Drill records keep timings to the microsecond; the plan adds up those rounded ones.
+    assert last["projected_tier_rto_seconds"] == pytest.approx(tiers["free"]["eta"], abs=1e-3)
     assert last["projected_tier_rto_seconds"] > paid_rto * 0.5  # the paid ones count
     # The daemon exports the same plan's ETAs.
     cfg = config_mod.load(setup.config)
     st = metrics.MetricsState.from_config(cfg)
     metrics_feed.refresh(open_runtime(cfg), st)
-    assert st.plan_tier_eta == pytest.approx({t: tiers[t]["eta"] for t in tiers}, rel=1e-6)
+    assert st.plan_tier_eta == pytest.approx({t: tiers[t]["eta"] for t in tiers}, abs=1e-3)
     assert set(st.plan_source_eta) == set(order)
 
     eu.server.stop()  # the primary region is gone
