@@ -1,0 +1,254 @@
+"""The cluster engine ([cluster] dsn): a scheduler and workers as real processes on a real
+PostgreSQL queue (procrastinate), each with its own state folder, as hosts would be.
+
+One scheduler tick (the start's catch-up) defers fifty-one sources; three `drdaemon worker`
+processes snapshot each exactly once; the worker that holds the one slow source (its
+pg_dump waits on a table the test keeps locked) is killed with SIGKILL, and the scheduler
+puts its job back in the queue once the worker's heartbeats stop: another worker
+completes it.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import zoneinfo
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from pathlib import Path
+
+import psycopg
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from support import directory_source, local_region, make_setup, postgres_source
+
+from drdaemon import config as config_mod
+from drdaemon.cluster import plan
+from drdaemon.errors import ConfigError
+
+BIN = Path(sys.executable).parent
+N_SMALL = 50
+
+
+def wait_for(cond, timeout: float = 60.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@dataclass
+class Proc:
+    """One host's drdaemon process (`run` or `worker`), its config and state folder."""
+
+    config: Path
+    state: Path
+    log: Path
+    command: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as err:
+            self.proc = subprocess.Popen([str(BIN / "drdaemon"), "--config", str(self.config),
+                                          self.command], stdout=subprocess.DEVNULL,
+                                         stderr=err)
+
+    def said(self, text: str) -> bool:
+        return text in self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def committed(self) -> list[str]:
+        """The sources this host's audit log says it committed a snapshot of."""
+        log = self.state / "audit" / "audit.jsonl"
+        if not log.exists():
+            return []
+        out = []
+        for line in log.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("event") == "snapshot.committed":
+                out.append(rec.get("source") or rec.get("details", {}).get("source"))
+        return out
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        if p.proc is not None and p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+
+
+def host_configs(tmp_path: Path, text: str, state: Path, commands: list[str]) -> list[Proc]:
+    """One config per host: the shared config but for its state folder and metrics port."""
+    out = []
+    for i, command in enumerate(commands):
+        cfg = tmp_path / f"host{i}.toml"
+        own = tmp_path / f"state{i}"
+        cfg.write_text(text.replace(f'state_dir = "{state}"', f'state_dir = "{own}"\n'
+                                    f'metrics_address = "127.0.0.1:0"'))
+        out.append(Proc(cfg, own, tmp_path / f"host{i}.log", command))
+    return out
+
+
+def manifests(region: Path, source: str | None = None) -> list[Path]:
+    return sorted(region.glob(f"sources/{source or '*'}/manifests/*.json"))
+
+
+def test_three_workers_snapshot_fifty_sources_once_and_retry_a_killed_workers_job(
+        tmp_path: Path, pg_server, pg_database: str, procs: list[Proc]) -> None:
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+    sources = []
+    for i in range(N_SMALL):
+        tree = tmp_path / "trees" / f"s{i:02d}"
+        tree.mkdir(parents=True)
+        (tree / "f.txt").write_text(f"source {i}\n")
+        sources.append(directory_source(f"s{i:02d}", tree))
+    sources.append(postgres_source("slow", pg_database))
+    regions = [tmp_path / "r-eu", tmp_path / "r-us"]
+    setup = make_setup(tmp_path, [local_region("eu", regions[0], "europe"),
+                                  local_region("us", regions[1], "north-america")], sources,
+                       extra=(f'[cluster]\ndsn = "{pg_server.dsn()}"\nheartbeat = "1s"\n'
+                              'stalled_after = "3s"\nmax_concurrent_snapshots = 2\n'
+                              'scheduler_works = false\n'),
+                       daemon='lock_name = "queue-fifty"\ntakeover_interval = "1s"\n'
+                              'shutdown_grace = "5s"\n')
+    scheduler, *workers = host_configs(tmp_path, setup.config.read_text(), setup.state,
+                                       ["run", "worker", "worker", "worker"])
+    procs += [scheduler, *workers]
+    locker = psycopg.connect(pg_database)
+    try:
+        locker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")  # holds "slow" in pg_dump
+        for w in workers:
+            w.start()
+        scheduler.start()
+        wait_for(lambda: all(len(manifests(r)) == N_SMALL for r in regions), 180,
+                 "the fifty small sources")
+        # The slow one is held by the lock on one worker: kill that worker.
+        holding = [w for w in workers if (w.state / "sources" / "slow.json").exists()]
+        assert len(holding) == 1, "exactly one worker took the slow source"
+        killed = holding[0]
+        assert killed.stop(signal.SIGKILL) == -signal.SIGKILL
+        others = [w for w in workers if w is not killed]
+        wait_for(lambda: scheduler.said("its worker stopped sending heartbeats"), 60,
+                 "the scheduler to retry the dead worker's job")
+        wait_for(lambda: any((w.state / "sources" / "slow.json").exists() for w in others),
+                 60, "another worker to take the slow source")
+    finally:
+        locker.close()  # the lock goes: the retried pg_dump goes on
+    wait_for(lambda: all(manifests(r, "slow") for r in regions), 120, "the slow source")
+    for p in [scheduler, *others]:
+        assert p.stop() == 0, p.log.read_text()[-2000:]
+    for region in regions:
+        per_source = [m.parent.parent.name for m in manifests(region)]
+        assert sorted(per_source) == sorted([f"s{i:02d}" for i in range(N_SMALL)] + ["slow"])
+    # Each source committed once, by one host: the killed worker never committed "slow".
+    committed = [s for p in workers for s in p.committed()]
+    assert sorted(committed) == sorted(set(committed)) and len(committed) == N_SMALL + 1
+    assert "slow" not in killed.committed()
+    assert scheduler.committed() == []  # scheduler_works = false: it only scheduled
+
+
+def test_an_unreachable_queue_database_is_one_line(tmp_path: Path, free_port) -> None:
+    setup = make_setup(tmp_path, [local_region("eu", tmp_path / "r-eu", "europe"),
+                                  local_region("us", tmp_path / "r-us", "north-america")], [],
+                       extra=f'[cluster]\ndsn = "host=127.0.0.1 port={free_port()} '
+                             'user=x dbname=y connect_timeout=2"\n')
+    out = subprocess.run([str(BIN / "drdaemon"), "--config", str(setup.config), "worker"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the queue database" in lines[0], out.stderr
+
+
+def _config(tmp_path: Path, cluster: str, daemon: str = "") -> config_mod.Config:
+    setup = make_setup(tmp_path, [local_region("eu", tmp_path / "r-eu", "europe"),
+                                  local_region("us", tmp_path / "r-us", "north-america")], [],
+                       extra=cluster, daemon=daemon)
+    return config_mod.load(setup.config)
+
+
+def test_cluster_config_defaults_and_the_one_dsn(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, '[cluster]\ndsn = "host=db user=drdaemon dbname=queue"\n')
+    assert cfg.cluster is not None
+    assert cfg.cluster.max_concurrent_snapshots == 2 and cfg.cluster.scheduler_works
+    assert cfg.cluster.stalled_after > 2 * cfg.cluster.heartbeat
+    assert cfg.daemon.lock_dsn == "host=db user=drdaemon dbname=queue"
+    other = _config(tmp_path / "b", '[cluster]\ndsn = "host=db dbname=queue"\n',
+                    'lock_dsn = "host=lockdb dbname=locks"\n')
+    assert other.daemon.lock_dsn == "host=lockdb dbname=locks"
+    assert _config(tmp_path / "c", "").cluster is None
+    assert _config(tmp_path / "d", "").daemon.lock_dsn is None
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ('dsn = "host=db password=hunter2"', "a password must not be written"),
+    ('dsn = "host=db"\nmax_concurrent_snapshots = 0', "an integer from 1 to 64"),
+    ('dsn = "host=db"\nheartbeat = "10s"\nstalled_after = "15s"', "above two heartbeats"),
+    ('dsn = "host=db"\nmax_queue_wait = "10s"', "at least 1m"),
+    ('dsn = "host=db"\nworkers = 3', "unknown key"),
+    ('max_concurrent_snapshots = 2', "cluster.dsn"),
+])
+def test_cluster_config_errors_are_one_line(tmp_path: Path, body: str, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        _config(tmp_path, f"[cluster]\n{body}\n")
+    assert says in str(err.value) and "\n" not in str(err.value)
+    assert "hunter2" not in str(err.value)
+
+
+def test_one_jobs_locks_and_queues_are_the_clusters() -> None:
+    spec = plan.snapshot_job("c1", "lms-db")
+    assert (spec.task, spec.queue, spec.lock, spec.queueing_lock, spec.args) == (
+        "drdaemon.snapshot", "c1:snapshot", "c1:source:lms-db", "c1:snapshot:lms-db",
+        {"source": "lms-db"})
+    drill = plan.maintenance_job("c1", "drill:paid")
+    assert drill is not None and drill.queue == "c1:drill" and drill.args == {"tier": "paid"}
+    assert plan.maintenance_job("c1", "prune") is None  # deletes: stays with the lock holder
+    rows = [plan.QueueRow("c1:snapshot", "waiting", 3, 40.0),
+            plan.QueueRow("c1:snapshot", "running", 2), plan.QueueRow("c2:snapshot", "failed", 9),
+            plan.QueueRow("c1:verify", "failed", 1)]
+    counts = {c.kind: c for c in plan.count_by_kind(rows, "c1")}
+    assert counts["snapshot"] == plan.KindCount("snapshot", 3, 0, 2, 0, 40.0)
+    assert counts["verify"].failed == 1 and counts["drill"] == plan.KindCount("drill")
+
+
+UTC_ZONE = zoneinfo.ZoneInfo("UTC")
+START = datetime(2026, 11, 30, tzinfo=UTC)
+
+
+@given(st.integers(0, 3 * 1440), st.integers(1, 180))
+def test_consecutive_ticks_defer_each_fire_exactly_once(start_min: int, step: int) -> None:
+    """However late or often the ticks come, a tick defers a source exactly when its cron
+    fired since the previous tick (several fires in one gap: one job), so none is lost."""
+    schedules = {"daily": "0 2 * * *", "five": "*/5 * * * *", "hourly": "17 * * * *"}
+    t0 = START + timedelta(minutes=start_min)
+    ticks = [t0 + timedelta(minutes=step * i) for i in range(6)]
+    for since, now in pairwise(ticks):
+        got = plan.fired(schedules, UTC_ZONE, since, now)
+        assert got == [n for n, e in schedules.items() if _fires(e, since, now) > 0]
+
+
+def _fires(expr: str, since: datetime, until: datetime) -> int:
+    """Cron fires in (since, until], counted minute by minute (crontab's meaning)."""
+    minute, hour = expr.split()[:2]
+    n, t = 0, since + timedelta(minutes=1)
+    while t <= until:
+        ok_m = minute == "*" or (minute.startswith("*/") and t.minute % int(minute[2:]) == 0) \
+            or (minute.isdigit() and t.minute == int(minute))
+        ok_h = hour == "*" or (hour.isdigit() and t.hour == int(hour))
+        n += ok_m and ok_h
+        t += timedelta(minutes=1)
+    return n
