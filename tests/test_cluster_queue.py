@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import zoneinfo
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,11 +25,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from conftest import find_free_port
 from hypothesis import given
 from hypothesis import strategies as st
 from support import directory_source, local_region, make_setup, postgres_source
 
 from drdaemon import config as config_mod
+from drdaemon import metrics
 from drdaemon.cluster import plan
 from drdaemon.errors import ConfigError
 
@@ -128,6 +131,9 @@ def test_three_workers_snapshot_fifty_sources_once_and_retry_a_killed_workers_jo
                               'shutdown_grace = "5s"\n')
     scheduler, *workers = host_configs(tmp_path, setup.config.read_text(), setup.state,
                                        ["run", "worker", "worker", "worker"])
+    port = find_free_port()
+    text = scheduler.config.read_text()
+    scheduler.config.write_text(text.replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"'))
     procs += [scheduler, *workers]
     locker = psycopg.connect(pg_database)
     try:
@@ -150,6 +156,11 @@ def test_three_workers_snapshot_fifty_sources_once_and_retry_a_killed_workers_jo
     finally:
         locker.close()  # the lock goes: the retried pg_dump goes on
     wait_for(lambda: all(manifests(r, "slow") for r in regions), 120, "the slow source")
+    # The scheduler exports the queue's state (read every 15 s, and at its start).
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        scraped = r.read().decode()
+    assert "drdaemon_queue_max_wait_seconds 3600.0" in scraped
+    assert 'drdaemon_queue_jobs{kind="snapshot",state="waiting"}' in scraped
     for p in [scheduler, *others]:
         assert p.stop() == 0, p.log.read_text()[-2000:]
     for region in regions:
@@ -252,3 +263,19 @@ def _fires(expr: str, since: datetime, until: datetime) -> int:
         n += ok_m and ok_h
         t += timedelta(minutes=1)
     return n
+
+
+def test_the_queue_metrics_render_each_kind_and_state() -> None:
+    st = metrics.MetricsState(sources={}, regions=("eu",), tiers={"paid": (1.0, 1.0)})
+    assert not [f for f in metrics.families(st, START) if f.name.startswith("drdaemon_queue")]
+    st.record_queue(metrics.QueueRead((metrics.QueueKind("snapshot", 3, 1, 2, 0, 42.0),),
+                                      workers=3, capacity=2, max_wait=3600.0,
+                                      read_at=START.timestamp() - 5))
+    got = {(f.name, tuple(sorted(s.labels.items()))): s.value
+           for f in metrics.families(st, START) for s in f.samples
+           if f.name.startswith("drdaemon_queue")}
+    assert got[("drdaemon_queue_jobs", (("kind", "snapshot"), ("state", "waiting")))] == 3
+    assert got[("drdaemon_queue_jobs", (("kind", "snapshot"), ("state", "scheduled")))] == 1
+    assert got[("drdaemon_queue_oldest_waiting_seconds", (("kind", "snapshot"),))] == 42.0
+    assert got[("drdaemon_queue_workers", ())] == 3
+    assert got[("drdaemon_queue_read_age_seconds", ())] == 5.0
