@@ -156,7 +156,7 @@ def test_three_workers_snapshot_fifty_sources_once_and_retry_a_killed_workers_jo
     finally:
         locker.close()  # the lock goes: the retried pg_dump goes on
     wait_for(lambda: all(manifests(r, "slow") for r in regions), 120, "the slow source")
-    # The scheduler exports the queue's state (read every 15 s, and at its start).
+    # The scheduler exports the queue's state (read every heartbeat, and at its start).
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         scraped = r.read().decode()
     assert "drdaemon_queue_max_wait_seconds 3600.0" in scraped
@@ -171,6 +171,44 @@ def test_three_workers_snapshot_fifty_sources_once_and_retry_a_killed_workers_jo
     assert sorted(committed) == sorted(set(committed)) and len(committed) == N_SMALL + 1
     assert "slow" not in killed.committed()
     assert scheduler.committed() == []  # scheduler_works = false: it only scheduled
+
+
+def test_a_lone_scheduler_works_and_counts_a_job_that_failed_every_try(
+        tmp_path: Path, pg_server, procs: list[Proc]) -> None:
+    """`drdaemon run` with [cluster] and no worker elsewhere: it schedules and works; a
+    source that fails every try ends as a failed job, which its metrics count."""
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "f.txt").write_text("x")
+    port = find_free_port()
+    regions = [tmp_path / "r-eu", tmp_path / "r-us"]
+    setup = make_setup(tmp_path, [local_region("eu", regions[0], "europe"),
+                                  local_region("us", regions[1], "north-america")],
+                       [directory_source("good", good),
+                        directory_source("gone", tmp_path / "missing")],
+                       extra=(f'[cluster]\ndsn = "{pg_server.dsn()}"\nheartbeat = "1s"\n'
+                              'stalled_after = "3s"\nmax_attempts = 2\n'),
+                       daemon=(f'lock_name = "queue-lone"\nretry_backoff = "1s"\n'
+                               f'metrics_address = "127.0.0.1:{port}"\n'))
+    (host,) = host_configs(tmp_path, setup.config.read_text(), setup.state, ["run"])
+    host.config.write_text(host.config.read_text().replace(
+        'metrics_address = "127.0.0.1:0"\n', ""))
+    procs.append(host)
+    host.start()
+    wait_for(lambda: all(manifests(r, "good") for r in regions), 60, "the good source")
+
+    def failed() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                body = r.read().decode()
+        except OSError:
+            return False
+        return 'drdaemon_queue_jobs{kind="snapshot",state="failed"} 1.0' in body
+
+    wait_for(failed, 60, "the failed job in the metrics")
+    assert host.said("snapshot of gone failed")
+    assert host.stop() == 0
+    assert host.committed() == ["good"]
 
 
 def test_an_unreachable_queue_database_is_one_line(tmp_path: Path, free_port) -> None:

@@ -32,8 +32,6 @@ from .queue import Queue
 log = logging.getLogger("drdaemon")
 
 TICK = timedelta(minutes=1)
-# How often the scheduler reads the queue's counts into its metrics.
-COUNT_INTERVAL = timedelta(seconds=15)
 
 
 class ClusterDaemon(Daemon):
@@ -52,8 +50,9 @@ class ClusterDaemon(Daemon):
         self.scheduler.add_job(self.retry_stalled, "interval",
                                seconds=cluster.heartbeat.total_seconds(), id="queue:stalled",
                                name="retry the jobs of dead workers")
+        # The queue's counts as often as workers say they are alive (one small query).
         self.scheduler.add_job(self.count_queue, "interval",
-                               seconds=COUNT_INTERVAL.total_seconds(), id="queue:count",
+                               seconds=cluster.heartbeat.total_seconds(), id="queue:count",
                                name="queue metrics", next_run_time=datetime.now(self.tz))
 
     def tick(self) -> list[str]:
