@@ -125,7 +125,7 @@ def test_three_workers_snapshot_fifty_sources_once_and_retry_a_killed_workers_jo
     setup = make_setup(tmp_path, [local_region("eu", regions[0], "europe"),
                                   local_region("us", regions[1], "north-america")], sources,
                        extra=(f'[cluster]\ndsn = "{pg_server.dsn()}"\nheartbeat = "1s"\n'
-                              'stalled_after = "3s"\nmax_concurrent_snapshots = 2\n'
+                              'stalled_after = "4s"\nmax_concurrent_snapshots = 2\n'
                               'scheduler_works = false\n'),
                        daemon='lock_name = "queue-fifty"\ntakeover_interval = "1s"\n'
                               'shutdown_grace = "5s"\n')
@@ -171,6 +171,52 @@ def test_three_workers_snapshot_fifty_sources_once_and_retry_a_killed_workers_jo
     assert sorted(committed) == sorted(set(committed)) and len(committed) == N_SMALL + 1
     assert "slow" not in killed.committed()
     assert scheduler.committed() == []  # scheduler_works = false: it only scheduled
+
+
+def test_a_worker_frozen_past_the_bound_never_commits_the_job_given_to_another(
+        tmp_path: Path, pg_server, pg_database: str, procs: list[Proc]) -> None:
+    """SIGSTOP, not SIGKILL: the worker comes back after its job went to another worker;
+    its own attempt is fenced before the commit (one snapshot, by the other)."""
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+    regions = [tmp_path / "r-eu", tmp_path / "r-us"]
+    setup = make_setup(tmp_path, [local_region("eu", regions[0], "europe"),
+                                  local_region("us", regions[1], "north-america")],
+                       [postgres_source("slow", pg_database)],
+                       extra=(f'[cluster]\ndsn = "{pg_server.dsn()}"\nheartbeat = "1s"\n'
+                              'stalled_after = "4s"\nscheduler_works = false\n'),
+                       daemon='lock_name = "queue-frozen"\nshutdown_grace = "5s"\n')
+    scheduler, *workers = host_configs(tmp_path, setup.config.read_text(), setup.state,
+                                       ["run", "worker", "worker"])
+    procs += [scheduler, *workers]
+    started = [lambda w=w: (w.state / "sources" / "slow.json").exists() for w in workers]
+    locker = psycopg.connect(pg_database)
+    try:
+        locker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        for p in [*workers, scheduler]:
+            p.start()
+        wait_for(lambda: any(f() for f in started), 60, "a worker to take the source")
+        frozen, other = workers if started[0]() else workers[::-1]
+        assert frozen.proc is not None
+        frozen.proc.send_signal(signal.SIGSTOP)
+        wait_for(lambda: scheduler.said("its worker stopped sending heartbeats"), 60,
+                 "the scheduler to retry the frozen worker's job")
+        wait_for(lambda: (other.state / "sources" / "slow.json").exists(), 60,
+                 "the other worker to take the source")
+    finally:
+        locker.close()
+    wait_for(lambda: all(manifests(r, "slow") for r in regions), 120, "the snapshot")
+    frozen.proc.send_signal(signal.SIGCONT)
+    # Its commit is refused, and it stops on its own (exit 1: to be restarted afresh).
+    assert frozen.proc.wait(timeout=60) == 1
+    assert frozen.said("the commit of snapshot") and frozen.said("refused: this worker "
+                                                                 "missed its heartbeats")
+    assert frozen.said("was declared dead; stopped (restart it)")
+    for p in [scheduler, other]:
+        assert p.stop() == 0, p.log.read_text()[-2000:]
+    for region in regions:
+        assert len(manifests(region, "slow")) == 1
+    assert other.committed() == ["slow"] and frozen.committed() == []
 
 
 def test_a_lone_scheduler_works_and_counts_a_job_that_failed_every_try(

@@ -137,6 +137,9 @@ class ClusterDaemon(Daemon):
 
 def _work(rt: Runtime, queue: Queue, role: str) -> None:
     queue.register(tasks.task_functions(rt), tasks.retries(rt))
+    # A snapshot commits only while this worker is alive in the queue's eyes (the
+    # scheduler replaces this with its cluster lock's check once it takes the lock).
+    rt.fence = queue.fence
     queue.start_worker(f"{role} {socket.gethostname()} pid {os.getpid()}",
                        rt.config.daemon.shutdown_grace)
 
@@ -189,13 +192,31 @@ def run_worker(rt: Runtime) -> None:
     with contextlib.ExitStack() as held:
         queue = _open_queue(rt, held, "worker")
         _work(rt, queue, "worker")
-        while not stop.wait(1.0):
+        while not stop.wait(queue.cluster.heartbeat.total_seconds()):
             failed = queue.worker_failed()
             if failed is not None:
                 raise DrError(f"the queue's worker stopped: {failed}")
+            if not _still_alive(queue):
+                # Frozen or cut off past stalled_after: its jobs went to others and its
+                # commits are fenced; the service manager restarts it as a new worker.
+                rt.stopping.set()
+                queue.stop_worker(cfg.shutdown_grace.total_seconds())
+                raise DrError("this worker missed its heartbeats for [cluster] "
+                              "stalled_after and was declared dead; stopped (restart it)")
         rt.stopping.set()  # streams in flight abort before their manifests
         queue.stop_worker(cfg.shutdown_grace.total_seconds())
     log.info("drdaemon worker stopped")
+
+
+def _still_alive(queue: Queue) -> bool:
+    """False only when the queue says this worker is dead; a failed check is not that
+    (the fence refuses commits meanwhile)."""
+    try:
+        return queue.alive()
+    except Exception as exc:
+        log.warning("cannot check this worker in the job queue: %s", exc,
+                    extra={"job": "queue"})
+        return True
 
 
 def _clean_own_uploads(rt: Runtime) -> None:

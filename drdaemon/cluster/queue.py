@@ -20,9 +20,10 @@ from typing import Any, TypeVar
 
 import procrastinate
 from procrastinate import exceptions as pq_exceptions
+from procrastinate import worker as pq_worker
 
 from ..config import Config
-from ..errors import DrError
+from ..errors import DrError, Fenced
 from ..sources.pg_lock import LockSession
 from ..sources.pg_session import describe
 from . import plan
@@ -54,6 +55,12 @@ SELECT j.queue_name,
         OR (j.status = 'failed' AND e.at > now() - interval '1 day'))
  GROUP BY 1, 2
 """
+# Is this worker still alive in the queue's eyes? The scheduler deletes the row of a
+# worker silent for stalled_after when it gives that worker's jobs to others.
+_ALIVE = """
+SELECT count(*) AS alive FROM procrastinate_workers
+ WHERE id = %(id)s AND last_heartbeat > now() - make_interval(secs => %(stalled)s)
+"""
 _WORKERS = """
 SELECT count(*) AS workers FROM procrastinate_workers
  WHERE last_heartbeat > now() - make_interval(secs => %(stalled)s)
@@ -80,6 +87,7 @@ class Queue:
         self._thread = threading.Thread(target=self._loop.run_forever, name="queue",
                                         daemon=True)
         self._worker: asyncio.Task[None] | None = None
+        self._running: pq_worker.Worker | None = None
         self._open = False
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
@@ -186,18 +194,45 @@ class Queue:
         """Start taking jobs of every kind of the cluster (returns at once)."""
         cluster = self.cluster
 
+        self._running = pq_worker.Worker(
+            app=self.app, queues=self.queues, name=name,
+            concurrency=cluster.max_concurrent_snapshots, install_signal_handlers=False,
+            update_heartbeat_interval=cluster.heartbeat.total_seconds(),
+            stalled_worker_timeout=cluster.stalled_after.total_seconds(),
+            shutdown_graceful_timeout=grace.total_seconds(), fetch_job_polling_interval=5.0)
+        running = self._running
+
         async def start() -> asyncio.Task[None]:
-            return asyncio.ensure_future(self.app.run_worker_async(
-                queues=self.queues, name=name, concurrency=cluster.max_concurrent_snapshots,
-                install_signal_handlers=False,
-                update_heartbeat_interval=cluster.heartbeat.total_seconds(),
-                stalled_worker_timeout=cluster.stalled_after.total_seconds(),
-                shutdown_graceful_timeout=grace.total_seconds(),
-                fetch_job_polling_interval=5.0))
+            return asyncio.ensure_future(running.run())
 
         self._worker = self.call(start())
         log.info("worker %s takes jobs from %s (%d at once)", name, ", ".join(self.queues),
                  cluster.max_concurrent_snapshots, extra={"job": "queue"})
+
+    def alive(self) -> bool:
+        """Whether this worker is alive in the queue: registered, its heartbeat within
+        `stalled_after` (False once the scheduler declared it dead)."""
+        worker_id = self._running.worker_id if self._running is not None else None
+        if worker_id is None:
+            return False
+        seconds = self.cluster.stalled_after.total_seconds()
+        row = self.call(self.app.connector.execute_query_one_async(
+            _ALIVE, id=worker_id, stalled=seconds), timeout=seconds)
+        return bool(row["alive"])
+
+    def fence(self, what: str) -> None:
+        """Raise Fenced unless this worker is still alive in the queue (its heartbeat
+        within `stalled_after`, not declared dead), right before `what` (a snapshot's
+        commit, its manifest): a worker cut off past the bound has had its jobs given
+        to others, and must not commit them too."""
+        try:
+            alive = self.alive()
+        except Exception as exc:
+            raise Fenced(f"{what} refused: cannot tell the job queue this worker is "
+                         f"alive ({exc})") from None
+        if not alive:
+            raise Fenced(f"{what} refused: this worker missed its heartbeats for "
+                         "[cluster] stalled_after; its jobs went to other workers")
 
     def worker_failed(self) -> BaseException | None:
         """Why the worker stopped on its own (None while it runs, or if never started)."""
