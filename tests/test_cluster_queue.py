@@ -243,15 +243,19 @@ def test_a_lone_scheduler_works_and_counts_a_job_that_failed_every_try(
     host.start()
     wait_for(lambda: all(manifests(r, "good") for r in regions), 60, "the good source")
 
+    scraped = [""]
+
     def failed() -> bool:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                body = r.read().decode()
+                scraped[0] = r.read().decode()
         except OSError:
             return False
-        return 'drdaemon_queue_jobs{kind="snapshot",state="failed"} 1.0' in body
+        return 'drdaemon_queue_jobs{kind="snapshot",state="failed"} 1.0' in scraped[0]
 
     wait_for(failed, 60, "the failed job in the metrics")
+    # No cron job per source in the scheduler: the next run is still each source's.
+    assert 'drdaemon_snapshot_next_run_timestamp_seconds{source="good"' in scraped[0]
     assert host.said("snapshot of gone failed")
     assert host.stop() == 0
     assert host.committed() == ["good"]

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
 
-from .. import locks, metrics_feed, uploads
+from .. import cron, locks, metrics_feed, uploads
 from ..config import SourceConfig
 from ..errors import DrError, UsageError
 from ..logs import setup_logging
@@ -54,6 +54,20 @@ class ClusterDaemon(Daemon):
         self.scheduler.add_job(self.count_queue, "interval",
                                seconds=cluster.heartbeat.total_seconds(), id="queue:count",
                                name="queue metrics", next_run_time=datetime.now(self.tz))
+
+    def refresh_metrics(self, source: str | None = None) -> None:
+        super().refresh_metrics(source)
+        # No cron job per source here: each source's next run is its cron's next fire
+        # (the tick defers it within a minute of that).
+        try:
+            now = datetime.now(self.tz)
+            fires = [(f"snapshot:{s.name}",
+                      cron.trigger(s.schedule, self.tz).get_next_fire_time(None, now))
+                     for s in self.rt.config.sources]
+            self.metrics.set_schedule([*((j.id, j.next_run_time)
+                                         for j in self.scheduler.get_jobs()), *fires])
+        except Exception:  # stale metrics are better than a dead job thread
+            log.exception("cannot refresh the schedule's metrics", extra={"job": "metrics"})
 
     def tick(self) -> list[str]:
         """Defer every source whose cron fired since the last tick; never raises."""
