@@ -11,6 +11,7 @@ completes it.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,8 +33,12 @@ from support import directory_source, local_region, make_setup, postgres_source
 
 from drdaemon import config as config_mod
 from drdaemon import metrics
-from drdaemon.cluster import plan
+from drdaemon.cluster import plan, tasks
+from drdaemon.cluster.daemon import ClusterDaemon
+from drdaemon.cluster.queue import Queue
+from drdaemon.drills import records as drill_records
 from drdaemon.errors import ConfigError
+from drdaemon.runtime import open_runtime
 
 BIN = Path(sys.executable).parent
 N_SMALL = 50
@@ -259,6 +264,41 @@ def test_a_lone_scheduler_works_and_counts_a_job_that_failed_every_try(
     assert host.said("snapshot of gone failed")
     assert host.stop() == 0
     assert host.committed() == ["good"]
+
+
+def test_drills_and_verify_go_through_the_queue_and_prune_stays(
+        tmp_path: Path, pg_server) -> None:
+    """The scheduler's maintenance jobs: verify and drills deferred (once while one
+    waits), prune run in its own process; the task functions run the services."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f.txt").write_text("x")
+    setup = make_setup(tmp_path, [local_region("eu", tmp_path / "r-eu", "europe"),
+                                  local_region("us", tmp_path / "r-us", "north-america")],
+                       [directory_source("files", tree)],
+                       extra=f'[cluster]\ndsn = "{pg_server.dsn()}"\n',
+                       daemon='lock_name = "queue-maint"\n')
+    rt = open_runtime(config_mod.load(setup.config))
+    queue = Queue(rt.config)
+    queue.open()
+    try:
+        daemon = ClusterDaemon(rt, queue)
+        ran: list[str] = []
+        for name in ("verify", "drill:paid", "verify", "prune"):
+            daemon.maintenance_job(name, lambda name=name: ran.append(name))
+        assert ran == ["prune"]
+        counts = {c.kind: c for c in queue.counts()[0]}
+        assert (counts["verify"].waiting, counts["drill"].waiting) == (1, 1)
+        assert counts["snapshot"].waiting == 0
+    finally:
+        queue.close()
+    tasks.snapshot(rt, "files")
+    tasks.verify(rt)  # every copy good: no exception
+    tasks.drill(rt, "paid")
+    assert [r.ok for r in drill_records.load_records(rt.config.daemon.state_dir)] == [True]
+    shutil.rmtree(tree)
+    with pytest.raises(tasks.JobFailed):
+        tasks.snapshot(rt, "files")  # the tree is gone: a failed job, to be retried
 
 
 def test_an_unreachable_queue_database_is_one_line(tmp_path: Path, free_port) -> None:
