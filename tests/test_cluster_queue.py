@@ -224,6 +224,44 @@ def test_a_worker_frozen_past_the_bound_never_commits_the_job_given_to_another(
     assert other.committed() == ["slow"] and frozen.committed() == []
 
 
+def test_a_worker_stopped_mid_job_gives_it_back_to_the_queue(
+        tmp_path: Path, pg_server, pg_database: str, procs: list[Proc]) -> None:
+    """SIGTERM of a worker whose pg_dump waits on a lock: it stops within its grace,
+    exit 0, its job goes back to the queue at once and the next worker completes it."""
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+    regions = [tmp_path / "r-eu", tmp_path / "r-us"]
+    setup = make_setup(tmp_path, [local_region("eu", regions[0], "europe"),
+                                  local_region("us", regions[1], "north-america")],
+                       [postgres_source("slow", pg_database)],
+                       extra=(f'[cluster]\ndsn = "{pg_server.dsn()}"\nheartbeat = "1s"\n'
+                              'stalled_after = "4s"\nscheduler_works = false\n'),
+                       daemon='lock_name = "queue-sigterm"\nshutdown_grace = "10s"\n')
+    scheduler, first, second = host_configs(tmp_path, setup.config.read_text(), setup.state,
+                                            ["run", "worker", "worker"])
+    procs += [scheduler, first, second]
+    locker = psycopg.connect(pg_database)
+    try:
+        locker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        first.start()
+        scheduler.start()
+        wait_for(lambda: (first.state / "sources" / "slow.json").exists(), 60,
+                 "the worker to take the source")
+        began = time.monotonic()
+        assert first.stop() == 0
+        assert time.monotonic() - began < 10
+        second.start()
+        wait_for(lambda: (second.state / "sources" / "slow.json").exists(), 60,
+                 "the next worker to take the source")
+    finally:
+        locker.close()
+    wait_for(lambda: all(manifests(r, "slow") for r in regions), 60, "the snapshot")
+    for p in (scheduler, second):
+        assert p.stop() == 0
+    assert not scheduler.said("its worker stopped sending heartbeats")  # not a stall
+    assert first.committed() == [] and second.committed() == ["slow"]
+
+
 def test_a_lone_scheduler_works_and_counts_a_job_that_failed_every_try(
         tmp_path: Path, pg_server, procs: list[Proc]) -> None:
     """`drdaemon run` with [cluster] and no worker elsewhere: it schedules and works; a
