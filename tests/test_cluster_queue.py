@@ -36,7 +36,6 @@ from drdaemon import metrics
 from drdaemon.cluster import plan, tasks
 from drdaemon.cluster.daemon import ClusterDaemon
 from drdaemon.cluster.queue import Queue
-from drdaemon.drills import records as drill_records
 from drdaemon.errors import ConfigError
 from drdaemon.runtime import open_runtime
 
@@ -76,16 +75,20 @@ class Proc:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
 
+    def began(self, source: str) -> bool:
+        return self.said(f"snapshot of {source} begins on this worker")
+
     def committed(self) -> list[str]:
-        """The sources this host's audit log says it committed a snapshot of."""
-        log = self.state / "audit" / "audit.jsonl"
-        if not log.exists():
-            return []
+        """The sources this host committed a snapshot of, as its log says (the log, not
+        the state: that may be the cluster's shared state)."""
         out = []
-        for line in log.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("event") == "snapshot.committed":
-                out.append(rec.get("source") or rec.get("details", {}).get("source"))
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("job") == "snapshot" and rec.get("ok") is True:
+                out.append(rec["source"])
         return out
 
 
@@ -149,14 +152,14 @@ def test_three_workers_snapshot_fifty_sources_once_and_retry_a_killed_workers_jo
         wait_for(lambda: all(len(manifests(r)) == N_SMALL for r in regions), 180,
                  "the fifty small sources")
         # The slow one is held by the lock on one worker: kill that worker.
-        holding = [w for w in workers if (w.state / "sources" / "slow.json").exists()]
+        holding = [w for w in workers if w.began("slow")]
         assert len(holding) == 1, "exactly one worker took the slow source"
         killed = holding[0]
         assert killed.stop(signal.SIGKILL) == -signal.SIGKILL
         others = [w for w in workers if w is not killed]
         wait_for(lambda: scheduler.said("its worker stopped sending heartbeats"), 60,
                  "the scheduler to retry the dead worker's job")
-        wait_for(lambda: any((w.state / "sources" / "slow.json").exists() for w in others),
+        wait_for(lambda: any(w.began("slow") for w in others),
                  60, "another worker to take the slow source")
     finally:
         locker.close()  # the lock goes: the retried pg_dump goes on
@@ -194,7 +197,7 @@ def test_a_worker_frozen_past_the_bound_never_commits_the_job_given_to_another(
     scheduler, *workers = host_configs(tmp_path, setup.config.read_text(), setup.state,
                                        ["run", "worker", "worker"])
     procs += [scheduler, *workers]
-    started = [lambda w=w: (w.state / "sources" / "slow.json").exists() for w in workers]
+    started = [lambda w=w: w.began("slow") for w in workers]
     locker = psycopg.connect(pg_database)
     try:
         locker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
@@ -206,7 +209,7 @@ def test_a_worker_frozen_past_the_bound_never_commits_the_job_given_to_another(
         frozen.proc.send_signal(signal.SIGSTOP)
         wait_for(lambda: scheduler.said("its worker stopped sending heartbeats"), 60,
                  "the scheduler to retry the frozen worker's job")
-        wait_for(lambda: (other.state / "sources" / "slow.json").exists(), 60,
+        wait_for(lambda: other.began("slow"), 60,
                  "the other worker to take the source")
     finally:
         locker.close()
@@ -245,13 +248,13 @@ def test_a_worker_stopped_mid_job_gives_it_back_to_the_queue(
         locker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
         first.start()
         scheduler.start()
-        wait_for(lambda: (first.state / "sources" / "slow.json").exists(), 60,
+        wait_for(lambda: first.began("slow"), 60,
                  "the worker to take the source")
         began = time.monotonic()
         assert first.stop() == 0
         assert time.monotonic() - began < 10
         second.start()
-        wait_for(lambda: (second.state / "sources" / "slow.json").exists(), 60,
+        wait_for(lambda: second.began("slow"), 60,
                  "the next worker to take the source")
     finally:
         locker.close()
@@ -331,9 +334,9 @@ def test_drills_and_verify_go_through_the_queue_and_prune_stays(
     finally:
         queue.close()
     tasks.snapshot(rt, "files")
-    tasks.verify(rt)  # every copy good: no exception
-    tasks.drill(rt, "paid")
-    assert [r.ok for r in drill_records.load_records(rt.config.daemon.state_dir)] == [True]
+    assert tasks.verify(rt).ok  # every copy good: no exception
+    drilled = tasks.drill(rt, "paid")
+    assert [(r.source, r.ok) for r in drilled.records] == [("files", True)]
     shutil.rmtree(tree)
     with pytest.raises(tasks.JobFailed):
         tasks.snapshot(rt, "files")  # the tree is gone: a failed job, to be retried

@@ -64,22 +64,25 @@ def snapshot(rt: Runtime, source: str) -> None:
         return
     if rt.stopping.is_set():
         raise JobFailed("the worker is stopping", at_once=True)
+    log.info("snapshot of %s begins on this worker", source,
+             extra={"job": "snapshot", "source": source})
     result = attempt_snapshot(rt, src)
     if not result.ok:
         raise JobFailed(result.error or "failed", at_once=rt.stopping.is_set())
 
 
-def verify(rt: Runtime) -> None:
+def verify(rt: Runtime) -> Any:
     """The daemon's verify job (every copy of every snapshot); raise if it found problems,
-    so the queue counts a failed job (the worker's log says which copies)."""
+    so the queue counts a failed job (the worker's log says which copies). Returns the
+    report."""
     from ..verify import run_verify
 
-    _maintenance("verify", lambda: run_verify(rt))
+    return _maintenance("verify", lambda: run_verify(rt))
 
 
-def drill(rt: Runtime, tier: str) -> None:
+def drill(rt: Runtime, tier: str) -> Any:
     """The daemon's drill job of `tier` (drills.run.drill_jobs); a failed drill is in its
-    record, not a failed job."""
+    record, not a failed job. Returns the drill run (None: no source of the tier)."""
     from ..drills.run import drill_jobs
 
     jobs = {name: fn for name, _expr, fn in drill_jobs(rt)}
@@ -87,11 +90,11 @@ def drill(rt: Runtime, tier: str) -> None:
     if fn is None:
         log.warning("drill job for tier %s dropped: no source of that tier any more", tier,
                     extra={"job": "drill"})
-        return
-    _maintenance(f"drill:{tier}", fn, raise_on_findings=False)
+        return None
+    return _maintenance(f"drill:{tier}", fn, raise_on_findings=False)
 
 
-def _maintenance(name: str, fn: Callable[[], Any], *, raise_on_findings: bool = True) -> None:
+def _maintenance(name: str, fn: Callable[[], Any], *, raise_on_findings: bool = True) -> Any:
     report = fn()
     ok = bool(getattr(report, "ok", True))
     log.log(logging.INFO if ok else logging.ERROR, "%s %s", name,
@@ -99,6 +102,7 @@ def _maintenance(name: str, fn: Callable[[], Any], *, raise_on_findings: bool = 
             "report": report.to_dict() if hasattr(report, "to_dict") else None})
     if not ok and raise_on_findings:
         raise JobFailed(f"{name} found problems")
+    return report
 
 
 def task_functions(rt: Runtime) -> dict[str, Callable[..., None]]:
