@@ -6,7 +6,11 @@ a counting proxy (bench/s3proxy.py) on loopback in front of each moto server, ma
 configures each as a postgres source, then measures:
 
   S   one day's snapshots: one `drctl backup` of every source (S3 requests counted);
-      per snapshot: wall time, requests, and `pg_dump -Fc` alone of the same database
+      per snapshot: wall time, requests, and `pg_dump -Fc` alone of the same database;
+      with --workers N also the cluster engine on this host: a `drdaemon run` scheduler
+      and N `drdaemon worker` processes ([cluster] on the bench's PostgreSQL) snapshot
+      the same sources under another region prefix (so every source is due, as on the
+      first day), timed from their start to the last manifest
   L   with 0 and --latency-ms added to every S3 request: `drctl status` with an empty
       manifest cache (cold) and again (warm); a daemon's start to
       `drdaemon_state_complete 1` (cold cache); one /metrics scrape; one refresh of
@@ -18,6 +22,7 @@ configures each as a postgres source, then measures:
 and appends a Markdown table to bench/results/<YYYY-MM-DD>.md.
 
     .venv/bin/python bench/scale.py --sources 50 --size-gb 0.05 --rounds 1   # quick check
+    .venv/bin/python bench/scale.py --sources 100 --workers 3 --skip L,H      # three workers
     .venv/bin/python bench/scale.py                                          # 1,000 sources
 """
 
@@ -161,9 +166,10 @@ def make_buckets(moto: list[run.MotoServerProcess]) -> list[str]:
 
 
 def write_config(path: Path, work: Path, endpoints: list[str], sources: dict[str, str],
-                 metrics_port: int) -> None:
-    """A config with the two S3 regions at `endpoints` and postgres `sources` (name -> dsn);
-    keys under work/keys (made once)."""
+                 metrics_port: int, prefix: str = "", extra: str = "",
+                 state: Path | None = None) -> None:
+    """A config with the two S3 regions at `endpoints` (under `prefix`) and postgres
+    `sources` (name -> dsn), `extra` tables; keys under work/keys (made once)."""
     keys = work / "keys"
     if not (keys / "identity.txt").exists():
         recipient = generate_identity(keys / "identity.txt")
@@ -172,16 +178,17 @@ def write_config(path: Path, work: Path, endpoints: list[str], sources: dict[str
     recipient = (keys / "recipient.txt").read_text()
     regions = "".join(
         f'[[regions]]\nname = "s3-{i}"\nkind = "s3"\ncontinent = "{cont}"\n'
-        f'bucket = "bench-{i}"\nregion = "{region}"\nendpoint_url = "{url}"\n\n'
+        f'bucket = "bench-{i}"\nregion = "{region}"\nendpoint_url = "{url}"\n'
+        f'prefix = "{prefix}"\n\n'
         for i, (url, (region, cont)) in enumerate(zip(endpoints, REGIONS, strict=True)))
     srcs = "".join(f'[[sources]]\nname = "{n}"\nkind = "postgres"\ntenant = "bench"\n'
                    f'tier = "paid"\ndsn = "{dsn}"\n\n' for n, dsn in sources.items())
     path.write_text(
-        f'[daemon]\nstate_dir = "{work / "state"}"\n'
-        f'metrics_address = "127.0.0.1:{metrics_port}"\n\n'
+        f'[daemon]\nstate_dir = "{state or work / "state"}"\n'
+        f'metrics_address = "127.0.0.1:{metrics_port}"\n\n' + extra +
         f'[keys]\nrecipients = ["{recipient}"]\nidentity_file = "{keys / "identity.txt"}"\n'
         f'manifest_key_file = "{keys / "manifest.key"}"\n\n'
-        '[pipeline]\nzstd_level = 3\nzstd_threads = 2\n\n' + regions + srcs)
+        '\n[pipeline]\nzstd_level = 3\nzstd_threads = 2\n\n' + regions + srcs)
 
 
 def wall(cmd: list[str] | str, env: dict[str, str], shell: bool = False) -> tuple[float, str]:
@@ -295,6 +302,10 @@ def main() -> None:
                     "(L needs S: it lists S's snapshots)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="py-spy (raw stacks, idle included) of drctl status into this folder")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="S also with a scheduler and this many `drdaemon worker` processes")
+    ap.add_argument("--worker-concurrency", type=int, default=2,
+                    help="[cluster] max_concurrent_snapshots of each worker")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--note", default="")
@@ -357,6 +368,9 @@ def _bench(args: argparse.Namespace, skip: set[str], work: Path, pg: run.Pg,
                         "bytes": statistics.mean(int(r["size"]) for r in done)}
         print(f"S: {len(names)} snapshots in {secs:.1f}s ({secs / len(names):.3f}s each), "
               f"{fmt_counts(reqs)}; pg_dump alone {dump / len(sample):.3f}s each", flush=True)
+        if args.workers:
+            results["W"] = cluster_round(args, work, pg, moto, proxies, counting, env,
+                                         {n.replace("_", "-"): pg.dsn(n) for n in names})
         if "L" not in skip:
             results["L"] = [listing_round(ms, counting, drctl, env, work / "state", config,
                                           port, work, args.profile)
@@ -365,6 +379,65 @@ def _bench(args: argparse.Namespace, skip: set[str], work: Path, pg: run.Pg,
     if "H" not in skip:
         results["H"] = hand_rounds(args, work, pg, moto, env)
     report(args, results, t0, load_start)
+
+
+def cluster_round(args: argparse.Namespace, work: Path, pg: run.Pg,
+                  moto: list[run.MotoServerProcess], proxies: list[Proxy], counting: Counting,
+                  env: dict[str, str], sources: dict[str, str]) -> dict[str, Any]:
+    """The same sources by the cluster engine: a scheduler (working on no job itself) and
+    `--workers` worker processes, each with its own state folder, under the region prefix
+    `w/` (nothing there yet: every source is due at the scheduler's start)."""
+    pg.admin("CREATE DATABASE queue")
+    cluster = (f'[cluster]\ndsn = "{pg.dsn("queue")}"\n'
+               f'max_concurrent_snapshots = {args.worker_concurrency}\n'
+               'scheduler_works = false\n')
+    procs = []
+    for i in range(args.workers + 1):
+        config = work / f"cluster-{i}.toml"
+        write_config(config, work, [p.url for p in proxies], sources, run.find_free_port(),
+                     prefix="w", extra=cluster, state=work / f"state-w{i}")
+        procs.append([str(VENV_BIN / "drdaemon"), "--config", str(config),
+                      "run" if i == 0 else "worker"])
+    clients = [boto3.client("s3", endpoint_url=server.endpoint_url, region_name=region,
+                            aws_access_key_id="bench", aws_secret_access_key="bench")
+               for server, (region, _) in zip(moto, REGIONS, strict=True)]
+
+    def committed() -> int:
+        # Straight to moto, not through the counting proxies.
+        return min(sum(1 for page in c.get_paginator("list_objects_v2").paginate(
+                           Bucket=f"bench-{i}", Prefix="w/sources/")
+                       for o in page.get("Contents", []) if "/manifests/" in o["Key"])
+                   for i, c in enumerate(clients))
+
+    counting.latency(0)
+    counting.reset()
+    t = time.monotonic()
+    running = []
+    try:
+        for i, argv in enumerate(procs):
+            with open(work / f"cluster-{i}.log", "ab") as out:
+                running.append(subprocess.Popen(argv, stdout=out, stderr=out, env=env))
+        while (done := committed()) < len(sources):
+            if any(p.poll() is not None for p in running):
+                raise RuntimeError(f"a cluster process exited; see {work}/cluster-*.log")
+            if time.monotonic() - t > 3600:
+                raise RuntimeError(f"{done} of {len(sources)} after an hour; see {work}")
+            time.sleep(0.5)
+        secs = time.monotonic() - t
+    finally:
+        for p in running:
+            p.send_signal(signal.SIGTERM)
+        for p in running:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    reqs = counting.counts()
+    print(f"W: {len(sources)} snapshots by {args.workers} workers in {secs:.1f}s "
+          f"({secs / len(sources):.3f}s each), {fmt_counts(reqs)}", flush=True)
+    return {"n": len(sources), "secs": secs, "req": reqs, "workers": args.workers,
+            "concurrency": args.worker_concurrency}
 
 
 def hand_rounds(args: argparse.Namespace, work: Path, pg: run.Pg,
@@ -417,6 +490,27 @@ def report(args: argparse.Namespace, r: dict[str, Any], t0: float,
                   f"| of which `pg_dump -Fc` alone | {s['dump']:.3f} s | |",
                   f"| S3 requests per snapshot (both regions) | {total / n:.1f} | <= 10 |",
                   f"| S3 requests, all | {fmt_counts(s['req'])} | |", ""]
+    if "W" in r:
+        s, w = r["S"], r["W"]
+        n, total = w["n"], sum(w["req"].values())
+        lines += [f"The same {n} databases by the cluster engine on this one host: a "
+                  f"`drdaemon run` scheduler (taking no job) and {w['workers']} `drdaemon "
+                  f"worker` processes ({w['concurrency']} jobs each at once) on a PostgreSQL "
+                  f"job queue, each snapshot its first (region prefix `w/`), next to the "
+                  f"one-host `drctl backup` above. This machine has {os.cpu_count()} CPU "
+                  "core(s), shared by the workers, moto, PostgreSQL and pg_dump: the "
+                  "workers cannot scale past them here.", "",
+                  "| what | one host, `drctl backup` | cluster, "
+                  f"{w['workers']} workers | target |", "| --- | ---: | ---: | --- |",
+                  f"| wall time, all | {s['secs']:.1f} s | {w['secs']:.1f} s | |",
+                  f"| wall time per snapshot | {s['secs'] / s['n']:.3f} s | "
+                  f"{w['secs'] / n:.3f} s | <= 0.5 s |",
+                  f"| S3 requests per snapshot (both regions) | "
+                  f"{sum(s['req'].values()) / s['n']:.1f} | {total / n:.1f} | <= 10 |",
+                  f"| S3 requests, all | {fmt_counts(s['req'])} | {fmt_counts(w['req'])} | |",
+                  "", "The cluster's wall time runs from starting the processes to the last "
+                  "manifest in both regions (their start, the scheduler's first look and "
+                  "catch-up included).", ""]
     if "L" in r:
         lines += [f"Listing {r['S']['n']} sources (one snapshot each, two regions: "
                   f"{2 * r['S']['n']} manifests and {2 * r['S']['n']} data objects):", "",

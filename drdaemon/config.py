@@ -27,6 +27,7 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlparse
 
 from . import config_tenants, cron, tenancy
+from .config_cluster import ClusterConfig, parse_cluster
 from .config_standbys import StandbyConfig, parse_standbys
 from .config_table import NAME_HINT, NAME_RE, Said, Table
 from .errors import ConfigError
@@ -228,6 +229,8 @@ class Config:
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
     standbys: tuple[StandbyConfig, ...] = ()  # [[standbys]] and the sources' standby_dsn
     audit: AuditConfig = field(default_factory=AuditConfig)
+    # [cluster]: the PostgreSQL job queue (cluster/); None: the embedded single-host engine.
+    cluster: ClusterConfig | None = None
 
     def source(self, name: str) -> SourceConfig:
         """The source called `name`, or a UsageError listing the known ones."""
@@ -326,10 +329,19 @@ class _Parser:
         standbys = parse_standbys(self, top.take("standbys", list, []), sources,
                                   _dsn_without_password)
         audit = self.audit(Table(self, "audit", top.take("audit", dict, {})))
+        cluster = None
+        if "cluster" in top.data:
+            cluster = parse_cluster(Table(self, "cluster", top.take("cluster", dict)),
+                                    _dsn_without_password)
+            if daemon.lock_dsn is None:
+                # One DSN for the cluster: the active/standby lock and the shared state
+                # live in the queue's database unless [daemon] lock_dsn says otherwise.
+                daemon = replace(daemon, lock_dsn=cluster.dsn)
         top.done()
         tenants = config_tenants.implicit_tenants([s.tenants for s in sources], tenants)
         cfg = Config(str(self.path), daemon, keys, pipeline, tiers, regions, sources,
-                     (), retention, drills, tenants, standbys=standbys, audit=audit)
+                     (), retention, drills, tenants, standbys=standbys, audit=audit,
+                     cluster=cluster)
         problems = tenancy.config_problems(cfg)
         if problems:
             raise ConfigError(f"{self.path}: {problems[0]}")

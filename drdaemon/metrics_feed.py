@@ -16,6 +16,8 @@ from datetime import datetime, timedelta
 
 from . import anchors, audit_mirror, catalog, lifecycle, recovery_plan, state, status, tenancy
 from .backup import BackupResult
+from .cluster.plan import KindCount
+from .config_cluster import ClusterConfig
 from .drills import records as drill_records
 from .inventory import Inventory
 from .manifest import Manifest
@@ -31,6 +33,8 @@ from .metrics import (
     MetricsState,
     OrphanSeen,
     PruneRun,
+    QueueKind,
+    QueueRead,
     RecipientSeen,
     RepairDone,
     ReplicateRun,
@@ -60,6 +64,15 @@ def standby_seen(s: StandbyStatus) -> StandbySeen:
     return StandbySeen(s.name, s.source or "", s.up, s.state, s.lag_bytes, s.lag_seconds,
                        s.paused, s.stalled_seconds, s.max_lag_bytes, s.max_lag_seconds,
                        s.polled_at.timestamp())
+
+
+def queue_read(counts: Iterable[KindCount], workers: int, cluster: ClusterConfig,
+               now: datetime) -> QueueRead:
+    """The cluster's job queue as the scheduler read it (cluster/queue.py)."""
+    kinds = tuple(QueueKind(c.kind, c.waiting, c.scheduled, c.running, c.failed, c.oldest_wait)
+                  for c in counts)
+    return QueueRead(kinds, workers, cluster.max_concurrent_snapshots,
+                     cluster.max_queue_wait.total_seconds(), now.timestamp())
 
 
 def snapshot_attempt(result: BackupResult) -> SnapshotAttempt:

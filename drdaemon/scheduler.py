@@ -102,6 +102,40 @@ def _carry_out_erasure(rt: Runtime, tenant: str) -> str:
     return ERASURE_DONE
 
 
+def still_scheduled(rt: Runtime, source: SourceConfig) -> bool:
+    """Whether `source` is still to be snapshotted (its tenant not offboarded); logs the
+    skip. Shared by the daemon's snapshot job and the queue's (cluster/tasks.py)."""
+    try:
+        scheduled = lifecycle.source_scheduled(rt, source)
+    except DrError as exc:  # an unreadable state file: better a snapshot too many
+        log.error("cannot read the lifecycle of tenant %s, snapshotting %s: %s",
+                  source.tenant, source.name, exc, extra={"job": "snapshot"})
+        return True
+    if not scheduled:
+        log.info("snapshot of %s skipped: tenant %s is offboarded", source.name,
+                 source.tenant, extra={"job": "snapshot", "source": source.name,
+                                       "skipped": True})
+    return scheduled
+
+
+def attempt_snapshot(rt: Runtime, source: SourceConfig) -> BackupResult:
+    """One snapshot attempt (backup.snapshot: it records the outcome in the state), logged
+    as one line; never raises. Shared by the daemon's snapshot job and the queue's."""
+    try:
+        result = snapshot(rt, source)
+    except Exception as exc:  # a bug must not kill the daemon (or the worker)
+        log.exception("snapshot of %s crashed", source.name)
+        result = BackupResult(source.name, error=f"internal error: {exc}")
+    fields = {k: v for k, v in result.to_dict().items() if v not in (None, {}, [])}
+    if result.ok:
+        log.info("snapshot %s of %s%s", result.snapshot_id, source.name,
+                 " (degraded)" if result.degraded else "", extra={"job": "snapshot", **fields})
+    else:
+        log.error("snapshot of %s failed: %s", source.name, result.error,
+                  extra={"job": "snapshot", **fields})
+    return result
+
+
 class Daemon:
     """Schedules snapshots and maintenance jobs for one runtime."""
 
@@ -134,10 +168,7 @@ class Daemon:
     def snapshot_job(self, source: SourceConfig) -> BackupResult | None:
         """Snapshot one source unless it is already running or its tenant was offboarded;
         log one line; never raises."""
-        if not self._still_scheduled(source):
-            log.info("snapshot of %s skipped: tenant %s is offboarded", source.name,
-                     source.tenant, extra={"job": "snapshot", "source": source.name,
-                                           "skipped": True})
+        if not still_scheduled(self.rt, source):
             return None
         with self._busy_lock:
             if source.name in self._busy or self.rt.stopping.is_set():
@@ -148,22 +179,14 @@ class Daemon:
             self._busy.add(source.name)
         try:
             with self.metrics.job("snapshot", self.rt.clock):
-                result = snapshot(self.rt, source)
-        except Exception as exc:  # a bug must not kill the daemon
-            log.exception("snapshot of %s crashed", source.name)
-            result = BackupResult(source.name, error=f"internal error: {exc}")
+                result = attempt_snapshot(self.rt, source)
         finally:
             with self._busy_lock:
                 self._busy.discard(source.name)
                 self._idle.notify_all()
-        fields = {k: v for k, v in result.to_dict().items() if v not in (None, {}, [])}
         if result.ok:
             self.attempts.pop(source.name, None)
-            log.info("snapshot %s of %s%s", result.snapshot_id, source.name,
-                     " (degraded)" if result.degraded else "", extra={"job": "snapshot", **fields})
         else:
-            log.error("snapshot of %s failed: %s", source.name, result.error,
-                      extra={"job": "snapshot", **fields})
             self._schedule_retry(source)
         self.metrics.record_snapshot(metrics_feed.snapshot_attempt(result))
         if self.scheduler.running and not self.rt.stopping.is_set():
@@ -186,14 +209,6 @@ class Daemon:
         self.standbys = {s.name: s for s in polled}
         self.metrics.record_standbys(metrics_feed.standby_seen(s) for s in polled)
         return polled
-
-    def _still_scheduled(self, source: SourceConfig) -> bool:
-        try:
-            return lifecycle.source_scheduled(self.rt, source)
-        except DrError as exc:  # an unreadable state file: better a snapshot too many
-            log.error("cannot read the lifecycle of tenant %s, snapshotting %s: %s",
-                      source.tenant, source.name, exc, extra={"job": "snapshot"})
-            return True
 
     def erasure_job(self) -> list[str]:
         """Carry out every erasure due now; held tenants wait. Returns the tenants tried;
@@ -398,15 +413,19 @@ class Daemon:
                 stop.set()
                 return
 
+    def schedule_snapshots(self) -> None:
+        """Each source's snapshot on its cron (cluster/daemon.py: one tick defers them)."""
+        for src in self.rt.config.sources:
+            self.scheduler.add_job(self.snapshot_job, cron.trigger(
+                src.schedule, self.tz, self.rt.config.daemon.jitter),
+                args=(src,), id=f"snapshot:{src.name}", name=f"snapshot {src.name}",
+                executor="snapshots")
+
     def start(self) -> None:
         """Schedule every job and start the timer (returns at once)."""
         cfg = self.rt.config.daemon
         self.clean_stale_uploads()
-        for src in self.rt.config.sources:
-            self.scheduler.add_job(self.snapshot_job, cron.trigger(src.schedule, self.tz,
-                                                                   cfg.jitter),
-                                   args=(src,), id=f"snapshot:{src.name}",
-                                   name=f"snapshot {src.name}", executor="snapshots")
+        self.schedule_snapshots()
         for name, expr, fn in self._maintenance():
             # The audit check also runs at start: its metrics are not absent for a
             # day after a restart, and a log edited while the daemon was down shows.
@@ -532,8 +551,11 @@ def run_daemon(rt: Runtime, *, once: bool = False) -> None:
         _run_forever(rt, cluster)
 
 
-def _run_forever(rt: Runtime, cluster: locks.ClusterLock | None = None) -> None:
-    daemon = Daemon(rt)
+def _run_forever(rt: Runtime, cluster: locks.ClusterLock | None = None,
+                 daemon: Daemon | None = None) -> None:
+    """Serve until a signal (or the loss of `cluster`); `daemon`: the cluster engine's
+    scheduler (cluster/daemon.py), else the single-host Daemon."""
+    daemon = daemon or Daemon(rt)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

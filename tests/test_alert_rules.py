@@ -52,6 +52,8 @@ ALERTS = {
     "DrdaemonTenantKeyMissingRecipient": "escrow-drill",
     "DrdaemonDown": "daemon-down",
     "DrdaemonNoActive": "failover",
+    "DrdaemonQueueBacklog": "queue-backlog",
+    "DrdaemonQueueJobsFailed": "queue-backlog",
     "DrdaemonAbsent": "daemon-absent",
 }
 
@@ -135,6 +137,7 @@ def metrics_names(module: Any) -> set[str]:
     from datetime import UTC, datetime
 
     st = module.MetricsState(sources={}, regions=("eu",), tiers={"paid": (1.0, 1.0)})
+    st.queue = module.QueueRead((), 0, 1, 3600.0, 0.0)  # [cluster]: the job queue's families
     names = set()
     for fam in module.families(st, datetime.now(UTC)):
         names.add(fam.name + ("_total" if fam.type == "counter" else ""))

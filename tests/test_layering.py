@@ -21,13 +21,13 @@ SERVICES = {"backup", "restore", "prune", "trash", "replicate", "verify", "drill
             "evidence", "evidence_check", "standby", "recovery", "uploads", "anchors",
             "key_proof", "proof_log"}
 ABOVE_SERVICES = ("drdaemon.cli", "drdaemon.scheduler", "drdaemon.metrics",
-                  "drdaemon.metrics_feed")
+                  "drdaemon.metrics_feed", "drdaemon.cluster")
 ADAPTER_PACKAGES = ("drdaemon.storage", "drdaemon.sources")
 ADAPTER_MODULES = {"pipeline", "streams", "statefs", "locks", "filetrust", "manifest_cache",
-                   "tsa", "shared_state"}
+                   "tsa", "shared_state", "cluster.queue"}
 # Pure cores split out of a service: no I/O, so neither a service nor an adapter.
 PURE_MODULES = {"prune_plan", "audit_chain", "audit_secrets", "pages", "tenant_key_record",
-                "recovery_plan", "audit_segments"}
+                "recovery_plan", "audit_segments", "cluster.plan", "config_cluster"}
 
 
 def module_name(path: Path) -> str:

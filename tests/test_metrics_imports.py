@@ -31,6 +31,7 @@ FORBIDDEN = frozenset({
     "recovery", "recovery_plan", "uploads",
     "anchors", "tsa",
     "key_proof", "proof_log",
+    "cluster",
 })
 
 

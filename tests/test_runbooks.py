@@ -52,6 +52,8 @@ ALERT_RUNBOOKS = {
     "DrdaemonStandbyNotReplaying": "standby-lag.md",
     "DrdaemonRecipientUnproven": "escrow-drill.md",
     "DrdaemonTenantKeyMissingRecipient": "escrow-drill.md",
+    "DrdaemonQueueBacklog": "queue-backlog.md",
+    "DrdaemonQueueJobsFailed": "queue-backlog.md",
     "DrdaemonDown": "daemon-down.md",
     "DrdaemonNoActive": "failover.md",
     "DrdaemonAbsent": "daemon-absent.md",

@@ -1,4 +1,4 @@
-"""drdaemon: the long-running scheduler."""
+"""drdaemon: the long-running scheduler, and with [cluster] the queue's worker."""
 
 from __future__ import annotations
 
@@ -16,8 +16,27 @@ cli = root_group("The drdaemon scheduler.")
 @click.pass_context
 @handle_errors("drdaemon")
 def run_cmd(ctx: click.Context, once: bool) -> None:
-    """Run the schedule: snapshot overdue sources now, then each on its cron."""
-    run_daemon(get_runtime(ctx), once=once)
+    """Run the schedule: snapshot overdue sources now, then each on its cron.
+
+    With a [cluster] table, the one active scheduler of the cluster defers the jobs to
+    the job queue (and this process works on them too); --once still snapshots here."""
+    rt = get_runtime(ctx)
+    if rt.config.cluster is not None and not once:
+        from ..cluster.daemon import run_scheduler
+
+        run_scheduler(rt)
+        return
+    run_daemon(rt, once=once)
+
+
+@cli.command("worker")
+@click.pass_context
+@handle_errors("drdaemon")
+def worker_cmd(ctx: click.Context) -> None:
+    """Take snapshot, drill and verify jobs from the [cluster] job queue until stopped."""
+    from ..cluster.daemon import run_worker
+
+    run_worker(get_runtime(ctx))
 
 
 def main() -> None:

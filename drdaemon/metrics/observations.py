@@ -40,6 +40,29 @@ class StandbySeen:
 
 
 @dataclass(frozen=True)
+class QueueKind:
+    """The cluster's job queue, jobs of one kind (snapshot, drill, verify) as last read."""
+
+    kind: str
+    waiting: int  # runnable now, not taken yet
+    scheduled: int  # a retry waiting for its time
+    running: int
+    failed: int  # failed in the last day
+    oldest_wait: float  # seconds the oldest waiting job has waited (0: none waits)
+
+
+@dataclass(frozen=True)
+class QueueRead:
+    """One read of the cluster's job queue by the scheduler (cluster/queue.py)."""
+
+    kinds: tuple[QueueKind, ...]
+    workers: int  # workers with a recent heartbeat
+    capacity: int  # jobs one worker runs at once ([cluster] max_concurrent_snapshots)
+    max_wait: float  # [cluster] max_queue_wait, seconds
+    read_at: float
+
+
+@dataclass(frozen=True)
 class TenantLifecycle:
     """One tenant's lifecycle state, as the refresh read it from the state folder."""
 

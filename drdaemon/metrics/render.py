@@ -24,7 +24,10 @@ SOURCE_LABELS = ("source", "tenant", "tier")
 REGION_LABELS = (*SOURCE_LABELS, "region")
 
 
-def _gauge(name: str, doc: str, labels: Sequence[str] = (), unit: str = "") -> GaugeMetricFamily:
+def _gauge(name: str, doc: str, labels: Sequence[str] = (), unit: str = "",
+           value: float | None = None) -> GaugeMetricFamily:
+    if value is not None:
+        return GaugeMetricFamily(name, doc, value=value, unit=unit)
     return GaugeMetricFamily(name, doc, labels=list(labels), unit=unit)
 
 
@@ -77,7 +80,36 @@ def families(st: MetricsState, now: datetime) -> list[Metric]:
     out += _unmanaged_families(st)
     out += _standby_families(st)
     out += _key_families(st)
+    out += _queue_families(st, now)
     return out
+
+
+QUEUE_STATES = ("waiting", "scheduled", "running", "failed")
+
+
+def _queue_families(st: MetricsState, now: datetime) -> list[Metric]:
+    """The cluster's job queue as the scheduler last read it (absent without [cluster])."""
+    q = st.queue
+    if q is None:
+        return []
+    jobs = _gauge("drdaemon_queue_jobs", "Jobs in the cluster's queue by kind and state: "
+                  "waiting (runnable, not taken), scheduled (a retry waiting for its time), "
+                  "running, failed (in the last day).", ["kind", "state"])
+    oldest = _gauge("drdaemon_queue_oldest_waiting_seconds", "How long the oldest job of "
+                    "the kind waiting to be taken has waited (0: none waits).", ["kind"])
+    for k in q.kinds:
+        for state in QUEUE_STATES:
+            jobs.add_metric([k.kind, state], float(getattr(k, state)))
+        oldest.add_metric([k.kind], k.oldest_wait)
+    workers = _gauge("drdaemon_queue_workers", "Workers with a recent heartbeat.",
+                     value=q.workers)
+    capacity = _gauge("drdaemon_queue_worker_capacity", "Jobs one worker runs at once "
+                      "([cluster] max_concurrent_snapshots).", value=q.capacity)
+    bound = _gauge("drdaemon_queue_max_wait_seconds", "How long a job may wait before "
+                   "DrdaemonQueueBacklog fires ([cluster] max_queue_wait).", value=q.max_wait)
+    read = _gauge("drdaemon_queue_read_age_seconds", "Seconds since the scheduler last "
+                  "read the queue.", value=max(now.timestamp() - q.read_at, 0.0))
+    return [jobs, oldest, workers, capacity, bound, read]
 
 
 def _standby_families(st: MetricsState) -> list[Metric]:

@@ -22,6 +22,7 @@ from .observations import (
     InventoryRun,
     KeysRun,
     PruneRun,
+    QueueRead,
     ReplicateRun,
     SnapshotAttempt,
     StandbySeen,
@@ -86,6 +87,7 @@ class MetricsState:
     standbys: dict[str, StandbySeen] = field(default_factory=dict)  # by standby name
     proof_max_age: float = 90 * 86400.0  # [keys] proof_max_age
     keys: KeysRun | None = None  # None until the first keys check
+    queue: QueueRead | None = None  # [cluster]: the job queue as last read; None: no queue
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @classmethod
@@ -217,6 +219,11 @@ class MetricsState:
         """Keep what the daemon's keys check found."""
         with self.lock:
             self.keys = run
+
+    def record_queue(self, read: QueueRead) -> None:
+        """Keep what the scheduler last read of the cluster's job queue."""
+        with self.lock:
+            self.queue = read
 
     def record_erasure(self, tenant: str, outcome: str) -> None:
         """Count what the erasure job did with one due erasure."""
