@@ -217,8 +217,11 @@ def test_a_worker_frozen_past_the_bound_never_commits_the_job_given_to_another(
     frozen.proc.send_signal(signal.SIGCONT)
     # Its commit is refused, and it stops on its own (exit 1: to be restarted afresh).
     assert frozen.proc.wait(timeout=60) == 1
-    assert frozen.said("the commit of snapshot") and frozen.said("refused: this worker "
-                                                                 "missed its heartbeats")
+    # Back from SIGSTOP it either reaches its commit first (refused) or learns from its
+    # next heartbeat that it was declared dead and stops before: both are safe, and
+    # which comes first is a race between its job thread and its heartbeat.
+    if frozen.said("the commit of snapshot"):
+        assert frozen.said("refused: this worker missed its heartbeats")
     assert frozen.said("was declared dead; stopped (restart it)")
     for p in [scheduler, other]:
         assert p.stop() == 0, p.log.read_text()[-2000:]
