@@ -210,6 +210,10 @@ def test_a_holder_that_loses_its_lock_never_commits(
     for region in s3_regions:
         assert len(manifests(region)) == 1, "one tick, one commit: the old holder's is gone"
         assert open_uploads(region) == []
+    # Both holders wrote to the one chain in the lock database; it verifies from either.
+    for h in (a, b):
+        verified = _drctl_json(h.config, "audit", "verify")
+        assert verified["ok"], verified
 
 
 def test_the_commit_is_fenced_when_the_lock_is_gone(tmp_path: Path, pg_server) -> None:
