@@ -171,8 +171,11 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
                        on_progress: Callable[[int], None] | None, accept_shrink: bool) -> None:
     cfg = rt.config
     # Read before the dump: the snapshot to compare with (shrink.py). A region
-    # that cannot be read only narrows the choice.
-    baseline = catalog.newest_manifest(rt, source.name) if source.max_shrink < 1 else None
+    # that cannot be read only narrows the choice. Every region is listed each
+    # time, so a newer snapshot another process or host wrote is the one compared
+    # with; only a manifest this process wrote or read already is not read again.
+    baseline = catalog.newest_manifest(rt, source.name, rt.known_newest) \
+        if source.max_shrink < 1 else None
     # Where a bucket has Object Lock, the snapshot cannot be removed before the
     # retention horizon, whatever happens to this daemon (docs/format.md).
     retain_until = source.retention.lock_until(started)
@@ -263,6 +266,9 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
         raise StorageError("no region committed the snapshot: " + "; ".join(
             f"{k}: {v}" for k, v in result.failed_regions.items()))
     result.manifest = snap
+    # The next snapshot's shrink baseline, as a reader of the stored bytes sees it.
+    rt.known_newest[source.name] = manifest.parse(blob, rt.manifest_key, source=source.name,
+                                                  snapshot_id=snap_id)
 
 
 def _remove_objects(store: ObjectStore, snap: Manifest) -> None:

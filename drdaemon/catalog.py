@@ -277,12 +277,16 @@ def _add_copy(region: str, entry: SnapshotEntry, m: Manifest) -> None:
     entry.regions.append(region)
 
 
-def newest_manifest(rt: Runtime, source: str) -> Manifest | None:
+def newest_manifest(rt: Runtime, source: str,
+                    known: dict[str, Manifest] | None = None) -> Manifest | None:
     """The newest committed snapshot of `source` that authenticates in some region.
 
     Reads as little as it can: one listing per region, then only the newest
     id's manifest (an older one only if that cannot be read anywhere).
     Regions that cannot be listed are passed over; None if nothing is found.
+    `known` (source -> a manifest authenticated before, e.g. the one this
+    process just wrote): the listing still decides which snapshot is newest,
+    but that one is not read again if it is the one known; one read is kept there.
     """
     holders: dict[str, list[ObjectStore]] = {}
     for store in rt.stores:
@@ -300,20 +304,25 @@ def newest_manifest(rt: Runtime, source: str) -> Manifest | None:
         second = ids[0][:16]
         batch = [i for i in ids if i.startswith(second)]
         ids = ids[len(batch):]
-        found = [m for m in (_first_readable(rt, holders[i], source, i) for i in batch)
-                 if m is not None]
+        found = [m for m in (_first_readable(rt, holders[i], source, i, known)
+                             for i in batch) if m is not None]
         if found:
             return max(found, key=lambda m: (m.started_at, m.id))
     return None
 
 
-def _first_readable(rt: Runtime, stores: list[ObjectStore], source: str,
-                    snap_id: str) -> Manifest | None:
+def _first_readable(rt: Runtime, stores: list[ObjectStore], source: str, snap_id: str,
+                    known: dict[str, Manifest] | None = None) -> Manifest | None:
+    if known is not None and (m := known.get(source)) is not None and m.id == snap_id:
+        return m
     for store in stores:
         try:
-            return read_manifest(rt, store, source, snap_id)
+            m = read_manifest(rt, store, source, snap_id)
         except DrError:
             continue
+        if known is not None:
+            known[source] = m
+        return m
     return None
 
 
