@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -169,13 +169,29 @@ def _check_shrink(source: SourceConfig, baseline: Manifest | None, facts: dict[s
 def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, snap_id: str,
                        started: datetime, data_name: str,
                        on_progress: Callable[[int], None] | None, accept_shrink: bool) -> None:
+    # The snapshot to compare with (shrink.py), looked up while the dump starts:
+    # it is needed only once the dump is complete.
+    with ThreadPoolExecutor(1, thread_name_prefix="baseline") as pool:
+        baseline = pool.submit(_baseline, rt, source)
+        _upload_and_check(rt, source, result, snap_id, started, data_name, on_progress,
+                          accept_shrink, baseline)
+
+
+def _baseline(rt: Runtime, source: SourceConfig) -> Manifest | None:
+    """The newest committed snapshot of `source`, for the shrink guard (None: unguarded).
+    A region that cannot be read only narrows the choice. Every region is listed each
+    time, so a newer snapshot another process or host wrote is the one compared with;
+    only a manifest this process wrote or read already is not read again."""
+    if source.max_shrink >= 1:
+        return None
+    return catalog.newest_manifest(rt, source.name, rt.known_newest)
+
+
+def _upload_and_check(rt: Runtime, source: SourceConfig, result: BackupResult, snap_id: str,
+                      started: datetime, data_name: str,
+                      on_progress: Callable[[int], None] | None, accept_shrink: bool,
+                      baseline: Future[Manifest | None]) -> None:
     cfg = rt.config
-    # Read before the dump: the snapshot to compare with (shrink.py). A region
-    # that cannot be read only narrows the choice. Every region is listed each
-    # time, so a newer snapshot another process or host wrote is the one compared
-    # with; only a manifest this process wrote or read already is not read again.
-    baseline = catalog.newest_manifest(rt, source.name, rt.known_newest) \
-        if source.max_shrink < 1 else None
     # Where a bucket has Object Lock, the snapshot cannot be removed before the
     # retention horizon, whatever happens to this daemon (docs/format.md).
     retain_until = source.retention.lock_until(started)
@@ -203,7 +219,7 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
                 threads=cfg.pipeline.zstd_threads, part_size=cfg.pipeline.part_size,
                 on_progress=on_progress, cancel=rt.stopping)
             facts = dump.finish()
-            _check_shrink(source, baseline, facts, accept_shrink)
+            _check_shrink(source, baseline.result(), facts, accept_shrink)
         # Facts that may hold secrets (database settings) are sealed like the dump.
         facts = kind_for(source.kind).seal_facts(facts, parse_recipients([key.recipient]))
         # Everything a reader will check is built and bounded before any

@@ -288,15 +288,19 @@ def newest_manifest(rt: Runtime, source: str,
     process just wrote): the listing still decides which snapshot is newest,
     but that one is not read again if it is the one known; one read is kept there.
     """
-    holders: dict[str, list[ObjectStore]] = {}
-    for store in rt.stores:
+    def listed(store: ObjectStore) -> list[str]:
         try:
-            for info in store.list(layout.manifests_prefix(source)):
-                snap_id = layout.snapshot_id_from_manifest_name(info.name)
-                if snap_id is not None:
-                    holders.setdefault(snap_id, []).append(store)
+            return [snap_id for info in store.list(layout.manifests_prefix(source))
+                    if (snap_id := layout.snapshot_id_from_manifest_name(info.name))]
         except DrError:
-            continue
+            return []
+
+    holders: dict[str, list[ObjectStore]] = {}
+    # The regions at the same time; their holders in the configured order.
+    with ThreadPoolExecutor(max(1, len(rt.stores)), thread_name_prefix="newest") as pool:
+        for store, ids in zip(rt.stores, pool.map(listed, rt.stores), strict=True):
+            for snap_id in ids:
+                holders.setdefault(snap_id, []).append(store)
     ids = sorted(holders, reverse=True)
     while ids:
         # Ids carry only the second: every id of the newest second is read and
