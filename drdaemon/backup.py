@@ -282,9 +282,11 @@ def _upload_and_check(rt: Runtime, source: SourceConfig, result: BackupResult, s
         raise StorageError("no region committed the snapshot: " + "; ".join(
             f"{k}: {v}" for k, v in result.failed_regions.items()))
     result.manifest = snap
-    # The next snapshot's shrink baseline, as a reader of the stored bytes sees it.
-    rt.known_newest[source.name] = manifest.parse(blob, rt.manifest_key, source=source.name,
-                                                  snapshot_id=snap_id)
+    # The next snapshot's shrink baseline, as a reader of the stored bytes sees it
+    # (committed already: a manifest that does not parse back is only not remembered).
+    with contextlib.suppress(DrError):
+        rt.known_newest[source.name] = manifest.parse(blob, rt.manifest_key,
+                                                      source=source.name, snapshot_id=snap_id)
 
 
 def _remove_objects(store: ObjectStore, snap: Manifest) -> None:
