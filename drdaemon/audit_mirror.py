@@ -93,9 +93,9 @@ def mirror(rt: MirrorContext) -> dict[str, str]:
     Each region gets the records it lacks as new segments, written once with
     the Object Lock horizon where the bucket has Object Lock: usually one PUT
     per region. What a region holds is listed only when this process does not
-    know it (its first mirror there, after a failure there, a new chain, or a
-    local log shorter than what it wrote); after that, what it wrote is
-    remembered (`MirrorState.known`). Another process on this host mirroring
+    know it (its first mirror there, after a failure there, a new chain, a
+    local log shorter than what it wrote, or `verify_everywhere`); after that,
+    what it wrote is remembered (`MirrorState.known`). Another process on this host mirroring
     meanwhile at worst makes it write records the region already holds again,
     in a segment of their own, which readers take once (audit_segments.assemble).
     A region that fails is logged and left alone for RETRY_REGION_AFTER
@@ -394,6 +394,9 @@ def verify_everywhere(rt: MirrorContext) -> AuditCheck:
     except StorageError as exc:
         unreachable["witness"] = str(exc) or exc.__class__.__name__
     if local.records and local.ok:
+        # From fresh listings, not what this process remembers writing: a region
+        # that lost its copy (a bucket made anew) gets it back here.
+        rt.audit_mirror.known.clear()
         mirror(rt)  # best effort; a cut local log never replaces a longer copy
     for store in rt.stores:
         try:

@@ -156,6 +156,21 @@ def test_the_mirror_lists_once_then_puts_and_verify_still_catches_a_bad_segment(
     assert not us.ok and any("records 1 to 1 are missing" in p for p in us.problems), us
 
 
+def test_the_scheduled_check_mirrors_from_a_fresh_listing(tmp_path: Path) -> None:
+    """A region whose copy is gone (its bucket made anew) gets it back from the daemon's
+    check, although this process remembers having written it."""
+    setup = make_setup(tmp_path, [local_region("eu", tmp_path / "eu", "europe"),
+                                  local_region("us", tmp_path / "us", "north-america")],
+                       [directory_source("files", _tree(tmp_path, 1))])
+    rt = open_runtime(load_config(setup.config))
+    for n in range(3):
+        rt.record_event("test.record", n=n)
+    shutil.rmtree(tmp_path / "us" / "audit")
+    check = audit_mirror.verify_everywhere(rt)
+    assert check.regions["us"].ok and check.regions["us"].records == len(_lines(setup.state))
+    assert check.ok, check
+
+
 def _lines(state: Path) -> list[bytes]:
     from drdaemon import audit
     return audit.read_lines(state)
