@@ -169,12 +169,14 @@ def _check_shrink(source: SourceConfig, baseline: Manifest | None, facts: dict[s
 def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, snap_id: str,
                        started: datetime, data_name: str,
                        on_progress: Callable[[int], None] | None, accept_shrink: bool) -> None:
-    # The snapshot to compare with (shrink.py), looked up while the dump starts:
-    # it is needed only once the dump is complete.
-    with ThreadPoolExecutor(1, thread_name_prefix="baseline") as pool:
+    # Read while the dump starts: the snapshot to compare with (shrink.py), needed
+    # once the dump is complete, and the tenant's keyring unless this process knows
+    # its key (read only: a key is made, if need be, once the dump has begun).
+    with ThreadPoolExecutor(2, thread_name_prefix="ahead") as pool:
         baseline = pool.submit(_baseline, rt, source)
+        keyring = pool.submit(tenant_keys.look_ahead, rt, source.tenant)
         _upload_and_check(rt, source, result, snap_id, started, data_name, on_progress,
-                          accept_shrink, baseline)
+                          accept_shrink, baseline, keyring)
 
 
 def _baseline(rt: Runtime, source: SourceConfig) -> Manifest | None:
@@ -190,7 +192,8 @@ def _baseline(rt: Runtime, source: SourceConfig) -> Manifest | None:
 def _upload_and_check(rt: Runtime, source: SourceConfig, result: BackupResult, snap_id: str,
                       started: datetime, data_name: str,
                       on_progress: Callable[[int], None] | None, accept_shrink: bool,
-                      baseline: Future[Manifest | None]) -> None:
+                      baseline: Future[Manifest | None],
+                      keyring: Future[tenant_keys.Survey | None]) -> None:
     cfg = rt.config
     # Where a bucket has Object Lock, the snapshot cannot be removed before the
     # retention horizon, whatever happens to this daemon (docs/format.md).
@@ -213,7 +216,7 @@ def _upload_and_check(rt: Runtime, source: SourceConfig, result: BackupResult, s
         with open_dump(source, rt.clock(), rt.stopping) as dump:
             # Encrypted to the tenant's own key, made on its first need (public part
             # only); once the source is known to be there.
-            key = tenant_keys.ensure_key(rt, source.tenant)
+            key = tenant_keys.ensure_key(rt, source.tenant, keyring.result())
             stored = encrypt_and_upload(
                 dump.stream, uploads, [key.recipient], level=cfg.pipeline.zstd_level,
                 threads=cfg.pipeline.zstd_threads, part_size=cfg.pipeline.part_size,

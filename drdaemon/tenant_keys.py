@@ -155,7 +155,23 @@ def survey(rt: Runtime, tenant: str) -> Survey:
     return out
 
 
-def ensure_key(rt: Runtime, tenant: str) -> TenantKey:
+def _known(rt: Runtime, tenant: str) -> TenantKey | None:
+    """The key this process found stored everywhere, if that is recent and the state
+    folder's keyring is as it was then (see ensure_key)."""
+    known = rt.known_keys.get(tenant)
+    if known is not None and time.monotonic() - known.at < KEYRING_RECHECK \
+            and _names_in_state(rt, tenant) == known.state_names:
+        return known.record.key
+    return None
+
+
+def look_ahead(rt: Runtime, tenant: str) -> Survey | None:
+    """The keyring as `ensure_key` would read it now (None: it will not read it), read
+    ahead (a backup does while its dump starts); makes nothing."""
+    return None if _known(rt, tenant) is not None else survey(rt, tenant)
+
+
+def ensure_key(rt: Runtime, tenant: str, ahead: Survey | None = None) -> TenantKey:
     """The key `tenant`'s snapshots are encrypted to: found, or made on first need.
 
     Needs no private key. Making one is race-safe: under a lock in the state
@@ -169,14 +185,14 @@ def ensure_key(rt: Runtime, tenant: str) -> TenantKey:
     key made, rotated or erased on this host changes that folder, so it is seen
     at once; one rotated on another host is used by this one within
     KEYRING_RECHECK (the key used until then stays stored and opens the
-    snapshots made with it).
+    snapshots made with it). `ahead`: the keyring as `look_ahead` read it a moment
+    ago, used instead of reading it again (a key is still made under the lock only
+    after reading it afresh).
     """
-    known = rt.known_keys.get(tenant)
-    if known is not None and time.monotonic() - known.at < KEYRING_RECHECK \
-            and _names_in_state(rt, tenant) == known.state_names:
-        return known.record.key
+    if (key := _known(rt, tenant)) is not None:
+        return key
     rt.known_keys.pop(tenant, None)
-    found = survey(rt, tenant)
+    found = ahead if ahead is not None else survey(rt, tenant)
     if found.usable() is None:
         with statefs.locked(rt.config.daemon.state_dir, CREATE_LOCK, os.O_RDWR):
             found = survey(rt, tenant)  # another process may have made it meanwhile
