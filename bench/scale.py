@@ -301,7 +301,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: S,L,H "
                     "(L needs S: it lists S's snapshots)")
     ap.add_argument("--profile", type=Path, default=None,
-                    help="py-spy (raw stacks, idle included) of drctl status into this folder")
+                    help="py-spy (raw stacks) of drctl status (idle included) and of one "
+                    "drctl backup of H (native frames, by thread) into this folder")
     ap.add_argument("--workers", type=int, default=0,
                     help="S also with a scheduler and this many `drdaemon worker` processes")
     ap.add_argument("--worker-concurrency", type=int, default=2,
@@ -451,6 +452,12 @@ def hand_rounds(args: argparse.Namespace, work: Path, pg: run.Pg,
     recipient = config.read_text().split('recipients = ["', 1)[1].split('"', 1)[0]
     drctl = [str(VENV_BIN / "drctl"), "--config", str(config)]
     fifo = work / "tee.fifo"
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        out = args.profile / "backup-H.txt"
+        wall([str(VENV_BIN / "py-spy"), "record", "--format", "raw", "--rate", "200",
+              "--native", "--threads", "-o", str(out), "--", *drctl, "backup", "--json"], env)
+        print(f"  profiled drctl backup (H): {out}", flush=True)
     a, b = [], []
     for rnd in range(args.rounds):
         secs, _ = wall([*drctl, "backup", "--json"], env)

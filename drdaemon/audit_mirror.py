@@ -39,8 +39,10 @@ from .audit_segments import (
     assemble,
     chain_folders,
     held_records,
-    new_spans,
+    is_whole_block,
+    spans_to_write,
     to_read,
+    whole_blocks,
 )
 from .errors import DrError, UsageError
 from .storage import ObjectStore, StorageError
@@ -51,11 +53,24 @@ log = logging.getLogger(__name__)
 RETRY_REGION_AFTER = 300.0  # seconds a region whose mirror failed is left alone
 
 
+@dataclass(frozen=True)
+class Mirrored:
+    """What this process knows a region holds of one chain folder: records 0 to
+    `held` - 1, and the whole blocks beginning at `whole` (audit_segments)."""
+
+    folder: str
+    held: int
+    whole: frozenset[int] = frozenset()
+
+
 @dataclass
 class MirrorState:
-    """Per runtime: when each region whose mirror failed may be tried again."""
+    """Per runtime: when each region whose mirror failed may be tried again, and what
+    each region holds as this process last listed or wrote it (so that a record
+    costs one PUT per region, not a LIST of the whole chain folder as well)."""
 
     retry_at: dict[str, float] = field(default_factory=dict)
+    known: dict[str, Mirrored] = field(default_factory=dict)
 
 
 class MirrorContext(AuditContext, Protocol):
@@ -75,10 +90,16 @@ def mirror(rt: MirrorContext) -> dict[str, str]:
     """Copy the local log to every region, best effort; return the regions that failed.
 
     Each region gets the records it lacks as new segments, written once with
-    the Object Lock horizon where the bucket has Object Lock (one LIST and
-    usually one PUT per region). A region that fails is logged and left alone
-    for RETRY_REGION_AFTER seconds: this never raises for a region, so
-    recording an event never fails because of one.
+    the Object Lock horizon where the bucket has Object Lock: usually one PUT
+    per region. What a region holds is listed only when this process does not
+    know it (its first mirror there, after a failure there, a new chain, a
+    local log shorter than what it wrote, or `verify_everywhere`); after that,
+    what it wrote is remembered (`MirrorState.known`). Another process on this host mirroring
+    meanwhile at worst makes it write records the region already holds again,
+    in a segment of their own, which readers take once (audit_segments.assemble).
+    A region that fails is logged and left alone for RETRY_REGION_AFTER
+    seconds: this never raises for a region, so recording an event never
+    fails because of one.
     """
     state_dir = rt.config.daemon.state_dir
     failed: dict[str, str] = {}
@@ -93,8 +114,10 @@ def mirror(rt: MirrorContext) -> dict[str, str]:
             now = time.monotonic()
             if rt.audit_mirror.retry_at.get(store.name, 0.0) > now:
                 continue
+            known = rt.audit_mirror.known.pop(store.name, None)
             try:
-                _mirror_to(store, folder, lines, lock_until)
+                rt.audit_mirror.known[store.name] = _mirror_to(store, folder, lines,
+                                                               lock_until, known)
             except Exception as exc:  # any failure of one region: see the docstring
                 why = str(exc) or exc.__class__.__name__
                 failed[store.name] = why
@@ -105,18 +128,26 @@ def mirror(rt: MirrorContext) -> dict[str, str]:
 
 
 def _mirror_to(store: ObjectStore, folder: str, lines: Sequence[bytes],
-               lock_until: datetime | None) -> None:
-    segs = _listed(store, folder + "/").get(folder)
-    held = held_records(segs.segments if segs else (), lines)
-    if held > len(lines):
+               lock_until: datetime | None, known: Mirrored | None) -> Mirrored:
+    """Write the segments `store` lacks; return what it holds then. `known`: what it
+    held as this process last saw it (listed when None or no longer fitting)."""
+    if known is None or known.folder != folder or known.held > len(lines):
+        segs = _listed(store, folder + "/").get(folder)
+        segments = segs.segments if segs else ()
+        known = Mirrored(folder, held_records(segments, lines), whole_blocks(segments))
+    if known.held > len(lines):
         # The region holds more of this chain than the local log: the local log
         # was cut. Its copy stays as it is: it is the evidence.
         raise DrError(f"region {store.name} holds more of {folder}/ than the local log's "
                       f"{len(lines)} records: the local log was cut: run drctl audit verify "
                       f"--region {store.name}")
-    for first, last in new_spans(segs.segments if segs else (), held, len(lines)):
+    whole = set(known.whole)
+    for first, last in spans_to_write(known.whole, known.held, len(lines)):
         store.put_bytes(layout.audit_span_name(folder, first, last),
                         b"".join(lines[first:last + 1]), retain_until=lock_until)
+        if is_whole_block(first, last):
+            whole.add(first)
+    return Mirrored(folder, max(known.held, len(lines)), frozenset(whole))
 
 
 def _listed(store: ObjectStore, prefix: str) -> dict[str, ChainFolder]:
@@ -362,6 +393,9 @@ def verify_everywhere(rt: MirrorContext) -> AuditCheck:
     except StorageError as exc:
         unreachable["witness"] = str(exc) or exc.__class__.__name__
     if local.records and local.ok:
+        # From fresh listings, not what this process remembers writing: a region
+        # that lost its copy (a bucket made anew) gets it back here.
+        rt.audit_mirror.known.clear()
         mirror(rt)  # best effort; a cut local log never replaces a longer copy
     for store in rt.stores:
         try:

@@ -92,9 +92,26 @@ def held_records(segments: Sequence[Segment], local: Sequence[bytes]) -> int:
     return end
 
 
+def whole_blocks(segments: Iterable[Segment]) -> frozenset[int]:
+    """The first record of each block of SEGMENT_RECORDS records held whole, in one segment."""
+    return frozenset(s.first for s in segments if s.first % SEGMENT_RECORDS == 0
+                     and (s.last is None or s.last == s.first + SEGMENT_RECORDS - 1))
+
+
+def is_whole_block(first: int, last: int) -> bool:
+    """Whether a span (first, last) is one whole block (see `whole_blocks`)."""
+    return first % SEGMENT_RECORDS == 0 and last == first + SEGMENT_RECORDS - 1
+
+
 def new_spans(segments: Sequence[Segment], held: int, count: int) -> list[tuple[int, int]]:
     """(first, last) of each segment to write so that the region holds records 0 to
-    count - 1, in record order.
+    count - 1, in record order (`spans_to_write` over the segments' whole blocks)."""
+    return spans_to_write(whole_blocks(segments), held, count)
+
+
+def spans_to_write(whole: Iterable[int], held: int, count: int) -> list[tuple[int, int]]:
+    """(first, last) of each segment to write so that a region holding records 0 to
+    held - 1, and whole blocks beginning at `whole`, holds records 0 to count - 1.
 
     The records the region lacks (from `held` on), never more than
     SEGMENT_RECORDS in one segment nor across a multiple of it; and each block
@@ -108,11 +125,10 @@ def new_spans(segments: Sequence[Segment], held: int, count: int) -> list[tuple[
         last = min(count, _block_end(first)) - 1
         spans.append((first, last))
         first = last + 1
-    whole = {s.first for s in segments if s.first % SEGMENT_RECORDS == 0
-             and (s.last is None or s.last == s.first + SEGMENT_RECORDS - 1)}
+    held_whole = set(whole)
     blocks = [(b, b + SEGMENT_RECORDS - 1) for b in range(0, count - SEGMENT_RECORDS + 1,
                                                           SEGMENT_RECORDS)
-              if b not in whole]
+              if b not in held_whole]
     return sorted(set(spans) | set(blocks))
 
 

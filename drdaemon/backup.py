@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -169,10 +169,32 @@ def _check_shrink(source: SourceConfig, baseline: Manifest | None, facts: dict[s
 def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, snap_id: str,
                        started: datetime, data_name: str,
                        on_progress: Callable[[int], None] | None, accept_shrink: bool) -> None:
+    # Read while the dump starts: the snapshot to compare with (shrink.py), needed
+    # once the dump is complete, and the tenant's keyring unless this process knows
+    # its key (read only: a key is made, if need be, once the dump has begun).
+    with ThreadPoolExecutor(2, thread_name_prefix="ahead") as pool:
+        baseline = pool.submit(_baseline, rt, source)
+        keyring = pool.submit(tenant_keys.look_ahead, rt, source.tenant)
+        _upload_and_check(rt, source, result, snap_id, started, data_name, on_progress,
+                          accept_shrink, baseline, keyring)
+
+
+def _baseline(rt: Runtime, source: SourceConfig) -> Manifest | None:
+    """The newest committed snapshot of `source`, for the shrink guard (None: unguarded).
+    A region that cannot be read only narrows the choice. Every region is listed each
+    time, so a newer snapshot another process or host wrote is the one compared with;
+    only a manifest this process wrote or read already is not read again."""
+    if source.max_shrink >= 1:
+        return None
+    return catalog.newest_manifest(rt, source.name, rt.known_newest)
+
+
+def _upload_and_check(rt: Runtime, source: SourceConfig, result: BackupResult, snap_id: str,
+                      started: datetime, data_name: str,
+                      on_progress: Callable[[int], None] | None, accept_shrink: bool,
+                      baseline: Future[Manifest | None],
+                      keyring: Future[tenant_keys.Survey | None]) -> None:
     cfg = rt.config
-    # Read before the dump: the snapshot to compare with (shrink.py). A region
-    # that cannot be read only narrows the choice.
-    baseline = catalog.newest_manifest(rt, source.name) if source.max_shrink < 1 else None
     # Where a bucket has Object Lock, the snapshot cannot be removed before the
     # retention horizon, whatever happens to this daemon (docs/format.md).
     retain_until = source.retention.lock_until(started)
@@ -194,13 +216,13 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
         with open_dump(source, rt.clock(), rt.stopping) as dump:
             # Encrypted to the tenant's own key, made on its first need (public part
             # only); once the source is known to be there.
-            key = tenant_keys.ensure_key(rt, source.tenant)
+            key = tenant_keys.ensure_key(rt, source.tenant, keyring.result())
             stored = encrypt_and_upload(
                 dump.stream, uploads, [key.recipient], level=cfg.pipeline.zstd_level,
                 threads=cfg.pipeline.zstd_threads, part_size=cfg.pipeline.part_size,
                 on_progress=on_progress, cancel=rt.stopping)
             facts = dump.finish()
-            _check_shrink(source, baseline, facts, accept_shrink)
+            _check_shrink(source, baseline.result(), facts, accept_shrink)
         # Facts that may hold secrets (database settings) are sealed like the dump.
         facts = kind_for(source.kind).seal_facts(facts, parse_recipients([key.recipient]))
         # Everything a reader will check is built and bounded before any
@@ -263,6 +285,11 @@ def _upload_and_commit(rt: Runtime, source: SourceConfig, result: BackupResult, 
         raise StorageError("no region committed the snapshot: " + "; ".join(
             f"{k}: {v}" for k, v in result.failed_regions.items()))
     result.manifest = snap
+    # The next snapshot's shrink baseline, as a reader of the stored bytes sees it
+    # (committed already: a manifest that does not parse back is only not remembered).
+    with contextlib.suppress(DrError):
+        rt.known_newest[source.name] = manifest.parse(blob, rt.manifest_key,
+                                                      source=source.name, snapshot_id=snap_id)
 
 
 def _remove_objects(store: ObjectStore, snap: Manifest) -> None:

@@ -277,22 +277,30 @@ def _add_copy(region: str, entry: SnapshotEntry, m: Manifest) -> None:
     entry.regions.append(region)
 
 
-def newest_manifest(rt: Runtime, source: str) -> Manifest | None:
+def newest_manifest(rt: Runtime, source: str,
+                    known: dict[str, Manifest] | None = None) -> Manifest | None:
     """The newest committed snapshot of `source` that authenticates in some region.
 
     Reads as little as it can: one listing per region, then only the newest
     id's manifest (an older one only if that cannot be read anywhere).
     Regions that cannot be listed are passed over; None if nothing is found.
+    `known` (source -> a manifest authenticated before, e.g. the one this
+    process just wrote): the listing still decides which snapshot is newest,
+    but that one is not read again if it is the one known; one read is kept there.
     """
-    holders: dict[str, list[ObjectStore]] = {}
-    for store in rt.stores:
+    def listed(store: ObjectStore) -> list[str]:
         try:
-            for info in store.list(layout.manifests_prefix(source)):
-                snap_id = layout.snapshot_id_from_manifest_name(info.name)
-                if snap_id is not None:
-                    holders.setdefault(snap_id, []).append(store)
+            return [snap_id for info in store.list(layout.manifests_prefix(source))
+                    if (snap_id := layout.snapshot_id_from_manifest_name(info.name))]
         except DrError:
-            continue
+            return []
+
+    holders: dict[str, list[ObjectStore]] = {}
+    # The regions at the same time; their holders in the configured order.
+    with ThreadPoolExecutor(max(1, len(rt.stores)), thread_name_prefix="newest") as pool:
+        for store, ids in zip(rt.stores, pool.map(listed, rt.stores), strict=True):
+            for snap_id in ids:
+                holders.setdefault(snap_id, []).append(store)
     ids = sorted(holders, reverse=True)
     while ids:
         # Ids carry only the second: every id of the newest second is read and
@@ -300,20 +308,25 @@ def newest_manifest(rt: Runtime, source: str) -> Manifest | None:
         second = ids[0][:16]
         batch = [i for i in ids if i.startswith(second)]
         ids = ids[len(batch):]
-        found = [m for m in (_first_readable(rt, holders[i], source, i) for i in batch)
-                 if m is not None]
+        found = [m for m in (_first_readable(rt, holders[i], source, i, known)
+                             for i in batch) if m is not None]
         if found:
             return max(found, key=lambda m: (m.started_at, m.id))
     return None
 
 
-def _first_readable(rt: Runtime, stores: list[ObjectStore], source: str,
-                    snap_id: str) -> Manifest | None:
+def _first_readable(rt: Runtime, stores: list[ObjectStore], source: str, snap_id: str,
+                    known: dict[str, Manifest] | None = None) -> Manifest | None:
+    if known is not None and (m := known.get(source)) is not None and m.id == snap_id:
+        return m
     for store in stores:
         try:
-            return read_manifest(rt, store, source, snap_id)
+            m = read_manifest(rt, store, source, snap_id)
         except DrError:
             continue
+        if known is not None:
+            known[source] = m
+        return m
     return None
 
 

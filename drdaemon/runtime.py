@@ -34,9 +34,11 @@ from .keys import (
     recipient_labels,
     unrecorded_path,
 )
+from .manifest import Manifest
 from .manifest_cache import ManifestCache
 from .signing import SigningKey, generate_signing_key, load_signing_keys
 from .storage import ObjectStore, open_store
+from .tenant_key_record import KnownKey
 
 log = logging.getLogger("drdaemon")
 
@@ -86,6 +88,13 @@ class Runtime:
     # Manifests the daemon's metrics refresh and watchdog authenticated before
     # (manifest_cache.ManifestCache); every other reader goes to storage.
     manifest_cache: ManifestCache = field(default_factory=ManifestCache)
+    # What this process learnt while taking snapshots, so that the next snapshot need
+    # not ask every region again: each tenant's key as found stored everywhere
+    # (tenant_keys.ensure_key: looked at again after a while, or when the state
+    # folder's keyring changes) and each source's newest manifest it wrote or read
+    # (backup's shrink baseline: still listed every time, only not read again).
+    known_keys: dict[str, KnownKey] = field(default_factory=dict)
+    known_newest: dict[str, Manifest] = field(default_factory=dict)
     # This thread's audit batch (see audit_batch): depth, records not yet
     # mirrored, when it last mirrored.
     _audit_batch: threading.local = field(default_factory=threading.local, init=False,
@@ -236,7 +245,8 @@ class Runtime:
 
         For runs that record many events (a prune, a repair, a drill run):
         each record is still appended to the local log at once (it is the
-        record), but the copy to the regions, a LIST and a PUT per region,
+        record), but the copy to the regions, a PUT per region (and a LIST
+        where the runtime does not know what the region holds yet),
         happens when the outermost batch ends, also on an exception, instead
         of after every record. A long batch also mirrors when a record comes
         AUDIT_BATCH_MIRROR_INTERVAL after its last mirror. Batches nest; they

@@ -46,6 +46,17 @@ class KeyRecord:
     raw: bytes  # as stored: repairs copy these bytes
 
 
+@dataclass(frozen=True)
+class KnownKey:
+    """A tenant's key as one process last found it (tenant_keys.ensure_key): stored
+    everywhere it belongs, with the state folder's keyring names `state_names` then,
+    at `at` (time.monotonic)."""
+
+    record: KeyRecord
+    state_names: frozenset[tuple[str, str]]
+    at: float
+
+
 
 # -- pure ------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,7 @@ from .runtime import Runtime
 from .storage import ObjectStore, StorageError
 from .tenant_key_record import (
     KeyRecord,
+    KnownKey,
     TenantKey,
     choose,
     created_stamp,
@@ -65,6 +67,9 @@ MAX_KEY_OBJECT_BYTES = 64 << 10
 # One lock for making tenant keys on a state folder: creation is rare.
 CREATE_LOCK = statefs.lock_file("tenant-keys")
 STATE = "the state folder"
+# Seconds a process encrypts to a tenant key it found stored everywhere before it
+# lists the regions' keyrings again (ensure_key).
+KEYRING_RECHECK = 300.0
 
 
 # -- the keyring as stored ---------------------------------------------------------
@@ -150,15 +155,44 @@ def survey(rt: Runtime, tenant: str) -> Survey:
     return out
 
 
-def ensure_key(rt: Runtime, tenant: str) -> TenantKey:
+def _known(rt: Runtime, tenant: str) -> TenantKey | None:
+    """The key this process found stored everywhere, if that is recent and the state
+    folder's keyring is as it was then (see ensure_key)."""
+    known = rt.known_keys.get(tenant)
+    if known is not None and time.monotonic() - known.at < KEYRING_RECHECK \
+            and _names_in_state(rt, tenant) == known.state_names:
+        return known.record.key
+    return None
+
+
+def look_ahead(rt: Runtime, tenant: str) -> Survey | None:
+    """The keyring as `ensure_key` would read it now (None: it will not read it), read
+    ahead (a backup does while its dump starts); makes nothing."""
+    return None if _known(rt, tenant) is not None else survey(rt, tenant)
+
+
+def ensure_key(rt: Runtime, tenant: str, ahead: Survey | None = None) -> TenantKey:
     """The key `tenant`'s snapshots are encrypted to: found, or made on first need.
 
     Needs no private key. Making one is race-safe: under a lock in the state
     folder the keyring is read again first, and when processes on two hosts
     made one each, all use the same one (:func:`choose`) and both stay stored.
     A copy missing in a region or the state folder is put back.
+
+    The regions are listed once per KEYRING_RECHECK seconds and tenant in a
+    process, not on every snapshot: a key found stored everywhere is used again
+    (`Runtime.known_keys`) while the state folder's keyring is as it was then. A
+    key made, rotated or erased on this host changes that folder, so it is seen
+    at once; one rotated on another host is used by this one within
+    KEYRING_RECHECK (the key used until then stays stored and opens the
+    snapshots made with it). `ahead`: the keyring as `look_ahead` read it a moment
+    ago, used instead of reading it again (a key is still made under the lock only
+    after reading it afresh).
     """
-    found = survey(rt, tenant)
+    if (key := _known(rt, tenant)) is not None:
+        return key
+    rt.known_keys.pop(tenant, None)
+    found = ahead if ahead is not None else survey(rt, tenant)
     if found.usable() is None:
         with statefs.locked(rt.config.daemon.state_dir, CREATE_LOCK, os.O_RDWR):
             found = survey(rt, tenant)  # another process may have made it meanwhile
@@ -173,6 +207,9 @@ def ensure_key(rt: Runtime, tenant: str) -> TenantKey:
         raise DrError(f"tenant {tenant}'s new key could not be stored anywhere: "
                       + "; ".join(f"{k}: {v}" for k, v in found.unreachable.items()))
     _repair(rt, chosen, found)
+    if not found.unreachable:
+        rt.known_keys[tenant] = KnownKey(chosen, frozenset(_names_in_state(rt, tenant)),
+                                         time.monotonic())
     return chosen.key
 
 

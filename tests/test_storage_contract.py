@@ -501,7 +501,12 @@ def test_s3_region_down_raises_storage_error_naming_the_region(
     fails(lambda: store.delete("sources/kept"))
     fails(lambda: pending.write_part(b"more"))
     fails(lambda: pending.commit())
-    fails(lambda: store.begin_upload("sources/other").write_part(b"x"))
+    other = store.begin_upload("sources/other")
+    other.write_part(b"x")  # one part so far: held for a PutObject at commit
+    fails(lambda: other.commit())
+    two = store.begin_upload("sources/two")
+    two.write_part(b"x")
+    fails(lambda: two.write_part(b"y"))  # a second part begins the multipart upload
     fails(lambda: store.begin_upload("sources/empty").commit())
     pending.abort()  # best effort: must not raise while the region is down
     # Names are checked before any network call, even with the region down.

@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import subprocess
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,18 +41,64 @@ MAX_GLOBALS = 64 << 20  # bytes of pg_dumpall output
 GLOBALS_TIMEOUT = 300.0
 SEALED = "sealed"
 
+# Everything of the server's catalogs that the kept part of `pg_dumpall --globals-only`
+# is made of (pg_globals.parse): roles with their attributes and role-wide settings
+# (pg_roles.rolconfig), memberships with their grantors, comments and security labels
+# on roles; with `passwords`, the password hashes too (pg_authid, readable then). A
+# digest, so that a capture whose digest is unchanged reuses the parsed output.
+_ROLES_DIGEST = """
+SELECT encode(sha256(textsend(concat_ws('|',
+  (SELECT string_agg(r::text, ',' ORDER BY r.oid) FROM pg_catalog.pg_roles r),
+  (SELECT string_agg(m::text, ',' ORDER BY m.roleid, m.member, m.grantor)
+     FROM pg_catalog.pg_auth_members m),
+  (SELECT string_agg(d::text, ',' ORDER BY d.objoid) FROM pg_catalog.pg_shdescription d
+     WHERE d.classoid = 'pg_catalog.pg_authid'::regclass),
+  (SELECT string_agg(l::text, ',' ORDER BY l.objoid, l.provider)
+     FROM pg_catalog.pg_shseclabel l WHERE l.classoid = 'pg_catalog.pg_authid'::regclass),
+  CASE WHEN %(passwords)s THEN (SELECT string_agg(a.oid::text || ':' ||
+     coalesce(a.rolpassword, ''), ',' ORDER BY a.oid) FROM pg_catalog.pg_authid a) END
+))), 'hex')
+"""
+# (server, user, passwords) -> (digest, parsed globals): pg_dumpall's output of this
+# process's last capture there. One process snapshots many databases of one server
+# (a day's snapshots, the daemon); the roles rarely change between them.
+_captured: dict[tuple[str, str, bool], tuple[str, pg_globals.Globals]] = {}
+_captured_lock = threading.Lock()
+
 
 def capture(conn: psycopg.Connection[Any], dsn: str, dbname: str) -> dict[str, Any]:
     """The roles the database at `conn` needs, as facts: `sql` (pg_dumpall's statements for
     them and their members), `needed`, `passwords` (False: the backup role cannot read
-    pg_authid, so the roles carry no password). SourceError if pg_dumpall fails."""
+    pg_authid, so the roles carry no password). SourceError if pg_dumpall fails.
+
+    pg_dumpall (a process and a connection of its own) runs only when the server's
+    roles differ from this process's last capture there (`_ROLES_DIGEST`, read in
+    the same session); otherwise that capture's output is used again."""
     try:
         needed = sorted(r[0] for r in conn.execute(_NEEDED).fetchall() if r[0])
         row = conn.execute("SELECT has_table_privilege('pg_catalog.pg_authid', "
                            "'SELECT')").fetchone()
+        passwords = bool(row and row[0])
+        digest_row = conn.execute(_ROLES_DIGEST, {"passwords": passwords}).fetchone()
     except psycopg.Error as exc:
         raise SourceError(f"listing the database's roles failed: {first_line(exc)}") from None
-    passwords = bool(row and row[0])
+    digest = str(digest_row[0]) if digest_row else ""
+    server = (f"{conn.info.host}:{conn.info.port}", conn.info.user, passwords)
+    with _captured_lock:
+        hit = _captured.get(server)
+    if hit is not None and hit[0] == digest:
+        parsed = hit[1]
+    else:
+        parsed = pg_globals.parse(_dumpall(dsn, dbname, passwords))
+        with _captured_lock:
+            _captured[server] = (digest, parsed)
+    kept = pg_globals.keep(parsed, needed)
+    return {"sql": pg_globals.render(kept), "needed": needed, "passwords": passwords,
+            "roles": list(kept.roles)}
+
+
+def _dumpall(dsn: str, dbname: str, passwords: bool) -> str:
+    """`pg_dumpall --globals-only` of the server at `dsn` (SourceError if it fails)."""
     argv = [tool("pg_dumpall"), "--globals-only", "--no-password", f"--dbname={dsn}",
             f"--database={dbname}"]
     if not passwords:
@@ -67,9 +114,7 @@ def capture(conn: psycopg.Connection[Any], dsn: str, dbname: str) -> dict[str, A
                           f"{err[-1] if err else 'no message'}")
     if len(proc.stdout) > MAX_GLOBALS:
         raise SourceError(f"pg_dumpall --globals-only wrote more than {MAX_GLOBALS} bytes")
-    kept = pg_globals.keep(pg_globals.parse(proc.stdout.decode()), needed)
-    return {"sql": pg_globals.render(kept), "needed": needed, "passwords": passwords,
-            "roles": list(kept.roles)}
+    return proc.stdout.decode()
 
 
 def seal(facts: dict[str, Any], recipients: Sequence[x25519.Recipient]) -> dict[str, Any]:

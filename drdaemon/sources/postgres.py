@@ -132,8 +132,6 @@ def dump(dsn: str, *, lock_wait_timeout: timedelta = LOCK_WAIT_TIMEOUT,
         assert row is not None
         snapshot, consistency, version, db_size, dbname = row
         database = pg_database.capture(conn).to_facts()  # in the same snapshot
-        # The roles it names (server-wide, so not part of the exported snapshot).
-        roles = pg_role_copy.capture(conn, make_conninfo(dsn, application_name=app), dbname)
         proc = subprocess.Popen(
             with_stdio_buffer([pg_dump, "--format=custom", "--compress=0",
                                 f"--snapshot={snapshot}", "--no-password",
@@ -149,8 +147,14 @@ def dump(dsn: str, *, lock_wait_timeout: timedelta = LOCK_WAIT_TIMEOUT,
         def count() -> None:
             # Counting runs alongside pg_dump in the same exported snapshot;
             # this transaction also has to stay open until pg_dump has imported it.
+            # Then the roles the database names (server-wide, so not part of the
+            # snapshot): also while pg_dump runs, not before it starts.
             try:
                 counted["tables"] = _count_rows(conn)
+                counted["roles"] = pg_role_copy.capture(
+                    conn, make_conninfo(dsn, application_name=app), dbname)
+            except SourceError as exc:
+                counted["roles_error"] = exc
             except Exception as exc:
                 counted["error"] = exc
 
@@ -177,9 +181,12 @@ def dump(dsn: str, *, lock_wait_timeout: timedelta = LOCK_WAIT_TIMEOUT,
             if "error" in counted:
                 raise failure("counting rows in", first_line(counted["error"])
                               + _lock_hint(dsn, str(counted["error"])))
+            if "roles_error" in counted:
+                raise counted["roles_error"]
             done = True
             return {"database": database, "server_version": version,
-                    "database_size": db_size, "tables": counted["tables"], "globals": roles}
+                    "database_size": db_size, "tables": counted["tables"],
+                    "globals": counted["roles"]}
 
         assert proc.stdout is not None
         yield Dump(cast(BinaryIO, proc.stdout), consistency, finish)

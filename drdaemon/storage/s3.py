@@ -1,7 +1,10 @@
 """A region in an S3 bucket (AWS or compatible), via boto3.
 
 Uploads are multipart: parts stream in as they are produced and the object
-appears only on CompleteMultipartUpload; an abort leaves nothing behind.
+appears only on CompleteMultipartUpload; an abort leaves nothing behind. An
+upload that gets only one part (data under the part size: most small
+databases) is written at commit with one PutObject instead of three requests
+(create, part, complete), as atomically and only at commit as before.
 Credentials come from boto3's own chain; botocore's standard retry mode
 absorbs throttling and transient 5xx per request.
 
@@ -59,8 +62,15 @@ class S3Upload:
         self.retain_until = retain_until
         self.upload_id: str | None = None
         self.parts: list[dict[str, Any]] = []
+        # The first part, held until a second one comes (then the multipart upload
+        # begins with it) or the commit (then it is the whole object: one PutObject).
+        # Costs one part of memory per region while the first two parts stream.
+        self.first: bytes | None = None
 
     def write_part(self, data: bytes) -> None:
+        if self.upload_id is None and self.first is None:
+            self.first = data
+            return
         s3 = self.store
         try:
             if self.upload_id is None:
@@ -70,18 +80,28 @@ class S3Upload:
                 resp = s3.client.create_multipart_upload(Bucket=s3.bucket, Key=self.key,
                                                          **lock)
                 self.upload_id = resp["UploadId"]
-            number = len(self.parts) + 1
-            resp = s3.client.upload_part(Bucket=s3.bucket, Key=self.key, PartNumber=number,
-                                         UploadId=self.upload_id, Body=data)
-            self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+                first, self.first = self.first, None
+                assert first is not None
+                self._upload_part(first)
+            self._upload_part(data)
         except (BotoCoreError, ClientError) as exc:
             raise s3.error("upload", self.key, exc) from None
+
+    def _upload_part(self, data: bytes) -> None:
+        s3 = self.store
+        number = len(self.parts) + 1
+        resp = s3.client.upload_part(Bucket=s3.bucket, Key=self.key, PartNumber=number,
+                                     UploadId=self.upload_id, Body=data)
+        self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
 
     def commit(self) -> None:
         s3 = self.store
         try:
             if self.upload_id is None:
-                s3.client.put_object(Bucket=s3.bucket, Key=self.key, Body=b"",
+                # One part or none: the whole object in one request, visible only once
+                # it is complete, like a completed multipart upload.
+                body, self.first = self.first or b"", None
+                s3.client.put_object(Bucket=s3.bucket, Key=self.key, Body=body,
                                      **s3.lock_args(self.retain_until))
                 return
             s3.client.complete_multipart_upload(
@@ -93,6 +113,7 @@ class S3Upload:
             raise s3.error("complete upload of", self.key, exc) from None
 
     def abort(self) -> None:
+        self.first = None
         if self.upload_id is None:
             return
         # Best effort: a region that is down now keeps a stale upload, which is
