@@ -247,6 +247,11 @@ def daemon_start(config: Path, env: dict[str, str], port: int, log: Path,
 def listing_round(latency: float, counting: Counting, drctl: list[str], env: dict[str, str],
                   state: Path, config: Path, port: int, work: Path,
                   profile: Path | None) -> dict[str, Any]:
+    # As an install leaves it: drdaemon's bytecode compiled (where PYTHONDONTWRITEBYTECODE
+    # is set, every command would otherwise compile its ~230 modules, ~0.4 s).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(run.ROOT / "drdaemon")],
+                   check=True, env={k: v for k, v in env.items()
+                                    if k != "PYTHONDONTWRITEBYTECODE"})
     counting.latency(latency)
     row: dict[str, Any] = {"latency": latency}
     for label in ("cold", "warm"):
@@ -296,6 +301,11 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, default=None,
                     help="py-spy (raw stacks, idle included) of drctl status into this folder")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--hold", type=Path, default=None,
+                    help="after S, keep the servers and repeat L on request: each file "
+                    "HOLD/go (JSON: latencies, note, append) runs L rounds with the current "
+                    "code and writes HOLD/result-N.md (appended to the results file too if "
+                    "append is true); HOLD/quit ends")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--note", default="")
     args = ap.parse_args()
@@ -357,6 +367,9 @@ def _bench(args: argparse.Namespace, skip: set[str], work: Path, pg: run.Pg,
                         "bytes": statistics.mean(int(r["size"]) for r in done)}
         print(f"S: {len(names)} snapshots in {secs:.1f}s ({secs / len(names):.3f}s each), "
               f"{fmt_counts(reqs)}; pg_dump alone {dump / len(sample):.3f}s each", flush=True)
+        if args.hold is not None:
+            hold(args, results, counting, drctl, env, work, config, port, t0, load_start)
+            return
         if "L" not in skip:
             results["L"] = [listing_round(ms, counting, drctl, env, work / "state", config,
                                           port, work, args.profile)
@@ -365,6 +378,32 @@ def _bench(args: argparse.Namespace, skip: set[str], work: Path, pg: run.Pg,
     if "H" not in skip:
         results["H"] = hand_rounds(args, work, pg, moto, env)
     report(args, results, t0, load_start)
+
+
+def hold(args: argparse.Namespace, results: dict[str, Any], counting: Counting,
+         drctl: list[str], env: dict[str, str], work: Path, config: Path, port: int,
+         t0: float, load_start: tuple[float, ...]) -> None:
+    """Part L again and again on the same snapshots (S is the slow part; the commands run
+    from this venv, so each round measures the code as it is then)."""
+    args.hold.mkdir(parents=True, exist_ok=True)
+    (args.hold / "ready").write_text(str(work))
+    n = 0
+    while not (args.hold / "quit").exists():
+        go = args.hold / "go"
+        if not go.exists():
+            time.sleep(1)
+            continue
+        req = json.loads(go.read_text() or "{}")
+        go.unlink()
+        n += 1
+        rows = [listing_round(ms, counting, drctl, env, work / "state", config, port, work,
+                              Path(req["profile"]) if req.get("profile") else None)
+                for ms in req.get("latencies", [0, args.latency_ms])]
+        counting.latency(0)
+        args.note = req.get("note", "")
+        text = report(args, {"S": results["S"], "L": rows}, t0, load_start,
+                      append=bool(req.get("append")), tables={"L"})
+        (args.hold / f"result-{n}.md").write_text(text)
 
 
 def hand_rounds(args: argparse.Namespace, work: Path, pg: run.Pg,
@@ -397,7 +436,10 @@ def hand_rounds(args: argparse.Namespace, work: Path, pg: run.Pg,
 
 
 def report(args: argparse.Namespace, r: dict[str, Any], t0: float,
-           load_start: tuple[float, ...]) -> None:
+           load_start: tuple[float, ...], append: bool = True,
+           tables: set[str] | None = None) -> str:
+    """The Markdown of `r` (parts in `tables`, all by default), appended to the results file
+    if `append`."""
     lines = [f"## Scale: {args.sources} sources, {args.latency_ms:g} ms — "
              f"{datetime.now():%Y-%m-%d %H:%M}", "", "Produced by `bench/scale.py`.", ""]
     if args.note:
@@ -406,7 +448,7 @@ def report(args: argparse.Namespace, r: dict[str, Any], t0: float,
     lines += [f"| {k} | {v} |" for k, v in run.machine().items()]
     lines += [f"| load (1-min avg) | {load_start[0]:.2f} at start, "
               f"{os.getloadavg()[0]:.2f} at end |", ""]
-    if "S" in r:
+    if "S" in r and (tables is None or "S" in tables):
         s = r["S"]
         n, total = s["n"], sum(s["req"].values())
         lines += [f"One day's snapshots of {n} small databases (stored {s['bytes'] / 1024:.1f} "
@@ -458,7 +500,9 @@ def report(args: argparse.Namespace, r: dict[str, Any], t0: float,
     lines += [f"Whole run: {(time.monotonic() - t0) / 60:.1f} min.", "", ""]
     text = "\n".join(lines)
     print(text)
-    run.append_results(text, args.out)
+    if append:
+        run.append_results(text, args.out)
+    return text
 
 
 if __name__ == "__main__":

@@ -184,11 +184,13 @@ def refresh(rt: Runtime, st: MetricsState, source: str | None = None) -> None:
         if e.source in by_source:
             by_source[e.source].append(e)
     sources = []
+    configured = {s.name: s for s in rt.config.sources}
     for name in names:
         snaps = [(e.manifest, e.regions) for e in by_source[name] if e.manifest is not None]
         outcome = state.read_outcome(rt.config.daemon.state_dir, name)
         # The same judgement as `drctl status`: which snapshot is newest, where it is.
-        judged = status.evaluate(rt.config, rt.config.source(name), snaps, outcome, now)
+        src = configured.get(name) or rt.config.source(name)  # ConfigError if unknown
+        judged = status.evaluate(rt.config, src, snaps, outcome, now)
         sources.append(SourceListing(
             name, tuple(listed_snapshot(m, regions) for m, regions in snaps),
             tuple(r for e in by_source[name] for r in e.problems),

@@ -124,6 +124,7 @@ class Daemon:
         self.standbys: dict[str, standby.StandbyStatus] = {}  # as last polled
         metrics.load_orphans(cfg.state_dir, self.metrics)
         self._metrics_server: metrics.WSGIServer | None = None
+        self.exposition: metrics.Exposition | None = None  # what /metrics serves, once served
         # Set once the start's first look at storage (refresh, catch-up, retries) is done.
         self.first_look_done = threading.Event()
         # When this daemon took the cluster lock ([daemon] lock_dsn), if it has one.
@@ -327,15 +328,23 @@ class Daemon:
         try:
             metrics_feed.refresh(self.rt, self.metrics, source)
             self.metrics.set_schedule((j.id, j.next_run_time) for j in self.scheduler.get_jobs())
+            if self.exposition is not None:
+                self.exposition.prime()  # rendered here once, not by the next scrape
         except Exception:  # stale metrics are better than a dead job thread
             log.exception("cannot refresh metrics", extra={"job": "metrics"})
 
     def _serve_metrics(self, standby: bool = False) -> None:
         address = self.rt.config.daemon.metrics_address
-        registry = (metrics.standby_registry() if standby
-                    else metrics.build_registry(self.metrics, self.rt.clock))
+        if standby:
+            served: Any = metrics.standby_registry()
+        else:
+            # The state rendered once per change of it, not once per scrape.
+            self.exposition = metrics.Exposition(self.metrics, self.rt.clock,
+                                                 metrics.live_registry())
+            served = metrics.wsgi_app(self.exposition,
+                                      metrics.build_registry(self.metrics, self.rt.clock))
         try:
-            self._metrics_server = metrics.serve(address, registry)
+            self._metrics_server = metrics.serve(address, served)
         except OSError as exc:
             # Backups matter more than their metrics: carry on, loudly; the
             # DrdaemonDown/DrdaemonAbsent alerts tell on-call nobody can scrape us.

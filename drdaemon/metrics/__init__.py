@@ -20,6 +20,8 @@ depend on the metrics, never the other way round (tests/test_metrics_imports.py)
 - state.py: :class:`MetricsState` and how each observation changes it;
 - render.py: :func:`families`, :class:`StateCollector`, :func:`build_registry`,
   :func:`standby_registry` (`drdaemon_active`);
+- exposition.py: :class:`Exposition`, what a scrape is served: the state rendered once
+  per change (:func:`wsgi_app`);
 - persist.py: the orphan gauges kept in the state folder across restarts;
 - server.py: the bounded /metrics HTTP server (:func:`serve`, :func:`shutdown`).
 
@@ -32,6 +34,7 @@ never a snapshot id. ``job_name`` rather than ``job`` because Prometheus owns ``
 from __future__ import annotations
 
 from .. import __version__
+from .exposition import Exposition, wsgi_app
 from .observations import (
     AnchorRun,
     AuditCopy,
@@ -61,6 +64,7 @@ from .render import (
     StateCollector,
     build_registry,
     families,
+    live_registry,
     standby_registry,
 )
 from .server import MetricsServer, WSGIServer, parse_address, serve, shutdown
@@ -89,7 +93,7 @@ __all__ = [
     "ERASURE_OUTCOMES", "FAILURE_REASONS", "ORPHANS_FILE", "PROMISED_SPAN", "REGION_LABELS",
     "SOURCE_LABELS", "STANDBY_STATES", "TENANT_STATES",
     "AnchorRun", "AuditCopy", "AuditRun", "AuditView", "CopyVerified", "DrillRecordLike",
-    "DrillView",
+    "DrillView", "Exposition",
     "InventoryRun", "KeysRun",
     "ListedSnapshot", "MetricsServer", "MetricsState", "OrphanSeen", "OrphanView", "PruneRun",
     "RecipientSeen", "RepairDone", "ReplicateRun", "SnapshotAttempt", "SourceInfo",
@@ -98,6 +102,8 @@ __all__ = [
     "UnmanagedSeen",
     "VerifyRun", "WSGIServer", "__version__",
     "audit_views", "build_registry", "drill_views", "failure_reason", "families",
-    "load_orphans", "orphan_views", "orphans_path", "parse_address", "retention_span_target",
+    "live_registry", "load_orphans", "orphan_views", "orphans_path", "parse_address",
+    "retention_span_target",
     "save_orphans", "schedule_view", "serve", "shutdown", "source_view", "standby_registry",
+    "wsgi_app",
 ]

@@ -45,6 +45,35 @@ from .views import (
 )
 
 
+class StateLock:
+    """The re-entrant lock of a MetricsState that counts its changes.
+
+    Every block held under it (``with st.lock:``, what every mutation does) may have
+    changed the state, so leaving it adds one to `changes`; a scrape reads under
+    :meth:`reading`, which counts nothing, and reuses what it rendered while
+    `changes` stays the same (exposition.py). A new kind of observation needs
+    nothing more than the lock it takes anyway.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.changes = 0
+
+    def __enter__(self) -> StateLock:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.changes += 1
+        self._lock.release()
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the lock to read; not counted as a change."""
+        with self._lock:
+            yield
+
+
 @dataclass
 class MetricsState:
     """Everything a scrape renders. Mutated only under `lock`, by the daemon."""
@@ -86,7 +115,7 @@ class MetricsState:
     standbys: dict[str, StandbySeen] = field(default_factory=dict)  # by standby name
     proof_max_age: float = 90 * 86400.0  # [keys] proof_max_age
     keys: KeysRun | None = None  # None until the first keys check
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    lock: StateLock = field(default_factory=StateLock, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, cfg: Config, now: datetime | None = None) -> MetricsState:
