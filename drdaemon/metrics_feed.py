@@ -168,8 +168,8 @@ def listed_snapshot(m: Manifest, regions: Sequence[str]) -> ListedSnapshot:
                           m.plaintext_size, m.compressed_size, m.size)
 
 
-def refresh(rt: Runtime, st: MetricsState, source: str | None = None) -> None:
-    """Read storage, the state folder and drill records into `st`.
+def refresh(rt: Runtime, st: MetricsState, source: str | None = None) -> catalog.Listing:
+    """Read storage, the state folder and drill records into `st`; return the listing.
 
     With `source`, only that source is re-read (after its snapshot): one
     listing of one prefix per region rather than of every source. Manifests
@@ -204,6 +204,7 @@ def refresh(rt: Runtime, st: MetricsState, source: str | None = None) -> None:
                                      tiers, etas))
     if source is None:
         _tenants(rt, st)
+    return listing
 
 
 def tenant_lifecycle(s: lifecycle.TenantState) -> TenantLifecycle:
