@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import zoneinfo
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -126,7 +127,14 @@ def source_statuses(rt: Runtime, names: Sequence[str] | None = None
                     ) -> tuple[list[SourceStatus], dict[str, str]]:
     """Every configured source's status (or those `names`), and the regions that could
     not be listed."""
-    listing = catalog.list_snapshots(rt, names[0] if names and len(names) == 1 else None)
+    picked = rt.config.pick_sources(names)
+    with ThreadPoolExecutor(1, thread_name_prefix="status-list") as pool:
+        # The recorded outcomes are read while the regions answer the listing.
+        listed = pool.submit(catalog.list_snapshots, rt,
+                             names[0] if names and len(names) == 1 else None)
+        outcomes = {src.name: state.read_outcome(rt.config.daemon.state_dir, src.name)
+                    for src in picked}
+        listing = listed.result()
     now = rt.clock()
     snaps: dict[str, list[tuple[Manifest, list[str]]]] = {}
     bad: dict[str, list[tuple[str, str]]] = {}
@@ -135,9 +143,6 @@ def source_statuses(rt: Runtime, names: Sequence[str] | None = None
             snaps.setdefault(e.source, []).append((e.manifest, e.regions))
         else:
             bad.setdefault(e.source, []).append((e.id, e.why_unreadable()))
-    result = []
-    for src in rt.config.pick_sources(names):
-        outcome = state.read_outcome(rt.config.daemon.state_dir, src.name)
-        result.append(evaluate(rt.config, src, snaps.get(src.name, []), outcome, now,
-                               bad.get(src.name, [])))
+    result = [evaluate(rt.config, src, snaps.get(src.name, []), outcomes[src.name], now,
+                       bad.get(src.name, [])) for src in picked]
     return result, listing.region_errors
