@@ -335,8 +335,11 @@ class Daemon:
         try:
             listing = metrics_feed.refresh(self.rt, self.metrics, source)
             self.metrics.set_schedule((j.id, j.next_run_time) for j in self.scheduler.get_jobs())
-            if self.exposition is not None:
-                self.exposition.prime()  # rendered here once, not by the next scrape
+            if source is None and self.exposition is not None:
+                # Rendered here once, not by the next scrape; after a snapshot's own
+                # refresh the next scrape renders (one render per scrape at most, not
+                # one per snapshot on a busy night).
+                self.exposition.prime()
             return listing
         except Exception:  # stale metrics are better than a dead job thread
             log.exception("cannot refresh metrics", extra={"job": "metrics"})
