@@ -402,6 +402,7 @@ def hold(args: argparse.Namespace, results: dict[str, Any], counting: Counting,
         req = json.loads(go.read_text() or "{}")
         go.unlink()
         n += 1
+        load_start = os.getloadavg()  # this round's, not the run's
         rows = [listing_round(ms, counting, drctl, env, work / "state", config, port, work,
                               Path(req["profile"]) if req.get("profile") else None)
                 for ms in req.get("latencies", [0, args.latency_ms])]
