@@ -6,7 +6,8 @@ nothing here lists a bucket when Prometheus asks. The daemon keeps a
 after each job one built from the job's report, after each snapshot a listing
 of that one source, after each maintenance job and every few minutes a listing
 of everything (drdaemon/metrics_feed.py builds them); a scrape only renders the
-cache (:func:`families`).
+cache (:func:`families`), and only what changed since it was last rendered
+(exposition.py: the state's part is kept in memory until an observation changes it).
 
 The package imports no service (backup, prune, catalog, status, ...): jobs
 depend on the metrics, never the other way round (tests/test_metrics_imports.py).

@@ -1,7 +1,8 @@
 """Rendering: the metric families of a MetricsState, and the collector a scrape calls.
 
 A scrape must stay fast with a thousand sources however slow a bucket is, so
-nothing here lists a bucket when Prometheus asks: it renders the cached state.
+nothing here lists a bucket when Prometheus asks: it renders the cached state
+(the daemon keeps that rendering until the state changes: exposition.py).
 """
 
 from __future__ import annotations

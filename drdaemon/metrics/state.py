@@ -1,7 +1,8 @@
 """The metrics state: everything a scrape renders, kept up to date from observations.
 
 The daemon holds one :class:`MetricsState`; jobs hand it observations
-(observations.py) and a scrape renders it under its lock (render.py).
+(observations.py) under its lock, which counts those changes (:class:`StateLock`), and a
+scrape renders it when it changed (render.py, exposition.py).
 """
 
 from __future__ import annotations
