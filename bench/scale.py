@@ -254,6 +254,11 @@ def daemon_start(config: Path, env: dict[str, str], port: int, log: Path,
 def listing_round(latency: float, counting: Counting, drctl: list[str], env: dict[str, str],
                   state: Path, config: Path, port: int, work: Path,
                   profile: Path | None) -> dict[str, Any]:
+    # As an install leaves it: drdaemon's bytecode compiled (where PYTHONDONTWRITEBYTECODE
+    # is set, every command would otherwise compile its ~230 modules, ~0.4 s).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(run.ROOT / "drdaemon")],
+                   check=True, env={k: v for k, v in env.items()
+                                    if k != "PYTHONDONTWRITEBYTECODE"})
     counting.latency(latency)
     row: dict[str, Any] = {"latency": latency}
     for label in ("cold", "warm"):
@@ -279,6 +284,12 @@ def listing_round(latency: float, counting: Counting, drctl: list[str], env: dic
     print(f"  {latency:.0f} ms: daemon serving after {row['serving']:.2f}s, complete after "
           f"{row['complete']:.2f}s, scrape {row['scrape'] * 1000:.0f} ms, "
           f"{fmt_counts(row['start_req'])}", flush=True)
+    # A restart: the state folder's manifest cache is as the first daemon left it.
+    counting.reset()
+    again = daemon_start(config, env, port, work / "daemon.log", timeout=600)
+    row["restart"], row["restart_req"] = again["complete"], counting.counts()
+    print(f"  {latency:.0f} ms: daemon restart complete after {row['restart']:.2f}s, "
+          f"{fmt_counts(row['restart_req'])}", flush=True)
     _, out = wall([str(VENV_BIN / "python"), "-c", REFRESH, str(config),
                    *(p.url for p in counting.proxies)], env)
     (row["refresh_cold"], row["refresh_cold_req"]), (row["refresh_warm"],
@@ -308,6 +319,11 @@ def main() -> None:
     ap.add_argument("--worker-concurrency", type=int, default=2,
                     help="[cluster] max_concurrent_snapshots of each worker")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--hold", type=Path, default=None,
+                    help="after S, keep the servers and repeat L on request: each file "
+                    "HOLD/go (JSON: latencies, note, append) runs L rounds with the current "
+                    "code and writes HOLD/result-N.md (appended to the results file too if "
+                    "append is true); HOLD/quit ends")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--note", default="")
     args = ap.parse_args()
@@ -372,6 +388,9 @@ def _bench(args: argparse.Namespace, skip: set[str], work: Path, pg: run.Pg,
         if args.workers:
             results["W"] = cluster_round(args, work, pg, moto, proxies, counting, env,
                                          {n.replace("_", "-"): pg.dsn(n) for n in names})
+        if args.hold is not None:
+            hold(args, results, counting, drctl, env, work, config, port, t0, load_start)
+            return
         if "L" not in skip:
             results["L"] = [listing_round(ms, counting, drctl, env, work / "state", config,
                                           port, work, args.profile)
@@ -441,6 +460,33 @@ def cluster_round(args: argparse.Namespace, work: Path, pg: run.Pg,
             "concurrency": args.worker_concurrency}
 
 
+def hold(args: argparse.Namespace, results: dict[str, Any], counting: Counting,
+         drctl: list[str], env: dict[str, str], work: Path, config: Path, port: int,
+         t0: float, load_start: tuple[float, ...]) -> None:
+    """Part L again and again on the same snapshots (S is the slow part; the commands run
+    from this venv, so each round measures the code as it is then)."""
+    args.hold.mkdir(parents=True, exist_ok=True)
+    (args.hold / "ready").write_text(str(work))
+    n = 0
+    while not (args.hold / "quit").exists():
+        go = args.hold / "go"
+        if not go.exists():
+            time.sleep(1)
+            continue
+        req = json.loads(go.read_text() or "{}")
+        go.unlink()
+        n += 1
+        load_start = os.getloadavg()  # this round's, not the run's
+        rows = [listing_round(ms, counting, drctl, env, work / "state", config, port, work,
+                              Path(req["profile"]) if req.get("profile") else None)
+                for ms in req.get("latencies", [0, args.latency_ms])]
+        counting.latency(0)
+        args.note = req.get("note", "")
+        text = report(args, {"S": results["S"], "L": rows}, t0, load_start,
+                      append=bool(req.get("append")), tables={"L"})
+        (args.hold / f"result-{n}.md").write_text(text)
+
+
 def hand_rounds(args: argparse.Namespace, work: Path, pg: run.Pg,
                 moto: list[run.MotoServerProcess], env: dict[str, str]) -> dict[str, Any]:
     t = time.monotonic()
@@ -477,7 +523,10 @@ def hand_rounds(args: argparse.Namespace, work: Path, pg: run.Pg,
 
 
 def report(args: argparse.Namespace, r: dict[str, Any], t0: float,
-           load_start: tuple[float, ...]) -> None:
+           load_start: tuple[float, ...], append: bool = True,
+           tables: set[str] | None = None) -> str:
+    """The Markdown of `r` (parts in `tables`, all by default), appended to the results file
+    if `append`."""
     lines = [f"## Scale: {args.sources} sources, {args.latency_ms:g} ms — "
              f"{datetime.now():%Y-%m-%d %H:%M}", "", "Produced by `bench/scale.py`.", ""]
     if args.note:
@@ -486,7 +535,7 @@ def report(args: argparse.Namespace, r: dict[str, Any], t0: float,
     lines += [f"| {k} | {v} |" for k, v in run.machine().items()]
     lines += [f"| load (1-min avg) | {load_start[0]:.2f} at start, "
               f"{os.getloadavg()[0]:.2f} at end |", ""]
-    if "S" in r:
+    if "S" in r and (tables is None or "S" in tables):
         s = r["S"]
         n, total = s["n"], sum(s["req"].values())
         lines += [f"One day's snapshots of {n} small databases (stored {s['bytes'] / 1024:.1f} "
@@ -522,8 +571,8 @@ def report(args: argparse.Namespace, r: dict[str, Any], t0: float,
         lines += [f"Listing {r['S']['n']} sources (one snapshot each, two regions: "
                   f"{2 * r['S']['n']} manifests and {2 * r['S']['n']} data objects):", "",
                   "| added latency | status cold | status warm | daemon start to complete "
-                  "| scrape | refresh, new process | refresh again |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| restart to complete | scrape | refresh, new process | refresh again |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in r["L"]:
             def req(key: str, row: dict[str, Any] = row) -> str:
                 v = row[key]
@@ -532,12 +581,14 @@ def report(args: argparse.Namespace, r: dict[str, Any], t0: float,
                 f"| {row['latency']:g} ms | {row['status_cold']:.2f} s ({req('status_cold_req')} "
                 f"req) | {row['status_warm']:.2f} s ({req('status_warm_req')} req) | "
                 f"{row['complete']:.2f} s ({req('start_req')} req) | "
+                f"{row['restart']:.2f} s ({req('restart_req')} req) | "
                 f"{row['scrape'] * 1000:.0f} ms ({row['scrape_bytes'] / 1024:.0f} KiB) | "
                 f"{row['refresh_cold']:.2f} s ({req('refresh_cold_req')} req) | "
                 f"{row['refresh_warm']:.2f} s ({req('refresh_warm_req')} req) |")
         lines += ["", "Cold: the state folder's manifest cache emptied first (the daemon "
-                  "starts cold too). The refreshes run after the daemon, in a process of "
-                  "their own: the disk cache is full, the process's memory is not.", "",
+                  "starts cold too; a restart finds the cache its predecessor left). The "
+                  "refreshes run after the daemon, in a process of their own: the disk "
+                  "cache is full, the process's memory is not.", "",
                   "Targets: status < 2 s, scrape < 200 ms, start to complete < 10 s, "
                   "about one request per thousand objects per refresh.", "",
                   "Requests by kind: " + "; ".join(
@@ -559,7 +610,9 @@ def report(args: argparse.Namespace, r: dict[str, Any], t0: float,
     lines += [f"Whole run: {(time.monotonic() - t0) / 60:.1f} min.", "", ""]
     text = "\n".join(lines)
     print(text)
-    run.append_results(text, args.out)
+    if append:
+        run.append_results(text, args.out)
+    return text
 
 
 if __name__ == "__main__":

@@ -89,16 +89,15 @@ class DiskCache:
             return {}
         return {wanted[e][0]: data for e, data in found.items() if len(data) == wanted[e][1]}
 
-    def put(self, name: str, size: int, version: str, raw: bytes) -> None:
-        """Keep `raw` (authenticated by the caller) for this listed object; best effort."""
-        if len(raw) != size or not version:
-            return
+    def put_many(self, fetched: Iterable[tuple[str, int, str, bytes]]) -> None:
+        """`put` of each (name, listed size, version, raw), through one descriptor of the
+        cache folder (a cold start writes a thousand entries); best effort."""
+        files = {self.entry(name, size, version): raw for name, size, version, raw in fetched
+                 if len(raw) == size and version}
         try:
             # Not fsynced: an entry a crash cut short fails authentication when read
             # and is fetched from the region again.
-            statefs.write_atomic(self.state_dir,
-                                 f"{self.folder}/{self.entry(name, size, version)}", raw,
-                                 durable=False)
+            statefs.write_many(self.state_dir, self.folder, files)
         except (OSError, statefs.UnsafeState) as exc:
             log.debug("manifest cache %s not written: %s", self.folder, exc)
 

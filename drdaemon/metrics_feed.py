@@ -181,8 +181,8 @@ def listed_snapshot(m: Manifest, regions: Sequence[str]) -> ListedSnapshot:
                           m.plaintext_size, m.compressed_size, m.size)
 
 
-def refresh(rt: Runtime, st: MetricsState, source: str | None = None) -> None:
-    """Read storage, the state folder and drill records into `st`.
+def refresh(rt: Runtime, st: MetricsState, source: str | None = None) -> catalog.Listing:
+    """Read storage, the state folder and drill records into `st`; return the listing.
 
     With `source`, only that source is re-read (after its snapshot): one
     listing of one prefix per region rather than of every source. Manifests
@@ -197,11 +197,13 @@ def refresh(rt: Runtime, st: MetricsState, source: str | None = None) -> None:
         if e.source in by_source:
             by_source[e.source].append(e)
     sources = []
+    configured = {s.name: s for s in rt.config.sources}
     for name in names:
         snaps = [(e.manifest, e.regions) for e in by_source[name] if e.manifest is not None]
         outcome = state.read_outcome(rt.config.daemon.state_dir, name)
         # The same judgement as `drctl status`: which snapshot is newest, where it is.
-        judged = status.evaluate(rt.config, rt.config.source(name), snaps, outcome, now)
+        src = configured.get(name) or rt.config.source(name)  # ConfigError if unknown
+        judged = status.evaluate(rt.config, src, snaps, outcome, now)
         sources.append(SourceListing(
             name, tuple(listed_snapshot(m, regions) for m, regions in snaps),
             tuple(r for e in by_source[name] for r in e.problems),
@@ -215,6 +217,7 @@ def refresh(rt: Runtime, st: MetricsState, source: str | None = None) -> None:
                                      tiers, etas))
     if source is None:
         _tenants(rt, st)
+    return listing
 
 
 def tenant_lifecycle(s: lifecycle.TenantState) -> TenantLifecycle:

@@ -61,13 +61,16 @@ ERASURE_SCHEDULE = "15 0 * * *"
 ERASURE_DONE, ERASURE_FAILED = "done", "failed"
 
 
-def newest_consistency(rt: Runtime) -> dict[str, datetime]:
+def newest_consistency(rt: Runtime, listing: catalog.Listing | None = None
+                       ) -> dict[str, datetime]:
     """Consistency time of each source's newest committed snapshot (any region).
 
     Lists every region, but reads only manifests the daemon has not
-    authenticated before (the metrics refresh shares the cache).
+    authenticated before (the metrics refresh shares the cache); or takes
+    `listing`, one of everything made just now (the start's refresh).
     """
-    listing = catalog.list_snapshots(rt, cache=rt.manifest_cache)
+    if listing is None:
+        listing = catalog.list_snapshots(rt, cache=rt.manifest_cache)
     return {source: e.manifest.consistency_time
             for source, e in catalog.newest_by_source(listing.snapshots).items()
             if e.manifest is not None}
@@ -80,10 +83,12 @@ def overdue(sources: list[SourceConfig], newest: dict[str, datetime],
             if s.name not in newest or slo.over(slo.rpo_at(newest[s.name], now), rpo(s))]
 
 
-def due_sources(rt: Runtime, now: datetime) -> list[SourceConfig]:
-    """Scheduled sources (their tenant not offboarded) outside their tier's RPO now."""
+def due_sources(rt: Runtime, now: datetime, listing: catalog.Listing | None = None
+                ) -> list[SourceConfig]:
+    """Scheduled sources (their tenant not offboarded) outside their tier's RPO now
+    (from `listing` if given, see newest_consistency)."""
     sources = lifecycle.scheduled(rt.config.sources, lifecycle.states_by_tenant(rt))
-    return overdue(sources, newest_consistency(rt),
+    return overdue(sources, newest_consistency(rt, listing),
                    lambda s: rt.config.tiers[s.tier].rpo, now)
 
 
@@ -158,6 +163,7 @@ class Daemon:
         self.standbys: dict[str, standby.StandbyStatus] = {}  # as last polled
         metrics.load_orphans(cfg.state_dir, self.metrics)
         self._metrics_server: metrics.WSGIServer | None = None
+        self.exposition: metrics.Exposition | None = None  # what /metrics serves, once served
         # Set once the start's first look at storage (refresh, catch-up, retries) is done.
         self.first_look_done = threading.Event()
         # When this daemon took the cluster lock ([daemon] lock_dsn), if it has one.
@@ -290,10 +296,11 @@ class Daemon:
                                id=job_id, replace_existing=True, executor="snapshots",
                                name=f"snapshot {source.name} (one-off)")
 
-    def catch_up(self) -> list[str]:
-        """Snapshot at once every source outside its RPO (at start and by the watchdog)."""
+    def catch_up(self, listing: catalog.Listing | None = None) -> list[str]:
+        """Snapshot at once every source outside its RPO (at start and by the watchdog);
+        `listing`: the start's, made by its first refresh just before."""
         try:
-            due = due_sources(self.rt, self.rt.clock())
+            due = due_sources(self.rt, self.rt.clock(), listing)
         except DrError as exc:
             log.warning("cannot tell which sources are overdue, snapshotting all: %s", exc)
             due = list(self.rt.config.sources)
@@ -337,20 +344,34 @@ class Daemon:
         except OSError as exc:
             log.warning("orphan gauges not saved: %s", exc, extra={"job": "prune"})
 
-    def refresh_metrics(self, source: str | None = None) -> None:
-        """Re-read storage (one source, or all) into the cache scrapes render; never raises."""
+    def refresh_metrics(self, source: str | None = None) -> catalog.Listing | None:
+        """Re-read storage (one source, or all) into the cache scrapes render, and return
+        the listing it made (None if it failed); never raises."""
         try:
-            metrics_feed.refresh(self.rt, self.metrics, source)
+            listing = metrics_feed.refresh(self.rt, self.metrics, source)
             self.metrics.set_schedule((j.id, j.next_run_time) for j in self.scheduler.get_jobs())
+            if source is None and self.exposition is not None:
+                # Rendered here once, not by the next scrape; after a snapshot's own
+                # refresh the next scrape renders (one render per scrape at most, not
+                # one per snapshot on a busy night).
+                self.exposition.prime()
+            return listing
         except Exception:  # stale metrics are better than a dead job thread
             log.exception("cannot refresh metrics", extra={"job": "metrics"})
+            return None
 
     def _serve_metrics(self, standby: bool = False) -> None:
         address = self.rt.config.daemon.metrics_address
-        registry = (metrics.standby_registry() if standby
-                    else metrics.build_registry(self.metrics, self.rt.clock))
+        if standby:
+            served: Any = metrics.standby_registry()
+        else:
+            # The state rendered once per change of it, not once per scrape.
+            self.exposition = metrics.Exposition(self.metrics, self.rt.clock,
+                                                 metrics.live_registry())
+            served = metrics.wsgi_app(self.exposition,
+                                      metrics.build_registry(self.metrics, self.rt.clock))
         try:
-            self._metrics_server = metrics.serve(address, registry)
+            self._metrics_server = metrics.serve(address, served)
         except OSError as exc:
             # Backups matter more than their metrics: carry on, loudly; the
             # DrdaemonDown/DrdaemonAbsent alerts tell on-call nobody can scrape us.
@@ -469,10 +490,10 @@ class Daemon:
     def first_look(self) -> None:
         """The start's one read of storage: the metrics, then the catch-up from them, then
         the retries of attempts a previous daemon left unfinished (catch-up first: a
-        source overdue now is snapshotted at once, not after a backoff)."""
+        source overdue now is snapshotted at once, not after a backoff). The catch-up
+        judges from the refresh's own listing: storage is listed once."""
         try:
-            self.refresh_metrics()
-            self.catch_up()
+            self.catch_up(self.refresh_metrics())
             self.resume_retries()
         finally:
             self.first_look_done.set()

@@ -23,7 +23,7 @@ import fcntl
 import os
 import secrets
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
 
@@ -330,6 +330,30 @@ def write_atomic(state_dir: Path, rel: str, data: bytes, *, durable: bool = True
             raise
         if durable:
             os.fsync(dfd)
+
+
+def write_many(state_dir: Path, rel: str, files: Mapping[str, bytes]) -> None:
+    """Replace each file `name` of the state folder `rel` with its bytes, as write_atomic
+    does but not durably (no fsync), through one descriptor of the folder: for caches
+    whose entries are checked on every read."""
+    if not files:
+        return
+    for name in files:
+        if len(_parts(name)) != 1:
+            raise ValueError(f"not a file name: {name!r}")
+    with folder(state_dir, rel) as dfd:
+        for name, data in files.items():
+            tmp = f".{name}.{secrets.token_hex(6)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                with suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=dfd)
+                raise
 
 
 def unlink(state_dir: Path, rel: str) -> None:

@@ -27,6 +27,7 @@ from drdaemon.cli.drctl import cli as drctl_cli
 from drdaemon.manifest_cache import DiskCache
 from drdaemon.metrics import MetricsState
 from drdaemon.runtime import Runtime, open_runtime
+from drdaemon.scheduler import Daemon
 
 T0 = datetime(2026, 11, 20, 2, tzinfo=UTC)
 SOURCES = ("files-a", "files-b")
@@ -217,3 +218,18 @@ def test_a_tampered_manifest_is_never_served_from_the_cache(world: World) -> Non
     assert again["regions"] == [eu] and again == shown
     assert w.stores[eu].count("get_bytes", old_name) == 1
     assert entry.read_bytes() == good  # put back from storage
+
+
+def test_the_start_lists_storage_once_for_the_metrics_and_the_catch_up(world: World) -> None:
+    # Issue 16: the daemon's first look (full refresh, then the catch-up judged from it)
+    # lists each region's sources once, not once for each.
+    w = world
+    daemon = Daemon(w.rt)
+    w.clock.now += timedelta(days=2)  # every source overdue: the catch-up has work
+    daemon.first_look()
+    for s in w.stores.values():
+        assert {k: n for k, n in s.calls.items() if k[0] == "list"
+                and k[1].startswith("sources/")} == {("list", "sources/"): 1}
+    assert daemon.metrics.refreshed_at is not None
+    assert sorted(j.id for j in daemon.scheduler.get_jobs()) == [
+        f"catchup:{s}" for s in SOURCES]

@@ -206,3 +206,23 @@ def test_read_many_reads_through_one_folder_and_refuses_a_planted_link(
     (state / "cache" / "manifests" / "eu" / "c.json").symlink_to(outside / "secret")
     with pytest.raises(statefs.UnsafeState, match="symbolic link"):
         statefs.read_many(state, "cache/manifests/eu", ["c.json"])
+
+
+def test_write_many_writes_through_one_folder_and_never_writes_outside(
+        setup: Setup, outside: Path) -> None:
+    state = setup.state
+    statefs.write_many(state, "cache/manifests/eu", {"a.json": b"A", "b.json": b"B"})
+    assert statefs.read_many(state, "cache/manifests/eu", ["a.json", "b.json"]) == {
+        "a.json": b"A", "b.json": b"B"}
+    # A planted link is replaced, never followed: its target stays as it was.
+    (state / "cache" / "manifests" / "eu" / "c.json").symlink_to(outside / "target")
+    statefs.write_many(state, "cache/manifests/eu", {"c.json": b"C"})
+    assert statefs.read_many(state, "cache/manifests/eu", ["c.json"]) == {"c.json": b"C"}
+    _untouched(outside)
+    for bad in ("../x.json", "sub/x.json"):
+        with pytest.raises(ValueError, match="not a"):
+            statefs.write_many(state, "cache/manifests/eu", {bad: b"X"})
+    (state / "cache" / "manifests" / "us").symlink_to(outside)
+    with pytest.raises(statefs.UnsafeState, match="symbolic link or not a folder"):
+        statefs.write_many(state, "cache/manifests/us", {"a.json": b"A"})
+    _untouched(outside)

@@ -6,7 +6,8 @@ nothing here lists a bucket when Prometheus asks. The daemon keeps a
 after each job one built from the job's report, after each snapshot a listing
 of that one source, after each maintenance job and every few minutes a listing
 of everything (drdaemon/metrics_feed.py builds them); a scrape only renders the
-cache (:func:`families`).
+cache (:func:`families`), and only what changed since it was last rendered
+(exposition.py: the state's part is kept in memory until an observation changes it).
 
 The package imports no service (backup, prune, catalog, status, ...): jobs
 depend on the metrics, never the other way round (tests/test_metrics_imports.py).
@@ -20,6 +21,8 @@ depend on the metrics, never the other way round (tests/test_metrics_imports.py)
 - state.py: :class:`MetricsState` and how each observation changes it;
 - render.py: :func:`families`, :class:`StateCollector`, :func:`build_registry`,
   :func:`standby_registry` (`drdaemon_active`);
+- exposition.py: :class:`Exposition`, what a scrape is served: the state rendered once
+  per change (:func:`wsgi_app`);
 - persist.py: the orphan gauges kept in the state folder across restarts;
 - server.py: the bounded /metrics HTTP server (:func:`serve`, :func:`shutdown`).
 
@@ -32,6 +35,7 @@ never a snapshot id. ``job_name`` rather than ``job`` because Prometheus owns ``
 from __future__ import annotations
 
 from .. import __version__
+from .exposition import Exposition, wsgi_app
 from .observations import (
     AnchorRun,
     AuditCopy,
@@ -63,6 +67,7 @@ from .render import (
     StateCollector,
     build_registry,
     families,
+    live_registry,
     standby_registry,
 )
 from .server import MetricsServer, WSGIServer, parse_address, serve, shutdown
@@ -91,7 +96,7 @@ __all__ = [
     "ERASURE_OUTCOMES", "FAILURE_REASONS", "ORPHANS_FILE", "PROMISED_SPAN", "REGION_LABELS",
     "SOURCE_LABELS", "STANDBY_STATES", "TENANT_STATES",
     "AnchorRun", "AuditCopy", "AuditRun", "AuditView", "CopyVerified", "DrillRecordLike",
-    "DrillView",
+    "DrillView", "Exposition",
     "InventoryRun", "KeysRun",
     "ListedSnapshot", "MetricsServer", "MetricsState", "OrphanSeen", "OrphanView", "PruneRun",
     "QueueKind", "QueueRead",
@@ -101,6 +106,8 @@ __all__ = [
     "UnmanagedSeen",
     "VerifyRun", "WSGIServer", "__version__",
     "audit_views", "build_registry", "drill_views", "failure_reason", "families",
-    "load_orphans", "orphan_views", "orphans_path", "parse_address", "retention_span_target",
+    "live_registry", "load_orphans", "orphan_views", "orphans_path", "parse_address",
+    "retention_span_target",
     "save_orphans", "schedule_view", "serve", "shutdown", "source_view", "standby_registry",
+    "wsgi_app",
 ]

@@ -1,7 +1,8 @@
 """Rendering: the metric families of a MetricsState, and the collector a scrape calls.
 
 A scrape must stay fast with a thousand sources however slow a bucket is, so
-nothing here lists a bucket when Prometheus asks: it renders the cached state.
+nothing here lists a bucket when Prometheus asks: it renders the cached state
+(the daemon keeps that rendering until the state changes: exposition.py).
 """
 
 from __future__ import annotations
@@ -33,13 +34,37 @@ def _gauge(name: str, doc: str, labels: Sequence[str] = (), unit: str = "",
 
 def families(st: MetricsState, now: datetime) -> list[Metric]:
     """Pure: render `st` as metric families; ages are taken at `now`."""
-    src, info = st.sources, list(st.sources.values())
-    out: list[Metric] = []
+    return [*state_families(st), *timed_families(st, now)]
+
+
+def _labeller(st: MetricsState) -> Callable[[str], list[str]]:
+    src = st.sources
 
     def lab(source: str) -> list[str]:
         i = src.get(source)
         return i.labels if i else [source, "", ""]
+    return lab
 
+
+def timed_families(st: MetricsState, now: datetime) -> list[Metric]:
+    """Pure: the families whose values depend on `now` (ages), rendered at every scrape."""
+    lab = _labeller(st)
+    oldest = _gauge("drdaemon_oldest_retained_snapshot_age_seconds",
+                    "Age of the oldest retained snapshot in the region (by consistency time).",
+                    REGION_LABELS)
+    t_now = now.timestamp()
+    for name, v in sorted(st.views.items()):
+        labels = lab(name)
+        for region, t in sorted(v.oldest.items()):
+            oldest.add_metric([*labels, region], max(0.0, t_now - t))
+    return [oldest]
+
+
+def state_families(st: MetricsState) -> list[Metric]:
+    """Pure: every family whose values depend on `st` alone (what a scrape may reuse
+    until `st` changes; see exposition.py)."""
+    info, lab = list(st.sources.values()), _labeller(st)
+    out: list[Metric] = []
     build = _gauge("drdaemon_build_info", "drdaemon's version (always 1).", ["version"])
     build.add_metric([st.version], 1)
     out.append(build)
@@ -71,7 +96,7 @@ def families(st: MetricsState, now: datetime) -> list[Metric]:
         span.add_metric(i.labels, i.retention_span)
     out += [target, span]
 
-    out += _storage_families(st, now, lab)
+    out += _storage_families(st, lab)
     out += _activity_families(st, lab)
     out += _orphan_families(st, lab)
     out += _drill_families(st, lab)
@@ -200,8 +225,7 @@ def _unmanaged_families(st: MetricsState) -> list[Metric]:
     return [size, newest, window]
 
 
-def _storage_families(st: MetricsState, now: datetime,
-                      lab: Callable[[str], list[str]]) -> list[Metric]:
+def _storage_families(st: MetricsState, lab: Callable[[str], list[str]]) -> list[Metric]:
     last = _gauge("drdaemon_last_snapshot_timestamp_seconds",
                   "Consistency time of the newest complete snapshot in the region.",
                   REGION_LABELS)
@@ -212,9 +236,6 @@ def _storage_families(st: MetricsState, now: datetime,
                      "Regions holding the source's newest snapshot.", SOURCE_LABELS)
     retained = _gauge("drdaemon_retained_snapshots",
                       "Complete snapshots retained in the region.", REGION_LABELS)
-    oldest = _gauge("drdaemon_oldest_retained_snapshot_age_seconds",
-                    "Age of the oldest retained snapshot in the region (by consistency time).",
-                    REGION_LABELS)
     duration = _gauge("drdaemon_last_snapshot_duration_seconds",
                       "Wall time of the newest snapshot, from its start to its manifest.",
                       SOURCE_LABELS)
@@ -228,7 +249,6 @@ def _storage_families(st: MetricsState, now: datetime,
     attempt = _gauge("drdaemon_snapshot_last_attempt_success",
                      "1 if the source's last snapshot attempt succeeded, 0 if it failed.",
                      SOURCE_LABELS)
-    t_now = now.timestamp()
     for name, v in sorted(st.views.items()):
         labels = lab(name)
         for region, t in sorted(v.newest.items()):
@@ -242,8 +262,6 @@ def _storage_families(st: MetricsState, now: datetime,
             retained.add_metric([*labels, region], n)
         for region, n in sorted(v.unreadable.items()):
             unreadable.add_metric([*labels, region], n)
-        for region, t in sorted(v.oldest.items()):
-            oldest.add_metric([*labels, region], max(0.0, t_now - t))
         if v.duration is not None:
             duration.add_metric(labels, v.duration)
         for k, value in (("plaintext", v.plaintext_bytes), ("compressed", v.compressed_bytes),
@@ -266,7 +284,7 @@ def _storage_families(st: MetricsState, now: datetime,
                       "1 once storage has been read in full since the daemon started; "
                       "0 while the first read is under way.")
     complete.add_metric([], float(st.refreshed_at is not None))
-    return [last, present, holding, retained, oldest, duration, *sizes.values(), attempt,
+    return [last, present, holding, retained, duration, *sizes.values(), attempt,
             reach, refreshed, complete, unreadable]
 
 
@@ -477,7 +495,7 @@ class StateCollector(Collector):
         self.clock = clock
 
     def collect(self) -> Iterable[Metric]:
-        with self.state.lock:
+        with self.state.lock.reading():
             return families(self.state, self.clock())
 
 
@@ -496,10 +514,18 @@ class RoleCollector(Collector):
 
 def build_registry(st: MetricsState, clock: Callable[[], datetime]) -> CollectorRegistry:
     """A registry with drdaemon's collector, `drdaemon_active` 1, and the process and
-    platform collectors."""
-    registry = CollectorRegistry(auto_describe=False)
+    platform collectors (rendered afresh at every collect; the daemon serves the same
+    through exposition.Exposition, which renders the state once per change)."""
+    registry = live_registry()
     registry.register(StateCollector(st, clock))
-    registry.register(RoleCollector(True))
+    return registry
+
+
+def live_registry(active: bool = True) -> CollectorRegistry:
+    """The collectors read at every scrape: `drdaemon_active`, the process and the
+    platform."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RoleCollector(active))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry
@@ -508,8 +534,4 @@ def build_registry(st: MetricsState, clock: Callable[[], datetime]) -> Collector
 def standby_registry() -> CollectorRegistry:
     """What a standby serves: `drdaemon_active` 0 and its process; no backup metrics,
     which are the active daemon's to report."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(RoleCollector(False))
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    return registry
+    return live_registry(active=False)

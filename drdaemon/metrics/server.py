@@ -240,11 +240,13 @@ def parse_address(address: str) -> tuple[str, int]:
 WSGIServer = MetricsServer
 
 
-def serve(address: str, registry: CollectorRegistry) -> MetricsServer:
-    """Serve /metrics on `address` with bounded threads and timeouts; stop with
-    :func:`shutdown`."""
+def serve(address: str, registry: CollectorRegistry | Callable[..., Any]) -> MetricsServer:
+    """Serve /metrics on `address` with bounded threads and timeouts, from a registry or
+    a WSGI app (exposition.wsgi_app); stop with :func:`shutdown`."""
     host, port = parse_address(address)
-    return serve_registry(host, port, registry)
+    if isinstance(registry, CollectorRegistry):
+        return serve_registry(host, port, registry)
+    return MetricsServer(host, port, registry)
 
 
 def shutdown(server: MetricsServer) -> None:

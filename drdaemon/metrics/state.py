@@ -1,7 +1,8 @@
 """The metrics state: everything a scrape renders, kept up to date from observations.
 
 The daemon holds one :class:`MetricsState`; jobs hand it observations
-(observations.py) and a scrape renders it under its lock (render.py).
+(observations.py) under its lock, which counts those changes (:class:`StateLock`), and a
+scrape renders it when it changed (render.py, exposition.py).
 """
 
 from __future__ import annotations
@@ -46,6 +47,35 @@ from .views import (
 )
 
 
+class StateLock:
+    """The re-entrant lock of a MetricsState that counts its changes.
+
+    Every block held under it (``with st.lock:``, what every mutation does) may have
+    changed the state, so leaving it adds one to `changes`; a scrape reads under
+    :meth:`reading`, which counts nothing, and reuses what it rendered while
+    `changes` stays the same (exposition.py). A new kind of observation needs
+    nothing more than the lock it takes anyway.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.changes = 0
+
+    def __enter__(self) -> StateLock:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.changes += 1
+        self._lock.release()
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the lock to read; not counted as a change."""
+        with self._lock:
+            yield
+
+
 @dataclass
 class MetricsState:
     """Everything a scrape renders. Mutated only under `lock`, by the daemon."""
@@ -88,7 +118,7 @@ class MetricsState:
     proof_max_age: float = 90 * 86400.0  # [keys] proof_max_age
     keys: KeysRun | None = None  # None until the first keys check
     queue: QueueRead | None = None  # [cluster]: the job queue as last read; None: no queue
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    lock: StateLock = field(default_factory=StateLock, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, cfg: Config, now: datetime | None = None) -> MetricsState:
