@@ -119,3 +119,22 @@ def test_the_daemons_endpoint_serves_the_exposition(free_port: Callable[[], int]
             assert r.status == 200
     finally:
         metrics.shutdown(server)
+
+
+def test_a_queue_read_is_served_at_once_without_rendering_everything_again() -> None:
+    """The scheduler reads the cluster's queue every heartbeat: its series are taken at
+    each scrape, and a read does not throw away the render of the rest."""
+    st, clock = sample_state(), Clock()
+    ex = exposition(st, clock)
+    ex.body(None)
+    for waiting in (3, 7):
+        st.record_queue(metrics.QueueRead((metrics.QueueKind("snapshot", waiting, 0, 1, 0,
+                                                             12.0),),
+                                          workers=3, capacity=2, max_wait=3600.0,
+                                          read_at=NOW.timestamp()))
+        got = samples(ex.body(None)[0].decode())
+        key = ("drdaemon_queue_jobs", (("kind", "snapshot"), ("state", "waiting")))
+        assert got[key] == waiting
+    assert ex.renders == 1
+    clock.now = NOW + timedelta(seconds=9)
+    assert samples(ex.body(None)[0].decode())[("drdaemon_queue_read_age_seconds", ())] == 9

@@ -57,7 +57,9 @@ def timed_families(st: MetricsState, now: datetime) -> list[Metric]:
         labels = lab(name)
         for region, t in sorted(v.oldest.items()):
             oldest.add_metric([*labels, region], max(0.0, t_now - t))
-    return [oldest]
+    # The queue is read every heartbeat: its few series are rendered at each scrape
+    # rather than making every read throw away the render of everything else.
+    return [oldest, *_queue_families(st, t_now)]
 
 
 def state_families(st: MetricsState) -> list[Metric]:
@@ -105,14 +107,13 @@ def state_families(st: MetricsState) -> list[Metric]:
     out += _unmanaged_families(st)
     out += _standby_families(st)
     out += _key_families(st)
-    out += _queue_families(st, now)
     return out
 
 
 QUEUE_STATES = ("waiting", "scheduled", "running", "failed")
 
 
-def _queue_families(st: MetricsState, now: datetime) -> list[Metric]:
+def _queue_families(st: MetricsState, t_now: float) -> list[Metric]:
     """The cluster's job queue as the scheduler last read it (absent without [cluster])."""
     q = st.queue
     if q is None:
@@ -133,7 +134,7 @@ def _queue_families(st: MetricsState, now: datetime) -> list[Metric]:
     bound = _gauge("drdaemon_queue_max_wait_seconds", "How long a job may wait before "
                    "DrdaemonQueueBacklog fires ([cluster] max_queue_wait).", value=q.max_wait)
     read = _gauge("drdaemon_queue_read_age_seconds", "Seconds since the scheduler last "
-                  "read the queue.", value=max(now.timestamp() - q.read_at, 0.0))
+                  "read the queue.", value=max(t_now - q.read_at, 0.0))
     return [jobs, oldest, workers, capacity, bound, read]
 
 

@@ -252,7 +252,9 @@ class MetricsState:
 
     def record_queue(self, read: QueueRead) -> None:
         """Keep what the scheduler last read of the cluster's job queue."""
-        with self.lock:
+        # Not a change of the cached render: the queue's series are rendered at every
+        # scrape (render.timed_families), and it is read every heartbeat.
+        with self.lock.reading():
             self.queue = read
 
     def record_erasure(self, tenant: str, outcome: str) -> None:
