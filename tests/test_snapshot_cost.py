@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from conftest import S3Region
 from counting_store import count_calls, reset
-from support import directory_source, drctl, local_region, make_setup
+from support import Setup, directory_source, drctl, local_region, make_setup
 
 from drdaemon import audit_mirror, key_rotation, statefs, tenant_keys
 from drdaemon.backup import snapshot
@@ -274,13 +274,11 @@ def test_a_key_erased_by_another_host_is_never_used_from_memory(
     assert not after.ok and after.error is not None and "was erased" in after.error, after
 
 
-def test_a_key_copy_left_in_a_hosts_own_folder_is_removed_after_an_erasure_not_repaired(
-        tmp_path: Path, pg_server, caplog: pytest.LogCaptureFixture) -> None:
-    """Host A made uni-a's key before it moved to `lock_dsn`: its state folder's copy is
-    imported into the cluster state (one keyring for the cluster) and stays on A's disk.
-    Host B erases the tenant; A's next snapshot removes its own old copy (a warning, an
-    audit record) and is refused, and no region gets the key back."""
-    dsn = f'lock_dsn = "{pg_server.dsn()}"\nlock_name = "own-copy"\n'
+def _moved_to_a_cluster(tmp_path: Path, pg_server: Any,
+                        name: str) -> tuple[Setup, Runtime, Path, list[str]]:
+    """A host that made uni-a's key alone, then moved to `lock_dsn` (cluster `name`): its
+    setup, runtime, own keyring folder and the names in it."""
+    dsn = f'lock_dsn = "{pg_server.dsn()}"\nlock_name = "{name}"\n'
     setup = make_setup(tmp_path, [local_region("eu", tmp_path / "eu", "europe"),
                                   local_region("us", tmp_path / "us", "north-america")],
                        [directory_source("files", _tree(tmp_path, 2))], daemon=dsn)
@@ -289,9 +287,31 @@ def test_a_key_copy_left_in_a_hosts_own_folder_is_removed_after_an_erasure_not_r
     assert snapshot(open_runtime(load_config(alone)), load_config(alone).sources[0]).ok
     own = setup.state / "tenants" / "uni-a" / "keys"
     kept = sorted(p.name for p in own.iterdir())
-    assert kept, "the key was made in A's state folder"
-    rt = open_runtime(load_config(setup.config))  # A moves to the cluster state
+    assert kept, "the key was made in the host's state folder"
+    rt = open_runtime(load_config(setup.config))
     assert sorted(rt.state.children("tenants/uni-a/keys")) == kept, "imported"
+    return setup, rt, own, kept
+
+
+def test_an_erasure_on_a_moved_host_destroys_the_cluster_copy_and_its_own_old_one(
+        tmp_path: Path, pg_server) -> None:
+    """`drctl tenant erase` on a host that moved to `lock_dsn` destroys the cluster's copy
+    and the one its own folder kept from before the move; the certificate lists them."""
+    setup, rt, own, kept = _moved_to_a_cluster(tmp_path, pg_server, "own-erase")
+    cert = setup.drctl_json("tenant", "erase", "uni-a")
+    assert cert["ok"], cert
+    assert rt.state.children("tenants/uni-a/keys") == [] and not list(own.iterdir())
+    assert {c["name"] for c in cert["key_copies"] if c["where"] == "state folder"} \
+        == {f"tenants/uni-a/keys/{n}" for n in kept}
+
+
+def test_a_key_copy_left_in_a_hosts_own_folder_is_removed_after_an_erasure_not_repaired(
+        tmp_path: Path, pg_server, caplog: pytest.LogCaptureFixture) -> None:
+    """Host A made uni-a's key before it moved to `lock_dsn`: its state folder's copy is
+    imported into the cluster state (one keyring for the cluster) and stays on A's disk.
+    Host B erases the tenant; A's next snapshot removes its own old copy (a warning, an
+    audit record) and is refused, and no region gets the key back."""
+    setup, rt, own, kept = _moved_to_a_cluster(tmp_path, pg_server, "own-copy")
     other = tmp_path / "host-b.toml"
     other.write_text(setup.config.read_text().replace(
         f'state_dir = "{setup.state}"', f'state_dir = "{tmp_path / "state-b"}"'))
