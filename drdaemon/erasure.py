@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from . import layout, lifecycle, locks, statefs, tenancy
+from . import layout, lifecycle, locks, shared_state, statefs, tenancy
 from .config import NAME_HINT, NAME_RE
 from .erasure_cert import (
     STATE_FOLDER,
@@ -116,7 +116,8 @@ def _delete(rt: Runtime, run: Run, step: str, obj: StoredObject,
         _append(rt, run.tenant, {"step": step, "delete": obj.to_dict()})
     try:
         if store is None:
-            statefs.unlink(rt.config.daemon.state_dir, obj.name)
+            for place in shared_state.with_own_folder(rt.config.daemon.state_dir):
+                place.delete(obj.name)
         else:
             store.delete_version(obj.name, obj.version_id)
     except (DrError, OSError) as exc:
@@ -151,8 +152,11 @@ def _describe_key(key_id: str, raw: bytes | None) -> DestroyedKey:
 
 def _state_key_copies(rt: Runtime, tenant: str) -> list[StoredObject]:
     folder = statefs.tenant_keys_folder(tenant)
-    names = statefs.list_names(rt.config.daemon.state_dir, folder)
-    return [StoredObject(STATE_FOLDER, f"{folder}/{n}") for n in names if not n.startswith(".")]
+    # The cluster's copy (lock_dsn) and any this host kept from before it moved there.
+    places = shared_state.with_own_folder(rt.config.daemon.state_dir)
+    names = {n for place in places for n in place.children(folder)}
+    return [StoredObject(STATE_FOLDER, f"{folder}/{n}") for n in sorted(names)
+            if not n.startswith(".")]
 
 
 def _region_key_copies(rt: Runtime, tenant: str,
@@ -167,10 +171,12 @@ def _region_key_copies(rt: Runtime, tenant: str,
 def _read_record(rt: Runtime, tenant: str, key_id: str,
                  regional: list[tuple[ObjectStore, ObjectVersion]]) -> bytes | None:
     rel = f"{statefs.tenant_keys_folder(tenant)}/{key_id}.json"
-    try:
-        return statefs.read_bytes(rt.config.daemon.state_dir, rel)[:MAX_KEY_RECORD_BYTES]
-    except (FileNotFoundError, OSError, DrError):
-        pass
+    for place in shared_state.with_own_folder(rt.config.daemon.state_dir):
+        try:
+            if (raw := place.read(rel)) is not None:
+                return raw[:MAX_KEY_RECORD_BYTES]
+        except (OSError, DrError):
+            continue
     name = layout.tenant_key_record(tenant, key_id)
     for store, v in regional:
         if v.name == name and v.latest and not v.delete_marker:

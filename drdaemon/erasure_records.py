@@ -115,13 +115,15 @@ def certificates(rt: Runtime, tenant: str) -> list[ErasureCertificate]:
     return sorted(found, key=lambda c: (c.started_at, c.finished_at))
 
 
-def erasure_note(rt: Runtime, tenant: str) -> str | None:
+def erasure_note(rt: Runtime, tenant: str, regions: bool = True) -> str | None:
     """One line naming the tenant's erasure and its certificate, or None if never erased.
 
     An erasure begun and not finished (its journal in the state folder) counts:
-    some key copies may already be gone.
+    some key copies may already be gone. `regions=False`: the state's certificates
+    only, no region listed (a check made on every snapshot, tenant_keys.ensure_key).
     """
-    certs = certificates(rt, tenant)
+    certs = certificates(rt, tenant) if regions else sorted(
+        state_certificates(rt, tenant), key=lambda c: (c.started_at, c.finished_at))
     if certs:
         first = certs[0]
         state = "" if certs[-1].ok else " (not complete: run drctl tenant erase again)"

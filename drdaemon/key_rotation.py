@@ -116,9 +116,9 @@ def keyring_tenants(rt: Runtime) -> list[str]:
     those with a keyring in the state folder or a region (an offboarded tenant whose
     sources left the config still has keys to rewrap)."""
     found = {s.tenant for s in rt.config.sources} | set(lifecycle.configured_tenants(rt.config))
-    for name in statefs.list_names(rt.config.daemon.state_dir, layout.TENANTS):
-        if statefs.list_names(rt.config.daemon.state_dir, layout.tenant_keys_prefix(name)
-                              .rstrip("/")):
+    state = rt.state  # the cluster's shared state with lock_dsn (tenant_keys.py)
+    for name in state.children(layout.TENANTS):
+        if state.children(layout.tenant_keys_prefix(name).rstrip("/")):
             found.add(name)
     for store in rt.stores:
         try:
@@ -255,8 +255,7 @@ def _settled(rt: Runtime, place: str, store: ObjectStore | None, record: KeyReco
 
 def _state_names(rt: Runtime, tenant: str) -> set[str]:
     folder = layout.tenant_keys_prefix(tenant)
-    return {folder + n for n in statefs.list_names(rt.config.daemon.state_dir,
-                                                   folder.rstrip("/"))}
+    return {folder + n for n in rt.state.children(folder.rstrip("/"))}
 
 
 def _rewrap_in(rt: Runtime, place: str, store: ObjectStore | None, record: KeyRecord,
@@ -276,7 +275,7 @@ def _rewrap_in(rt: Runtime, place: str, store: ObjectStore | None, record: KeyRe
             != parse_record(new_record, rt.manifest_key, tenant, kid).wrapped_to:
         raise IntegrityError(f"{name} reads back another record than was written")
     if store is None:
-        statefs.unlink(rt.config.daemon.state_dir, staged)
+        rt.state.delete(staged)
         return 0
     return _drop_versions(store, (v for v in store.list_versions(layout.tenant_keys_prefix(
         tenant)) if v.name == staged or (v.name == obj and not v.latest)))
@@ -308,17 +307,14 @@ def _drop_versions(store: ObjectStore, versions: Iterable[ObjectVersion]) -> int
 
 def _put(rt: Runtime, store: ObjectStore | None, name: str, blob: bytes) -> None:
     if store is None:
-        statefs.write_atomic(rt.config.daemon.state_dir, name, blob)
+        rt.state.write(name, blob)
     else:
         store.put_bytes(name, blob, retain_until=None)  # never locked: erasure
 
 
 def _get(rt: Runtime, place: str, store: ObjectStore | None, name: str) -> bytes | None:
     if store is None:
-        try:
-            return statefs.read_bytes(rt.config.daemon.state_dir, name)
-        except FileNotFoundError:
-            return None
+        return rt.state.read(name)
     try:
         return store.get_bytes(name, MAX_KEY_OBJECT_BYTES)
     except NotFound:

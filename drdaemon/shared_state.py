@@ -2,8 +2,9 @@
 
 The modules that own a piece of state (state.py: each source's outcome;
 drills/records.py: drill records; orphans.py: orphan sightings; lifecycle.py:
-a tenant's offboarding and erasure state; erasure.py: the erasure journal and
-certificates; audit.py: the audit log) say what their bytes mean; a
+a tenant's offboarding and erasure state; tenant_keys.py: each tenant's keyring
+copies; erasure.py: the erasure journal and certificates; audit.py: the audit
+log) say what their bytes mean; a
 `StateStore` only keeps bytes by key (a value, replaced whole or changed under
 a lock) and logs by key (lines appended in one order under a lock). Keys are
 the state folder's relative paths (statefs.py), so:
@@ -194,8 +195,8 @@ class Seed:
 def importable(state_dir: Path) -> Seed:
     """What of `state_dir` moves to an empty cluster state: the audit log and the drill
     records (their lines as they are, so the chain stays intact), each source's outcome,
-    the orphan sightings, every tenant's lifecycle and its erasure journal and
-    certificates."""
+    the orphan sightings, every tenant's lifecycle, keyring copies (tenant_keys.py) and
+    erasure journal and certificates."""
     local = FolderStore(state_dir)
     seed = Seed()
     for key in (AUDIT_LOG, DRILL_RECORDS):
@@ -209,6 +210,8 @@ def importable(state_dir: Path) -> Seed:
         if tenant.startswith("."):
             continue
         wanted.append(statefs.tenant_lifecycle_file(tenant))
+        keys = statefs.tenant_keys_folder(tenant)
+        wanted += [f"{keys}/{n}" for n in local.children(keys) if not n.startswith(".")]
         erasure = statefs.erasure_folder(tenant)
         for name in local.children(erasure):
             if name == statefs.ERASURE_JOURNAL:
@@ -247,6 +250,14 @@ def at(state_dir: Path) -> StateStore:
     with _attached_lock:
         found = _attached.get(state_dir)
     return found[1] if found is not None else FolderStore(state_dir)
+
+
+def with_own_folder(state_dir: Path) -> list[StateStore]:
+    """`state_dir`'s store, then (if that is a cluster state) the folder itself: where a
+    host may still hold state it kept before it moved to lock_dsn (a tenant's keyring
+    copies, which an erasure must destroy too)."""
+    store = at(state_dir)
+    return [store] if isinstance(store, FolderStore) else [store, FolderStore(state_dir)]
 
 
 def open_for(daemon: DaemonConfig) -> StateStore:

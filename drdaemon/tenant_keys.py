@@ -1,8 +1,9 @@
 """Per-tenant keys (envelope encryption): each tenant's snapshots are encrypted to its own
 age recipient, and its private key exists only wrapped to the operator recipients.
 
-A tenant's keyring, in every region and in the state folder (docs/format.md,
-"Tenant keys")::
+A tenant's keyring, in every region and in the state folder's store (docs/format.md,
+"Tenant keys"; with `[daemon] lock_dsn` that store is the cluster's shared state, so
+the cluster holds one copy and an erasure on any host destroys it for all)::
 
     tenants/<tenant>/keys/<key_id>.age    the tenant's age identity, age-encrypted to
                                           [keys] recipients (ops and escrow)
@@ -39,7 +40,7 @@ from typing import Any
 import pyrage
 from pyrage import x25519
 
-from . import layout, statefs, tenancy
+from . import layout, shared_state, statefs, tenancy
 from .erasure_records import erasure_note
 from .errors import DrError, IntegrityError, UsageError
 from .keys import describe_recipients, fingerprint
@@ -105,18 +106,41 @@ def writable_regions(rt: Runtime, tenant: str) -> list[ObjectStore]:
 
 
 def _read_state(rt: Runtime, name: str) -> bytes | None:
-    """A keyring file of the state folder, which uses the regions' names (docs/format.md)."""
-    try:
-        return statefs.read_bytes(rt.config.daemon.state_dir, name)
-    except FileNotFoundError:
-        return None
+    """A keyring file of the state folder's store (the cluster's shared state with
+    lock_dsn), which uses the regions' names (docs/format.md)."""
+    return rt.state.read(name)
 
 
 def _names_in_state(rt: Runtime, tenant: str) -> set[tuple[str, str]]:
-    folder = key_objects(tenant).rstrip("/")
     found = (layout.parse_tenant_key_name(n)
-             for n in statefs.list_names(rt.config.daemon.state_dir, folder))
+             for n in rt.state.children(key_objects(tenant).rstrip("/")))
     return {f for f in found if f is not None}
+
+
+def refuse_erased(rt: Runtime, tenant: str, regions: bool = True) -> None:
+    """UsageError with the erasure note if `tenant`'s erasure began (on any host of the
+    cluster): its key is never used, unwrapped or put back. A copy this host still finds
+    in its own state folder (from before a move to lock_dsn, or on a host without it
+    whose state missed an erasure run elsewhere) is removed first, with a warning and
+    an audit record. `regions=False`: the state's erasure records only, no region
+    listed (erasure_records.erasure_note)."""
+    note = erasure_note(rt, tenant, regions)
+    if note is None:
+        return
+    # The cluster's copy (lock_dsn) is the erasure's to destroy, and listed in its
+    # certificate; a copy in this host's own folder is one no erasure may ever see.
+    own = shared_state.FolderStore(rt.config.daemon.state_dir)
+    folder = key_objects(tenant).rstrip("/")
+    names = [n for n in own.children(folder) if not n.startswith(".")]
+    for n in names:
+        own.delete(f"{folder}/{n}")
+    if names:
+        log.warning("removed %d key file(s) of erased tenant %s from the %s (%s); %s",
+                    len(names), tenant, own.where, ", ".join(names), note)
+        rt.record_event("tenant_key.erased_copy_removed", tenant=tenant, where=own.where,
+                        objects=[f"{folder}/{n}" for n in names])
+    rt.known_keys.pop(tenant, None)
+    raise UsageError(note)
 
 
 def _add_record(rt: Runtime, survey: Survey, tenant: str, kid: str, raw: bytes | None,
@@ -188,9 +212,15 @@ def ensure_key(rt: Runtime, tenant: str, ahead: Survey | None = None) -> TenantK
     snapshots made with it). `ahead`: the keyring as `look_ahead` read it a moment
     ago, used instead of reading it again (a key is still made under the lock only
     after reading it afresh).
+
+    A tenant whose erasure began is refused first, memo or not (:func:`refuse_erased`):
+    with lock_dsn its note is in the shared state, seen at once by every host; the
+    regions' certificates are read too whenever the keyring is (not on the memo path).
     """
-    if (key := _known(rt, tenant)) is not None:
-        return key
+    known = _known(rt, tenant)
+    refuse_erased(rt, tenant, regions=known is None)
+    if known is not None:
+        return known
     rt.known_keys.pop(tenant, None)
     found = ahead if ahead is not None else survey(rt, tenant)
     if found.usable() is None:
@@ -213,13 +243,21 @@ def ensure_key(rt: Runtime, tenant: str, ahead: Survey | None = None) -> TenantK
     return chosen.key
 
 
-def repair(rt: Runtime, tenant: str) -> None:
+def repair(rt: Runtime, tenant: str) -> str | None:
     """Put `tenant`'s key copies back where they are missing (as ensure_key does), without
-    ever making a key: for replica repair, which copies snapshots that need one."""
-    found = survey(rt, tenant)
-    chosen = found.usable()
-    if chosen is not None:
-        _repair(rt, chosen, found)
+    ever making a key: for replica repair, which copies snapshots that need one.
+    Returns None, or the erasure note of an erased tenant, whose key is never put back
+    (logged here: the other tenants' repair goes on)."""
+    try:
+        refuse_erased(rt, tenant)
+        found = survey(rt, tenant)
+        chosen = found.usable()
+        if chosen is not None:
+            _repair(rt, chosen, found)
+    except UsageError as exc:
+        log.warning("tenant %s's key is not put back: %s", tenant, exc)
+        return str(exc)
+    return None
 
 
 def _make(rt: Runtime, tenant: str, created: str | None = None) -> TenantKey:
@@ -245,7 +283,7 @@ def _store_wrapped(rt: Runtime, key: TenantKey, ident: x25519.Identity,
     objects = ((layout.tenant_key_object(key.tenant, key.key_id), wrapped),
                (layout.tenant_key_record(key.tenant, key.key_id), record))
     for name, blob in objects:
-        statefs.write_atomic(rt.config.daemon.state_dir, name, blob)
+        rt.state.write(name, blob)
     stored, failed = [], {}
     for store in keyring_regions(rt, key.tenant):
         try:
@@ -261,10 +299,14 @@ def _repair(rt: Runtime, chosen: KeyRecord, found: Survey) -> None:
     """Put the chosen key's wrapped copy and record back where they are missing."""
     key = chosen.key
     wanted = ((key.key_id, "age"), (key.key_id, "json"))
+    checked = False
     for where, names in found.present.items():
         missing = [w for w in wanted if w not in names]
         if not missing:
             continue
+        if not checked:  # an erasure begun since the caller looked: put nothing back
+            refuse_erased(rt, key.tenant)
+            checked = True
         repaired = []
         for kid, ext in missing:
             name = (layout.tenant_key_object if ext == "age" else layout.tenant_key_record)(
@@ -274,7 +316,7 @@ def _repair(rt: Runtime, chosen: KeyRecord, found: Survey) -> None:
                 continue
             try:
                 if where == STATE:
-                    statefs.write_atomic(rt.config.daemon.state_dir, name, blob)
+                    rt.state.write(name, blob)
                 else:
                     rt.store(where).put_bytes(name, blob, retain_until=None)
             except StorageError as exc:
@@ -337,10 +379,15 @@ def unwrap(rt: Runtime, tenant: str, key_id: str,
     """The tenant's identity `key_id`, unwrapped with the operator `identities` (ops or
     escrow). Tries the state folder's copy, then each region's; audit-logs the outcome.
 
-    UsageError when no identity given fits (naming the recipients it is wrapped to),
-    or when no copy exists anywhere (naming the erasure, where there was one);
-    IntegrityError when every copy found holds another key (planted).
+    UsageError when the tenant's erasure began (refuse_erased: no copy is tried), when
+    no identity given fits (naming the recipients it is wrapped to), or when no copy
+    exists anywhere; IntegrityError when every copy found holds another key (planted).
     """
+    try:
+        refuse_erased(rt, tenant)
+    except UsageError as exc:
+        _audit(rt, "tenant_key.unwrap_failed", tenant, key_id, reason=str(exc))
+        raise
     places = [STATE] + [s.name for s in keyring_regions(rt, tenant)]
     refused, bad = False, []
     # A rewrap's staged copy (key_rotation.py) is tried after every settled one.

@@ -19,11 +19,13 @@ import psycopg
 import pytest
 from conftest import S3Region
 from counting_store import count_calls, reset
-from support import directory_source, local_region, make_setup
+from support import Setup, directory_source, drctl, local_region, make_setup
 
-from drdaemon import audit_mirror, key_rotation
+from drdaemon import audit_mirror, key_rotation, statefs, tenant_keys
 from drdaemon.backup import snapshot
 from drdaemon.config import load as load_config
+from drdaemon.errors import UsageError
+from drdaemon.keys import load_identities
 from drdaemon.runtime import Runtime, open_runtime
 from drdaemon.sources import pg_role_copy
 from drdaemon.storage import NotFound
@@ -250,3 +252,85 @@ def test_roles_are_dumped_again_only_when_they_changed(
         finally:
             conn.execute("DROP TABLE IF EXISTS t")
             conn.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_a_key_erased_by_another_host_is_never_used_from_memory(
+        tmp_path: Path, pg_server) -> None:
+    """Two hosts of one cluster (`lock_dsn`: the shared state): host B erases the tenant
+    while host A remembers its key; A's next snapshot is refused, not encrypted to a key
+    that no longer exists anywhere."""
+    setup = make_setup(tmp_path, [local_region("eu", tmp_path / "eu", "europe"),
+                                  local_region("us", tmp_path / "us", "north-america")],
+                       [directory_source("files", _tree(tmp_path, 2))],
+                       daemon=f'lock_dsn = "{pg_server.dsn()}"\nlock_name = "memo-erased"\n')
+    rt = open_runtime(load_config(setup.config))
+    assert snapshot(rt, rt.config.sources[0]).ok  # host A now remembers uni-a's key
+    other = tmp_path / "host-b.toml"
+    other.write_text(setup.config.read_text().replace(
+        f'state_dir = "{setup.state}"', f'state_dir = "{tmp_path / "state-b"}"'))
+    erased = drctl(["--config", str(other), "tenant", "erase", "uni-a", "--json"])
+    assert erased.exit_code == 0, erased.stderr
+    after = snapshot(rt, rt.config.sources[0])
+    assert not after.ok and after.error is not None and "was erased" in after.error, after
+
+
+def _moved_to_a_cluster(tmp_path: Path, pg_server: Any,
+                        name: str) -> tuple[Setup, Runtime, Path, list[str]]:
+    """A host that made uni-a's key alone, then moved to `lock_dsn` (cluster `name`): its
+    setup, runtime, own keyring folder and the names in it."""
+    dsn = f'lock_dsn = "{pg_server.dsn()}"\nlock_name = "{name}"\n'
+    setup = make_setup(tmp_path, [local_region("eu", tmp_path / "eu", "europe"),
+                                  local_region("us", tmp_path / "us", "north-america")],
+                       [directory_source("files", _tree(tmp_path, 2))], daemon=dsn)
+    alone = tmp_path / "alone.toml"
+    alone.write_text(setup.config.read_text().replace(dsn, ""))
+    assert snapshot(open_runtime(load_config(alone)), load_config(alone).sources[0]).ok
+    own = setup.state / "tenants" / "uni-a" / "keys"
+    kept = sorted(p.name for p in own.iterdir())
+    assert kept, "the key was made in the host's state folder"
+    rt = open_runtime(load_config(setup.config))
+    assert sorted(rt.state.children("tenants/uni-a/keys")) == kept, "imported"
+    return setup, rt, own, kept
+
+
+def test_an_erasure_on_a_moved_host_destroys_the_cluster_copy_and_its_own_old_one(
+        tmp_path: Path, pg_server) -> None:
+    """`drctl tenant erase` on a host that moved to `lock_dsn` destroys the cluster's copy
+    and the one its own folder kept from before the move; the certificate lists them."""
+    setup, rt, own, kept = _moved_to_a_cluster(tmp_path, pg_server, "own-erase")
+    cert = setup.drctl_json("tenant", "erase", "uni-a")
+    assert cert["ok"], cert
+    assert rt.state.children("tenants/uni-a/keys") == [] and not list(own.iterdir())
+    assert {c["name"] for c in cert["key_copies"] if c["where"] == "state folder"} \
+        == {f"tenants/uni-a/keys/{n}" for n in kept}
+
+
+def test_a_key_copy_left_in_a_hosts_own_folder_is_removed_after_an_erasure_not_repaired(
+        tmp_path: Path, pg_server, caplog: pytest.LogCaptureFixture) -> None:
+    """Host A made uni-a's key before it moved to `lock_dsn`: its state folder's copy is
+    imported into the cluster state (one keyring for the cluster) and stays on A's disk.
+    Host B erases the tenant; A's next snapshot removes its own old copy (a warning, an
+    audit record) and is refused, and no region gets the key back."""
+    setup, rt, own, kept = _moved_to_a_cluster(tmp_path, pg_server, "own-copy")
+    other = tmp_path / "host-b.toml"
+    other.write_text(setup.config.read_text().replace(
+        f'state_dir = "{setup.state}"', f'state_dir = "{tmp_path / "state-b"}"'))
+    erased = drctl(["--config", str(other), "tenant", "erase", "uni-a", "--json"])
+    assert erased.exit_code == 0, erased.stderr
+    assert rt.state.children("tenants/uni-a/keys") == [], "the cluster's copy is gone"
+    wrapped = {n: (own / n).read_bytes() for n in kept}
+    kid = kept[0].split(".")[0]
+    with pytest.raises(UsageError, match="was erased"):  # a restore's unwrap, or a drill's
+        tenant_keys.unwrap(rt, "uni-a", kid, load_identities(setup.identity))
+    assert not list(own.iterdir()), "removed by the refused unwrap"
+    for n, blob in wrapped.items():  # left again: now a snapshot finds it
+        (own / n).write_bytes(blob)
+    after = snapshot(rt, rt.config.sources[0])
+    assert not after.ok and after.error is not None and "was erased" in after.error, after
+    assert not list(own.iterdir()), "A's own old copy is removed"
+    assert "key file(s) of erased tenant uni-a" in caplog.text
+    assert b"tenant_key.erased_copy_removed" in rt.state.read_log(statefs.AUDIT_LOG)
+    note = tenant_keys.repair(rt, "uni-a")  # replica repair puts nothing back either
+    assert note is not None and "was erased" in note
+    for region in ("eu", "us"):
+        assert not list(rt.store(region).list("tenants/uni-a/keys/")), region
