@@ -146,7 +146,7 @@ def parse(line: Line) -> Parsed:
                 i += 1
             continue
         path.append(word)
-        cmd = cmd.commands.get(word)
+        cmd = cmd.get_command(click.Context(cmd), word)
     leaf_args = rest[i:]
     options.setdefault(tuple(path), []).extend(
         w.split("=", 1)[0] for w in leaf_args if w.startswith("--"))
@@ -189,7 +189,7 @@ def test_command_line_is_real(line: Line) -> None:
     leaf = group
     for name in p.path:
         assert isinstance(leaf, click.Group)
-        leaf = leaf.commands[name]
+        leaf = leaf.get_command(click.Context(leaf), name)
     try:
         leaf.make_context(" ".join([p.program, *p.path]), list(p.leaf_args), obj={})
     except click.ClickException as exc:

@@ -529,3 +529,18 @@ def test_boto3_is_imported_only_when_an_s3_region_is_used() -> None:
             "print('boto3' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_s3_regions_share_one_boto3_session() -> None:
+    # A client from a new session loads S3's service model again (~0.12 s of interpreter
+    # per region, while a backup's dump waits on the keyring read): every region's client
+    # comes from the process's one session, each with its own region and endpoint.
+    code = ("from drdaemon.storage.s3 import S3Store\n"
+            "a = S3Store('eu', 'b', region='eu-central-1', endpoint_url='http://127.0.0.1:9')\n"
+            "b = S3Store('us', 'b', region='us-east-1', endpoint_url='http://127.0.0.1:10')\n"
+            "print(a.client._loader is b.client._loader, a.client.meta.region_name,\n"
+            "      b.client.meta.region_name, a.client.meta.endpoint_url,\n"
+            "      b.client.meta.endpoint_url)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "eu-central-1", "us-east-1", "http://127.0.0.1:9",
+                                  "http://127.0.0.1:10"]

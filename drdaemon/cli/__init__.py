@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -113,10 +114,39 @@ def require(condition: bool, message: str) -> None:
         raise UsageError(message)
 
 
-def root_group(help_text: str) -> click.Group:
-    """A command's top-level group: --config, --version and -h, shared by drctl and drdaemon."""
+class LazyGroup(click.Group):
+    """A group whose commands defined elsewhere are imported when one of them is asked for.
 
-    @click.group(context_settings={"help_option_names": ["-h", "--help"]}, help=help_text)
+    `lazy` maps a command name to "module:attribute" (module relative to this package).
+    Running one command imports its module only, so e.g. `drctl backup` does not load
+    what restore, drills or audit need before pg_dump starts; `--help` (which asks for
+    every command) still lists them all.
+    """
+
+    def __init__(self, *args: Any, lazy: Mapping[str, str] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module, attribute = self.lazy[cmd_name].split(":")
+            command = getattr(importlib.import_module(f"{__name__}.{module}"), attribute)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{self.lazy[cmd_name]} is not a click command")
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+def root_group(help_text: str, lazy: Mapping[str, str] | None = None) -> click.Group:
+    """A command's top-level group: --config, --version and -h, shared by drctl and drdaemon.
+    `lazy`: commands imported only when asked for (LazyGroup)."""
+
+    @click.group(cls=LazyGroup, lazy=lazy,
+                 context_settings={"help_option_names": ["-h", "--help"]}, help=help_text)
     @config_option
     @click.version_option(package_name="drdaemon")
     @click.pass_context
@@ -124,4 +154,3 @@ def root_group(help_text: str) -> click.Group:
         ctx.ensure_object(dict)["config_path"] = config_path
 
     return cli
-
