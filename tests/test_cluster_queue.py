@@ -10,11 +10,13 @@ completes it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import zoneinfo
@@ -36,7 +38,7 @@ from drdaemon import metrics
 from drdaemon.cluster import plan, tasks
 from drdaemon.cluster.daemon import ClusterDaemon
 from drdaemon.cluster.queue import Queue
-from drdaemon.errors import ConfigError
+from drdaemon.errors import ConfigError, DrError
 from drdaemon.runtime import open_runtime
 
 BIN = Path(sys.executable).parent
@@ -343,6 +345,32 @@ def test_drills_and_verify_go_through_the_queue_and_prune_stays(
     shutil.rmtree(tree)
     with pytest.raises(tasks.JobFailed):
         tasks.snapshot(rt, "files")  # the tree is gone: a failed job, to be retried
+
+
+def test_a_call_waiting_on_the_queue_when_it_closes_ends_and_later_ones_are_refused(
+        tmp_path: Path, pg_server) -> None:
+    """A scheduler job still waiting on the queue's loop when the process stops (the
+    queue's counts every heartbeat) must not wait for ever: the interpreter joins job
+    threads at exit, so one such wait kept a stopped `drdaemon run` from exiting."""
+    queue = Queue(_config(tmp_path, f'[cluster]\ndsn = "{pg_server.dsn()}"\n',
+                          'lock_name = "queue-close"\n'))
+    queue.open()
+    ended: list[BaseException] = []
+
+    def waiting() -> None:
+        try:
+            queue.call(asyncio.sleep(3600))
+        except BaseException as exc:  # CancelledError is a BaseException
+            ended.append(exc)
+
+    caller = threading.Thread(target=waiting)
+    caller.start()
+    time.sleep(0.2)  # the call is waiting on the loop
+    queue.close()
+    caller.join(timeout=10)
+    assert not caller.is_alive() and len(ended) == 1
+    with pytest.raises(DrError, match="the job queue is closed"):
+        queue.call(asyncio.sleep(0))
 
 
 def test_an_unreachable_queue_database_is_one_line(tmp_path: Path, free_port) -> None:

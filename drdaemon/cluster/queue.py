@@ -30,6 +30,9 @@ from . import plan
 
 log = logging.getLogger("drdaemon")
 T = TypeVar("T")
+# How long a call on the queue's loop may take unless it says otherwise (a query, a
+# deferral): bounded, so no thread of this process can wait on the loop for ever.
+CALL_TIMEOUT = 60.0
 
 # Held while the schema is checked and applied, so two hosts starting at once never
 # both apply it; one name for every cluster sharing the database (the schema is shared).
@@ -89,9 +92,18 @@ class Queue:
         self._worker: asyncio.Task[None] | None = None
         self._running: pq_worker.Worker | None = None
         self._open = False
+        self._closing = False
 
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run `coro` on the queue's loop and wait for its result."""
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = CALL_TIMEOUT) -> T:
+        """Run `coro` on the queue's loop and wait for its result (at most `timeout`).
+
+        Once the queue is closing this raises at once: a scheduler job (the queue's
+        counts, a tick) still calling in while the loop stops would otherwise wait for
+        ever on a future nobody completes, and the process could not exit (the
+        interpreter joins its job threads)."""
+        if self._closing or not self._thread.is_alive():
+            coro.close()
+            raise DrError("the job queue is closed (this process is stopping)")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def open(self) -> None:
@@ -128,16 +140,29 @@ class Queue:
         return True
 
     def close(self) -> None:
-        """Close the pool and stop the loop (the worker must be stopped first)."""
-        if self._open:
-            try:
-                self.call(self.app.close_async(), timeout=30)
-            except Exception as exc:  # closing: say it, do not mask the exit
-                log.warning("closing the job queue: %s", exc, extra={"job": "queue"})
-            self._open = False
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+        """Close the pool and stop the loop (the worker must be stopped first); calls
+        still waiting on the loop are cancelled, new ones refused."""
+        if not self._thread.is_alive():
+            return
+        closing = self._open
+        self._closing, self._open = True, False
+        try:
+            fut = asyncio.run_coroutine_threadsafe(self._close(closing), self._loop)
+            fut.result(timeout=30)
+        except Exception as exc:  # closing: say it, do not mask the exit
+            log.warning("closing the job queue: %s", exc, extra={"job": "queue"})
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    async def _close(self, pool: bool) -> None:
+        if pool:
+            await self.app.close_async()
+        # Whatever another thread is still waiting for ends now (CancelledError there).
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        if rest:
+            await asyncio.wait(rest, timeout=5)
 
     # -- the scheduler's side ------------------------------------------------
 
@@ -252,6 +277,6 @@ class Queue:
             worker.cancel()
             await asyncio.wait([worker], timeout=timeout)
 
-        self.call(stop())
+        self.call(stop(), timeout=timeout + 10)
         self._worker = None
 
