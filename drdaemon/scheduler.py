@@ -16,7 +16,10 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
+import time
+import traceback
 import zoneinfo
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -609,3 +612,35 @@ def _run_forever(rt: Runtime, cluster: locks.ClusterLock | None = None,
     if lost:
         # Non-zero, so that the service manager restarts it: it comes back a standby.
         raise DrError("lost the cluster lock; stopped (restart to stand by again)")
+
+
+# How long a stopped process waits for threads no job tracks (a maintenance job the
+# scheduler's shutdown did not wait for, a queue job past its grace) before it ends.
+STRAY_THREAD_WAIT = 5.0
+
+
+def end_stray_threads(wait: float = STRAY_THREAD_WAIT) -> None:
+    """After a stop: give the threads still running `wait` seconds; if any is left, log
+    where each one is and end the process now (exit 0: the stop was asked for). The
+    interpreter would otherwise join them at exit, and a thread stuck in a call would
+    keep a stopped daemon alive until the service manager kills it, with no word why."""
+    me = threading.current_thread()
+    deadline = time.monotonic() + wait
+
+    def stray() -> list[threading.Thread]:
+        return [t for t in threading.enumerate()
+                if t is not me and not t.daemon and t.is_alive()]
+
+    for t in stray():
+        t.join(max(0.0, deadline - time.monotonic()))
+    left = stray()
+    if not left:
+        return
+    frames = sys._current_frames()
+    for t in left:
+        frame = frames.get(t.ident) if t.ident is not None else None
+        where = "".join(traceback.format_stack(frame)[-6:]) if frame is not None else "?"
+        log.warning("thread %s still running %.0fs after the stop; exiting anyway; it was "
+                    "at:\n%s", t.name, wait, where.rstrip())
+    logging.shutdown()
+    os._exit(0)

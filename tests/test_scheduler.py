@@ -352,3 +352,26 @@ def test_backup_killed_mid_upload_is_retried_by_the_next_daemon(tmp_path: Path) 
     finally:
         assert daemon.stop()
     assert setup.drctl_json("status")["sources"][0]["problems"] == []
+
+
+def test_a_thread_stuck_after_the_stop_is_named_and_does_not_keep_the_process() -> None:
+    """A stopped daemon whose stray thread (a job no one tracks, stuck in a call) would
+    be joined by the interpreter for ever: it waits a bounded time, logs where the thread
+    is, and exits 0."""
+    code = (
+        "import threading, time\n"
+        "from drdaemon.logs import setup_logging\n"
+        "from drdaemon.scheduler import end_stray_threads\n"
+        "setup_logging()\n"
+        "def stuck_in_a_call():\n"
+        "    time.sleep(3600)\n"
+        "threading.Thread(target=stuck_in_a_call, name='job-7').start()\n"
+        "threading.Thread(target=time.sleep, args=(0.2,), name='ends-soon').start()\n"
+        "end_stray_threads(1.0)\n")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - started < 30
+    assert "thread job-7 still running" in out.stderr and "stuck_in_a_call" in out.stderr
+    assert "ends-soon" not in out.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..scheduler import run_daemon
+from ..scheduler import end_stray_threads, run_daemon
 from . import get_runtime, handle_errors, root_group
 
 cli = root_group("The drdaemon scheduler.")
@@ -25,8 +25,9 @@ def run_cmd(ctx: click.Context, once: bool) -> None:
         from ..cluster.daemon import run_scheduler
 
         run_scheduler(rt)
-        return
-    run_daemon(rt, once=once)
+    else:
+        run_daemon(rt, once=once)
+    end_stray_threads()
 
 
 @cli.command("worker")
@@ -37,6 +38,7 @@ def worker_cmd(ctx: click.Context) -> None:
     from ..cluster.daemon import run_worker
 
     run_worker(get_runtime(ctx))
+    end_stray_threads()
 
 
 def main() -> None:

@@ -85,8 +85,9 @@ class Queue:
             conninfo=self.cluster.dsn, min_size=1, max_size=size + 4))
         self._loop = asyncio.new_event_loop()
         # The task functions block: each running job needs a thread of its own.
-        self._loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
-            max_workers=size + 2, thread_name_prefix="job"))
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=size + 2,
+                                                               thread_name_prefix="job")
+        self._loop.set_default_executor(self._executor)
         self._thread = threading.Thread(target=self._loop.run_forever, name="queue",
                                         daemon=True)
         self._worker: asyncio.Task[None] | None = None
@@ -153,6 +154,9 @@ class Queue:
             log.warning("closing the job queue: %s", exc, extra={"job": "queue"})
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        # Idle job threads end now; a job still running past the stop is the daemon's
+        # to report (scheduler.end_stray_threads), not the interpreter's to wait for.
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _close(self, pool: bool) -> None:
         if pool:
