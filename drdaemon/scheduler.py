@@ -575,11 +575,8 @@ def run_daemon(rt: Runtime, *, once: bool = False) -> None:
         _run_forever(rt, cluster)
 
 
-def _run_forever(rt: Runtime, cluster: locks.ClusterLock | None = None,
-                 daemon: Daemon | None = None) -> None:
-    """Serve until a signal (or the loss of `cluster`); `daemon`: the cluster engine's
-    scheduler (cluster/daemon.py), else the single-host Daemon."""
-    daemon = daemon or Daemon(rt)
+def stop_on_signals() -> threading.Event:
+    """An event SIGTERM and SIGINT set (each logged): what a long-running command waits on."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -588,6 +585,15 @@ def _run_forever(rt: Runtime, cluster: locks.ClusterLock | None = None,
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def _run_forever(rt: Runtime, cluster: locks.ClusterLock | None = None,
+                 daemon: Daemon | None = None) -> None:
+    """Serve until a signal (or the loss of `cluster`); `daemon`: the cluster engine's
+    scheduler (cluster/daemon.py), else the single-host Daemon."""
+    daemon = daemon or Daemon(rt)
+    stop = stop_on_signals()
     if cluster is not None:
         if not daemon.stand_by(cluster, stop):
             log.info("drdaemon stopped (standby)")

@@ -12,12 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
-import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from types import FrameType
 from typing import Any
 
 from .. import cron, locks, metrics_feed, uploads
@@ -25,7 +22,7 @@ from ..config import SourceConfig
 from ..errors import DrError, UsageError
 from ..logs import setup_logging
 from ..runtime import Runtime
-from ..scheduler import STALE_UPLOAD_AGE, Daemon, _run_forever
+from ..scheduler import STALE_UPLOAD_AGE, Daemon, _run_forever, stop_on_signals
 from . import plan, tasks
 from .queue import Queue
 
@@ -195,14 +192,7 @@ def run_worker(rt: Runtime) -> None:
         raise UsageError(f"{rt.config.path}: drdaemon worker needs a [cluster] table "
                          "(its dsn names the job queue's database)")
     cfg = rt.config.daemon
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
     with contextlib.ExitStack() as held:
         queue = _open_queue(rt, held, "worker")
         _work(rt, queue, "worker")
