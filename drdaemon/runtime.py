@@ -95,6 +95,10 @@ class Runtime:
     # (backup's shrink baseline: still listed every time, only not read again).
     known_keys: dict[str, KnownKey] = field(default_factory=dict)
     known_newest: dict[str, Manifest] = field(default_factory=dict)
+    # False in a [cluster]'s processes: the chain lives in the lock database, every
+    # record is durable there at once, and the active scheduler mirrors it to the
+    # regions on an interval (cluster/daemon.py) instead of every job doing it.
+    mirror_each_record: bool = True
     # This thread's audit batch (see audit_batch): depth, records not yet
     # mirrored, when it last mirrored.
     _audit_batch: threading.local = field(default_factory=threading.local, init=False,
@@ -208,12 +212,15 @@ class Runtime:
 
         Records are hash-chained and signed (audit.py, docs/format.md "Audit
         log"); values that look like secrets are withheld. Mirroring is best
-        effort: a region that is down never makes this fail. Inside an
+        effort: a region that is down never makes this fail (and in a [cluster]'s
+        processes it is the active scheduler's, on an interval). Inside an
         :meth:`audit_batch` of this thread the record is appended at once, as
         always, and the mirror waits for the batch to end (or for
         AUDIT_BATCH_MIRROR_INTERVAL since the batch last mirrored).
         """
         audit.append(self, event, self._attributed(fields))
+        if not self.mirror_each_record:
+            return
         batch = self._audit_batch
         if not getattr(batch, "depth", 0):
             mirror(self)

@@ -11,6 +11,7 @@ completes it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -33,10 +34,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import directory_source, local_region, make_setup, postgres_source
 
+from drdaemon import audit_mirror, metrics
 from drdaemon import config as config_mod
-from drdaemon import metrics
 from drdaemon.cluster import plan, tasks
-from drdaemon.cluster.daemon import ClusterDaemon
+from drdaemon.cluster.daemon import ClusterDaemon, _open_queue
 from drdaemon.cluster.queue import Queue
 from drdaemon.errors import ConfigError, DrError
 from drdaemon.runtime import open_runtime
@@ -371,6 +372,35 @@ def test_a_call_waiting_on_the_queue_when_it_closes_ends_and_later_ones_are_refu
     assert not caller.is_alive() and len(ended) == 1
     with pytest.raises(DrError, match="the job queue is closed"):
         queue.call(asyncio.sleep(0))
+
+
+def test_workers_records_reach_the_regions_through_the_schedulers_mirror(
+        tmp_path: Path, pg_server) -> None:
+    """In a cluster the chain lives in the lock database: a worker's job appends its
+    records there and makes no audit PUT; the active scheduler mirrors them on an
+    interval, and each region's copy then verifies."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f.txt").write_text("x")
+    setup = make_setup(tmp_path, [local_region("eu", tmp_path / "r-eu", "europe"),
+                                  local_region("us", tmp_path / "r-us", "north-america")],
+                       [directory_source("files", tree)],
+                       extra=f'[cluster]\ndsn = "{pg_server.dsn()}"\n',
+                       daemon='lock_name = "queue-mirror"\n')
+    rt = open_runtime(config_mod.load(setup.config))
+
+    def mirrored() -> list[list[str]]:
+        return [[o.name for o in store.list("audit/")] for store in rt.stores]
+
+    with contextlib.ExitStack() as held:
+        queue = _open_queue(rt, held, "worker")
+        tasks.snapshot(rt, "files")
+        assert mirrored() == [[], []]  # recorded, durable in the database, not copied
+        ClusterDaemon(rt, queue).mirror_audit()
+    assert all(names for names in mirrored())
+    for region in ("eu", "us"):
+        copy = audit_mirror.verify_mirror(rt, region)
+        assert copy.ok and copy.records > 0, copy.to_dict()
 
 
 def test_an_unreachable_queue_database_is_one_line(tmp_path: Path, free_port) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from .. import cron, locks, metrics_feed, uploads
+from .. import audit_mirror, cron, locks, metrics_feed, uploads
 from ..config import SourceConfig
 from ..errors import DrError, UsageError
 from ..logs import setup_logging
@@ -29,6 +29,7 @@ from .queue import Queue
 log = logging.getLogger("drdaemon")
 
 TICK = timedelta(minutes=1)
+AUDIT_MIRROR_EVERY = 60.0  # seconds
 
 
 class ClusterDaemon(Daemon):
@@ -47,6 +48,10 @@ class ClusterDaemon(Daemon):
         self.scheduler.add_job(self.retry_stalled, "interval",
                                seconds=cluster.heartbeat.total_seconds(), id="queue:stalled",
                                name="retry the jobs of dead workers")
+        # The cluster's one audit chain (in the lock database) to the regions: here,
+        # once a minute, rather than a PUT per region for every record of every job.
+        self.scheduler.add_job(self.mirror_audit, "interval", seconds=AUDIT_MIRROR_EVERY,
+                               id="queue:audit-mirror", name="mirror the audit chain")
         # The queue's counts as often as workers say they are alive (one small query).
         self.scheduler.add_job(self.count_queue, "interval",
                                seconds=cluster.heartbeat.total_seconds(), id="queue:count",
@@ -130,6 +135,14 @@ class ClusterDaemon(Daemon):
                         extra={"job": "queue", "retried": job})
         return retried
 
+    def mirror_audit(self) -> None:
+        """Copy what the cluster's chain gained to every region; never raises (best
+        effort, as every mirror: the records are durable in the lock database)."""
+        try:
+            audit_mirror.mirror(self.rt)
+        except Exception as exc:
+            log.error("cannot mirror the audit chain: %s", exc, extra={"job": "audit"})
+
     def count_queue(self) -> None:
         """Read the queue's counts into the metrics; never raises."""
         try:
@@ -159,6 +172,7 @@ def _open_queue(rt: Runtime, held: contextlib.ExitStack, role: str) -> Queue:
     """This host's state-folder lock for `role`, then the queue, open (closed by `held`);
     the uploads this host's dead processes left are aborted."""
     setup_logging()
+    rt.mirror_each_record = False  # the active scheduler mirrors (mirror_audit)
     # procrastinate logs every job start and end at INFO; drdaemon logs its own line.
     logging.getLogger("procrastinate").setLevel(logging.WARNING)
     held.enter_context(locks.hold(rt.config.daemon.state_dir, role))
