@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -138,3 +139,11 @@ def lock_buckets(regions: list[Any]) -> list[Any]:
         r.client().create_bucket(**create)
         out.append(locked)
     return out
+
+
+def kill_left_running(procs: Iterable[subprocess.Popen[bytes] | None]) -> None:
+    """Kill (and reap) what a test started and left running: daemons, workers."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()

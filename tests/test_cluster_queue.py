@@ -32,7 +32,13 @@ import pytest
 from conftest import find_free_port
 from hypothesis import given
 from hypothesis import strategies as st
-from support import directory_source, local_region, make_setup, postgres_source
+from support import (
+    directory_source,
+    kill_left_running,
+    local_region,
+    make_setup,
+    postgres_source,
+)
 
 from drdaemon import audit_mirror, metrics
 from drdaemon import config as config_mod
@@ -99,10 +105,7 @@ class Proc:
 def procs() -> Iterator[list[Proc]]:
     started: list[Proc] = []
     yield started
-    for p in started:
-        if p.proc is not None and p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
+    kill_left_running(p.proc for p in started)
 
 
 def host_configs(tmp_path: Path, text: str, state: Path, commands: list[str]) -> list[Proc]:
@@ -184,10 +187,11 @@ def test_three_workers_snapshot_fifty_sources_once_and_retry_a_killed_workers_jo
     assert scheduler.committed() == []  # scheduler_works = false: it only scheduled
 
 
-def test_a_worker_frozen_past_the_bound_never_commits_the_job_given_to_another(
-        tmp_path: Path, pg_server, pg_database: str, procs: list[Proc]) -> None:
-    """SIGSTOP, not SIGKILL: the worker comes back after its job went to another worker;
-    its own attempt is fenced before the commit (one snapshot, by the other)."""
+def slow_source_cluster(tmp_path: Path, pg_server, pg_database: str, lock: str,
+                        grace: int) -> tuple[list[Path], list[Proc]]:
+    """A scheduler (taking no job) and two workers on one postgres source "slow" (its
+    pg_dump waits while the test locks table t), short heartbeats; returns the two
+    local regions and the three hosts (run, worker, worker), not started."""
     with psycopg.connect(pg_database, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
     regions = [tmp_path / "r-eu", tmp_path / "r-us"]
@@ -196,9 +200,17 @@ def test_a_worker_frozen_past_the_bound_never_commits_the_job_given_to_another(
                        [postgres_source("slow", pg_database)],
                        extra=(f'[cluster]\ndsn = "{pg_server.dsn()}"\nheartbeat = "1s"\n'
                               'stalled_after = "4s"\nscheduler_works = false\n'),
-                       daemon='lock_name = "queue-frozen"\nshutdown_grace = "5s"\n')
-    scheduler, *workers = host_configs(tmp_path, setup.config.read_text(), setup.state,
-                                       ["run", "worker", "worker"])
+                       daemon=f'lock_name = "{lock}"\nshutdown_grace = "{grace}s"\n')
+    return regions, host_configs(tmp_path, setup.config.read_text(), setup.state,
+                                 ["run", "worker", "worker"])
+
+
+def test_a_worker_frozen_past_the_bound_never_commits_the_job_given_to_another(
+        tmp_path: Path, pg_server, pg_database: str, procs: list[Proc]) -> None:
+    """SIGSTOP, not SIGKILL: the worker comes back after its job went to another worker;
+    its own attempt is fenced before the commit (one snapshot, by the other)."""
+    regions, hosts = slow_source_cluster(tmp_path, pg_server, pg_database, "queue-frozen", 5)
+    scheduler, *workers = hosts
     procs += [scheduler, *workers]
     started = [lambda w=w: w.began("slow") for w in workers]
     locker = psycopg.connect(pg_database)
@@ -237,17 +249,9 @@ def test_a_worker_stopped_mid_job_gives_it_back_to_the_queue(
         tmp_path: Path, pg_server, pg_database: str, procs: list[Proc]) -> None:
     """SIGTERM of a worker whose pg_dump waits on a lock: it stops within its grace,
     exit 0, its job goes back to the queue at once and the next worker completes it."""
-    with psycopg.connect(pg_database, autocommit=True) as conn:
-        conn.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
-    regions = [tmp_path / "r-eu", tmp_path / "r-us"]
-    setup = make_setup(tmp_path, [local_region("eu", regions[0], "europe"),
-                                  local_region("us", regions[1], "north-america")],
-                       [postgres_source("slow", pg_database)],
-                       extra=(f'[cluster]\ndsn = "{pg_server.dsn()}"\nheartbeat = "1s"\n'
-                              'stalled_after = "4s"\nscheduler_works = false\n'),
-                       daemon='lock_name = "queue-sigterm"\nshutdown_grace = "10s"\n')
-    scheduler, first, second = host_configs(tmp_path, setup.config.read_text(), setup.state,
-                                            ["run", "worker", "worker"])
+    regions, hosts = slow_source_cluster(tmp_path, pg_server, pg_database, "queue-sigterm",
+                                         10)
+    scheduler, first, second = hosts
     procs += [scheduler, first, second]
     locker = psycopg.connect(pg_database)
     try:

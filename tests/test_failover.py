@@ -23,7 +23,15 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import S3Region, find_free_port
-from support import Setup, directory_source, drctl, local_region, make_setup, snapshot_keys
+from support import (
+    Setup,
+    directory_source,
+    drctl,
+    kill_left_running,
+    local_region,
+    make_setup,
+    snapshot_keys,
+)
 
 from drdaemon import config as config_mod
 from drdaemon import locks, state
@@ -101,10 +109,7 @@ def running() -> Iterator[list[Host]]:
     """Hosts started by the test; whatever still runs at the end is killed."""
     started: list[Host] = []
     yield started
-    for h in started:
-        if h.proc is not None and h.proc.poll() is None:
-            h.proc.kill()
-            h.proc.wait()
+    kill_left_running(h.proc for h in started)
 
 
 def lock_daemon_config(pg_server, name: str, extra: str = "") -> str:
